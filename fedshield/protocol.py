@@ -1,0 +1,77 @@
+"""The wire contract between the fedshield ServerApp and ClientApp.
+
+Both sides import these names so that a key can never be spelt two ways. Only this module and
+:mod:`fedshield.config` know the Flower record layout of a round.
+
+Layout of a *train* or *evaluate* message from the server::
+
+    content["arrays"]  ArrayRecord   global model weights (torch state-dict order)
+    content["config"]  ConfigRecord  round settings: the keys below
+
+Layout of a reply::
+
+    content["arrays"]  ArrayRecord   (train only) the client's new local weights
+    content["metrics"] MetricRecord  always holds NUM_EXAMPLES; DP clients add their ledger figures
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+ARRAYS: Final = "arrays"
+CONFIG: Final = "config"
+METRICS: Final = "metrics"
+
+#: Weight of a reply in FedAvg-style aggregation; in every train and evaluate reply.
+NUM_EXAMPLES: Final = "num-examples"
+
+# --- round config keys (server -> client) -------------------------------------------------------------------
+SERVER_ROUND: Final = "server-round"
+NUM_ROUNDS: Final = "num-rounds"
+TASK: Final = "task"
+PARTITION: Final = "partition"
+SEED: Final = "seed"
+LOCAL_EPOCHS: Final = "local-epochs"
+LEARNING_RATE: Final = "lr"
+SAMPLE_RATE: Final = "sample-rate"
+DP_ENABLED: Final = "dp"
+NOISE_MULTIPLIER: Final = "noise-multiplier"
+MAX_GRAD_NORM: Final = "max-grad-norm"
+TARGET_EPSILON: Final = "target-epsilon"
+DELTA: Final = "delta"
+ACCOUNTANT: Final = "accountant"
+RUN_ID: Final = "run-id"
+
+# --- reply metric keys (client -> server) ------------------------------------------------------------------
+EPSILON: Final = "epsilon"
+STEPS: Final = "steps"
+ROUNDS_TRAINED: Final = "rounds-trained"
+TRAIN_LOSS: Final = "train-loss"
+EVAL_LOSS: Final = "loss"
+EVAL_ACCURACY: Final = "accuracy"
+PARTITION_ID: Final = "partition-id"
+
+#: Prefix of a reply error reason that means "refused: privacy budget exhausted".
+BUDGET_REFUSAL: Final = "fedshield:budget-exhausted"
+
+
+# --- what the server learns of one client in one round -----------------------------------------------------
+from dataclasses import dataclass, field  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ClientReply:
+    """One client's outcome in one training round, as the server may see it.
+
+    Under secure aggregation the server never sees a client's update, only this: its example count and the
+    figures of its privacy ledger (which are functions of public mechanism parameters, not of its data), or the
+    reason it did not contribute.
+    """
+
+    node_id: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
