@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import ConfigError
 
-__all__ = ["DataSpec"]
+__all__ = ["DataSpec", "Dataset"]
 
 
 @dataclass(frozen=True)
@@ -36,3 +38,17 @@ class DataSpec:
         for d in self.input_shape:
             n *= d
         return n
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Examples and labels in memory, already preprocessed to the model's input shape."""
+
+    x: np.ndarray  # float32, (n, *input_shape)
+    y: np.ndarray  # int64, (n,)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, index: np.ndarray) -> Dataset:
+        return Dataset(self.x[index], self.y[index])

@@ -1,0 +1,5 @@
+"""``python -m fedshield`` is the ``fedshield`` command."""
+
+from .cli import main
+
+main()

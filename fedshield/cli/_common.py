@@ -1,0 +1,47 @@
+"""Shared CLI plumbing: turning library errors into one-line messages, and quiet logging."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import NoReturn, TypeVar
+
+import typer
+
+from ..errors import FedshieldError
+
+__all__ = ["fail", "errors_to_exit", "configure_logging"]
+
+T = TypeVar("T")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def errors_to_exit() -> Iterator[None]:
+    """Library errors become ``error: ...`` on stderr and exit code 2; nothing else is swallowed."""
+    try:
+        yield
+    except FedshieldError as exc:
+        fail(str(exc))
+
+
+def configure_logging(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("fedshield").setLevel(level)
+    logging.getLogger("flwr").setLevel(level if verbose else logging.ERROR)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def run_guarded(fn: Callable[[], T]) -> T:
+    with errors_to_exit():
+        return fn()

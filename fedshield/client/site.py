@@ -1,0 +1,93 @@
+"""Where a client's data and privacy ledger live: bundled partitions in simulation, the institution's files in
+deployment. Data is loaded once per process and cached, since Flower calls the ClientApp every round."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import PartitionSpec, RoundSettings
+from ..data.partition import split_federated
+from ..data.spec import Dataset
+from ..errors import ConfigError, DataError
+from ..tasks import Task, get_task
+
+__all__ = ["Site", "resolve_site"]
+
+# node_config keys (set by `fedshield client` on a SuperNode, or by Flower's simulation engine)
+DATA_PATH = "data-path"
+STATE_DIR = "state-dir"
+LABEL_COLUMN = "label-column"
+BUDGET = "max-epsilon"
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+
+
+@dataclass(frozen=True)
+class Site:
+    """One client's view of the world: its data splits, its ledger directory and its own budget cap."""
+
+    name: str
+    task: Task
+    train: Dataset
+    test: Dataset
+    state_dir: Path
+    budget: float | None
+    partition_id: int | None
+
+
+def resolve_site(node_config: Mapping[str, Any], settings: RoundSettings) -> Site:
+    task = get_task(settings.task)
+    budget = float(node_config[BUDGET]) if node_config.get(BUDGET) not in (None, "", 0, 0.0) else None
+    if DATA_PATH in node_config and str(node_config[DATA_PATH]):
+        if STATE_DIR not in node_config or not str(node_config[STATE_DIR]):
+            raise ConfigError("node config sets data-path but no state-dir: the privacy ledger needs a home")
+        path = Path(str(node_config[DATA_PATH]))
+        train, test = _load_files(task.name, str(path), str(node_config.get(LABEL_COLUMN, "") or ""), settings.seed)
+        return Site(path.name, task, train, test, Path(str(node_config[STATE_DIR])), budget, None)
+    if PARTITION_ID not in node_config:
+        raise ConfigError(
+            "this client has neither data-path (deployment) nor partition-id (simulation) in its node config: "
+            "start it with `fedshield client --data FILE --state DIR`"
+        )
+    pid, n = int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])
+    if not settings.sim_state_root:
+        raise ConfigError("simulation round config has no sim-state-root for the virtual clients' ledgers")
+    train, test = _bundled_partition(settings.task, settings.partition, n, settings.seed, pid)
+    state = Path(settings.sim_state_root) / f"client-{pid:04d}"
+    return Site(f"client-{pid}", task, train, test, state, budget, pid)
+
+
+@lru_cache(maxsize=8)
+def _bundled_partition(task_name: str, partition: str, n: int, seed: int, pid: int) -> tuple[Dataset, Dataset]:
+    return _bundled_split(task_name, partition, n, seed).clients[pid]
+
+
+@lru_cache(maxsize=2)
+def _bundled_split(task_name: str, partition: str, n: int, seed: int):  # type: ignore[no-untyped-def]
+    task = get_task(task_name)
+    if task.load_bundled is None:
+        raise ConfigError(f"task {task_name!r} ships no data, so it cannot be simulated on bundled data")
+    return split_federated(task.load_bundled(), PartitionSpec.parse(partition), n, seed)
+
+
+@lru_cache(maxsize=2)
+def _load_files(task_name: str, path: str, label_column: str, seed: int) -> tuple[Dataset, Dataset]:
+    from ..data.files import load_local_data
+
+    task = get_task(task_name)
+    local = load_local_data(Path(path), task.spec, label_column=label_column or None)
+    x = local.x
+    if task.preprocess is not None and not Path(path).is_dir():
+        x = task.preprocess(x.reshape(len(x), -1)).reshape(local.x.shape)
+    if len(local.y) < 4:
+        raise DataError(f"{path} has {len(local.y)} examples; a client needs at least 4 (train and test)")
+    perm = np.random.default_rng(seed).permutation(len(local.y))
+    k = max(1, len(perm) // 5)
+    data = Dataset(np.ascontiguousarray(x, dtype=np.float32), local.y.astype(np.int64))
+    return data.subset(np.sort(perm[k:])), data.subset(np.sort(perm[:k]))

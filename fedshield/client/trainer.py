@@ -1,0 +1,93 @@
+"""One client round: check and charge the privacy budget, then train or evaluate. No Flower types here, so the
+same logic serves the ClientApp and the warm worker that `fedshield client` keeps running."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .. import protocol as P
+from ..config import RoundSettings
+from ..errors import BudgetExhaustedError
+from ..privacy.dpsgd import evaluate, make_generator, train_dp_sgd, train_plain
+from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
+from .site import Site
+
+__all__ = ["TrainOutcome", "train_round", "evaluate_round"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+
+
+def _budget(site: Site, settings: RoundSettings) -> float | None:
+    caps = [b for b in (site.budget, settings.target_epsilon or None) if b is not None]
+    return min(caps) if caps else None
+
+
+def _generator(site: Site, settings: RoundSettings) -> torch.Generator:
+    # Simulations are reproducible from --seed. A deployed client draws its sampling and noise seed from the OS
+    # entropy pool, so nobody (the server included) can predict the noise it adds.
+    if site.partition_id is None:
+        return make_generator(None)
+    return make_generator(hash((settings.seed, site.partition_id, settings.server_round)) & (2**62 - 1))
+
+
+def _model(site: Site, settings: RoundSettings, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = site.task.new_model(settings.seed)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def train_round(site: Site, settings: RoundSettings, global_state: dict[str, torch.Tensor]) -> TrainOutcome:
+    """Train one round; raises :class:`BudgetExhaustedError` (after recording the refusal) instead of overspending."""
+    metrics: dict[str, float] = {P.NUM_EXAMPLES: float(len(site.train))}
+    if site.partition_id is not None:
+        metrics[P.PARTITION_ID] = float(site.partition_id)
+    model = _model(site, settings, global_state)
+    generator = _generator(site, settings)
+    loss_fn = site.task.loss_fn()
+    if settings.dp:
+        ledger = _charge(site, settings)
+        result = train_dp_sgd(
+            model, site.train, noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
+            sample_rate=settings.sample_rate, epochs=settings.local_epochs, lr=settings.lr, loss_fn=loss_fn,
+            generator=generator, grad_sample_mode=settings.grad_sample_mode,
+        )
+        metrics.update({P.EPSILON: ledger.epsilon, P.STEPS: float(ledger.steps), P.ROUNDS_TRAINED: float(len(ledger.rounds))})
+    else:
+        result = train_plain(
+            model, site.train, sample_rate=settings.sample_rate, epochs=settings.local_epochs, lr=settings.lr,
+            loss_fn=loss_fn, generator=generator,
+        )
+    metrics[P.TRAIN_LOSS] = result.mean_loss
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return TrainOutcome(state, metrics)
+
+
+def _charge(site: Site, settings: RoundSettings) -> PrivacyLedger:
+    path = site.state_dir / LEDGER_FILE
+    ledger = PrivacyLedger.open(path, accountant=settings.accountant, delta=settings.delta, budget=_budget(site, settings))
+    try:
+        charged = ledger.charge(
+            noise_multiplier=settings.noise_multiplier, sample_rate=settings.sample_rate, steps=settings.steps,
+            run_id=settings.run_id, server_round=settings.server_round,
+        )
+    except BudgetExhaustedError:
+        ledger.refuse(run_id=settings.run_id, server_round=settings.server_round).save(path)
+        raise
+    # Write-ahead: the spend is on disk before any data is touched, so a crash can only over-count.
+    charged.save(path)
+    return charged
+
+
+def evaluate_round(site: Site, settings: RoundSettings, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
+    model = _model(site, settings, global_state)
+    loss, acc = evaluate(model, site.test, site.task.loss_fn())
+    return {P.NUM_EXAMPLES: float(len(site.test)), P.EVAL_LOSS: loss, P.EVAL_ACCURACY: acc}

@@ -1,0 +1,48 @@
+"""The fedshield ServerApp, for ``flwr run`` (settings from ``[tool.flwr.app.config]`` / ``--run-config``) and,
+through :func:`build_server_app`, for ``fedshield simulate`` and ``fedshield server`` (settings from the CLI)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from ..config import RunConfig
+from .runner import RoundRecord, RunSummary, run_server
+
+__all__ = ["app", "build_server_app"]
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = RunConfig.from_mapping(dict(context.run_config), zero_is_unset=True)
+    run_server(grid, config, state_root=str(config.out / "clients"))
+
+
+def build_server_app(
+    config: RunConfig,
+    *,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    result: list[RunSummary] | None = None,
+    errors: list[BaseException] | None = None,
+    state_root: str = "",
+) -> ServerApp:
+    """A ServerApp bound to ``config``. Flower runs it in a thread and only logs its exceptions, so they are
+    handed back through ``errors`` for the caller to re-raise."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            summary = run_server(grid, config, on_round=on_round, state_root=state_root)
+        except BaseException as exc:  # handed back to the caller's thread, which re-raises it
+            if errors is not None:
+                errors.append(exc)
+            raise
+        if result is not None:
+            result.append(summary)
+
+    return server_app

@@ -1,0 +1,194 @@
+"""The run directory: ``metrics.jsonl``, ``privacy.json``, ``model.safetensors``, ``config.json`` and plots.
+
+Every file is rewritten atomically after each round, so a crash leaves the last completed round's report intact.
+Every epsilon in ``privacy.json`` sits beside the mechanism parameters that produce it; :func:`recompute_epsilon`
+is what a reader would run to check it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import protocol as P
+from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..config import RoundSettings, RunConfig
+from ..privacy.accounting import compact_history, epsilon
+
+__all__ = ["ClientPrivacy", "PrivacyReport", "RunWriter", "recompute_epsilon"]
+
+PRIVACY_FORMAT = "fedshield-privacy/1"
+
+
+@dataclass
+class ClientPrivacy:
+    """What the server knows of one client's record-level spend in this run."""
+
+    name: str
+    node_id: int
+    partition_id: int | None = None
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+    rounds_trained: list[int] = field(default_factory=list)
+    reported_epsilon: float | None = None
+    reported_steps: int | None = None
+    stopped_on_budget: bool = False
+    stopped_round: int | None = None
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+
+class PrivacyReport:
+    """Per-client record-level accounting, driven by the mechanism the server itself prescribed each round."""
+
+    def __init__(self, config: RunConfig, noise_multiplier: float) -> None:
+        self.config = config
+        self.noise_multiplier = noise_multiplier
+        self.clients: dict[int, ClientPrivacy] = {}
+
+    def record_round(self, settings: RoundSettings, replies: list[P.ClientReply]) -> None:
+        for reply in replies:
+            client = self._client(reply)
+            if reply.ok:
+                client.rounds_trained.append(settings.server_round)
+                if settings.dp:
+                    client.history = list(compact_history([*client.history, (settings.noise_multiplier, settings.sample_rate, settings.steps)]))
+                if P.EPSILON in reply.metrics:
+                    client.reported_epsilon = reply.metrics[P.EPSILON]
+                    client.reported_steps = int(reply.metrics.get(P.STEPS, 0))
+            elif reply.error and P.BUDGET_REFUSAL in reply.error:
+                if not client.stopped_on_budget:
+                    client.stopped_on_budget, client.stopped_round = True, settings.server_round
+            else:
+                client.failures.append({"round": settings.server_round, "reason": str(reply.error)[:500]})
+
+    def _client(self, reply: P.ClientReply) -> ClientPrivacy:
+        if reply.node_id not in self.clients:
+            pid = reply.metrics.get(P.PARTITION_ID)
+            name = f"client-{int(pid)}" if pid is not None else f"node-{reply.node_id}"
+            self.clients[reply.node_id] = ClientPrivacy(name, reply.node_id, None if pid is None else int(pid))
+        client = self.clients[reply.node_id]
+        if client.partition_id is None and P.PARTITION_ID in reply.metrics:
+            client.partition_id = int(reply.metrics[P.PARTITION_ID])
+            client.name = f"client-{client.partition_id}"
+        return client
+
+    def client_epsilon(self, client: ClientPrivacy) -> float:
+        if not self.config.dp:
+            return math.inf
+        run_eps = epsilon(client.history, delta=self.config.delta, accountant=self.config.accountant)
+        # A client's own ledger may hold spend from earlier runs: report whichever is larger.
+        return max(run_eps, client.reported_epsilon or 0.0)
+
+    def max_epsilon(self) -> float:
+        values = [self.client_epsilon(c) for c in self.clients.values()]
+        return max(values) if values else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        c = self.config
+        clients = {}
+        for client in sorted(self.clients.values(), key=lambda x: (x.partition_id is None, x.partition_id or 0, x.node_id)):
+            eps = self.client_epsilon(client)
+            clients[client.name] = {
+                "node_id": client.node_id,
+                "partition_id": client.partition_id,
+                "epsilon": _finite(eps),
+                "delta": c.delta,
+                "accountant": c.accountant,
+                "noise_multiplier": self.noise_multiplier if c.dp else None,
+                "sample_rate": c.sample_rate,
+                "steps": sum(n for _, _, n in client.history),
+                "history": [list(h) for h in client.history],
+                "rounds_trained": len(client.rounds_trained),
+                "trained_in_rounds": client.rounds_trained,
+                "ledger_epsilon": client.reported_epsilon,
+                "ledger_steps": client.reported_steps,
+                "stopped_on_budget": client.stopped_on_budget,
+                "stopped_round": client.stopped_round,
+                "failures": client.failures,
+            }
+        overall = self.max_epsilon()
+        return {
+            "format": PRIVACY_FORMAT,
+            "dp": c.dp,
+            "level": "record",
+            "mechanism": {
+                "name": "DP-SGD (Poisson-sampled Gaussian, Opacus)" if c.dp else "none",
+                "accountant": c.accountant,
+                "delta": c.delta,
+                "noise_multiplier": self.noise_multiplier if c.dp else None,
+                "max_grad_norm": c.max_grad_norm if c.dp else None,
+                "sample_rate": c.sample_rate,
+                "steps_per_round": c.steps_per_round,
+                "planned_rounds": c.num_rounds,
+                "target_epsilon": c.epsilon,
+            },
+            "guarantee": {
+                "level": "record",
+                "epsilon": _finite(overall),
+                "delta": c.delta if c.dp else None,
+                "statement": (
+                    f"each client's records are ({overall:.4g}, {c.delta:g})-DP with respect to everything that "
+                    "client sent (max over clients)" if c.dp else "NO differential privacy: trained with --no-dp"
+                ),
+            },
+            "clients": clients,
+        }
+
+
+def recompute_epsilon(entry: dict[str, Any]) -> float:
+    """Recompute a client's epsilon from the parameters written beside it in ``privacy.json``."""
+    return epsilon([tuple(h) for h in entry["history"]], delta=entry["delta"], accountant=entry["accountant"])
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+class RunWriter:
+    """Owns the run directory; every write is atomic."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self.rounds: list[dict[str, Any]] = []
+
+    def prepare(self, config: RunConfig) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.out / "config.json", config.to_flat_dict())
+
+    def add_round(self, row: dict[str, Any]) -> None:
+        self.rounds.append(row)
+        text = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in self.rounds)
+        atomic_write_text(self.out / "metrics.jsonl", text)
+
+    def write_privacy(self, report: PrivacyReport) -> None:
+        atomic_write_json(self.out / "privacy.json", report.to_json())
+
+    def write_model(self, state_dict: dict[str, Any], metadata: dict[str, str]) -> None:
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        atomic_write_bytes(self.out / "model.safetensors", save(tensors, metadata=metadata))
+
+    def write_plots(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in self.rounds if r.get("accuracy") is not None]
+        for name, key, label in (("accuracy.png", "accuracy", "server test accuracy"), ("epsilon.png", "epsilon_max", "epsilon (max over clients)")):
+            fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
+            xs = [r["round"] for r in rows if r.get(key) is not None]
+            ys = [r[key] for r in rows if r.get(key) is not None]
+            ax.plot(xs, ys, marker="o")
+            ax.set_xlabel("round")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png")
+            plt.close(fig)
+            atomic_write_bytes(self.out / name, buf.getvalue())

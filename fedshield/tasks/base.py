@@ -1,0 +1,50 @@
+"""The Task protocol: what fedshield needs to know about a model and its data.
+
+Built-in tasks and a user's own (``--task my_pkg.module:build_task``) go through this one interface, so the
+training loop, the DP wrapper and the server never special-case a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.spec import DataSpec, Dataset
+
+__all__ = ["Task", "Dataset"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A model factory and the data contract it trains on.
+
+    Attributes:
+        spec: input shape and label count; user data is checked against it.
+        build_model: returns a fresh model; called with a seeded global torch RNG so every party builds the same
+            initial weights. Must be Opacus-compatible (no BatchNorm: use GroupNorm).
+        load_bundled: returns the whole bundled data set (used by simulation and as the server's test set), or
+            ``None`` if the task ships no data.
+        preprocess: maps raw feature arrays of *one party* to model inputs (for example standardisation with that
+            party's own statistics); applied to data loaded from a user's files.
+        loss_fn: training loss (per-batch mean).
+    """
+
+    spec: DataSpec
+    build_model: Callable[[], nn.Module]
+    load_bundled: Callable[[], Dataset] | None = None
+    preprocess: Callable[[np.ndarray], np.ndarray] | None = None
+    loss_fn: Callable[[], nn.Module] = nn.CrossEntropyLoss
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def new_model(self, seed: int) -> nn.Module:
+        """The initial global model: same seed, same weights on every machine."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.build_model()

@@ -1,0 +1,39 @@
+"""Task names a user can type, and ``module:function`` paths to their own tasks."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from ..errors import ConfigError
+from .base import Task
+from .builtin import breast_cancer_task, digits_task
+
+__all__ = ["TASKS", "get_task"]
+
+TASKS: dict[str, Callable[[], Task]] = {
+    "digits": digits_task,
+    "breast-cancer": breast_cancer_task,
+}
+
+
+def get_task(name: str) -> Task:
+    """Resolve a built-in task name, or ``package.module:factory`` returning a :class:`Task`."""
+    if name in TASKS:
+        return TASKS[name]()
+    if ":" not in name:
+        raise ConfigError(
+            f"unknown task {name!r}: choose one of {', '.join(TASKS)}, or give your own as package.module:factory"
+        )
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"task {name!r}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"task {name!r}: {module_name} has no callable {attr!r}")
+    task = factory()
+    if not isinstance(task, Task):
+        raise ConfigError(f"task {name!r}: {attr}() returned {type(task).__name__}, expected fedshield Task")
+    return task

@@ -1,0 +1,98 @@
+"""Bad input to ``fedshield simulate``: a one-line error naming the problem and the fix, exit code 2, and nothing
+written. Valid settings are checked before Ray starts, so these run in seconds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedshield.cli import cli
+from fedshield.config import PartitionSpec, RunConfig, load_config_file
+from fedshield.errors import ConfigError
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--task", "mnist"], "unknown task 'mnist': choose one of digits, breast-cancer"),
+        (["--partition", "zipf:2"], "unknown partition 'zipf:2'"),
+        (["--partition", "dirichlet"], "needs an argument"),
+        (["--partition", "dirichlet:-1"], "alpha must be > 0"),
+        (["--epsilon", "0"], "epsilon must be a finite number > 0"),
+        (["--epsilon", "-3"], "epsilon must be a finite number > 0"),
+        (["--delta", "1.5"], "delta must be in (0, 1)"),
+        (["--delta", "0"], "delta must be in (0, 1)"),
+        (["--clients", "5000"], "5000 clients need at least"),
+        (["--sample-rate", "0.3"], "is not 1/k"),
+        (["--accountant", "gdp"], "unknown accountant 'gdp'"),
+        (["--rounds", "0"], "rounds must be a whole number >= 1"),
+    ],
+)
+def test_bad_input_one_line_error_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(cli, ["simulate", "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], result.output
+    assert not out.exists(), "a failed start must not leave a half-written run directory"
+
+
+def test_unwritable_out_is_refused(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root ignores permission bits: use a path under a regular file instead
+        target = tmp_path / "a-file"
+        target.write_text("x")
+        out = target / "run"
+    else:
+        out = locked / "run"
+    result = runner.invoke(cli, ["simulate", "--out", str(out)])
+    assert result.exit_code == 2
+    assert "cannot write the run directory" in result.output
+
+
+def test_foreign_out_directory_is_not_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = runner.invoke(cli, ["simulate", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "not a fedshield run directory" in result.output
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_real_process_exit_code_and_single_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedshield", "simulate", "--epsilon", "0", "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: epsilon must be a finite number > 0, got 0.0: e.g. --epsilon 8"
+    ]
+
+
+def test_config_file_keys_and_flag_precedence(tmp_path: Path) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[fedshield]\nclients = 7\nrounds = 3\npartition = "dirichlet:0.5"\nepsilon = 3.0\n')
+    loaded = load_config_file(cfg)
+    assert (loaded.num_clients, loaded.num_rounds, loaded.partition, loaded.epsilon) == (7, 3, PartitionSpec("dirichlet", 0.5), 3.0)
+    from fedshield.cli.simulate import build_config
+
+    assert build_config(cfg, {"num_rounds": 9, "epsilon": None}).num_rounds == 9
+    cfg.write_text("[fedshield]\nepsilonn = 3\n")
+    with pytest.raises(ConfigError, match="unknown setting 'epsilonn'"):
+        load_config_file(cfg)
+    cfg.write_text("[fedshield\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config_file(cfg)
+
+
+def test_sample_rate_is_normalised_to_whole_steps() -> None:
+    assert RunConfig(sample_rate=0.333333).steps_per_epoch == 3
+    assert RunConfig(sample_rate=0.333333).sample_rate == 1 / 3

@@ -1,0 +1,111 @@
+"""DP-SGD invariants, checked on the real Opacus code path that clients run (fedshield.privacy.dpsgd)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedshield.data.spec import Dataset
+from fedshield.errors import PrivacyError
+from fedshield.privacy.dpsgd import LocalTrainResult, evaluate, make_generator, train_dp_sgd, train_plain
+from fedshield.tasks import get_task
+
+
+def _data(n: int = 64, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
+    return Dataset(x, y)
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _dp(model: nn.Module, data: Dataset, *, sigma: float, clip: float, q: float = 1.0, epochs: int = 1, lr: float = 1.0,
+        seed: int = 0, mode: str = "hooks") -> LocalTrainResult:
+    return train_dp_sgd(model, data, noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q, epochs=epochs, lr=lr,
+                        loss_fn=nn.CrossEntropyLoss(), generator=make_generator(seed), grad_sample_mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_no_noise_and_no_clipping_equals_plain_training(mode: str) -> None:
+    data = _data()
+    private, plain = _model(), _model()
+    # q = 1 includes every example in every step, so both runs see the same full batches.
+    _dp(private, data, sigma=0.0, clip=1e6, q=1.0, epochs=3, mode=mode)
+    train_plain(plain, data, sample_rate=1.0, epochs=3, lr=1.0, loss_fn=nn.CrossEntropyLoss(), generator=make_generator(0))
+    assert torch.allclose(_flat(private), _flat(plain), atol=1e-6)
+
+
+def test_clipped_per_sample_update_has_the_bound_as_norm() -> None:
+    # One example, q = 1, no noise, lr = 1: the parameter change IS the clipped per-sample gradient (mean over 1).
+    data = _data(n=1)
+    for clip in (1e-3, 0.05):
+        model = _model()
+        before = _flat(model)
+        _dp(model, data, sigma=0.0, clip=clip)
+        assert float((_flat(model) - before).norm()) == pytest.approx(clip, rel=1e-4)
+    # A bound larger than the gradient leaves it untouched: the change equals the plain gradient step.
+    model, plain = _model(), _model()
+    _dp(model, data, sigma=0.0, clip=1e6)
+    train_plain(plain, data, sample_rate=1.0, epochs=1, lr=1.0, loss_fn=nn.CrossEntropyLoss(), generator=make_generator(0))
+    assert torch.allclose(_flat(model), _flat(plain), atol=1e-7)
+
+
+def test_added_noise_has_variance_sigma_squared_c_squared() -> None:
+    data = _data(n=32)
+    sigma, clip, n = 0.7, 0.5, 32
+    clean, noisy = _model(), _model()
+    _dp(clean, data, sigma=0.0, clip=clip, seed=1)
+    _dp(noisy, data, sigma=sigma, clip=clip, seed=1)
+    # Opacus: step = -lr * (sum of clipped grads + N(0, sigma^2 C^2)) / expected_batch_size, with q = 1 -> n.
+    noise = (_flat(clean) - _flat(noisy)) * n
+    d = noise.numel()
+    var = float(noise.var())
+    # The sample variance of d Gaussians has relative std sqrt(2/(d-1)); allow 5 of those.
+    tol = 5 * np.sqrt(2 / (d - 1))
+    assert abs(var / (sigma * clip) ** 2 - 1) < tol, (var, (sigma * clip) ** 2, d)
+    assert abs(float(noise.mean())) < 5 * sigma * clip / np.sqrt(d)
+
+
+def test_history_records_exactly_the_mechanism_run() -> None:
+    result = _dp(_model(), _data(), sigma=1.3, clip=1.0, q=0.25, epochs=2)
+    assert result.history == ((1.3, 0.25, 8),)
+    assert result.steps == 8
+
+
+def test_empty_data_is_refused() -> None:
+    with pytest.raises(PrivacyError, match="empty"):
+        _dp(_model(), Dataset(np.zeros((0, 6), np.float32), np.zeros((0,), np.int64)), sigma=1.0, clip=1.0)
+
+
+def test_digits_model_learns_with_dp_but_not_with_absurd_noise() -> None:
+    task = get_task("digits")
+    data = task.load_bundled()
+    train, test = data.subset(np.arange(0, 1400)), data.subset(np.arange(1400, len(data)))
+    good, drowned = task.new_model(0), task.new_model(0)
+    _dp(good, train, sigma=1.0, clip=1.0, q=0.25, epochs=15, lr=2.0, mode="ghost")
+    _dp(drowned, train, sigma=1000.0, clip=1.0, q=0.25, epochs=15, lr=2.0, mode="ghost")
+    acc_good = evaluate(good, test, nn.CrossEntropyLoss())[1]
+    acc_drowned = evaluate(drowned, test, nn.CrossEntropyLoss())[1]
+    assert acc_good > 0.8, acc_good
+    assert acc_drowned < 0.3, acc_drowned
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_empty_poisson_batches_are_counted_steps(mode: str) -> None:
+    # 3 examples at q = 1/8: most batches are empty; each is still a step of the mechanism, noise included.
+    data = _data(n=3)
+    model = _model()
+    before = _flat(model)
+    result = _dp(model, data, sigma=1.0, clip=1.0, q=0.125, epochs=2, mode=mode)
+    assert result.history == ((1.0, 0.125, 16),)
+    assert not torch.allclose(_flat(model), before)
