@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from functools import lru_cache
 
 from ..errors import ConfigError
 from .base import Task
 from .builtin import breast_cancer_task, digits_task
+from .compat import make_dp_compatible
 
 __all__ = ["TASKS", "get_task"]
 
@@ -17,10 +19,19 @@ TASKS: dict[str, Callable[[], Task]] = {
 }
 
 
+@lru_cache(maxsize=16)  # resolved every round by every client: import and validate once per process
 def get_task(name: str) -> Task:
-    """Resolve a built-in task name, or ``package.module:factory`` returning a :class:`Task`."""
+    """Resolve a built-in task name, or ``package.module:factory`` returning a :class:`Task`.
+
+    A user's model is checked with Opacus' validator on load; a BatchNorm is replaced by GroupNorm (warning),
+    any other unsupported layer is a :class:`ConfigError` that names it.
+    """
     if name in TASKS:
         return TASKS[name]()
+    return make_dp_compatible(_load_user_task(name))
+
+
+def _load_user_task(name: str) -> Task:
     if ":" not in name:
         raise ConfigError(
             f"unknown task {name!r}: choose one of {', '.join(TASKS)}, or give your own as package.module:factory"
