@@ -1,0 +1,390 @@
+"""Server side of the SecAgg+ protocol, stage by stage, for :class:`fedshield.strategies.secagg.SecAggPlus`.
+
+A port of the stages of Flower's legacy ``SecAggPlusWorkflow`` (flwr 1.39) to the Message API. Clients run
+Flower's own ``secaggplus_mod`` unchanged, so the record keys, stage names and arithmetic here mirror that
+workflow, and every cryptographic primitive is Flower's. Two things differ on purpose (read from the 1.39 code;
+tests/test_secagg.py fails if this module does either the legacy way):
+
+* only nodes whose key shares were forwarded (they completed SHARE_KEYS) are listed as dead in UNMASK. The
+  legacy workflow also lists nodes that dropped earlier, for which no neighbour holds a share: every neighbour
+  fails with a KeyError and the round is lost;
+* the dequantised sum is built without in-place operations, which on 0-d arrays rebind instead of mutating
+  (the legacy workflow skips the offset and the scaling for scalar parameters that way).
+
+A dead node's pairwise masks are removed only against neighbours whose vectors are in the sum (the legacy
+workflow also removes them against other dead nodes, which nets out to zero but costs time).
+
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+    factor_extract,
+    parameters_addition,
+    parameters_mod,
+    parameters_subtraction,
+)
+from flwr.common.secure_aggregation.quantization import dequantize
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+from flwr.compat.common import recorddict_compat as compat
+from flwr.serverapp import Grid
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+from numpy.typing import NDArray
+
+from ..errors import ConfigError
+
+_log = logging.getLogger(__name__)
+
+Vector = list[NDArray[Any]]
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ProtocolParams:
+    """The SecAgg+ settings of one round, as every sampled client receives them at SETUP."""
+
+    num_samples: int
+    num_shares: int
+    threshold: int
+    clipping_range: float
+    quantization_range: int
+    modulus_range: int
+    max_weight: float
+
+    def setup_record(self) -> ConfigRecord:
+        # secaggplus_mod checks exact types (`type(v) is float`), hence the casts.
+        return ConfigRecord(
+            {
+                Key.STAGE: Stage.SETUP,
+                Key.SAMPLE_NUMBER: int(self.num_samples),
+                Key.SHARE_NUMBER: int(self.num_shares),
+                Key.THRESHOLD: int(self.threshold),
+                Key.CLIPPING_RANGE: float(self.clipping_range),
+                Key.TARGET_RANGE: int(self.quantization_range),
+                Key.MOD_RANGE: int(self.modulus_range),
+                Key.MAX_WEIGHT: float(self.max_weight),
+            }
+        )
+
+    def q_ratio(self, num_examples: float) -> int:
+        """The quantised weight a client folds into its vector: the same expression as ``secaggplus_mod``."""
+        return round(num_examples / self.max_weight * self.quantization_range)
+
+
+def protocol_params(
+    num_samples: int,
+    *,
+    num_shares: int | float,
+    threshold: int | float,
+    clipping_range: float,
+    quantization_range: int,
+    modulus_range: int,
+    max_weight: float,
+) -> ProtocolParams:
+    """Resolve fractions into counts for ``num_samples`` sampled nodes, as the legacy workflow does.
+
+    Raises ConfigError when the settings cannot work for this many nodes; that recurs every round, so it must
+    not pass as a dropout.
+    """
+    if num_samples < 2:
+        raise ConfigError(
+            f"SecAgg+ needs at least 2 sampled nodes per round, got {num_samples}: "
+            "raise the inner strategy's min_train_nodes / fraction_train, or connect more nodes"
+        )
+    if num_samples * quantization_range >= modulus_range:
+        raise ConfigError(
+            f"{num_samples} sampled nodes x quantization_range {quantization_range} does not fit "
+            f"modulus_range {modulus_range} (at most {(modulus_range - 1) // quantization_range} nodes): "
+            "sample fewer nodes, lower quantization_range or raise modulus_range"
+        )
+    shares = _resolve_shares(num_shares, num_samples)
+    # As the legacy workflow, at least 2: a threshold of 1 would let any single neighbour reveal a secret.
+    t = max(round(threshold * shares), 2) if isinstance(threshold, float) else threshold
+    if t > shares:
+        raise ConfigError(
+            f"reconstruction_threshold {t} exceeds the {shares} shares per key with {num_samples} sampled "
+            "nodes: use a fractional threshold (e.g. 0.66) or sample more nodes"
+        )
+    return ProtocolParams(num_samples, shares, t, clipping_range, quantization_range, modulus_range, max_weight)
+
+
+def _resolve_shares(num_shares: int | float, num_samples: int) -> int:
+    if isinstance(num_shares, float):
+        shares = round(num_shares * num_samples)
+        shares = num_samples if shares <= 2 else shares
+    else:
+        shares = min(num_shares, num_samples)
+    # The neighbourhood is the node plus half the shares on either side of it in a ring: an odd count,
+    # unless it covers every node. The count is fixed before SETUP so clients and server agree on it.
+    if shares < num_samples and shares % 2 == 0:
+        shares += 1
+    return min(shares, num_samples)
+
+
+def neighbour_graph(node_ids: Iterable[int], num_shares: int, rng: random.Random) -> dict[int, frozenset[int]]:
+    """Place nodes on a random ring; each node's neighbourhood is itself and ``num_shares // 2`` on each side."""
+    ring = list(node_ids)
+    rng.shuffle(ring)
+    half, n = num_shares // 2, len(ring)
+    return {nid: frozenset(ring[(i + off) % n] for off in range(-half, half + 1)) for i, nid in enumerate(ring)}
+
+
+@dataclass
+class RoundState:
+    """What the server keeps of one round between ``configure_train`` and ``aggregate_train``."""
+
+    server_round: int
+    params: ProtocolParams
+    sampled: list[int]
+    neighbours: dict[int, frozenset[int]]
+    contents: dict[int, RecordDict]
+    active: set[int] = field(default_factory=set)
+    #: Why a node left the protocol; nodes in it never have their vector in the sum.
+    errors: dict[int, str] = field(default_factory=dict)
+    public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    shared: frozenset[int] = frozenset()
+    forwards: dict[int, tuple[list[int], list[bytes]]] = field(default_factory=dict)
+
+    def message(self, node_id: int, content: RecordDict) -> Message:
+        return Message(
+            content=content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(self.server_round)
+        )
+
+    def enough_shares(self, owners: Iterable[int], holders: set[int]) -> bool:
+        """True if every owner has at least ``threshold`` neighbours (itself included) among the holders."""
+        t = self.params.threshold
+        short = sorted(nid for nid in owners if len(self.neighbours[nid] & holders) < t)
+        if short:
+            _log.error(
+                "SecAgg+ round %d: nodes %s have fewer than %d surviving neighbours; round aborted",
+                self.server_round, short, t,
+            )
+        return not short
+
+
+def settle(state: RoundState, stage: str, replies: Iterable[Message]) -> tuple[dict[int, RecordDict], dict[int, str]]:
+    """Split one stage's replies from the active nodes into good contents and failure reasons.
+
+    An error reply's reason is kept verbatim (a client's refusal must reach the operator as it was written); a
+    node that sent nothing "timed out". ``state.active`` becomes the nodes with good replies.
+    """
+    expected, good, failed = set(state.active), {}, {}
+    for reply in replies:
+        nid = reply.metadata.src_node_id
+        if nid not in expected:
+            _log.warning("SecAgg+ stage %s: ignoring a reply from node %d, which was not asked", stage, nid)
+        elif reply.has_error():
+            failed[nid] = reply.error.reason or f"error reply with code {reply.error.code} and no reason"
+        else:
+            good[nid] = reply.content
+    for nid in expected - good.keys() - failed.keys():
+        failed[nid] = f"timed out in stage {stage}"
+    state.active = set(good)
+    return good, failed
+
+
+def _exchange(
+    grid: Grid, state: RoundState, stage: str, records: dict[int, ConfigRecord], timeout: float | None
+) -> dict[int, ConfigRecord]:
+    """Send one stage's records, drop the nodes that fail, return each good reply's SecAgg+ record."""
+    messages = [state.message(nid, RecordDict({RECORD_KEY_CONFIGS: rec})) for nid, rec in records.items()]
+    good, failed = settle(state, stage, grid.send_and_receive(messages, timeout=timeout))
+    state.errors.update(failed)
+    out = {}
+    for nid, content in good.items():
+        if RECORD_KEY_CONFIGS in content.config_records:
+            out[nid] = content.config_records[RECORD_KEY_CONFIGS]
+        else:
+            state.errors[nid] = f"malformed reply in stage {stage}: no '{RECORD_KEY_CONFIGS}' record"
+            state.active.discard(nid)
+    return out
+
+
+def run_setup(grid: Grid, state: RoundState, timeout: float | None) -> bool:
+    """Stage 0: send the settings, collect each node's two public keys."""
+    records = {nid: state.params.setup_record() for nid in state.active}
+    for nid, rec in _exchange(grid, state, Stage.SETUP, records, timeout).items():
+        pk1, pk2 = rec.get(Key.PUBLIC_KEY_1), rec.get(Key.PUBLIC_KEY_2)
+        if isinstance(pk1, bytes) and isinstance(pk2, bytes):
+            state.public_keys[nid] = (pk1, pk2)
+        else:
+            state.errors[nid] = f"malformed reply in stage {Stage.SETUP}: public keys missing"
+            state.active.discard(nid)
+    return state.enough_shares(state.active, state.active)
+
+
+def run_share_keys(grid: Grid, state: RoundState, timeout: float | None) -> bool:
+    """Stage 1: give each node its neighbours' public keys, collect encrypted key shares to forward."""
+    records = {}
+    for nid in state.active:
+        rec = ConfigRecord({str(n): list(state.public_keys[n]) for n in state.neighbours[nid] & state.active})
+        rec[Key.STAGE] = Stage.SHARE_KEYS
+        records[nid] = rec
+    sent = {}
+    for src, rec in _exchange(grid, state, Stage.SHARE_KEYS, records, timeout).items():
+        dsts, ctxts = rec.get(Key.DESTINATION_LIST), rec.get(Key.CIPHERTEXT_LIST)
+        if isinstance(dsts, list) and isinstance(ctxts, list) and len(dsts) == len(ctxts):
+            sent[src] = list(zip(cast(list[int], dsts), cast(list[bytes], ctxts), strict=True))
+        else:
+            state.errors[src] = f"malformed reply in stage {Stage.SHARE_KEYS}: destination and share lists"
+            state.active.discard(src)
+    # Forward only between surviving neighbours: a share for a node that dropped in this stage is discarded,
+    # and a share addressed to a non-neighbour would make its recipient fail.
+    forwards: dict[int, tuple[list[int], list[bytes]]] = {nid: ([], []) for nid in state.active}
+    for src, pairs in sent.items():
+        for dst, ctxt in pairs:
+            if dst in forwards and src in state.active and dst in state.neighbours[src]:
+                forwards[dst][0].append(src)
+                forwards[dst][1].append(ctxt)
+    state.forwards, state.shared = forwards, frozenset(state.active)
+    return state.enough_shares(state.active, state.active)
+
+
+def collect_messages(state: RoundState) -> list[Message]:
+    """Stage 2 instructions: the inner strategy's train content plus the forwarded key shares."""
+    messages = []
+    for nid in sorted(state.active):
+        srcs, ctxts = state.forwards[nid]
+        rec = ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.CIPHERTEXT_LIST: ctxts, Key.SOURCE_LIST: srcs})
+        messages.append(state.message(nid, RecordDict({**state.contents[nid], RECORD_KEY_CONFIGS: rec})))
+    state.forwards = {}
+    return messages
+
+
+@dataclass(frozen=True)
+class MaskedReply:
+    """One node's stage-2 reply: its masked vector and what it told the server in clear."""
+
+    vector: Vector
+    num_examples: int
+    metrics: dict[str, float]
+
+
+def read_masked_reply(content: RecordDict, shapes: list[Shape]) -> MaskedReply:
+    """Parse a stage-2 reply; raises ValueError/KeyError/TypeError on a malformed one."""
+    rec = content.config_records[RECORD_KEY_CONFIGS]
+    vector = [bytes_to_ndarray(b) for b in cast(list[bytes], rec[Key.MASKED_PARAMETERS])]
+    expected = [(1,), *shapes]
+    if [v.shape for v in vector] != expected:
+        raise ValueError(f"masked vector shapes {[v.shape for v in vector]} differ from the model's {expected}")
+    fitres = compat.recorddict_to_fitres(content, keep_input=True)
+    metrics = {k: float(v) for k, v in fitres.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return MaskedReply(vector, int(fitres.num_examples), metrics)
+
+
+def unmask_records(state: RoundState, included: set[int]) -> dict[int, ConfigRecord]:
+    """Stage 3 instructions: per node, which neighbours' mask seeds (alive) or private keys (dead) to reveal."""
+    dead = set(state.shared) - included
+    records = {}
+    for nid in sorted(included):
+        neigh = state.neighbours[nid]
+        records[nid] = ConfigRecord(
+            {
+                Key.STAGE: Stage.UNMASK,
+                Key.ACTIVE_NODE_ID_LIST: sorted(neigh & included),
+                Key.DEAD_NODE_ID_LIST: sorted(neigh & dead),
+            }
+        )
+    return records
+
+
+def needed_owners(state: RoundState, included: set[int]) -> set[int]:
+    """Nodes whose secret the server must rebuild: every included node, and dead nodes that masked with one."""
+    dead = set(state.shared) - included
+    return included | {nid for nid in dead if (state.neighbours[nid] - {nid}) & included}
+
+
+def run_unmask(grid: Grid, state: RoundState, included: set[int], timeout: float | None) -> dict[int, list[bytes]]:
+    """Stage 3: collect the key shares; return shares by owner. Failures here do not remove any vector."""
+    records = unmask_records(state, included)
+    messages = [state.message(nid, RecordDict({RECORD_KEY_CONFIGS: rec})) for nid, rec in records.items()]
+    state.active = set(included)
+    good, failed = settle(state, Stage.UNMASK, grid.send_and_receive(messages, timeout=timeout))
+    for nid, reason in sorted(failed.items()):
+        _log.warning("SecAgg+ round %d: node %d failed in stage unmask (its vector stays in): %s",
+                     state.server_round, nid, reason)
+    shares: dict[int, list[bytes]] = {}
+    for nid, content in good.items():
+        try:
+            rec = content.config_records[RECORD_KEY_CONFIGS]
+            owners, shares_ = cast(list[int], rec[Key.NODE_ID_LIST]), cast(list[bytes], rec[Key.SHARE_LIST])
+            pairs = list(zip(owners, shares_, strict=True))
+        except (KeyError, ValueError) as exc:
+            _log.warning("SecAgg+ round %d: node %d sent a malformed unmask reply: %r", state.server_round, nid, exc)
+            continue
+        for owner, share in pairs:
+            shares.setdefault(owner, []).append(share)
+    return shares
+
+
+def remove_masks(
+    masked_sum: Vector, shares: dict[int, list[bytes]], state: RoundState, included: set[int]
+) -> Vector | None:
+    """Rebuild each needed secret from ``threshold`` shares and strip its masks; None if a secret is short."""
+    p = state.params
+    shapes = [v.shape for v in masked_sum]
+    vec = masked_sum
+    for owner in sorted(needed_owners(state, included)):
+        got = shares.get(owner, [])
+        if len(got) < p.threshold:
+            _log.error("SecAgg+ round %d: %d of %d shares for node %d; round aborted",
+                       state.server_round, len(got), p.threshold, owner)
+            return None
+        # Exactly `threshold` shares: pycryptodome's Shamir.combine asks for no more than needed.
+        secret = combine_shares(got[: p.threshold])
+        if owner in included:
+            vec = parameters_subtraction(vec, pseudo_rand_gen(secret, p.modulus_range, shapes))
+        else:
+            vec = _cancel_pairwise(vec, owner, secret, state, included & state.neighbours[owner], shapes)
+    return parameters_mod(vec, p.modulus_range)
+
+
+def _cancel_pairwise(
+    vec: Vector, dead: int, sk1: bytes, state: RoundState, partners: set[int], shapes: list[Shape]
+) -> Vector:
+    # Each partner added +mask if its id > dead's id, else -mask (secaggplus_mod); undo exactly that.
+    for partner in sorted(partners - {dead}):
+        key = generate_shared_key(bytes_to_private_key(sk1), bytes_to_public_key(state.public_keys[partner][0]))
+        mask = pseudo_rand_gen(key, state.params.modulus_range, shapes)
+        vec = parameters_addition(vec, mask) if dead > partner else parameters_subtraction(vec, mask)
+    return vec
+
+
+def masked_sum(vectors: Iterable[Vector], modulus_range: int) -> Vector:
+    """Sum masked vectors in the field; int64 cannot overflow for the node counts protocol_params allows."""
+    total: Vector | None = None
+    for vec in vectors:
+        total = vec if total is None else parameters_addition(total, vec)
+    if total is None:
+        raise ValueError("no masked vectors to sum")
+    return parameters_mod(total, modulus_range)
+
+
+def weighted_average(unmasked: Vector, params: ProtocolParams, num_included: int) -> tuple[int, Vector]:
+    """Dequantise the unmasked sum into the weighted average of the included updates.
+
+    Returns the summed quantised weight (sum of the clients' ``q_ratio``) and the average, weighted by
+    ``q_ratio``, i.e. by ``num_examples`` rounded to steps of ``max_weight / quantization_range``.
+    """
+    q_total_raw, body = factor_extract(unmasked)
+    q_total = int(q_total_raw)
+    if q_total <= 0:
+        raise ValueError(f"summed weight is {q_total}; every included node reported zero examples")
+    summed = dequantize(body, params.clipping_range, params.quantization_range)
+    # Each client's clipped value c was shifted to c + range before quantising; the sum carries n x range,
+    # dequantize removes one of them.
+    offset = -(num_included - 1) * params.clipping_range
+    scale = params.quantization_range / q_total
+    return q_total, [np.asarray((np.asarray(s, dtype=np.float64) + offset) * scale) for s in summed]

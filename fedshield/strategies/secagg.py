@@ -1,0 +1,388 @@
+"""SecAgg+ secure aggregation as a wrapper around any Message-API strategy.
+
+Flower 1.39 ships SecAgg+ only for its legacy API (``SecAggPlusWorkflow``). :class:`SecAggPlus` runs the same
+protocol from inside a Message-API :class:`~flwr.serverapp.strategy.Strategy`, so ``strategy.start()`` keeps owning
+the round loop and the inner strategy (FedAvg, FedAvgM, FedAdam, ...) keeps its server-side logic.
+
+Clients must run Flower's ``secaggplus_mod`` around fedshield's adapter::
+
+    @app.train(mods=[secaggplus_mod, secagg_adapter_mod])
+
+The adapter sends the *difference* between the client's new weights and the global weights it received, so the
+server learns only the weighted average of the updates of the nodes that finished the round, never one node's
+update. What does travel in clear: each node's example count and its privacy-ledger figures
+(see :mod:`fedshield.client.secagg_mod`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import Stage
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from ..errors import ConfigError, ProtocolError
+from ..protocol import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, ClientReply
+from ._secagg_stages import (
+    MaskedReply,
+    RoundState,
+    Vector,
+    collect_messages,
+    masked_sum,
+    needed_owners,
+    neighbour_graph,
+    protocol_params,
+    read_masked_reply,
+    remove_masks,
+    run_setup,
+    run_share_keys,
+    run_unmask,
+    settle,
+    weighted_average,
+)
+
+__all__ = ["SecAggPlus"]
+
+_log = logging.getLogger(__name__)
+
+
+class SecAggPlus(Strategy):
+    """Secure aggregation (SecAgg+, Bell et al. 2020) around a Message-API strategy.
+
+    Each round runs four stages: SETUP and SHARE_KEYS inside :meth:`configure_train`, COLLECT_MASKED_VECTORS as
+    the round's train messages, UNMASK inside :meth:`aggregate_train`. The inner strategy then aggregates a
+    single synthetic reply holding the new global arrays, so its own server logic (momentum, adaptive
+    optimisers) applies on top.
+
+    Privacy contract: an honest-but-curious server learns the sum of the included clients' quantised, clipped,
+    weighted updates and nothing else of them, as long as fewer than ``threshold`` neighbours of a node collude
+    with it (a threshold above half the shares also stops a server that lies about who dropped). Example counts
+    and ledger figures travel in clear. Limits inherited from Flower 1.39's client, which this wrapper must reuse:
+    public keys are not authenticated, so a server that substitutes keys defeats the protocol; and each mask is
+    drawn from numpy's Mersenne Twister seeded with 32 bits folded from a 256-bit key. It is not differential
+    privacy: combine it with DP-SGD.
+
+    Args:
+        inner: the strategy that samples nodes and turns the averaged update into the new global model. Its
+            train messages must carry the global model under ``"arrays"``.
+        num_shares: neighbours (including the node) that hold shares of each node's secrets: an int >= 3,
+            or a fraction in (0, 1] of the sampled nodes.
+        reconstruction_threshold: shares needed to rebuild a secret: an int >= 2, or a fraction in (0, 1] of
+            ``num_shares`` (at least 2). Higher is safer, lower tolerates more dropouts.
+        clipping_range: each weighted update entry, ``delta * num_examples / max_weight``, is clipped to
+            +-clipping_range before quantisation.
+        quantization_range: quantisation levels over [-clipping_range, clipping_range].
+        modulus_range: size of the field the masks live in, a power of two; at most
+            ``(modulus_range - 1) // quantization_range`` nodes can be sampled per round.
+        max_weight: the largest example count a client should report. Larger counts still aggregate but their
+            updates are clipped at ``clipping_range * max_weight / num_examples``; a max_weight far above the real
+            counts coarsens quantisation by the same factor.
+        timeout: seconds to wait for replies in SETUP, SHARE_KEYS and UNMASK (None: no limit). The train stage
+            uses the ``timeout`` given to :meth:`start`.
+        rng: randomness for the neighbour ring; defaults to the operating system's CSPRNG.
+    """
+
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        num_shares: int | float = 1.0,
+        reconstruction_threshold: int | float = 0.66,
+        clipping_range: float = 8.0,
+        quantization_range: int = 2**22,
+        modulus_range: int = 2**32,
+        max_weight: float = 1000.0,
+        timeout: float | None = 600.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not isinstance(inner, Strategy):
+            raise ConfigError(f"inner must be a flwr.serverapp.strategy.Strategy, got {type(inner).__name__}")
+        _validate(num_shares, reconstruction_threshold, clipping_range, quantization_range, modulus_range,
+                  max_weight, timeout)
+        self.inner = inner
+        self.num_shares = num_shares
+        self.reconstruction_threshold = reconstruction_threshold
+        self.clipping_range = float(clipping_range)
+        self.quantization_range = quantization_range
+        self.modulus_range = modulus_range
+        self.max_weight = float(max_weight)
+        self.timeout = None if timeout is None else float(timeout)
+        self._rng = rng if rng is not None else random.SystemRandom()
+        #: One entry per node sampled in the last aggregated round (see :class:`fedshield.protocol.ClientReply`).
+        self.last_replies: list[ClientReply] = []
+        self._grid: Grid | None = None
+        self._round: RoundState | None = None
+        self._global: ArrayRecord | None = None
+        self._aborted: str | None = None
+
+    # --- training -----------------------------------------------------------------------------------------
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample through the inner strategy, run SETUP and SHARE_KEYS, return the masked-vector requests.
+
+        Raises ConfigError if the settings cannot work for the number of nodes sampled (fewer than 2, more than
+        the field holds, or fewer than an integer threshold); returns no messages if too many nodes drop.
+        """
+        self._grid, self._round, self._aborted = grid, None, None
+        contents = _contents_by_node(self.inner.configure_train(server_round, arrays, config, grid))
+        if not contents:
+            return []
+        self._global = _common_arrays(contents)
+        params = protocol_params(
+            len(contents), num_shares=self.num_shares, threshold=self.reconstruction_threshold,
+            clipping_range=self.clipping_range, quantization_range=self.quantization_range,
+            modulus_range=self.modulus_range, max_weight=self.max_weight,
+        )
+        state = RoundState(
+            server_round, params, sampled=list(contents), contents=contents, active=set(contents),
+            neighbours=neighbour_graph(contents, params.num_shares, self._rng),
+        )
+        self._round = state
+        _log.info("SecAgg+ round %d: %d nodes, %d shares, threshold %d",
+                  server_round, params.num_samples, params.num_shares, params.threshold)
+        if not run_setup(grid, state, self.timeout):
+            return self._abort(f"too few nodes left after stage {Stage.SETUP}")
+        if not run_share_keys(grid, state, self.timeout):
+            return self._abort(f"too few nodes left after stage {Stage.SHARE_KEYS}")
+        return collect_messages(state)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Unmask the sum of the masked vectors and let the inner strategy aggregate the resulting average.
+
+        Returns ``(None, None)`` (global model unchanged) if too few nodes survived; ``last_replies`` is filled
+        either way.
+        """
+        state, self._round = self._round, None
+        replies = list(replies)
+        if state is None or state.server_round != server_round:
+            self.last_replies = []
+            if replies:
+                _log.warning("SecAgg+ round %d: %d replies without a configured round; ignored",
+                             server_round, len(replies))
+            return None, None
+        if self._aborted is not None:
+            self.last_replies = _outcomes(state, {}, self._aborted)
+            return None, None
+        masked = self._read_replies(state, replies)
+        average = self._secure_average(state, masked)
+        if average is None:
+            _log.error("SecAgg+ round %d aborted, global model unchanged: %s", server_round, self._aborted)
+            self.last_replies = _outcomes(state, masked, self._aborted)
+            return None, None
+        self.last_replies = _outcomes(state, masked, None)
+        return self.inner.aggregate_train(server_round, [self._synthetic_reply(masked, average)])
+
+    def _read_replies(self, state: RoundState, replies: list[Message]) -> dict[int, MaskedReply]:
+        """Parse stage-2 replies; a malformed one, or a negative count, leaves the node out (as dead)."""
+        good, failed = settle(state, Stage.COLLECT_MASKED_VECTORS, replies)
+        state.errors.update(failed)
+        shapes = [tuple(arr.shape) for arr in self._require_global().values()]
+        masked: dict[int, MaskedReply] = {}
+        for nid, content in good.items():
+            try:
+                reply = read_masked_reply(content, shapes)
+            except (KeyError, TypeError, ValueError) as exc:
+                state.errors[nid] = f"malformed reply in stage {Stage.COLLECT_MASKED_VECTORS}: {exc!r}"
+                continue
+            if reply.num_examples < 0:
+                state.errors[nid] = f"reported {reply.num_examples} examples; a count must be >= 0"
+                continue
+            if reply.num_examples > self.max_weight:
+                _log.warning(
+                    "SecAgg+ round %d: node %d reported %d examples > max_weight %g, so its update was clipped "
+                    "at +-%g: raise max_weight to at least %d",
+                    state.server_round, nid, reply.num_examples, self.max_weight,
+                    self.clipping_range * self.max_weight / reply.num_examples, reply.num_examples,
+                )
+            masked[nid] = reply
+        return masked
+
+    def _secure_average(self, state: RoundState, masked: dict[int, MaskedReply]) -> Vector | None:
+        """Run UNMASK and dequantise; None (with ``self._aborted`` set) if the round cannot complete."""
+        included, p = set(masked), state.params
+        q_expected = sum(p.q_ratio(r.num_examples) for r in masked.values())
+        if len(included) < p.threshold or not state.enough_shares(needed_owners(state, included), included):
+            self._aborted = f"{len(included)} masked vectors arrived, too few for threshold {p.threshold}"
+            return None
+        if q_expected >= p.modulus_range or q_expected <= 0:
+            self._aborted = (f"summed weight {q_expected} is outside (0, modulus_range {p.modulus_range}): "
+                             "check the reported example counts against max_weight")
+            return None
+        shares = run_unmask(self._require_grid(), state, included, self.timeout)
+        unmasked = remove_masks(masked_sum((r.vector for r in masked.values()), p.modulus_range),
+                                shares, state, included)
+        if unmasked is None:
+            self._aborted = f"too few key shares arrived in stage {Stage.UNMASK}"
+            return None
+        q_total, average = weighted_average(unmasked, p, len(included))
+        if q_total != q_expected:
+            # The masked weights must add up to what the clients declared in clear; anything else means a
+            # client lied about its count, or masks were not removed cleanly. Never apply such a sum.
+            self._aborted = f"integrity check failed: masked weights sum to {q_total}, declared {q_expected}"
+            return None
+        return average
+
+    def _synthetic_reply(self, masked: dict[int, MaskedReply], average: Vector) -> Message:
+        """One reply carrying ``global + average update``, for the inner strategy to aggregate."""
+        base = self._require_global()
+        new = {k: Array(_add_update(g, d)) for (k, g), d in zip(_numpy_items(base), average, strict=True)}
+        weight_key = str(getattr(self.inner, "weighted_by_key", NUM_EXAMPLES))
+        metrics = MetricRecord()
+        metrics.update(_average_metrics(list(masked.values())))
+        metrics[weight_key] = sum(r.num_examples for r in masked.values())
+        content = RecordDict({ARRAYS: ArrayRecord(new), METRICS: metrics})
+        return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+    def _abort(self, reason: str) -> list[Message]:
+        self._aborted = reason
+        _log.error("SecAgg+ round aborted before training, global model unchanged: %s", reason)
+        return []
+
+    def _require_grid(self) -> Grid:
+        if self._grid is None:
+            raise ProtocolError("aggregate_train was called before configure_train: call strategy.start()")
+        return self._grid
+
+    def _require_global(self) -> ArrayRecord:
+        if self._global is None:
+            raise ProtocolError("aggregate_train was called before configure_train: call strategy.start()")
+        return self._global
+
+    # --- evaluation and reporting: the inner strategy's ---------------------------------------------------
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        _log.info(
+            "SecAgg+ around %s: num_shares=%s, reconstruction_threshold=%s, clipping_range=%g, "
+            "quantization_range=%d, modulus_range=%d, max_weight=%g, timeout=%s",
+            type(self.inner).__name__, self.num_shares, self.reconstruction_threshold, self.clipping_range,
+            self.quantization_range, self.modulus_range, self.max_weight, self.timeout,
+        )
+        self.inner.summary()
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+
+def _contents_by_node(messages: Iterable[Message]) -> dict[int, RecordDict]:
+    contents: dict[int, RecordDict] = {}
+    for msg in messages:
+        nid = msg.metadata.dst_node_id
+        if nid in contents:
+            raise ProtocolError(f"the inner strategy addressed node {nid} twice in one round; SecAgg+ needs one "
+                                "train message per node")
+        if ARRAYS not in msg.content.array_records:
+            raise ProtocolError(f"the inner strategy's train message has no '{ARRAYS}' ArrayRecord (records: "
+                                f"{list(msg.content.keys())}): SecAgg+ needs the global model under '{ARRAYS}'")
+        contents[nid] = msg.content
+    return contents
+
+
+def _common_arrays(contents: dict[int, RecordDict]) -> ArrayRecord:
+    """The global arrays every sampled node receives; clients send updates relative to them."""
+    records = [c.array_records[ARRAYS] for c in contents.values()]
+    base = records[0]
+    for rec in records[1:]:
+        if rec is not base and [(k, a.data) for k, a in rec.items()] != [(k, a.data) for k, a in base.items()]:
+            raise ProtocolError("the inner strategy sent different arrays to different nodes; SecAgg+ can only "
+                                "average updates relative to one global model")
+    return base
+
+
+def _numpy_items(record: ArrayRecord) -> list[tuple[str, np.ndarray[Any, Any]]]:
+    return [(k, arr.numpy()) for k, arr in record.items()]
+
+
+def _add_update(global_arr: np.ndarray[Any, Any], update: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    new = np.asarray(global_arr, dtype=np.float64) + update
+    if np.issubdtype(global_arr.dtype, np.integer):
+        new = np.rint(new)
+    return np.asarray(new.astype(global_arr.dtype))
+
+
+def _average_metrics(replies: list[MaskedReply]) -> dict[str, float]:
+    """Example-weighted mean of the clear metrics every included node sent (identifiers excluded)."""
+    keys = set.intersection(*(set(r.metrics) for r in replies)) - {NUM_EXAMPLES, PARTITION_ID}
+    total = sum(r.num_examples for r in replies)
+    weights = [r.num_examples / total if total else 1 / len(replies) for r in replies]
+    return {k: float(sum(w * r.metrics[k] for w, r in zip(weights, replies, strict=True))) for k in sorted(keys)}
+
+
+def _outcomes(state: RoundState, masked: dict[int, MaskedReply], aborted: str | None) -> list[ClientReply]:
+    out = []
+    for nid in state.sampled:
+        reply = masked.get(nid)
+        metrics = {} if reply is None else {NUM_EXAMPLES: float(reply.num_examples), **reply.metrics}
+        if reply is not None and aborted is None:
+            out.append(ClientReply(nid, metrics))
+        else:
+            reason = state.errors.get(nid) or f"round aborted: {aborted}"
+            out.append(ClientReply(nid, metrics, error=reason))
+    return out
+
+
+def _validate(
+    num_shares: object, threshold: object, clipping_range: object, quantization_range: object,
+    modulus_range: object, max_weight: object, timeout: object,
+) -> None:
+    _check_count_or_fraction("num_shares", num_shares, min_int=3)
+    _check_count_or_fraction("reconstruction_threshold", threshold, min_int=2)
+    if isinstance(num_shares, int) and isinstance(threshold, int) and threshold > num_shares:
+        raise ConfigError(f"reconstruction_threshold ({threshold}) must be <= num_shares ({num_shares}): lower "
+                          "the threshold or give more shares")
+    if isinstance(threshold, float) and threshold <= 0.5:
+        _log.warning("reconstruction_threshold %s <= 0.5: a server that lies about which nodes dropped can "
+                     "rebuild both secrets of a node and unmask it; use a fraction above 0.5", threshold)
+    _check_positive_real("clipping_range", clipping_range, "e.g. 8.0")
+    _check_positive_real("max_weight", max_weight, "the largest example count a client reports")
+    if timeout is not None:
+        _check_positive_real("timeout", timeout, "seconds, or None to wait without limit")
+    if not _is_int(quantization_range) or not 2 <= quantization_range < 2**31:  # type: ignore[operator]
+        raise ConfigError(f"quantization_range must be an int in [2, 2**31) (clients quantise to int32), got "
+                          f"{quantization_range!r}: e.g. 2**22")
+    if not _is_int(modulus_range) or modulus_range <= 0 or bin(modulus_range).count("1") != 1:  # type: ignore
+        raise ConfigError(f"modulus_range must be a power of two, got {modulus_range!r}: e.g. 2**32")
+    if not 2 * quantization_range < modulus_range <= 2**32:  # type: ignore[operator]
+        raise ConfigError(f"modulus_range must be in (2 x quantization_range, 2**32] so that at least two "
+                          f"clients' sums fit, got {modulus_range!r} with quantization_range "
+                          f"{quantization_range!r}: e.g. 2**32 with 2**22 (up to 1023 nodes)")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_count_or_fraction(name: str, value: object, *, min_int: int) -> None:
+    if _is_int(value):
+        if value < min_int:  # type: ignore[operator]
+            raise ConfigError(f"{name} as a count must be >= {min_int}, got {value!r}: use a larger count, or a "
+                              "fraction such as 1.0 (all sampled nodes)")
+    elif isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise ConfigError(f"{name} as a fraction must be in (0, 1], got {value!r}: e.g. 1.0 or 0.66")
+    else:
+        raise ConfigError(f"{name} must be an int count or a float fraction, got {type(value).__name__} {value!r}")
+
+
+def _check_positive_real(name: str, value: object, hint: str) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}: {hint}")
