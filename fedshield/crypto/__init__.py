@@ -1,0 +1,29 @@
+"""Key material for fedshield: TLS certificates and SuperNode authentication keys (``cryptography`` only)."""
+
+from fedshield.crypto.keys import AUTHORIZED_NODES as AUTHORIZED_NODES
+from fedshield.crypto.keys import CA_CERT as CA_CERT
+from fedshield.crypto.keys import CA_KEY as CA_KEY
+from fedshield.crypto.keys import SERVER_CERT as SERVER_CERT
+from fedshield.crypto.keys import SERVER_KEY as SERVER_KEY
+from fedshield.crypto.keys import KeySet as KeySet
+from fedshield.crypto.keys import NodeCredentials as NodeCredentials
+from fedshield.crypto.keys import NodeKey as NodeKey
+from fedshield.crypto.keys import add_node as add_node
+from fedshield.crypto.keys import init_keys as init_keys
+from fedshield.crypto.keys import load_keyset as load_keyset
+from fedshield.crypto.keys import load_node_credentials as load_node_credentials
+
+__all__ = [
+    "AUTHORIZED_NODES",
+    "CA_CERT",
+    "CA_KEY",
+    "SERVER_CERT",
+    "SERVER_KEY",
+    "KeySet",
+    "NodeCredentials",
+    "NodeKey",
+    "add_node",
+    "init_keys",
+    "load_keyset",
+    "load_node_credentials",
+]

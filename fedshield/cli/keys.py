@@ -1,0 +1,66 @@
+"""``fedshield keys``: make and extend a federation's TLS certificates and SuperNode keys.
+
+Registered into the main CLI as ``fedshield keys``. Only this layer prints; library errors become one line on
+stderr and exit code 2 (``_common.run_guarded``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..crypto import KeySet, add_node, init_keys
+from ._common import run_guarded
+
+__all__ = ["keys_app"]
+
+keys_app = typer.Typer(
+    name="keys",
+    help="Create TLS certificates and SuperNode authentication keys.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@keys_app.command("init")
+def init_command(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the new key material.")],
+    server_host: Annotated[
+        list[str],
+        typer.Option(
+            "--server-host",
+            help="Name or IP address SuperNodes dial to reach the SuperLink; comma-separated or repeated.",
+        ),
+    ],
+    nodes: Annotated[int, typer.Option("--nodes", min=0, help="Number of SuperNode key pairs to create.")] = 2,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing key material in --out.")] = False,
+) -> None:
+    """Create a CA, a SuperLink certificate and one key pair per SuperNode."""
+    hosts = [h.strip() for value in server_host for h in value.split(",") if h.strip()]
+    keyset = run_guarded(lambda: init_keys(out, server_hosts=hosts, nodes=nodes, force=force))
+    _print_summary(keyset)
+
+
+@keys_app.command("add-node")
+def add_node_command(
+    keys: Annotated[Path, typer.Option("--keys", help="Key directory made by `fedshield keys init`.")],
+    name: Annotated[str | None, typer.Option("--name", help="Node name (default: the next node-N).")] = None,
+) -> None:
+    """Authorize one more SuperNode: a new key pair, appended to authorized-nodes.txt."""
+    key_path = run_guarded(lambda: add_node(keys, name=name))
+    typer.echo(f"Created {key_path} and {key_path.with_suffix('.pub')}; added to {keys / 'authorized-nodes.txt'}.")
+    typer.echo(f"Give {key_path.name} and ca.pem to the new site only. Restart `fedshield server` (or register the")
+    typer.echo(".pub with `flwr supernode register`) so the SuperLink admits it.")
+
+
+def _print_summary(keyset: KeySet) -> None:
+    typer.echo(f"Key material in {keyset.directory}:")
+    typer.echo(f"  {keyset.ca_cert.name:<22} CA certificate: give a copy to every site")
+    typer.echo(f"  {keyset.server_cert.name:<22} SuperLink certificate for {', '.join(keyset.server_hosts)}")
+    typer.echo(f"  {keyset.server_key.name:<22} SuperLink private key (stays on the server)")
+    typer.echo(f"  {'ca.key':<22} CA private key: move it offline; needed only to re-issue server.pem")
+    for node in keyset.nodes:
+        typer.echo(f"  {node.name + '.key':<22} private key for site {node.name} only")
+    typer.echo(f"  {keyset.authorized_nodes.name:<22} public keys the SuperLink registers")
