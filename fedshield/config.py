@@ -118,6 +118,11 @@ class RunConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not (0 < self.fraction_train <= 1):
             raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.secagg and round(self.fraction_train * self.num_clients) < 2:
+            raise ConfigError(
+                f"secure aggregation needs at least 2 clients per round, got {self.num_clients} client(s) x "
+                f"fraction-train {self.fraction_train:g}: add clients, or use --no-secagg (the server then sees the update)"
+            )
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError(
                 f"unknown accountant {self.accountant!r}: choose one of {', '.join(ACCOUNTANTS)} "

@@ -64,7 +64,7 @@ def simulate_command(
     with errors_to_exit():
         cfg = build_config(config, flags)
         _warn_risky(cfg)
-        summary = _run(cfg, ray_address=ray_address, cpus=cpus_per_client, gpus=gpus_per_client)
+        summary = _run(cfg, ray_address=ray_address, cpus=cpus_per_client, gpus=gpus_per_client, verbose=verbose)
     _print_summary(summary)
 
 
@@ -76,7 +76,7 @@ def _warn_risky(cfg: RunConfig) -> None:
         console.print("[bold yellow]WARNING[/]: --no-secagg: the server sees every client's update in clear.")
 
 
-def _run(cfg: RunConfig, *, ray_address: str | None, cpus: float, gpus: float) -> RunSummary:
+def _run(cfg: RunConfig, *, ray_address: str | None, cpus: float, gpus: float, verbose: bool) -> RunSummary:
     from ..simulation.run import simulate
 
     console.print(
@@ -95,7 +95,10 @@ def _run(cfg: RunConfig, *, ray_address: str | None, cpus: float, gpus: float) -
             progress.console.print(_round_line(record))
             progress.update(bar, completed=record.server_round)
 
-        summary = simulate(cfg, on_round=on_round, cpus_per_client=cpus, gpus_per_client=gpus, ray_address=ray_address)
+        summary = simulate(
+            cfg, on_round=on_round, cpus_per_client=cpus, gpus_per_client=gpus, ray_address=ray_address,
+            verbose=verbose,
+        )
     console.print(f"finished in {time.monotonic() - start:.1f} s")
     return summary
 

@@ -51,6 +51,7 @@ def simulate(
     gpus_per_client: float = 0.0,
     ray_address: str | None = None,
     ray_temp_dir: str | None = None,
+    verbose: bool = False,
 ) -> RunSummary:
     preflight(config)
     from flwr.simulation import run_simulation
@@ -62,7 +63,12 @@ def simulate(
     errors: list[BaseException] = []
     state_root = str((config.out / "clients").resolve())
     server_app = build_server_app(config, on_round=on_round, result=results, errors=errors, state_root=state_root)
-    init_args: dict[str, Any] = {"include_dashboard": False, "configure_logging": True, "logging_level": logging.WARNING}
+    # Client failures come back to the server as error replies (and are reported there), so the actors' own
+    # logs only reach the terminal with --verbose.
+    init_args: dict[str, Any] = {
+        "include_dashboard": False, "configure_logging": True, "logging_level": logging.WARNING,
+        "log_to_driver": verbose,
+    }
     if ray_address:
         init_args["address"] = ray_address
     if ray_temp_dir:
