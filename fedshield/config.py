@@ -218,6 +218,8 @@ def _normalise_sample_rate(q: float) -> float:
 
 
 def _coerce(key: str, value: Any) -> Any:
+    if value is None and key in {"epsilon", "noise_multiplier"}:
+        return None  # "not set", as written by to_flat_dict (JSON null)
     if key == "out":
         return Path(str(value))
     if key == "partition":

@@ -47,6 +47,7 @@ def simulate_command(
     grad_sample_mode: str | None = typer.Option(None, "--grad-sample-mode", help="Opacus per-sample gradients: hooks | ghost | functorch | ew."),
     out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/latest)."),
     config: Path | None = typer.Option(None, "--config", help="TOML file with the same keys as these flags."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Run on an existing Ray cluster (e.g. auto)."),
     cpus_per_client: float = typer.Option(1.0, "--cpus-per-client", help="Ray CPUs reserved per virtual client."),
     gpus_per_client: float = typer.Option(0.0, "--gpus-per-client", help="GPU fraction per virtual client."),
@@ -62,10 +63,30 @@ def simulate_command(
         "dp": False if no_dp else None, "secagg": False if no_secagg else None,
     }
     with errors_to_exit():
-        cfg = build_config(config, flags)
+        ckpt = None
+        if resume is not None:
+            cfg, ckpt = _resume_config(resume, config, flags)
+        else:
+            cfg = build_config(config, flags)
         _warn_risky(cfg)
-        summary = _run(cfg, ray_address=ray_address, cpus=cpus_per_client, gpus=gpus_per_client, verbose=verbose)
+        summary = _run(cfg, ray_address=ray_address, cpus=cpus_per_client, gpus=gpus_per_client, verbose=verbose,
+                       resume=ckpt)
     _print_summary(summary)
+
+
+def _resume_config(run_dir: Path, config_file: Path | None, flags: dict[str, Any]):  # type: ignore[no-untyped-def]
+    from ..errors import ConfigError
+    from ..simulation.run import load_resume
+
+    given = sorted(k.replace("_", "-") for k, v in flags.items() if v is not None)
+    if given or config_file is not None:
+        raise ConfigError(
+            f"--resume continues a run with its original settings; drop {', '.join(given) or '--config'} "
+            "(start a new run with --out to change settings)"
+        )
+    cfg, ckpt = load_resume(run_dir)
+    console.print(f"resuming {run_dir} after round {ckpt.server_round} of {cfg.num_rounds}")
+    return cfg, ckpt
 
 
 def _warn_risky(cfg: RunConfig) -> None:
@@ -76,7 +97,9 @@ def _warn_risky(cfg: RunConfig) -> None:
         console.print("[bold yellow]WARNING[/]: --no-secagg: the server sees every client's update in clear.")
 
 
-def _run(cfg: RunConfig, *, ray_address: str | None, cpus: float, gpus: float, verbose: bool) -> RunSummary:
+def _run(
+    cfg: RunConfig, *, ray_address: str | None, cpus: float, gpus: float, verbose: bool, resume: Any = None
+) -> RunSummary:
     from ..simulation.run import simulate
 
     console.print(
@@ -89,7 +112,7 @@ def _run(cfg: RunConfig, *, ray_address: str | None, cpus: float, gpus: float, v
     )
     start = time.monotonic()
     with progress:
-        bar = progress.add_task("rounds", total=cfg.num_rounds)
+        bar = progress.add_task("rounds", total=cfg.num_rounds, completed=resume.server_round if resume else 0)
 
         def on_round(record: RoundRecord) -> None:
             progress.console.print(_round_line(record))
@@ -97,7 +120,7 @@ def _run(cfg: RunConfig, *, ray_address: str | None, cpus: float, gpus: float, v
 
         summary = simulate(
             cfg, on_round=on_round, cpus_per_client=cpus, gpus_per_client=gpus, ray_address=ray_address,
-            verbose=verbose,
+            verbose=verbose, resume=resume,
         )
     console.print(f"finished in {time.monotonic() - start:.1f} s")
     return summary

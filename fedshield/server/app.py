@@ -9,6 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import RunConfig
+from .checkpoint import Checkpoint
 from .runner import RoundRecord, RunSummary, run_server
 
 __all__ = ["app", "build_server_app"]
@@ -29,6 +30,7 @@ def build_server_app(
     result: list[RunSummary] | None = None,
     errors: list[BaseException] | None = None,
     state_root: str = "",
+    resume: Checkpoint | None = None,
 ) -> ServerApp:
     """A ServerApp bound to ``config``. Flower runs it in a thread and only logs its exceptions, so they are
     handed back through ``errors`` for the caller to re-raise."""
@@ -37,7 +39,7 @@ def build_server_app(
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            summary = run_server(grid, config, on_round=on_round, state_root=state_root)
+            summary = run_server(grid, config, on_round=on_round, state_root=state_root, resume=resume)
         except BaseException as exc:  # handed back to the caller's thread, which re-raises it
             if errors is not None:
                 errors.append(exc)

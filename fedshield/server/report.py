@@ -7,9 +7,11 @@ is what a reader would run to check it.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ from ..privacy.accounting import compact_history, epsilon
 __all__ = ["ClientPrivacy", "PrivacyReport", "RunWriter", "recompute_epsilon"]
 
 PRIVACY_FORMAT = "fedshield-privacy/1"
+#: A simulated client tags its error replies with its name, so a refusal is attributed to the right client.
+_CLIENT_TAG = re.compile(r"\[client-(\d+)\]")
 
 
 @dataclass
@@ -46,7 +50,8 @@ class PrivacyReport:
     def __init__(self, config: RunConfig, noise_multiplier: float) -> None:
         self.config = config
         self.noise_multiplier = noise_multiplier
-        self.clients: dict[int, ClientPrivacy] = {}
+        self.clients: dict[str, ClientPrivacy] = {}
+        self._names: dict[int, str] = {}
 
     def record_round(self, settings: RoundSettings, replies: list[P.ClientReply]) -> None:
         for reply in replies:
@@ -65,15 +70,30 @@ class PrivacyReport:
                 client.failures.append({"round": settings.server_round, "reason": str(reply.error)[:500]})
 
     def _client(self, reply: P.ClientReply) -> ClientPrivacy:
-        if reply.node_id not in self.clients:
-            pid = reply.metrics.get(P.PARTITION_ID)
-            name = f"client-{int(pid)}" if pid is not None else f"node-{reply.node_id}"
-            self.clients[reply.node_id] = ClientPrivacy(name, reply.node_id, None if pid is None else int(pid))
-        client = self.clients[reply.node_id]
-        if client.partition_id is None and P.PARTITION_ID in reply.metrics:
-            client.partition_id = int(reply.metrics[P.PARTITION_ID])
-            client.name = f"client-{client.partition_id}"
+        """Clients are keyed by a stable name: ``client-<partition id>`` in simulation (node ids change when a run
+        is resumed), else ``node-<node id>``."""
+        pid = reply.metrics.get(P.PARTITION_ID)
+        if pid is None and reply.error:
+            match = _CLIENT_TAG.search(reply.error)
+            pid = int(match.group(1)) if match else None
+        if pid is not None:
+            name = f"client-{int(pid)}"
+            self._names[reply.node_id] = name
+        else:
+            name = self._names.get(reply.node_id, f"node-{reply.node_id}")
+        if name not in self.clients:
+            self.clients[name] = ClientPrivacy(name, reply.node_id, None if pid is None else int(pid))
+        client = self.clients[name]
+        client.node_id = reply.node_id
         return client
+
+    def to_state(self) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(c) for c in self.clients.values()]
+
+    def load_state(self, state: list[dict[str, Any]]) -> None:
+        for raw in state:
+            client = ClientPrivacy(**{**raw, "history": [tuple(h) for h in raw["history"]]})
+            self.clients[client.name] = client
 
     def client_epsilon(self, client: ClientPrivacy) -> float:
         if not self.config.dp:

@@ -25,6 +25,8 @@ from ..privacy.accounting import calibrate_noise_multiplier
 from ..privacy.dpsgd import evaluate
 from ..strategies.recording import RecordingStrategy
 from ..tasks import get_task
+from ..strategies.offset import RoundOffset
+from .checkpoint import Checkpoint, capture_strategy_state, restore_strategy_state, save_checkpoint
 from .report import PrivacyReport, RunWriter
 
 __all__ = ["RoundRecord", "RunSummary", "run_server", "noise_multiplier_for"]
@@ -78,10 +80,17 @@ def build_strategy(config: RunConfig) -> RecordingStrategy:
 
 
 def run_server(
-    grid: Grid, config: RunConfig, *, on_round: Callable[[RoundRecord], None] | None = None, state_root: str = ""
+    grid: Grid,
+    config: RunConfig,
+    *,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    state_root: str = "",
+    resume: Checkpoint | None = None,
 ) -> RunSummary:
+    """Run (or, with ``resume``, continue) the rounds of ``config`` on ``grid``; checkpoint after every round."""
     task = get_task(config.task)
-    sigma = noise_multiplier_for(config)
+    # A resumed run keeps its mechanism: recalibrating could change sigma under the clients' ledgers.
+    sigma = resume.noise_multiplier if resume is not None else noise_multiplier_for(config)
     summary = RunSummary(config, sigma)
     model = task.new_model(config.seed)
     server_test = None
@@ -92,6 +101,16 @@ def run_server(
     report = PrivacyReport(config, sigma)
     strategy = build_strategy(config)
     run_id = uuid.uuid4().hex[:12]
+    done = 0
+    initial = ArrayRecord(torch_state_dict=model.state_dict())
+    if resume is not None:
+        run_id, done = resume.run_id, resume.server_round
+        restore_strategy_state(strategy, resume.strategy_state)
+        report.load_state(resume.privacy_clients)
+        writer.rounds = list(resume.rounds)
+        summary.rounds = list(resume.rounds)
+        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in resume.model.items()})
+        initial = ArrayRecord(torch_state_dict=model.state_dict())
 
     def settings_for(server_round: int) -> RoundSettings:
         return RoundSettings(
@@ -104,7 +123,8 @@ def run_server(
 
     clock = {"start": time.monotonic(), "last": time.monotonic()}
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round = local_round + done if local_round else 0
         state = arrays.to_torch_state_dict()
         metrics: dict[str, float] = {}
         if server_test is not None:
@@ -144,6 +164,12 @@ def run_server(
         summary.privacy = privacy
         writer.write_privacy(report)
         writer.write_model(state, {"round": str(server_round), "task": config.task, "run_id": run_id})
+        save_checkpoint(config.out, Checkpoint(
+            server_round=server_round, run_id=run_id, noise_multiplier=sigma,
+            model={k: v.detach().cpu().numpy() for k, v in state.items()},
+            strategy_state=capture_strategy_state(strategy), privacy_clients=report.to_state(),
+            rounds=list(writer.rounds), config=config.to_flat_dict(),
+        ))
         for r in replies:
             if not r.ok:
                 log.warning("round %d: client %s did not contribute: %s", server_round, r.node_id, r.error)
@@ -154,11 +180,12 @@ def run_server(
     # Flower's strategies write "server-round" into this record before each round; every other RoundSettings
     # field is constant for the run, so one record serves every round.
     train_config = ConfigRecord(settings_for(1).to_record_dict())
-    strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(torch_state_dict=model.state_dict()), num_rounds=config.num_rounds,
-        train_config=train_config, evaluate_config=ConfigRecord(settings_for(1).to_record_dict()),
-        evaluate_fn=evaluate_fn,
-    )
+    remaining = config.num_rounds - done
+    if remaining > 0:
+        RoundOffset(strategy, done).start(
+            grid=grid, initial_arrays=initial, num_rounds=remaining, train_config=train_config,
+            evaluate_config=ConfigRecord(settings_for(1).to_record_dict()), evaluate_fn=evaluate_fn,
+        )
     writer.write_plots()
     return summary
 

@@ -11,11 +11,14 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from pathlib import Path
+
 from ..config import RunConfig
 from ..errors import ConfigError, FedshieldError
+from ..server.checkpoint import Checkpoint
 from ..server.runner import RoundRecord, RunSummary
 
-__all__ = ["simulate", "preflight"]
+__all__ = ["simulate", "preflight", "load_resume"]
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +46,30 @@ def _check_writable(config: RunConfig) -> None:
         raise ConfigError(f"--out {out} exists and is not a fedshield run directory: choose an empty or new directory")
 
 
+def load_resume(run_dir: Path) -> tuple[RunConfig, Checkpoint]:
+    """The original settings and last checkpoint of ``run_dir``; the run continues exactly as configured."""
+    import json
+
+    from ..server.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    try:
+        raw = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--resume {run_dir}: no config.json there; is it a fedshield run directory?") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume {run_dir}: config.json is unreadable ({exc})") from None
+    config = RunConfig.from_mapping({**raw, "out": str(run_dir)})
+    ckpt = load_checkpoint(run_dir)
+    if ckpt.server_round > config.num_rounds:
+        raise ConfigError(f"--resume {run_dir}: checkpoint is at round {ckpt.server_round} of {config.num_rounds}")
+    return config, ckpt
+
+
 def simulate(
     config: RunConfig,
     *,
+    resume: Checkpoint | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     cpus_per_client: float = 1.0,
     gpus_per_client: float = 0.0,
@@ -62,7 +86,9 @@ def simulate(
     results: list[RunSummary] = []
     errors: list[BaseException] = []
     state_root = str((config.out / "clients").resolve())
-    server_app = build_server_app(config, on_round=on_round, result=results, errors=errors, state_root=state_root)
+    server_app = build_server_app(
+        config, on_round=on_round, result=results, errors=errors, state_root=state_root, resume=resume
+    )
     # Client failures come back to the server as error replies (and are reported there), so the actors' own
     # logs only reach the terminal with --verbose.
     init_args: dict[str, Any] = {
