@@ -128,6 +128,7 @@ class PrivacyLedger:
     def open(cls, path: Path, *, accountant: str, delta: float, budget: float | None) -> PrivacyLedger:
         """Load the ledger at ``path``, or start an empty one; a mismatched mechanism is an error, not a reset."""
         path = Path(path)
+        _sweep_stale_temps(path)
         if not path.exists():
             return cls(accountant=accountant, delta=delta, budget=budget)
         ledger = cls.load(path)
@@ -141,3 +142,10 @@ class PrivacyLedger:
             # A budget can only ever be tightened from the outside; loosening it needs a deliberate edit.
             ledger = replace(ledger, budget=budget)
         return ledger
+
+
+def _sweep_stale_temps(path: Path) -> None:
+    """Remove temp files a writer killed mid-write left beside the ledger (the ledger itself is intact)."""
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
