@@ -1,0 +1,62 @@
+"""Quantized updates: unbiased stochastic rounding, error within one quantization step, shapes including 0-d and
+empty, and at most 0.3x the bytes of float32 at 8 bits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedshield.compression import dequantize_update, quantize_update
+from fedshield.errors import ConfigError, ProtocolError
+
+SHAPES = {"w": (64, 32), "b": (32,), "scalar": (), "empty": (0, 4), "const": (5,)}
+
+
+def _update(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {k: rng.normal(size=s).astype(np.float32) * 0.01 for k, s in SHAPES.items()}
+    out["const"] = np.full((5,), 0.25, np.float32)
+    out["steps"] = np.asarray(7, dtype=np.int64)
+    return out
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_roundtrip_error_is_below_one_step_and_inputs_untouched(bits: int) -> None:
+    upd = _update()
+    before = {k: v.copy() for k, v in upd.items()}
+    q = quantize_update(upd, bits=bits, rng=np.random.default_rng(1))
+    back = dequantize_update(q, upd)
+    for k, v in upd.items():
+        np.testing.assert_array_equal(v, before[k])
+        assert back[k].shape == v.shape and back[k].dtype == v.dtype
+        if v.dtype.kind == "f" and v.size > 1:
+            step = (v.max() - v.min()) / (2**bits - 1)
+            assert np.max(np.abs(back[k] - v)) <= step * 1.0001 + 1e-12
+    np.testing.assert_array_equal(back["scalar"], upd["scalar"])  # 0-d travels as is
+    np.testing.assert_array_equal(back["const"], upd["const"])
+    assert back["steps"] == 7
+
+
+def test_stochastic_rounding_is_unbiased() -> None:
+    x = {"w": np.linspace(-1, 1, 257, dtype=np.float32)}
+    rng = np.random.default_rng(2)
+    mean = np.mean([dequantize_update(quantize_update(x, bits=8, rng=rng), x)["w"] for _ in range(2000)], axis=0)
+    step = 2 / 255
+    # Each value's rounding error has std <= step/2; the mean of 2000 draws has std <= step/(2*sqrt(2000)).
+    assert np.max(np.abs(mean - x["w"])) < 6 * step / (2 * np.sqrt(2000))
+
+
+def test_eight_bits_cost_at_most_0_3x_float32() -> None:
+    upd = {"w": np.random.default_rng(0).normal(size=(256, 128)).astype(np.float32)}
+    q = quantize_update(upd, bits=8, rng=np.random.default_rng(0))
+    assert sum(a.nbytes for a in q.values()) <= 0.3 * upd["w"].nbytes
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ConfigError, match="one of"):
+        quantize_update(_update(), bits=4, rng=np.random.default_rng(0))
+    q = quantize_update(_update(), bits=8, rng=np.random.default_rng(0))
+    with pytest.raises(ProtocolError, match="lacks tensor"):
+        dequantize_update({k: v for k, v in q.items() if k != "w"}, _update())
+    with pytest.raises(ProtocolError, match="collides"):
+        quantize_update({"a::scale": np.ones(3, np.float32)}, bits=8, rng=np.random.default_rng(0))
