@@ -59,4 +59,6 @@ def test_bad_input() -> None:
     with pytest.raises(ProtocolError, match="lacks tensor"):
         dequantize_update({k: v for k, v in q.items() if k != "w"}, _update())
     with pytest.raises(ProtocolError, match="collides"):
-        quantize_update({"a::scale": np.ones(3, np.float32)}, bits=8, rng=np.random.default_rng(0))
+        quantize_update({"__quant__": np.ones(3, np.float32)}, bits=8, rng=np.random.default_rng(0))
+    with pytest.raises(ProtocolError, match="side data"):
+        dequantize_update({**q, "__quant__": q["__quant__"][:1]}, _update())
