@@ -10,19 +10,86 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["PartitionSpec", "RunConfig", "RoundSettings", "load_config_file", "ACCOUNTANTS", "GRAD_SAMPLE_MODES"]
+__all__ = [
+    "PartitionSpec", "RunConfig", "RoundSettings", "StrategyParams", "load_config_file", "ACCOUNTANTS",
+    "GRAD_SAMPLE_MODES", "STRATEGIES", "ROBUST_STRATEGIES", "CLIENT_DP_MODES", "CLIENT_SAMPLING",
+]
 
 #: Accountants we accept. GDP is deliberately absent: it can under-report epsilon by half.
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
 PARTITION_KINDS = ("iid", "dirichlet", "shard")
+#: Aggregation strategies users can name (``--strategy``); :mod:`fedshield.strategies.registry` builds them.
+STRATEGIES = (
+    "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
+    "krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg",
+)
+#: Byzantine-robust aggregators: they need every client's individual update, which SecAgg+ hides by design.
+ROBUST_STRATEGIES = ("krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg")
+#: Client-level DP: the server clips and noises individual updates (central), or every client clips its own
+#: update and adds its share of the noise (distributed, works under SecAgg+).
+CLIENT_DP_MODES = ("off", "central", "distributed")
+#: How clients are sampled each round under client-level DP: a fixed number (Flower's sampling, accounted with
+#: no amplification), or each client independently with probability fraction-train (amplified).
+CLIENT_SAMPLING = ("fixed", "poisson")
+_StrategyValue = bool | int | float | str
+
+
+class StrategyParams(Mapping[str, _StrategyValue]):
+    """Read-only, hashable ``name -> scalar`` settings of the aggregation strategy (a ``[strategy]`` TOML table).
+
+    Immutable so a frozen :class:`RunConfig` really is frozen; the names and ranges are checked against the
+    chosen strategy by :func:`fedshield.strategies.registry.validate_params`.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        items: dict[str, _StrategyValue] = {}
+        for raw_key, value in dict(values or {}).items():
+            if not isinstance(raw_key, str) or not raw_key:
+                raise ConfigError(f"strategy settings need text names, got {raw_key!r}")
+            if not isinstance(value, (bool, int, float, str)):
+                raise ConfigError(
+                    f"strategy setting {raw_key!r} must be a number, true/false or text, got {type(value).__name__} "
+                    f"{value!r}: write it as e.g. `{raw_key.replace('-', '_')} = 0.1` under [strategy]"
+                )
+            items[raw_key.replace("-", "_")] = value
+        object.__setattr__(self, "_items", dict(sorted(items.items())))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("StrategyParams is read-only")
+
+    def __getitem__(self, key: str) -> _StrategyValue:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items.items()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self.items()) == dict(other.items())
+
+    def __repr__(self) -> str:
+        return f"StrategyParams({self._items!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (StrategyParams, (dict(self._items),))
+
+    def to_dict(self) -> dict[str, _StrategyValue]:
+        return dict(self._items)
 
 
 @dataclass(frozen=True)
@@ -75,6 +142,20 @@ class RunConfig:
         noise_multiplier: fixes sigma instead; ``epsilon`` (if set) then only caps the budget.
         sample_rate: Poisson sampling probability per DP-SGD step. It must be ``1/k`` for a whole number ``k``
             of steps per local epoch, so that the sampler and the accountant agree exactly.
+
+    Aggregation:
+        strategy: one of :data:`STRATEGIES` (Flower's own implementations); ``strategy_params`` holds its
+            settings (the ``[strategy]`` table of ``--config``). Robust aggregators need ``secagg=False``.
+        max_update_norm: reject (never aggregate) a client update whose L2 norm exceeds this bound; needs the
+            server to see updates, so not with SecAgg+.
+
+    Client-level DP (protects whether a whole client took part, over the whole run):
+        client_dp: ``off``, ``central`` (the server clips and noises individual updates; not with SecAgg+) or
+            ``distributed`` (each client clips its update to ``client_clip_norm`` and adds its share of noise).
+        client_noise_multiplier: z; the noise on the sum of clipped updates has std ``z * client_clip_norm``.
+        client_epsilon: calibrate z instead, for ``num_rounds`` rounds at ``delta``.
+        client_sampling: ``fixed`` (Flower's fixed-size sampling, accounted with sample rate 1) or ``poisson``
+            (each client joins a round with probability ``fraction_train``; amplified accounting).
     """
 
     task: str = "digits"
@@ -94,7 +175,16 @@ class RunConfig:
     fraction_train: float = 1.0
     accountant: str = "prv"
     grad_sample_mode: str = "ghost"
+    quantize: int = 0
     out: Path = Path("runs/latest")
+    strategy: str = "fedavg"
+    strategy_params: StrategyParams = field(default_factory=StrategyParams)
+    max_update_norm: float | None = None
+    client_dp: str = "off"
+    client_noise_multiplier: float | None = None
+    client_epsilon: float | None = None
+    client_clip_norm: float | None = None
+    client_sampling: str = "fixed"
 
     def __post_init__(self) -> None:
         _check_int(self.num_clients, "clients", 1)
@@ -130,8 +220,87 @@ class RunConfig:
             )
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ConfigError(f"unknown grad-sample-mode {self.grad_sample_mode!r}: choose one of {GRAD_SAMPLE_MODES}")
+        if self.quantize not in (0, 8, 16):
+            raise ConfigError(f"quantize must be 8 or 16 (bits per value), or 0 for off, got {self.quantize}")
+        if self.quantize and self.secagg:
+            raise ConfigError(
+                "--quantize compresses plain updates; under SecAgg+ every update is already quantized into the "
+                "secure-aggregation field. Drop --quantize, or use --no-secagg"
+            )
         object.__setattr__(self, "sample_rate", _normalise_sample_rate(self.sample_rate))
         object.__setattr__(self, "out", Path(self.out))
+        if not isinstance(self.strategy_params, StrategyParams):
+            object.__setattr__(self, "strategy_params", StrategyParams(self.strategy_params))
+        self._check_aggregation()
+        self._check_client_dp()
+
+    def _check_aggregation(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.secagg and self.strategy in ROBUST_STRATEGIES:
+            raise ConfigError(
+                f"strategy {self.strategy!r} needs every client's individual update, which secure aggregation "
+                "(SecAgg+) hides from the server by design: add --no-secagg to use it (the server then sees each "
+                "update), or keep SecAgg+ with an averaging strategy (fedavg, fedavgm, fedprox, fedadam, fedyogi, "
+                "fedadagrad)"
+            )
+        if self.max_update_norm is not None:
+            if not (self.max_update_norm > 0 and math.isfinite(self.max_update_norm)):
+                raise ConfigError(f"max-update-norm must be a finite number > 0, got {self.max_update_norm}")
+            if self.secagg:
+                raise ConfigError(
+                    "max-update-norm checks each client's update, which secure aggregation (SecAgg+) hides from "
+                    "the server: drop it (SecAgg+ already clips every entry to +-8; --client-dp distributed "
+                    "clips each update on the client), or add --no-secagg"
+                )
+
+    def _check_client_dp(self) -> None:
+        if self.client_dp not in CLIENT_DP_MODES:
+            raise ConfigError(f"unknown client-dp mode {self.client_dp!r}: choose one of {', '.join(CLIENT_DP_MODES)}")
+        if self.client_sampling not in CLIENT_SAMPLING:
+            raise ConfigError(
+                f"unknown client-sampling {self.client_sampling!r}: choose one of {', '.join(CLIENT_SAMPLING)}"
+            )
+        for name in ("client_noise_multiplier", "client_epsilon", "client_clip_norm"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name.replace('_', '-')} must be a finite number > 0, got {value}")
+        if self.client_dp == "off":
+            given = [n for n in ("client_noise_multiplier", "client_epsilon", "client_clip_norm") if getattr(self, n) is not None]
+            if given or self.client_sampling != "fixed":
+                extra = given or ["client-sampling"]
+                raise ConfigError(
+                    f"{', '.join(n.replace('_', '-') for n in extra)} set but client-level DP is off: "
+                    "add --client-dp central or --client-dp distributed, or drop them"
+                )
+            return
+        if self.client_clip_norm is None:
+            raise ConfigError(
+                f"client-dp {self.client_dp} needs --client-clip-norm C, the bound on each client's update norm "
+                "(e.g. the median update norm of a run without client-level DP)"
+            )
+        if (self.client_noise_multiplier is None) == (self.client_epsilon is None):
+            raise ConfigError(
+                f"client-dp {self.client_dp} needs exactly one of --client-noise-multiplier (fix z) or "
+                "--client-epsilon (calibrate z for the planned rounds)"
+                + ("; both were given" if self.client_noise_multiplier is not None else "")
+            )
+        if self.strategy in ROBUST_STRATEGIES:
+            raise ConfigError(
+                f"client-level DP bounds the noisy SUM of clipped updates; {self.strategy!r} does not average, so "
+                "the guarantee would not hold: use fedavg, fedavgm, fedprox, fedadam, fedyogi or fedadagrad"
+            )
+        if self.client_dp == "central" and self.secagg:
+            raise ConfigError(
+                "client-dp central means the server clips every client's update, which secure aggregation "
+                "(SecAgg+) hides: use --client-dp distributed (clients clip and add noise shares; works with "
+                "SecAgg+), or add --no-secagg"
+            )
+
+    @property
+    def expected_train_clients(self) -> int:
+        """Clients expected in a training round: the fixed sample size, or the Poisson mean (rounded, >= 1)."""
+        return max(1, round(self.fraction_train * self.num_clients))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -161,6 +330,7 @@ class RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         aliases = {"clients": "num_clients", "rounds": "num_rounds", "num_supernodes": "num_clients"}
         changes: dict[str, Any] = {}
+        values = _nest_strategy_params(values)
         for raw_key, value in values.items():
             key = aliases.get(raw_key.replace("-", "_"), raw_key.replace("-", "_"))
             if key not in known:
@@ -169,17 +339,43 @@ class RunConfig:
                     + ", ".join(sorted(k.replace("_", "-") for k in known))
                 )
             changes[key] = _coerce(key, value)
-        for key in ("epsilon", "noise_multiplier") if zero_is_unset else ():
+        for key in _ZERO_IS_UNSET if zero_is_unset else ():
             if changes.get(key) == 0:
                 changes[key] = None
         return dataclasses.replace(base or cls(), **changes)
 
     def to_flat_dict(self) -> dict[str, Any]:
         """JSON-able view, written beside every run so it can be reproduced."""
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["partition"] = str(self.partition)
         out["out"] = str(self.out)
+        out["strategy_params"] = self.strategy_params.to_dict()
         return out
+
+
+#: Optional numbers that Flower's run config (which has no None) writes as 0 for "not set".
+_ZERO_IS_UNSET = (
+    "epsilon", "noise_multiplier", "max_update_norm", "client_noise_multiplier", "client_epsilon", "client_clip_norm",
+)
+_PARAMS_PREFIXES = ("strategy-params.", "strategy_params.")
+
+
+def _nest_strategy_params(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Flower flattens nested run-config tables to dotted keys: gather ``strategy-params.NAME`` back into one."""
+    out: dict[str, Any] = {}
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        prefix = next((p for p in _PARAMS_PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            out[key] = value
+        else:
+            nested[key[len(prefix):]] = value
+    if nested:
+        given = out.pop("strategy_params", out.pop("strategy-params", {})) or {}
+        if not isinstance(given, Mapping):
+            raise ConfigError(f"strategy-params must be a table of settings, got {given!r}")
+        out["strategy_params"] = {**given, **nested}
+    return out
 
 
 def load_config_file(path: Path, *, base: RunConfig | None = None) -> RunConfig:
@@ -196,7 +392,23 @@ def load_config_file(path: Path, *, base: RunConfig | None = None) -> RunConfig:
     table = data.get("fedshield", data)
     if not isinstance(table, dict):
         raise ConfigError(f"config file {path}: [fedshield] must be a table of settings")
-    return RunConfig.from_mapping(table, base=base)
+    return RunConfig.from_mapping(_strategy_table(data, dict(table)), base=base)
+
+
+def _strategy_table(data: dict[str, Any], table: dict[str, Any]) -> dict[str, Any]:
+    """The strategy's settings live in a ``[strategy]`` table (optionally with ``name = "krum"``), its name may
+    also be ``strategy = "krum"`` among the other settings."""
+    tables = [t for t in (data.get("strategy"), table.get("strategy")) if isinstance(t, dict)]
+    if not tables:
+        return table
+    if isinstance(table.get("strategy"), dict):
+        del table["strategy"]
+    merged = {k: v for t in tables for k, v in t.items()}
+    name = merged.pop("name", None)
+    if name is not None:
+        table.setdefault("strategy", name)
+    table["strategy_params"] = {**dict(table.get("strategy_params", {}) or {}), **merged}
+    return table
 
 
 def _check_int(value: Any, name: str, minimum: int) -> None:
@@ -224,14 +436,24 @@ def _coerce(key: str, value: Any) -> Any:
         return Path(str(value))
     if key == "partition":
         return PartitionSpec.parse(str(value))
-    if key in {"num_clients", "num_rounds", "local_epochs", "seed"}:
+    if key == "strategy_params":
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"strategy-params must be a table of settings (e.g. [strategy] beta = 0.2), got {value!r}")
+        return StrategyParams(value)
+    if key in {"strategy", "client_dp", "client_sampling"}:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key.replace('_', '-')} must be text, got {value!r}")
+        return value.strip().lower()
+    if value is None and key in _ZERO_IS_UNSET:
+        return None
+    if key in {"num_clients", "num_rounds", "local_epochs", "seed", "quantize"}:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key.replace('_', '-')} must be a whole number, got {value!r}")
     if key in {"dp", "secagg"} and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if key in {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "lr", "fraction_train"}:
+    if key in {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "lr", "fraction_train", *_ZERO_IS_UNSET}:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key.replace('_', '-')} must be a number, got {value!r}")
         return float(value)
@@ -263,8 +485,24 @@ class RoundSettings:
     accountant: str
     grad_sample_mode: str
     sim_state_root: str = ""  # simulation only: where virtual clients keep their ledgers
+    quantize: int = 0  # bits per value of the update the client sends back (0: float, as trained)
+    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 is added to the local loss (0: off)
+    client_dp: str = "off"  # client-level DP mode; "distributed": this client clips and adds its noise share
+    client_clip_norm: float = 0.0  # distributed client-level DP: bound C on the L2 norm of the update
+    client_noise_std_share: float = 0.0  # distributed: std of this client's Gaussian noise, z * C / sqrt(n)
 
     def __post_init__(self) -> None:
+        if self.client_dp not in CLIENT_DP_MODES:
+            raise ConfigError(f"round config: unknown client-dp mode {self.client_dp!r}")
+        if not (self.proximal_mu >= 0 and math.isfinite(self.proximal_mu)):
+            raise ConfigError(f"round config: proximal-mu must be >= 0, got {self.proximal_mu}")
+        if self.client_dp == "distributed" and not (
+            self.client_clip_norm > 0 and self.client_noise_std_share >= 0 and math.isfinite(self.client_noise_std_share)
+        ):
+            raise ConfigError(
+                f"round config: distributed client-level DP needs client-clip-norm > 0 and a noise share >= 0, "
+                f"got {self.client_clip_norm} and {self.client_noise_std_share}"
+            )
         if self.dp and not (self.noise_multiplier >= 0 and self.max_grad_norm > 0):
             raise ConfigError(
                 f"round config: DP needs noise-multiplier >= 0 and max-grad-norm > 0, "
@@ -291,15 +529,18 @@ class RoundSettings:
             key = f.name.replace("_", "-")
             if key not in record:
                 if f.default is not dataclasses.MISSING:
+                    kwargs[f.name] = f.default
                     continue
                 raise ConfigError(
                     f"round config is missing {key!r}: server and client run different fedshield versions? "
                     "Install the same version on both sides"
                 )
             kwargs[f.name] = record[key]
-        for name in ("server_round", "num_rounds", "seed", "local_epochs"):
+        for name in ("server_round", "num_rounds", "seed", "local_epochs", "quantize"):
             kwargs[name] = int(kwargs[name])
-        for name in ("lr", "sample_rate", "noise_multiplier", "max_grad_norm", "target_epsilon", "delta"):
+        for name in ("lr", "sample_rate", "noise_multiplier", "max_grad_norm", "target_epsilon", "delta",
+                     "proximal_mu", "client_clip_norm", "client_noise_std_share"):
             kwargs[name] = float(kwargs[name])
+        kwargs["client_dp"] = str(kwargs["client_dp"])
         kwargs["dp"] = bool(kwargs["dp"])
         return cls(**kwargs)

@@ -33,6 +33,8 @@ runner = CliRunner()
         (["--sample-rate", "0.3"], "is not 1/k"),
         (["--accountant", "gdp"], "unknown accountant 'gdp'"),
         (["--rounds", "0"], "rounds must be a whole number >= 1"),
+        (["--quantize", "4", "--no-secagg"], "quantize must be 8 or 16"),
+        (["--quantize", "8"], "under SecAgg+ every update is already quantized"),
     ],
 )
 def test_bad_input_one_line_error_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:

@@ -89,3 +89,11 @@ def test_budget_exhausted_clients_refuse_and_are_reported(tmp_path: Path) -> Non
         assert c["stopped_on_budget"] is True and c["stopped_round"] == 2
         assert c["epsilon"] <= 2.0
     assert math.isclose(rows[1]["accuracy"], rows[0]["accuracy"])  # nobody trained: the model did not move
+
+
+def test_quantized_updates_cut_bytes_and_still_learn(tmp_path: Path) -> None:
+    config, _ = _run(tmp_path, "q8", epsilon=8.0, quantize=8)
+    rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
+    model_bytes = sum(v.numel() * 4 for v in get_task("digits").new_model(0).state_dict().values())
+    assert all(r["bytes_up_per_client"] <= 0.3 * model_bytes for r in rows), rows
+    assert rows[-1]["accuracy"] > 0.5, rows[-1]

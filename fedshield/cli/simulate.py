@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -10,11 +9,11 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from ..config import RunConfig, load_config_file
 from ..server.runner import RoundRecord, RunSummary
 from ._common import configure_logging, errors_to_exit
+from ._report import print_summary, round_line
 
 __all__ = ["simulate_command", "build_config"]
 
@@ -45,6 +44,13 @@ def simulate_command(
     seed: int | None = typer.Option(None, "--seed", help="Seed for model init, partitions and (simulation) noise."),
     accountant: str | None = typer.Option(None, "--accountant", help="prv (default, tightest) | rdp."),
     grad_sample_mode: str | None = typer.Option(None, "--grad-sample-mode", help="Opacus per-sample gradients: hooks | ghost | functorch | ew."),
+    strategy: str | None = typer.Option(None, "--strategy", help="fedavg | fedavgm | fedprox | fedadam | fedyogi | fedadagrad | krum | multikrum | bulyan | fedmedian | fedtrimmedavg (parameters: [strategy] table in --config)."),
+    client_dp: str | None = typer.Option(None, "--client-dp", help="Client-level DP: off | central | distributed."),
+    client_noise_multiplier: float | None = typer.Option(None, "--client-noise-multiplier", help="Client-level noise multiplier z."),
+    client_clip_norm: float | None = typer.Option(None, "--client-clip-norm", help="Client-level update clipping bound."),
+    client_epsilon: float | None = typer.Option(None, "--client-epsilon", help="Calibrate z to this client-level epsilon."),
+    max_update_norm: float | None = typer.Option(None, "--max-update-norm", help="Reject updates whose norm exceeds this."),
+    quantize: int | None = typer.Option(None, "--quantize", help="Send updates quantized to 8 or 16 bits (needs --no-secagg)."),
     out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/latest)."),
     config: Path | None = typer.Option(None, "--config", help="TOML file with the same keys as these flags."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
@@ -59,7 +65,9 @@ def simulate_command(
         "num_clients": clients, "num_rounds": rounds, "task": task, "partition": partition, "epsilon": epsilon,
         "delta": delta, "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm,
         "sample_rate": sample_rate, "lr": lr, "local_epochs": local_epochs, "seed": seed, "accountant": accountant,
-        "grad_sample_mode": grad_sample_mode, "out": out,
+        "grad_sample_mode": grad_sample_mode, "out": out, "quantize": quantize,
+        "strategy": strategy, "client_dp": client_dp, "client_noise_multiplier": client_noise_multiplier,
+        "client_clip_norm": client_clip_norm, "client_epsilon": client_epsilon, "max_update_norm": max_update_norm,
         "dp": False if no_dp else None, "secagg": False if no_secagg else None,
     }
     with errors_to_exit():
@@ -127,45 +135,8 @@ def _run(
 
 
 def _round_line(record: RoundRecord) -> str:
-    row = record.row
-    acc = "n/a" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
-    loss = "n/a" if row["loss"] is None else f"{row['loss']:.3f}"
-    eps = [e for e in record.client_epsilons.values() if e is not None]
-    eps_text = f"eps {min(eps):.2f}..{max(eps):.2f}" if eps else "eps n/a"
-    extra = ""
-    if row["clients_refused"]:
-        extra += f"  [yellow]{row['clients_refused']} refused (budget)[/]"
-    if row["clients_failed"]:
-        extra += f"  [red]{row['clients_failed']} failed[/]"
-    return (
-        f"round {record.server_round:>3}/{record.num_rounds}  acc {acc:>6}  loss {loss}  "
-        f"trained {row['clients_trained']}/{row['clients_sampled']}  {eps_text}  {row['round_time_s']:.1f}s{extra}"
-    )
+    return round_line(record)
 
 
 def _print_summary(summary: RunSummary) -> None:
-    privacy = summary.privacy
-    if not privacy:
-        return
-    table = Table(title="record-level privacy spent per client")
-    for col in ("client", "epsilon", "rounds", "steps", "stopped on budget"):
-        table.add_column(col)
-    for name, c in privacy["clients"].items():
-        eps = "inf (no DP)" if c["epsilon"] is None else f"{c['epsilon']:.3f}"
-        stopped = f"round {c['stopped_round']}" if c["stopped_on_budget"] else "no"
-        table.add_row(name, eps, str(c["rounds_trained"]), str(c["steps"]), stopped)
-    console.print(table)
-    g = privacy["guarantee"]
-    mech = privacy["mechanism"]
-    if summary.config.dp and g["epsilon"] is not None and math.isfinite(g["epsilon"]):
-        console.print(
-            f"guarantee: ({g['epsilon']:.3f}, {g['delta']:g})-DP per record (max over clients); "
-            f"sigma={mech['noise_multiplier']:.4f} q={mech['sample_rate']:g} C={mech['max_grad_norm']:g} "
-            f"accountant={mech['accountant']}"
-        )
-    else:
-        console.print(f"guarantee: {g['statement']}")
-    last = summary.rounds[-1] if summary.rounds else {}
-    if last.get("accuracy") is not None:
-        console.print(f"final server test accuracy: {100 * last['accuracy']:.1f}%")
-    console.print(f"run directory: {summary.config.out}")
+    print_summary(summary, console)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
@@ -87,9 +87,11 @@ def train(msg: Message, context: Context) -> Message:
         return Message(Error(code=REFUSAL_CODE, reason=f"{P.BUDGET_REFUSAL}{tag}: {exc}"), reply_to=msg)
     except FedshieldError as exc:
         return Message(Error(code=CONFIG_ERROR_CODE, reason=f"fedshield:{type(exc).__name__}: {exc}"), reply_to=msg)
-    content = RecordDict(
-        {P.ARRAYS: ArrayRecord(torch_state_dict=outcome.state_dict), P.METRICS: MetricRecord(outcome.metrics)}
-    )
+    if outcome.payload is not None:
+        arrays = ArrayRecord({k: Array(v) for k, v in outcome.payload.items()})
+    else:
+        arrays = ArrayRecord(torch_state_dict=outcome.state_dict)
+    content = RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(outcome.metrics)})
     return Message(content=content, reply_to=msg)
 
 

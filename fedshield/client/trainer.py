@@ -6,11 +6,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .. import protocol as P
+from ..compression import quantize_update
 from ..config import RoundSettings
 from ..errors import BudgetExhaustedError
+from ..privacy.client_dp import SecureNormal, add_gaussian_noise, clip_update
 from ..privacy.dpsgd import evaluate, make_generator, train_dp_sgd, train_plain
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
 from .site import Site
@@ -22,8 +25,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainOutcome:
+    """``payload``: what goes on the wire instead of ``state_dict`` when updates are compressed."""
+
     state_dict: dict[str, torch.Tensor]
     metrics: dict[str, float]
+    payload: dict[str, np.ndarray] | None = None
 
 
 def _budget(site: Site, settings: RoundSettings) -> float | None:
@@ -58,17 +64,57 @@ def train_round(site: Site, settings: RoundSettings, global_state: dict[str, tor
         result = train_dp_sgd(
             model, site.train, noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
             sample_rate=settings.sample_rate, epochs=settings.local_epochs, lr=settings.lr, loss_fn=loss_fn,
-            generator=generator, grad_sample_mode=settings.grad_sample_mode,
+            generator=generator, grad_sample_mode=settings.grad_sample_mode, proximal_mu=settings.proximal_mu,
         )
         metrics.update({P.EPSILON: ledger.epsilon, P.STEPS: float(ledger.steps), P.ROUNDS_TRAINED: float(len(ledger.rounds))})
     else:
         result = train_plain(
             model, site.train, sample_rate=settings.sample_rate, epochs=settings.local_epochs, lr=settings.lr,
-            loss_fn=loss_fn, generator=generator,
+            loss_fn=loss_fn, generator=generator, proximal_mu=settings.proximal_mu,
         )
     metrics[P.TRAIN_LOSS] = result.mean_loss
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return TrainOutcome(state, metrics)
+    if settings.client_dp == "distributed":
+        state = _client_level_dp(state, global_state, settings, site, generator)
+        # Every client counts once in a client-level DP mean: an example-count weight would let one client's
+        # influence exceed C/n and break the sensitivity bound (and the count itself would travel in clear).
+        metrics[P.NUM_EXAMPLES] = 1.0
+    payload = _compress(state, global_state, settings, generator) if settings.quantize else None
+    return TrainOutcome(state, metrics, payload)
+
+
+def _client_level_dp(
+    state: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor], settings: RoundSettings, site: Site,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Distributed client-level DP: clip ``w_local - w_global`` to C and add this client's noise share.
+
+    Runs before the reply leaves the handler, so under SecAgg+ (whose mod wraps the handler) the update is
+    clipped and noised before it is masked. Integer buffers go back unchanged from the global model: they cannot
+    carry noise. A deployed client draws the noise from the OS CSPRNG; a simulated one from a generator seeded
+    like its training, so simulations stay reproducible from --seed.
+    """
+    floating = [k for k, v in state.items() if v.is_floating_point()]
+    update = {k: (state[k].double() - global_state[k].double()).numpy() for k in floating}
+    clipped, _ = clip_update(update, clip_norm=settings.client_clip_norm)
+    source = SecureNormal() if site.partition_id is None else np.random.default_rng(
+        int(torch.randint(0, 2**62, (1,), generator=generator)))
+    noisy = add_gaussian_noise(clipped, std=settings.client_noise_std_share, source=source)
+    out = {k: global_state[k].detach().clone() for k in state}
+    for key in floating:
+        out[key] = (global_state[key].double() + torch.from_numpy(noisy[key])).to(state[key].dtype)
+    return out
+
+
+def _compress(
+    state: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor], settings: RoundSettings,
+    generator: torch.Generator,
+) -> dict[str, np.ndarray]:
+    """Quantize the update ``w_local - w_global`` (after any DP noise: post-processing keeps the guarantee)."""
+    update = {k: (state[k] - global_state[k]).numpy() if state[k].is_floating_point() else state[k].numpy()
+              for k in state}
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    return quantize_update(update, bits=settings.quantize, rng=rng)
 
 
 def _charge(site: Site, settings: RoundSettings) -> PrivacyLedger:

@@ -22,7 +22,7 @@ from ..data.spec import Dataset
 from ..errors import PrivacyError
 from .accounting import HistoryEntry
 
-__all__ = ["LocalTrainResult", "train_dp_sgd", "train_plain", "evaluate", "make_generator"]
+__all__ = ["LocalTrainResult", "ProximalTerm", "train_dp_sgd", "train_plain", "evaluate", "make_generator"]
 
 
 @dataclass(frozen=True)
@@ -65,14 +65,21 @@ def train_dp_sgd(
     loss_fn: nn.Module,
     generator: torch.Generator,
     grad_sample_mode: str = "hooks",
+    proximal_mu: float = 0.0,
 ) -> LocalTrainResult:
-    """Train ``model`` in place with DP-SGD; ``steps = epochs * round(1 / sample_rate)``."""
+    """Train ``model`` in place with DP-SGD; ``steps = epochs * round(1 / sample_rate)``.
+
+    ``proximal_mu > 0`` adds FedProx's ``mu/2 * ||w - w_start||^2`` (``w_start``: the weights ``model`` holds on
+    entry, i.e. the global model) to the objective; see :class:`ProximalTerm` for how it stays out of the privacy
+    mechanism.
+    """
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
 
     if len(data) == 0:
         raise PrivacyError("cannot run DP-SGD on an empty data set")
     steps_per_epoch = round(1 / sample_rate)
+    proximal = ProximalTerm.for_model(model, mu=proximal_mu, lr=lr)
     loader = DPDataLoader(_tensor_dataset(data), sample_rate=sample_rate, generator=generator)
     if len(loader) != steps_per_epoch:  # the accountant is fed 1/len(loader): it must equal sample_rate
         raise PrivacyError(f"Poisson loader runs {len(loader)} steps, expected {steps_per_epoch} (q={sample_rate})")
@@ -90,7 +97,7 @@ def train_dp_sgd(
         module, dp_optimizer, dp_loader = private
         criterion = loss_fn
     with _quiet_opacus():
-        losses = _run_epochs(module, dp_optimizer, criterion, dp_loader, epochs)
+        losses = _run_epochs(module, dp_optimizer, criterion, dp_loader, epochs, proximal)
     history = tuple((float(s), float(q), int(n)) for s, q, n in engine.accountant.history)
     expected = ((float(noise_multiplier), 1.0 / steps_per_epoch, epochs * steps_per_epoch),)
     if history != expected:
@@ -109,17 +116,53 @@ def train_plain(
     lr: float,
     loss_fn: nn.Module,
     generator: torch.Generator,
+    proximal_mu: float = 0.0,
 ) -> LocalTrainResult:
-    """Non-private baseline with the same expected batch size and step count as DP-SGD would use."""
+    """Non-private baseline with the same expected batch size and step count as DP-SGD would use (and the same
+    optional FedProx term)."""
     steps_per_epoch = round(1 / sample_rate)
+    proximal = ProximalTerm.for_model(model, mu=proximal_mu, lr=lr)
     batch_size = max(1, int(np.ceil(len(data) * sample_rate)))
     loader = torch.utils.data.DataLoader(_tensor_dataset(data), batch_size=batch_size, shuffle=True, generator=generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    losses = _run_epochs(model, optimizer, loss_fn, loader, epochs)
+    losses = _run_epochs(model, optimizer, loss_fn, loader, epochs, proximal)
     return LocalTrainResult(float(np.mean(losses)) if losses else float("nan"), epochs * steps_per_epoch, ())
 
 
-def _run_epochs(module, optimizer, criterion, loader, epochs: int) -> list[float]:  # type: ignore[no-untyped-def]
+class ProximalTerm:
+    """FedProx's proximal term ``mu/2 * ||w - w_global||^2``, applied as part of each plain SGD step.
+
+    Its gradient ``mu * (w - w_global)`` depends on no data, so it is added outside Opacus: inside the loss, Opacus
+    would clip it together with each example's gradient (ghost clipping) or drop it (per-sample hooks only see
+    layer activations). Each step is ``w <- w - lr * (g + mu * (w - w_global))`` with ``g`` the (private) data
+    gradient and ``w`` the pre-step weights: exactly SGD on ``loss + mu/2 ||w - w_global||^2`` for plain training,
+    and DP-SGD plus a data-independent term (no privacy cost) for private training. Assumes plain SGD (no
+    momentum, no weight decay), which is what fedshield's trainers use.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], *, mu: float, lr: float) -> None:
+        if not (mu >= 0 and np.isfinite(mu)):
+            raise PrivacyError(f"proximal mu must be a finite number >= 0, got {mu}")
+        self.params = params
+        self.anchor = [p.detach().clone() for p in params]
+        self.step_size = lr * mu
+
+    @classmethod
+    def for_model(cls, model: nn.Module, *, mu: float, lr: float) -> ProximalTerm | None:
+        if mu == 0:
+            return None
+        return cls([p for p in model.parameters() if p.requires_grad], mu=mu, lr=lr)
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def apply(self, before: list[torch.Tensor]) -> None:
+        for param, old, anchor in zip(self.params, before, self.anchor, strict=True):
+            param.sub_(self.step_size * (old - anchor))
+
+
+def _run_epochs(module, optimizer, criterion, loader, epochs: int, proximal: ProximalTerm | None = None) -> list[float]:  # type: ignore[no-untyped-def]
     module.train()
     losses: list[float] = []
     for _ in range(epochs):
@@ -129,7 +172,10 @@ def _run_epochs(module, optimizer, criterion, loader, epochs: int) -> list[float
             # backward like any other so Opacus sees zero-row per-sample gradients and adds the noise.
             loss = criterion(module(x), y)
             loss.backward()
+            before = proximal.snapshot() if proximal is not None else None
             optimizer.step()
+            if proximal is not None and before is not None:
+                proximal.apply(before)
             if len(y):
                 losses.append(float(loss.detach()))
     return losses

@@ -20,8 +20,10 @@ from .. import protocol as P
 from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..config import RoundSettings, RunConfig
 from ..privacy.accounting import compact_history, epsilon
+from ..privacy.client_dp import accounting_sample_rate, client_level_epsilon
+from ..strategies.client_dp import ReleaseEvent
 
-__all__ = ["ClientPrivacy", "PrivacyReport", "RunWriter", "recompute_epsilon"]
+__all__ = ["ClientPrivacy", "PrivacyReport", "RunWriter", "recompute_epsilon", "recompute_client_epsilon"]
 
 PRIVACY_FORMAT = "fedshield-privacy/1"
 #: A simulated client tags its error replies with its name, so a refusal is attributed to the right client.
@@ -47,11 +49,70 @@ class ClientPrivacy:
 class PrivacyReport:
     """Per-client record-level accounting, driven by the mechanism the server itself prescribed each round."""
 
-    def __init__(self, config: RunConfig, noise_multiplier: float) -> None:
+    def __init__(self, config: RunConfig, noise_multiplier: float, *, client_noise_multiplier: float | None = None) -> None:
         self.config = config
         self.noise_multiplier = noise_multiplier
+        self.client_noise_multiplier = client_noise_multiplier
         self.clients: dict[str, ClientPrivacy] = {}
         self._names: dict[int, str] = {}
+        #: Client-level releases: one entry per round whose aggregate was released.
+        self.client_releases: list[dict[str, Any]] = []
+
+    def record_client_level(self, server_round: int, event: ReleaseEvent | None) -> None:
+        """Charge one round's client-level release (``None``: nothing was released this round, nothing spent)."""
+        if event is None or self.config.client_dp == "off":
+            return
+        self.client_releases.append({
+            "round": server_round, "noise_multiplier": event.noise_multiplier, "sample_rate": event.sample_rate,
+            "included_clients": event.included_clients, "expected_clients": event.expected_clients,
+            "clipped_updates": event.clipped,
+        })
+
+    def client_level_state(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.client_releases]
+
+    def load_client_level(self, state: list[dict[str, Any]] | None) -> None:
+        self.client_releases = [dict(r) for r in state or []]
+
+    def client_level_history(self) -> list[tuple[float, float, int]]:
+        return list(compact_history((r["noise_multiplier"], r["sample_rate"], 1) for r in self.client_releases))
+
+    def client_level_json(self) -> dict[str, Any]:
+        """The run's client-level guarantee with every parameter needed to recompute it."""
+        c = self.config
+        if c.client_dp == "off":
+            return {"enabled": False, "mode": "off", "epsilon": None,
+                    "statement": "NO client-level DP: whether a client took part is not protected (--client-dp off)"}
+        history = self.client_level_history()
+        eps = client_level_epsilon(history, delta=c.delta, accountant=c.accountant)
+        q = accounting_sample_rate(sampling=c.client_sampling, fraction=c.fraction_train)
+        return {
+            "enabled": True,
+            "mode": c.client_dp,
+            "mechanism": "Gaussian noise on the sum of client updates clipped to L2 norm clip_norm (DP-FedAvg)",
+            "noise_multiplier": self.client_noise_multiplier,
+            "clip_norm": c.client_clip_norm,
+            "noise_std_on_sum": None if self.client_noise_multiplier is None else self.client_noise_multiplier * float(c.client_clip_norm or 0),
+            "sampling": c.client_sampling,
+            "sample_rate": q,
+            "fraction_train": c.fraction_train,
+            "num_clients": c.num_clients,
+            "expected_clients": c.fraction_train * c.num_clients if c.client_sampling == "poisson" else c.expected_train_clients,
+            "accountant": c.accountant,
+            "delta": c.delta,
+            "target_epsilon": c.client_epsilon,
+            "planned_rounds": c.num_rounds,
+            "rounds_released": len(self.client_releases),
+            "history": [list(h) for h in history],
+            "releases": self.client_level_state(),
+            "epsilon": _finite(eps),
+            "dropouts": ("distributed: a round with m of n expected noise shares is accounted at z*sqrt(m/n) "
+                         "(conservative, no server top-up)" if c.client_dp == "distributed"
+                         else "central: the server adds the full noise every round"),
+            "trust": _client_trust(c.client_dp, c.secagg),
+            "statement": (f"the released models are ({eps:.4g}, {c.delta:g})-DP with respect to adding or removing "
+                          "one client's entire contribution" if math.isfinite(eps) else "no finite guarantee"),
+        }
 
     def record_round(self, settings: RoundSettings, replies: list[P.ClientReply]) -> None:
         for reply in replies:
@@ -155,7 +216,23 @@ class PrivacyReport:
                 ),
             },
             "clients": clients,
+            "client_level": self.client_level_json(),
         }
+
+
+def recompute_client_epsilon(section: dict[str, Any]) -> float:
+    """Recompute the run's client-level epsilon from the ``client_level`` section of ``privacy.json``."""
+    return client_level_epsilon([tuple(h) for h in section["history"]], delta=section["delta"],
+                                accountant=section["accountant"])
+
+
+def _client_trust(mode: str, secagg: bool) -> str:
+    if mode == "central":
+        return "the server sees every individual update and is trusted to clip and add the noise"
+    if secagg:
+        return "clients clip and add noise shares before SecAgg+ masking; the server sees only the noisy sum"
+    return ("clients clip and add noise shares, but without SecAgg+ the server sees each update with only its "
+            "share of the noise: the guarantee holds for the released models, not against the server")
 
 
 def recompute_epsilon(entry: dict[str, Any]) -> float:

@@ -16,20 +16,26 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from .. import protocol as P
 from ..config import RoundSettings, RunConfig
 from ..data.partition import split_federated
 from ..privacy.accounting import calibrate_noise_multiplier
+from ..privacy.client_dp import accounting_sample_rate, calibrate_client_noise, noise_std_share
 from ..privacy.dpsgd import evaluate
 from ..strategies.recording import RecordingStrategy
 from ..tasks import get_task
+from ..strategies.dequantize import DequantizeUpdates
 from ..strategies.offset import RoundOffset
+from ..strategies.client_dp import ClientLevelDP, find_client_dp
+from ..strategies.registry import Sampling, build as build_named_strategy
+from ..strategies.validation import UpdateValidation
 from .checkpoint import Checkpoint, capture_strategy_state, restore_strategy_state, save_checkpoint
 from .report import PrivacyReport, RunWriter
 
-__all__ = ["RoundRecord", "RunSummary", "run_server", "noise_multiplier_for"]
+__all__ = ["RoundRecord", "RunSummary", "run_server", "noise_multiplier_for", "client_noise_multiplier_for",
+           "build_strategy"]
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +72,58 @@ def noise_multiplier_for(config: RunConfig) -> float:
     )
 
 
-def build_strategy(config: RunConfig) -> RecordingStrategy:
-    n = config.num_clients
-    base: Strategy = FedAvg(
-        fraction_train=config.fraction_train, fraction_evaluate=1.0, min_train_nodes=max(1, round(config.fraction_train * n)),
-        min_evaluate_nodes=n, min_available_nodes=n,
+def client_noise_multiplier_for(config: RunConfig) -> float | None:
+    """Client-level z for the whole run: given, or calibrated once for the planned rounds; None when off."""
+    if config.client_dp == "off":
+        return None
+    if config.client_noise_multiplier is not None:
+        return config.client_noise_multiplier
+    if config.client_epsilon is None:  # RunConfig already rejects this; kept for type narrowing
+        raise ValueError("client epsilon or client noise multiplier required")
+    return calibrate_client_noise(
+        target_epsilon=config.client_epsilon, delta=config.delta, rounds=config.num_rounds,
+        sample_rate=accounting_sample_rate(sampling=config.client_sampling, fraction=config.fraction_train),
+        accountant=config.accountant,
     )
+
+
+def build_strategy(config: RunConfig, *, client_noise_multiplier: float | None = None) -> RecordingStrategy:
+    """The run's wrapper chain, innermost first: the named Flower strategy; client-level DP; update validation;
+    dequantisation; SecAgg+; recording. Validation sits outside client-level DP so a rejected update neither
+    counts as a client nor contributes (or, in distributed mode, is accounted as) noise."""
+    n = config.num_clients
+    poisson = config.client_sampling == "poisson"
+    sampling = Sampling(
+        fraction_train=1.0 if poisson else config.fraction_train, fraction_evaluate=1.0,
+        min_train_nodes=n if poisson else config.expected_train_clients, min_evaluate_nodes=n, min_available_nodes=n,
+    )
+    base: Strategy = build_named_strategy(config.strategy, config.strategy_params, sampling=sampling)
+    if config.client_dp != "off":
+        z = client_noise_multiplier if client_noise_multiplier is not None else client_noise_multiplier_for(config)
+        base = ClientLevelDP(
+            base, mode=config.client_dp, noise_multiplier=float(z or 0.0), clip_norm=float(config.client_clip_norm or 0.0),
+            num_clients=n, expected_clients=config.expected_train_clients, sampling=config.client_sampling,
+            fraction=config.fraction_train, aggregated_replies=config.secagg, min_clients=2 if config.secagg else 1,
+        )
+    base = UpdateValidation(base, max_update_norm=config.max_update_norm)
+    if config.quantize:
+        base = DequantizeUpdates(base)
     if config.secagg:
         from ..strategies.secagg import SecAggPlus
 
-        base = SecAggPlus(base)
+        # Under client-level DP every client weighs 1 (see trainer), so SecAgg+'s weight scale is 1.
+        base = SecAggPlus(base, max_weight=1.0) if config.client_dp == "distributed" else SecAggPlus(base)
+    if config.client_dp == "distributed" and not config.secagg:
+        log.warning("--client-dp distributed without SecAgg+: the server sees each update with only its "
+                    "1/sqrt(n) share of the noise; the client-level guarantee holds for the released model only")
     return RecordingStrategy(base)
+
+
+def _client_std_share(config: RunConfig, z: float | None) -> float:
+    if config.client_dp != "distributed" or z is None or config.client_clip_norm is None:
+        return 0.0
+    expected = config.fraction_train * config.num_clients if config.client_sampling == "poisson" else config.expected_train_clients
+    return noise_std_share(noise_multiplier=z, clip_norm=config.client_clip_norm, expected_clients=expected)
 
 
 def run_server(
@@ -91,6 +138,7 @@ def run_server(
     task = get_task(config.task)
     # A resumed run keeps its mechanism: recalibrating could change sigma under the clients' ledgers.
     sigma = resume.noise_multiplier if resume is not None else noise_multiplier_for(config)
+    client_sigma = _resumed_client_sigma(resume) or client_noise_multiplier_for(config)
     summary = RunSummary(config, sigma)
     model = task.new_model(config.seed)
     server_test = None
@@ -98,8 +146,8 @@ def run_server(
         server_test = split_federated(task.load_bundled(), config.partition, 1, config.seed).server_test
     writer = RunWriter(config.out)
     writer.prepare(config)
-    report = PrivacyReport(config, sigma)
-    strategy = build_strategy(config)
+    report = PrivacyReport(config, sigma, client_noise_multiplier=client_sigma)
+    strategy = build_strategy(config, client_noise_multiplier=client_sigma)
     run_id = uuid.uuid4().hex[:12]
     done = 0
     initial = ArrayRecord(torch_state_dict=model.state_dict())
@@ -107,6 +155,7 @@ def run_server(
         run_id, done = resume.run_id, resume.server_round
         restore_strategy_state(strategy, resume.strategy_state)
         report.load_state(resume.privacy_clients)
+        report.load_client_level(resume.extra.get("client_level"))
         writer.rounds = list(resume.rounds)
         summary.rounds = list(resume.rounds)
         model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in resume.model.items()})
@@ -118,7 +167,10 @@ def run_server(
             partition=str(config.partition), seed=config.seed, local_epochs=config.local_epochs, lr=config.lr,
             sample_rate=config.sample_rate, dp=config.dp, noise_multiplier=sigma, max_grad_norm=config.max_grad_norm,
             target_epsilon=config.epsilon or 0.0, delta=config.delta, accountant=config.accountant,
-            grad_sample_mode=config.grad_sample_mode, sim_state_root=state_root,
+            grad_sample_mode=config.grad_sample_mode, sim_state_root=state_root, quantize=config.quantize,
+            proximal_mu=_proximal_mu(config), client_dp=config.client_dp,
+            client_clip_norm=config.client_clip_norm or 0.0,
+            client_noise_std_share=_client_std_share(config, client_sigma),
         )
 
     clock = {"start": time.monotonic(), "last": time.monotonic()}
@@ -142,6 +194,8 @@ def run_server(
         settings = settings_for(server_round)
         replies = strategy.last_replies
         report.record_round(settings, replies)
+        client_dp = find_client_dp(strategy)
+        report.record_client_level(server_round, None if client_dp is None else client_dp.last_event)
         fed = strategy.last_evaluate
         row = {
             "round": server_round,
@@ -154,6 +208,8 @@ def run_server(
             "clients_refused": sum(bool(r.error and P.BUDGET_REFUSAL in r.error) for r in replies),
             "clients_failed": sum(bool(r.error and P.BUDGET_REFUSAL not in r.error) for r in replies),
             "epsilon_max": _json_float(report.max_epsilon()) if config.dp else None,
+            "bytes_up_per_client": round(sum(strategy.last_bytes_up) / len(strategy.last_bytes_up))
+            if strategy.last_bytes_up else None,
             "round_time_s": round(now - clock["last"], 3),
             "wall_time_s": round(now - clock["start"], 3),
         }
@@ -169,6 +225,7 @@ def run_server(
             model={k: v.detach().cpu().numpy() for k, v in state.items()},
             strategy_state=capture_strategy_state(strategy), privacy_clients=report.to_state(),
             rounds=list(writer.rounds), config=config.to_flat_dict(),
+            extra={"client_level": report.client_level_state(), "client_noise_multiplier": client_sigma},
         ))
         for r in replies:
             if not r.ok:
@@ -188,6 +245,18 @@ def run_server(
         )
     writer.write_plots()
     return summary
+
+
+def _proximal_mu(config: RunConfig) -> float:
+    """FedProx's mu, sent to clients in the round settings (Flower's FedProx also writes it every round)."""
+    if config.strategy != "fedprox":
+        return 0.0
+    return float(config.strategy_params.get("proximal_mu", 0.0))
+
+
+def _resumed_client_sigma(resume: Checkpoint | None) -> float | None:
+    value = None if resume is None else resume.extra.get("client_noise_multiplier")
+    return None if value is None else float(value)
 
 
 def _json_float(x: float) -> float | None:

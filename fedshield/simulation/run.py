@@ -32,6 +32,9 @@ def preflight(config: RunConfig) -> None:
     if task.load_bundled is None:
         raise ConfigError(f"task {config.task!r} ships no data: simulate needs a task with bundled data")
     _bundled_split(config.task, str(config.partition), config.num_clients, config.seed)
+    from ..strategies.registry import validate_params
+
+    validate_params(config.strategy, config.strategy_params, clients_per_round=config.expected_train_clients)
     _check_writable(config)
 
 

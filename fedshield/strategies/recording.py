@@ -27,6 +27,7 @@ class RecordingStrategy(Strategy):
         self.last_replies: list[P.ClientReply] = []
         self.last_train_metrics: MetricRecord | None = None
         self.last_evaluate: MetricRecord | None = None
+        self.last_bytes_up: list[int] = []
         self._asked: list[int] = []
 
     def summary(self) -> None:
@@ -44,8 +45,9 @@ class RecordingStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        self.last_bytes_up = [_payload_bytes(m) for m in replies if not m.has_error()]
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
-        inner_view = getattr(self.inner, "last_replies", None)
+        inner_view = _innermost_view(self.inner)
         self.last_replies = list(inner_view) if inner_view is not None else self._from_raw(replies)
         self.last_train_metrics = metrics
         return arrays, metrics
@@ -72,3 +74,26 @@ class RecordingStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         self.last_evaluate = self.inner.aggregate_evaluate(server_round, replies)
         return self.last_evaluate
+
+
+def _payload_bytes(msg: Message) -> int:
+    """Bytes of model data in a reply: its arrays, plus byte strings in config records (SecAgg+ masked vectors)."""
+    total = sum(record.count_bytes() for record in msg.content.array_records.values())
+    for record in msg.content.config_records.values():
+        for value in record.values():
+            if isinstance(value, bytes):
+                total += len(value)
+            elif isinstance(value, list):
+                total += sum(len(v) for v in value if isinstance(v, bytes))
+    return total
+
+
+def _innermost_view(strategy: Strategy) -> list[P.ClientReply] | None:
+    """The first wrapper down the ``.inner`` chain that knows per-client outcomes (SecAgg+, validation)."""
+    node: object | None = strategy
+    while node is not None:
+        view = getattr(node, "last_replies", None)
+        if view is not None:
+            return list(view)
+        node = getattr(node, "inner", None)
+    return None

@@ -1,0 +1,226 @@
+"""Client-level differential privacy as pure functions: clip an update, add Gaussian noise, account over rounds.
+
+Client-level DP protects whether a whole client (all of its records) took part in the run. The mechanism is
+DP-FedAvg (McMahan et al., "Learning Differentially Private Recurrent Language Models", 2018): each client's
+update ``w_local - w_global`` is clipped to L2 norm ``C``, and Gaussian noise of std ``z * C`` is added to the SUM of
+the clipped updates, once per round. Accounting is the sampled Gaussian mechanism run once per round, so the whole
+run is ``epsilon([(z, q, rounds)], delta)`` with the same accountants as record-level DP-SGD
+(:mod:`fedshield.privacy.accounting`).
+
+Nothing here mutates its inputs: every function returns new arrays. In-place NumPy on a 0-d array rebinds a name
+instead of writing into the array (Flower 1.39's ``compute_clip_model_update`` leaves 0-d entries unclipped this
+way), so every operation below is out-of-place and checked on 0-d shapes by the tests.
+
+Randomness. Noise that protects people must not be predictable. :class:`SecureNormal` draws from the operating
+system's CSPRNG (``os.urandom``) and turns the bytes into normals with the Box-Muller transform, vectorised in
+NumPy. A ``numpy.random.Generator`` seeded from ``os.urandom`` is *not* a CSPRNG (PCG64's state can be recovered
+from its output), so it is used only where reproducibility is the point (simulations, tests): every noise function
+takes the source as an argument. Known limits of floating-point Gaussian sampling apply (Mironov, CCS 2012, showed
+attacks on the low-order bits of floating-point Laplace noise; a discrete Gaussian would close them); the tails
+are cut at about 8.6 sigma by the 53-bit uniforms, a probability below 1e-17 per draw.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..errors import ConfigError, PrivacyError
+from .accounting import calibrate_noise_multiplier, compact_history, epsilon
+
+__all__ = [
+    "NormalSource",
+    "SecureNormal",
+    "update_norm",
+    "clip_update",
+    "add_gaussian_noise",
+    "noise_std_share",
+    "effective_noise_multiplier",
+    "accounting_sample_rate",
+    "client_level_epsilon",
+    "calibrate_client_noise",
+]
+
+Arrays = Mapping[str, NDArray[Any]]
+_CHUNK = 1 << 20  # normals drawn per os.urandom call: bounds the temporary memory for very large models
+
+
+class NormalSource(Protocol):
+    """Anything with ``standard_normal(shape)``: :class:`SecureNormal`, or a seeded ``numpy.random.Generator``."""
+
+    def standard_normal(self, size: tuple[int, ...]) -> Any: ...
+
+
+class SecureNormal:
+    """Standard normal draws from the OS CSPRNG (``os.urandom``) through the Box-Muller transform.
+
+    Each pair of normals uses two 53-bit uniforms: ``u1`` in (0, 1) (never 0, so the log is finite) and ``u2`` in
+    [0, 1); ``r = sqrt(-2 ln u1)``, and ``r cos(2 pi u2)``, ``r sin(2 pi u2)`` are independent N(0, 1).
+    """
+
+    def standard_normal(self, size: int | tuple[int, ...] = ()) -> NDArray[np.float64]:
+        shape = (size,) if isinstance(size, int) else tuple(size)
+        n = math.prod(shape)
+        parts = [self._normals(min(_CHUNK, n - start)) for start in range(0, n, _CHUNK)]
+        flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.float64)
+        return flat.reshape(shape)
+
+    @staticmethod
+    def _normals(n: int) -> NDArray[np.float64]:
+        pairs = (n + 1) // 2
+        words = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
+        top53 = (words >> np.uint64(11)).astype(np.float64)
+        u1 = (top53[0] + 0.5) * 2.0**-53
+        u2 = top53[1] * 2.0**-53
+        radius = np.sqrt(-2.0 * np.log(u1))
+        angle = 2.0 * np.pi * u2
+        return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+
+
+def update_norm(arrays: Iterable[NDArray[Any]]) -> float:
+    """L2 norm of all entries of ``arrays`` taken together, accumulated in float64."""
+    total = 0.0
+    for arr in arrays:
+        flat = np.asarray(arr, dtype=np.float64).ravel()
+        total += float(np.dot(flat, flat))
+    return math.sqrt(total)
+
+
+def clip_update(update: Arrays, *, clip_norm: float) -> tuple[dict[str, NDArray[Any]], float]:
+    """Scale ``update`` so that its L2 norm is at most ``clip_norm``; return ``(clipped, norm before clipping)``.
+
+    Every array keeps its shape (0-d included) and dtype. Scaling happens in float64 and is rounded to the
+    array's dtype; if rounding pushed the norm a hair above ``clip_norm``, the scale is nudged down so the bound
+    holds exactly, as the sensitivity analysis needs.
+
+    Raises:
+        ConfigError: ``clip_norm`` is not a finite number > 0.
+        PrivacyError: an array is not floating point, or the update holds NaN or infinity (it cannot be clipped).
+    """
+    if not (isinstance(clip_norm, (int, float)) and clip_norm > 0 and math.isfinite(clip_norm)):
+        raise ConfigError(f"clip norm must be a finite number > 0, got {clip_norm!r}")
+    for key, arr in update.items():
+        if not np.issubdtype(np.asarray(arr).dtype, np.floating):
+            raise PrivacyError(f"update entry {key!r} has dtype {np.asarray(arr).dtype}; only floating-point "
+                               "updates can be clipped: leave integer buffers out of the update")
+    norm = update_norm(update.values())
+    if not math.isfinite(norm):
+        raise PrivacyError("the update holds NaN or infinity, so it cannot be clipped; reject it instead")
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    clipped = _scaled(update, scale)
+    while scale < 1.0 and update_norm(clipped.values()) > clip_norm:
+        scale = float(np.nextafter(scale * (1 - 1e-7), 0.0))
+        clipped = _scaled(update, scale)
+    return clipped, norm
+
+
+def _scaled(update: Arrays, scale: float) -> dict[str, NDArray[Any]]:
+    out: dict[str, NDArray[Any]] = {}
+    for key, arr in update.items():
+        src = np.asarray(arr)
+        out[key] = np.asarray(np.multiply(src, scale, dtype=np.float64), dtype=src.dtype)
+    return out
+
+
+def add_gaussian_noise(arrays: Arrays, *, std: float, source: NormalSource) -> dict[str, NDArray[Any]]:
+    """New arrays: each entry plus independent N(0, std^2) noise from ``source``, in the entry's dtype.
+
+    Every floating-point array gets noise, 0-d and empty ones included.
+
+    Raises:
+        ConfigError: ``std`` is negative or not finite.
+        PrivacyError: an array is not floating point (integer entries cannot carry Gaussian noise).
+    """
+    if not (isinstance(std, (int, float)) and std >= 0 and math.isfinite(std)):
+        raise ConfigError(f"noise std must be a finite number >= 0, got {std!r}")
+    out: dict[str, NDArray[Any]] = {}
+    for key, arr in arrays.items():
+        src = np.asarray(arr)
+        if not np.issubdtype(src.dtype, np.floating):
+            raise PrivacyError(f"entry {key!r} has dtype {src.dtype}; Gaussian noise needs floating point")
+        noise = np.asarray(source.standard_normal(src.shape), dtype=np.float64)
+        out[key] = np.asarray(src.astype(np.float64) + std * noise, dtype=src.dtype)
+    return out
+
+
+def noise_std_share(*, noise_multiplier: float, clip_norm: float, expected_clients: float) -> float:
+    """Std of the noise ONE client adds in distributed mode: ``z * C / sqrt(n)``.
+
+    ``n`` independent shares sum to noise of std ``z * C`` on the sum of the updates: the central mechanism's.
+    ``n`` is the fixed sample size, or the Poisson mean ``q N`` (not necessarily whole).
+    """
+    _check_positive("noise multiplier", noise_multiplier)
+    _check_positive("clip norm", clip_norm)
+    _check_positive("expected clients per round", expected_clients)
+    return noise_multiplier * clip_norm / math.sqrt(expected_clients)
+
+
+def effective_noise_multiplier(*, noise_multiplier: float, expected_clients: float, included_clients: float) -> float:
+    """The noise multiplier actually in a distributed round's sum when ``included_clients`` of the expected replied.
+
+    Each share has std ``z C / sqrt(n)``; ``m`` shares sum to std ``z C sqrt(m / n)``. Fewer replies mean less
+    noise, so the round is accounted at ``z * sqrt(m / n)``. More replies than expected (Poisson sampling) add
+    noise, which is not credited: the result never exceeds ``z`` (conservative).
+    """
+    if expected_clients <= 0:
+        raise ConfigError(f"expected clients must be > 0, got {expected_clients}")
+    if included_clients < 0:
+        raise ConfigError(f"included clients must be >= 0, got {included_clients}")
+    return noise_multiplier * math.sqrt(min(1.0, included_clients / expected_clients))
+
+
+def accounting_sample_rate(*, sampling: str, fraction: float) -> float:
+    """The client sampling rate the accountant may use.
+
+    ``poisson``: every client joins a round independently with probability ``fraction``: amplification by
+    subsampling applies with ``q = fraction`` (expected clients / total). ``fixed``: a fixed-size sample without
+    replacement, which Opacus' accountants (Poisson, add/remove) do not cover: accounted as ``q = 1``, i.e. no
+    amplification, which is an upper bound.
+    """
+    if sampling == "fixed":
+        return 1.0
+    if sampling == "poisson":
+        if not (0 < fraction <= 1):
+            raise ConfigError(f"Poisson client sampling needs a rate in (0, 1], got {fraction}")
+        return float(fraction)
+    raise ConfigError(f"unknown client sampling {sampling!r}: choose fixed or poisson")
+
+
+def client_level_epsilon(history: Iterable[Sequence[float]], *, delta: float, accountant: str = "prv") -> float:
+    """Epsilon of the client-level history ``[(z, q, rounds), ...]``; q = 1 is the unamplified Gaussian."""
+    with _quiet_q1():
+        return epsilon(compact_history(history), delta=delta, accountant=accountant)
+
+
+def calibrate_client_noise(
+    *, target_epsilon: float, delta: float, sample_rate: float, rounds: int, accountant: str = "prv"
+) -> float:
+    """The smallest z whose ``rounds`` releases at client sampling rate ``sample_rate`` stay within the target.
+
+    Calibrate once for the planned run: that horizon is what the guarantee is stated for.
+    """
+    with _quiet_q1():
+        return calibrate_noise_multiplier(
+            target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=rounds, accountant=accountant
+        )
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+class _quiet_q1(warnings.catch_warnings):
+    """Opacus' PRV code takes ``log(1 - q)``, which is -inf at q = 1 (no subsampling) and warns although the
+    result is right; silence exactly those warnings."""
+
+    def __enter__(self) -> None:  # type: ignore[override]
+        super().__enter__()
+        warnings.filterwarnings("ignore", message="divide by zero encountered in log", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)

@@ -1,0 +1,61 @@
+"""Server side of compressed updates: turn each quantized reply back into full weights before aggregation, so
+any strategy (FedAvg, FedAdam, robust ones) aggregates what it always does."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from .. import protocol as P
+from ..compression import dequantize_update, is_quantized
+
+__all__ = ["DequantizeUpdates"]
+
+
+class DequantizeUpdates(Strategy):
+    """Wrap ``inner``; replies carrying a quantized update become ``global + dequantized update``."""
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+        self._global: dict | None = None
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = {k: a.numpy() for k, a in arrays.items()}
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(server_round, [self._restore(m) for m in replies])
+
+    def _restore(self, msg: Message) -> Message:
+        if msg.has_error() or self._global is None or P.ARRAYS not in msg.content.array_records:
+            return msg
+        packed = {k: a.numpy() for k, a in msg.content[P.ARRAYS].items()}
+        if not is_quantized(packed):
+            return msg
+        update = dequantize_update(packed, self._global)
+        weights = {
+            k: (ref + update[k]).astype(ref.dtype) if ref.dtype.kind == "f" else update[k]
+            for k, ref in self._global.items()
+        }
+        content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in weights.items()})})
+        for name, record in msg.content.metric_records.items():
+            content[name] = record
+        return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)

@@ -1,0 +1,71 @@
+"""Run several fedshield runs inside ONE Flower simulation (one Ray start), for end-to-end tests that compare runs.
+
+Each run is a full :func:`fedshield.server.runner.run_server` with its own config, run directory, strategy and
+client ledgers; they share the simulated SuperNodes, so every config must have the same ``num_clients``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedshield.config import RunConfig
+from fedshield.server.runner import RunSummary, run_server
+
+
+def run_many(configs: list[RunConfig], *, client_app: ClientApp | None = None) -> list[RunSummary]:
+    from flwr.simulation import run_simulation
+
+    from fedshield.client.app import app as fedshield_client_app
+
+    sizes = {c.num_clients for c in configs}
+    if len(sizes) != 1:
+        raise ValueError(f"all runs must have the same number of clients, got {sorted(sizes)}")
+    results: list[RunSummary] = []
+    errors: list[BaseException] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            for cfg in configs:
+                results.append(run_server(grid, cfg, state_root=str((cfg.out / "clients").resolve())))
+        except BaseException as exc:  # Flower only logs ServerApp exceptions: hand it back
+            errors.append(exc)
+            raise
+
+    backend: dict[str, Any] = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"include_dashboard": False, "configure_logging": True, "logging_level": logging.WARNING,
+                      "log_to_driver": False},
+    }
+    from conftest import _children
+
+    before = _children(os.getpid())
+    run_simulation(server_app=server_app, client_app=client_app or fedshield_client_app,
+                   num_supernodes=sizes.pop(), backend_config=backend)
+    _assert_no_leftovers(before)
+    if errors:
+        raise errors[0]
+    if len(results) != len(configs):
+        raise RuntimeError(f"only {len(results)} of {len(configs)} runs finished; see Flower's log")
+    return results
+
+
+def _assert_no_leftovers(before: set[int]) -> None:
+    """Module-scoped fixtures run before the per-test process check, so the simulation checks itself."""
+    from conftest import _children
+
+    deadline = time.monotonic() + 15
+    left = _children(os.getpid()) - before
+    while left and time.monotonic() < deadline:
+        time.sleep(0.25)
+        left = _children(os.getpid()) - before
+    if left:
+        raise AssertionError(f"the simulation left processes behind: {sorted(left)}")
