@@ -1,13 +1,22 @@
 """Server memory and time of FedAvg aggregation: Flower's ``aggregate_arrayrecords`` vs fedshield's streaming fold.
 
-Three ways to aggregate the same N float32 replies of P parameters (4 arrays), weighted by example count:
+Five ways to aggregate the same N float32 replies of P parameters (4 arrays), weighted by example count:
 
 * ``flower``: the N replies as a list (what ``grid.send_and_receive`` returns), then Flower 1.39's
   ``aggregate_arrayrecords``;
 * ``fold/list``: the same list through :class:`fedshield.strategies.streaming.WeightedSum` (what
   ``StreamingFedAvg`` does inside ``Strategy.start`` with a stock grid);
 * ``fold/stream``: replies folded as they "arrive" and dropped at once (what ``StreamingFedAvg`` does behind
-  :class:`~fedshield.strategies.streaming.StreamingGrid`).
+  :class:`~fedshield.strategies.streaming.StreamingGrid`);
+* ``stack/list``: the server's whole wrapper chain for ``fedavg`` as :func:`fedshield.server.runner.build_strategy`
+  builds it (recording, update validation, ``StreamingFedAvg``), fed the list a stock grid returns;
+* ``stack/stream``: the same chain behind the ``StreamingGrid`` that :func:`~fedshield.server.runner.run_server`
+  puts in front of every grid, over a stand-in grid whose replies "arrive" one per pull: the server's real path.
+
+The stack rows include what the wrappers add: validation decodes every array to check it is finite (so the time is
+about 3x the bare fold's), and the chain keeps the global model and a few hundred bytes per client (verdicts, sizes,
+metrics), so their peak grows by about 2 KB per client instead of a model per client. Their time leaves out building
+the replies, like the others'.
 
 Peak = tracemalloc's peak of traced memory (Python objects and NumPy buffers) from the first reply to the result,
 so it includes the replies the server holds. Time = aggregation only (building the replies is not counted).
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -86,9 +96,79 @@ def run_fold_stream(n: int, shapes: dict[str, tuple[int, ...]]) -> tuple[float, 
     return spent, 0.0, result
 
 
+class _ArrivingGrid:
+    """Enough of a Grid for the server's chain: every pull brings the next reply, built then (it "arrives")."""
+
+    def __init__(self, n: int, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.ids = list(range(1, n + 1))
+        self.shapes = shapes
+        self.pending: list[Any] = []
+        self.build_s = 0.0  # time spent making replies, left out of the aggregation time
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.ids)
+
+    def push_messages(self, messages: Any) -> list[str]:
+        self.pending = list(messages)
+        for i, msg in enumerate(self.pending):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+        return [m.metadata.message_id for m in self.pending]
+
+    def pull_messages(self, message_ids: Any) -> list[Any]:
+        if not self.pending:
+            return []
+        start = time.perf_counter()
+        out = [self.reply(self.pending.pop(0))]
+        self.build_s += time.perf_counter() - start
+        return out
+
+    def reply(self, msg: Any) -> Any:
+        from flwr.app import Message
+
+        return Message(make_reply(self.ids.index(msg.metadata.dst_node_id), self.shapes), reply_to=msg)
+
+
+def _server_chain(n: int, shapes: dict[str, tuple[int, ...]]) -> tuple[Any, _ArrivingGrid, list[Any]]:
+    """The chain build_strategy makes for a plain fedavg run, configured for one round of n clients."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from fedshield.config import RunConfig
+    from fedshield.server.runner import build_strategy
+
+    strategy = build_strategy(RunConfig(num_clients=n, secagg=False, dp=False))
+    grid = _ArrivingGrid(n, shapes)
+    global_arrays = ArrayRecord({k: Array(np.zeros(s, dtype=np.float32)) for k, s in shapes.items()})
+    messages = list(strategy.configure_train(1, global_arrays, ConfigRecord(), grid))
+    return strategy, grid, messages
+
+
+def run_stack_list(n: int, shapes: dict[str, tuple[int, ...]]) -> tuple[float, float, Any]:
+    strategy, grid, messages = _server_chain(n, shapes)
+    grid.push_messages(messages)
+    replies = [grid.reply(m) for m in messages]
+    del messages
+    start = time.perf_counter()
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return time.perf_counter() - start, 0.0, arrays
+
+
+def run_stack_stream(n: int, shapes: dict[str, tuple[int, ...]]) -> tuple[float, float, Any]:
+    from fedshield.strategies.streaming import StreamingGrid
+
+    strategy, grid, messages = _server_chain(n, shapes)
+    start = time.perf_counter()
+    replies = StreamingGrid(grid, pull_interval=0.0).send_and_receive(messages)  # type: ignore[arg-type]
+    del messages
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return time.perf_counter() - start - grid.build_s, 0.0, arrays
+
+
 MODES: dict[str, Callable[[int, dict[str, tuple[int, ...]]], tuple[float, float, Any]]] = {
     "flower": run_flower, "fold/list": run_fold_list, "fold/stream": run_fold_stream,
+    "stack/list": run_stack_list, "stack/stream": run_stack_stream,
 }
+#: Modes that hold every reply at once (skipped above --max-gb).
+LIST_MODES = ("flower", "fold/list", "stack/list")
 
 
 def measure(mode: str, n: int, params: int) -> tuple[float, float, np.ndarray[Any, Any]]:
@@ -115,18 +195,25 @@ def main() -> None:
     args = parser.parse_args()
     # Import everything before measuring, so module objects do not count as aggregation memory.
     import flwr.serverapp.strategy.strategy_utils  # noqa: F401
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import fedshield.server.runner  # noqa: F401
     import fedshield.strategies.streaming  # noqa: F401
 
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower logs every sampling and aggregation at INFO
+    # The identity a ServerApp process has: Flower needs it to build the strategy's train messages.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     make_reply(0, shapes_for(100_000))
+    run_stack_stream(2, shapes_for(100_000))  # first calls (logging, lazy imports) outside the measurements
     print(f"{'clients':>7} {'params':>10} {'replies MB':>10} | {'mode':<11} {'peak MB':>9} {'agg s':>8} | check")
     for params in args.params:
         for n in args.clients:
             replies_gb = n * params * 4 / 2**30
             modes = list(MODES)
             if replies_gb > args.max_gb:
-                print(f"{n:>7} {params:>10} {replies_gb * 1024:>10.0f} | flower, fold/list: skipped, the {n} "
+                print(f"{n:>7} {params:>10} {replies_gb * 1024:>10.0f} | {', '.join(LIST_MODES)}: skipped, the {n} "
                       f"replies alone would hold {replies_gb:.1f} GB > --max-gb {args.max_gb:g}")
-                modes = ["fold/stream"]  # holds one reply at a time, so it still fits
+                modes = [m for m in MODES if m not in LIST_MODES]  # one reply at a time, so they still fit
             reference = None
             for mode in modes:
                 peak, seconds, probe = measure(mode, n, params)

@@ -98,5 +98,6 @@ def test_validation_rejects_the_attacker_and_the_round_goes_on(
     runs: dict[str, list[dict[str, float]]], accuracies: dict[str, float]
 ) -> None:
     rows = runs["attacked-fedavg-validated"]
-    assert [(r["clients_trained"], r["clients_failed"]) for r in rows] == [(4, 1)] * 3, rows
+    assert [(r["clients_trained"], r["clients_failed"], r["clients_rejected"]) for r in rows] == [(4, 0, 1)] * 3, rows
+    assert all("exceeds max-update-norm 5" in r["rejected"][0]["reason"] for r in rows), rows
     assert accuracies["attacked-fedavg-validated"] >= accuracies["clean-fedavg"] - 0.03, accuracies

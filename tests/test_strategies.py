@@ -1,12 +1,13 @@
 """Strategies by name: the registry and its errors, composition checks, every aggregate against a numpy reference
-on hand-made updates, streaming FedAvg against Flower's FedAvg, update validation, and all 11 strategies end to end
-in one simulation."""
+on hand-made updates, streaming FedAvg against Flower's FedAvg, the server's wrapper chain streaming replies through
+a StreamingGrid, update validation, and all 11 strategies end to end in one simulation."""
 
 from __future__ import annotations
 
 import gc
 import inspect
 import json
+import time
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -25,8 +26,10 @@ from scipy import stats
 import flwr.serverapp.strategy as flwr_strategies
 from fedshield.config import ROBUST_STRATEGIES, STRATEGIES, RunConfig, load_config_file
 from fedshield.errors import ConfigError
-from fedshield.protocol import ARRAYS, METRICS, NUM_EXAMPLES
-from fedshield.server.runner import build_strategy
+from fedshield.protocol import ARRAYS, METRICS, NUM_EXAMPLES, ClientReply
+from fedshield.server.runner import _outcome_counts, build_strategy
+from fedshield.strategies.offset import RoundOffset
+from fedshield.strategies.recording import RecordingStrategy
 from fedshield.strategies.registry import Sampling, build, get_entry, strategy_names, validate_params
 from fedshield.strategies.streaming import StreamingFedAvg, StreamingGrid, WeightedSum
 from fedshield.strategies.validation import REJECTED, UpdateValidation
@@ -408,6 +411,185 @@ def test_streaming_grid_yields_replies_as_they_arrive() -> None:
     np.testing.assert_allclose(as_numpy(arrays)["w"], weighted_mean(models[1:], [1, 1, 1])["w"], rtol=1e-6)
 
 
+class ArrivingGrid:
+    """A Grid stand-in whose clients answer as the server pulls: each pull builds the next ``per_pull`` replies
+    (so a reply exists only from its arrival on) and counts how many train replies' ArrayRecords are alive."""
+
+    ERROR, NAN = 3, 5  # client indices: an error reply, and an update with a NaN (rejected)
+
+    def __init__(self, n: int, *, per_pull: int = 1) -> None:
+        self.ids = [1000 + 37 * i for i in range(n)]
+        self.per_pull = per_pull
+        self.sent: dict[int, Message] = {}  # train instructions by node: to rebuild the replies for Flower
+        self.pending: list[Message] = []
+        self.alive: set[int] = set()
+        self.peak = 0
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.ids)
+
+    def push_messages(self, messages: Any) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            if msg.metadata.message_type == "train":
+                self.sent[msg.metadata.dst_node_id] = msg
+            self.pending.append(msg)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> list[Message]:
+        wanted = set(message_ids)
+        batch = [m for m in self.pending if m.metadata.message_id in wanted][: self.per_pull]
+        taken = {m.metadata.message_id for m in batch}
+        self.pending = [m for m in self.pending if m.metadata.message_id not in taken]
+        if any(m.metadata.message_type == "train" for m in batch):
+            gc.collect()  # whatever the server let go of is gone now: only what it still holds is counted
+        replies = [self.answer(m) for m in batch]
+        self.peak = max(self.peak, len(self.alive))
+        return replies
+
+    def model(self, i: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(100 + i)
+        return {k: np.asarray(v + rng.normal(size=v.shape)).astype(v.dtype) for k, v in global_model().items()}
+
+    def train_reply(self, msg: Message) -> Message:
+        i = self.ids.index(msg.metadata.dst_node_id)
+        model = self.model(i)
+        if i == self.NAN:
+            model["w"][0, 0] = np.nan
+        return reply(msg, model, float(10 + 7 * i), accuracy=i / 100)
+
+    def answer(self, msg: Message) -> Message:
+        i = self.ids.index(msg.metadata.dst_node_id)
+        if msg.metadata.message_type != "train":
+            return Message(RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 5.0, "loss": 0.5, "accuracy": 0.9})}),
+                           reply_to=msg)
+        if i == self.ERROR:
+            return Message(Error(code=1, reason="client crashed"), reply_to=msg)
+        out = self.train_reply(msg)
+        record = out.content[ARRAYS]
+        self.alive.add(i)
+        weakref.finalize(record, self.alive.discard, i)
+        return out
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("per_pull", [1, 4])
+def test_server_stack_aggregates_replies_one_at_a_time_and_equals_flower(per_pull: int) -> None:
+    """The wrapper chain run_server builds for fedavg, driven by Flower's own Strategy.start through a
+    StreamingGrid, keeps no more replies alive than one pull brought in (the server lets each go before the
+    next pull), not N; and gives Flower's FedAvg result."""
+    n = 40
+    strategy = build_strategy(RunConfig(num_clients=n, secagg=False, dp=False))
+    inner = ArrivingGrid(n, per_pull=per_pull)
+    result = RoundOffset(strategy, 0).start(
+        grid=StreamingGrid(inner, pull_interval=0.0),  # type: ignore[arg-type]
+        initial_arrays=ArrayRecord({k: Array(v) for k, v in global_model().items()}), num_rounds=1,
+        train_config=ConfigRecord({"lr": 0.1}), evaluate_config=ConfigRecord({"lr": 0.1}),
+    )
+    assert inner.peak <= per_pull, f"{inner.peak} replies alive at once out of {n}"
+    good = [m for nid, m in sorted(inner.sent.items()) if inner.ids.index(nid) not in (inner.ERROR, inner.NAN)]
+    flower_arrays, flower_metrics = FedAvg().aggregate_train(1, [inner.train_reply(m) for m in good])
+    assert list(result.arrays) == list(flower_arrays)
+    for key in flower_arrays:
+        a, b = result.arrays[key].numpy(), flower_arrays[key].numpy()
+        assert a.shape == b.shape and a.dtype == b.dtype, key
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=key)
+    assert dict(strategy.last_train_metrics) == pytest.approx(dict(flower_metrics))
+    outcomes = {inner.ids.index(r.node_id): r for r in strategy.last_replies}
+    assert len(outcomes) == n and sum(r.ok for r in outcomes.values()) == n - 2
+    assert outcomes[inner.ERROR].error == "client crashed"
+    assert outcomes[inner.NAN].error.startswith(f"{REJECTED}: 'w' holds 1 non-finite value")
+    assert len(strategy.last_bytes_up) == n - 1  # every update that came in, the rejected one too
+    assert strategy.last_evaluate is not None and strategy.last_evaluate["accuracy"] == pytest.approx(0.9)
+    counts = _outcome_counts(strategy.last_replies)
+    assert (counts["clients_refused"], counts["clients_rejected"], counts["clients_failed"]) == (0, 1, 1)
+    assert counts["rejected"] == [{"node_id": inner.ids[inner.NAN], "reason": "'w' holds 1 non-finite value(s) "
+                                   "(NaN or infinity)"}]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_client_dp_chain_streams_too() -> None:
+    n = 30
+    strategy = build_strategy(RunConfig(num_clients=n, secagg=False, dp=False, client_dp="central",
+                                        client_clip_norm=1.0, client_noise_multiplier=1.0))
+    inner = ArrivingGrid(n)
+    result = RoundOffset(strategy, 0).start(
+        grid=StreamingGrid(inner, pull_interval=0.0),  # type: ignore[arg-type]
+        initial_arrays=ArrayRecord({k: Array(v) for k, v in global_model().items()}), num_rounds=1,
+    )
+    assert inner.peak <= 2, f"{inner.peak} replies alive at once out of {n}"  # ClientLevelDP's loop keeps one
+    assert set(result.arrays) == set(SHAPES) and sum(r.ok for r in strategy.last_replies) == n - 2
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_secagg_chain_reads_every_stage_once_from_a_one_shot_iterator() -> None:
+    """run_server's chain with SecAgg+ behind a grid whose replies can be read once (as StreamingGrid's): the
+    SETUP, SHARE_KEYS, masked-vector and UNMASK stages each consume theirs in one pass, and the model is right."""
+    from test_secagg import _LocalGrid, assert_weighted_average, initial_arrays, make_client_app
+    from test_secagg import as_numpy as numpy_of
+
+    class OneShotGrid(_LocalGrid):
+        def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Iterator[Message]:
+            return iter(list(super().send_and_receive(messages, timeout=timeout)))
+
+    strategy = build_strategy(RunConfig(num_clients=4, secagg=True, dp=False))
+    innermost = strategy
+    while getattr(innermost, "inner", None) is not None:
+        innermost = innermost.inner
+    innermost.fraction_evaluate = 0.0  # the in-process grid speaks SecAgg+ only
+    models: list[dict[str, np.ndarray]] = []
+    RoundOffset(strategy, 0).start(grid=OneShotGrid(make_client_app(), 4), initial_arrays=initial_arrays(),
+                                   num_rounds=2, evaluate_fn=lambda _r, arrays: models.append(numpy_of(arrays)))
+    assert_weighted_average(models[1], models[2], [0, 1, 2, 3], 2)
+    assert [r.ok for r in strategy.last_replies] == [True] * 4 and len(strategy.last_bytes_up) == 4
+
+
+def test_outcome_columns_count_each_client_once() -> None:
+    replies = [ClientReply(1), ClientReply(2, error=f"{REJECTED}: update norm 9 exceeds max-update-norm 5"),
+               ClientReply(3, error="fedshield:budget-exhausted: spent"), ClientReply(4, error="timed out"),
+               ClientReply(5, error="")]
+    assert _outcome_counts(replies) == {
+        "clients_refused": 1, "clients_rejected": 1, "clients_failed": 2,
+        "rejected": [{"node_id": 2, "reason": "update norm 9 exceeds max-update-norm 5"}],
+    }
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_streaming_grid_timeout_runs_from_the_push() -> None:
+    class Silent:
+        pulls = 0
+
+        def push_messages(self, msgs: Any) -> list[str]:
+            return ["a", "b"]
+
+        def pull_messages(self, ids: Any) -> list[Message]:
+            self.pulls += 1
+            return []
+
+    inner = Silent()
+    stream = StreamingGrid(inner, pull_interval=0.0).send_and_receive([], timeout=0.01)  # type: ignore[arg-type]
+    time.sleep(0.05)
+    assert list(stream) == [] and inner.pulls == 0
+    with pytest.raises(ValueError, match="pull_interval"):
+        StreamingGrid(inner, pull_interval=-1)  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_recording_lists_evaluate_replies_for_an_inner_that_reads_them_twice() -> None:
+    class TwiceFedAvg(FedAvg):
+        def aggregate_evaluate(self, server_round: int, replies: Any) -> MetricRecord | None:
+            assert len(list(replies)) == len(list(replies)) == 2
+            return super().aggregate_evaluate(server_round, replies)
+
+    messages = configure(FedAvg(min_available_nodes=2, min_train_nodes=2), 2)
+    replies = [Message(RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 1.0, "accuracy": a})}), reply_to=m)
+               for m, a in zip(messages, (0.2, 0.4))]
+    metrics = RecordingStrategy(TwiceFedAvg()).aggregate_evaluate(1, iter(replies))
+    assert metrics is not None and metrics["accuracy"] == pytest.approx(0.3)
+
+
 # --- update validation ----------------------------------------------------------------------------------------
 
 
@@ -492,6 +674,62 @@ def test_validation_reports_timeouts_and_error_replies_and_can_reject_everyone()
     assert errors[messages[2].metadata.dst_node_id] == "no reply before the round timed out"
 
 
+def _odd_first_round(strategy: Any, models: list[dict[str, np.ndarray]]) -> tuple[list[Message], list[Message]]:
+    messages = configure(strategy, len(models))
+    odd = reply(messages[0], models[0], 10.0, surprise=1.0)  # answers first, with a metric of its own
+    return messages, [odd, *(reply(m, x, 10.0) for m, x in zip(messages[1:], models[1:]))]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_streaming_validation_takes_the_first_accepted_keys_then_last_rounds_majority() -> None:
+    """One pass: in the first round the first acceptable reply sets the metric keys (the inner strategy's own
+    reference); from then on the keys most replies carried in the previous round do."""
+    strategy = UpdateValidation(StreamingFedAvg(min_available_nodes=5, min_train_nodes=5))
+    assert strategy.streams_replies
+    models = client_models(5, spread=0.1)
+    messages, replies = _odd_first_round(strategy, models)
+    arrays, _ = strategy.aggregate_train(1, iter(replies))
+    np.testing.assert_allclose(arrays["w"].numpy(), models[0]["w"], rtol=1e-6)  # only the odd one was accepted
+    errors = {r.node_id: r.error for r in strategy.last_replies}
+    assert errors[messages[0].metadata.dst_node_id] is None
+    assert all("metric keys" in errors[m.metadata.dst_node_id] and "first accepted reply" in
+               errors[m.metadata.dst_node_id] for m in messages[1:])
+    messages, replies = _odd_first_round(strategy, models)
+    arrays, _ = strategy.aggregate_train(2, iter(replies))
+    want = weighted_mean(models[1:], [10.0] * 4)
+    np.testing.assert_allclose(arrays["w"].numpy(), want["w"], rtol=1e-6)  # the majority rules again
+    errors = {r.node_id: r.error for r in strategy.last_replies}
+    assert "last round" in errors[messages[0].metadata.dst_node_id]
+    assert all(errors[m.metadata.dst_node_id] is None for m in messages[1:])
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_streaming_validation_does_not_carry_over_the_keys_of_a_lone_reply() -> None:
+    """Under SecAgg+ validation sees one aggregated reply a round; its keys may change with who took part."""
+    strategy = UpdateValidation(StreamingFedAvg(min_available_nodes=1, min_train_nodes=1))
+    model = client_models(1)[0]
+    for server_round, extra in ((1, {}), (2, {"surprise": 1.0})):
+        (msg,) = configure(strategy, 1)
+        arrays, _ = strategy.aggregate_train(server_round, iter([reply(msg, model, 3.0, **extra)]))
+        assert arrays is not None and strategy.last_replies[0].ok, strategy.last_replies
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("name", ["fedmedian", "krum"])
+def test_validation_of_a_listing_strategy_keeps_the_majority_keys(name: str) -> None:
+    """Strategies that list the replies themselves get the majority rule: one client answering first with odd
+    keys cannot get the honest replies rejected and so defeat a robust aggregator."""
+    strategy = UpdateValidation(build(name, CASES.get(name, {}), sampling=sampling(5)))
+    assert not strategy.streams_replies
+    models = client_models(5, spread=0.1)
+    messages, replies = _odd_first_round(strategy, models)
+    arrays, _ = strategy.aggregate_train(1, iter(replies))
+    assert arrays is not None
+    errors = {r.node_id: r.error for r in strategy.last_replies}
+    assert "metric keys" in errors[messages[0].metadata.dst_node_id]
+    assert all(errors[m.metadata.dst_node_id] is None for m in messages[1:])
+
+
 def test_recording_sees_validation_verdicts_through_the_chain() -> None:
     strategy = build_strategy(RunConfig(secagg=False, max_update_norm=10.0))
     assert isinstance(strategy.inner, UpdateValidation) and strategy.inner.max_update_norm == 10.0
@@ -528,6 +766,7 @@ def test_every_strategy_runs_end_to_end(all_strategy_runs: dict[str, RunConfig],
     rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["clients_trained"] == 4 and r["clients_failed"] == 0 for r in rows), rows
+    assert all(r["clients_rejected"] == 0 and r["rejected"] == [] for r in rows), rows
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     saved = json.loads((config.out / "config.json").read_text())
     assert saved["strategy"] == name and saved["strategy_params"] == E2E_PARAMS.get(name, {})

@@ -26,6 +26,8 @@ def round_line(record: RoundRecord) -> str:
     extra = ""
     if row.get("clients_refused"):
         extra += f"  [yellow]{row['clients_refused']} refused (budget)[/]"
+    if row.get("clients_rejected"):
+        extra += f"  [red]{row['clients_rejected']} rejected (invalid update)[/]"
     if row.get("clients_failed"):
         extra += f"  [red]{row['clients_failed']} failed[/]"
     return (

@@ -22,6 +22,7 @@ from ..config import RoundSettings, RunConfig
 from ..privacy.accounting import compact_history, epsilon
 from ..privacy.client_dp import accounting_sample_rate, client_level_epsilon
 from ..strategies.client_dp import ReleaseEvent
+from ..strategies.validation import REJECTED
 
 __all__ = ["ClientPrivacy", "PrivacyReport", "RunWriter", "recompute_epsilon", "recompute_client_epsilon"]
 
@@ -128,6 +129,13 @@ class PrivacyReport:
                 if not client.stopped_on_budget:
                     client.stopped_on_budget, client.stopped_round = True, settings.server_round
             else:
+                if settings.dp and reply.error and reply.error.startswith(REJECTED):
+                    # The update was rejected here, but the client trained (and charged its ledger) to make it:
+                    # it spent the round's budget all the same, so the server's account must count it too.
+                    client.history = list(compact_history([*client.history, (settings.noise_multiplier, settings.sample_rate, settings.steps)]))
+                    if P.EPSILON in reply.metrics:
+                        client.reported_epsilon = reply.metrics[P.EPSILON]
+                        client.reported_steps = int(reply.metrics.get(P.STEPS, 0))
                 client.failures.append({"round": settings.server_round, "reason": str(reply.error)[:500]})
 
     def _client(self, reply: P.ClientReply) -> ClientPrivacy:

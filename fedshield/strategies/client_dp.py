@@ -30,7 +30,7 @@ import logging
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -89,6 +89,9 @@ class ClientLevelDP(Strategy):
     ``last_event`` is the round's :class:`ReleaseEvent`, or None if nothing was released (no replies, or the round
     was aborted before aggregation): only released rounds cost privacy.
     """
+
+    #: ``aggregate_train`` folds each reply into a running sum and keeps none (see :mod:`.streaming`).
+    streams_replies: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -11,6 +11,7 @@ from flwr.serverapp.strategy import Strategy
 
 from .. import protocol as P
 from ..compression import dequantize_update, is_quantized
+from .streaming import streams_replies
 
 __all__ = ["DequantizeUpdates"]
 
@@ -31,10 +32,15 @@ class DequantizeUpdates(Strategy):
         self._global = {k: a.numpy() for k, a in arrays.items()}
         return self.inner.configure_train(server_round, arrays, config, grid)
 
+    @property
+    def streams_replies(self) -> bool:
+        """Restoring is one reply at a time, so this wrapper streams exactly when the inner strategy does."""
+        return streams_replies(self.inner)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.inner.aggregate_train(server_round, [self._restore(m) for m in replies])
+        return self.inner.aggregate_train(server_round, (self._restore(m) for m in replies))
 
     def _restore(self, msg: Message) -> Message:
         if msg.has_error() or self._global is None or P.ARRAYS not in msg.content.array_records:

@@ -4,11 +4,16 @@ It forwards everything to the wrapped strategy and only looks at the replies: wh
 failed and why. Under secure aggregation the wrapped :class:`~fedshield.strategies.secagg.SecAggPlus` already
 knows the per-client outcome (it never exposes updates), so its ``last_replies`` are used instead of the raw,
 masked replies.
+
+Train replies pass through lazily, one at a time (:meth:`RecordingStrategy.aggregate_train`), so behind a
+:class:`~fedshield.strategies.streaming.StreamingGrid` and a streaming inner strategy the server holds only the
+reply being aggregated (and the rest of the batch its pull brought in). Evaluate replies carry metrics only; they
+are listed, so an inner strategy may read them more than once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -44,26 +49,37 @@ class RecordingStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        self.last_bytes_up = [_payload_bytes(m) for m in replies if not m.has_error()]
-        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        """Hand the replies on as they come (one pass, nothing kept but each reply's size and outcome)."""
+        self.last_bytes_up = []
+        outcomes: dict[int, P.ClientReply] = {}
+        stream = self._record(replies, outcomes)
+        arrays, metrics = self.inner.aggregate_train(server_round, stream)
+        for _ in stream:  # an inner strategy that stopped early: the rest still counts (and is pulled, then dropped)
+            pass
         inner_view = _innermost_view(self.inner)
-        self.last_replies = list(inner_view) if inner_view is not None else self._from_raw(replies)
+        self.last_replies = inner_view if inner_view is not None else self._with_timeouts(outcomes)
         self.last_train_metrics = metrics
         return arrays, metrics
 
-    def _from_raw(self, replies: list[Message]) -> list[P.ClientReply]:
-        seen: dict[int, P.ClientReply] = {}
+    def _record(self, replies: Iterable[Message], outcomes: dict[int, P.ClientReply]) -> Iterator[Message]:
+        """Yield each reply after noting its payload size and outcome; keeps none once the next is asked for."""
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                seen[node] = P.ClientReply(node, error=str(msg.error.reason))
+                outcomes[node] = P.ClientReply(node, error=str(msg.error.reason))
             else:
+                self.last_bytes_up.append(_payload_bytes(msg))
                 record = msg.content.metric_records.get(P.METRICS, MetricRecord())
-                seen[node] = P.ClientReply(node, {k: float(v) for k, v in record.items() if isinstance(v, (int, float))})
+                outcomes[node] = P.ClientReply(
+                    node, {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
+                )
+            yield msg
+            del msg  # let go before the next reply is pulled
+
+    def _with_timeouts(self, outcomes: dict[int, P.ClientReply]) -> list[P.ClientReply]:
         for node in self._asked:
-            seen.setdefault(node, P.ClientReply(node, error="no reply before the round timed out"))
-        return [seen[n] for n in sorted(seen)]
+            outcomes.setdefault(node, P.ClientReply(node, error="no reply before the round timed out"))
+        return [outcomes[n] for n in sorted(outcomes)]
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -72,7 +88,9 @@ class RecordingStrategy(Strategy):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        self.last_evaluate = self.inner.aggregate_evaluate(server_round, replies)
+        # Metrics only, so a list costs little, and no inner strategy has to mind that a StreamingGrid's
+        # iterator can be read only once.
+        self.last_evaluate = self.inner.aggregate_evaluate(server_round, list(replies))
         return self.last_evaluate
 
 

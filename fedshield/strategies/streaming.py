@@ -9,8 +9,17 @@ Within Flower 1.39's Strategy API, true streaming is possible: ``Strategy.start`
 return value straight to ``aggregate_train`` as an ``Iterable[Message]`` and keeps nothing else of it. The stock
 grids return a list (they pull until every reply is in), so :class:`StreamingGrid` wraps a grid and returns a lazy
 iterator instead: it pushes the messages, then pulls and yields replies as they arrive. With both, the server holds
-one reply at a time plus the replies not yet pulled. Every wrapper between ``start`` and the aggregation must stay
-lazy too (a single ``list(replies)`` on the way brings back O(N x model)).
+the reply being folded, the rest of the batch that one pull brought in, and nothing else (in deployment the replies
+not yet pulled wait in the SuperLink's process; in simulation the SuperLink shares the server's process). Every
+wrapper between ``start`` and the aggregation must stay lazy too (a single ``list(replies)`` on the way brings back
+O(N x model)), and the iterator can be consumed only once: a wrapper that needs two passes must make its own list.
+Every strategy fedshield builds reads train replies once (Flower 1.39's FedAvg family, the robust ones included,
+lists them in ``_check_and_log_replies`` first); Flower's ``DifferentialPrivacy*AdaptiveClipping`` wrappers do not
+(``validate_replies`` iterates, then ``list`` finds nothing left) and would need a list in front of them.
+
+A strategy whose ``aggregate_train`` reads the replies once, in order, and drops each one's arrays before taking the
+next says so with a true attribute ``streams_replies`` (:func:`streams_replies` reads it);
+:class:`~fedshield.strategies.validation.UpdateValidation` screens such a strategy's replies in a single pass too.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from logging import INFO, WARNING
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -28,7 +37,13 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 from numpy.typing import NDArray
 
-__all__ = ["WeightedSum", "StreamingFedAvg", "StreamingGrid"]
+__all__ = ["WeightedSum", "StreamingFedAvg", "StreamingGrid", "streams_replies"]
+
+
+def streams_replies(strategy: object) -> bool:
+    """Whether ``strategy`` declares (attribute ``streams_replies = True``) that its ``aggregate_train`` reads the
+    replies once, in order, keeping no reply's arrays: then a lazy iterator keeps the server's memory flat."""
+    return bool(getattr(strategy, "streams_replies", False))
 
 
 class WeightedSum:
@@ -82,6 +97,8 @@ class StreamingFedAvg(FedAvg):
     through the same ``train_metrics_aggr_fn``, fed only the replies' MetricRecords.
     """
 
+    streams_replies: ClassVar[bool] = True
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -100,6 +117,7 @@ class StreamingFedAvg(FedAvg):
             _check_same_keys(reference, keys)
             fold.add(arrays, float(cast(float, metrics[self.weighted_by_key])))
             metric_contents.append(RecordDict({k: v for k, v in msg.content.metric_records.items()}))
+            del msg, arrays  # let go of this reply before the next one is pulled: between two, the fold holds none
         log(INFO, "aggregate_train: Received %s results and %s failures", fold.count, failures)
         if fold.count == 0:
             return None, None
@@ -149,11 +167,15 @@ class StreamingGrid(Grid):
     """A Grid whose ``send_and_receive`` yields replies as they arrive instead of returning them all at the end.
 
     Everything else is forwarded to the wrapped grid. The messages are pushed at once (so clients start working
-    immediately); replies are pulled only while the caller iterates, every ``pull_interval`` seconds, until all
-    have arrived or ``timeout`` passes. A caller that stops iterating early leaves the rest unpulled.
+    immediately, and the ``timeout`` runs from then); replies are pulled only while the caller iterates, every
+    ``pull_interval`` seconds, until all have arrived or ``timeout`` passes. A caller that stops iterating early
+    leaves the rest unpulled. The returned iterator can be consumed once: a caller that needs the replies twice
+    (``len``, a second loop) must make a list of them itself.
     """
 
     def __init__(self, grid: Grid, *, pull_interval: float = 0.1) -> None:
+        if not (pull_interval >= 0 and pull_interval < float("inf")):
+            raise ValueError(f"pull_interval must be a finite number of seconds >= 0, got {pull_interval!r}")
         self._grid = grid
         self.pull_interval = pull_interval
 
@@ -170,6 +192,9 @@ class StreamingGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return self._grid.get_node_ids()
 
+    def get_nodes(self) -> Iterable[Any]:
+        return self._grid.get_nodes()
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
 
@@ -178,14 +203,15 @@ class StreamingGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
         pending = {mid for mid in self._grid.push_messages(messages) if mid}
-        return self._pull(pending, timeout)
-
-    def _pull(self, pending: set[str], timeout: float | None) -> Iterator[Message]:
         deadline = None if timeout is None else time.monotonic() + timeout
+        return self._pull(pending, deadline)
+
+    def _pull(self, pending: set[str], deadline: float | None) -> Iterator[Message]:
         while pending and (deadline is None or time.monotonic() < deadline):
             arrived = list(self._grid.pull_messages(set(pending)))
             pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
+            arrived.reverse()  # pop() from the end hands them out in arrival order, in O(1) each
             while arrived:
-                yield arrived.pop(0)  # the caller's fold is now the only holder of this reply
+                yield arrived.pop()  # the caller's fold is now the only holder of this reply
             if pending:
                 time.sleep(self.pull_interval)

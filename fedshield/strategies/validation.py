@@ -2,12 +2,13 @@
 
 One client must not be able to break a round for everybody: a NaN, an array of the wrong shape, a huge update or
 a malformed reply is dropped here, reported in ``last_replies`` as an error ``fedshield:rejected: <reason>`` (the
-run report counts it as a failed client), and the round goes on with the other clients.
+run report counts it in ``clients_rejected`` and lists the reason), and the round goes on with the other clients.
 
-Checks, in order: one ArrayRecord and one MetricRecord; the weight key present as a finite number >= 0; the same
-array keys, shapes and dtypes as the global model sent this round; every value finite; the L2 norm of the update
-``w_client - w_global`` within ``max_update_norm`` (if set); and the same metric keys as most other replies
-(Flower's strategies raise for the whole round otherwise).
+Checks, in order: one ArrayRecord and one MetricRecord; the weight key present as a finite number >= 0; the metric
+keys the round expects (Flower's strategies raise for the whole round unless every reply has the same ones; see
+:meth:`UpdateValidation.aggregate_train` for which set is expected); the same array keys, shapes and dtypes as the
+global model sent this round; every value finite; the L2 norm of the update ``w_client - w_global`` within
+``max_update_norm`` (if set).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flwr.serverapp.strategy import Strategy
 
 from .. import protocol as P
 from ..errors import ConfigError
+from .streaming import streams_replies
 
 __all__ = ["REJECTED", "UpdateValidation", "check_reply"]
 
@@ -55,6 +57,8 @@ class UpdateValidation(Strategy):
         self.last_replies: list[P.ClientReply] = []
         self._global: ArrayRecord | None = None
         self._asked: list[int] = []
+        #: The metric keys most well-formed replies carried in the last round, if at least two did; else None.
+        self._expected_keys: frozenset[str] | None = None
 
     def summary(self) -> None:
         _log.info("update validation: max_update_norm=%s", self.max_update_norm)
@@ -69,15 +73,46 @@ class UpdateValidation(Strategy):
         self.last_replies = []
         return messages
 
+    @property
+    def streams_replies(self) -> bool:
+        """True when the inner strategy streams: then this wrapper screens in one pass too."""
+        return streams_replies(self.inner)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        # References only: Flower's start() holds this list anyway. Two passes are needed because the metric keys
-        # to expect are those of most replies, which is known only once all have been seen.
-        replies = list(replies)
+        """Screen the replies and hand the acceptable ones, unmodified, to the inner strategy.
+
+        Which metric keys a reply must carry: the inner strategy compares every reply with the first one it gets
+        and raises for the whole round on a difference, so one set must be chosen here, before the inner strategy
+        sees any reply. The server cannot know it in advance (it depends on the clients' settings and sites:
+        ``partition-id`` only in simulation, ledger figures only under DP-SGD), so it is learnt from the replies:
+
+        * Inner strategy that streams (``streams_replies``: ``fedavg``, client-level DP): replies are screened one
+          by one as they arrive and none is held back, so there is one pass. The expected keys are those most
+          well-formed replies carried in the previous round, if at least two did (an honest client's keys do not
+          change within a run). Otherwise (the first round, the first after a resume, or under SecAgg+, where
+          this wrapper sees one aggregated reply a round) they are the keys of the first reply that passes every
+          other check: exactly the reply the inner strategy will compare the others with. So a client that
+          answers first with keys of its own gets the others rejected for one round at most, each rejection
+          reported with its reason. A run whose clients legitimately send different key sets (mixed fedshield
+          versions) loses the replies of the set that was in the minority the round before.
+        * Any other inner strategy (Flower's, the Byzantine-robust ones included) builds a list of all replies
+          itself, so they are listed here too (references to the same messages: no extra memory) and the expected
+          keys are those most well-formed replies carry: one client can never get the honest majority rejected
+          and so defeat a robust aggregator.
+
+        Ties go to the larger key set, then by name.
+        """
         verdicts: dict[int, P.ClientReply] = {}
-        common_keys = _common_metric_keys(replies)
-        accepted = self._screen(server_round, replies, common_keys, verdicts)
+        seen: Counter[frozenset[str]] = Counter()
+        if self.streams_replies:
+            expected, source = self._expected_keys, "what most replies carried last round"
+        else:
+            replies = list(replies)
+            expected = _majority(Counter(k for k in map(_metric_keys, replies) if k is not None))
+            source = "what most replies carry"
+        accepted = self._screen(server_round, replies, expected, source, verdicts, seen)
         try:
             result = self.inner.aggregate_train(server_round, accepted)
         finally:
@@ -86,26 +121,35 @@ class UpdateValidation(Strategy):
             for node in self._asked:
                 verdicts.setdefault(node, P.ClientReply(node, error="no reply before the round timed out"))
             self.last_replies = [verdicts[n] for n in sorted(verdicts)]
+            self._expected_keys = _majority(seen, at_least=2)
         return result
 
     def _screen(
-        self, server_round: int, replies: list[Message], common_keys: frozenset[str] | None,
-        verdicts: dict[int, P.ClientReply],
+        self, server_round: int, replies: Iterable[Message], expected: frozenset[str] | None, source: str,
+        verdicts: dict[int, P.ClientReply], seen: Counter[frozenset[str]],
     ) -> Iterator[Message]:
-        """Yield the acceptable replies one by one, recording every verdict (numeric checks run lazily)."""
+        """Yield the acceptable replies one by one, recording every verdict and every well-formed reply's metric
+        keys in ``seen``; with ``expected`` None, the first accepted reply's keys become the expected ones."""
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 verdicts[node] = P.ClientReply(node, error=str(msg.error.reason))
                 continue
-            reason = check_reply(msg, self._global, weight_key=self.weight_key,
-                                 max_update_norm=self.max_update_norm, metric_keys=common_keys)
+            keys = _metric_keys(msg)
+            if keys is not None:
+                seen[keys] += 1
+            reason = check_reply(msg, self._global, weight_key=self.weight_key, max_update_norm=self.max_update_norm,
+                                 metric_keys=expected, metric_keys_source=source)
             if reason is not None:
                 _log.warning("round %d: rejected the update of node %d: %s", server_round, node, reason)
                 verdicts[node] = P.ClientReply(node, _numeric_metrics(msg), error=f"{REJECTED}: {reason}")
+                del msg  # not kept alive while the next reply is pulled
                 continue
+            if expected is None:
+                expected, source = keys, f"what the round's first accepted reply, from node {node}, carried"
             verdicts[node] = P.ClientReply(node, _numeric_metrics(msg))
             yield msg
+            del msg
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -123,8 +167,12 @@ def check_reply(
     weight_key: str = P.NUM_EXAMPLES,
     max_update_norm: float | None = None,
     metric_keys: frozenset[str] | None = None,
+    metric_keys_source: str = "what the other replies carry",
 ) -> str | None:
-    """Why this train reply must not be aggregated, or None if it may be. Never modifies the reply."""
+    """Why this train reply must not be aggregated, or None if it may be. Never modifies the reply.
+
+    ``metric_keys``: the exact metric key set the reply must carry (None: any); ``metric_keys_source`` says where
+    that set came from, for the reason."""
     content = msg.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         return (f"expected one ArrayRecord and one MetricRecord, got ArrayRecords {list(content.array_records)} "
@@ -132,7 +180,8 @@ def check_reply(
     metrics = next(iter(content.metric_records.values()))
     reason = _check_weight(metrics, weight_key)
     if reason is None and metric_keys is not None and frozenset(metrics.keys()) != metric_keys:
-        reason = (f"its metric keys {sorted(metrics.keys())} differ from the other replies' {sorted(metric_keys)}")
+        reason = (f"its metric keys {sorted(metrics.keys())} differ from the expected {sorted(metric_keys)} "
+                  f"({metric_keys_source})")
     if reason is None and global_arrays is not None:
         reason = _check_arrays(next(iter(content.array_records.values())), global_arrays, max_update_norm)
     return reason
@@ -175,15 +224,19 @@ def _is_inexact(value: np.ndarray[Any, Any]) -> bool:
     return bool(np.issubdtype(value.dtype, np.inexact))
 
 
-def _common_metric_keys(replies: list[Message]) -> frozenset[str] | None:
-    """The metric key set most well-formed replies share (ties: the larger set, then by name); None if none."""
-    counts: Counter[frozenset[str]] = Counter()
-    for msg in replies:
-        if not msg.has_error() and len(msg.content.metric_records) == 1:
-            counts[frozenset(next(iter(msg.content.metric_records.values())).keys())] += 1
+def _metric_keys(msg: Message) -> frozenset[str] | None:
+    """A well-formed reply's metric key set (None for an error reply or one without exactly one MetricRecord)."""
+    if msg.has_error() or len(msg.content.metric_records) != 1:
+        return None
+    return frozenset(next(iter(msg.content.metric_records.values())).keys())
+
+
+def _majority(counts: Counter[frozenset[str]], *, at_least: int = 1) -> frozenset[str] | None:
+    """The key set most replies carried (ties: the larger set, then by name); None if fewer than ``at_least``."""
     if not counts:
         return None
-    return max(counts, key=lambda keys: (counts[keys], len(keys), sorted(keys)))
+    best = max(counts, key=lambda keys: (counts[keys], len(keys), sorted(keys)))
+    return best if counts[best] >= at_least else None
 
 
 def _numeric_metrics(msg: Message) -> dict[str, float]:
