@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from .errors import ConfigError
 __all__ = [
     "PartitionSpec", "RunConfig", "RoundSettings", "StrategyParams", "load_config_file", "ACCOUNTANTS",
     "GRAD_SAMPLE_MODES", "STRATEGIES", "ROBUST_STRATEGIES", "CLIENT_DP_MODES", "CLIENT_SAMPLING",
+    "AMP_GRAD_SAMPLE_MODES", "normalise_device_spec",
 ]
 
 #: Accountants we accept. GDP is deliberately absent: it can under-report epsilon by half.
@@ -39,6 +41,11 @@ CLIENT_DP_MODES = ("off", "central", "distributed")
 #: How clients are sampled each round under client-level DP: a fixed number (Flower's sampling, accounted with
 #: no amplification), or each client independently with probability fraction-train (amplified).
 CLIENT_SAMPLING = ("fixed", "poisson")
+#: Opacus grad-sample modes that keep the clipping bound under bf16 autocast (``--amp``): they clip the very
+#: per-example gradients they measure (fedshield casts them to fp32 first). Ghost clipping measures norms in bf16
+#: and clips in a separate pass (clipped norms measured up to 0.8% above the bound); ew does not support autocast.
+AMP_GRAD_SAMPLE_MODES = ("hooks", "functorch")
+_DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 _StrategyValue = bool | int | float | str
 
 
@@ -156,6 +163,15 @@ class RunConfig:
         client_epsilon: calibrate z instead, for ``num_rounds`` rounds at ``delta``.
         client_sampling: ``fixed`` (Flower's fixed-size sampling, accounted with sample rate 1) or ``poisson``
             (each client joins a round with probability ``fraction_train``; amplified accounting).
+
+    Hardware (none of these changes the privacy mechanism or its accounting):
+        device: where clients train: ``auto`` (a CUDA GPU if the client has one, else its CPU), ``cpu``,
+            ``cuda`` or ``cuda:N``. A deployed site's node config key ``device`` overrides it.
+        max_physical_batch_size: cap on the examples per forward/backward pass of DP-SGD (0: no cap). A larger
+            Poisson batch is split and its clipped gradients summed before the one noisy step, so memory is
+            bounded while the logical steps, and so epsilon, stay the same.
+        amp: bf16 autocast for the forward pass (GPU memory and speed); only with a grad-sample mode in
+            :data:`AMP_GRAD_SAMPLE_MODES`, the ones that keep the clipping bound under bf16.
     """
 
     task: str = "digits"
@@ -185,6 +201,9 @@ class RunConfig:
     client_epsilon: float | None = None
     client_clip_norm: float | None = None
     client_sampling: str = "fixed"
+    device: str = "auto"
+    max_physical_batch_size: int = 0
+    amp: bool = False
 
     def __post_init__(self) -> None:
         _check_int(self.num_clients, "clients", 1)
@@ -233,6 +252,8 @@ class RunConfig:
             object.__setattr__(self, "strategy_params", StrategyParams(self.strategy_params))
         self._check_aggregation()
         self._check_client_dp()
+        object.__setattr__(self, "device", normalise_device_spec(self.device))
+        _check_hardware(self.max_physical_batch_size, self.amp, self.grad_sample_mode, "")
 
     def _check_aggregation(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -416,6 +437,34 @@ def _check_int(value: Any, name: str, minimum: int) -> None:
         raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}")
 
 
+def normalise_device_spec(spec: Any) -> str:
+    """``spec`` lower-cased and checked for spelling (``auto``, ``cpu``, ``cuda``, ``cuda:N``); whether the device
+    exists is checked on the training machine by :func:`fedshield.device.resolve_device`."""
+    text = spec.strip().lower() if isinstance(spec, str) else spec
+    if not isinstance(text, str) or not _DEVICE_SPEC.fullmatch(text):
+        raise ConfigError(
+            f"device must be auto, cpu, cuda or cuda:N (N = GPU index, e.g. cuda:0), got {spec!r}: "
+            "e.g. --device auto (a CUDA GPU if there is one, else the CPU)"
+        )
+    return text
+
+
+def _check_hardware(max_physical_batch_size: Any, amp: Any, grad_sample_mode: str, where: str) -> None:
+    _check_int(max_physical_batch_size, f"{where}max-physical-batch-size (0: no cap)", 0)
+    if not isinstance(amp, bool):
+        raise ConfigError(f"{where}amp must be true or false, got {amp!r}")
+    if amp and grad_sample_mode not in AMP_GRAD_SAMPLE_MODES:
+        why = (
+            "Opacus's expanded weights do not support autocast" if grad_sample_mode == "ew" else
+            "under bf16, ghost clipping measures each example's gradient norm in bf16 and clips in a separate pass, "
+            "so clipped gradients came out up to 0.8% longer than max-grad-norm and epsilon would be understated"
+        )
+        raise ConfigError(
+            f"{where}--amp (bf16 autocast) needs grad-sample-mode {' or '.join(AMP_GRAD_SAMPLE_MODES)}, got "
+            f"{grad_sample_mode!r}: {why}. Add --grad-sample-mode hooks, or drop --amp"
+        )
+
+
 def _normalise_sample_rate(q: float) -> float:
     if not (0 < q <= 1):
         raise ConfigError(f"sample-rate must be in (0, 1], got {q}: e.g. 0.25 (4 DP-SGD steps per local epoch)")
@@ -440,18 +489,18 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"strategy-params must be a table of settings (e.g. [strategy] beta = 0.2), got {value!r}")
         return StrategyParams(value)
-    if key in {"strategy", "client_dp", "client_sampling"}:
+    if key in {"strategy", "client_dp", "client_sampling", "device"}:
         if not isinstance(value, str):
             raise ConfigError(f"{key.replace('_', '-')} must be text, got {value!r}")
         return value.strip().lower()
     if value is None and key in _ZERO_IS_UNSET:
         return None
-    if key in {"num_clients", "num_rounds", "local_epochs", "seed", "quantize"}:
+    if key in {"num_clients", "num_rounds", "local_epochs", "seed", "quantize", "max_physical_batch_size"}:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key.replace('_', '-')} must be a whole number, got {value!r}")
-    if key in {"dp", "secagg"} and not isinstance(value, bool):
+    if key in {"dp", "secagg", "amp"} and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if key in {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "lr", "fraction_train", *_ZERO_IS_UNSET}:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -490,6 +539,9 @@ class RoundSettings:
     client_dp: str = "off"  # client-level DP mode; "distributed": this client clips and adds its noise share
     client_clip_norm: float = 0.0  # distributed client-level DP: bound C on the L2 norm of the update
     client_noise_std_share: float = 0.0  # distributed: std of this client's Gaussian noise, z * C / sqrt(n)
+    device: str = "auto"  # where to train; a deployed site's node config "device" overrides it
+    max_physical_batch_size: int = 0  # DP-SGD examples per forward/backward pass (0: the whole Poisson batch)
+    amp: bool = False  # bf16 autocast for the forward pass
 
     def __post_init__(self) -> None:
         if self.client_dp not in CLIENT_DP_MODES:
@@ -513,6 +565,11 @@ class RoundSettings:
             raise ConfigError(f"round config: unknown accountant {self.accountant!r}")
         if not (0 < self.delta < 1):
             raise ConfigError(f"round config: delta must be in (0, 1), got {self.delta}")
+        try:
+            object.__setattr__(self, "device", normalise_device_spec(self.device))
+        except ConfigError as exc:
+            raise ConfigError(f"round config: {exc}") from None
+        _check_hardware(self.max_physical_batch_size, self.amp, self.grad_sample_mode, "round config: ")
 
     @property
     def steps(self) -> int:
@@ -536,11 +593,13 @@ class RoundSettings:
                     "Install the same version on both sides"
                 )
             kwargs[f.name] = record[key]
-        for name in ("server_round", "num_rounds", "seed", "local_epochs", "quantize"):
+        for name in ("server_round", "num_rounds", "seed", "local_epochs", "quantize", "max_physical_batch_size"):
             kwargs[name] = int(kwargs[name])
         for name in ("lr", "sample_rate", "noise_multiplier", "max_grad_norm", "target_epsilon", "delta",
                      "proximal_mu", "client_clip_norm", "client_noise_std_share"):
             kwargs[name] = float(kwargs[name])
         kwargs["client_dp"] = str(kwargs["client_dp"])
-        kwargs["dp"] = bool(kwargs["dp"])
+        kwargs["device"] = str(kwargs["device"])
+        for name in ("dp", "amp"):
+            kwargs[name] = bool(kwargs[name])
         return cls(**kwargs)

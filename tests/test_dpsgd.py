@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -108,4 +110,29 @@ def test_empty_poisson_batches_are_counted_steps(mode: str) -> None:
     before = _flat(model)
     result = _dp(model, data, sigma=1.0, clip=1.0, q=0.125, epochs=2, mode=mode)
     assert result.history == ((1.0, 0.125, 16),)
+    # 3 x 1/8 < 1 expected examples per batch: Opacus's int() batch size would be 0 and the weights inf/NaN.
+    assert torch.isfinite(_flat(model)).all() and math.isfinite(result.mean_loss)
     assert not torch.allclose(_flat(model), before)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "functorch", "ew"])
+@pytest.mark.parametrize(("n", "q"), [(64, 0.5), (3, 0.125)])  # ~32-example batches; mostly empty batches
+def test_physical_batch_cap_splits_passes_not_steps(mode: str, n: int, q: float) -> None:
+    """Opacus BatchMemoryManager: passes of at most 5 examples, one noisy step per Poisson batch. Same generator,
+    so the same batches and noise: the parameters equal the unsplit run's (summation order aside) and the
+    accountant records the same logical steps."""
+    if mode == "ew" and n == 3:
+        pytest.skip("Opacus's ew mode cannot run an empty batch at all ('Batch size must be positive')")
+    runs = []
+    for cap in (0, 5):
+        model = _model()
+        result = train_dp_sgd(model, _data(n=n), noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=q, epochs=2,
+                              lr=1.0, loss_fn=nn.CrossEntropyLoss(), generator=make_generator(3),
+                              grad_sample_mode=mode, proximal_mu=0.1, max_physical_batch_size=cap)
+        runs.append((_flat(model), result))
+    (whole, unsplit), (split, capped) = runs
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+    assert capped.history == unsplit.history == ((1.0, q, 2 * round(1 / q)),)
+    assert capped.steps == unsplit.steps
+    if not math.isnan(unsplit.mean_loss):
+        assert capped.mean_loss == pytest.approx(unsplit.mean_loss, rel=1e-5)

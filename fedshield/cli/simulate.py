@@ -51,12 +51,15 @@ def simulate_command(
     client_epsilon: float | None = typer.Option(None, "--client-epsilon", help="Calibrate z to this client-level epsilon."),
     max_update_norm: float | None = typer.Option(None, "--max-update-norm", help="Reject updates whose norm exceeds this."),
     quantize: int | None = typer.Option(None, "--quantize", help="Send updates quantized to 8 or 16 bits (needs --no-secagg)."),
+    device: str | None = typer.Option(None, "--device", help="Where clients train: auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda | cuda:N."),
+    max_physical_batch_size: int | None = typer.Option(None, "--max-physical-batch-size", help="Cap the examples per DP-SGD forward/backward pass to bound memory (0: no cap; epsilon unchanged)."),
+    amp: bool = typer.Option(False, "--amp", help="bf16 autocast (needs --grad-sample-mode hooks or functorch)."),
     out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/latest)."),
     config: Path | None = typer.Option(None, "--config", help="TOML file with the same keys as these flags."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Run on an existing Ray cluster (e.g. auto)."),
     cpus_per_client: float = typer.Option(1.0, "--cpus-per-client", help="Ray CPUs reserved per virtual client."),
-    gpus_per_client: float = typer.Option(0.0, "--gpus-per-client", help="GPU fraction per virtual client."),
+    gpus_per_client: float = typer.Option(0.0, "--gpus-per-client", help="GPUs Ray reserves per virtual client: a fraction in [0, 1] (0.25: four clients share a GPU) or a whole number."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's logs."),
 ) -> None:
     """Run a private federated training of many clients on this machine."""
@@ -69,6 +72,7 @@ def simulate_command(
         "strategy": strategy, "client_dp": client_dp, "client_noise_multiplier": client_noise_multiplier,
         "client_clip_norm": client_clip_norm, "client_epsilon": client_epsilon, "max_update_norm": max_update_norm,
         "dp": False if no_dp else None, "secagg": False if no_secagg else None,
+        "device": device, "max_physical_batch_size": max_physical_batch_size, "amp": True if amp else None,
     }
     with errors_to_exit():
         ckpt = None
@@ -77,6 +81,7 @@ def simulate_command(
         else:
             cfg = build_config(config, flags)
         _warn_risky(cfg)
+        _check_resources(cfg, cpus=cpus_per_client, gpus=gpus_per_client, ray_address=ray_address)
         summary = _run(cfg, ray_address=ray_address, cpus=cpus_per_client, gpus=gpus_per_client, verbose=verbose,
                        resume=ckpt)
     _print_summary(summary)
@@ -103,6 +108,23 @@ def _warn_risky(cfg: RunConfig) -> None:
                       "updates can reveal individual records. Remove --no-dp before using real data.")
     if not cfg.secagg:
         console.print("[bold yellow]WARNING[/]: --no-secagg: the server sees every client's update in clear.")
+
+
+def _check_resources(cfg: RunConfig, *, cpus: float, gpus: float, ray_address: str | None) -> None:
+    from ..simulation.run import check_client_resources
+
+    check_client_resources(cfg, cpus_per_client=cpus, gpus_per_client=gpus, ray_address=ray_address)
+    if ray_address is not None:
+        return
+    import torch
+
+    if gpus == 0 and cfg.device == "auto" and torch.cuda.is_available():
+        console.print("[bold yellow]WARNING[/]: this machine has a CUDA GPU, but --gpus-per-client is 0: Ray hides "
+                      "the GPU from the virtual clients, so they train on the CPU. Add e.g. --gpus-per-client 0.5 "
+                      "(two clients per GPU) to train on it.")
+    if gpus > 0 and cfg.device == "cpu":
+        console.print(f"[bold yellow]WARNING[/]: --gpus-per-client {gpus:g} reserves GPU share for clients that "
+                      "train on the CPU (--device cpu): drop one of the two.")
 
 
 def _run(

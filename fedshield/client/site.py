@@ -10,27 +10,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..config import PartitionSpec, RoundSettings
 from ..data.partition import split_federated
 from ..data.spec import Dataset
+from ..device import resolve_device
 from ..errors import ConfigError, DataError
 from ..tasks import Task, get_task
+from .node_config import BUDGET, DATA_PATH, DEVICE, LABEL_COLUMN, NUM_PARTITIONS, PARTITION_ID, STATE_DIR
 
 __all__ = ["Site", "resolve_site"]
 
-# node_config keys (set by `fedshield client` on a SuperNode, or by Flower's simulation engine)
-DATA_PATH = "data-path"
-STATE_DIR = "state-dir"
-LABEL_COLUMN = "label-column"
-BUDGET = "max-epsilon"
-PARTITION_ID = "partition-id"
-NUM_PARTITIONS = "num-partitions"
 
 
 @dataclass(frozen=True)
 class Site:
-    """One client's view of the world: its data splits, its ledger directory and its own budget cap."""
+    """One client's view of the world: its data splits, its ledger directory, its own budget cap and the device
+    it trains on (resolved on this machine: the node config's ``device``, else the round's)."""
 
     name: str
     task: Task
@@ -39,17 +36,19 @@ class Site:
     state_dir: Path
     budget: float | None
     partition_id: int | None
+    device: torch.device = torch.device("cpu")
 
 
 def resolve_site(node_config: Mapping[str, Any], settings: RoundSettings) -> Site:
     task = get_task(settings.task)
+    device = _device(node_config, settings)
     budget = float(node_config[BUDGET]) if node_config.get(BUDGET) not in (None, "", 0, 0.0) else None
     if DATA_PATH in node_config and str(node_config[DATA_PATH]):
         if STATE_DIR not in node_config or not str(node_config[STATE_DIR]):
             raise ConfigError("node config sets data-path but no state-dir: the privacy ledger needs a home")
         path = Path(str(node_config[DATA_PATH]))
         train, test = _load_files(task.name, str(path), str(node_config.get(LABEL_COLUMN, "") or ""), settings.seed)
-        return Site(path.name, task, train, test, Path(str(node_config[STATE_DIR])), budget, None)
+        return Site(path.name, task, train, test, Path(str(node_config[STATE_DIR])), budget, None, device)
     if PARTITION_ID not in node_config:
         raise ConfigError(
             "this client has neither data-path (deployment) nor partition-id (simulation) in its node config: "
@@ -60,7 +59,18 @@ def resolve_site(node_config: Mapping[str, Any], settings: RoundSettings) -> Sit
         raise ConfigError("simulation round config has no sim-state-root for the virtual clients' ledgers")
     train, test = _bundled_partition(settings.task, settings.partition, n, settings.seed, pid)
     state = Path(settings.sim_state_root) / f"client-{pid:04d}"
-    return Site(f"client-{pid}", task, train, test, state, budget, pid)
+    return Site(f"client-{pid}", task, train, test, state, budget, pid, device)
+
+
+def _device(node_config: Mapping[str, Any], settings: RoundSettings) -> torch.device:
+    """The site's own choice wins: only it knows its hardware (the run's setting is one value for all sites)."""
+    local = str(node_config.get(DEVICE, "") or "").strip()
+    if not local:
+        return resolve_device(settings.device)
+    try:
+        return resolve_device(local)
+    except ConfigError as exc:
+        raise ConfigError(f"this site's node config {DEVICE}={local!r}: {exc}") from None
 
 
 @lru_cache(maxsize=8)

@@ -48,7 +48,12 @@ def _generator(site: Site, settings: RoundSettings) -> torch.Generator:
 def _model(site: Site, settings: RoundSettings, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     model = site.task.new_model(settings.seed)
     model.load_state_dict(state, strict=True)
-    return model
+    return model.to(site.device)
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained weights as fresh CPU tensors: what the codec, client-level DP and compression expect."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def train_round(site: Site, settings: RoundSettings, global_state: dict[str, torch.Tensor]) -> TrainOutcome:
@@ -65,15 +70,17 @@ def train_round(site: Site, settings: RoundSettings, global_state: dict[str, tor
             model, site.train, noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
             sample_rate=settings.sample_rate, epochs=settings.local_epochs, lr=settings.lr, loss_fn=loss_fn,
             generator=generator, grad_sample_mode=settings.grad_sample_mode, proximal_mu=settings.proximal_mu,
+            device=site.device, max_physical_batch_size=settings.max_physical_batch_size, amp=settings.amp,
         )
         metrics.update({P.EPSILON: ledger.epsilon, P.STEPS: float(ledger.steps), P.ROUNDS_TRAINED: float(len(ledger.rounds))})
     else:
         result = train_plain(
             model, site.train, sample_rate=settings.sample_rate, epochs=settings.local_epochs, lr=settings.lr,
-            loss_fn=loss_fn, generator=generator, proximal_mu=settings.proximal_mu,
+            loss_fn=loss_fn, generator=generator, proximal_mu=settings.proximal_mu, device=site.device,
+            amp=settings.amp,
         )
     metrics[P.TRAIN_LOSS] = result.mean_loss
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = _cpu_state(model)
     if settings.client_dp == "distributed":
         state = _client_level_dp(state, global_state, settings, site, generator)
         # Every client counts once in a client-level DP mean: an example-count weight would let one client's
@@ -135,5 +142,5 @@ def _charge(site: Site, settings: RoundSettings) -> PrivacyLedger:
 
 def evaluate_round(site: Site, settings: RoundSettings, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
     model = _model(site, settings, global_state)
-    loss, acc = evaluate(model, site.test, site.task.loss_fn())
+    loss, acc = evaluate(model, site.test, site.task.loss_fn(), device=site.device)
     return {P.NUM_EXAMPLES: float(len(site.test)), P.EVAL_LOSS: loss, P.EVAL_ACCURACY: acc}

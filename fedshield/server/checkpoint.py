@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_write_bytes
+from ..config import RunConfig
 from ..errors import ConfigError
 
-__all__ = ["Checkpoint", "CHECKPOINT_FILE", "save_checkpoint", "load_checkpoint", "capture_strategy_state",
+__all__ = ["Checkpoint", "CHECKPOINT_FILE", "save_checkpoint", "load_checkpoint", "load_resume", "capture_strategy_state",
            "restore_strategy_state"]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -140,3 +141,19 @@ def restore_strategy_state(strategy: object, state: dict[str, tuple[str, dict[st
         else:
             value = [arrays[k] for k in sorted(arrays)]
         setattr(nodes[path], attr, value)
+
+
+def load_resume(run_dir: Path) -> tuple[RunConfig, Checkpoint]:
+    """The original settings and last checkpoint of ``run_dir``; the run continues exactly as configured."""
+    run_dir = Path(run_dir)
+    try:
+        raw = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--resume {run_dir}: no config.json there; is it a fedshield run directory?") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume {run_dir}: config.json is unreadable ({exc})") from None
+    config = RunConfig.from_mapping({**raw, "out": str(run_dir)})
+    ckpt = load_checkpoint(run_dir)
+    if ckpt.server_round > config.num_rounds:
+        raise ConfigError(f"--resume {run_dir}: checkpoint is at round {ckpt.server_round} of {config.num_rounds}")
+    return config, ckpt

@@ -7,6 +7,7 @@ With ``ray_address`` the same run goes to an existing Ray cluster instead of a l
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -15,10 +16,10 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import ConfigError, FedshieldError
-from ..server.checkpoint import Checkpoint
+from ..server.checkpoint import Checkpoint, load_resume
 from ..server.runner import RoundRecord, RunSummary
 
-__all__ = ["simulate", "preflight", "load_resume"]
+__all__ = ["simulate", "preflight", "check_client_resources", "load_resume"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,53 @@ def preflight(config: RunConfig) -> None:
     _check_writable(config)
 
 
+def check_client_resources(
+    config: RunConfig, *, cpus_per_client: float, gpus_per_client: float, ray_address: str | None = None
+) -> None:
+    """Fail before Ray starts on resources it could never grant: Ray would wait for them instead of failing.
+
+    Ray accepts GPU shares in [0, 1] or whole GPUs, and hides every GPU from a client that reserves none. Without
+    ``ray_address`` the GPUs are this machine's, as torch sees them; a cluster's are not checked here.
+    """
+    cpus, gpus = cpus_per_client, gpus_per_client
+    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not (cpus > 0 and math.isfinite(cpus)):
+        raise ConfigError(f"--cpus-per-client must be a number > 0, got {cpus!r}: e.g. --cpus-per-client 1")
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not (
+        0 <= gpus <= 1 or (math.isfinite(gpus) and float(gpus).is_integer())
+    ):
+        raise ConfigError(
+            f"--gpus-per-client must be a share of one GPU in [0, 1] (e.g. 0.25: four clients per GPU) or a whole "
+            f"number of GPUs, got {gpus!r}: Ray cannot grant fractions above 1"
+        )
+    if gpus == 0 and config.device.startswith("cuda"):
+        raise ConfigError(
+            f"--device {config.device} but --gpus-per-client 0: Ray hides the GPUs from virtual clients that reserve "
+            "none, so every client would fail. Add --gpus-per-client 0.5 (two clients per GPU) or 1, or use "
+            "--device auto (falls back to the CPU)"
+        )
+    if gpus > 0 and ray_address is None:
+        _check_local_gpus(gpus)
+
+
+def _check_local_gpus(gpus: float) -> None:
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ConfigError(
+            f"--gpus-per-client {gpus:g} reserves a GPU share for every virtual client, but torch ({build}) sees no "
+            "CUDA GPU on this machine, so Ray could never start a client: drop --gpus-per-client (clients train on "
+            "the CPU), or run on a machine with an NVIDIA GPU and a CUDA build of torch (or pass --ray-address of a "
+            "cluster that has GPUs)"
+        )
+    if gpus > count:
+        raise ConfigError(
+            f"--gpus-per-client {gpus:g} asks for more GPUs per client than this machine has ({count}): use at most "
+            f"{count}, or a share such as 0.5"
+        )
+
+
 def _check_writable(config: RunConfig) -> None:
     out = config.out
     existing = out
@@ -47,26 +95,6 @@ def _check_writable(config: RunConfig) -> None:
         raise ConfigError(f"cannot write the run directory {out}: {existing} is not a writable directory; choose another --out")
     if out.exists() and any(out.glob("*")) and not (out / "config.json").exists():
         raise ConfigError(f"--out {out} exists and is not a fedshield run directory: choose an empty or new directory")
-
-
-def load_resume(run_dir: Path) -> tuple[RunConfig, Checkpoint]:
-    """The original settings and last checkpoint of ``run_dir``; the run continues exactly as configured."""
-    import json
-
-    from ..server.checkpoint import load_checkpoint
-
-    run_dir = Path(run_dir)
-    try:
-        raw = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"--resume {run_dir}: no config.json there; is it a fedshield run directory?") from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--resume {run_dir}: config.json is unreadable ({exc})") from None
-    config = RunConfig.from_mapping({**raw, "out": str(run_dir)})
-    ckpt = load_checkpoint(run_dir)
-    if ckpt.server_round > config.num_rounds:
-        raise ConfigError(f"--resume {run_dir}: checkpoint is at round {ckpt.server_round} of {config.num_rounds}")
-    return config, ckpt
 
 
 def simulate(
@@ -81,6 +109,9 @@ def simulate(
     verbose: bool = False,
 ) -> RunSummary:
     preflight(config)
+    check_client_resources(
+        config, cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client, ray_address=ray_address
+    )
     from flwr.simulation import run_simulation
 
     from ..client.app import app as client_app

@@ -1,0 +1,34 @@
+"""The keys of a client's node config: what ``fedshield client`` (or Flower's simulation engine) tells the ClientApp
+about this site. Kept free of heavy imports: the per-message ClientApp process reads them before anything else."""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "ALLOW_PLAIN_UPDATES",
+    "BUDGET",
+    "DATA_PATH",
+    "DEVICE",
+    "LABEL_COLUMN",
+    "NUM_PARTITIONS",
+    "PARTITION_ID",
+    "STATE_DIR",
+    "WORKER_SOCKET",
+]
+
+# Set by `fedshield client` on a deployed SuperNode.
+DATA_PATH: Final = "data-path"
+STATE_DIR: Final = "state-dir"
+LABEL_COLUMN: Final = "label-column"
+BUDGET: Final = "max-epsilon"
+#: ``fedshield client --allow-plain-updates``: the site also trains in rounds without SecAgg+.
+ALLOW_PLAIN_UPDATES: Final = "allow-plain-updates"
+#: Unix socket of the warm worker (:mod:`fedshield.client.worker`) that trains for this SuperNode's ClientApps.
+WORKER_SOCKET: Final = "worker-socket"
+#: Where this site trains (``auto``, ``cpu``, ``cuda``, ``cuda:N``); overrides the run's ``device`` setting.
+DEVICE: Final = "device"
+
+# Set by Flower's simulation engine on every virtual SuperNode.
+PARTITION_ID: Final = "partition-id"
+NUM_PARTITIONS: Final = "num-partitions"
