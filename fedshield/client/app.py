@@ -4,32 +4,43 @@ Train replies carry the new local weights and the client's ledger figures; a cli
 budget replies with an error whose reason starts with ``fedshield:budget-exhausted`` instead of training.
 Secure aggregation is switched on by the server per round: when a train message carries SecAgg+ settings it goes
 through Flower's own ``secaggplus_mod``, which masks the update before it leaves this process.
+
+In deployment Flower starts this app in a new process for every message, so it is a thin shim: it imports only
+Flower, numpy and fedshield's light modules, and when the node config names a warm worker
+(:mod:`fedshield.client.worker`, run by ``fedshield client``) the round is trained there, where torch, Opacus and
+the site's data are already loaded. Without one (simulation, or a bare SuperNode) it trains in this process.
+Both paths run the same code (:mod:`fedshield.client.work`) and refuse and fail the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from .. import protocol as P
-from ..config import RoundSettings
-from ..errors import BudgetExhaustedError, FedshieldError
-from .site import DATA_PATH, resolve_site
-from .trainer import evaluate_round, train_round
+from .node_config import ALLOW_PLAIN_UPDATES, DATA_PATH, WORKER_SOCKET
+from .work import CONFIG_ERROR_CODE, REFUSAL_CODE, WORKER_ERROR_CODE, Refusal, TrainResult
 
-__all__ = ["app"]
+__all__ = [
+    "ALLOW_PLAIN_UPDATES",
+    "CONFIG_ERROR_CODE",
+    "PLAIN_REFUSAL",
+    "PLAIN_REFUSED_CODE",
+    "REFUSAL_CODE",
+    "WORKER_ERROR_CODE",
+    "app",
+    "refuse_plain_updates",
+    "secagg_when_requested",
+]
 
-#: Error code of a fedshield refusal (Flower's own codes are small integers).
-REFUSAL_CODE = 4001
-CONFIG_ERROR_CODE = 4002
 #: Error code and reason prefix of a deployed client refusing to send its update without SecAgg+.
 PLAIN_REFUSED_CODE = 4003
 PLAIN_REFUSAL = "fedshield:plain-update-refused"
-#: node_config key (``fedshield client --allow-plain-updates``) that lets a deployed client send plain updates.
-ALLOW_PLAIN_UPDATES = "allow-plain-updates"
 
 
 def secagg_when_requested(msg: Message, ctx: Context, call_next):  # type: ignore[no-untyped-def]
@@ -70,37 +81,51 @@ def _allows_plain(node_config: Mapping[str, object]) -> bool:
 app = ClientApp()
 
 
-def _settings(msg: Message) -> RoundSettings:
-    return RoundSettings.from_record_dict(dict(msg.content[P.CONFIG]))
+def _request(msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    config = dict(msg.content[P.CONFIG])
+    arrays = {k: a.numpy() for k, a in msg.content[P.ARRAYS].items()}
+    return config, arrays
+
+
+def _worker(context: Context) -> str:
+    return str(context.node_config.get(WORKER_SOCKET, "") or "")
+
+
+def _train(context: Context, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> TrainResult:
+    if socket_path := _worker(context):
+        from .worker_protocol import request_train
+
+        return request_train(socket_path, config, arrays)
+    from .work import run_train
+
+    return run_train(context.node_config, config, arrays)
+
+
+def _evaluate(context: Context, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    if socket_path := _worker(context):
+        from .worker_protocol import request_evaluate
+
+        return request_evaluate(socket_path, config, arrays)
+    from .work import run_evaluate
+
+    return run_evaluate(context.node_config, config, arrays)
 
 
 @app.train(mods=[refuse_plain_updates, secagg_when_requested])
 def train(msg: Message, context: Context) -> Message:
-    site = None
     try:
-        settings = _settings(msg)
-        site = resolve_site(context.node_config, settings)
-        outcome = train_round(site, settings, msg.content[P.ARRAYS].to_torch_state_dict())
-    except BudgetExhaustedError as exc:
-        # A simulated client names itself (node ids change across resumes); a deployed one stays anonymous.
-        tag = f" [{site.name}]" if site is not None and site.partition_id is not None else ""
-        return Message(Error(code=REFUSAL_CODE, reason=f"{P.BUDGET_REFUSAL}{tag}: {exc}"), reply_to=msg)
-    except FedshieldError as exc:
-        return Message(Error(code=CONFIG_ERROR_CODE, reason=f"fedshield:{type(exc).__name__}: {exc}"), reply_to=msg)
-    if outcome.payload is not None:
-        arrays = ArrayRecord({k: Array(v) for k, v in outcome.payload.items()})
-    else:
-        arrays = ArrayRecord(torch_state_dict=outcome.state_dict)
-    content = RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(outcome.metrics)})
+        result = _train(context, *_request(msg))
+    except Refusal as refusal:
+        return Message(Error(code=refusal.code, reason=refusal.reason), reply_to=msg)
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()})
+    content = RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(result.metrics)})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     try:
-        settings = _settings(msg)
-        site = resolve_site(context.node_config, settings)
-        metrics = evaluate_round(site, settings, msg.content[P.ARRAYS].to_torch_state_dict())
-    except FedshieldError as exc:
-        return Message(Error(code=CONFIG_ERROR_CODE, reason=f"fedshield:{type(exc).__name__}: {exc}"), reply_to=msg)
+        metrics = _evaluate(context, *_request(msg))
+    except Refusal as refusal:
+        return Message(Error(code=refusal.code, reason=refusal.reason), reply_to=msg)
     return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)

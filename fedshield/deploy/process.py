@@ -57,6 +57,10 @@ def flower_executable(name: str) -> str:
     return found
 
 
+#: Seconds between a SuperExec's checks for work, as Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` reads it.
+SUPEREXEC_POLL_S = "0.1"
+
+
 def flower_env(flwr_home: Path, *, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for a Flower child process: a private ``FLWR_HOME`` and no calls home.
 
@@ -64,12 +68,20 @@ def flower_env(flwr_home: Path, *, extra: Mapping[str, str] | None = None) -> di
     update check are switched off because a private-FL deployment must not contact third parties on its own.
     """
     env = dict(os.environ)
+    # Flower starts its helpers by bare name (`flower-superexec`, `flwr-serverapp`, `flwr-clientapp`): put this
+    # interpreter's scripts first on PATH, or a venv used without activation (`.venv/bin/fedshield`) cannot start
+    # them and the SuperLink dies with "No such file or directory: 'flower-superexec'".
+    scripts = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([scripts, *[p for p in env.get("PATH", "").split(os.pathsep) if p and p != scripts]])
     env.update(
         {
             "FLWR_HOME": str(flwr_home),
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "PYTHONUNBUFFERED": "1",
+            # How often a SuperExec looks for a ServerApp/ClientApp to launch (Flower's default: 1 s). Every
+            # message to a SuperNode starts a ClientApp (SecAgg+: five a round), so this adds up.
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_S,
         }
     )
     env.update(extra or {})

@@ -2,10 +2,11 @@
 
 The command line this builds (flags from ``flwr/supernode/cli/flower_supernode.py`` of 1.39)::
 
-    flower-supernode --superlink HOST:FLEETPORT --root-certificates ca.pem \\
+    python -m fedshield.deploy.supernode_main --superlink HOST:FLEETPORT --root-certificates ca.pem \\
         --auth-supernode-private-key node-1.key --node-config node-config.toml \\
         --host 127.0.0.1 --port 9094 --isolation subprocess
 
+(``fedshield.deploy.supernode_main`` is ``flower-supernode`` with its idle poll shortened from 3 s.)
 ``--host/--port`` is the SuperNode's local Runtime HTTP API (where its ``flwr-clientapp`` processes fetch work), so
 every SuperNode on one machine needs its own port. How Flower 1.39 reports a refused node (all exit status 1, the
 reason only in the log): an unregistered key logs ``[code: 2004] Failed to activate SuperNode`` and ``Exit Code:
@@ -15,6 +16,7 @@ against a TLS SuperLink retries forever unless ``max_retries``/``max_wait_time``
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,6 @@ from fedshield.deploy.process import (
     FlowerProcess,
     ensure_ports_free,
     flower_env,
-    flower_executable,
     parse_address,
 )
 
@@ -71,8 +72,9 @@ class SuperNodeConfig:
             )
 
     def argv(self, node_config_file: Path | None) -> list[str]:
+        # Flower's SuperNode through our launcher, which only shortens its hard-coded 3 s idle poll.
         argv = [
-            flower_executable("flower-supernode"),
+            sys.executable, "-m", "fedshield.deploy.supernode_main",
             "--superlink", self.superlink,
             "--host", self.runtime_host,
             "--port", str(self.runtime_port),

@@ -9,18 +9,26 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import RunConfig
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, load_checkpoint
 from .runner import RoundRecord, RunSummary, run_server
 
-__all__ = ["app", "build_server_app"]
+__all__ = ["RESUME_KEY", "app", "build_server_app"]
 
 app = ServerApp()
 
 
+#: Run-config key (not a RunConfig field) with which ``fedshield server --resume`` asks the ServerApp to continue
+#: ``out`` from its last checkpoint instead of starting over.
+RESUME_KEY = "resume"
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = RunConfig.from_mapping(dict(context.run_config), zero_is_unset=True)
-    run_server(grid, config, state_root=str(config.out / "clients"))
+    values = dict(context.run_config)
+    resume = values.pop(RESUME_KEY, False) is True
+    config = RunConfig.from_mapping(values, zero_is_unset=True)
+    checkpoint = load_checkpoint(config.out) if resume else None
+    run_server(grid, config, state_root=str(config.out / "clients"), resume=checkpoint)
 
 
 def build_server_app(

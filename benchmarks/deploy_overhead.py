@@ -1,0 +1,223 @@
+"""Per-round wall time of a real deployment on loopback: plain vs SecAgg+, beside a stock-Flower echo app, and how
+much of a round is the clients' actual work. Usage::
+
+    python benchmarks/deploy_overhead.py [--clients 3 10] [--rounds 3]
+
+One SuperLink (TLS + node authentication) and N SuperNodes started through ``fedshield.server.deployment`` /
+``fedshield.client.deployment``, each site with its own slice of the digits as a CSV file. For each N, three runs
+on the same processes:
+
+* ``echo``: ``tests/apps/echo_app``, stock Flower (FedAvg, numpy only, one train message per node and round): the
+  floor that Flower 1.39's polling and process-per-message design sets;
+* ``plain``: fedshield, DP-SGD at the default settings, updates in clear (one train + one evaluate message);
+* ``secagg``: the same with SecAgg+ (four train-stage messages + one evaluate message per node and round).
+
+Round time is ``round_time_s`` from ``metrics.jsonl`` (the echo app reports its own). "Client work" is what a
+round's training and evaluation cost on one site, measured in this process with the same code and settings
+(``train_round`` + ``evaluate_round``); nothing is added to what clients send. The rest of a round is overhead:
+process starts, imports, polling. ``flwr-clientapp`` processes are counted from the SuperNodes' logs and timed
+from ``/proc`` while a run goes (first and last time each was seen, 50 ms sampling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedshield.client.deployment import ClientOptions, FedshieldClient, start_client
+from fedshield.config import RunConfig
+from fedshield.crypto import init_keys
+from fedshield.deploy import free_port, run_app
+from fedshield.server.deployment import FedshieldServer, ServerOptions, start_server
+
+ECHO_APP = Path(__file__).resolve().parents[1] / "tests" / "apps" / "echo_app"
+
+
+@dataclass
+class Measured:
+    label: str
+    rounds: list[float]
+    processes: int
+    lifetimes: list[float]
+
+    @property
+    def steady(self) -> float:
+        """Median round time after the first (which also pays for the ServerApp's first imports)."""
+        later = self.rounds[1:] or self.rounds
+        return statistics.median(later)
+
+
+class ClientAppWatcher:
+    """Counts the ClientApp processes the SuperNodes start (from their logs) and times them (from /proc)."""
+
+    def __init__(self, clients: list[FedshieldClient]) -> None:
+        self.clients, self.seen, self._stop = clients, {}, threading.Event()
+        self.started = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for pid in _clientapps():  # one /proc scan per tick, so short-lived processes are not missed
+                first, _ = self.seen.get(pid, (now, now))
+                self.seen[pid] = (first, now)
+            time.sleep(0.05)
+
+    @contextmanager
+    def watching(self) -> Iterator[ClientAppWatcher]:
+        self.seen, self._stop = {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        before = _clientapp_starts(self.clients)
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join()
+            self.started = _clientapp_starts(self.clients) - before
+
+    def lifetimes(self) -> list[float]:
+        return [last - first for first, last in self.seen.values()]
+
+
+def _clientapps() -> list[int]:
+    """Every live ``flwr-clientapp`` process on this machine (the benchmark runs the only SuperNodes)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"flwr-clientapp" in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _clientapp_starts(clients: list[FedshieldClient]) -> int:
+    """Exact count of ClientApp processes the SuperNodes started so far, from their logs."""
+    return sum(c.supernode.process.log_text().count("Start `flwr-clientapp` process") for c in clients)
+
+
+def write_sites(root: Path, n: int) -> list[Path]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    header = ",".join([f"p{i}" for i in range(64)] + ["label"])
+    paths = []
+    for i, part in enumerate(np.array_split(np.random.default_rng(0).permutation(len(digits.target)), n), 1):
+        paths.append(root / f"site-{i}.csv")
+        np.savetxt(paths[-1], np.column_stack([digits.data[part].astype(int), digits.target[part]]), delimiter=",",
+                   header=header, comments="", fmt="%d")
+    return paths
+
+
+def client_work(data: Path, config: RunConfig, seconds: list[float]) -> None:
+    """One site's training and evaluation for one round, in this process (warm imports, like a best case)."""
+    from fedshield.client.site import resolve_site
+    from fedshield.client.trainer import evaluate_round, train_round
+    from fedshield.config import RoundSettings
+    from fedshield.server.runner import noise_multiplier_for
+    from fedshield.tasks import get_task
+
+    with tempfile.TemporaryDirectory() as state:
+        settings = RoundSettings(
+            run_id="bench", server_round=1, num_rounds=config.num_rounds, task=config.task, partition="iid",
+            seed=0, local_epochs=config.local_epochs, lr=config.lr, sample_rate=config.sample_rate, dp=config.dp,
+            noise_multiplier=noise_multiplier_for(config), max_grad_norm=config.max_grad_norm, target_epsilon=0.0,
+            delta=config.delta, accountant=config.accountant, grad_sample_mode=config.grad_sample_mode,
+        )
+        site = resolve_site({"data-path": str(data), "state-dir": state}, settings)
+        state_dict = get_task(config.task).new_model(0).state_dict()
+        for repeat in range(4):
+            start = time.perf_counter()
+            settings = RoundSettings(**{**settings.__dict__, "server_round": repeat + 1})
+            outcome = train_round(site, settings, state_dict)
+            evaluate_round(site, settings, outcome.state_dict)
+            if repeat:  # the first pays for imports and Opacus set-up
+                seconds.append(time.perf_counter() - start)
+
+
+def run_fedshield(server: FedshieldServer, watcher: ClientAppWatcher, label: str, config: RunConfig) -> Measured:
+    with watcher.watching():
+        run_id = server.submit(config)
+        result = server.follow(run_id, config, status_every_s=5.0, timeout=1800)
+    if not result.completed:
+        raise RuntimeError(f"{label}: {result.status} {result.details}\n{result.log[-2000:]}")
+    rows = [json.loads(x) for x in (config.out / "metrics.jsonl").read_text().splitlines()]
+    return Measured(label, [r["round_time_s"] for r in rows], watcher.started, watcher.lifetimes())
+
+
+def run_echo(server: FedshieldServer, watcher: ClientAppWatcher, rounds: int, out: Path) -> Measured:
+    with watcher.watching():
+        result = run_app(ECHO_APP, server.superlink.connection, run_config={"num-rounds": rounds,
+                                                                            "out-file": str(out)}, timeout=1800)
+    if not result.completed:
+        raise RuntimeError(f"echo: {result.status} {result.details}")
+    seconds = json.loads(out.read_text())["seconds"]
+    return Measured("echo (stock Flower)", [seconds / rounds] * rounds, watcher.started, watcher.lifetimes())
+
+
+def bench(n: int, rounds: int, root: Path) -> tuple[list[Measured], float]:
+    keys = init_keys(root / "keys", server_hosts=["127.0.0.1"], nodes=n)
+    sites = write_sites(root, n)
+    options = ServerOptions(keys=keys.directory, fleet_address=f"127.0.0.1:{free_port()}", control_port=free_port())
+    server = start_server(options, home=root / "superlink")
+    clients: list[FedshieldClient] = []
+    try:
+        for i, data in enumerate(sites, 1):
+            clients.append(start_client(ClientOptions(
+                server=server.superlink.fleet_address, data=data, state_dir=root / f"state-{i}",
+                ca_cert=keys.ca_cert, node_key=keys.node(f"node-{i}").private_key_path, allow_plain_updates=True)))
+        watcher = ClientAppWatcher(clients)
+        base = RunConfig(num_clients=n, num_rounds=rounds, epsilon=8.0)
+        work: list[float] = []
+        client_work(sites[0], base, work)
+        results = [
+            run_echo(server, watcher, rounds, root / "echo.json"),
+            run_fedshield(server, watcher, "fedshield plain", base.replace(secagg=False, out=root / "plain")),
+            run_fedshield(server, watcher, "fedshield SecAgg+", base.replace(secagg=True, out=root / "secagg")),
+        ]
+        return results, statistics.median(work)
+    finally:
+        for client in clients:
+            client.stop()
+        server.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[3])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    print(f"{os.cpu_count()} CPUs; digits CNN, DP-SGD eps 8 (q=0.5, 2 local epochs), TLS + node auth, loopback")
+    header = (f"{'clients':>7} {'run':<20} {'round 1 s':>9} {'later s':>8} {'x echo':>7} {'clientapps/rnd':>14} "
+              f"{'clientapp life s':>16} {'work s':>7} {'overhead s':>10}")
+    print(header)
+    for n in args.clients:
+        with tempfile.TemporaryDirectory(prefix="fsbench-") as tmp:
+            start = time.monotonic()
+            results, work = bench(n, args.rounds, Path(tmp))
+            echo = results[0].steady
+            for m in results:
+                life = statistics.median(m.lifetimes) if m.lifetimes else float("nan")
+                own = 0.0 if m.label.startswith("echo") else work
+                print(f"{n:>7} {m.label:<20} {m.rounds[0]:>9.1f} {m.steady:>8.1f} {m.steady / echo:>7.1f} "
+                      f"{m.processes / args.rounds:>14.1f} {life:>16.1f} {own:>7.2f} {m.steady - own:>10.1f}")
+            print(f"{'':>7} (all runs for {n} clients: {time.monotonic() - start:.0f} s wall)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""``fedshield server`` and ``fedshield client``: a real federation of processes, one server and one client per site.
+
+Exit codes: 0 the run completed (server) or the client was stopped with Ctrl-C after serving; 1 the run failed or
+the client's SuperNode died; 2 bad input (flags, keys, data, ports, an unreachable or refusing server), always as
+one line ``error: ...``; 130 interrupted (Ctrl-C or SIGTERM; the run is stopped and every process we started is
+stopped by PID).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ..config import RunConfig
+from ..errors import FedshieldError
+from ..server.runner import RoundRecord
+from ._common import configure_logging, errors_to_exit, fail
+from ._report import print_summary, round_line
+from .simulate import build_config
+
+if TYPE_CHECKING:
+    from ..client.deployment import ClientCheck, ClientOptions, FedshieldClient
+    from ..server.deployment import FedshieldServer, ServerOptions
+
+__all__ = ["client_command", "server_command"]
+
+# soft_wrap: a server or client runs for hours with its output in a log file; never break lines at 80 columns.
+console = Console(stderr=False, highlight=False, soft_wrap=True)
+_LOG_TAIL_LINES = 40
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (systemd, docker stop, kill) takes the same clean path as Ctrl-C: stop the run and our processes."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ------------------------------------------------------------------------------------------------ server
+
+
+def server_command(
+    keys: Path | None = typer.Option(None, "--keys", help="Key directory from `fedshield keys init` (TLS + node keys)."),
+    address: str = typer.Option("0.0.0.0:9092", "--address", help="Fleet API HOST:PORT the sites connect to."),
+    control_port: int = typer.Option(8000, "--control-port", help="Local Control API port (bound to 127.0.0.1 only)."),
+    rounds: int | None = typer.Option(None, "--rounds", help="Federated rounds (default 20)."),
+    min_clients: int | None = typer.Option(None, "--min-clients", help="Clients that must be online to train (default 5)."),
+    out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/latest)."),
+    config: Path | None = typer.Option(None, "--config", help="TOML file with the same keys as these flags."),
+    task: str | None = typer.Option(None, "--task", help="digits | breast-cancer | package.module:factory."),
+    epsilon: float | None = typer.Option(None, "--epsilon", help="Record-level budget for the whole run (default 8)."),
+    delta: float | None = typer.Option(None, "--delta", help="DP delta (default 1e-5)."),
+    noise_multiplier: float | None = typer.Option(None, "--noise-multiplier", help="Fix sigma instead of calibrating it."),
+    max_grad_norm: float | None = typer.Option(None, "--max-grad-norm", help="Per-example clipping bound C."),
+    sample_rate: float | None = typer.Option(None, "--sample-rate", help="Poisson sampling rate q = 1/steps per epoch."),
+    lr: float | None = typer.Option(None, "--lr", help="Client learning rate."),
+    local_epochs: int | None = typer.Option(None, "--local-epochs", help="Local epochs per round."),
+    fraction_train: float | None = typer.Option(None, "--fraction-train", help="Fraction of online clients trained per round."),
+    accountant: str | None = typer.Option(None, "--accountant", help="prv (default, tightest) | rdp."),
+    grad_sample_mode: str | None = typer.Option(None, "--grad-sample-mode", help="hooks | ghost | functorch | ew."),
+    no_dp: bool = typer.Option(False, "--no-dp", help="Train WITHOUT differential privacy (prints a warning)."),
+    no_secagg: bool = typer.Option(False, "--no-secagg", help="Updates in clear to the server (prints a warning)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for the initial model (clients draw their own noise)."),
+    device: str | None = typer.Option(None, "--device", help="Clients' default device: auto | cpu | cuda[:N] (a site's --device wins)."),
+    max_physical_batch_size: int | None = typer.Option(
+        None, "--max-physical-batch-size", help="Split DP-SGD batches into chunks of this size (memory; same privacy)."
+    ),
+    amp: bool = typer.Option(False, "--amp", help="bf16 mixed precision in client training (hooks/functorch modes)."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS, no node authentication: local experiments ONLY."),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="Continue this run directory from its last completed round (its own settings)."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail."),
+) -> None:
+    """Run a federated training with real clients: start the SuperLink, register the sites' keys, train, report."""
+    configure_logging(verbose)
+    flags: dict[str, object] = {
+        "num_clients": min_clients, "num_rounds": rounds, "task": task, "epsilon": epsilon, "delta": delta,
+        "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm, "sample_rate": sample_rate, "lr": lr,
+        "local_epochs": local_epochs, "fraction_train": fraction_train, "accountant": accountant,
+        "grad_sample_mode": grad_sample_mode, "seed": seed, "out": out, "device": device,
+        "max_physical_batch_size": max_physical_batch_size, "amp": True if amp else None,
+        "dp": False if no_dp else None, "secagg": False if no_secagg else None,
+    }
+    from ..server.deployment import ServerOptions, check_run_dir, start_server
+
+    with errors_to_exit():
+        if resume is not None:
+            cfg, done = _resume_config(resume, config, flags)
+        else:
+            cfg, done = build_config(config, flags), 0
+            cfg = cfg.replace(out=check_run_dir(cfg.out))
+        options = ServerOptions(keys=keys, fleet_address=address, control_port=control_port, insecure=insecure)
+    _warn_server(cfg, insecure)
+    with _sigterm_as_interrupt():
+        server = None
+        try:
+            with errors_to_exit():
+                server = start_server(options, home=cfg.out / "superlink")
+            _serve(server, cfg, options, resume=done > 0)
+        except KeyboardInterrupt:
+            console.print("interrupted: stopping ...")
+            raise typer.Exit(130) from None
+        finally:
+            if server is not None:
+                server.close()
+
+
+def _resume_config(run_dir: Path, config_file: Path | None, flags: dict[str, object]) -> tuple[RunConfig, int]:
+    """The run's own settings and completed rounds; settings flags are refused (they would change the mechanism
+    under the clients' ledgers)."""
+    from ..errors import ConfigError
+    from ..server.deployment import load_resume
+
+    given = sorted(k.replace("_", "-") for k, v in flags.items() if v is not None)
+    if given or config_file is not None:
+        raise ConfigError(
+            f"--resume continues a run with its original settings; drop {', '.join(given) or '--config'} "
+            "(start a new run with --out to change settings)"
+        )
+    cfg, done = load_resume(run_dir)
+    console.print(f"resuming {cfg.out} after round {done} of {cfg.num_rounds}")
+    return cfg, done
+
+
+def _warn_server(cfg: RunConfig, insecure: bool) -> None:
+    if insecure:
+        console.print("[bold red]WARNING[/]: --insecure: NO TLS and NO node authentication. Anyone who reaches the "
+                      "port can join, read the model and send updates. Local experiments only.")
+    if not cfg.dp:
+        console.print("[bold red]WARNING[/]: --no-dp: clients train WITHOUT differential privacy; updates can reveal "
+                      "individual records.")
+    if not cfg.secagg:
+        console.print("[bold yellow]WARNING[/]: --no-secagg: the server sees every client's update in clear; clients "
+                      "refuse to train unless started with --allow-plain-updates.")
+
+
+def _serve(server: FedshieldServer, cfg: RunConfig, options: ServerOptions, *, resume: bool = False) -> None:
+    from ..server.deployment import read_summary
+
+    names = ", ".join(server.registered) or "none (insecure: any node may join)"
+    console.print(
+        f"fedshield server: Fleet API on {options.fleet_address} ({'INSECURE' if options.insecure else 'TLS + node auth'})"
+        f", registered nodes: {names}"
+    )
+    with errors_to_exit():
+        run_id = server.submit(cfg, resume=resume)
+    console.print(
+        f"run {run_id}: task={cfg.task} rounds={cfg.num_rounds} min-clients={cfg.num_clients} "
+        f"dp={'on' if cfg.dp else 'OFF'} secagg={'on' if cfg.secagg else 'OFF'} out={cfg.out}"
+    )
+    started = time.monotonic()
+    try:
+        result = server.follow(run_id, cfg, on_round=_print_round, on_nodes=lambda n: _print_nodes(n, cfg))
+    except FedshieldError as exc:  # the SuperLink died or stopped answering mid-run: not bad input
+        server.stop_run(run_id)
+        fail(str(exc), code=1)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: stopping run {run_id} ...")
+        server.stop_run(run_id)
+        raise
+    console.print(f"run {run_id} {result.status} in {time.monotonic() - started:.1f} s")
+    if not result.completed:
+        tail = "\n".join(result.log.strip().splitlines()[-_LOG_TAIL_LINES:])
+        console.print(escape(tail))
+        typer.echo(f"error: run {run_id} {result.status}: {result.details or 'see the log above'}", err=True)
+        raise typer.Exit(1)
+    summary = read_summary(cfg)
+    print_summary(summary, console)
+    _print_failures(summary.privacy)
+
+
+def _print_failures(privacy: dict[str, object]) -> None:
+    """Who did not contribute and why (a refusal's reason names its fix), so the operator need not open files."""
+    clients = privacy.get("clients", {})
+    for name, entry in clients.items() if isinstance(clients, dict) else ():
+        for failure in entry.get("failures", []) if isinstance(entry, dict) else ():
+            console.print(f"[yellow]{escape(str(name))} did not contribute in round {failure.get('round')}[/]: "
+                          f"{escape(str(failure.get('reason', '')))}")
+
+
+def _print_round(record: RoundRecord) -> None:
+    console.print(round_line(record))
+
+
+def _print_nodes(online: int, cfg: RunConfig) -> None:
+    need = cfg.num_clients
+    state = "starting" if online >= need else "waiting for clients"
+    console.print(f"{online}/{need} clients online: {state}")
+
+
+# ------------------------------------------------------------------------------------------------ client
+
+
+def client_command(
+    server: str = typer.Option(..., "--server", help="HOST:PORT of the server's Fleet API (`fedshield server --address`)."),
+    data: Path = typer.Option(..., "--data", help="This site's data: .csv, .parquet, .npz or an image folder."),
+    state: Path = typer.Option(..., "--state", help="Directory for this site's privacy ledger and logs (keep it)."),
+    ca: Path | None = typer.Option(None, "--ca", help="ca.pem from the server's `fedshield keys init`."),
+    node_key: Path | None = typer.Option(None, "--node-key", help="This site's node-N.key (mode 0600)."),
+    task: str = typer.Option("digits", "--task", help="The task the server trains: checks the data before joining."),
+    label_column: str | None = typer.Option(None, "--label-column", help="Label column of a .csv/.parquet (default label)."),
+    max_epsilon: float | None = typer.Option(None, "--max-epsilon", help="This site's lifetime privacy budget."),
+    device: str | None = typer.Option(
+        None, "--device", help="Where this site trains: auto (CUDA if present) | cpu | cuda[:N]; default: the server's."
+    ),
+    allow_plain_updates: bool = typer.Option(
+        False, "--allow-plain-updates", help="Also train when the server does not use secure aggregation."
+    ),
+    port: int | None = typer.Option(None, "--port", help="Local port of the SuperNode's runtime API (default: any free)."),
+    connect_attempts: int = typer.Option(10, "--connect-attempts", help="Tries to reach the server before giving up."),
+    retry_wait: float = typer.Option(2.0, "--retry-wait", help="Seconds before the 2nd try; doubles each time (max 60)."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS, no node key: local experiments ONLY."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail."),
+) -> None:
+    """Join a federation: check keys and data, connect to the server, and train when it asks, until Ctrl-C."""
+    configure_logging(verbose)
+    from ..client.deployment import ClientOptions, check_client, start_client
+
+    with errors_to_exit():
+        options = ClientOptions(
+            server=server, data=data, state_dir=state, ca_cert=ca, node_key=node_key, task=task,
+            label_column=label_column, max_epsilon=max_epsilon, device=device, allow_plain_updates=allow_plain_updates,
+            insecure=insecure, port=port, connect_attempts=connect_attempts, retry_wait=retry_wait,
+        )
+        check = check_client(options)
+    _report_check(check, options)
+    with _sigterm_as_interrupt():
+        client = None
+        try:
+            with errors_to_exit():
+                client = start_client(options, check=check, on_retry=_print_retry)
+            console.print(f"connected to {server} as node {client.node_id}; waiting for the server's rounds "
+                          f"(Ctrl-C to stop). SuperNode log: {client.log_path}")
+            _serve_client(client)
+        except KeyboardInterrupt:
+            console.print("interrupted: stopping the SuperNode ...")
+            raise typer.Exit(130) from None
+        finally:
+            if client is not None:
+                client.stop()
+
+
+def _report_check(check: ClientCheck, options: ClientOptions) -> None:
+    if options.insecure:
+        console.print("[bold red]WARNING[/]: --insecure: NO TLS and NO node key; local experiments only.")
+    if options.allow_plain_updates:
+        console.print("[bold yellow]WARNING[/]: --allow-plain-updates: when the server asks, this site sends its "
+                      "update unmasked and the server sees it in clear.")
+    for warning in check.warnings:
+        console.print(f"[bold yellow]WARNING[/]: {escape(warning)}")
+    spent = "none yet" if check.ledger is None else f"epsilon {check.ledger.epsilon:.3f}"
+    console.print(f"data ok: {check.train_examples} training + {check.test_examples} test examples "
+                  f"({options.task}) on {check.device}; privacy spent so far: {spent}")
+
+
+def _print_retry(attempt: int, attempts: int, wait: float, reason: str) -> None:
+    console.print(f"not connected yet ({reason}); attempt {attempt}/{attempts}, next in {wait:.0f} s")
+
+
+def _serve_client(client: FedshieldClient) -> None:
+    """Until the SuperNode exits: report each training round as this site's ledger records it."""
+    last = _ledger_rounds(client)
+    while client.is_running():
+        time.sleep(1.0)
+        rounds = _ledger_rounds(client)
+        ledger = client.ledger() if rounds > last else None
+        if ledger is not None:
+            console.print(f"charged a DP round: epsilon spent {ledger.epsilon:.3f} over {len(ledger.rounds)} rounds")
+            last = rounds
+    fail(str(client.failure()), code=1)
+
+
+def _ledger_rounds(client: FedshieldClient) -> int:
+    try:
+        ledger = client.ledger()
+    except (FedshieldError, OSError):  # unreadable right now; the ClientApp would fail loudly on it itself
+        return -1
+    return 0 if ledger is None else len(ledger.rounds)

@@ -1,0 +1,99 @@
+"""One train or evaluate request, from plain inputs (round config, named arrays) to plain outputs.
+
+The same two functions serve a ClientApp that trains in its own process (simulation, or a SuperNode started
+without a worker) and the warm worker of ``fedshield client`` (:mod:`fedshield.client.worker`), so both paths
+charge the privacy ledger, refuse and fail in exactly the same way. Nothing heavy is imported here at module load:
+the per-message ClientApp process imports this module, and only the path that really trains pays for torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import protocol as P
+from ..errors import BudgetExhaustedError, FedshieldError
+
+__all__ = [
+    "CONFIG_ERROR_CODE",
+    "REFUSAL_CODE",
+    "WORKER_ERROR_CODE",
+    "Refusal",
+    "TrainResult",
+    "run_evaluate",
+    "run_train",
+]
+
+#: Error code of a fedshield budget refusal (Flower's own codes are small integers).
+REFUSAL_CODE = 4001
+#: Error code of a request this client cannot serve as configured (bad round settings, data, state directory).
+CONFIG_ERROR_CODE = 4002
+#: Error code of a warm worker that is unreachable or failed unexpectedly.
+WORKER_ERROR_CODE = 4004
+
+
+class Refusal(Exception):
+    """The client does not contribute this round; ``reason`` goes back to the server as an error reply."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a train reply carries: new local weights (or a compressed update) and the reply metrics."""
+
+    arrays: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+def run_train(node_config: Mapping[str, Any], config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> TrainResult:
+    """Train one round on this site's data; raise :class:`Refusal` for a budget refusal or a configuration error."""
+    from ..config import RoundSettings
+    from .site import resolve_site
+    from .trainer import train_round
+
+    site = None
+    try:
+        settings = RoundSettings.from_record_dict(dict(config))
+        site = resolve_site(node_config, settings)
+        outcome = train_round(site, settings, _tensors(arrays))
+    except BudgetExhaustedError as exc:
+        # A simulated client names itself (node ids change across resumes); a deployed one stays anonymous.
+        tag = f" [{site.name}]" if site is not None and site.partition_id is not None else ""
+        raise Refusal(REFUSAL_CODE, f"{P.BUDGET_REFUSAL}{tag}: {exc}") from None
+    except FedshieldError as exc:
+        raise Refusal(CONFIG_ERROR_CODE, f"fedshield:{type(exc).__name__}: {exc}") from None
+    if outcome.payload is not None:
+        out = {k: np.asarray(v) for k, v in outcome.payload.items()}
+    else:
+        out = {k: v.detach().cpu().numpy() for k, v in outcome.state_dict.items()}
+    return TrainResult(out, dict(outcome.metrics))
+
+
+def run_evaluate(
+    node_config: Mapping[str, Any], config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+) -> dict[str, float]:
+    """Evaluate the global model on this site's test split; raise :class:`Refusal` for a configuration error."""
+    from ..config import RoundSettings
+    from .site import resolve_site
+    from .trainer import evaluate_round
+
+    try:
+        settings = RoundSettings.from_record_dict(dict(config))
+        site = resolve_site(node_config, settings)
+        return dict(evaluate_round(site, settings, _tensors(arrays)))
+    except FedshieldError as exc:
+        raise Refusal(CONFIG_ERROR_CODE, f"fedshield:{type(exc).__name__}: {exc}") from None
+
+
+def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    import torch
+
+    # A copy: arrays decoded from a message may be read-only views of its buffer.
+    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}

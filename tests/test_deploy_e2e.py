@@ -1,0 +1,408 @@
+"""A real federation on 127.0.0.1: ``fedshield server`` and ``fedshield client`` as processes, TLS, node
+authentication, SecAgg+ and DP-SGD, each client with its own data file and state directory.
+
+Two federations share one key set:
+
+* the CLI one: ``python -m fedshield server`` and three ``python -m fedshield client`` processes run two private,
+  securely aggregated rounds; then every file they wrote is checked against the others;
+* the library one (``fedshield.server.deployment`` / ``fedshield.client.deployment``): one SuperLink and its
+  SuperNodes refuse a wrong CA and an unregistered key, then serve two one-round runs that both aggregate exactly
+  node-1 and node-2: a SecAgg+ round in which node-3 is SIGKILLed mid-round, and a plain round that node-4 (a site
+  requiring SecAgg+) refuses. The two models must agree up to SecAgg+'s quantisation.
+
+Deployment rounds are slow on Flower 1.39 (every message starts a ``flwr-clientapp`` process that imports torch;
+SecAgg+ sends four messages per node and round; everything polls every 1-3 s), so runs are one or two rounds and
+checks are combined. Every process is started and stopped here by PID; ``no_leftover_processes`` fails a test
+that leaves one behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from fedshield.client.app import PLAIN_REFUSAL
+from fedshield.client.deployment import ClientOptions, FedshieldClient, start_client
+from fedshield.config import RunConfig
+from fedshield.crypto import KeySet, add_node, init_keys
+from fedshield.deploy import DeploymentError, RunResult, free_port
+from fedshield.deploy.process import live_descendants
+from fedshield.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from fedshield.server.deployment import FedshieldServer, ServerOptions, start_server
+from fedshield.server.report import recompute_epsilon
+from fedshield.tasks import get_task
+
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+
+SITES = 3
+SEED = 7
+# SecAgg+ as fedshield.server.runner builds it: updates clipped to +-8, 2^22 levels, weights / max_weight 1000.
+CLIP, LEVELS, MAX_WEIGHT = 8.0, 2**22, 1000.0
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> KeySet:
+    """One key set for both federations: node-1..3 are the sites, node-4 a site that refuses plain rounds."""
+    return init_keys(tmp_path_factory.mktemp("keys") / "keys", server_hosts=["127.0.0.1"], nodes=SITES + 1)
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """scikit-learn's digits split in three, one CSV per site: 64 pixel columns and a label, as a site exports."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = tmp_path_factory.mktemp("sites")
+    header = ",".join([f"pixel{i}" for i in range(64)] + ["label"])
+    paths = []
+    for i, part in enumerate(np.array_split(np.random.default_rng(0).permutation(len(digits.target)), SITES), 1):
+        rows = np.column_stack([digits.data[part].astype(int), digits.target[part]])
+        paths.append(root / f"site-{i}.csv")
+        np.savetxt(paths[-1], rows, delimiter=",", header=header, comments="", fmt="%d")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------ process helpers
+
+
+@dataclass
+class Cli:
+    """A ``python -m fedshield ...`` process in its own session, output in a file."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @classmethod
+    def start(cls, args: list[str], log: Path) -> Cli:
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "fedshield", *args], stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        return cls(proc, log)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while (match := re.search(pattern, self.text())) is None:
+            assert self.proc.poll() is None, f"exited {self.proc.returncode} before {pattern!r}:\n{self.text()}"
+            assert time.monotonic() < deadline, f"no {pattern!r} within {timeout} s:\n{self.text()}"
+            time.sleep(0.2)
+        return match
+
+    def interrupt(self, timeout: float = 60.0) -> int:
+        """Ctrl-C, as a user would; SIGKILL to everything it started if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                kill_tree(self.proc.pid)
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, like a crash or a power cut at a site."""
+    for p in [pid, *live_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def clientapp_pids(pid: int) -> set[int]:
+    """The ``flwr-clientapp`` processes (one per message) running under a SuperNode."""
+    found = set()
+    for p in live_descendants(pid):
+        try:
+            if b"flwr-clientapp" in Path(f"/proc/{p}/cmdline").read_bytes():
+                found.add(p)
+        except OSError:
+            continue
+    return found
+
+
+def read_rows(out: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def entry_for(privacy: dict[str, object], node_id: int) -> dict[str, object]:
+    clients = privacy["clients"]
+    assert isinstance(clients, dict)
+    (entry,) = [c for c in clients.values() if int(c["node_id"]) == node_id]
+    return entry
+
+
+# ------------------------------------------------------------------------------------------------ the CLI federation
+
+
+def test_cli_server_and_three_clients_complete_two_private_secure_rounds(
+    keys: KeySet, sites: list[Path], tmp_path: Path
+) -> None:
+    fleet = f"127.0.0.1:{free_port()}"
+    out = tmp_path / "run"
+    started: list[Cli] = []
+    try:
+        server = Cli.start(["server", "--keys", str(keys.directory), "--address", fleet, "--control-port",
+                            str(free_port()), "--rounds", "2", "--min-clients", str(SITES), "--out", str(out),
+                            "--seed", str(SEED)], tmp_path / "server.out")
+        started.append(server)
+        server.wait_for(r"registered nodes: node-1, node-2, node-3", timeout=90)
+        clients = []
+        for i, data in enumerate(sites, 1):
+            clients.append(Cli.start(
+                ["client", "--server", fleet, "--ca", str(keys.ca_cert), "--node-key",
+                 str(keys.node(f"node-{i}").private_key_path), "--data", str(data), "--state",
+                 str(tmp_path / f"state-{i}")], tmp_path / f"client-{i}.out"))
+            started.append(clients[-1])
+        node_ids = [int(c.wait_for(r"as node (\d+)", timeout=120).group(1)) for c in clients]
+        assert server.proc.wait(timeout=540) == 0, server.text()
+        for client in clients:  # they kept serving after the run; Ctrl-C stops them cleanly
+            assert client.proc.poll() is None, client.text()
+            assert client.interrupt() == 130, client.text()
+    finally:
+        for cli in started:
+            cli.interrupt()
+
+    text = server.text()
+    assert "round   1/2" in text and "round   2/2" in text and "finished:completed" in text, text
+    assert "trained 3/3" in text and "guarantee: (" in text
+    rows = read_rows(out)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["clients_sampled"] == r["clients_trained"] == SITES for r in rows), rows
+    assert 0.15 < float(rows[-1]["accuracy"]) <= 1.0  # trained beyond chance (0.1), under DP at eps 8 in 2 rounds
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert len(privacy["clients"]) == SITES and privacy["dp"] is True
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    for i, node_id in enumerate(node_ids, 1):
+        entry = entry_for(privacy, node_id)
+        assert entry["rounds_trained"] == 2 and entry["failures"] == []
+        assert entry["epsilon"] == pytest.approx(recompute_epsilon(entry), rel=1e-9)
+        ledger = PrivacyLedger.load(tmp_path / f"state-{i}" / LEDGER_FILE)
+        assert ledger.steps == entry["steps"] and len(ledger.rounds) == 2
+        assert ledger.epsilon == pytest.approx(entry["epsilon"], rel=1e-9)
+        assert entry["ledger_epsilon"] == pytest.approx(ledger.epsilon, rel=1e-9)
+        assert ledger.epsilon <= 8.0 + 1e-6  # the planned budget holds
+        assert "charged a DP round" in clients[i - 1].text()
+
+
+def test_ctrl_c_stops_the_run_and_every_server_process(keys: KeySet, tmp_path: Path) -> None:
+    """A server waiting for its sites is interrupted: the run is stopped with ``flwr stop``, the SuperLink (and its
+    SuperExec and ServerApp) by PID, and the command exits 130."""
+    server = Cli.start(["server", "--keys", str(keys.directory), "--address", f"127.0.0.1:{free_port()}",
+                        "--control-port", str(free_port()), "--rounds", "1", "--min-clients", "2", "--out",
+                        str(tmp_path / "run")], tmp_path / "server.out")
+    try:
+        run_id = server.wait_for(r"run (\d+): task=", timeout=120).group(1)
+        server.wait_for(r"clients online: waiting for clients", timeout=120)
+        assert live_descendants(server.proc.pid), "the SuperLink should be running under the server command"
+    finally:
+        code = server.interrupt()
+    assert code == 130, server.text()
+    assert f"interrupted: stopping run {run_id}" in server.text()
+    assert "Application shutdown complete" in (tmp_path / "run" / "superlink" / "superlink.log").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ the library federation
+
+
+@dataclass
+class Federation:
+    root: Path
+    keys: KeySet
+    sites: list[Path]
+    server: FedshieldServer
+    clients: dict[str, FedshieldClient] = field(default_factory=dict)
+    options: dict[str, ClientOptions] = field(default_factory=dict)
+
+    @property
+    def fleet(self) -> str:
+        return self.server.superlink.fleet_address
+
+    def site_options(self, name: str, data: Path, **changes: object) -> ClientOptions:
+        fields: dict[str, object] = {
+            "server": self.fleet, "data": data, "state_dir": self.root / f"state-{name}", "ca_cert": self.keys.ca_cert,
+            "node_key": self.keys.node(name).private_key_path, "connect_attempts": 3, "retry_wait": 0.5,
+        }
+        fields.update(changes)
+        return ClientOptions(**fields)  # type: ignore[arg-type]
+
+    def join(self, name: str, data: Path, **changes: object) -> FedshieldClient:
+        self.options[name] = self.site_options(name, data, **changes)
+        self.clients[name] = start_client(self.options[name])
+        return self.clients[name]
+
+    def run(self, name: str, **changes: object) -> tuple[RunResult, RunConfig, Path]:
+        settings: dict[str, object] = {"num_clients": SITES, "num_rounds": 1, "seed": SEED, "out": self.root / name}
+        config = RunConfig(**{**settings, **changes})  # type: ignore[arg-type]
+        run_id = self.server.submit(config)
+        return self.follow(run_id, config)
+
+    def follow(self, run_id: int, config: RunConfig) -> tuple[RunResult, RunConfig, Path]:
+        result = self.server.follow(run_id, config, status_every_s=5.0, timeout=400)
+        assert result.completed, f"{result.status}: {result.details}\n{result.log[-3000:]}"
+        return result, config, Path(config.out)
+
+
+@pytest.fixture(scope="module")
+def federation(keys: KeySet, sites: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    root = tmp_path_factory.mktemp("federation")
+    options = ServerOptions(keys=keys.directory, fleet_address=f"127.0.0.1:{free_port()}", control_port=free_port())
+    server = start_server(options, home=root / "superlink")
+    fed = Federation(root, keys, sites, server)
+    try:
+        for i, data in enumerate(sites, 1):  # these sites also train in plain rounds: the comparison needs both
+            fed.join(f"node-{i}", data, allow_plain_updates=True)
+        yield fed
+    finally:
+        for client in fed.clients.values():
+            client.stop()
+        server.close()
+        assert live_descendants() == [], "the federation left processes behind"
+
+
+def _model(out: Path) -> dict[str, np.ndarray]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_a_wrong_ca_and_an_unregistered_key_are_refused_in_one_line(federation: Federation, tmp_path: Path) -> None:
+    other = init_keys(tmp_path / "other", server_hosts=["127.0.0.1"], nodes=0)
+    wrong_ca = federation.site_options("node-1", federation.sites[0], ca_cert=other.ca_cert,
+                                       state_dir=tmp_path / "wrong-ca")
+    with pytest.raises(DeploymentError, match=r"^TLS check of the server at .* is not signed by the CA in"):
+        start_client(wrong_ca)
+    assert not (tmp_path / "wrong-ca" / "supernode.log").exists(), "refused before any SuperNode started"
+    intruder_key = add_node(federation.keys.directory, name="intruder")  # authorized on disk, never registered
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedshield", "client", "--server", federation.fleet, "--ca", str(federation.keys.ca_cert),
+         "--node-key", str(intruder_key), "--data", str(federation.sites[0]), "--state", str(tmp_path / "intruder")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: the server at {federation.fleet} did not accept this client: ") and \
+        "code 2004" in line and "fedshield keys add-node" in line, line
+    assert all(c.is_running() for c in federation.clients.values()), "refusals must not disturb the others"
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Two one-round runs that both aggregate exactly node-1 and node-2 (see :func:`runs`)."""
+
+    secure: Path
+    plain: Path
+    victim: int
+    strict: int
+    strict_survived: bool
+
+
+# Without DP a round is deterministic when every client takes full-batch steps (sample rate 1): the order of a
+# batch's examples, all that a deployed client then draws from OS entropy, changes a gradient only by float
+# rounding. That is what lets a SecAgg+ model be compared with a plain one.
+DETERMINISTIC = {"dp": False, "sample_rate": 1.0, "local_epochs": 2, "lr": 1.0}
+
+
+@pytest.fixture(scope="module")
+def runs(federation: Federation) -> Runs:
+    """1. SecAgg+ with node-1..3 online and at least 2 required; node-3 is SIGKILLed (SuperNode, SuperExec and
+    ClientApp: a crashed site) once it starts computing its masked update. SecAgg+ gives every node a share of
+    every other node's secrets, threshold round(0.66 x 3) = 2: the server learns from Flower that node-3 is gone
+    (two missed heartbeats, <= 60 s), rebuilds node-3's masks from the others' shares and completes the round
+    with node-1 and node-2.
+    2. node-4, a site that requires SecAgg+ (no --allow-plain-updates), joins; a plain round with node-1, node-2
+    and node-4: node-4 refuses, so this round too aggregates exactly node-1 and node-2, in clear."""
+    victim = federation.clients["node-3"]
+    config = RunConfig(num_clients=2, num_rounds=1, seed=SEED, secagg=True, out=federation.root / "secure",
+                       **DETERMINISTIC)  # type: ignore[arg-type]
+    run_id = federation.server.submit(config)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 240
+    while len(seen) < 3:  # 1 SETUP, 2 SHARE_KEYS, 3 COLLECT_MASKED_VECTORS: the one that trains
+        assert time.monotonic() < deadline, "node-3 never started its third message"
+        seen |= clientapp_pids(victim.supernode.process.pid)
+        time.sleep(0.05)
+    kill_tree(victim.supernode.process.pid)
+    victim.stop(grace=2.0)  # reaps what the kill left
+    federation.follow(run_id, config)
+    strict = federation.join("node-4", federation.sites[0])  # allow_plain_updates defaults to False
+    _, _, plain = federation.run("plain", secagg=False, num_clients=3, **DETERMINISTIC)
+    return Runs(Path(config.out), plain, int(victim.node_id or 0), int(strict.node_id or 0), strict.is_running())
+
+
+def test_a_client_killed_during_a_secagg_round_leaves_the_round_to_the_other_two(runs: Runs) -> None:
+    (row,) = read_rows(runs.secure)
+    assert (row["clients_sampled"], row["clients_trained"], row["clients_failed"]) == (3, 2, 1), row
+    privacy = json.loads((runs.secure / "privacy.json").read_text())
+    assert [f["round"] for f in entry_for(privacy, runs.victim)["failures"]] == [1]
+    initial = {k: v.numpy() for k, v in get_task("digits").new_model(SEED).state_dict().items()}
+    model = _model(runs.secure)
+    assert max(float(np.max(np.abs(model[k] - initial[k]))) for k in model) > 1e-2, "the round changed nothing"
+
+
+def test_secagg_gives_the_plain_model_up_to_quantization(runs: Runs, federation: Federation) -> None:
+    """Both runs averaged the updates of node-1 and node-2 from the same initial model (seed 7). SecAgg+ clips
+    each client's weighted update (update x examples / max_weight) to +-8 and rounds it stochastically to one of
+    2^22 levels: an error below one level (16 / 2^22) per value, times max_weight / examples once averaged."""
+    secure, plain = _model(runs.secure), _model(runs.plain)
+    initial = {k: v.numpy() for k, v in get_task("digits").new_model(SEED).state_dict().items()}
+    examples = [federation.clients[f"node-{i}"].check.train_examples for i in (1, 2)]
+    tolerance = 2 * (2 * CLIP / LEVELS) * MAX_WEIGHT / sum(examples) + 1e-6  # 2 clients; + float32 summation
+    assert set(secure) == set(plain) == set(initial)
+    worst = max(float(np.max(np.abs(secure[k] - plain[k]))) for k in secure)
+    moved = max(float(np.max(np.abs(plain[k] - initial[k]))) for k in plain)
+    assert worst <= tolerance, f"SecAgg+ model differs from the plain one by {worst:.3g} > {tolerance:.3g}"
+    assert moved > 1000 * tolerance, "the round did not train: the comparison would prove nothing"
+
+
+def test_a_client_that_requires_secagg_refuses_a_plain_round(runs: Runs) -> None:
+    (row,) = read_rows(runs.plain)
+    assert (row["clients_sampled"], row["clients_trained"], row["clients_failed"]) == (3, 2, 1), row
+    privacy = json.loads((runs.plain / "privacy.json").read_text())
+    (failure,) = entry_for(privacy, runs.strict)["failures"]
+    assert failure["round"] == 1 and failure["reason"].startswith(PLAIN_REFUSAL)
+    assert "--allow-plain-updates" in failure["reason"]
+    assert runs.strict_survived, "refusing must not cost the site its SuperNode"
+
+
+def test_a_stopped_deployed_run_resumes_from_its_last_checkpoint(federation: Federation, runs: Runs) -> None:
+    """The ServerApp dies after round 1 of 3 (``flwr stop``: its process is killed mid-round 2); the same run
+    directory is resubmitted with ``resume``: rounds 2 and 3 follow round 1, with the run's own id and mechanism,
+    and no completed round is lost or repeated."""
+    from fedshield.server.checkpoint import CHECKPOINT_FILE, load_checkpoint
+    from fedshield.server.deployment import load_resume
+
+    config = RunConfig(num_clients=2, num_rounds=3, seed=SEED, secagg=True, out=federation.root / "resumed")
+    run_id = federation.server.submit(config)
+    deadline = time.monotonic() + 300
+    while not (config.out / CHECKPOINT_FILE).exists() or load_checkpoint(config.out).server_round < 1:
+        assert time.monotonic() < deadline, "round 1 never completed"
+        time.sleep(0.2)
+    federation.server.stop_run(run_id)
+    first = load_checkpoint(config.out)
+    assert first.server_round == 1, "stopped too late to prove anything: round 2 had already completed"
+    resumed_config, done = load_resume(config.out)
+    assert done == 1 and resumed_config.num_rounds == 3
+    rerun = federation.server.submit(resumed_config, resume=True)
+    federation.follow(rerun, resumed_config)
+    rows = read_rows(config.out)
+    assert [r["round"] for r in rows] == [1, 2, 3], rows
+    assert all(r["clients_trained"] >= 2 for r in rows), rows
+    last = load_checkpoint(config.out)
+    assert last.server_round == 3 and last.run_id == first.run_id and last.noise_multiplier == first.noise_multiplier
+    privacy = json.loads((config.out / "privacy.json").read_text())
+    for entry in privacy["clients"].values():
+        assert entry["epsilon"] == pytest.approx(recompute_epsilon(entry), rel=1e-9)
+    assert max(max(e["trained_in_rounds"] or [0]) for e in privacy["clients"].values()) == 3
