@@ -169,7 +169,7 @@ def run_echo(server: FedshieldServer, watcher: ClientAppWatcher, rounds: int, ou
     return Measured("echo (stock Flower)", [seconds / rounds] * rounds, watcher.started, watcher.lifetimes())
 
 
-def bench(n: int, rounds: int, root: Path) -> tuple[list[Measured], float]:
+def bench(n: int, rounds: int, root: Path, *, worker: bool = True) -> tuple[list[Measured], float]:
     keys = init_keys(root / "keys", server_hosts=["127.0.0.1"], nodes=n)
     sites = write_sites(root, n)
     options = ServerOptions(keys=keys.directory, fleet_address=f"127.0.0.1:{free_port()}", control_port=free_port())
@@ -179,7 +179,8 @@ def bench(n: int, rounds: int, root: Path) -> tuple[list[Measured], float]:
         for i, data in enumerate(sites, 1):
             clients.append(start_client(ClientOptions(
                 server=server.superlink.fleet_address, data=data, state_dir=root / f"state-{i}",
-                ca_cert=keys.ca_cert, node_key=keys.node(f"node-{i}").private_key_path, allow_plain_updates=True)))
+                ca_cert=keys.ca_cert, node_key=keys.node(f"node-{i}").private_key_path, allow_plain_updates=True,
+                warm_worker=worker)))
         watcher = ClientAppWatcher(clients)
         base = RunConfig(num_clients=n, num_rounds=rounds, epsilon=8.0)
         work: list[float] = []
@@ -200,16 +201,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[3])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-worker", action="store_true",
+                        help="train inside each flwr-clientapp process (what the warm worker saves)")
+    parser.add_argument("--flower-polling", action="store_true",
+                        help="Flower 1.39's own poll intervals (SuperNode idle 3 s, SuperExec 1 s): stock Flower")
     args = parser.parse_args()
+    if args.flower_polling:  # read by fedshield.deploy.supernode_main and by every SuperExec we start
+        os.environ["FEDSHIELD_SUPERNODE_POLL_S"] = "3"
+        os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "1.0"
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    print(f"{os.cpu_count()} CPUs; digits CNN, DP-SGD eps 8 (q=0.5, 2 local epochs), TLS + node auth, loopback")
+    print(f"{os.cpu_count()} CPUs; digits CNN, DP-SGD eps 8 (q=0.5, 2 local epochs), TLS + node auth, loopback; "
+          f"warm worker {'OFF' if args.no_worker else 'on'}; polling {'Flower 1.39' if args.flower_polling else 'fedshield'}")
     header = (f"{'clients':>7} {'run':<20} {'round 1 s':>9} {'later s':>8} {'x echo':>7} {'clientapps/rnd':>14} "
               f"{'clientapp life s':>16} {'work s':>7} {'overhead s':>10}")
     print(header)
     for n in args.clients:
         with tempfile.TemporaryDirectory(prefix="fsbench-") as tmp:
             start = time.monotonic()
-            results, work = bench(n, args.rounds, Path(tmp))
+            results, work = bench(n, args.rounds, Path(tmp), worker=not args.no_worker)
             echo = results[0].steady
             for m in results:
                 life = statistics.median(m.lifetimes) if m.lifetimes else float("nan")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -117,3 +118,29 @@ def test_budget_can_only_be_tightened_on_reopen(tmp_path) -> None:
     PrivacyLedger(accountant="prv", delta=DELTA, budget=3.0).save(path)
     assert PrivacyLedger.open(path, accountant="prv", delta=DELTA, budget=10.0).budget == 3.0
     assert PrivacyLedger.open(path, accountant="prv", delta=DELTA, budget=1.0).budget == 1.0
+
+
+def test_a_rejected_update_still_costs_its_client_the_round(tmp_path: Path) -> None:
+    """Validation drops the update, but the client trained (and charged its ledger) to make it: the server's
+    account charges the round too, so it can never report less than the client really spent."""
+    from fedshield import protocol as P
+    from fedshield.config import RoundSettings, RunConfig
+    from fedshield.server.report import PrivacyReport
+    from fedshield.strategies.validation import REJECTED
+
+    config = RunConfig(num_clients=2, num_rounds=2, out=tmp_path)
+    settings = RoundSettings(
+        run_id="r", server_round=1, num_rounds=2, task="digits", partition="iid", seed=0, local_epochs=1, lr=1.0,
+        sample_rate=0.5, dp=True, noise_multiplier=1.0, max_grad_norm=1.0, target_epsilon=8.0, delta=1e-5,
+        accountant="prv", grad_sample_mode="ghost",
+    )
+    report = PrivacyReport(config, 1.0)
+    report.record_round(settings, [
+        P.ClientReply(1, {P.PARTITION_ID: 0.0}),
+        P.ClientReply(2, {P.PARTITION_ID: 1.0}, error=f"{REJECTED}: update norm 1e9 exceeds max-update-norm 5"),
+    ])
+    clients = report.to_json()["clients"]
+    honest, rejected = clients["client-0"], clients["client-1"]
+    assert rejected["history"] == honest["history"] == [[1.0, 0.5, settings.steps]]
+    assert rejected["epsilon"] == pytest.approx(honest["epsilon"]) and rejected["epsilon"] > 0
+    assert rejected["rounds_trained"] == 0 and [f["round"] for f in rejected["failures"]] == [1]

@@ -79,11 +79,11 @@ def flower_env(flwr_home: Path, *, extra: Mapping[str, str] | None = None) -> di
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "PYTHONUNBUFFERED": "1",
-            # How often a SuperExec looks for a ServerApp/ClientApp to launch (Flower's default: 1 s). Every
-            # message to a SuperNode starts a ClientApp (SecAgg+: five a round), so this adds up.
-            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_S,
         }
     )
+    # How often a SuperExec looks for a ServerApp/ClientApp to launch (Flower's default: 1 s). Every message to a
+    # SuperNode starts a ClientApp (SecAgg+: five a round), so this adds up. An operator's own value wins.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_S)
     env.update(extra or {})
     return env
 
