@@ -5,7 +5,8 @@ message, and polls 0.5 s for a reply to send back; neither is configurable. A me
 sleeps waits up to 3 s before anything starts, and SecAgg+ sends five messages per node and round one after the
 other, so a round paid ~7-15 s for these sleeps alone. This launcher caps every sleep of that one module (they are
 all poll waits; nothing there sleeps for correctness) at ``FEDSHIELD_SUPERNODE_POLL_S`` seconds (default 0.5),
-then runs Flower's own entry point unchanged.
+then runs Flower's own entry point unchanged. It also forks the ClientApp zygote
+(:mod:`fedshield.deploy.clientapp_zygote`), so each per-message ClientApp process starts with Flower imported.
 
 The cost is requests: an idle node asks the SuperLink for work every 0.5 s instead of every 3 s (small gRPC calls;
 100 idle sites are ~200 requests a second). When the module no longer looks as expected (another Flower version),
@@ -22,10 +23,20 @@ import warnings
 from types import ModuleType
 from typing import Any
 
-__all__ = ["POLL_ENV", "DEFAULT_POLL_S", "CappedSleepClock", "main", "patch_supernode_polling"]
+__all__ = [
+    "DEFAULT_POLL_S",
+    "POLL_ENV",
+    "ZYGOTE_SWITCH_ENV",
+    "CappedSleepClock",
+    "main",
+    "patch_supernode_polling",
+    "start_clientapp_zygote",
+]
 
 POLL_ENV = "FEDSHIELD_SUPERNODE_POLL_S"
 DEFAULT_POLL_S = 0.5
+#: ``0`` starts every ClientApp cold, as Flower does (for measurements); anything else forks them from a zygote.
+ZYGOTE_SWITCH_ENV = "FEDSHIELD_CLIENTAPP_ZYGOTE_ON"
 
 
 class CappedSleepClock:
@@ -71,8 +82,40 @@ def patch_supernode_polling(cap: float) -> bool:
     return True
 
 
+def start_clientapp_zygote() -> bool:
+    """Fork the pre-imported ``flwr-clientapp`` parent (:mod:`fedshield.deploy.clientapp_zygote`) and put its shim
+    first on PATH for the SuperExec that Flower starts next. Must run before Flower starts any thread."""
+    if os.environ.get(ZYGOTE_SWITCH_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    import shutil
+
+    real = shutil.which("flwr-clientapp")
+    if real is None:
+        return False
+    import flwr.supernode.cli.flwr_clientapp  # noqa: F401  (what every ClientApp process imports first)
+
+    import fedshield.client.app  # noqa: F401  (the app those processes load; a thin module)
+
+    from .clientapp_zygote import ZYGOTE_ENV, Zygote, write_shim
+
+    if len(os.listdir("/proc/self/task")) > 1:  # a thread already runs: forking now could deadlock the zygote
+        return False
+    zygote = Zygote()
+    write_shim(zygote.bin, real)
+    parent = os.getpid()
+    if os.fork() == 0:
+        zygote.serve(parent)  # never returns
+    os.environ[ZYGOTE_ENV] = zygote.socket_path
+    os.environ["PATH"] = f"{zygote.bin}{os.pathsep}{os.environ.get('PATH', '')}"
+    return True
+
+
 def main() -> None:
+    # Before NumPy loads: OpenBLAS would start its thread pool at import, and a fork (the zygote) must happen in a
+    # process with one thread. Nothing in a SuperNode or a ClientApp shim does heavy BLAS; training runs elsewhere.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     patch_supernode_polling(poll_seconds())
+    start_clientapp_zygote()
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"
