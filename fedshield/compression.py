@@ -12,6 +12,11 @@ Wire layout inside the reply's ArrayRecord::
 
 One side array instead of two per tensor: every array on the wire carries a ~130-byte header, which for small
 models would otherwise eat much of the saving.
+
+Under SecAgg+ the update is not quantized here but into the secure-aggregation field (:func:`secagg_field`): the
+server must add the clients' values without seeing them, so all clients share one fixed grid instead of per-tensor
+``lo``/``scale``, and the field needs room for the sum of every client's value. The masked values then travel in
+the narrowest unsigned integer type that holds the field (:func:`wire_dtype`).
 """
 
 from __future__ import annotations
@@ -20,11 +25,23 @@ import numpy as np
 
 from .errors import ConfigError, ProtocolError
 
-__all__ = ["QUANT_BITS", "quantize_update", "dequantize_update", "is_quantized"]
+__all__ = [
+    "QUANT_BITS",
+    "SECAGG_NARROW_KEY",
+    "dequantize_update",
+    "is_quantized",
+    "quantize_update",
+    "secagg_field",
+    "wire_dtype",
+]
 
 QUANT_BITS = (8, 16)
 _DTYPES = {8: np.uint8, 16: np.uint16}
 META = "__quant__"
+
+#: Key in the SecAgg+ masked-vector request asking the client to send its masked vector in :func:`wire_dtype`.
+SECAGG_NARROW_KEY = "fedshield-narrow-masked-vectors"
+_WIRE_DTYPES = (np.uint8, np.uint16, np.uint32)
 
 
 def _quantizable(arr: np.ndarray) -> bool:
@@ -87,3 +104,32 @@ def dequantize_update(
         else:
             out[key] = codes.copy()
     return out
+
+
+def secagg_field(bits: int, num_clients: int) -> tuple[int, int]:
+    """``(quantization_range, modulus_range)`` of a SecAgg+ field for ``bits``-bit updates from ``num_clients``.
+
+    Flower's ``secaggplus_mod`` maps each clipped value onto the integers ``0 .. quantization_range`` inclusive (and
+    folds in a weight ``round(num_examples / max_weight * quantization_range)``, at most ``quantization_range``
+    while counts stay within ``max_weight``). So ``2**bits - 1`` is the range whose every value fits in ``bits``
+    bits, and the sum of ``num_clients`` such values is at most ``num_clients * (2**bits - 1)``: the modulus is the
+    smallest power of two above that (at most ``2**(bits + ceil(log2(num_clients)))``), so the sum never wraps.
+    """
+    if bits not in QUANT_BITS:
+        raise ConfigError(f"a SecAgg+ field is sized for one of {QUANT_BITS} bits per value, got {bits!r}")
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 2:
+        raise ConfigError(f"a SecAgg+ field needs at least 2 clients, got {num_clients!r}")
+    levels = 2**bits - 1
+    modulus = 1 << (num_clients * levels).bit_length()
+    if modulus > 2**32:
+        raise ConfigError(f"{num_clients} clients' {bits}-bit values do not fit SecAgg+'s largest field (2**32): "
+                          "sample fewer clients per round, or use 8 bits")
+    return levels, modulus
+
+
+def wire_dtype(modulus_range: int) -> np.dtype:
+    """The narrowest unsigned numpy type that holds every value of ``[0, modulus_range)`` (a masked value)."""
+    for dtype in _WIRE_DTYPES:
+        if modulus_range - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ConfigError(f"modulus_range {modulus_range} does not fit 32 bits: SecAgg+ allows at most 2**32")

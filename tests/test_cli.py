@@ -34,7 +34,8 @@ runner = CliRunner()
         (["--accountant", "gdp"], "unknown accountant 'gdp'"),
         (["--rounds", "0"], "rounds must be a whole number >= 1"),
         (["--quantize", "4", "--no-secagg"], "quantize must be 8 or 16"),
-        (["--quantize", "8"], "under SecAgg+ every update is already quantized"),
+        (["--quantize", "8", "--client-dp", "distributed", "--client-clip-norm", "1", "--client-noise-multiplier",
+          "1"], "use --quantize 16, or drop --quantize"),
     ],
 )
 def test_bad_input_one_line_error_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:

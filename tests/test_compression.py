@@ -1,12 +1,15 @@
 """Quantized updates: unbiased stochastic rounding, error within one quantization step, shapes including 0-d and
-empty, and at most 0.3x the bytes of float32 at 8 bits."""
+empty, and at most 0.3x the bytes of float32 at 8 bits. And the SecAgg+ field sizes for quantized updates: the
+smallest modulus that holds every possible sum, and the narrowest wire type that holds the modulus."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 
-from fedshield.compression import dequantize_update, quantize_update
+from fedshield.compression import dequantize_update, quantize_update, secagg_field, wire_dtype
 from fedshield.errors import ConfigError, ProtocolError
 
 SHAPES = {"w": (64, 32), "b": (32,), "scalar": (), "empty": (0, 4), "const": (5,)}
@@ -62,3 +65,37 @@ def test_bad_input() -> None:
         quantize_update({"__quant__": np.ones(3, np.float32)}, bits=8, rng=np.random.default_rng(0))
     with pytest.raises(ProtocolError, match="side data"):
         dequantize_update({**q, "__quant__": q["__quant__"][:1]}, _update())
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("clients", [2, 3, 4, 5, 7, 8, 9, 100, 256, 257])
+def test_secagg_field_is_the_smallest_that_holds_every_sum(bits: int, clients: int) -> None:
+    levels, modulus = secagg_field(bits, clients)
+    assert levels == 2**bits - 1  # values 0..levels: exactly `bits` bits per client
+    assert modulus & (modulus - 1) == 0  # a power of two, as the masks need
+    assert clients * levels < modulus <= 2 * clients * levels  # every sum fits, and no smaller power of two does
+    assert modulus <= 2 ** (bits + math.ceil(math.log2(clients)))  # ceil(log2 N) extra bits at most (257: 8)
+    # The largest sum, every client at +clipping_range, survives the field's mask arithmetic unchanged.
+    total = np.full(3, levels, dtype=np.int64) * clients
+    assert np.array_equal(total & (modulus - 1), total)
+
+
+@pytest.mark.parametrize(
+    ("modulus", "dtype"),
+    [(2**8, np.uint8), (2**9, np.uint16), (2**16, np.uint16), (2**17, np.uint32), (2**32, np.uint32)],
+)
+def test_wire_dtype_is_the_narrowest_that_holds_the_modulus(modulus: int, dtype: type) -> None:
+    assert wire_dtype(modulus) == np.dtype(dtype)
+    top = np.asarray([modulus - 1], dtype=np.int64)
+    assert int(top.astype(wire_dtype(modulus))[0]) == modulus - 1  # lossless
+
+
+def test_secagg_field_bad_input() -> None:
+    with pytest.raises(ConfigError, match="bits per value"):
+        secagg_field(4, 5)
+    with pytest.raises(ConfigError, match="at least 2 clients"):
+        secagg_field(8, 1)
+    with pytest.raises(ConfigError, match="largest field"):
+        secagg_field(16, 70_000)
+    with pytest.raises(ConfigError, match="32 bits"):
+        wire_dtype(2**33)

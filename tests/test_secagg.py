@@ -7,7 +7,8 @@ Two harnesses:
 * Flower's real simulation engine (Ray) for the end-to-end checks, with hygiene checks on what it leaves behind.
 
 The reference is the plain example-weighted average of the same client updates, computed here with numpy. The
-tolerance follows from the protocol's arithmetic (see ``_tolerance``), not from a constant.
+tolerance follows from the protocol's arithmetic (see ``_tolerance``), not from a constant: for the full-precision
+field and for the fields sized for 8- and 16-bit updates (``quantize``) alike.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod  # legacy package only, in flwr 1.39
 from flwr.clientapp import ClientApp
+from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedshield.client.secagg_mod import CLEAR_METRICS, secagg_adapter_mod, to_fitres_content
+from fedshield.client.secagg_mod import CLEAR_METRICS, secagg_adapter_mod, secagg_wire_mod, to_fitres_content
+from fedshield.compression import quantize_update, secagg_field, wire_dtype
+from fedshield.config import RunConfig
 from fedshield.errors import ConfigError, FedshieldError, ProtocolError
 from fedshield.protocol import (
     ARRAYS,
@@ -44,7 +48,8 @@ from fedshield.protocol import (
     TRAIN_LOSS,
     ClientReply,
 )
-from fedshield.strategies.secagg import SecAggPlus
+from fedshield.strategies.recording import RecordingStrategy
+from fedshield.strategies.secagg import DEFAULT_CLIPPING_RANGE, SecAggPlus
 
 CLIP, LEVELS = 8.0, 2**22  # SecAggPlus defaults, restated for the tolerance
 MAX_WEIGHT = 1000.0
@@ -54,6 +59,7 @@ MAX_WEIGHT = 1000.0
 SHAPES: dict[str, tuple[tuple[int, ...], type]] = {
     "conv.weight": ((4, 3, 3), np.float32),
     "conv.bias": ((4,), np.float32),
+    "fc.weight": ((64, 64), np.float32),  # large enough that payload, not array headers, dominates the bytes
     "scale": ((), np.float64),  # 0-d: in-place numpy rebinds these instead of mutating
     "empty": ((0,), np.float32),
     "bn.num_batches_tracked": ((), np.int64),  # integer buffer: each client adds exactly 1
@@ -79,15 +85,22 @@ def update(partition: int, server_round: int) -> dict[str, np.ndarray[Any, Any]]
     return out
 
 
-def make_client_app(refusing_partition: int | None = None) -> ClientApp:
-    """A ClientApp whose train handler returns global + update(partition, round), or refuses."""
-    app = ClientApp()
+def make_client_app(refusing_partition: int | None = None, *, narrow: bool = True) -> ClientApp:
+    """A ClientApp whose train handler returns global + update(partition, round), or refuses.
 
-    @app.train(mods=[secaggplus_mod, secagg_adapter_mod])
+    ``narrow``: with fedshield's wire mod around Flower's, as fedshield's ClientApp runs them; without it the
+    client sends Flower's int64 masked vectors (a client of an older fedshield).
+    """
+    app = ClientApp()
+    mods = [secagg_wire_mod, secaggplus_mod, secagg_adapter_mod] if narrow else [secaggplus_mod, secagg_adapter_mod]
+
+    @app.train(mods=mods)
     def train(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
         if pid == refusing_partition:
             raise RuntimeError(f"{BUDGET_REFUSAL} test")
+        if msg.content["config"].get("quantize", 0):
+            raise RuntimeError("under SecAgg+ the client must be told quantize 0: the field quantizes")
         rnd = int(msg.content["config"]["server-round"])  # type: ignore[arg-type]
         glob, upd = msg.content.array_records[ARRAYS], update(pid, rnd)
         local = {k: Array(np.asarray(a.numpy() + upd[k]).astype(a.numpy().dtype)) for k, a in glob.items()}
@@ -101,23 +114,33 @@ def make_client_app(refusing_partition: int | None = None) -> ClientApp:
 # --- the reference and its tolerance -------------------------------------------------------------------------
 
 
-def _tolerance(partitions: list[int], server_round: int, dtype: np.dtype[Any], scale: float) -> float:
+def _tolerance(
+    partitions: list[int], server_round: int, dtype: np.dtype[Any], scale: float, clip: float, levels: int
+) -> float:
     """Largest deviation SecAgg+ may show from the exact weighted average, per entry.
 
-    Each client scales its update by q_i / T (q_i = round(n_i / max_weight * T)) and stochastically rounds it to a
-    grid of step 2c/T: error < 1 step per client, so < N steps on the sum, which the server divides by
-    Q / T = sum(q_i) / T. Weighting by q_i instead of n_i moves the average by at most N / Q * max|update|
-    (|q_i - n_i T / max_weight| <= 1/2). Then the float cast of the new global: one ulp at ``scale``.
+    Each client scales its update by q_i / T (q_i = round(n_i / max_weight * T), T = ``levels``) and
+    stochastically rounds it to a grid of step 2c/T (c = ``clip``): error < 1 step per client, so < N steps on the
+    sum, which the server divides by Q / T = sum(q_i) / T. Weighting by q_i instead of n_i moves the average by at
+    most N / Q * max|update| (|q_i - n_i T / max_weight| <= 1/2). Then the float cast of the new global: one ulp at
+    ``scale``. No clipping term: every test update times n_i / max_weight stays inside +-c (checked).
     """
     n = len(partitions)
-    q_total = sum(round(num_examples(p) / MAX_WEIGHT * LEVELS) for p in partitions)
+    q_total = sum(round(num_examples(p) / MAX_WEIGHT * levels) for p in partitions)
     updates = [a for p in partitions for a in update(p, server_round).values() if a.size]
     largest = max(float(np.max(np.abs(a))) for a in updates)
-    return n * (2 * CLIP) / q_total + n / q_total * largest + float(np.finfo(dtype).eps) * scale
+    assert largest * max(num_examples(p) for p in partitions) / MAX_WEIGHT < clip, "the bound assumes no clipping"
+    return n * (2 * clip) / q_total + n / q_total * largest + float(np.finfo(dtype).eps) * scale
+
+
+def field(bits: int, num_nodes: int) -> tuple[float, int]:
+    """``(clipping range, levels)`` SecAggPlus uses for ``bits`` per value (0: the full-precision field)."""
+    return (DEFAULT_CLIPPING_RANGE[bits], secagg_field(bits, num_nodes)[0]) if bits else (CLIP, LEVELS)
 
 
 def assert_weighted_average(
-    before: dict[str, np.ndarray[Any, Any]], after: dict[str, np.ndarray[Any, Any]], partitions: list[int], rnd: int
+    before: dict[str, np.ndarray[Any, Any]], after: dict[str, np.ndarray[Any, Any]], partitions: list[int], rnd: int,
+    *, clip: float = CLIP, levels: int = LEVELS,
 ) -> None:
     weights = np.array([num_examples(p) for p in partitions], dtype=np.float64)
     assert list(after) == list(before), "SecAgg+ must keep the global model's keys and order"
@@ -133,7 +156,7 @@ def assert_weighted_average(
             continue
         assert got.dtype == old.dtype, key
         scale = float(np.max(np.abs(expected))) if expected.size else 0.0
-        tol = _tolerance(partitions, rnd, old.dtype, scale)
+        tol = _tolerance(partitions, rnd, old.dtype, scale, clip, levels)
         np.testing.assert_allclose(got, expected, rtol=0, atol=tol, err_msg=key)
 
 
@@ -155,6 +178,8 @@ class _LocalGrid(Grid):
 
     def __init__(self, app: ClientApp, num_nodes: int, fault: Fault | None = None) -> None:
         self._app, self._fault = app, fault or (lambda _p, _s: None)
+        #: Each masked vector as it crossed the wire: one list of arrays per stage-2 reply.
+        self.masked: list[list[np.ndarray[Any, Any]]] = []
         self.node_ids = [1_000_003 * (i + 1) % 7_919_993 for i in range(num_nodes)]  # unordered, like real ids
         self.contexts = {
             nid: Context(run_id=1, node_id=nid, node_config={"partition-id": i, "num-partitions": num_nodes},
@@ -188,7 +213,13 @@ class _LocalGrid(Grid):
             reply = self._deliver(_wire(msg))
             if reply is not None:
                 replies.append(_wire(reply))
+                self._note_masked(replies[-1])
         return replies
+
+    def _note_masked(self, reply: Message) -> None:
+        rec = reply.content.config_records.get(RECORD_KEY_CONFIGS) if not reply.has_error() else None
+        if rec is not None and Key.MASKED_PARAMETERS in rec:
+            self.masked.append([bytes_to_ndarray(b) for b in rec[Key.MASKED_PARAMETERS]])  # type: ignore[union-attr]
 
     def _deliver(self, msg: Message) -> Message | None:
         ctx = self.contexts[msg.metadata.dst_node_id]
@@ -234,6 +265,28 @@ def run_local(
 
     strategy.start(grid=grid, initial_arrays=initial_arrays(), num_rounds=num_rounds, evaluate_fn=record)
     return models, replies
+
+
+def run_local_recorded(
+    num_nodes: int, num_rounds: int = 1, *, narrow: bool = True, config_quantize: int = 0,
+    fault: Fault | None = None, **kw: Any,
+) -> dict[str, Any]:
+    """As :func:`run_local`, inside fedshield's RecordingStrategy, with ``config_quantize`` bits asked for by the
+    round config (as fedshield's server does). Returns models, replies, the grid, and each round's ``bytes_up``."""
+    grid = _LocalGrid(make_client_app(narrow=narrow), num_nodes, fault)
+    inner = FedAvg(fraction_evaluate=0.0, min_available_nodes=num_nodes)
+    strategy = RecordingStrategy(SecAggPlus(inner, max_weight=MAX_WEIGHT, **kw))
+    out: dict[str, Any] = {"models": [], "replies": [], "bytes_up": [], "grid": grid}
+
+    def record(rnd: int, arrays: ArrayRecord) -> None:
+        out["models"].append(as_numpy(arrays))
+        if rnd:
+            out["replies"].append(list(strategy.last_replies))
+            out["bytes_up"].append(list(strategy.last_bytes_up))
+
+    strategy.start(grid=grid, initial_arrays=initial_arrays(), num_rounds=num_rounds, evaluate_fn=record,
+                   train_config=ConfigRecord({"quantize": config_quantize}))
+    return out
 
 
 # --- fast protocol tests ----------------------------------------------------------------------------------
@@ -326,6 +379,74 @@ def test_clear_metrics_are_the_allowlist_only() -> None:
         assert TRAIN_LOSS not in reply.metrics
 
 
+# --- quantized fields (--quantize under SecAgg+) ------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("bits", [8, 16])
+def test_local_quantized_aggregate_is_fedavg_within_the_field_bound(bits: int) -> None:
+    out = run_local_recorded(5, num_rounds=2, config_quantize=bits)
+    clip, levels = field(bits, 5)
+    for rnd in (1, 2):
+        assert [r.ok for r in out["replies"][rnd - 1]] == [True] * 5
+        assert_weighted_average(out["models"][rnd - 1], out["models"][rnd], [0, 1, 2, 3, 4], rnd,
+                                clip=clip, levels=levels)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("bits", "dtype"), [(0, np.uint32), (8, np.uint16), (16, np.uint32)])
+def test_local_masked_vectors_travel_in_the_narrowest_type_of_the_field(bits: int, dtype: type) -> None:
+    # 5 clients: the 8-bit field is 2**11 (5 x 255 < 2048), the 16-bit one 2**19; the full-precision field is
+    # Flower's 2**32, sent as uint32 instead of Flower's int64 (lossless: every masked value is below 2**32).
+    out = run_local_recorded(5, config_quantize=bits)
+    modulus = secagg_field(bits, 5)[1] if bits else 2**32
+    assert len(out["grid"].masked) == 5
+    for vector in out["grid"].masked:
+        assert {a.dtype for a in vector} == {np.dtype(dtype)}
+        assert all(int(a.max(initial=0)) < modulus for a in vector)
+    assert np.dtype(dtype) == wire_dtype(modulus)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_local_eight_bit_updates_halve_the_full_precision_secagg_upload() -> None:
+    """Under SecAgg+ the masked values live in a field: 2**32 at full precision (uint32 on the wire), 2**11 for
+    8 bits and 5 clients (uint16), 2**19 for 16 bits (uint32 again: 16 bits save nothing over full precision
+    here, they only coarsen it)."""
+    values = sum(int(np.prod(shape)) for shape, _ in SHAPES.values())
+    sent = {bits: run_local_recorded(5, config_quantize=bits)["bytes_up"][0] for bits in (0, 8, 16)}
+    assert all(len(b) == 5 for b in sent.values())
+    mean = {bits: sum(b) / len(b) for bits, b in sent.items()}
+    assert mean[0] >= 4 * values and mean[8] >= 2 * values and mean[16] >= 4 * values  # the masked vector is counted
+    assert mean[8] <= 0.55 * mean[0], mean
+    assert mean[16] <= mean[0], mean
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_local_quantized_field_survives_a_dropout_and_an_int64_client() -> None:
+    # A client without the wire mod (an older fedshield) sends int64 even when asked to narrow: still correct.
+    out = run_local_recorded(5, config_quantize=8, narrow=False,
+                             fault=lambda p, s: "timeout" if (p, s) == (2, Stage.COLLECT_MASKED_VECTORS) else None)
+    assert ok_partitions(out["replies"][0]) == [0, 1, 3, 4]
+    assert {a.dtype for v in out["grid"].masked for a in v} == {np.dtype(np.int64)}
+    clip, levels = field(8, 5)  # the field is sized at SETUP, for the 5 sampled nodes
+    assert_weighted_average(out["models"][0], out["models"][1], [0, 1, 3, 4], 1, clip=clip, levels=levels)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_local_clipped_update_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="fedshield.client.secagg_mod"):
+        run_local_recorded(3, config_quantize=8, clipping_range=0.01)
+    assert sum("SecAgg+ will clip this update" in r.getMessage() for r in caplog.records) == 3
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_explicit_quantize_overrides_the_round_config() -> None:
+    out = run_local_recorded(3, config_quantize=16, quantize=8)
+    assert {a.dtype for v in out["grid"].masked for a in v} == {np.dtype(np.uint16)}  # 8 bits: 3 x 255 < 2**10
+    out = run_local_recorded(3, config_quantize=8, quantize=0)
+    assert {a.dtype for v in out["grid"].masked for a in v} == {np.dtype(np.uint32)}  # full precision: 2**32
+
+
 # --- adapter unit tests ---------------------------------------------------------------------------------------
 
 
@@ -358,6 +479,15 @@ def test_adapter_turns_an_error_reply_into_an_exception_with_the_same_reason() -
 
     with pytest.raises(FedshieldError, match=f"^{BUDGET_REFUSAL} after 3 rounds$"):
         secagg_adapter_mod(msg, ctx, refuse)
+
+
+def test_adapter_refuses_an_update_the_client_quantized_itself() -> None:
+    glob = ArrayRecord({"a": Array(np.zeros(8, np.float32))})
+    packed = quantize_update({"a": np.linspace(-1, 1, 8, dtype=np.float32)}, bits=8, rng=np.random.default_rng(0))
+    reply = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in packed.items()}),
+                        METRICS: MetricRecord({NUM_EXAMPLES: 1})})
+    with pytest.raises(ProtocolError, match="must send quantize 0 with SecAgg"):
+        to_fitres_content(glob, reply)
 
 
 @pytest.mark.parametrize(
@@ -402,6 +532,26 @@ def test_adapter_rejects_malformed_replies(local: dict[str, Any], metrics: dict[
 def test_bad_parameters_raise_config_error(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         SecAggPlus(FedAvg(), **kwargs)
+
+
+def test_quantize_must_be_a_known_width() -> None:
+    with pytest.raises(ConfigError, match="quantize must be 0"):
+        SecAggPlus(FedAvg(), quantize=4)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_unknown_width_in_the_round_config_raises_config_error() -> None:
+    with pytest.raises(ConfigError, match="quantize must be 0"):
+        run_local_recorded(3, config_quantize=12)
+
+
+def test_run_config_allows_quantize_with_secagg_but_not_8_bits_under_client_level_noise() -> None:
+    assert RunConfig(quantize=8).secagg and RunConfig(quantize=16).quantize == 16
+    client_dp = {"client_dp": "distributed", "client_clip_norm": 1.0, "client_noise_multiplier": 1.0}
+    assert RunConfig(quantize=16, **client_dp).quantize == 16
+    assert RunConfig(quantize=8, secagg=False, **client_dp).quantize == 8
+    with pytest.raises(ConfigError, match="--quantize 16, or drop --quantize"):
+        RunConfig(quantize=8, **client_dp)
 
 
 def test_inner_must_be_a_message_api_strategy() -> None:
@@ -464,8 +614,8 @@ def simulate() -> Iterator[Callable[..., dict[str, Any]]]:
         # RayBackend writes the driver's sys.path into PYTHONPATH; restored when the context exits.
         mp.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
 
-        def run(num_nodes: int, num_rounds: int, refusing: int | None = None) -> dict[str, Any]:
-            out: dict[str, Any] = {"models": [], "replies": []}
+        def run(num_nodes: int, num_rounds: int, refusing: int | None = None, quantize: int = 0) -> dict[str, Any]:
+            out: dict[str, Any] = {"models": [], "replies": [], "bytes_up": []}
             app = ServerApp()
 
             @app.main()
@@ -473,15 +623,17 @@ def simulate() -> Iterator[Callable[..., dict[str, Any]]]:
                 # min_train_nodes too: the ServerApp thread starts before the simulation registers its nodes,
                 # and FedAvg sizes its sample from the nodes registered at that moment.
                 inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=num_nodes, min_available_nodes=num_nodes)
-                strategy = SecAggPlus(inner, max_weight=MAX_WEIGHT, timeout=120)
+                # Inside RecordingStrategy, as fedshield's server runs it: bytes_up is its metric.
+                strategy = RecordingStrategy(SecAggPlus(inner, max_weight=MAX_WEIGHT, timeout=120))
 
                 def record(rnd: int, arrays: ArrayRecord) -> None:
                     out["models"].append(as_numpy(arrays))
                     if rnd:
                         out["replies"].append(list(strategy.last_replies))
+                        out["bytes_up"].append(list(strategy.last_bytes_up))
 
                 strategy.start(grid=grid, initial_arrays=initial_arrays(), num_rounds=num_rounds, evaluate_fn=record,
-                               timeout=120)
+                               timeout=120, train_config=ConfigRecord({"quantize": quantize}))
 
             ray_tmp = tempfile.mkdtemp(prefix="fsray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
             try:
@@ -534,3 +686,28 @@ def test_simulation_refusing_client_is_dropped_with_its_reason(simulate: Callabl
         assert refused.error is not None and f"{BUDGET_REFUSAL} test" in refused.error
         assert ok_partitions(replies) == [1, 2, 3, 4]
         assert_weighted_average(out["models"][rnd - 1], out["models"][rnd], [1, 2, 3, 4], rnd)
+
+
+@pytest.fixture(scope="module")
+def quantized_runs(simulate: Callable[..., dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {bits: simulate(num_nodes=5, num_rounds=2, quantize=bits) for bits in (8, 16)}
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_simulation_quantized_aggregate_is_fedavg_within_the_field_bound(
+    quantized_runs: dict[int, dict[str, Any]], bits: int
+) -> None:
+    out, (clip, levels) = quantized_runs[bits], field(bits, 5)
+    for rnd in (1, 2):
+        assert ok_partitions(out["replies"][rnd - 1]) == [0, 1, 2, 3, 4]
+        assert_weighted_average(out["models"][rnd - 1], out["models"][rnd], [0, 1, 2, 3, 4], rnd,
+                                clip=clip, levels=levels)
+
+
+def test_simulation_eight_bit_bytes_per_client_at_most_0_55x_full_precision(
+    quantized_runs: dict[int, dict[str, Any]], three_rounds: dict[str, Any]
+) -> None:
+    full = [b for rnd in three_rounds["bytes_up"] for b in rnd]
+    for bits, limit in ((8, 0.55), (16, 1.0)):
+        sent = [b for rnd in quantized_runs[bits]["bytes_up"] for b in rnd]
+        assert len(sent) == 10 and max(sent) <= limit * min(full), (bits, sent, full)

@@ -44,14 +44,19 @@ PLAIN_REFUSAL = "fedshield:plain-update-refused"
 
 
 def secagg_when_requested(msg: Message, ctx: Context, call_next):  # type: ignore[no-untyped-def]
-    """Route a train message through Flower's ``secaggplus_mod`` only when the server asked for SecAgg+."""
+    """Route a train message through Flower's ``secaggplus_mod`` only when the server asked for SecAgg+.
+
+    Around it, ``secagg_wire_mod`` narrows the masked vector's integer type when the server asks for it.
+    """
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, ctx)
     from flwr.client.mod import secaggplus_mod
 
-    from .secagg_mod import secagg_adapter_mod
+    from .secagg_mod import secagg_adapter_mod, secagg_wire_mod
 
-    return secaggplus_mod(msg, ctx, lambda m, c: secagg_adapter_mod(m, c, call_next))
+    return secagg_wire_mod(
+        msg, ctx, lambda m, c: secaggplus_mod(m, c, lambda m2, c2: secagg_adapter_mod(m2, c2, call_next))
+    )
 
 
 def refuse_plain_updates(msg: Message, ctx: Context, call_next):  # type: ignore[no-untyped-def]

@@ -3,7 +3,7 @@
 Flower's ``secaggplus_mod`` masks whatever the handler below it returns, but it reads the legacy ``FitRes``
 layout. This adapter sits inside it::
 
-    @app.train(mods=[secaggplus_mod, secagg_adapter_mod])
+    @app.train(mods=[secagg_wire_mod, secaggplus_mod, secagg_adapter_mod])
 
 and turns fedshield's reply (``content["arrays"]`` new local weights, ``content["metrics"]`` with
 ``num-examples``) into that layout, with two privacy choices:
@@ -15,26 +15,31 @@ and turns fedshield's reply (``content["arrays"]`` new local weights, ``content[
 
 A handler that raises, or replies with an error, fails the whole message: the server receives an error reply
 carrying the original reason (for example a ``fedshield:budget-exhausted`` refusal).
+
+:func:`secagg_wire_mod` sits outside Flower's mod. When the server asks for it (fedshield's server always does) it
+re-encodes the masked vector, which ``secaggplus_mod`` always sends as int64, in the
+narrowest unsigned type that holds the field's modulus. Every masked value is below the modulus: lossless.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarray_to_bytes, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from numpy.typing import NDArray
 
+from ..compression import META, SECAGG_NARROW_KEY, wire_dtype
 from ..errors import FedshieldError, ProtocolError
 from ..protocol import ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, PARTITION_ID, ROUNDS_TRAINED, STEPS
 
-__all__ = ["CLEAR_METRICS", "secagg_adapter_mod", "to_fitres_content"]
+__all__ = ["CLEAR_METRICS", "secagg_adapter_mod", "secagg_wire_mod", "to_fitres_content"]
 
 _log = logging.getLogger(__name__)
 
@@ -63,6 +68,34 @@ def secagg_adapter_mod(msg: Message, ctx: Context, call_next: ClientAppCallable)
     return Message(_fitres_content(update, num_examples, clear), reply_to=msg)
 
 
+def secagg_wire_mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
+    """Send the masked vector in :func:`~fedshield.compression.wire_dtype` of the modulus when the server asks."""
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    if msg.metadata.message_type != MessageType.TRAIN or configs is None \
+            or configs.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS or not configs.pop(SECAGG_NARROW_KEY, False):
+        return call_next(msg, ctx)
+    reply = call_next(msg, ctx)
+    if reply.has_error():
+        return reply
+    state = ctx.state.config_records[RECORD_KEY_STATE]
+    rec = reply.content.config_records[RECORD_KEY_CONFIGS]
+    masked = cast(list[bytes], rec[Key.MASKED_PARAMETERS])
+    rec[Key.MASKED_PARAMETERS] = _narrow(masked, int(cast(int, state["mod_range"])))
+    return reply
+
+
+def _narrow(masked: list[bytes], modulus: int) -> list[bytes]:
+    dtype = wire_dtype(modulus)
+    out = []
+    for raw in masked:
+        arr = bytes_to_ndarray(raw)
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= modulus):
+            # Cannot happen with secaggplus_mod's arithmetic; never truncate a masked value silently.
+            raise ProtocolError(f"masked value outside [0, {modulus}): {int(arr.min())}..{int(arr.max())}")
+        out.append(ndarray_to_bytes(arr.astype(dtype)))
+    return out
+
+
 def to_fitres_content(global_arrays: ArrayRecord, reply: RecordDict) -> RecordDict:
     """Build the legacy ``fitres`` content: update = local - global (in the global's key order), count, clear metrics.
 
@@ -74,6 +107,12 @@ def to_fitres_content(global_arrays: ArrayRecord, reply: RecordDict) -> RecordDi
 
 def _split_reply(global_arrays: ArrayRecord, reply: RecordDict) -> tuple[list[NDArray[Any]], int, dict[str, Any]]:
     metrics = _reply_metrics(reply)
+    if META in _reply_arrays(reply):
+        raise ProtocolError(
+            "the train handler replied with an update it quantised itself (round config quantize > 0), but under "
+            "SecAgg+ the update is quantised into the secure-aggregation field: the server must send quantize 0 "
+            "with SecAgg+ (fedshield's SecAggPlus does; update the server)"
+        )
     update = _update(_reply_arrays(reply), global_arrays)
     clear = {k: metrics[k] for k in CLEAR_METRICS if k in metrics and _is_scalar(metrics[k])}
     return update, _num_examples(metrics), clear

@@ -14,6 +14,10 @@ tests/test_secagg.py fails if this module does either the legacy way):
 A dead node's pairwise masks are removed only against neighbours whose vectors are in the sum (the legacy
 workflow also removes them against other dead nodes, which nets out to zero but costs time).
 
+Flower's client sends masked vectors as int64, whatever the field. When a round's field is sized for quantized
+updates, the masked-vector request asks the client (fedshield's ``secagg_wire_mod``) for the narrowest unsigned type
+that holds the modulus instead; :func:`read_masked_reply` widens whatever integer type arrives back to int64.
+
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 from numpy.typing import NDArray
 
+from ..compression import SECAGG_NARROW_KEY
 from ..errors import ConfigError
 
 _log = logging.getLogger(__name__)
@@ -62,6 +67,8 @@ class ProtocolParams:
     quantization_range: int
     modulus_range: int
     max_weight: float
+    #: Ask clients for masked vectors in the narrowest type that holds ``modulus_range`` (lossless).
+    narrow_wire: bool = False
 
     def setup_record(self) -> ConfigRecord:
         # secaggplus_mod checks exact types (`type(v) is float`), hence the casts.
@@ -92,6 +99,7 @@ def protocol_params(
     quantization_range: int,
     modulus_range: int,
     max_weight: float,
+    narrow_wire: bool = False,
 ) -> ProtocolParams:
     """Resolve fractions into counts for ``num_samples`` sampled nodes, as the legacy workflow does.
 
@@ -117,7 +125,8 @@ def protocol_params(
             f"reconstruction_threshold {t} exceeds the {shares} shares per key with {num_samples} sampled "
             "nodes: use a fractional threshold (e.g. 0.66) or sample more nodes"
         )
-    return ProtocolParams(num_samples, shares, t, clipping_range, quantization_range, modulus_range, max_weight)
+    return ProtocolParams(num_samples, shares, t, clipping_range, quantization_range, modulus_range, max_weight,
+                          narrow_wire)
 
 
 def _resolve_shares(num_shares: int | float, num_samples: int) -> int:
@@ -258,6 +267,8 @@ def collect_messages(state: RoundState) -> list[Message]:
     for nid in sorted(state.active):
         srcs, ctxts = state.forwards[nid]
         rec = ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.CIPHERTEXT_LIST: ctxts, Key.SOURCE_LIST: srcs})
+        if state.params.narrow_wire:
+            rec[SECAGG_NARROW_KEY] = True
         messages.append(state.message(nid, RecordDict({**state.contents[nid], RECORD_KEY_CONFIGS: rec})))
     state.forwards = {}
     return messages
@@ -275,13 +286,20 @@ class MaskedReply:
 def read_masked_reply(content: RecordDict, shapes: list[Shape]) -> MaskedReply:
     """Parse a stage-2 reply; raises ValueError/KeyError/TypeError on a malformed one."""
     rec = content.config_records[RECORD_KEY_CONFIGS]
-    vector = [bytes_to_ndarray(b) for b in cast(list[bytes], rec[Key.MASKED_PARAMETERS])]
+    vector = [_widen(bytes_to_ndarray(b)) for b in cast(list[bytes], rec[Key.MASKED_PARAMETERS])]
     expected = [(1,), *shapes]
     if [v.shape for v in vector] != expected:
         raise ValueError(f"masked vector shapes {[v.shape for v in vector]} differ from the model's {expected}")
     fitres = compat.recorddict_to_fitres(content, keep_input=True)
     metrics = {k: float(v) for k, v in fitres.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     return MaskedReply(vector, int(fitres.num_examples), metrics)
+
+
+def _widen(arr: NDArray[Any]) -> NDArray[Any]:
+    """int64, as Flower's client sends and the mask arithmetic expects; lossless for every value below 2**32."""
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"a masked vector must hold integers, got dtype {arr.dtype}")
+    return np.asarray(arr, dtype=np.int64)
 
 
 def unmask_records(state: RoundState, included: set[int]) -> dict[int, ConfigRecord]:
