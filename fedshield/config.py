@@ -172,6 +172,11 @@ class RunConfig:
             bounded while the logical steps, and so epsilon, stay the same.
         amp: bf16 autocast for the forward pass (GPU memory and speed); only with a grad-sample mode in
             :data:`AMP_GRAD_SAMPLE_MODES`, the ones that keep the clipping bound under bf16.
+
+    Reliability:
+        round_timeout: seconds the server waits for the replies of each exchange of a round (train, evaluate, and
+            each SecAgg+ stage); a client that has not answered by then is left out of that round and reported
+            as failed, and the round goes on with the others. Always finite: one hung site must not stall a run.
     """
 
     task: str = "digits"
@@ -204,6 +209,7 @@ class RunConfig:
     device: str = "auto"
     max_physical_batch_size: int = 0
     amp: bool = False
+    round_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         _check_int(self.num_clients, "clients", 1)
@@ -241,10 +247,12 @@ class RunConfig:
             raise ConfigError(f"unknown grad-sample-mode {self.grad_sample_mode!r}: choose one of {GRAD_SAMPLE_MODES}")
         if self.quantize not in (0, 8, 16):
             raise ConfigError(f"quantize must be 8 or 16 (bits per value), or 0 for off, got {self.quantize}")
-        if self.quantize and self.secagg:
+        if self.quantize == 8 and self.secagg and self.client_dp == "distributed":
+            # Each client's noise share would be clipped entry by entry before the shares are summed.
             raise ConfigError(
-                "--quantize compresses plain updates; under SecAgg+ every update is already quantized into the "
-                "secure-aggregation field. Drop --quantize, or use --no-secagg"
+                "--quantize 8 under SecAgg+ clips every update entry at +-0.25 before masking, far inside the noise "
+                "share each client adds for --client-dp distributed, so the summed noise would no longer be the "
+                "Gaussian the client-level guarantee is computed for: use --quantize 16, or drop --quantize"
             )
         object.__setattr__(self, "sample_rate", _normalise_sample_rate(self.sample_rate))
         object.__setattr__(self, "out", Path(self.out))
@@ -254,6 +262,13 @@ class RunConfig:
         self._check_client_dp()
         object.__setattr__(self, "device", normalise_device_spec(self.device))
         _check_hardware(self.max_physical_batch_size, self.amp, self.grad_sample_mode, "")
+        timeout = self.round_timeout
+        if isinstance(timeout, bool) or not (isinstance(timeout, (int, float)) and timeout > 0 and math.isfinite(timeout)):
+            raise ConfigError(
+                f"round-timeout must be a finite number of seconds > 0, got {self.round_timeout!r}: e.g. "
+                "--round-timeout 600 (longer than the slowest site's round)"
+            )
+        object.__setattr__(self, "round_timeout", float(timeout))
 
     def _check_aggregation(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -502,7 +517,8 @@ def _coerce(key: str, value: Any) -> Any:
             raise ConfigError(f"{key.replace('_', '-')} must be a whole number, got {value!r}")
     if key in {"dp", "secagg", "amp"} and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if key in {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "lr", "fraction_train", *_ZERO_IS_UNSET}:
+    if key in {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "lr", "fraction_train",
+               "round_timeout", *_ZERO_IS_UNSET}:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key.replace('_', '-')} must be a number, got {value!r}")
         return float(value)

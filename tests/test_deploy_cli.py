@@ -30,7 +30,7 @@ from fedshield.config import RunConfig
 from fedshield.crypto import KeySet, init_keys
 from fedshield.deploy import free_port
 from fedshield.server.deployment import app_dir, flower_run_config, prepare_app
-from fedshield.server.app import RESUME_KEY
+from fedshield.server.app import RESUME_KEY, read_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -100,8 +100,9 @@ def test_run_config_survives_the_trip_through_flower(tmp_path: Path) -> None:
         declared = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
     assert declared["strategy-params"] == {"server_momentum": 0.5}
     seen_by_server_app = {**flatten_dict(declared), **sent}
-    back = RunConfig.from_mapping(seen_by_server_app, zero_is_unset=True)
-    assert back == config.replace(out=Path(str(sent["out"])))
+    back, resume = read_run_config(seen_by_server_app)
+    assert back == config.replace(out=Path(str(sent["out"]))) and resume is False
+    assert read_run_config({**seen_by_server_app, RESUME_KEY: True}) == (back, True)
 
 
 # ------------------------------------------------------------------------------------------------ downgrade guard

@@ -82,6 +82,10 @@ def server_command(
         None, "--max-physical-batch-size", help="Split DP-SGD batches into chunks of this size (memory; same privacy)."
     ),
     amp: bool = typer.Option(False, "--amp", help="bf16 mixed precision in client training (hooks/functorch modes)."),
+    round_timeout: float | None = typer.Option(
+        None, "--round-timeout", help="Seconds to wait for the sites' replies in each exchange of a round; a site "
+        "slower than that is left out of the round (default 600)."
+    ),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS, no node authentication: local experiments ONLY."),
     resume: Path | None = typer.Option(
         None, "--resume", help="Continue this run directory from its last completed round (its own settings)."
@@ -96,7 +100,7 @@ def server_command(
         "local_epochs": local_epochs, "fraction_train": fraction_train, "accountant": accountant,
         "grad_sample_mode": grad_sample_mode, "seed": seed, "out": out, "device": device,
         "max_physical_batch_size": max_physical_batch_size, "amp": True if amp else None,
-        "dp": False if no_dp else None, "secagg": False if no_secagg else None,
+        "dp": False if no_dp else None, "secagg": False if no_secagg else None, "round_timeout": round_timeout,
     }
     from ..server.deployment import ServerOptions, check_run_dir, start_server
 

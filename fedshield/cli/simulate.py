@@ -50,10 +50,11 @@ def simulate_command(
     client_clip_norm: float | None = typer.Option(None, "--client-clip-norm", help="Client-level update clipping bound."),
     client_epsilon: float | None = typer.Option(None, "--client-epsilon", help="Calibrate z to this client-level epsilon."),
     max_update_norm: float | None = typer.Option(None, "--max-update-norm", help="Reject updates whose norm exceeds this."),
-    quantize: int | None = typer.Option(None, "--quantize", help="Send updates quantized to 8 or 16 bits (needs --no-secagg)."),
+    quantize: int | None = typer.Option(None, "--quantize", help="Send updates quantized to 8 or 16 bits (under SecAgg+: into its field)."),
     device: str | None = typer.Option(None, "--device", help="Where clients train: auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda | cuda:N."),
     max_physical_batch_size: int | None = typer.Option(None, "--max-physical-batch-size", help="Cap the examples per DP-SGD forward/backward pass to bound memory (0: no cap; epsilon unchanged)."),
     amp: bool = typer.Option(False, "--amp", help="bf16 autocast (needs --grad-sample-mode hooks or functorch)."),
+    round_timeout: float | None = typer.Option(None, "--round-timeout", help="Seconds to wait for clients' replies in each exchange of a round; later ones are left out (default 600)."),
     out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/latest)."),
     config: Path | None = typer.Option(None, "--config", help="TOML file with the same keys as these flags."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
@@ -73,6 +74,7 @@ def simulate_command(
         "client_clip_norm": client_clip_norm, "client_epsilon": client_epsilon, "max_update_norm": max_update_norm,
         "dp": False if no_dp else None, "secagg": False if no_secagg else None,
         "device": device, "max_physical_batch_size": max_physical_batch_size, "amp": True if amp else None,
+        "round_timeout": round_timeout,
     }
     with errors_to_exit():
         ckpt = None

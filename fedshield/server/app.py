@@ -3,7 +3,8 @@ through :func:`build_server_app`, for ``fedshield simulate`` and ``fedshield ser
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -12,7 +13,7 @@ from ..config import RunConfig
 from .checkpoint import Checkpoint, load_checkpoint
 from .runner import RoundRecord, RunSummary, run_server
 
-__all__ = ["RESUME_KEY", "app", "build_server_app"]
+__all__ = ["RESUME_KEY", "app", "build_server_app", "read_run_config"]
 
 app = ServerApp()
 
@@ -22,11 +23,16 @@ app = ServerApp()
 RESUME_KEY = "resume"
 
 
+def read_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, bool]:
+    """What a deployed ServerApp is asked to do: the run's settings, and whether to resume ``out``."""
+    values = dict(run_config)
+    resume = values.pop(RESUME_KEY, False) is True
+    return RunConfig.from_mapping(values, zero_is_unset=True), resume
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    values = dict(context.run_config)
-    resume = values.pop(RESUME_KEY, False) is True
-    config = RunConfig.from_mapping(values, zero_is_unset=True)
+    config, resume = read_run_config(context.run_config)
     checkpoint = load_checkpoint(config.out) if resume else None
     run_server(grid, config, state_root=str(config.out / "clients"), resume=checkpoint)
 

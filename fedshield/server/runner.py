@@ -118,8 +118,10 @@ def build_strategy(config: RunConfig, *, client_noise_multiplier: float | None =
     if config.secagg:
         from ..strategies.secagg import SecAggPlus
 
-        # Under client-level DP every client weighs 1 (see trainer), so SecAgg+'s weight scale is 1.
-        base = SecAggPlus(base, max_weight=1.0) if config.client_dp == "distributed" else SecAggPlus(base)
+        # Under client-level DP every client weighs 1 (see trainer), so SecAgg+'s weight scale is 1. Its key
+        # exchange and unmasking stages wait as long for replies as the round's train and evaluate exchanges.
+        max_weight = {"max_weight": 1.0} if config.client_dp == "distributed" else {}
+        base = SecAggPlus(base, timeout=config.round_timeout, **max_weight)
     if config.client_dp == "distributed" and not config.secagg:
         log.warning("--client-dp distributed without SecAgg+: the server sees each update with only its "
                     "1/sqrt(n) share of the noise; the client-level guarantee holds for the released model only")
@@ -218,6 +220,7 @@ def run_server(
             "clients_sampled": len(replies),
             "clients_trained": sum(r.ok for r in replies),
             **_outcome_counts(replies),
+            "failed": _failures(replies),
             "epsilon_max": _json_float(report.max_epsilon()) if config.dp else None,
             "bytes_up_per_client": round(sum(strategy.last_bytes_up) / len(strategy.last_bytes_up))
             if strategy.last_bytes_up else None,
@@ -251,8 +254,9 @@ def run_server(
     remaining = config.num_rounds - done
     if remaining > 0:
         RoundOffset(strategy, done).start(
-            grid=_streaming(grid), initial_arrays=initial, num_rounds=remaining, train_config=train_config,
-            evaluate_config=ConfigRecord(settings_for(1).to_record_dict()), evaluate_fn=evaluate_fn,
+            grid=_streaming(grid), initial_arrays=initial, num_rounds=remaining, timeout=config.round_timeout,
+            train_config=train_config, evaluate_config=ConfigRecord(settings_for(1).to_record_dict()),
+            evaluate_fn=evaluate_fn,
         )
     writer.write_plots()
     return summary
@@ -275,6 +279,11 @@ def _outcome_counts(replies: list[P.ClientReply]) -> dict[str, Any]:
         "rejected": [{"node_id": r.node_id, "reason": str(r.error).removeprefix(prefix)[:500]}
                      for r, kind in zip(replies, kinds) if kind == "rejected"],
     }
+
+
+def _failures(replies: list[P.ClientReply]) -> list[dict[str, Any]]:
+    """Node and reason of every client counted in ``clients_failed`` (e.g. "no reply before the round timed out")."""
+    return [{"node_id": r.node_id, "reason": str(r.error)[:500]} for r in replies if _outcome(r) == "failed"]
 
 
 def _outcome(reply: P.ClientReply) -> str:

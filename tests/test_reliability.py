@@ -1,0 +1,554 @@
+"""Reliability under faults: each scenario of docs/RELIABILITY.md, asserting what survives and what is reported.
+
+* (c) malicious client, (e) slow client: on Flower's simulation engine (one Ray start for all their runs), with
+  test-only ClientApps that wrap fedshield's own handlers, so the server side is exactly the one a deployment runs
+  (``run_server``: update validation, SecAgg+, the round timeout); no fault injector ships in the package.
+* (b) server SIGKILLed mid-round and restarted with ``--resume``: real ``python -m fedshield server`` and
+  ``client`` processes on 127.0.0.1, TLS and node keys, SecAgg+ and DP-SGD.
+* (a) 20 real clients, 30% of them SIGKILLed mid-round, rejoining later: ``@pytest.mark.slow`` (run with
+  ``pytest -m slow tests/test_reliability.py``).
+* (d) a client SIGKILLed while writing its ledger: ``tests/test_ledger_crash.py``.
+
+Every test prints its figure (``FIGURE ...``: load held, faults survived, inputs tried, data lost, wall time); run
+with ``-s`` to see them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from _multirun import run_many
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from safetensors.numpy import load_file
+
+from fedshield import protocol as P
+from fedshield.client import app as fedshield_app
+from fedshield.config import RoundSettings, RunConfig
+from fedshield.crypto import init_keys
+from fedshield.deploy import free_port
+from fedshield.deploy.process import live_descendants
+from fedshield.errors import ConfigError
+from fedshield.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from fedshield.server.checkpoint import load_checkpoint
+from fedshield.server.report import recompute_epsilon
+
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+
+
+def _rows(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _figure(scenario: str, **figures: object) -> None:
+    print(f"\nFIGURE {scenario}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+def _node_to_partition(out: Path) -> dict[int, int]:
+    clients = json.loads((out / "privacy.json").read_text())["clients"]
+    return {int(c["node_id"]): int(c["partition_id"]) for c in clients.values() if c["partition_id"] is not None}
+
+
+# ------------------------------------------------------------------------------------------------ the round timeout
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), True])
+def test_the_round_timeout_is_a_finite_number_of_seconds(bad: float) -> None:
+    with pytest.raises(ConfigError, match="round-timeout must be"):
+        RunConfig(round_timeout=bad)
+
+
+def test_the_round_timeout_reaches_flower_secagg_and_the_command_lines() -> None:
+    from typer.testing import CliRunner
+
+    from fedshield.cli import cli
+    from fedshield.server.deployment import flower_run_config
+    from fedshield.server.runner import build_strategy
+    from fedshield.strategies.secagg import SecAggPlus
+
+    config = RunConfig(round_timeout=42.0)
+    assert flower_run_config(config)["round-timeout"] == 42.0
+    assert RunConfig.from_mapping({"round-timeout": 42}, zero_is_unset=True) == config
+    node: Any = build_strategy(config)
+    while not isinstance(node, SecAggPlus):
+        node = node.inner
+    assert node.timeout == 42.0  # SETUP, SHARE_KEYS and UNMASK; the train stage gets it from Strategy.start
+    runner = CliRunner()
+    for command in (["simulate"], ["server", "--insecure", "--address", "127.0.0.1:0"]):
+        result = runner.invoke(cli, [*command, "--round-timeout", "0"])
+        assert result.exit_code == 2 and "round-timeout must be" in result.output, result.output
+
+
+# ------------------------------------------------------------------------------------------------ (c) and (e)
+
+CLIENTS = 8
+ROUNDS = 3
+ATTACKERS = 4  # partitions 0..3 misbehave in runs named "malicious"; 4..7 are honest
+SLOW = 0  # the partition that is slower than the round timeout in runs named "slow-*"
+ROUND_TIMEOUT = 8.0
+SLOW_EXTRA_S = 3.0  # the slow client answers this long after the server stopped waiting
+#: Rounds in which the slow client is slow. Under SecAgg+ only the last: Flower's simulation engine runs a node's
+#: messages concurrently and writes each one's context back when it ends, so a late reply from round r would
+#: overwrite the SecAgg+ keys the same node received for round r + 1 (a simulation artefact, not a timeout).
+SLOW_ROUNDS = {"slow-plain": (1, 2, 3), "slow-secagg": (3,)}
+MAX_UPDATE_NORM = 5.0  # honest breast-cancer updates have norm ~1.8 in round 1 and less later
+OVERSIZED_BYTES = 64 * 2**20
+
+
+def _nan(glob: dict[str, np.ndarray], honest: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    bad = dict(honest)
+    bad["0.weight"] = honest["0.weight"].copy()
+    bad["0.weight"].flat[:5] = np.nan
+    return bad
+
+
+def _inf(glob: dict[str, np.ndarray], honest: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    bad = dict(honest)
+    bad["2.bias"] = np.array([np.inf, -np.inf], dtype=np.float32)
+    return bad
+
+
+def _transposed(glob: dict[str, np.ndarray], honest: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {**honest, "0.weight": np.ascontiguousarray(honest["0.weight"].T)}
+
+
+def _float64(glob: dict[str, np.ndarray], honest: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float64) for k, v in honest.items()}
+
+
+def _int32(glob: dict[str, np.ndarray], honest: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {**honest, "2.weight": np.round(honest["2.weight"] * 1000).astype(np.int32)}
+
+
+def _oversized(glob: dict[str, np.ndarray], honest: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The honest update plus 64 MiB of padding under a key the model does not have."""
+    return {**honest, "padding": np.zeros(OVERSIZED_BYTES // 4, dtype=np.float32)}
+
+
+def _bloated(glob: dict[str, np.ndarray], honest: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One layer 100 times larger than the model's (same key, same dtype)."""
+    return {**honest, "0.weight": np.tile(honest["0.weight"], (100, 1))}
+
+
+def _huge_norm(glob: dict[str, np.ndarray], honest: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: (glob[k] + 1000.0 * (honest[k] - glob[k])).astype(glob[k].dtype) for k in glob}
+
+
+def _missing_key(glob: dict[str, np.ndarray], honest: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v for k, v in honest.items() if k != "2.bias"}
+
+
+#: name -> (how the attacker changes its honest arrays, or None for a changed reply, what the reason must say)
+ATTACKS: dict[str, tuple[Any, str]] = {
+    "nan": (_nan, "'0.weight' holds 5 non-finite value(s)"),
+    "inf": (_inf, "'2.bias' holds 2 non-finite value(s)"),
+    "wrong-shape": (_transposed, "'0.weight' has shape (30, 32) and dtype float32; the global model's is (32, 30)"),
+    "wrong-dtype-float64": (_float64, "has shape (32, 30) and dtype float64; the global model's is (32, 30) float32"),
+    "wrong-dtype-int32": (_int32, "'2.weight' has shape (2, 32) and dtype int32"),
+    "oversized-64MiB": (_oversized, "unexpected ['padding']"),
+    "bloated-layer": (_bloated, "'0.weight' has shape (3200, 30) and dtype float32"),
+    "huge-norm": (_huge_norm, "exceeds max-update-norm 5"),
+    "missing-array": (_missing_key, "missing ['2.bias']"),
+    "nan-weight": (None, "metric 'num-examples' must be a finite number >= 0, got nan"),
+    "no-arrays": (None, "expected one ArrayRecord and one MetricRecord"),
+}
+_KINDS = list(ATTACKS)
+
+
+def attack_for(partition: int, server_round: int) -> str | None:
+    """Which bad input attacker ``partition`` sends in ``server_round``: every kind once over the run."""
+    if partition >= ATTACKERS:
+        return None
+    slot = (server_round - 1) * ATTACKERS + partition
+    return _KINDS[slot] if slot < len(_KINDS) else None
+
+
+def _run_kind(settings: RoundSettings) -> str:
+    return Path(settings.sim_state_root).parent.name
+
+
+def _malicious_reply(msg: Message, reply: Message, kind: str) -> Message:
+    change, _ = ATTACKS[kind]
+    metrics = reply.content[P.METRICS]
+    if kind == "nan-weight":
+        metrics = MetricRecord({**dict(metrics), P.NUM_EXAMPLES: float("nan")})
+    if kind == "no-arrays":
+        return Message(content=RecordDict({P.METRICS: metrics}), reply_to=msg)
+    glob = {k: a.numpy() for k, a in msg.content[P.ARRAYS].items()}
+    honest = {k: a.numpy() for k, a in reply.content[P.ARRAYS].items()}
+    arrays = honest if change is None else change(glob, honest)
+    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return Message(content=RecordDict({P.ARRAYS: record, P.METRICS: metrics}), reply_to=msg)
+
+
+faulty_app = ClientApp()
+
+
+@faulty_app.train(mods=[fedshield_app.secagg_when_requested])
+def _train(msg: Message, context: Context) -> Message:
+    reply = fedshield_app.train(msg, context)
+    settings = RoundSettings.from_record_dict(dict(msg.content[P.CONFIG]))
+    partition, run = int(context.node_config["partition-id"]), _run_kind(settings)
+    if partition == SLOW and settings.server_round in SLOW_ROUNDS.get(run, ()):
+        time.sleep(ROUND_TIMEOUT + SLOW_EXTRA_S)  # trained, answers too late
+    kind = attack_for(partition, settings.server_round) if run == "malicious" else None
+    if kind is None or reply.has_error():
+        return reply
+    return _malicious_reply(msg, reply, kind)
+
+
+@faulty_app.evaluate()
+def _evaluate(msg: Message, context: Context) -> Message:
+    return fedshield_app.evaluate(msg, context)
+
+
+def _sim_config(out: Path, **changes: Any) -> RunConfig:
+    settings: dict[str, Any] = dict(task="breast-cancer", num_clients=CLIENTS, num_rounds=ROUNDS, local_epochs=2,
+                                    sample_rate=0.125, lr=0.5, dp=False, secagg=False, seed=3, out=out)
+    return RunConfig(**{**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Four runs in one simulation: a clean control, the malicious run, and the slow client with and without
+    SecAgg+. The clean run goes first, so Ray's actors are warm before a run with a short round timeout; the
+    SecAgg+ run comes before the plain one, so no late plain reply overwrites a node's SecAgg+ state."""
+    root = tmp_path_factory.mktemp("faults")
+    configs = [
+        _sim_config(root / "clean", max_update_norm=MAX_UPDATE_NORM),
+        _sim_config(root / "malicious", max_update_norm=MAX_UPDATE_NORM),
+        _sim_config(root / "slow-secagg", round_timeout=ROUND_TIMEOUT, secagg=True),
+        _sim_config(root / "slow-plain", round_timeout=ROUND_TIMEOUT),
+    ]
+    started = time.monotonic()
+    run_many(configs, client_app=faulty_app)
+    print(f"\nsimulation of {len(configs)} runs x {ROUNDS} rounds x {CLIENTS} clients: "
+          f"{time.monotonic() - started:.1f} s")
+    return {cfg.out.name: cfg.out for cfg in configs}
+
+
+def test_c_every_malicious_input_is_rejected_with_its_reason_and_the_rounds_go_on(simulated: dict[str, Path]) -> None:
+    out = simulated["malicious"]
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [1, 2, 3], rows
+    partition_of = _node_to_partition(out)
+    tried: list[str] = []
+    for row in rows:
+        expected = {p: attack_for(p, row["round"]) for p in range(CLIENTS)}
+        attacked = {p: k for p, k in expected.items() if k is not None}
+        assert (row["clients_sampled"], row["clients_trained"], row["clients_rejected"], row["clients_failed"]) == (
+            CLIENTS, CLIENTS - len(attacked), len(attacked), 0), row
+        got = {partition_of[r["node_id"]]: r["reason"] for r in row["rejected"]}
+        assert set(got) == set(attacked), (row["round"], got, attacked)
+        for partition, kind in attacked.items():
+            assert ATTACKS[kind][1] in got[partition], (kind, got[partition])
+            tried.append(kind)
+    assert sorted(tried) == sorted(ATTACKS), "every bad input must have been sent once"
+    clean = _rows(simulated["clean"])
+    assert all(r["clients_trained"] == CLIENTS for r in clean), clean
+    model = load_file(str(out / "model.safetensors"))
+    assert all(np.isfinite(v).all() for v in model.values()), "a bad value reached the global model"
+    assert rows[-1]["accuracy"] >= clean[-1]["accuracy"] - 0.05 and rows[-1]["accuracy"] > 0.85, (rows, clean)
+    _figure("c-malicious", inputs_tried=len(tried), rejected_with_reason=sum(r["clients_rejected"] for r in rows),
+            rounds_completed=len(rows), accuracy=f"{rows[-1]['accuracy']:.3f} (clean {clean[-1]['accuracy']:.3f})",
+            server_stayed_up=True, wall_s=rows[-1]["wall_time_s"])
+
+
+@pytest.mark.parametrize(("run", "reason"), [
+    ("slow-plain", "no reply before the round timed out"),
+    ("slow-secagg", "timed out in stage collect_masked_vectors"),  # SecAgg+ names the stage it gave up in
+])
+def test_e_a_client_slower_than_the_round_timeout_is_left_out_and_the_round_completes(
+    simulated: dict[str, Path], run: str, reason: str
+) -> None:
+    out = simulated[run]
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [1, 2, 3], rows
+    # The slow client never got a reply in, so this run does not know its partition; the runs of one simulation
+    # share their nodes, and the clean run knows them all.
+    slow_node = {p: n for n, p in _node_to_partition(simulated["clean"]).items()}[SLOW]
+    slow_rounds = SLOW_ROUNDS[run]
+    for row in rows:
+        if row["round"] not in slow_rounds:
+            assert (row["clients_trained"], row["clients_failed"]) == (CLIENTS, 0), row
+            continue
+        assert (row["clients_sampled"], row["clients_trained"], row["clients_failed"]) == (CLIENTS, CLIENTS - 1, 1), row
+        (failure,) = row["failed"]
+        assert failure["node_id"] == slow_node and reason in failure["reason"], failure
+        # The server waited the whole timeout, then went on: had it waited for the slow client (which answers
+        # SLOW_EXTRA_S later), its reply would have been counted, not a timeout.
+        assert row["round_time_s"] >= ROUND_TIMEOUT, row
+    privacy = json.loads((out / "privacy.json").read_text())
+    slow = next(c for c in privacy["clients"].values() if c["node_id"] == slow_node)
+    assert [f["round"] for f in slow["failures"]] == list(slow_rounds), slow
+    assert slow["trained_in_rounds"] == [r for r in (1, 2, 3) if r not in slow_rounds], slow
+    assert rows[-1]["accuracy"] > 0.85, rows
+    _figure(f"e-{run}", round_timeout_s=ROUND_TIMEOUT, slow_by_s=SLOW_EXTRA_S, rounds_completed=len(rows),
+            trained_per_round=[r["clients_trained"] for r in rows],
+            round_time_s=[r["round_time_s"] for r in rows], accuracy=f"{rows[-1]['accuracy']:.3f}")
+
+
+# ------------------------------------------------------------------------------------------------ real processes
+
+SEED = 7
+
+
+@dataclass
+class Cli:
+    """A ``python -m fedshield ...`` process in its own session, output in a file."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @classmethod
+    def start(cls, args: list[str], log: Path) -> Cli:
+        with log.open("ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "fedshield", *args], stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        return cls(proc, log)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float, *, start: int = 0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while (match := re.search(pattern, self.text()[start:])) is None:
+            assert self.proc.poll() is None, f"exited {self.proc.returncode} before {pattern!r}:\n{self.text()}"
+            assert time.monotonic() < deadline, f"no {pattern!r} within {timeout} s:\n{self.text()}"
+            time.sleep(0.2)
+        return match
+
+    def kill(self) -> None:
+        """SIGKILL the process and everything it started, at once: a crash or a power cut."""
+        kill_tree(self.proc.pid)
+        self.proc.wait(timeout=30)
+
+    def interrupt(self, timeout: float = 60.0) -> int:
+        """Ctrl-C; SIGKILL to everything it started if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+
+def kill_tree(pid: int) -> None:
+    for p in [pid, *live_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _site_files(root: Path, n: int) -> list[Path]:
+    """scikit-learn's digits split in ``n``, one CSV per site: 64 pixel columns and a label."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    header = ",".join([f"pixel{i}" for i in range(64)] + ["label"])
+    paths = []
+    for i, part in enumerate(np.array_split(np.random.default_rng(0).permutation(len(digits.target)), n), 1):
+        rows = np.column_stack([digits.data[part].astype(int), digits.target[part]])
+        paths.append(root / f"site-{i}.csv")
+        np.savetxt(paths[-1], rows, delimiter=",", header=header, comments="", fmt="%d")
+    return paths
+
+
+def _ledger_rounds(state: Path) -> list[tuple[str, int]]:
+    path = state / LEDGER_FILE
+    return list(PrivacyLedger.load(path).rounds) if path.exists() else []
+
+
+def _wait(condition: Any, timeout: float, what: str, *procs: Cli) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for cli in procs:
+            assert cli.proc.poll() is None, f"{what}: a process exited {cli.proc.returncode}:\n{cli.text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.2)
+
+
+#: A fixed sigma, epsilon only a cap with room for one more round. With the default (sigma calibrated so that
+#: exactly the planned rounds reach epsilon 8) the re-run of the interrupted round is charged a second time (see
+#: below), every site would pass its budget in round 3 and refuse it: measured, rows 1-3 complete but round 3
+#: with 2 refusals and 0 trained.
+RESUME_MECHANISM = ["--noise-multiplier", "1.0", "--epsilon", "50"]
+
+
+def test_b_server_sigkilled_mid_round_resumes_without_losing_a_round(tmp_path: Path) -> None:
+    """Round 1 of 3 completes; the server's whole process tree (CLI, SuperLink, SuperExec, ServerApp) is SIGKILLed
+    while round 2 trains; ``fedshield server --resume`` on the same run directory (so the same SuperLink database
+    and node registrations) continues from round 1's checkpoint, and the sites' SuperNodes, which were never
+    stopped, reconnect by themselves."""
+    started = time.monotonic()
+    keys = init_keys(tmp_path / "keys", server_hosts=["127.0.0.1"], nodes=2)
+    sites = _site_files(tmp_path, 2)
+    fleet, control = f"127.0.0.1:{free_port()}", str(free_port())
+    out = tmp_path / "run"
+    states = [tmp_path / f"state-{i}" for i in (1, 2)]
+    common = ["--keys", str(keys.directory), "--address", fleet, "--control-port", control]
+    procs: list[Cli] = []
+    try:
+        server = Cli.start(["server", *common, "--rounds", "3", "--min-clients", "2", "--out", str(out),
+                            "--seed", str(SEED), *RESUME_MECHANISM], tmp_path / "server.out")
+        procs.append(server)
+        server.wait_for(r"registered nodes: node-1, node-2", timeout=120)
+        clients = [Cli.start(["client", "--server", fleet, "--ca", str(keys.ca_cert), "--node-key",
+                              str(keys.node(f"node-{i}").private_key_path), "--data", str(data), "--state",
+                              str(state)], tmp_path / f"client-{i}.out")
+                   for i, (data, state) in enumerate(zip(sites, states), 1)]
+        procs.extend(clients)
+        node_ids = [int(c.wait_for(r"as node (\d+)", timeout=180).group(1)) for c in clients]
+        _wait(lambda: (out / "metrics.jsonl").exists() and len(_rows(out)) >= 1, 300, "round 1", *procs)
+        # Mid-round 2: a site has charged its ledger for round 2 (it does so before it trains).
+        _wait(lambda: any(r == 2 for s in states for _, r in _ledger_rounds(s)), 120, "round 2 training", *procs)
+        before = _rows(out)
+        killed_at = time.monotonic()
+        server.kill()
+        assert len(before) == 1, f"killed too late to prove anything: {before}"
+        first = load_checkpoint(out)
+        assert first.server_round == 1
+        assert all(c.proc.poll() is None for c in clients), "the sites must outlive the server"
+
+        restarted = Cli.start(["server", *common, "--resume", str(out)], tmp_path / "server-resumed.out")
+        procs.append(restarted)
+        assert restarted.proc.wait(timeout=540) == 0, restarted.text()
+        recovered_s = time.monotonic() - killed_at
+        for client in clients:
+            assert client.proc.poll() is None, client.text()
+            assert client.interrupt() == 130, client.text()
+    finally:
+        for cli in procs:
+            cli.interrupt()
+
+    text = restarted.text()
+    assert "resuming" in text and "after round 1 of 3" in text, text
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [1, 2, 3], rows
+    assert rows[0] == before[0], "the completed round 1 must come back exactly as it was written"
+    assert all(r["clients_trained"] == 2 for r in rows), rows
+    last = load_checkpoint(out)
+    assert (last.server_round, last.run_id, last.noise_multiplier) == (3, first.run_id, first.noise_multiplier)
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert len(privacy["clients"]) == 2
+    epsilons: list[tuple[float, float]] = []
+    for state, node_id in zip(states, node_ids):
+        ledger = PrivacyLedger.load(state / LEDGER_FILE)
+        (entry,) = [c for c in privacy["clients"].values() if c["node_id"] == node_id]
+        assert entry["trained_in_rounds"] == [1, 2, 3]
+        # The server's own account, from the mechanism it prescribed: three rounds, recomputable from privacy.json.
+        server_eps = recompute_epsilon(entry)
+        assert entry["history"] == [[1.0, 0.5, 3 * RunConfig().steps_per_round]], entry["history"]
+        # The interrupted round 2 was charged before it trained and charged again when it re-ran: the site's own
+        # ledger over-counts, never under-counts; privacy.json reports the larger of the two.
+        assert [r for _, r in ledger.rounds] == [1, 2, 2, 3], ledger.rounds
+        assert ledger.epsilon > server_eps and entry["ledger_epsilon"] == pytest.approx(ledger.epsilon, rel=1e-9)
+        assert entry["epsilon"] == pytest.approx(max(server_eps, ledger.epsilon), rel=1e-9)
+        epsilons.append((server_eps, ledger.epsilon))
+    _figure("b-server-sigkill-resume", load="2 sites, SecAgg+ and DP-SGD, 3 rounds", faults_survived="1 server "
+            "SIGKILL (whole tree) mid-round 2", completed_rounds_lost=0, rounds_repeated="round 2 only (was not "
+            "complete)", kill_to_run_finished_s=f"{recovered_s:.1f}", wall_s=f"{time.monotonic() - started:.1f}",
+            epsilon_server_vs_ledger=[f"{a:.3f}/{b:.3f}" for a, b in epsilons])
+
+
+#: Sites in scenario (a), the issue's figure. An idle site is ~0.8 GB resident (its `fedshield client` with torch
+#: and the warm worker, a SuperNode, a SuperExec): 20 sites and the server took ~11 GB and 590 s on 2 cores;
+#: FEDSHIELD_RELIABILITY_SITES=10 needs about half (331 s).
+LOAD_SITES = int(os.environ.get("FEDSHIELD_RELIABILITY_SITES", "20"))
+LOAD_KILLED = round(0.3 * LOAD_SITES)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3000)
+def test_a_thirty_percent_of_the_sites_sigkilled_mid_round_then_rejoining(tmp_path: Path) -> None:
+    """SecAgg+ and DP-SGD over 3 rounds. Round 1: every site trains. Round 2: 30% of the sites are SIGKILLed
+    (client, worker, SuperNode, SuperExec, ClientApp at once) once they have charged their ledger for the round,
+    i.e. while they train; SecAgg+ rebuilds their masks from the survivors' shares and the round completes
+    without them. They are restarted at once with the same key and state directory, wait until the server has
+    noticed the crash (see ``fedshield.client.deployment``), rejoin, and train in round 3."""
+    started = time.monotonic()
+    keys = init_keys(tmp_path / "keys", server_hosts=["127.0.0.1"], nodes=LOAD_SITES)
+    sites = _site_files(tmp_path, LOAD_SITES)
+    fleet, control = f"127.0.0.1:{free_port()}", str(free_port())
+    out = tmp_path / "run"
+    states = [tmp_path / f"state-{i}" for i in range(1, LOAD_SITES + 1)]
+
+    def client_args(i: int) -> list[str]:
+        return ["client", "--server", fleet, "--ca", str(keys.ca_cert), "--node-key",
+                str(keys.node(f"node-{i}").private_key_path), "--data", str(sites[i - 1]), "--state",
+                str(states[i - 1])]
+
+    procs: list[Cli] = []
+    try:
+        server = Cli.start(["server", "--keys", str(keys.directory), "--address", fleet, "--control-port", control,
+                            "--rounds", "3", "--min-clients", str(LOAD_SITES), "--out", str(out), "--seed",
+                            str(SEED)], tmp_path / "server.out")
+        procs.append(server)
+        server.wait_for(r"registered nodes: node-1, ", timeout=300)
+        clients = [Cli.start(client_args(i), tmp_path / f"client-{i}.out") for i in range(1, LOAD_SITES + 1)]
+        procs.extend(clients)
+        node_ids = [int(c.wait_for(r"as node (\d+)", timeout=600).group(1)) for c in clients]
+        online_s = time.monotonic() - started
+        _wait(lambda: (out / "metrics.jsonl").exists() and len(_rows(out)) >= 1, 900, "round 1", server)
+        victims = list(range(LOAD_KILLED))  # sites node-1 .. node-K
+        alive = set(victims)
+        deadline = time.monotonic() + 600
+        while alive:  # each victim dies the moment its round-2 charge is on disk, before it can reply
+            for v in sorted(alive):
+                if any(r == 2 for _, r in _ledger_rounds(states[v])):
+                    clients[v].kill()
+                    alive.discard(v)
+            assert time.monotonic() < deadline and server.proc.poll() is None, "round 2 never started training"
+            time.sleep(0.05)
+        killed_at = time.monotonic()
+        assert len(_rows(out)) == 1, "round 2 completed before the kills: they proved nothing"
+        rejoined = [Cli.start(client_args(v + 1), tmp_path / f"client-{v + 1}-rejoined.out") for v in victims]
+        procs.extend(rejoined)
+        rejoined_ids = [int(c.wait_for(r"as node (\d+)", timeout=600).group(1)) for c in rejoined]
+        rejoin_s = time.monotonic() - killed_at
+        assert server.proc.wait(timeout=1800) == 0, server.text()
+        for cli in [*clients[LOAD_KILLED:], *rejoined]:
+            assert cli.proc.poll() is None, cli.text()
+    finally:
+        for cli in procs:
+            cli.interrupt()
+
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [1, 2, 3], rows
+    victim_ids = {node_ids[v] for v in victims}
+    assert set(rejoined_ids) == victim_ids, "a site that rejoins keeps its node (its registered key)"
+    assert (rows[0]["clients_trained"], rows[0]["clients_failed"]) == (LOAD_SITES, 0), rows[0]
+    assert (rows[1]["clients_sampled"], rows[1]["clients_trained"], rows[1]["clients_failed"]) == (
+        LOAD_SITES, LOAD_SITES - LOAD_KILLED, LOAD_KILLED), rows[1]
+    assert {f["node_id"] for f in rows[1]["failed"]} == victim_ids, rows[1]["failed"]
+    assert (rows[2]["clients_trained"], rows[2]["clients_failed"]) == (LOAD_SITES, 0), rows[2]
+    privacy = json.loads((out / "privacy.json").read_text())
+    for state, node_id in zip(states, node_ids):
+        (entry,) = [c for c in privacy["clients"].values() if c["node_id"] == node_id]
+        ledger = PrivacyLedger.load(state / LEDGER_FILE)
+        assert [r for _, r in ledger.rounds] == [1, 2, 3], (node_id, ledger.rounds)  # victims: charged, killed
+        assert ledger.epsilon >= recompute_epsilon(entry) - 1e-9, "a site's ledger may never under-count"
+        if node_id in victim_ids:
+            assert entry["trained_in_rounds"] == [1, 3] and [f["round"] for f in entry["failures"]] == [2]
+        else:
+            assert entry["trained_in_rounds"] == [1, 2, 3]
+            assert entry["epsilon"] == pytest.approx(recompute_epsilon(entry), rel=1e-9)
+    assert float(rows[-1]["accuracy"]) > 0.15  # above chance (0.1) under DP at epsilon 8 in 3 rounds
+    _figure("a-sites-killed-and-rejoining", load=f"{LOAD_SITES} sites, SecAgg+ and DP-SGD, 3 rounds",
+            faults_survived=f"{LOAD_KILLED} sites SIGKILLed mid-round 2", trained_per_round=[r["clients_trained"]
+            for r in rows], rejoined=f"{len(rejoined_ids)}/{LOAD_KILLED} in {rejoin_s:.0f} s", completed_rounds_lost=0,
+            round_time_s=[r["round_time_s"] for r in rows], sites_online_s=f"{online_s:.0f}",
+            wall_s=f"{time.monotonic() - started:.0f}")
