@@ -26,14 +26,22 @@ Usage::
 
     python benchmarks/aggregation.py                 # 10/100/1000 clients x 100k/10M parameters
     python benchmarks/aggregation.py --max-gb 8      # list modes skip cases whose replies exceed 8 GB
+    python benchmarks/aggregation.py --clients 10 100 --params 100000 --repeats 3 --json OUT
+
+``--repeats R`` measures every case R times (modes interleaved) and reports medians; ``--json OUT`` writes rows
+``{name, ours, baseline, unit, ratio, detail}``: the server's real path (``stack/stream``) and the bare streaming
+fold (``fold/stream``) against Flower's ``aggregate_arrayrecords``, peak memory and time.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
+import statistics
 import time
+from pathlib import Path
 import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -192,6 +200,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--params", type=int, nargs="+", default=[100_000, 10_000_000])
     parser.add_argument("--max-gb", type=float, default=8.0, help="skip cases whose N replies exceed this")
+    parser.add_argument("--repeats", type=int, default=1, help="measurements per case; the table shows medians")
+    parser.add_argument("--json", metavar="OUT", help="write machine-readable rows here")
     args = parser.parse_args()
     # Import everything before measuring, so module objects do not count as aggregation memory.
     import flwr.serverapp.strategy.strategy_utils  # noqa: F401
@@ -205,7 +215,9 @@ def main() -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     make_reply(0, shapes_for(100_000))
     run_stack_stream(2, shapes_for(100_000))  # first calls (logging, lazy imports) outside the measurements
-    print(f"{'clients':>7} {'params':>10} {'replies MB':>10} | {'mode':<11} {'peak MB':>9} {'agg s':>8} | check")
+    print(f"{'clients':>7} {'params':>10} {'replies MB':>10} | {'mode':<11} {'peak MB':>9} {'agg s':>8} | check"
+          + (f"   (medians of {args.repeats})" if args.repeats > 1 else ""))
+    rows: list[dict[str, Any]] = []
     for params in args.params:
         for n in args.clients:
             replies_gb = n * params * 4 / 2**30
@@ -215,13 +227,41 @@ def main() -> None:
                       f"replies alone would hold {replies_gb:.1f} GB > --max-gb {args.max_gb:g}")
                 modes = [m for m in MODES if m not in LIST_MODES]  # one reply at a time, so they still fit
             reference = None
+            runs: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+            for _ in range(args.repeats):
+                for mode in modes:
+                    peak, seconds, probe = measure(mode, n, params)
+                    if reference is None:
+                        reference = probe
+                    if not np.allclose(probe, reference, rtol=1e-5, atol=1e-9):
+                        raise RuntimeError(f"{mode} disagrees with {modes[0]} for {n} clients x {params} parameters")
+                    runs[mode].append((peak, seconds))
             for mode in modes:
-                peak, seconds, probe = measure(mode, n, params)
-                if reference is None:
-                    reference = probe
-                same = "ok" if np.allclose(probe, reference, rtol=1e-5, atol=1e-9) else "MISMATCH"
-                print(f"{n:>7} {params:>10} {replies_gb * 1024:>10.0f} | {mode:<11} {peak:>9.1f} {seconds:>8.3f} | {same}",
+                peak = statistics.median(p for p, _ in runs[mode])
+                seconds = statistics.median(t for _, t in runs[mode])
+                print(f"{n:>7} {params:>10} {replies_gb * 1024:>10.0f} | {mode:<11} {peak:>9.1f} {seconds:>8.3f} | ok",
                       flush=True)
+            rows += json_rows(n, params, runs, args.max_gb)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, allow_nan=False) + "\n")
+
+
+def json_rows(n: int, params: int, runs: dict[str, list[tuple[float, float]]], max_gb: float) -> list[dict[str, Any]]:
+    """``stack/stream`` (the server's path) and ``fold/stream`` vs Flower's ``aggregate_arrayrecords``; when the
+    replies exceed ``--max-gb`` Flower's mode is skipped and the baseline is null."""
+    rows = []
+    for ours in ("stack/stream", "fold/stream"):
+        for index, what, unit in ((0, "peak memory", "MB"), (1, "time", "s")):
+            a = statistics.median(r[index] for r in runs[ours])
+            base_runs = [r[index] for r in runs.get("flower", [])]
+            b = statistics.median(base_runs) if base_runs else None
+            detail = {"better": "lower", "repeats": len(runs[ours]), "ours_is": ours, "baseline_is": "flower",
+                      "ours_runs": [r[index] for r in runs[ours]], "baseline_runs": base_runs}
+            if b is None:
+                detail["note"] = f"Flower's list mode skipped: the {n} replies exceed --max-gb {max_gb:g}"
+            rows.append({"name": f"{ours} {what}, {n} clients x {params:,} params", "ours": a, "baseline": b,
+                         "unit": unit, "ratio": a / b if b else None, "detail": detail})
+    return rows
 
 
 if __name__ == "__main__":

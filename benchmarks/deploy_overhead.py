@@ -1,7 +1,7 @@
 """Per-round wall time of a real deployment on loopback: plain vs SecAgg+, beside a stock-Flower echo app, and how
 much of a round is the clients' actual work. Usage::
 
-    python benchmarks/deploy_overhead.py [--clients 3 10] [--rounds 3]
+    python benchmarks/deploy_overhead.py [--clients 3 10] [--rounds 3] [--no-worker] [--flower-polling] [--json OUT]
 
 One SuperLink (TLS + node authentication) and N SuperNodes started through ``fedshield.server.deployment`` /
 ``fedshield.client.deployment``, each site with its own slice of the digits as a CSV file. For each N, three runs
@@ -17,6 +17,9 @@ round's training and evaluation cost on one site, measured in this process with 
 (``train_round`` + ``evaluate_round``); nothing is added to what clients send. The rest of a round is overhead:
 process starts, imports, polling. ``flwr-clientapp`` processes are counted from the SuperNodes' logs and timed
 from ``/proc`` while a run goes (first and last time each was seen, 50 ms sampling).
+
+``--json OUT`` writes rows ``{name, ours, baseline, unit, ratio, detail}``: each fedshield run's median round time
+(rounds 2..R) against the echo app's, measured on the same processes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -205,6 +209,7 @@ def main() -> None:
                         help="train inside each flwr-clientapp process (what the warm worker saves)")
     parser.add_argument("--flower-polling", action="store_true",
                         help="Flower 1.39's own poll intervals (SuperNode idle 3 s, SuperExec 1 s): stock Flower")
+    parser.add_argument("--json", metavar="OUT", help="write machine-readable rows here")
     args = parser.parse_args()
     if args.flower_polling:  # read by fedshield.deploy.supernode_main and by every SuperExec we start
         os.environ["FEDSHIELD_SUPERNODE_POLL_S"] = "3"
@@ -215,6 +220,7 @@ def main() -> None:
     header = (f"{'clients':>7} {'run':<20} {'round 1 s':>9} {'later s':>8} {'x echo':>7} {'clientapps/rnd':>14} "
               f"{'clientapp life s':>16} {'work s':>7} {'overhead s':>10}")
     print(header)
+    rows: list[dict[str, Any]] = []
     for n in args.clients:
         with tempfile.TemporaryDirectory(prefix="fsbench-") as tmp:
             start = time.monotonic()
@@ -226,6 +232,24 @@ def main() -> None:
                 print(f"{n:>7} {m.label:<20} {m.rounds[0]:>9.1f} {m.steady:>8.1f} {m.steady / echo:>7.1f} "
                       f"{m.processes / args.rounds:>14.1f} {life:>16.1f} {own:>7.2f} {m.steady - own:>10.1f}")
             print(f"{'':>7} (all runs for {n} clients: {time.monotonic() - start:.0f} s wall)")
+            rows += json_rows(n, results, work, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, allow_nan=False) + "\n")
+
+
+def json_rows(n: int, results: list[Measured], work: float, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each fedshield run's steady round time against the stock-Flower echo app's, same processes."""
+    echo = results[0]
+    later = "rounds 2..R" if len(echo.rounds) > 1 else "round 1 (only one round)"
+    return [{
+        "name": f"{m.label} vs echo (stock Flower) round time, {n} clients", "ours": m.steady, "baseline": echo.steady,
+        "unit": "s/round", "ratio": m.steady / echo.steady, "detail": {
+            "better": "lower", "repeats": len(m.rounds), "ours_runs": m.rounds, "baseline_runs": echo.rounds,
+            "clientapps_per_round": m.processes / args.rounds, "client_work_s": work, "warm_worker": not args.no_worker,
+            "flower_polling": args.flower_polling,
+            "note": f"median of {later}; the echo app trains nothing, fedshield does DP-SGD ({work:.2f} s of work)",
+        },
+    } for m in results[1:]]
 
 
 if __name__ == "__main__":

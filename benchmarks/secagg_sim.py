@@ -7,13 +7,18 @@ round 1 (Ray start, imports) is excluded from the median.
 
 Usage::
 
-    python benchmarks/secagg_sim.py --clients 5 10 --rounds 6
+    python benchmarks/secagg_sim.py --clients 5 10 --rounds 6 [--repeats 1] [--json OUT]
+
+``--repeats R`` runs both R times per client count (alternating which goes first) and takes the median over all
+their rounds 2..R; ``--json OUT`` writes rows ``{name, ours, baseline, unit, ratio, detail}``: SecAgg+'s median
+round time against plain FedAvg's.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -21,6 +26,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -91,7 +97,8 @@ def round_times(secagg: bool, num_clients: int, num_rounds: int) -> list[float]:
     from flwr.simulation import run_simulation
 
     stamps: list[float] = []
-    ray_tmp = tempfile.mkdtemp(prefix="fsray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    # Short: Ray's socket paths must fit 107 bytes. $TMPDIR if set (tests point it at a directory they check).
+    ray_tmp = tempfile.mkdtemp(prefix="fsray", dir=os.environ.get("TMPDIR") or "/tmp")
     try:
         run_simulation(
             server_app=server_app(secagg, num_clients, num_rounds, stamps),
@@ -109,23 +116,48 @@ def round_times(secagg: bool, num_clients: int, num_rounds: int) -> list[float]:
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
-def table(rows: list[tuple[int, list[float], list[float]]]) -> str:
+def table(rows: list[tuple[int, list[list[float]], list[list[float]]]]) -> str:
     median: Callable[[list[float]], float] = statistics.median
     lines = [
         "clients | FedAvg s/round | SecAgg+ s/round | ratio | round 1 FedAvg / SecAgg+ (s)",
         "------- | -------------- | --------------- | ----- | ----------------------------",
     ]
     for n, plain, sec in rows:
-        p, s = median(plain[1:]), median(sec[1:])
-        lines.append(f"{n:>7} | {p:>14.3f} | {s:>15.3f} | {s / p:>5.2f} | {plain[0]:.1f} / {sec[0]:.1f}")
+        p, s = median(_later(plain)), median(_later(sec))
+        first_p, first_s = median(r[0] for r in plain), median(r[0] for r in sec)
+        lines.append(f"{n:>7} | {p:>14.3f} | {s:>15.3f} | {s / p:>5.2f} | {first_p:.1f} / {first_s:.1f}")
     return "\n".join(lines)
+
+
+def _later(runs: list[list[float]]) -> list[float]:
+    """Rounds 2..R of every run (round 1 pays for Ray's start and the imports)."""
+    return [t for run in runs for t in run[1:]]
+
+
+def json_rows(rows: list[tuple[int, list[list[float]], list[list[float]]]]) -> list[dict[str, Any]]:
+    out = []
+    for n, plain, sec in rows:
+        p, s = statistics.median(_later(plain)), statistics.median(_later(sec))
+        out.append({
+            "name": f"SecAgg+ vs plain FedAvg round time, {n} clients", "ours": s, "baseline": p, "unit": "s/round",
+            "ratio": s / p, "detail": {
+                "better": "lower", "repeats": len(plain), "rounds_per_run": len(plain[0]),
+                "ours_is": "SecAgg+(FedAvg)", "baseline_is": "FedAvg", "ours_runs": sec, "baseline_runs": plain,
+                "note": f"median of rounds 2..{len(plain[0])} over {len(plain)} run(s); clients do no training",
+            },
+        })
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[5, 10])
     parser.add_argument("--rounds", type=int, default=6, help="rounds per run; round 1 is excluded (>= 2)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each per client count")
+    parser.add_argument("--json", metavar="OUT", help="write machine-readable rows here")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be >= 2: round 1 is excluded")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported: it reads it once
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -133,11 +165,17 @@ def main() -> None:
     print(f"model: {params:,} parameters (float32); rounds per run: {args.rounds}; median over rounds 2..{args.rounds}")
     rows = []
     for n in args.clients:
-        plain = round_times(False, n, args.rounds)
-        sec = round_times(True, n, args.rounds)
-        print(f"{n} clients: FedAvg {[round(t, 3) for t in plain]}, SecAgg+ {[round(t, 3) for t in sec]}", flush=True)
+        plain: list[list[float]] = []
+        sec: list[list[float]] = []
+        for repeat in range(args.repeats):
+            for secagg in (False, True) if repeat % 2 == 0 else (True, False):
+                (sec if secagg else plain).append(round_times(secagg, n, args.rounds))
+            print(f"{n} clients: FedAvg {[round(t, 3) for t in plain[-1]]}, SecAgg+ {[round(t, 3) for t in sec[-1]]}",
+                  flush=True)
         rows.append((n, plain, sec))
     print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(json_rows(rows), indent=1, allow_nan=False) + "\n")
 
 
 if __name__ == "__main__":

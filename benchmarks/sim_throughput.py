@@ -1,0 +1,422 @@
+"""Simulation throughput (trained client-rounds per second) and peak memory: fedshield vs a stock Flower app.
+
+Both run N virtual clients on Flower's simulation engine with 10% of them sampled for training each round, the same
+model (fedshield's digits CNN), the same data and partitions, the same DP-SGD work per client (sample rate,
+local epochs, learning rate, clipping bound and noise multiplier: fedshield's calibration for the run) and the same
+engine settings (``run_simulation``, 1 CPU per client, no dashboard, Ray's logs kept off the driver, a private Ray
+temp dir: what :func:`fedshield.simulation.run.simulate` sets), so only the app differs:
+
+* ``fedshield``: :func:`fedshield.simulation.run.simulate` with a RunConfig (digits, DP on, ``fraction_train``
+  0.1; SecAgg+ off unless ``--secagg``): ledgers on disk, ghost clipping, streaming aggregation, checkpoints;
+* ``stock``: written the way Flower's own Opacus example (``examples/opacus``) is, on the Message API: every
+  train call loads its partition (the partitioner is built once per process, like the example's global
+  ``fds``), builds a new ``PrivacyEngine()`` (Opacus' defaults: PRV accountant, per-sample hooks), trains, and
+  reports that round's epsilon; the server is ``flwr.serverapp.strategy.FedAvg(fraction_train=0.1)``.
+
+Both evaluate on every client every round (Flower's default ``fraction_evaluate=1.0``; fedshield always does):
+the round time includes it. Throughput = trained client-rounds / wall time of rounds 2..R (round 1 pays for Ray's
+start and the imports), where a round runs from one ``evaluate_fn`` call to the next; a client that fails (an error
+reply) is not counted, and the failures are reported. Peak memory = the largest
+sum of RSS over the app's process tree (the app runs in a subprocess of its own; Ray's GCS, raylet and workers are
+its descendants), sampled from /proc every 0.25 s; shared pages (libraries, Ray's object store) count once per
+process that maps them, for both apps alike. Each repeat runs both apps, alternating which goes first; the table
+shows medians over repeats.
+
+Digits has 1,797 examples, enough for ~360 clients: for N > 100 the data set is tiled ceil(N / 100) times (task
+``sim_throughput:digits_xK``, identical copies), so every client keeps ~11 training examples as at N = 100.
+Usage::
+
+    python benchmarks/sim_throughput.py [--clients 100] [--rounds 3] [--repeats 2] [--secagg] [--json OUT]
+    python benchmarks/sim_throughput.py --clients 100 1000 10000 --rounds 4 4 2   # one --rounds per N
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+APPS = ("fedshield", "stock")
+HERE = Path(__file__).resolve().parent
+FRACTION_TRAIN = 0.1
+CLIENTS_PER_COPY = 100  # digits is tiled once per this many clients
+SAMPLE_EVERY_S = 0.25
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The data: digits, tiled for many clients (a task factory that Ray workers import as sim_throughput:digits_xK)
+
+
+def task_name(n: int) -> str:
+    copies = math.ceil(n / CLIENTS_PER_COPY)
+    return "digits" if copies == 1 else f"sim_throughput:digits_x{copies}"
+
+
+def __getattr__(name: str) -> Callable[[], Any]:
+    """``digits_xK``: a factory of the digits task with its data tiled K times (for ``--task module:factory``)."""
+    if name.startswith("digits_x") and name[len("digits_x"):].isdigit():
+        copies = int(name[len("digits_x"):])
+        return lambda: _tiled_digits(copies)
+    raise AttributeError(name)
+
+
+def _tiled_digits(copies: int) -> Any:
+    from fedshield.data.spec import DataSpec, Dataset
+    from fedshield.tasks import Task, get_task
+
+    digits = get_task("digits")
+
+    @lru_cache(maxsize=1)
+    def load() -> Dataset:
+        data = digits.load_bundled()  # type: ignore[misc]
+        return Dataset(np.concatenate([data.x] * copies), np.concatenate([data.y] * copies))
+
+    spec = DataSpec(f"digits-x{copies}", digits.spec.input_shape, digits.spec.num_classes)
+    return Task(spec=spec, build_model=digits.build_model, load_bundled=load, preprocess=digits.preprocess)
+
+
+_PARTITIONER: dict[tuple[str, int, int], Any] = {}  # the example's global `fds`: built once per process
+
+
+def load_partition(task: str, num_partitions: int, seed: int, pid: int) -> tuple[Any, Any]:
+    """Client ``pid``'s ``(train, test)``: exactly what fedshield's ``split_federated`` gives it (iid), but loaded
+    per call from a partitioner cached per process, as Flower's Opacus example does."""
+    from fedshield.data import partition as fp
+    from fedshield.tasks import get_task
+
+    key = (task, num_partitions, seed)
+    if key not in _PARTITIONER:
+        from datasets import Dataset as HFDataset
+        from flwr_datasets.partitioner import IidPartitioner
+
+        data = get_task(task).load_bundled()
+        _, pool_idx = fp._stratified_split(data.y, fp.SERVER_TEST_FRACTION, np.random.default_rng(seed))
+        pool = data.subset(pool_idx)
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+        partitioner.dataset = HFDataset.from_dict({"row": np.arange(len(pool)), "label": pool.y})
+        _PARTITIONER[key] = (pool, partitioner)
+    pool, partitioner = _PARTITIONER[key]
+    part = pool.subset(np.sort(np.asarray(partitioner.load_partition(pid)["row"], dtype=np.int64)))
+    train_idx, test_idx = fp._random_split(len(part), fp.CLIENT_TEST_FRACTION, np.random.default_rng([seed, pid]))
+    return part.subset(train_idx), part.subset(test_idx)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two apps, each run in a worker subprocess
+
+
+def _config(n: int, rounds: int, seed: int, secagg: bool, out: Path) -> Any:
+    from fedshield.config import RunConfig
+
+    return RunConfig(task=task_name(n), num_clients=n, num_rounds=rounds, dp=True, secagg=secagg,
+                     fraction_train=FRACTION_TRAIN, seed=seed, out=out)
+
+
+def backend_config(ray_tmp: str) -> dict[str, Any]:
+    """What ``fedshield.simulation.run.simulate`` passes to ``run_simulation`` with its defaults."""
+    init_args = {"include_dashboard": False, "configure_logging": True, "logging_level": logging.WARNING,
+                 "log_to_driver": False, "_temp_dir": ray_tmp}
+    return {"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0}, "init_args": init_args}
+
+
+def run_fedshield(n: int, rounds: int, seed: int, secagg: bool, tmp: Path, ray_tmp: str) -> dict[str, Any]:
+    from fedshield.simulation.run import simulate
+
+    config = _config(n, rounds, seed, secagg, tmp / "run")
+    summary = simulate(config, ray_temp_dir=ray_tmp)
+    rows = [json.loads(x) for x in (config.out / "metrics.jsonl").read_text().splitlines()]
+    return {"round_s": [r["round_time_s"] for r in rows], "trained": [r["clients_trained"] for r in rows],
+            "failed": [r["clients_sampled"] - r["clients_trained"] for r in rows], "errors": [],
+            "sigma": summary.noise_multiplier}
+
+
+def stock_apps(
+    n: int, rounds: int, seed: int, sigma: float, stamps: list[float], trained: list[int], errors: list[str]
+) -> tuple[Any, Any]:
+    """A ServerApp and ClientApp as Flower's Opacus example writes them (Message API), with fedshield's settings."""
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from opacus import PrivacyEngine
+
+    from fedshield.tasks import get_task
+
+    base = _config(n, rounds, seed, False, Path("unused"))
+    task, lr, q, epochs = base.task, base.lr, base.sample_rate, base.local_epochs
+    max_grad_norm, delta = base.max_grad_norm, base.delta
+
+    def loader(data: Any, batch_size: int, shuffle: bool) -> Any:
+        tensors = torch.utils.data.TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
+        return torch.utils.data.DataLoader(tensors, batch_size=batch_size, shuffle=shuffle)
+
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=UserWarning)  # as the example does
+        pid, parts = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+        train_set, _ = load_partition(task, parts, seed, pid)
+        model = get_task(task).new_model(seed)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        # len(loader) = 1/q batches, so Opacus' Poisson sampling uses fedshield's sample rate.
+        train_loader = loader(train_set, math.ceil(len(train_set) * q), shuffle=True)
+        privacy_engine = PrivacyEngine(secure_mode=False)
+        dp_model, optimizer, train_loader = privacy_engine.make_private(
+            module=model, optimizer=optimizer, data_loader=train_loader, noise_multiplier=sigma,
+            max_grad_norm=max_grad_norm,
+        )
+        criterion = torch.nn.CrossEntropyLoss()
+        losses = []
+        for _ in range(epochs):
+            for images, labels in train_loader:
+                optimizer.zero_grad()
+                loss = criterion(dp_model(images), labels)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss))
+        epsilon = privacy_engine.get_epsilon(delta=delta)
+        metrics = {"train_loss": float(np.mean(losses)) if losses else 0.0, "epsilon": float(epsilon),
+                   "num-examples": len(train_set)}
+        content = RecordDict({"arrays": ArrayRecord(torch_state_dict=model.state_dict()),
+                              "metrics": MetricRecord(metrics)})
+        return Message(content=content, reply_to=msg)
+
+    @client.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        pid, parts = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+        _, test_set = load_partition(task, parts, seed, pid)
+        model = get_task(task).new_model(seed)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        criterion, correct, loss = torch.nn.CrossEntropyLoss(), 0, 0.0
+        with torch.no_grad():
+            for images, labels in loader(test_set, 32, shuffle=False):
+                outputs = model(images)
+                loss += float(criterion(outputs, labels))
+                correct += int((outputs.argmax(1) == labels).sum())
+        metrics = {"eval_loss": loss, "eval_acc": correct / len(test_set), "num-examples": len(test_set)}
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    class CountingFedAvg(FedAvg):  # counts the replies that trained; aggregation itself is FedAvg's
+        def aggregate_train(self, server_round: int, replies: Any) -> Any:
+            replies = list(replies)
+            trained.append(sum(not m.has_error() for m in replies))
+            errors.extend(f"round {server_round}: {m.error.reason[-300:]}" for m in replies if m.has_error())
+            return super().aggregate_train(server_round, replies)
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        # min_available_nodes: the ServerApp starts before the simulation has registered every node.
+        strategy = CountingFedAvg(fraction_train=FRACTION_TRAIN, min_available_nodes=n)
+        initial = ArrayRecord(torch_state_dict=get_task(task).new_model(seed).state_dict())
+
+        def stamp(_round: int, _arrays: ArrayRecord) -> None:
+            stamps.append(time.perf_counter())
+
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=ConfigRecord({"lr": lr}),
+                       evaluate_fn=stamp)
+
+    return server, client
+
+
+def run_stock(n: int, rounds: int, seed: int, ray_tmp: str) -> dict[str, Any]:
+    from flwr.simulation import run_simulation
+
+    from fedshield.server.runner import noise_multiplier_for
+
+    sigma = noise_multiplier_for(_config(n, rounds, seed, False, Path("unused")))
+    stamps: list[float] = []
+    trained: list[int] = []
+    errors: list[str] = []
+    server, client = stock_apps(n, rounds, seed, sigma, stamps, trained, errors)
+    run_simulation(server_app=server, client_app=client, num_supernodes=n, backend_config=backend_config(ray_tmp))
+    if len(stamps) != rounds + 1:
+        raise RuntimeError(f"stock: expected {rounds + 1} evaluate_fn calls, got {len(stamps)}: the run failed")
+    sampled = max(int(n * FRACTION_TRAIN), 2)  # FedAvg's sample size
+    return {"round_s": [b - a for a, b in zip(stamps, stamps[1:])], "trained": trained,
+            "failed": [sampled - t for t in trained], "errors": errors[:5], "sigma": sigma}
+
+
+def worker(app: str, n: int, rounds: int, seed: int, secagg: bool) -> dict[str, Any]:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower logs every round at INFO; same for both apps
+    tmp = Path(tempfile.mkdtemp(prefix="fsbst-"))  # fedshield's run directory (client ledgers, checkpoints)
+    ray_tmp = tempfile.mkdtemp(prefix="fsr")  # its own, short: Ray's socket paths must fit in 107 bytes
+    start = time.perf_counter()
+    try:
+        if app == "fedshield":
+            out = run_fedshield(n, rounds, seed, secagg, tmp, ray_tmp)
+        else:
+            out = run_stock(n, rounds, seed, ray_tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    out["wall_s"] = time.perf_counter() - start
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring: one subprocess per run, its process tree's RSS sampled from /proc
+
+
+def _tree_rss(root: int) -> tuple[int, int]:
+    """``(bytes of RSS summed over root and its live descendants, number of processes)``."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            parents[int(entry.name)] = int(fields[1])
+            rss[int(entry.name)] = int(fields[21]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = {root}, {root}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - tree
+        tree |= frontier
+    return sum(rss.get(p, 0) for p in tree), len(tree & rss.keys())
+
+
+def measure(app: str, n: int, rounds: int, seed: int, secagg: bool, timeout: float) -> dict[str, Any]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), *filter(None, [env.get("PYTHONPATH")])])  # Ray workers too
+    cmd = [sys.executable, __file__, "--worker", app, str(n), str(rounds), str(seed)] + (["--secagg"] if secagg else [])
+    # A session of its own, so a timeout or Ctrl-C takes down the run's whole process group.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    peak, procs, done = [0], [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(SAMPLE_EVERY_S):
+            rss, count = _tree_rss(proc.pid)
+            peak[0], procs[0] = max(peak[0], rss), max(procs[0], count)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException as exc:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise RuntimeError(f"{app} N={n}: no result within {timeout:.0f} s") from None
+        raise
+    finally:
+        done.set()
+        sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{app} N={n} failed (exit {proc.returncode}):\n{stderr[-3000:]}")
+    out = json.loads(stdout.strip().splitlines()[-1])
+    if sum(out["failed"]):  # counted out of the throughput (only trained client-rounds count), and reported
+        print(f"{app} N={n}: {sum(out['failed'])} client-round(s) failed {out['errors']}", flush=True)
+    steady_s, steady_n = out["round_s"][1:] or out["round_s"], out["trained"][1:] or out["trained"]
+    out.update(throughput=sum(steady_n) / sum(steady_s), peak_rss_mib=peak[0] / 2**20, max_processes=procs[0])
+    return out
+
+
+def _rows(n: int, rounds: int, runs: dict[str, list[dict[str, Any]]], secagg: bool) -> list[dict[str, Any]]:
+    def med(app: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[app])
+
+    repeats = len(runs["fedshield"])
+    common = {"repeats": repeats, "rounds": rounds, "clients_per_round": max(1, round(n * FRACTION_TRAIN)),
+              "task": task_name(n), "secagg": secagg,
+              "first_round_s": {a: med(a, "first_round_s") for a in APPS},
+              "steady_round_s": {a: med(a, "steady_round_s") for a in APPS},
+              "wall_s": {a: med(a, "wall_s") for a in APPS},
+              "failed_client_rounds": {a: sum(sum(r["failed"]) for r in runs[a]) for a in APPS},
+              "errors": {a: [e for r in runs[a] for e in r["errors"]][:5] for a in APPS}}
+    failed = ", ".join(f"{a}: {k}" for a, k in common["failed_client_rounds"].items() if k)
+    notes = {
+        "throughput": f"{common['clients_per_round']} of {n} clients trained and all {n} evaluated per round; rounds "
+                      f"2..{rounds}; task {common['task']}; fedshield SecAgg+ {'on' if secagg else 'off'}"
+                      + (f"; FAILED client-rounds (not counted) {failed}" if failed else ""),
+        "peak_rss_mib": "RSS summed over the process tree (Ray's GCS, raylet, workers); shared pages once per process",
+    }
+    rows = []
+    for name, key, unit, better in (("client-rounds/s", "throughput", "client-rounds/s", "higher"),
+                                    ("peak RSS", "peak_rss_mib", "MiB", "lower")):
+        ours, base = med("fedshield", key), med("stock", key)
+        rows.append({"name": f"{name}, N={n}", "ours": ours, "baseline": base, "unit": unit,
+                     "ratio": ours / base if base else None,
+                     "detail": {**common, "better": better, "note": notes[key],
+                                "ours_runs": [r[key] for r in runs["fedshield"]],
+                                "baseline_runs": [r[key] for r in runs["stock"]]}})
+    return rows
+
+
+def write_json(path: str, rows: list[dict[str, Any]]) -> None:
+    Path(path).write_text(json.dumps(rows, indent=1, allow_nan=False) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[100])
+    parser.add_argument("--rounds", type=int, nargs="+", default=[3], help="one value, or one per --clients (>= 2)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--secagg", action="store_true", help="fedshield with SecAgg+ (the stock app has none)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    parser.add_argument("--json", metavar="OUT", help="write machine-readable rows here")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        app, n, rounds, seed = args.worker[0], *map(int, args.worker[1:])
+        print(json.dumps(worker(app, n, rounds, seed, args.secagg)))
+        return
+    rounds = args.rounds * len(args.clients) if len(args.rounds) == 1 else args.rounds
+    if len(rounds) != len(args.clients) or min(rounds) < 2:
+        parser.error("--rounds: one value >= 2, or one per --clients")
+    print(f"{os.cpu_count()} CPUs; digits CNN, DP-SGD (fedshield's settings), {FRACTION_TRAIN:.0%} of clients "
+          f"trained per round, all evaluated; fedshield SecAgg+ {'on' if args.secagg else 'off'}; "
+          f"median of {args.repeats} repeat(s); throughput over rounds 2..R")
+    print(f"{'N':>6} {'R':>2} {'app':<10} {'client-rounds/s':>15} {'s/round':>8} {'round 1 s':>9} "
+          f"{'peak RSS MiB':>12} {'procs':>5} {'wall s':>7} {'failed':>6}")
+    rows: list[dict[str, Any]] = []
+    for n, r in zip(args.clients, rounds):
+        runs: dict[str, list[dict[str, Any]]] = {a: [] for a in APPS}
+        for repeat in range(args.repeats):
+            for app in APPS if repeat % 2 == 0 else APPS[::-1]:
+                res = measure(app, n, r, args.seed, args.secagg, args.timeout)
+                res["first_round_s"] = res["round_s"][0]
+                res["steady_round_s"] = statistics.median(res["round_s"][1:])
+                runs[app].append(res)
+                print(f"{n:>6} {r:>2} {app:<10} {res['throughput']:>15.2f} {res['steady_round_s']:>8.2f} "
+                      f"{res['first_round_s']:>9.1f} {res['peak_rss_mib']:>12.0f} {res['max_processes']:>5} "
+                      f"{res['wall_s']:>7.1f} {sum(res['failed']):>6}", flush=True)
+        new = _rows(n, r, runs, args.secagg)
+        rows += new
+        print(f"{n:>6} {'':>2} {'ratio':<10} {new[0]['ratio']:>15.2f} (fedshield / stock, medians); "
+              f"peak RSS ratio {new[1]['ratio']:.2f}", flush=True)
+    if args.json:
+        write_json(args.json, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Smoke tests of ``benchmarks/``: each script runs with its tiniest arguments, exits 0 and writes the ``--json`` rows
+that ``run_all.py`` turns into RESULTS.md, with finite numbers, and leaves no file or process behind.
+
+Not run here, because their smallest run takes minutes: ``deploy_overhead.py`` (a real SuperLink and SuperNodes;
+its ``--json`` rows are checked from hand-made measurements instead) and ``compression.py`` (three simulations; its
+printed table, which ``run_all`` parses, is checked from a sample of that output).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+#: script -> (tiniest arguments, row names it must write, timeout in seconds)
+CASES = {
+    "aggregation": (
+        ["--clients", "3", "--params", "10000"],
+        [f"{m} {w}, 3 clients x 10,000 params" for m in ("stack/stream", "fold/stream") for w in ("peak memory", "time")],
+        120,
+    ),
+    "dpsgd_modes": (
+        ["--tasks", "breast-cancer", "--modes", "ghost", "--repeats", "1"],
+        ["breast-cancer: ghost epoch vs plain", "breast-cancer: ghost peak RSS vs plain"],
+        180,
+    ),
+    "secagg_sim": (["--clients", "3", "--rounds", "2"], ["SecAgg+ vs plain FedAvg round time, 3 clients"], 300),
+    "sim_throughput": (
+        ["--clients", "20", "--rounds", "2", "--repeats", "1"], ["client-rounds/s, N=20", "peak RSS, N=20"], 400,
+    ),
+}
+
+
+@pytest.fixture
+def bench_tmp(ray_temp_root: Path) -> Iterator[Path]:
+    """An empty, short directory (Ray's socket paths must fit 107 bytes) that a script's TMPDIR and RAY_TMPDIR point
+    at, so whatever it leaves there is seen. Ray's session-wide root (``ray_temp_root``) stays for everything else."""
+    path = Path(tempfile.mkdtemp(prefix="fsbt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _run(script: str, args: list[str], tmp: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TMPDIR": str(tmp), "RAY_TMPDIR": str(tmp), "FLWR_TELEMETRY_ENABLED": "0"}
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(f"{entry.name}: {cmdline[:200]}")
+    return found
+
+
+def _check_rows(rows: list[dict[str, object]], expected: list[str]) -> None:
+    names = [r["name"] for r in rows]
+    assert set(expected) <= set(names), f"missing rows {sorted(set(expected) - set(names))}; got {names}"
+    for row in rows:
+        assert set(row) == {"name", "ours", "baseline", "unit", "ratio", "detail"}, row
+        for key in ("ours", "baseline", "ratio"):
+            value = row[key]
+            assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (row["name"], key, value)
+        assert row["ratio"] == pytest.approx(row["ours"] / row["baseline"]), row["name"]  # type: ignore[operator]
+        assert isinstance(row["unit"], str) and row["unit"]
+        assert isinstance(row["detail"], dict) and row["detail"].get("better") in ("higher", "lower"), row["name"]
+
+
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_benchmark_writes_json_rows(script: str, bench_tmp: Path, no_leftover_processes: None) -> None:
+    args, expected, timeout = CASES[script]
+    out = bench_tmp / "rows.json"
+    proc = _run(f"{script}.py", [*args, "--json", str(out)], bench_tmp, timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    _check_rows(json.loads(out.read_text()), expected)
+    out.unlink()
+    # torch's compile cache (torchinductor_USER) is meant to persist; it goes with bench_tmp.
+    left = sorted(p for p in bench_tmp.iterdir() if not p.name.startswith("torchinductor_"))
+    assert not left, f"{script} left files behind: {left}"
+    assert not _processes_mentioning(str(bench_tmp)), _processes_mentioning(str(bench_tmp))
+
+
+def test_run_all_writes_results(bench_tmp: Path, no_leftover_processes: None) -> None:
+    results = bench_tmp / "out" / "RESULTS.md"
+    results.parent.mkdir()
+    proc = _run("run_all.py", ["--only", "aggregation", "--args", "aggregation=--clients 3 --params 10000",
+                               "--out", str(results)], bench_tmp, 120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    text = results.read_text()
+    for needle in ("## Machine", "- CPU: ", "- RAM: ", "- GPU: ", "torch ", "flwr ", "opacus ",
+                   "## aggregation", "python benchmarks/aggregation.py --clients 3 --params 10000",
+                   "| stack/stream time, 3 clients x 10,000 params |", "ratio ours/baseline"):
+        assert needle in text, needle
+    # --merge keeps the sections it does not rerun; the others are only listed when run.
+    proc = _run("run_all.py", ["--only", "deploy_overhead", "--merge", "--out", str(results)], bench_tmp, 120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    merged = results.read_text()
+    assert "## aggregation" in merged and "## deploy_overhead" in merged and "Skipped: not run in quick mode" in merged
+    shutil.rmtree(results.parent)
+    assert not list(bench_tmp.iterdir()), sorted(bench_tmp.iterdir())
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+COMPRESSION_OUTPUT = """\
+seed 0 32-bit: 24740 B/client/round, accuracy 88.3%, 40 s
+seed 0 16-bit: 12420 B/client/round, accuracy 88.1%, 39 s
+seed 0  8-bit: 6212 B/client/round, accuracy 86.9%, 38 s
+
+default digits run, 5 clients x 3 rounds, DP eps 8, SecAgg+ on; 6026 model values (24104 B as float32); median of 1 seed(s) [0]
+update    bytes/client/round  x fp32 run  x float32  accuracy  Δ acc (pts)  wall s
+fp32                   24740       1.000      1.026     88.3%         +0.0    40.0
+16-bit                 12420       0.502      0.515     88.1%         -0.2    39.0
+8-bit                   6212       0.251      0.258     86.9%         -1.4    38.0
+"""
+
+
+def test_run_all_parses_the_compression_table() -> None:
+    run_all = _load("run_all")
+    rows = run_all.parse_compression(COMPRESSION_OUTPUT)
+    _check_rows(rows, ["16-bit bytes/client/round vs fp32", "8-bit bytes/client/round vs fp32",
+                       "16-bit final accuracy vs fp32", "8-bit final accuracy vs fp32"])
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["8-bit bytes/client/round vs fp32"]["ratio"] == pytest.approx(6212 / 24740)
+    assert by_name["8-bit final accuracy vs fp32"]["ours"] == pytest.approx(86.9)
+    with pytest.raises(ValueError):
+        run_all.parse_compression("some other table\nupdate bytes\n")
+
+
+def test_deploy_overhead_json_rows() -> None:
+    import argparse
+
+    deploy = _load("deploy_overhead")
+    results = [deploy.Measured("echo (stock Flower)", [4.0, 2.0, 2.0], 6, [1.0]),
+               deploy.Measured("fedshield plain", [5.0, 3.0, 1.0], 12, [1.0]),
+               deploy.Measured("fedshield SecAgg+", [9.0, 8.0, 6.0], 30, [1.0])]
+    args = argparse.Namespace(rounds=3, no_worker=False, flower_polling=False)
+    rows = deploy.json_rows(2, results, 0.5, args)
+    _check_rows(rows, ["fedshield plain vs echo (stock Flower) round time, 2 clients",
+                       "fedshield SecAgg+ vs echo (stock Flower) round time, 2 clients"])
+    assert [r["ratio"] for r in rows] == [pytest.approx(1.0), pytest.approx(3.5)]  # medians of rounds 2..3
+
+
+def test_stock_app_loads_fedshields_partitions() -> None:
+    """The stock app's per-call loading gives every client exactly the data fedshield's simulation gives it."""
+    from fedshield.config import PartitionSpec
+    from fedshield.data.partition import split_federated
+    from fedshield.tasks import get_task
+
+    sim = _load("sim_throughput")
+    task = "digits"
+    split = split_federated(get_task(task).load_bundled(), PartitionSpec("iid"), 50, 3)
+    for pid in (0, 17, 49):
+        ours = sim.load_partition(task, 50, 3, pid)
+        for got, want in zip(ours, split.clients[pid], strict=True):
+            assert np.array_equal(got.x, want.x) and np.array_equal(got.y, want.y)
+    tiled = sim._tiled_digits(3).load_bundled()
+    assert len(tiled) == 3 * len(get_task("digits").load_bundled())
+    assert sim.task_name(100) == "digits" and sim.task_name(1000) == "sim_throughput:digits_x10"
