@@ -57,4 +57,16 @@ def no_leftover_processes() -> Iterator[None]:
     while left and time.monotonic() < deadline:
         time.sleep(0.25)
         left = _children(os.getpid()) - before
-    assert not left, f"test left processes behind: {sorted(left)}"
+    assert not left, f"test left processes behind: {_describe(left)}"
+
+
+def _describe(pids: set[int]) -> list[str]:
+    """``pid: command line`` of each process, so a leak names its culprit."""
+    out = []
+    for pid in sorted(pids):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            cmdline = "(exited)"
+        out.append(f"{pid}: {cmdline.strip()[:200]}")
+    return out

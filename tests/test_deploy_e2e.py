@@ -375,36 +375,3 @@ def test_a_client_that_requires_secagg_refuses_a_plain_round(runs: Runs) -> None
     assert failure["round"] == 1 and failure["reason"].startswith(PLAIN_REFUSAL)
     assert "--allow-plain-updates" in failure["reason"]
     assert runs.strict_survived, "refusing must not cost the site its SuperNode"
-
-
-def test_a_stopped_deployed_run_resumes_from_its_last_checkpoint(federation: Federation, runs: Runs) -> None:
-    """The ServerApp dies after round 1 of 3 (``flwr stop``: its process is killed mid-round 2); the same run
-    directory is resubmitted with ``resume``: rounds 2 and 3 follow round 1, with the run's own id and mechanism,
-    and no completed round is lost or repeated."""
-    from fedshield.server.checkpoint import CHECKPOINT_FILE, load_checkpoint
-    from fedshield.server.deployment import load_resume
-
-    # Plain rounds (node-4 refuses them; node-1 and node-2 train): resuming is the ServerApp's business, and
-    # SecAgg+ rounds would only make the test slower.
-    config = RunConfig(num_clients=2, num_rounds=3, seed=SEED, secagg=False, out=federation.root / "resumed")
-    run_id = federation.server.submit(config)
-    deadline = time.monotonic() + 300
-    while not (config.out / CHECKPOINT_FILE).exists() or load_checkpoint(config.out).server_round < 1:
-        assert time.monotonic() < deadline, "round 1 never completed"
-        time.sleep(0.2)
-    federation.server.stop_run(run_id)
-    first = load_checkpoint(config.out)
-    assert first.server_round == 1, "stopped too late to prove anything: round 2 had already completed"
-    resumed_config, done = load_resume(config.out)
-    assert done == 1 and resumed_config.num_rounds == 3
-    rerun = federation.server.submit(resumed_config, resume=True)
-    federation.follow(rerun, resumed_config)
-    rows = read_rows(config.out)
-    assert [r["round"] for r in rows] == [1, 2, 3], rows
-    assert all(r["clients_trained"] >= 2 for r in rows), rows
-    last = load_checkpoint(config.out)
-    assert last.server_round == 3 and last.run_id == first.run_id and last.noise_multiplier == first.noise_multiplier
-    privacy = json.loads((config.out / "privacy.json").read_text())
-    for entry in privacy["clients"].values():
-        assert entry["epsilon"] == pytest.approx(recompute_epsilon(entry), rel=1e-9)
-    assert max(max(e["trained_in_rounds"] or [0]) for e in privacy["clients"].values()) == 3

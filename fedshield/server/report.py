@@ -180,10 +180,16 @@ class PrivacyReport:
         clients = {}
         for client in sorted(self.clients.values(), key=lambda x: (x.partition_id is None, x.partition_id or 0, x.node_id)):
             eps = self.client_epsilon(client)
+            from_ledger = self.config.dp and (client.reported_epsilon or 0.0) > epsilon(
+                client.history, delta=self.config.delta, accountant=self.config.accountant)
             clients[client.name] = {
                 "node_id": client.node_id,
                 "partition_id": client.partition_id,
                 "epsilon": _finite(eps),
+                # "history": epsilon is recompute_epsilon(entry), from the history below. "ledger": the client's
+                # own ledger (earlier runs, or a round re-run after a crash) holds more; recompute it from the
+                # site's privacy-ledger.json.
+                "epsilon_source": "ledger" if from_ledger else "history",
                 "delta": c.delta,
                 "accountant": c.accountant,
                 "noise_multiplier": self.noise_multiplier if c.dp else None,
@@ -244,7 +250,12 @@ def _client_trust(mode: str, secagg: bool) -> str:
 
 
 def recompute_epsilon(entry: dict[str, Any]) -> float:
-    """Recompute a client's epsilon from the parameters written beside it in ``privacy.json``."""
+    """Recompute a client's epsilon for this run from the parameters written beside it in ``privacy.json``.
+
+    Equals ``entry["epsilon"]`` when ``entry["epsilon_source"]`` is ``"history"``; when it is ``"ledger"`` the
+    client's own ledger holds more (earlier runs, or an interrupted round charged twice) and ``epsilon`` is that
+    ledger's figure, recomputable from the site's ``privacy-ledger.json``.
+    """
     return epsilon([tuple(h) for h in entry["history"]], delta=entry["delta"], accountant=entry["accountant"])
 
 
