@@ -207,10 +207,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-worker", action="store_true",
                         help="train inside each flwr-clientapp process (what the warm worker saves)")
+    parser.add_argument("--zygote", action="store_true",
+                        help="fork ClientApps from a pre-imported parent (FEDSHIELD_CLIENTAPP_ZYGOTE_ON=1, experimental)")
     parser.add_argument("--flower-polling", action="store_true",
                         help="Flower 1.39's own poll intervals (SuperNode idle 3 s, SuperExec 1 s): stock Flower")
     parser.add_argument("--json", metavar="OUT", help="write machine-readable rows here")
     args = parser.parse_args()
+    if args.zygote:  # read by fedshield.deploy.supernode_main in every SuperNode we start
+        os.environ["FEDSHIELD_CLIENTAPP_ZYGOTE_ON"] = "1"
     if args.flower_polling:  # read by fedshield.deploy.supernode_main and by every SuperExec we start
         os.environ["FEDSHIELD_SUPERNODE_POLL_S"] = "3"
         os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "1.0"

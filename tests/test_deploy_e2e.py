@@ -19,9 +19,6 @@ that leaves one behind.
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _processes import Cli, kill_tree
 from safetensors.numpy import load_file
 
 from fedshield.client.app import PLAIN_REFUSAL
@@ -43,6 +41,7 @@ from fedshield.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from fedshield.server.deployment import FedshieldServer, ServerOptions, start_server
 from fedshield.server.report import recompute_epsilon
 from fedshield.tasks import get_task
+
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -75,52 +74,6 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------ process helpers
-
-
-@dataclass
-class Cli:
-    """A ``python -m fedshield ...`` process in its own session, output in a file."""
-
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    @classmethod
-    def start(cls, args: list[str], log: Path) -> Cli:
-        with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "fedshield", *args], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        return cls(proc, log)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while (match := re.search(pattern, self.text())) is None:
-            assert self.proc.poll() is None, f"exited {self.proc.returncode} before {pattern!r}:\n{self.text()}"
-            assert time.monotonic() < deadline, f"no {pattern!r} within {timeout} s:\n{self.text()}"
-            time.sleep(0.2)
-        return match
-
-    def interrupt(self, timeout: float = 60.0) -> int:
-        """Ctrl-C, as a user would; SIGKILL to everything it started if it does not exit in time."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                kill_tree(self.proc.pid)
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants at once, like a crash or a power cut at a site."""
-    for p in [pid, *live_descendants(pid)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def clientapp_pids(pid: int) -> set[int]:

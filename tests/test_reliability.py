@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from _multirun import run_many
+from _processes import Cli
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
@@ -38,11 +34,11 @@ from fedshield.client import app as fedshield_app
 from fedshield.config import RoundSettings, RunConfig
 from fedshield.crypto import init_keys
 from fedshield.deploy import free_port
-from fedshield.deploy.process import live_descendants
 from fedshield.errors import ConfigError
 from fedshield.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from fedshield.server.checkpoint import load_checkpoint
 from fedshield.server.report import recompute_epsilon
+
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -302,55 +298,6 @@ def test_e_a_client_slower_than_the_round_timeout_is_left_out_and_the_round_comp
 # ------------------------------------------------------------------------------------------------ real processes
 
 SEED = 7
-
-
-@dataclass
-class Cli:
-    """A ``python -m fedshield ...`` process in its own session, output in a file."""
-
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    @classmethod
-    def start(cls, args: list[str], log: Path) -> Cli:
-        with log.open("ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "fedshield", *args], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        return cls(proc, log)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, pattern: str, timeout: float, *, start: int = 0) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while (match := re.search(pattern, self.text()[start:])) is None:
-            assert self.proc.poll() is None, f"exited {self.proc.returncode} before {pattern!r}:\n{self.text()}"
-            assert time.monotonic() < deadline, f"no {pattern!r} within {timeout} s:\n{self.text()}"
-            time.sleep(0.2)
-        return match
-
-    def kill(self) -> None:
-        """SIGKILL the process and everything it started, at once: a crash or a power cut."""
-        kill_tree(self.proc.pid)
-        self.proc.wait(timeout=30)
-
-    def interrupt(self, timeout: float = 60.0) -> int:
-        """Ctrl-C; SIGKILL to everything it started if it does not exit in time."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-
-def kill_tree(pid: int) -> None:
-    for p in [pid, *live_descendants(pid)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _site_files(root: Path, n: int) -> list[Path]:

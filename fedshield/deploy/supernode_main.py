@@ -5,8 +5,8 @@ message, and polls 0.5 s for a reply to send back; neither is configurable. A me
 sleeps waits up to 3 s before anything starts, and SecAgg+ sends five messages per node and round one after the
 other, so a round paid ~7-15 s for these sleeps alone. This launcher caps every sleep of that one module (they are
 all poll waits; nothing there sleeps for correctness) at ``FEDSHIELD_SUPERNODE_POLL_S`` seconds (default 0.5),
-then runs Flower's own entry point unchanged. It also forks the ClientApp zygote
-(:mod:`fedshield.deploy.clientapp_zygote`), so each per-message ClientApp process starts with Flower imported.
+then runs Flower's own entry point unchanged. With ``FEDSHIELD_CLIENTAPP_ZYGOTE_ON=1`` it also forks the ClientApp
+zygote (:mod:`fedshield.deploy.clientapp_zygote`), so each per-message ClientApp starts with Flower imported.
 
 The cost is requests: an idle node asks the SuperLink for work every 0.5 s instead of every 3 s (small gRPC calls;
 100 idle sites are ~200 requests a second). When the module no longer looks as expected (another Flower version),
@@ -35,7 +35,10 @@ __all__ = [
 
 POLL_ENV = "FEDSHIELD_SUPERNODE_POLL_S"
 DEFAULT_POLL_S = 0.5
-#: ``0`` starts every ClientApp cold, as Flower does (for measurements); anything else forks them from a zygote.
+#: ``1`` forks every ClientApp from the pre-imported zygote; anything else (the default) starts them cold, as Flower
+#: does. Opt-in because of one race seen here: a run stopped (``flwr stop``) while a zygote-started ClientApp was
+#: pulling its message left that ClientApp waiting forever in Flower's ``pull_objects`` (a cold ClientApp starts
+#: ~1.5 s later and then finds its token already void). Cold starts never showed it.
 ZYGOTE_SWITCH_ENV = "FEDSHIELD_CLIENTAPP_ZYGOTE_ON"
 
 
@@ -85,7 +88,7 @@ def patch_supernode_polling(cap: float) -> bool:
 def start_clientapp_zygote() -> bool:
     """Fork the pre-imported ``flwr-clientapp`` parent (:mod:`fedshield.deploy.clientapp_zygote`) and put its shim
     first on PATH for the SuperExec that Flower starts next. Must run before Flower starts any thread."""
-    if os.environ.get(ZYGOTE_SWITCH_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get(ZYGOTE_SWITCH_ENV, "0") != "1" or not sys.platform.startswith("linux"):
         return False
     import shutil
 

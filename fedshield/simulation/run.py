@@ -12,7 +12,6 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import ConfigError, FedshieldError

@@ -1,0 +1,69 @@
+"""Real-process helpers shared by the deployment and reliability tests: ``python -m fedshield ...`` commands in
+their own sessions, and SIGKILL of a whole process tree (a crash or a power cut at a site)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedshield.deploy.process import live_descendants
+
+__all__ = ["Cli", "kill_tree"]
+
+
+@dataclass
+class Cli:
+    """A ``python -m fedshield ...`` process in its own session, output appended to a file."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @classmethod
+    def start(cls, args: list[str], log: Path) -> Cli:
+        with log.open("ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "fedshield", *args], stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        return cls(proc, log)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float, *, start: int = 0) -> re.Match[str]:
+        """The first match of ``pattern`` in the output from character ``start`` on; fails if the process exits
+        or ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        while (match := re.search(pattern, self.text()[start:])) is None:
+            assert self.proc.poll() is None, f"exited {self.proc.returncode} before {pattern!r}:\n{self.text()}"
+            assert time.monotonic() < deadline, f"no {pattern!r} within {timeout} s:\n{self.text()}"
+            time.sleep(0.2)
+        return match
+
+    def kill(self) -> None:
+        """SIGKILL the process and everything it started, at once."""
+        kill_tree(self.proc.pid)
+        self.proc.wait(timeout=30)
+
+    def interrupt(self, timeout: float = 60.0) -> int:
+        """Ctrl-C, as a user would; SIGKILL to everything it started if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once."""
+    for p in [pid, *live_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
