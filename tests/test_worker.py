@@ -150,7 +150,10 @@ def test_frames_keep_any_key_and_shape_and_refuse_pickles() -> None:
 def test_another_users_connection_is_refused(site: dict[str, Any]) -> None:
     if os.getuid() != 0:
         pytest.skip("needs root to connect as another user")
-    with ClientWorker(site) as worker:
+    # No state directory: the socket goes to a fresh directory under /tmp, which the other user can traverse to
+    # (pytest's own temp root is 0700, so a socket under it would be unreachable and prove nothing).
+    served_only = {k: v for k, v in site.items() if k != STATE_DIR}
+    with ClientWorker(served_only) as worker:
         os.chmod(Path(worker.socket_path).parent, 0o755)  # let the other user reach the socket at all
         os.chmod(worker.socket_path, 0o777)
         code = "\n".join([
@@ -166,3 +169,21 @@ def test_another_users_connection_is_refused(site: dict[str, Any]) -> None:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert out.stdout.strip() == "closed", out.stdout + out.stderr
         assert worker.served == 0
+
+
+def test_the_socket_lives_in_the_state_directory_and_a_stale_one_is_replaced(site: dict[str, Any]) -> None:
+    """A client killed hard leaves its socket in its own state directory; the next start takes it over. A second
+    live client on the same state directory is refused (it would charge the same ledger)."""
+    from fedshield.errors import ConfigError
+
+    stale = Path(site[STATE_DIR]) / "worker" / "worker.sock"
+    stale.parent.mkdir(parents=True)
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(stale))
+    dead.close()  # bound, never listening: what a SIGKILLed worker leaves
+    with ClientWorker(site) as worker:
+        assert worker.socket_path == str(stale)
+        assert request_evaluate(worker.socket_path, _config(), _global())[P.NUM_EXAMPLES] > 0
+        with pytest.raises(ConfigError, match="another fedshield client is serving this state directory"):
+            ClientWorker(site).start()
+    assert not stale.parent.exists(), "close() removes the socket and its directory"

@@ -5,7 +5,8 @@ round), and a ClientApp that trained itself would import torch and Opacus and lo
 seconds per message, before any work. With a worker, the ClientApp (:mod:`fedshield.client.app`) imports only
 Flower and numpy and hands the round to this worker, in which torch, Opacus and the site's data are already loaded.
 
-The channel is a Unix socket in a fresh directory of mode 0700 (only this user can even reach the socket), and
+The channel is a Unix socket in a directory of mode 0700 (``<state-dir>/worker``: only this user can even reach
+the socket; a stale socket of a killed client is replaced, a live one refused), and
 each connection's peer must run as this user (``SO_PEERCRED``). The worker serves the site described by *its own*
 node config, never one named in a request, so whatever connects can at most ask it to do the site's normal work.
 Requests are served one at a time: the privacy ledger is charged in the same order as the rounds arrive.
@@ -25,6 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+from .node_config import STATE_DIR
 from .work import WORKER_ERROR_CODE, Refusal, run_evaluate, run_train
 from .worker_protocol import ProtocolViolation, read_frame, write_frame
 
@@ -33,6 +36,7 @@ __all__ = ["ClientWorker"]
 log = logging.getLogger(__name__)
 
 _ACCEPT_POLL_S = 0.5
+_MAX_SOCKET_PATH = 100  # AF_UNIX allows 108 bytes on Linux, 104 on macOS
 _PEER_TIMEOUT_S = 600.0  # a ClientApp sends its request at once; this only frees the worker from a stuck peer
 
 
@@ -41,7 +45,7 @@ class ClientWorker:
 
     def __init__(self, node_config: Mapping[str, Any]) -> None:
         self.node_config = dict(node_config)
-        self._directory = Path(tempfile.mkdtemp(prefix="fedshield-worker-"))  # mode 0700, short (AF_UNIX: 108 B)
+        self._directory = _socket_directory(self.node_config)
         self.socket_path = str(self._directory / "worker.sock")
         self._server: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -50,6 +54,7 @@ class ClientWorker:
         self.served = 0
 
     def start(self) -> ClientWorker:
+        _claim(Path(self.socket_path))
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             server.bind(self.socket_path)
@@ -140,6 +145,38 @@ class ClientWorker:
             log.error("worker: %s failed:\n%s", op, traceback.format_exc())
             reason = f"fedshield:worker-error: {type(exc).__name__}: {exc}"
             return {"ok": False, "code": WORKER_ERROR_CODE, "reason": reason}, {}
+
+
+def _socket_directory(node_config: Mapping[str, Any]) -> Path:
+    """``<state-dir>/worker`` (mode 0700): a site killed hard leaves nothing outside its own state directory.
+    A fresh directory under the system temp dir when there is no state directory, or its path is too long for a
+    Unix socket (108 bytes on Linux)."""
+    state = str(node_config.get(STATE_DIR, "") or "")
+    if state and len(str(Path(state) / "worker" / "worker.sock")) < _MAX_SOCKET_PATH:
+        directory = Path(state) / "worker"
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.chmod(0o700)
+        return directory
+    return Path(tempfile.mkdtemp(prefix="fedshield-worker-"))  # mode 0700
+
+
+def _claim(socket_path: Path) -> None:
+    """Remove the socket a killed client left behind; refuse if a live one still answers on it (two clients on one
+    state directory would charge one privacy ledger from two processes)."""
+    if not socket_path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(socket_path))
+    except OSError:
+        socket_path.unlink(missing_ok=True)  # stale: nobody listens
+        return
+    finally:
+        probe.close()
+    raise ConfigError(
+        f"another fedshield client is serving this state directory ({socket_path} answers): stop it, or give "
+        "this client its own --state"
+    )
 
 
 def _same_user(conn: socket.socket) -> bool:
