@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedshield.deploy.process import live_descendants
 
-__all__ = ["Cli", "kill_tree"]
+__all__ = ["Cli", "alive", "kill_tree"]
 
 
 @dataclass
@@ -67,3 +67,12 @@ def kill_tree(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _processes import alive
 
 from fedshield.deploy.clientapp_zygote import ZYGOTE_ENV, Zygote, write_shim
 
@@ -81,7 +82,7 @@ def test_killing_the_shim_kills_its_child(zygote: tuple[Zygote, int, Path], tmp_
     proc.wait(timeout=10)
     proc.stdout.close()
     deadline = time.monotonic() + 10
-    while _alive(child):
+    while alive(child):
         assert time.monotonic() < deadline, "the forked child outlived its shim"
         time.sleep(0.05)
 
@@ -92,10 +93,3 @@ def test_without_a_zygote_the_shim_starts_the_real_clientapp(zygote: tuple[Zygot
         out = subprocess.run([str(shim), "--token", "x"], capture_output=True, text=True, timeout=60, env=env)
         assert (out.returncode, out.stdout.strip()) == (3, "cold --token x"), out
 
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"

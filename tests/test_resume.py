@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _processes import alive
 from safetensors.numpy import load_file
 
 from fedshield.config import RunConfig
@@ -44,16 +45,9 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             pass
     proc.wait(timeout=30)
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(_alive(p) for p in pids[1:]):
+    while time.monotonic() < deadline and any(alive(p) for p in pids[1:]):
         time.sleep(0.2)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_killed_server_resumes_to_the_uninterrupted_model(tmp_path: Path) -> None:
