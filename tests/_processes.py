@@ -1,5 +1,5 @@
-"""Real-process helpers shared by the deployment and reliability tests: ``python -m fedshield ...`` commands in
-their own sessions, and SIGKILL of a whole process tree (a crash or a power cut at a site)."""
+"""Helpers shared by the deployment and reliability tests: ``python -m fedshield ...`` commands in their own
+sessions, SIGKILL of a whole process tree (a crash or a power cut at a site), and the sites' data files."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedshield.deploy.process import live_descendants
 
-__all__ = ["Cli", "alive", "kill_tree"]
+__all__ = ["Cli", "alive", "digits_sites", "kill_tree"]
 
 
 @dataclass
@@ -76,3 +76,18 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def digits_sites(root: Path, n: int) -> list[Path]:
+    """scikit-learn's digits split in ``n``, one CSV per site: 64 pixel columns and a label, as a site exports."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    header = ",".join([f"pixel{i}" for i in range(64)] + ["label"])
+    paths = []
+    for i, part in enumerate(np.array_split(np.random.default_rng(0).permutation(len(digits.target)), n), 1):
+        rows = np.column_stack([digits.data[part].astype(int), digits.target[part]])
+        paths.append(root / f"site-{i}.csv")
+        np.savetxt(paths[-1], rows, delimiter=",", header=header, comments="", fmt="%d")
+    return paths

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _processes import Cli, kill_tree
+from _processes import Cli, digits_sites, kill_tree
 from safetensors.numpy import load_file
 
 from fedshield.client.app import PLAIN_REFUSAL
@@ -59,18 +59,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> KeySet:
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """scikit-learn's digits split in three, one CSV per site: 64 pixel columns and a label, as a site exports."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    root = tmp_path_factory.mktemp("sites")
-    header = ",".join([f"pixel{i}" for i in range(64)] + ["label"])
-    paths = []
-    for i, part in enumerate(np.array_split(np.random.default_rng(0).permutation(len(digits.target)), SITES), 1):
-        rows = np.column_stack([digits.data[part].astype(int), digits.target[part]])
-        paths.append(root / f"site-{i}.csv")
-        np.savetxt(paths[-1], rows, delimiter=",", header=header, comments="", fmt="%d")
-    return paths
+    return digits_sites(tmp_path_factory.mktemp("sites"), SITES)
 
 
 # ------------------------------------------------------------------------------------------------ process helpers

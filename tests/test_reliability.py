@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 from _multirun import run_many
-from _processes import Cli
+from _processes import Cli, digits_sites
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
@@ -300,20 +300,6 @@ def test_e_a_client_slower_than_the_round_timeout_is_left_out_and_the_round_comp
 SEED = 7
 
 
-def _site_files(root: Path, n: int) -> list[Path]:
-    """scikit-learn's digits split in ``n``, one CSV per site: 64 pixel columns and a label."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    header = ",".join([f"pixel{i}" for i in range(64)] + ["label"])
-    paths = []
-    for i, part in enumerate(np.array_split(np.random.default_rng(0).permutation(len(digits.target)), n), 1):
-        rows = np.column_stack([digits.data[part].astype(int), digits.target[part]])
-        paths.append(root / f"site-{i}.csv")
-        np.savetxt(paths[-1], rows, delimiter=",", header=header, comments="", fmt="%d")
-    return paths
-
-
 def _ledger_rounds(state: Path) -> list[tuple[str, int]]:
     path = state / LEDGER_FILE
     return list(PrivacyLedger.load(path).rounds) if path.exists() else []
@@ -342,7 +328,7 @@ def test_b_server_sigkilled_mid_round_resumes_without_losing_a_round(tmp_path: P
     stopped, reconnect by themselves."""
     started = time.monotonic()
     keys = init_keys(tmp_path / "keys", server_hosts=["127.0.0.1"], nodes=2)
-    sites = _site_files(tmp_path, 2)
+    sites = digits_sites(tmp_path, 2)
     fleet, control = f"127.0.0.1:{free_port()}", str(free_port())
     out = tmp_path / "run"
     states = [tmp_path / f"state-{i}" for i in (1, 2)]
@@ -428,7 +414,7 @@ def test_a_thirty_percent_of_the_sites_sigkilled_mid_round_then_rejoining(tmp_pa
     noticed the crash (see ``fedshield.client.deployment``), rejoin, and train in round 3."""
     started = time.monotonic()
     keys = init_keys(tmp_path / "keys", server_hosts=["127.0.0.1"], nodes=LOAD_SITES)
-    sites = _site_files(tmp_path, LOAD_SITES)
+    sites = digits_sites(tmp_path, LOAD_SITES)
     fleet, control = f"127.0.0.1:{free_port()}", str(free_port())
     out = tmp_path / "run"
     states = [tmp_path / f"state-{i}" for i in range(1, LOAD_SITES + 1)]
