@@ -194,6 +194,7 @@ class RunConfig:
     seed: int = 0
     secagg: bool = True
     fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
     accountant: str = "prv"
     grad_sample_mode: str = "ghost"
     quantize: int = 0
@@ -233,6 +234,11 @@ class RunConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not (0 < self.fraction_train <= 1):
             raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if not (0 <= self.fraction_evaluate <= 1):
+            raise ConfigError(
+                f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}: the share of clients that evaluate "
+                "the global model on their own data each round (0: server-side evaluation only)"
+            )
         if self.secagg and round(self.fraction_train * self.num_clients) < 2:
             raise ConfigError(
                 f"secure aggregation needs at least 2 clients per round, got {self.num_clients} client(s) x "
@@ -337,6 +343,11 @@ class RunConfig:
     def expected_train_clients(self) -> int:
         """Clients expected in a training round: the fixed sample size, or the Poisson mean (rounded, >= 1)."""
         return max(1, round(self.fraction_train * self.num_clients))
+
+    @property
+    def expected_evaluate_clients(self) -> int:
+        """Clients asked to evaluate each round: 0 with ``fraction_evaluate`` 0, else the rounded share (>= 1)."""
+        return 0 if self.fraction_evaluate == 0 else max(1, round(self.fraction_evaluate * self.num_clients))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -518,7 +529,7 @@ def _coerce(key: str, value: Any) -> Any:
     if key in {"dp", "secagg", "amp"} and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if key in {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "lr", "fraction_train",
-               "round_timeout", *_ZERO_IS_UNSET}:
+               "fraction_evaluate", "round_timeout", *_ZERO_IS_UNSET}:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key.replace('_', '-')} must be a number, got {value!r}")
         return float(value)

@@ -35,7 +35,7 @@ def test_dp_run_learns_writes_run_dir_and_privacy_recomputes(tmp_path: Path) -> 
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["clients_trained"] == 3 and r["clients_failed"] == 0 for r in rows)
+    assert all(r["clients_trained"] == 3 and r["clients_evaluated"] == 3 and r["clients_failed"] == 0 for r in rows)
     # Band: clearly above chance (10%) with DP at epsilon 8 after 2 short rounds ...
     assert rows[-1]["accuracy"] > 0.5, rows[-1]
     assert rows[-1]["federated_accuracy"] > 0.4, rows[-1]
@@ -71,6 +71,14 @@ def test_absurd_noise_keeps_accuracy_near_chance(tmp_path: Path) -> None:
     assert rows[-1]["accuracy"] < 0.3, rows[-1]
     privacy = json.loads((config.out / "privacy.json").read_text())
     assert privacy["guarantee"]["epsilon"] < 0.05
+
+
+def test_fraction_evaluate_zero_leaves_evaluation_to_the_server(tmp_path: Path) -> None:
+    """With --fraction-evaluate 0 no client is asked to evaluate; the server's own test set still scores the model."""
+    config, _ = _run(tmp_path, "no-fed-eval", num_rounds=1, local_epochs=1, fraction_evaluate=0.0)
+    (row,) = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
+    assert row["clients_trained"] == 3 and row["clients_evaluated"] == 0
+    assert row["federated_accuracy"] is None and row["accuracy"] is not None
 
 
 def test_budget_exhausted_clients_refuse_and_are_reported(tmp_path: Path) -> None:

@@ -296,6 +296,26 @@ def test_build_strategy_checks_params_at_start_up() -> None:
         build_strategy(RunConfig(strategy="fedprox", strategy_params={"mu": 0.1}))
 
 
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("strategy", "secagg"), [("fedavg", True), ("fedavg", False), ("krum", False)])
+@pytest.mark.parametrize(("fraction", "asked"), [(1.0, 10), (0.3, 3), (0.01, 1), (0.0, 0)])
+def test_fraction_evaluate_sets_how_many_clients_evaluate(strategy: str, secagg: bool, fraction: float,
+                                                          asked: int) -> None:
+    """Through the whole wrapper chain (SecAgg+ included): the rounded share, at least one, none for 0."""
+    config = RunConfig(num_clients=10, fraction_evaluate=fraction, strategy=strategy, secagg=secagg)
+    assert config.expected_evaluate_clients == asked
+    messages = list(build_strategy(config).configure_evaluate(
+        1, ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))}), ConfigRecord({}), FakeGrid(10)))  # type: ignore[arg-type]
+    assert len(messages) == asked
+    assert len({m.metadata.dst_node_id for m in messages}) == asked
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5, float("nan")])
+def test_bad_fraction_evaluate_is_named(fraction: float) -> None:
+    with pytest.raises(ConfigError, match=r"fraction-evaluate must be in \[0, 1\]"):
+        RunConfig(fraction_evaluate=fraction)
+
+
 # --- streaming FedAvg -----------------------------------------------------------------------------------------
 
 

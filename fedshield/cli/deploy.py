@@ -72,6 +72,7 @@ def server_command(
     lr: float | None = typer.Option(None, "--lr", help="Client learning rate."),
     local_epochs: int | None = typer.Option(None, "--local-epochs", help="Local epochs per round."),
     fraction_train: float | None = typer.Option(None, "--fraction-train", help="Fraction of online clients trained per round."),
+    fraction_evaluate: float | None = typer.Option(None, "--fraction-evaluate", help="Fraction of online clients that evaluate the global model per round (default 1; 0: server-side only)."),
     accountant: str | None = typer.Option(None, "--accountant", help="prv (default, tightest) | rdp."),
     grad_sample_mode: str | None = typer.Option(None, "--grad-sample-mode", help="hooks | ghost | functorch | ew."),
     no_dp: bool = typer.Option(False, "--no-dp", help="Train WITHOUT differential privacy (prints a warning)."),
@@ -97,7 +98,8 @@ def server_command(
     flags: dict[str, object] = {
         "num_clients": min_clients, "num_rounds": rounds, "task": task, "epsilon": epsilon, "delta": delta,
         "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm, "sample_rate": sample_rate, "lr": lr,
-        "local_epochs": local_epochs, "fraction_train": fraction_train, "accountant": accountant,
+        "local_epochs": local_epochs, "fraction_train": fraction_train,
+        "fraction_evaluate": fraction_evaluate, "accountant": accountant,
         "grad_sample_mode": grad_sample_mode, "seed": seed, "out": out, "device": device,
         "max_physical_batch_size": max_physical_batch_size, "amp": True if amp else None,
         "dp": False if no_dp else None, "secagg": False if no_secagg else None, "round_timeout": round_timeout,

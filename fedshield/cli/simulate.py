@@ -41,6 +41,8 @@ def simulate_command(
     no_dp: bool = typer.Option(False, "--no-dp", help="Train WITHOUT differential privacy (prints a warning)."),
     no_secagg: bool = typer.Option(False, "--no-secagg", help="Send updates in clear to the server (prints a warning)."),
     local_epochs: int | None = typer.Option(None, "--local-epochs", help="Local epochs per round."),
+    fraction_train: float | None = typer.Option(None, "--fraction-train", help="Fraction of clients trained per round (default 1)."),
+    fraction_evaluate: float | None = typer.Option(None, "--fraction-evaluate", help="Fraction of clients that evaluate the global model per round (default 1; 0: server-side only)."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for model init, partitions and (simulation) noise."),
     accountant: str | None = typer.Option(None, "--accountant", help="prv (default, tightest) | rdp."),
     grad_sample_mode: str | None = typer.Option(None, "--grad-sample-mode", help="Opacus per-sample gradients: hooks | ghost | functorch | ew."),
@@ -68,7 +70,8 @@ def simulate_command(
     flags: dict[str, Any] = {
         "num_clients": clients, "num_rounds": rounds, "task": task, "partition": partition, "epsilon": epsilon,
         "delta": delta, "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm,
-        "sample_rate": sample_rate, "lr": lr, "local_epochs": local_epochs, "seed": seed, "accountant": accountant,
+        "sample_rate": sample_rate, "lr": lr, "local_epochs": local_epochs, "seed": seed,
+        "fraction_train": fraction_train, "fraction_evaluate": fraction_evaluate, "accountant": accountant,
         "grad_sample_mode": grad_sample_mode, "out": out, "quantize": quantize,
         "strategy": strategy, "client_dp": client_dp, "client_noise_multiplier": client_noise_multiplier,
         "client_clip_norm": client_clip_norm, "client_epsilon": client_epsilon, "max_update_norm": max_update_norm,

@@ -101,8 +101,9 @@ def build_strategy(config: RunConfig, *, client_noise_multiplier: float | None =
     n = config.num_clients
     poisson = config.client_sampling == "poisson"
     sampling = Sampling(
-        fraction_train=1.0 if poisson else config.fraction_train, fraction_evaluate=1.0,
-        min_train_nodes=n if poisson else config.expected_train_clients, min_evaluate_nodes=n, min_available_nodes=n,
+        fraction_train=1.0 if poisson else config.fraction_train, fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=n if poisson else config.expected_train_clients,
+        min_evaluate_nodes=config.expected_evaluate_clients, min_available_nodes=n,
     )
     base: Strategy = build_named_strategy(config.strategy, config.strategy_params, sampling=sampling)
     if config.client_dp != "off":
@@ -219,6 +220,7 @@ def run_server(
             "federated_loss": None if fed is None else float(fed.get(P.EVAL_LOSS, float("nan"))),
             "clients_sampled": len(replies),
             "clients_trained": sum(r.ok for r in replies),
+            "clients_evaluated": strategy.last_evaluated,
             **_outcome_counts(replies),
             "failed": _failures(replies),
             "epsilon_max": _json_float(report.max_epsilon()) if config.dp else None,

@@ -32,6 +32,7 @@ class RecordingStrategy(Strategy):
         self.last_replies: list[P.ClientReply] = []
         self.last_train_metrics: MetricRecord | None = None
         self.last_evaluate: MetricRecord | None = None
+        self.last_evaluated = 0  # evaluate replies without an error, last round
         self.last_bytes_up: list[int] = []
         self._asked: list[int] = []
 
@@ -84,13 +85,15 @@ class RecordingStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.last_evaluate = None
+        self.last_evaluate, self.last_evaluated = None, 0
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         # Metrics only, so a list costs little, and no inner strategy has to mind that a StreamingGrid's
         # iterator can be read only once.
-        self.last_evaluate = self.inner.aggregate_evaluate(server_round, list(replies))
+        replies = list(replies)
+        self.last_evaluated = sum(not m.has_error() for m in replies)
+        self.last_evaluate = self.inner.aggregate_evaluate(server_round, replies)
         return self.last_evaluate
 
 
