@@ -24,7 +24,6 @@ noise before any of this.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Iterable
 from typing import Any
@@ -35,9 +34,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import Stage
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from ..compression import QUANT_BITS, secagg_field
+from ..compression import secagg_field
 from ..errors import ConfigError, ProtocolError
 from ..protocol import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, ClientReply
+from ._secagg_params import check_bits, check_params
 from ._secagg_stages import (
     MaskedReply,
     RoundState,
@@ -130,10 +130,10 @@ class SecAggPlus(Strategy):
     ) -> None:
         if not isinstance(inner, Strategy):
             raise ConfigError(f"inner must be a flwr.serverapp.strategy.Strategy, got {type(inner).__name__}")
-        _validate(num_shares, reconstruction_threshold, clipping_range, quantization_range, modulus_range,
+        check_params(num_shares, reconstruction_threshold, clipping_range, quantization_range, modulus_range,
                   max_weight, timeout)
         if quantize is not None:
-            _check_bits(quantize, "quantize")
+            check_bits(quantize, "quantize")
         self.inner = inner
         self.num_shares = num_shares
         self.reconstruction_threshold = reconstruction_threshold
@@ -162,7 +162,7 @@ class SecAggPlus(Strategy):
         the field holds, or fewer than an integer threshold); returns no messages if too many nodes drop.
         """
         self._grid, self._round, self._aborted = grid, None, None
-        bits = self.quantize if self.quantize is not None else _check_bits(config.get(QUANTIZE_KEY, 0), QUANTIZE_KEY)
+        bits = self.quantize if self.quantize is not None else check_bits(config.get(QUANTIZE_KEY, 0), QUANTIZE_KEY)
         if config.get(QUANTIZE_KEY, 0):
             config = ConfigRecord({**config, QUANTIZE_KEY: 0})
         contents = _contents_by_node(self.inner.configure_train(server_round, arrays, config, grid))
@@ -383,59 +383,3 @@ def _outcomes(state: RoundState, masked: dict[int, MaskedReply], aborted: str | 
             reason = state.errors.get(nid) or f"round aborted: {aborted}"
             out.append(ClientReply(nid, metrics, error=reason))
     return out
-
-
-def _validate(
-    num_shares: object, threshold: object, clipping_range: object, quantization_range: object,
-    modulus_range: object, max_weight: object, timeout: object,
-) -> None:
-    _check_count_or_fraction("num_shares", num_shares, min_int=3)
-    _check_count_or_fraction("reconstruction_threshold", threshold, min_int=2)
-    if isinstance(num_shares, int) and isinstance(threshold, int) and threshold > num_shares:
-        raise ConfigError(f"reconstruction_threshold ({threshold}) must be <= num_shares ({num_shares}): lower "
-                          "the threshold or give more shares")
-    if isinstance(threshold, float) and threshold <= 0.5:
-        _log.warning("reconstruction_threshold %s <= 0.5: a server that lies about which nodes dropped can "
-                     "rebuild both secrets of a node and unmask it; use a fraction above 0.5", threshold)
-    if clipping_range is not None:
-        _check_positive_real("clipping_range", clipping_range, "e.g. 8.0, or None for the field's default")
-    _check_positive_real("max_weight", max_weight, "the largest example count a client reports")
-    if timeout is not None:
-        _check_positive_real("timeout", timeout, "seconds, or None to wait without limit")
-    if not _is_int(quantization_range) or not 2 <= quantization_range < 2**31:  # type: ignore[operator]
-        raise ConfigError(f"quantization_range must be an int in [2, 2**31) (clients quantise to int32), got "
-                          f"{quantization_range!r}: e.g. 2**22")
-    if not _is_int(modulus_range) or modulus_range <= 0 or bin(modulus_range).count("1") != 1:  # type: ignore
-        raise ConfigError(f"modulus_range must be a power of two, got {modulus_range!r}: e.g. 2**32")
-    if not 2 * quantization_range < modulus_range <= 2**32:  # type: ignore[operator]
-        raise ConfigError(f"modulus_range must be in (2 x quantization_range, 2**32] so that at least two "
-                          f"clients' sums fit, got {modulus_range!r} with quantization_range "
-                          f"{quantization_range!r}: e.g. 2**32 with 2**22 (up to 1023 nodes)")
-
-
-def _check_bits(value: object, name: str) -> int:
-    if not _is_int(value) or value not in (0, *QUANT_BITS):
-        raise ConfigError(f"{name} must be 0 (full precision) or one of {QUANT_BITS} bits per value, got {value!r}")
-    return int(value)  # type: ignore[call-overload]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_count_or_fraction(name: str, value: object, *, min_int: int) -> None:
-    if _is_int(value):
-        if value < min_int:  # type: ignore[operator]
-            raise ConfigError(f"{name} as a count must be >= {min_int}, got {value!r}: use a larger count, or a "
-                              "fraction such as 1.0 (all sampled nodes)")
-    elif isinstance(value, float):
-        if not 0.0 < value <= 1.0:
-            raise ConfigError(f"{name} as a fraction must be in (0, 1], got {value!r}: e.g. 1.0 or 0.66")
-    else:
-        raise ConfigError(f"{name} must be an int count or a float fraction, got {type(value).__name__} {value!r}")
-
-
-def _check_positive_real(name: str, value: object, hint: str) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    if not ok:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}: {hint}")
