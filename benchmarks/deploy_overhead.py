@@ -1,7 +1,8 @@
 """Per-round wall time of a real deployment on loopback: plain vs SecAgg+, beside a stock-Flower echo app, and how
 much of a round is the clients' actual work. Usage::
 
-    python benchmarks/deploy_overhead.py [--clients 3 10] [--rounds 3] [--no-worker] [--flower-polling] [--json OUT]
+    python benchmarks/deploy_overhead.py [--clients 3 10] [--rounds 3] [--no-worker] [--flower-polling] [--stock]
+                                         [--json OUT]
 
 One SuperLink (TLS + node authentication) and N SuperNodes started through ``fedshield.server.deployment`` /
 ``fedshield.client.deployment``, each site with its own slice of the digits as a CSV file. For each N, three runs
@@ -18,8 +19,13 @@ round's training and evaluation cost on one site, measured in this process with 
 process starts, imports, polling. ``flwr-clientapp`` processes are counted from the SuperNodes' logs and timed
 from ``/proc`` while a run goes (first and last time each was seen, 50 ms sampling).
 
+``--stock`` also runs the same three on a second set of processes the way stock Flower 1.39 runs them (Flower's own
+poll intervals, no warm worker: ``--flower-polling --no-worker``), so fedshield and stock Flower are measured in
+the same invocation.
+
 ``--json OUT`` writes rows ``{name, ours, baseline, unit, ratio, detail}``: each fedshield run's median round time
-(rounds 2..R) against the echo app's, measured on the same processes.
+(rounds 2..R) against the echo app's, measured on the same processes; with ``--stock``, also each fedshield run's
+round time and its overhead outside training (round time minus the client work) against stock Flower's.
 """
 
 from __future__ import annotations
@@ -174,6 +180,7 @@ def run_echo(server: FedshieldServer, watcher: ClientAppWatcher, rounds: int, ou
 
 
 def bench(n: int, rounds: int, root: Path, *, worker: bool = True) -> tuple[list[Measured], float]:
+    root.mkdir(parents=True, exist_ok=True)
     keys = init_keys(root / "keys", server_hosts=["127.0.0.1"], nodes=n)
     sites = write_sites(root, n)
     options = ServerOptions(keys=keys.directory, fleet_address=f"127.0.0.1:{free_port()}", control_port=free_port())
@@ -201,6 +208,34 @@ def bench(n: int, rounds: int, root: Path, *, worker: bool = True) -> tuple[list
         server.close()
 
 
+#: Flower 1.39's own poll intervals (SuperNode idle 3 s, SuperExec 1 s), read by every SuperNode and SuperExec.
+STOCK_ENV = {"FEDSHIELD_SUPERNODE_POLL_S": "3", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set env vars for the processes started inside (SuperNodes and SuperExecs read them at start)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def print_results(n: int, label: str, results: list[Measured], work: float, rounds: int) -> None:
+    echo = results[0].steady
+    for m in results:
+        life = statistics.median(m.lifetimes) if m.lifetimes else float("nan")
+        own = 0.0 if m.label.startswith("echo") else work
+        print(f"{n:>7} {label + m.label:<28} {m.rounds[0]:>9.1f} {m.steady:>8.1f} {m.steady / echo:>7.1f} "
+              f"{m.processes / rounds:>14.1f} {life:>16.1f} {own:>7.2f} {m.steady - own:>10.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[3])
@@ -211,32 +246,35 @@ def main() -> None:
                         help="fork ClientApps from a pre-imported parent (FEDSHIELD_CLIENTAPP_ZYGOTE_ON=1, experimental)")
     parser.add_argument("--flower-polling", action="store_true",
                         help="Flower 1.39's own poll intervals (SuperNode idle 3 s, SuperExec 1 s): stock Flower")
+    parser.add_argument("--stock", action="store_true",
+                        help="also run everything as stock Flower 1.39 (its polling, no worker) and compare")
     parser.add_argument("--json", metavar="OUT", help="write machine-readable rows here")
     args = parser.parse_args()
+    if args.stock and (args.flower_polling or args.no_worker):
+        parser.error("--stock already runs the stock configuration beside fedshield's: drop --flower-polling/--no-worker")
     if args.zygote:  # read by fedshield.deploy.supernode_main in every SuperNode we start
         os.environ["FEDSHIELD_CLIENTAPP_ZYGOTE_ON"] = "1"
     if args.flower_polling:  # read by fedshield.deploy.supernode_main and by every SuperExec we start
-        os.environ["FEDSHIELD_SUPERNODE_POLL_S"] = "3"
-        os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "1.0"
+        os.environ.update(STOCK_ENV)
     logging.getLogger("flwr").setLevel(logging.ERROR)
     print(f"{os.cpu_count()} CPUs; digits CNN, DP-SGD eps 8 (q=0.5, 2 local epochs), TLS + node auth, loopback; "
           f"warm worker {'OFF' if args.no_worker else 'on'}; polling {'Flower 1.39' if args.flower_polling else 'fedshield'}")
-    header = (f"{'clients':>7} {'run':<20} {'round 1 s':>9} {'later s':>8} {'x echo':>7} {'clientapps/rnd':>14} "
+    header = (f"{'clients':>7} {'run':<28} {'round 1 s':>9} {'later s':>8} {'x echo':>7} {'clientapps/rnd':>14} "
               f"{'clientapp life s':>16} {'work s':>7} {'overhead s':>10}")
     print(header)
     rows: list[dict[str, Any]] = []
     for n in args.clients:
         with tempfile.TemporaryDirectory(prefix="fsbench-") as tmp:
             start = time.monotonic()
-            results, work = bench(n, args.rounds, Path(tmp), worker=not args.no_worker)
-            echo = results[0].steady
-            for m in results:
-                life = statistics.median(m.lifetimes) if m.lifetimes else float("nan")
-                own = 0.0 if m.label.startswith("echo") else work
-                print(f"{n:>7} {m.label:<20} {m.rounds[0]:>9.1f} {m.steady:>8.1f} {m.steady / echo:>7.1f} "
-                      f"{m.processes / args.rounds:>14.1f} {life:>16.1f} {own:>7.2f} {m.steady - own:>10.1f}")
-            print(f"{'':>7} (all runs for {n} clients: {time.monotonic() - start:.0f} s wall)")
+            results, work = bench(n, args.rounds, Path(tmp) / "ours", worker=not args.no_worker)
+            print_results(n, "", results, work, args.rounds)
             rows += json_rows(n, results, work, args)
+            if args.stock:
+                with environment({**STOCK_ENV, "FEDSHIELD_CLIENTAPP_ZYGOTE_ON": "0"}):
+                    stock, stock_work = bench(n, args.rounds, Path(tmp) / "stock", worker=False)
+                print_results(n, "stock: ", stock, stock_work, args.rounds)
+                rows += stock_rows(n, results, work, stock, stock_work)
+            print(f"{'':>7} (all runs for {n} clients: {time.monotonic() - start:.0f} s wall)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, allow_nan=False) + "\n")
 
@@ -254,6 +292,26 @@ def json_rows(n: int, results: list[Measured], work: float, args: argparse.Names
             "note": f"median of {later}; the echo app trains nothing, fedshield does DP-SGD ({work:.2f} s of work)",
         },
     } for m in results[1:]]
+
+
+def stock_rows(n: int, ours: list[Measured], work: float, stock: list[Measured], stock_work: float
+               ) -> list[dict[str, Any]]:
+    """fedshield's round time and overhead against the same app run as stock Flower 1.39 would run it."""
+    rows = []
+    for m, s in zip(ours[1:], stock[1:], strict=True):
+        detail = {"better": "lower", "repeats": len(m.rounds), "ours_runs": m.rounds, "baseline_runs": s.rounds,
+                  "client_work_s": work, "baseline_client_work_s": stock_work}
+        rows.append({
+            "name": f"{m.label} round time vs stock Flower 1.39, {n} clients", "ours": m.steady, "baseline": s.steady,
+            "unit": "s/round", "ratio": m.steady / s.steady,
+            "detail": {**detail, "note": "median of rounds 2..R; baseline: the same app with Flower's own polling "
+                                         "and no warm worker, on its own processes, in the same invocation"}})
+        over, stock_over = max(m.steady - work, 1e-9), max(s.steady - stock_work, 1e-9)
+        rows.append({
+            "name": f"{m.label} overhead outside training vs stock Flower 1.39, {n} clients", "ours": over,
+            "baseline": stock_over, "unit": "s/round", "ratio": over / stock_over,
+            "detail": {**detail, "note": "round time minus one site's measured train + evaluate work; goal <= 2 s"}})
+    return rows
 
 
 if __name__ == "__main__":

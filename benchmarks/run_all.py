@@ -57,11 +57,11 @@ BENCHMARKS = (
     Bench("aggregation", "Server aggregation memory and time: streaming vs Flower's aggregate_arrayrecords",
           ("--clients", "10", "100", "--params", "100000", "1000000", "--repeats", "3"), ("--repeats", "3")),
     Bench("secagg_sim", "SecAgg+ vs plain FedAvg round time in simulation",
-          ("--clients", "5", "--rounds", "5"), ("--clients", "5", "10", "50", "--rounds", "6", "--repeats", "3")),
+          ("--clients", "5", "--rounds", "5"), ("--clients", "10", "100", "--rounds", "5", "--repeats", "2", "--app", "protocol", "fedshield")),
     Bench("compression", "Bytes per client per round and accuracy: quantized vs full-precision updates",
           ("--clients", "5", "--rounds", "3"), ("--seeds", "0", "1", "2")),
     Bench("deploy_overhead", "Real deployment on loopback: fedshield round time vs a stock Flower echo app",
-          None, ("--clients", "3", "--rounds", "3"),
+          None, ("--clients", "3", "10", "--rounds", "3"),
           skip_note="not run in quick mode: it starts a real SuperLink and SuperNodes (minutes); `--full` runs it"),
 )
 

@@ -1,13 +1,16 @@
-"""Per-round wall time of plain FedAvg vs SecAgg+(FedAvg) on Flower's simulation engine.
+"""Per-round wall time of plain FedAvg vs SecAgg+(FedAvg) on Flower's simulation engine, two ways (``--app``):
 
-Clients do no training: each returns the global model plus a fixed pseudo-random update, so the figures are the
-cost of the aggregation protocol (messages, masking, key agreement, unmasking) and Flower's own overhead. Round
-time is the time between consecutive calls of ``evaluate_fn``, which ``Strategy.start`` makes after each round;
-round 1 (Ray start, imports) is excluded from the median.
+* ``protocol``: clients do no training: each returns the global model plus a fixed pseudo-random update, so the
+  figures are the cost of the aggregation protocol alone (messages, masking, key agreement, unmasking) and
+  Flower's own overhead: the worst case for the ratio, since a real round adds training to both sides. Round time
+  is the time between consecutive calls of ``evaluate_fn``, which ``Strategy.start`` makes after each round.
+* ``fedshield``: the round a user gets: ``fedshield simulate``'s default job (digits CNN, DP-SGD at epsilon 8,
+  every client trained and evaluated each round) with ``secagg`` on and off, round time from ``metrics.jsonl``'s
+  ``round_time_s`` (training, SecAgg+'s stages, aggregation, federated and server evaluation).
 
-Usage::
+Round 1 (Ray start, imports) is excluded from the median. Usage::
 
-    python benchmarks/secagg_sim.py --clients 5 10 --rounds 6 [--repeats 1] [--json OUT]
+    python benchmarks/secagg_sim.py --clients 5 10 --rounds 6 [--repeats 1] [--app protocol fedshield] [--json OUT]
 
 ``--repeats R`` runs both R times per client count (alternating which goes first) and takes the median over all
 their rounds 2..R; ``--json OUT`` writes rows ``{name, ours, baseline, unit, ratio, detail}``: SecAgg+'s median
@@ -92,7 +95,7 @@ def server_app(secagg: bool, num_clients: int, num_rounds: int, stamps: list[flo
     return app
 
 
-def round_times(secagg: bool, num_clients: int, num_rounds: int) -> list[float]:
+def protocol_round_times(secagg: bool, num_clients: int, num_rounds: int) -> list[float]:
     """Run one simulation; return the wall time of each round."""
     from flwr.simulation import run_simulation
 
@@ -116,16 +119,41 @@ def round_times(secagg: bool, num_clients: int, num_rounds: int) -> list[float]:
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
-def table(rows: list[tuple[int, list[list[float]], list[list[float]]]]) -> str:
+def fedshield_round_times(secagg: bool, num_clients: int, num_rounds: int) -> list[float]:
+    """Run fedshield's default simulation (digits, DP-SGD, every client each round); return each round's time."""
+    from fedshield.config import RunConfig
+    from fedshield.simulation.run import simulate
+
+    tmp = Path(tempfile.mkdtemp(prefix="fssecagg", dir=os.environ.get("TMPDIR") or "/tmp"))
+    try:
+        config = RunConfig(num_clients=num_clients, num_rounds=num_rounds, secagg=secagg, out=tmp / "run")
+        simulate(config, ray_temp_dir=str(tmp / "ray"))
+        rows = [json.loads(x) for x in (config.out / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if len(rows) != num_rounds or any(r["clients_trained"] != num_clients for r in rows):
+        raise RuntimeError(f"expected {num_rounds} rounds of {num_clients} trained clients, got "
+                           f"{[r['clients_trained'] for r in rows]}")
+    return [float(r["round_time_s"]) for r in rows]
+
+
+RUNNERS: dict[str, Callable[[bool, int, int], list[float]]] = {"protocol": protocol_round_times, "fedshield": fedshield_round_times}
+NOTES = {"protocol": "clients do no training (protocol cost alone)",
+         "fedshield": "fedshield's default job: digits CNN, DP-SGD, every client trains and evaluates"}
+
+Rows = list[tuple[str, int, list[list[float]], list[list[float]]]]
+
+
+def table(rows: Rows) -> str:
     median: Callable[[list[float]], float] = statistics.median
     lines = [
-        "clients | FedAvg s/round | SecAgg+ s/round | ratio | round 1 FedAvg / SecAgg+ (s)",
-        "------- | -------------- | --------------- | ----- | ----------------------------",
+        "app       | clients | FedAvg s/round | SecAgg+ s/round | ratio | round 1 FedAvg / SecAgg+ (s)",
+        "--------- | ------- | -------------- | --------------- | ----- | ----------------------------",
     ]
-    for n, plain, sec in rows:
+    for app, n, plain, sec in rows:
         p, s = median(_later(plain)), median(_later(sec))
         first_p, first_s = median(r[0] for r in plain), median(r[0] for r in sec)
-        lines.append(f"{n:>7} | {p:>14.3f} | {s:>15.3f} | {s / p:>5.2f} | {first_p:.1f} / {first_s:.1f}")
+        lines.append(f"{app:<9} | {n:>7} | {p:>14.3f} | {s:>15.3f} | {s / p:>5.2f} | {first_p:.1f} / {first_s:.1f}")
     return "\n".join(lines)
 
 
@@ -134,16 +162,17 @@ def _later(runs: list[list[float]]) -> list[float]:
     return [t for run in runs for t in run[1:]]
 
 
-def json_rows(rows: list[tuple[int, list[list[float]], list[list[float]]]]) -> list[dict[str, Any]]:
+def json_rows(rows: Rows) -> list[dict[str, Any]]:
     out = []
-    for n, plain, sec in rows:
+    for app, n, plain, sec in rows:
         p, s = statistics.median(_later(plain)), statistics.median(_later(sec))
+        what = "protocol only" if app == "protocol" else "fedshield default job"
         out.append({
-            "name": f"SecAgg+ vs plain FedAvg round time, {n} clients", "ours": s, "baseline": p, "unit": "s/round",
+            "name": f"SecAgg+ vs plain round time, {what}, {n} clients", "ours": s, "baseline": p, "unit": "s/round",
             "ratio": s / p, "detail": {
                 "better": "lower", "repeats": len(plain), "rounds_per_run": len(plain[0]),
                 "ours_is": "SecAgg+(FedAvg)", "baseline_is": "FedAvg", "ours_runs": sec, "baseline_runs": plain,
-                "note": f"median of rounds 2..{len(plain[0])} over {len(plain)} run(s); clients do no training",
+                "note": f"median of rounds 2..{len(plain[0])} over {len(plain)} run(s); {NOTES[app]}",
             },
         })
     return out
@@ -154,6 +183,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[5, 10])
     parser.add_argument("--rounds", type=int, default=6, help="rounds per run; round 1 is excluded (>= 2)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each per client count")
+    parser.add_argument("--app", nargs="+", choices=sorted(RUNNERS), default=["protocol"],
+                        help="protocol: clients do no training; fedshield: the default DP job (see the docstring)")
     parser.add_argument("--json", metavar="OUT", help="write machine-readable rows here")
     args = parser.parse_args()
     if args.rounds < 2:
@@ -163,16 +194,17 @@ def main() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     params = sum(int(np.prod(s)) for s in SHAPES.values())
     print(f"model: {params:,} parameters (float32); rounds per run: {args.rounds}; median over rounds 2..{args.rounds}")
-    rows = []
-    for n in args.clients:
-        plain: list[list[float]] = []
-        sec: list[list[float]] = []
-        for repeat in range(args.repeats):
-            for secagg in (False, True) if repeat % 2 == 0 else (True, False):
-                (sec if secagg else plain).append(round_times(secagg, n, args.rounds))
-            print(f"{n} clients: FedAvg {[round(t, 3) for t in plain[-1]]}, SecAgg+ {[round(t, 3) for t in sec[-1]]}",
-                  flush=True)
-        rows.append((n, plain, sec))
+    rows: Rows = []
+    for app in args.app:
+        for n in args.clients:
+            plain: list[list[float]] = []
+            sec: list[list[float]] = []
+            for repeat in range(args.repeats):
+                for secagg in (False, True) if repeat % 2 == 0 else (True, False):
+                    (sec if secagg else plain).append(RUNNERS[app](secagg, n, args.rounds))
+                print(f"{app}, {n} clients: FedAvg {[round(t, 3) for t in plain[-1]]}, "
+                      f"SecAgg+ {[round(t, 3) for t in sec[-1]]}", flush=True)
+            rows.append((app, n, plain, sec))
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(json_rows(rows), indent=1, allow_nan=False) + "\n")

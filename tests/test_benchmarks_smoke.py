@@ -38,7 +38,11 @@ CASES = {
         ["breast-cancer: ghost epoch vs plain", "breast-cancer: ghost peak RSS vs plain"],
         180,
     ),
-    "secagg_sim": (["--clients", "3", "--rounds", "2"], ["SecAgg+ vs plain FedAvg round time, 3 clients"], 300),
+    "secagg_sim": (
+        ["--clients", "3", "--rounds", "2", "--app", "protocol", "fedshield"],
+        [f"SecAgg+ vs plain round time, {w}, 3 clients" for w in ("protocol only", "fedshield default job")],
+        400,
+    ),
     "sim_throughput": (
         ["--clients", "20", "--rounds", "2", "--repeats", "1"], ["client-rounds/s, N=20", "peak RSS, N=20"], 400,
     ),
@@ -166,6 +170,16 @@ def test_deploy_overhead_json_rows() -> None:
     _check_rows(rows, ["fedshield plain vs echo (stock Flower) round time, 2 clients",
                        "fedshield SecAgg+ vs echo (stock Flower) round time, 2 clients"])
     assert [r["ratio"] for r in rows] == [pytest.approx(1.0), pytest.approx(3.5)]  # medians of rounds 2..3
+    stock = [deploy.Measured("echo (stock Flower)", [8.0, 7.0, 7.0], 6, [2.0]),
+             deploy.Measured("fedshield plain", [30.0, 28.0, 28.0], 12, [2.0]),
+             deploy.Measured("fedshield SecAgg+", [31.0, 29.0, 29.0], 30, [2.0])]
+    rows = deploy.stock_rows(2, results, 0.5, stock, 1.0)
+    _check_rows(rows, [f"fedshield {w} vs stock Flower 1.39, 2 clients" for w in (
+        "plain round time", "plain overhead outside training", "SecAgg+ round time", "SecAgg+ overhead outside training")])
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["fedshield plain round time vs stock Flower 1.39, 2 clients"]["ratio"] == pytest.approx(2.0 / 28.0)
+    overhead = by_name["fedshield SecAgg+ overhead outside training vs stock Flower 1.39, 2 clients"]
+    assert (overhead["ours"], overhead["baseline"]) == (pytest.approx(7.0 - 0.5), pytest.approx(29.0 - 1.0))
 
 
 def test_stock_app_loads_fedshields_partitions() -> None:
