@@ -52,6 +52,8 @@ BENCHMARKS = (
     Bench("sim_throughput", "Simulation throughput and peak memory: fedshield vs a stock Flower + Opacus app",
           ("--clients", "100", "--rounds", "3", "--repeats", "3"),
           ("--clients", "100", "1000", "10000", "--rounds", "5", "4", "2", "--repeats", "2")),
+    Bench("sim_dispatch", "Simulation engine dispatch sweep: Flower's per-node get_message_ins vs fedshield's one walk",
+          ("--nodes", "100", "1000", "--repeats", "3"), ("--nodes", "100", "1000", "5000", "--repeats", "3")),
     Bench("dpsgd_modes", "DP-SGD epoch time and peak memory per Opacus grad-sample mode vs plain PyTorch",
           ("--repeats", "3"), ("--repeats", "5")),
     Bench("aggregation", "Server aggregation memory and time: streaming vs Flower's aggregate_arrayrecords",

@@ -13,8 +13,10 @@ temp dir: what :func:`fedshield.simulation.run.simulate` sets), so only the app 
   ``fds``), builds a new ``PrivacyEngine()`` (Opacus' defaults: PRV accountant, per-sample hooks), trains, and
   reports that round's epsilon; the server is ``flwr.serverapp.strategy.FedAvg(fraction_train=0.1)``.
 
-Both evaluate on every client every round (Flower's default ``fraction_evaluate=1.0``; fedshield always does):
-the round time includes it. Throughput = trained client-rounds / wall time of rounds 2..R (round 1 pays for Ray's
+Both evaluate on every client every round (Flower's default ``fraction_evaluate=1.0``) unless
+``--fraction-evaluate F`` asks both for the same share: the round time includes it. fedshield's ``simulate`` also
+replaces the engine's O(nodes x messages) dispatch sweep with one walk (:mod:`fedshield.simulation.dispatch`;
+``benchmarks/sim_dispatch.py`` times that part alone); the stock app runs Flower's engine as shipped. Throughput = trained client-rounds / wall time of rounds 2..R (round 1 pays for Ray's
 start and the imports), where a round runs from one ``evaluate_fn`` call to the next; a client that fails (an error
 reply) is not counted, and the failures are reported. Peak memory = the largest
 sum of RSS over the app's process tree (the app runs in a subprocess of its own; Ray's GCS, raylet and workers are
@@ -26,7 +28,8 @@ Digits has 1,797 examples, enough for ~360 clients: for N > 100 the data set is 
 ``sim_throughput:digits_xK``, identical copies), so every client keeps ~11 training examples as at N = 100.
 Usage::
 
-    python benchmarks/sim_throughput.py [--clients 100] [--rounds 3] [--repeats 2] [--secagg] [--json OUT]
+    python benchmarks/sim_throughput.py [--clients 100] [--rounds 3] [--repeats 2] [--secagg] [--fraction-evaluate F]
+                                        [--json OUT]
     python benchmarks/sim_throughput.py --clients 100 1000 10000 --rounds 4 4 2   # one --rounds per N
 """
 
@@ -121,11 +124,11 @@ def load_partition(task: str, num_partitions: int, seed: int, pid: int) -> tuple
 # The two apps, each run in a worker subprocess
 
 
-def _config(n: int, rounds: int, seed: int, secagg: bool, out: Path) -> Any:
+def _config(n: int, rounds: int, seed: int, secagg: bool, out: Path, fraction_evaluate: float = 1.0) -> Any:
     from fedshield.config import RunConfig
 
     return RunConfig(task=task_name(n), num_clients=n, num_rounds=rounds, dp=True, secagg=secagg,
-                     fraction_train=FRACTION_TRAIN, seed=seed, out=out)
+                     fraction_train=FRACTION_TRAIN, fraction_evaluate=fraction_evaluate, seed=seed, out=out)
 
 
 def backend_config(ray_tmp: str) -> dict[str, Any]:
@@ -135,10 +138,11 @@ def backend_config(ray_tmp: str) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0}, "init_args": init_args}
 
 
-def run_fedshield(n: int, rounds: int, seed: int, secagg: bool, tmp: Path, ray_tmp: str) -> dict[str, Any]:
+def run_fedshield(n: int, rounds: int, seed: int, secagg: bool, tmp: Path, ray_tmp: str, fraction_evaluate: float
+                  ) -> dict[str, Any]:
     from fedshield.simulation.run import simulate
 
-    config = _config(n, rounds, seed, secagg, tmp / "run")
+    config = _config(n, rounds, seed, secagg, tmp / "run", fraction_evaluate)
     summary = simulate(config, ray_temp_dir=ray_tmp)
     rows = [json.loads(x) for x in (config.out / "metrics.jsonl").read_text().splitlines()]
     return {"round_s": [r["round_time_s"] for r in rows], "trained": [r["clients_trained"] for r in rows],
@@ -147,7 +151,8 @@ def run_fedshield(n: int, rounds: int, seed: int, secagg: bool, tmp: Path, ray_t
 
 
 def stock_apps(
-    n: int, rounds: int, seed: int, sigma: float, stamps: list[float], trained: list[int], errors: list[str]
+    n: int, rounds: int, seed: int, sigma: float, stamps: list[float], trained: list[int], errors: list[str],
+    fraction_evaluate: float = 1.0,
 ) -> tuple[Any, Any]:
     """A ServerApp and ClientApp as Flower's Opacus example writes them (Message API), with fedshield's settings."""
     import torch
@@ -229,7 +234,8 @@ def stock_apps(
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         # min_available_nodes: the ServerApp starts before the simulation has registered every node.
-        strategy = CountingFedAvg(fraction_train=FRACTION_TRAIN, min_available_nodes=n)
+        strategy = CountingFedAvg(fraction_train=FRACTION_TRAIN, fraction_evaluate=fraction_evaluate,
+                                  min_available_nodes=n)
         initial = ArrayRecord(torch_state_dict=get_task(task).new_model(seed).state_dict())
 
         def stamp(_round: int, _arrays: ArrayRecord) -> None:
@@ -241,7 +247,7 @@ def stock_apps(
     return server, client
 
 
-def run_stock(n: int, rounds: int, seed: int, ray_tmp: str) -> dict[str, Any]:
+def run_stock(n: int, rounds: int, seed: int, ray_tmp: str, fraction_evaluate: float) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from fedshield.server.runner import noise_multiplier_for
@@ -250,7 +256,7 @@ def run_stock(n: int, rounds: int, seed: int, ray_tmp: str) -> dict[str, Any]:
     stamps: list[float] = []
     trained: list[int] = []
     errors: list[str] = []
-    server, client = stock_apps(n, rounds, seed, sigma, stamps, trained, errors)
+    server, client = stock_apps(n, rounds, seed, sigma, stamps, trained, errors, fraction_evaluate)
     run_simulation(server_app=server, client_app=client, num_supernodes=n, backend_config=backend_config(ray_tmp))
     if len(stamps) != rounds + 1:
         raise RuntimeError(f"stock: expected {rounds + 1} evaluate_fn calls, got {len(stamps)}: the run failed")
@@ -259,7 +265,7 @@ def run_stock(n: int, rounds: int, seed: int, ray_tmp: str) -> dict[str, Any]:
             "failed": [sampled - t for t in trained], "errors": errors[:5], "sigma": sigma}
 
 
-def worker(app: str, n: int, rounds: int, seed: int, secagg: bool) -> dict[str, Any]:
+def worker(app: str, n: int, rounds: int, seed: int, secagg: bool, fraction_evaluate: float) -> dict[str, Any]:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower logs every round at INFO; same for both apps
     tmp = Path(tempfile.mkdtemp(prefix="fsbst-"))  # fedshield's run directory (client ledgers, checkpoints)
@@ -267,9 +273,9 @@ def worker(app: str, n: int, rounds: int, seed: int, secagg: bool) -> dict[str, 
     start = time.perf_counter()
     try:
         if app == "fedshield":
-            out = run_fedshield(n, rounds, seed, secagg, tmp, ray_tmp)
+            out = run_fedshield(n, rounds, seed, secagg, tmp, ray_tmp, fraction_evaluate)
         else:
-            out = run_stock(n, rounds, seed, ray_tmp)
+            out = run_stock(n, rounds, seed, ray_tmp, fraction_evaluate)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -303,10 +309,12 @@ def _tree_rss(root: int) -> tuple[int, int]:
     return sum(rss.get(p, 0) for p in tree), len(tree & rss.keys())
 
 
-def measure(app: str, n: int, rounds: int, seed: int, secagg: bool, timeout: float) -> dict[str, Any]:
+def measure(app: str, n: int, rounds: int, seed: int, secagg: bool, timeout: float, fraction_evaluate: float
+            ) -> dict[str, Any]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), *filter(None, [env.get("PYTHONPATH")])])  # Ray workers too
-    cmd = [sys.executable, __file__, "--worker", app, str(n), str(rounds), str(seed)] + (["--secagg"] if secagg else [])
+    cmd = [sys.executable, __file__, "--worker", app, str(n), str(rounds), str(seed),
+           "--fraction-evaluate", repr(fraction_evaluate)] + (["--secagg"] if secagg else [])
     # A session of its own, so a timeout or Ctrl-C takes down the run's whole process group.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
@@ -340,13 +348,20 @@ def measure(app: str, n: int, rounds: int, seed: int, secagg: bool, timeout: flo
     return out
 
 
-def _rows(n: int, rounds: int, runs: dict[str, list[dict[str, Any]]], secagg: bool) -> list[dict[str, Any]]:
+def _evaluated(n: int, fraction_evaluate: float) -> int:
+    """Clients asked to evaluate per round, the same for both apps here (Flower: max(int(n f), 2); ours: round)."""
+    return max(int(n * fraction_evaluate), 2) if fraction_evaluate else 0
+
+
+def _rows(n: int, rounds: int, runs: dict[str, list[dict[str, Any]]], secagg: bool, fraction_evaluate: float
+          ) -> list[dict[str, Any]]:
     def med(app: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[app])
 
     repeats = len(runs["fedshield"])
     common = {"repeats": repeats, "rounds": rounds, "clients_per_round": max(1, round(n * FRACTION_TRAIN)),
-              "task": task_name(n), "secagg": secagg,
+              "task": task_name(n), "secagg": secagg, "fraction_evaluate": fraction_evaluate,
+              "clients_evaluated_per_round": _evaluated(n, fraction_evaluate),
               "first_round_s": {a: med(a, "first_round_s") for a in APPS},
               "steady_round_s": {a: med(a, "steady_round_s") for a in APPS},
               "wall_s": {a: med(a, "wall_s") for a in APPS},
@@ -354,7 +369,8 @@ def _rows(n: int, rounds: int, runs: dict[str, list[dict[str, Any]]], secagg: bo
               "errors": {a: [e for r in runs[a] for e in r["errors"]][:5] for a in APPS}}
     failed = ", ".join(f"{a}: {k}" for a, k in common["failed_client_rounds"].items() if k)
     notes = {
-        "throughput": f"{common['clients_per_round']} of {n} clients trained and all {n} evaluated per round; rounds "
+        "throughput": f"{common['clients_per_round']} of {n} clients trained and "
+                      f"{'all' if fraction_evaluate == 1 else common['clients_evaluated_per_round']} evaluated per round; rounds "
                       f"2..{rounds}; task {common['task']}; fedshield SecAgg+ {'on' if secagg else 'off'}"
                       + (f"; FAILED client-rounds (not counted) {failed}" if failed else ""),
         "peak_rss_mib": "RSS summed over the process tree (Ray's GCS, raylet, workers); shared pages once per process",
@@ -382,35 +398,42 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--secagg", action="store_true", help="fedshield with SecAgg+ (the stock app has none)")
+    parser.add_argument("--fraction-evaluate", type=float, nargs="+", default=[1.0],
+                        help="share of clients both apps ask to evaluate each round (default 1.0, Flower's default); "
+                             "one value, or one per --clients")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--json", metavar="OUT", help="write machine-readable rows here")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         app, n, rounds, seed = args.worker[0], *map(int, args.worker[1:])
-        print(json.dumps(worker(app, n, rounds, seed, args.secagg)))
+        print(json.dumps(worker(app, n, rounds, seed, args.secagg, args.fraction_evaluate[0])))
         return
     rounds = args.rounds * len(args.clients) if len(args.rounds) == 1 else args.rounds
     if len(rounds) != len(args.clients) or min(rounds) < 2:
         parser.error("--rounds: one value >= 2, or one per --clients")
+    fe = args.fraction_evaluate
+    fractions = fe * len(args.clients) if len(fe) == 1 else fe
+    if len(fractions) != len(args.clients) or not all(0 <= f <= 1 for f in fractions):
+        parser.error("--fraction-evaluate: one value in [0, 1], or one per --clients")
     print(f"{os.cpu_count()} CPUs; digits CNN, DP-SGD (fedshield's settings), {FRACTION_TRAIN:.0%} of clients "
-          f"trained per round, all evaluated; fedshield SecAgg+ {'on' if args.secagg else 'off'}; "
+          f"trained per round, {'/'.join(f'{f:.0%}' for f in fractions)} evaluated; fedshield SecAgg+ {'on' if args.secagg else 'off'}; "
           f"median of {args.repeats} repeat(s); throughput over rounds 2..R")
     print(f"{'N':>6} {'R':>2} {'app':<10} {'client-rounds/s':>15} {'s/round':>8} {'round 1 s':>9} "
           f"{'peak RSS MiB':>12} {'procs':>5} {'wall s':>7} {'failed':>6}")
     rows: list[dict[str, Any]] = []
-    for n, r in zip(args.clients, rounds):
+    for n, r, fraction in zip(args.clients, rounds, fractions, strict=True):
         runs: dict[str, list[dict[str, Any]]] = {a: [] for a in APPS}
         for repeat in range(args.repeats):
             for app in APPS if repeat % 2 == 0 else APPS[::-1]:
-                res = measure(app, n, r, args.seed, args.secagg, args.timeout)
+                res = measure(app, n, r, args.seed, args.secagg, args.timeout, fraction)
                 res["first_round_s"] = res["round_s"][0]
                 res["steady_round_s"] = statistics.median(res["round_s"][1:])
                 runs[app].append(res)
                 print(f"{n:>6} {r:>2} {app:<10} {res['throughput']:>15.2f} {res['steady_round_s']:>8.2f} "
                       f"{res['first_round_s']:>9.1f} {res['peak_rss_mib']:>12.0f} {res['max_processes']:>5} "
                       f"{res['wall_s']:>7.1f} {sum(res['failed']):>6}", flush=True)
-        new = _rows(n, r, runs, args.secagg)
+        new = _rows(n, r, runs, args.secagg, fraction)
         rows += new
         print(f"{n:>6} {'':>2} {'ratio':<10} {new[0]['ratio']:>15.2f} (fedshield / stock, medians); "
               f"peak RSS ratio {new[1]['ratio']:.2f}", flush=True)

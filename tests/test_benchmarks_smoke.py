@@ -43,6 +43,11 @@ CASES = {
         [f"SecAgg+ vs plain round time, {w}, 3 clients" for w in ("protocol only", "fedshield default job")],
         400,
     ),
+    "sim_dispatch": (
+        ["--nodes", "20", "--repeats", "1"],
+        [f"dispatch {w}, 20 nodes x 20 messages" for w in ("delivering sweep", "sweep with all delivered")],
+        120,
+    ),
     "sim_throughput": (
         ["--clients", "20", "--rounds", "2", "--repeats", "1"], ["client-rounds/s, N=20", "peak RSS, N=20"], 400,
     ),

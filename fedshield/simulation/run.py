@@ -115,6 +115,7 @@ def simulate(
 
     from ..client.app import app as client_app
     from ..server.app import build_server_app
+    from .dispatch import one_pass_dispatch
 
     results: list[RunSummary] = []
     errors: list[BaseException] = []
@@ -136,7 +137,9 @@ def simulate(
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
         "init_args": init_args,
     }
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_clients, backend_config=backend_config)
+    with one_pass_dispatch():  # Flower's own dispatch walks every message once per node: O(N x M) a sweep
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_clients,
+                       backend_config=backend_config)
     if errors:
         raise errors[0]
     if not results:
