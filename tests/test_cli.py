@@ -47,6 +47,24 @@ def test_bad_input_one_line_error_exit_2(tmp_path: Path, args: list[str], expect
     assert not out.exists(), "a failed start must not leave a half-written run directory"
 
 
+@pytest.mark.parametrize("command", ["simulate", "server"])
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--fraction-evaluate", "2"], "fraction-evaluate must be in [0, 1]"),
+    (["--fraction-train", "0"], "fraction-train must be in (0, 1]"),
+    (["--round-timeout", "-1"], "round-timeout"),
+    (["--epsilon", "0"], "epsilon must be a finite number > 0"),
+])
+def test_shared_flags_reach_the_run_config_of_both_commands(tmp_path: Path, command: str, args: list[str],
+                                                             expected: str) -> None:
+    """simulate and server declare these flags once (cli/_options.py): each must reach RunConfig's checks."""
+    out = tmp_path / "run"
+    result = runner.invoke(cli, [command, "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], result.output
+    assert not out.exists()
+
+
 def test_unwritable_out_is_refused(tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()

@@ -23,6 +23,7 @@ from rich.markup import escape
 from ..config import RunConfig
 from ..errors import FedshieldError
 from ..server.runner import RoundRecord
+from . import _options as o
 from ._common import configure_logging, errors_to_exit, fail
 from ._report import print_summary, round_line
 from .simulate import build_config
@@ -59,50 +60,39 @@ def server_command(
     keys: Path | None = typer.Option(None, "--keys", help="Key directory from `fedshield keys init` (TLS + node keys)."),
     address: str = typer.Option("0.0.0.0:9092", "--address", help="Fleet API HOST:PORT the sites connect to."),
     control_port: int = typer.Option(8000, "--control-port", help="Local Control API port (bound to 127.0.0.1 only)."),
-    rounds: int | None = typer.Option(None, "--rounds", help="Federated rounds (default 20)."),
+    rounds: o.Rounds = None,
     min_clients: int | None = typer.Option(None, "--min-clients", help="Clients that must be online to train (default 5)."),
-    out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/latest)."),
-    config: Path | None = typer.Option(None, "--config", help="TOML file with the same keys as these flags."),
-    task: str | None = typer.Option(None, "--task", help="digits | breast-cancer | package.module:factory."),
-    epsilon: float | None = typer.Option(None, "--epsilon", help="Record-level budget for the whole run (default 8)."),
-    delta: float | None = typer.Option(None, "--delta", help="DP delta (default 1e-5)."),
-    noise_multiplier: float | None = typer.Option(None, "--noise-multiplier", help="Fix sigma instead of calibrating it."),
-    max_grad_norm: float | None = typer.Option(None, "--max-grad-norm", help="Per-example clipping bound C."),
-    sample_rate: float | None = typer.Option(None, "--sample-rate", help="Poisson sampling rate q = 1/steps per epoch."),
-    lr: float | None = typer.Option(None, "--lr", help="Client learning rate."),
-    local_epochs: int | None = typer.Option(None, "--local-epochs", help="Local epochs per round."),
-    fraction_train: float | None = typer.Option(None, "--fraction-train", help="Fraction of online clients trained per round."),
-    fraction_evaluate: float | None = typer.Option(None, "--fraction-evaluate", help="Fraction of online clients that evaluate the global model per round (default 1; 0: server-side only)."),
-    accountant: str | None = typer.Option(None, "--accountant", help="prv (default, tightest) | rdp."),
-    grad_sample_mode: str | None = typer.Option(None, "--grad-sample-mode", help="hooks | ghost | functorch | ew."),
-    no_dp: bool = typer.Option(False, "--no-dp", help="Train WITHOUT differential privacy (prints a warning)."),
-    no_secagg: bool = typer.Option(False, "--no-secagg", help="Updates in clear to the server (prints a warning)."),
+    out: o.Out = None,
+    config: o.ConfigFile = None,
+    task: o.Task = None,
+    epsilon: o.Epsilon = None,
+    delta: o.Delta = None,
+    noise_multiplier: o.NoiseMultiplier = None,
+    max_grad_norm: o.MaxGradNorm = None,
+    sample_rate: o.SampleRate = None,
+    lr: o.Lr = None,
+    local_epochs: o.LocalEpochs = None,
+    fraction_train: o.FractionTrain = None,
+    fraction_evaluate: o.FractionEvaluate = None,
+    accountant: o.Accountant = None,
+    grad_sample_mode: o.GradSampleMode = None,
+    no_dp: o.NoDp = False,
+    no_secagg: o.NoSecagg = False,
     seed: int | None = typer.Option(None, "--seed", help="Seed for the initial model (clients draw their own noise)."),
     device: str | None = typer.Option(None, "--device", help="Clients' default device: auto | cpu | cuda[:N] (a site's --device wins)."),
-    max_physical_batch_size: int | None = typer.Option(
-        None, "--max-physical-batch-size", help="Split DP-SGD batches into chunks of this size (memory; same privacy)."
-    ),
-    amp: bool = typer.Option(False, "--amp", help="bf16 mixed precision in client training (hooks/functorch modes)."),
-    round_timeout: float | None = typer.Option(
-        None, "--round-timeout", help="Seconds to wait for the sites' replies in each exchange of a round; a site "
-        "slower than that is left out of the round (default 600)."
-    ),
+    max_physical_batch_size: o.MaxPhysicalBatchSize = None,
+    amp: o.Amp = False,
+    round_timeout: o.RoundTimeout = None,
     insecure: bool = typer.Option(False, "--insecure", help="No TLS, no node authentication: local experiments ONLY."),
-    resume: Path | None = typer.Option(
-        None, "--resume", help="Continue this run directory from its last completed round (its own settings)."
-    ),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail."),
+    resume: o.Resume = None,
+    verbose: o.Verbose = False,
 ) -> None:
     """Run a federated training with real clients: start the SuperLink, register the sites' keys, train, report."""
+    params = dict(locals())
     configure_logging(verbose)
     flags: dict[str, object] = {
-        "num_clients": min_clients, "num_rounds": rounds, "task": task, "epsilon": epsilon, "delta": delta,
-        "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm, "sample_rate": sample_rate, "lr": lr,
-        "local_epochs": local_epochs, "fraction_train": fraction_train,
-        "fraction_evaluate": fraction_evaluate, "accountant": accountant,
-        "grad_sample_mode": grad_sample_mode, "seed": seed, "out": out, "device": device,
-        "max_physical_batch_size": max_physical_batch_size, "amp": True if amp else None,
-        "dp": False if no_dp else None, "secagg": False if no_secagg else None, "round_timeout": round_timeout,
+        **o.run_flags(params),
+        "num_clients": min_clients,
     }
     from ..server.deployment import ServerOptions, check_run_dir, start_server
 

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..config import RunConfig, load_config_file
 from ..server.runner import RoundRecord, RunSummary
+from . import _options as o
 from ._common import configure_logging, errors_to_exit
 from ._report import print_summary, round_line
 
@@ -29,23 +30,23 @@ def build_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
 
 def simulate_command(
     clients: int | None = typer.Option(None, "--clients", help="Number of virtual clients (default 5)."),
-    rounds: int | None = typer.Option(None, "--rounds", help="Federated rounds (default 20)."),
-    task: str | None = typer.Option(None, "--task", help="digits | breast-cancer | package.module:factory."),
+    rounds: o.Rounds = None,
+    task: o.Task = None,
     partition: str | None = typer.Option(None, "--partition", help="iid | dirichlet:ALPHA | shard:N."),
-    epsilon: float | None = typer.Option(None, "--epsilon", help="Record-level budget for the whole run (default 8)."),
-    delta: float | None = typer.Option(None, "--delta", help="DP delta (default 1e-5)."),
-    noise_multiplier: float | None = typer.Option(None, "--noise-multiplier", help="Fix sigma instead of calibrating it."),
-    max_grad_norm: float | None = typer.Option(None, "--max-grad-norm", help="Per-example clipping bound C."),
-    sample_rate: float | None = typer.Option(None, "--sample-rate", help="Poisson sampling rate q = 1/steps per epoch."),
-    lr: float | None = typer.Option(None, "--lr", help="Client learning rate."),
-    no_dp: bool = typer.Option(False, "--no-dp", help="Train WITHOUT differential privacy (prints a warning)."),
-    no_secagg: bool = typer.Option(False, "--no-secagg", help="Send updates in clear to the server (prints a warning)."),
-    local_epochs: int | None = typer.Option(None, "--local-epochs", help="Local epochs per round."),
-    fraction_train: float | None = typer.Option(None, "--fraction-train", help="Fraction of clients trained per round (default 1)."),
-    fraction_evaluate: float | None = typer.Option(None, "--fraction-evaluate", help="Fraction of clients that evaluate the global model per round (default 1; 0: server-side only)."),
+    epsilon: o.Epsilon = None,
+    delta: o.Delta = None,
+    noise_multiplier: o.NoiseMultiplier = None,
+    max_grad_norm: o.MaxGradNorm = None,
+    sample_rate: o.SampleRate = None,
+    lr: o.Lr = None,
+    no_dp: o.NoDp = False,
+    no_secagg: o.NoSecagg = False,
+    local_epochs: o.LocalEpochs = None,
+    fraction_train: o.FractionTrain = None,
+    fraction_evaluate: o.FractionEvaluate = None,
     seed: int | None = typer.Option(None, "--seed", help="Seed for model init, partitions and (simulation) noise."),
-    accountant: str | None = typer.Option(None, "--accountant", help="prv (default, tightest) | rdp."),
-    grad_sample_mode: str | None = typer.Option(None, "--grad-sample-mode", help="Opacus per-sample gradients: hooks | ghost | functorch | ew."),
+    accountant: o.Accountant = None,
+    grad_sample_mode: o.GradSampleMode = None,
     strategy: str | None = typer.Option(None, "--strategy", help="fedavg | fedavgm | fedprox | fedadam | fedyogi | fedadagrad | krum | multikrum | bulyan | fedmedian | fedtrimmedavg (parameters: [strategy] table in --config)."),
     client_dp: str | None = typer.Option(None, "--client-dp", help="Client-level DP: off | central | distributed."),
     client_noise_multiplier: float | None = typer.Option(None, "--client-noise-multiplier", help="Client-level noise multiplier z."),
@@ -54,30 +55,25 @@ def simulate_command(
     max_update_norm: float | None = typer.Option(None, "--max-update-norm", help="Reject updates whose norm exceeds this."),
     quantize: int | None = typer.Option(None, "--quantize", help="Send updates quantized to 8 or 16 bits (under SecAgg+: into its field)."),
     device: str | None = typer.Option(None, "--device", help="Where clients train: auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda | cuda:N."),
-    max_physical_batch_size: int | None = typer.Option(None, "--max-physical-batch-size", help="Cap the examples per DP-SGD forward/backward pass to bound memory (0: no cap; epsilon unchanged)."),
-    amp: bool = typer.Option(False, "--amp", help="bf16 autocast (needs --grad-sample-mode hooks or functorch)."),
-    round_timeout: float | None = typer.Option(None, "--round-timeout", help="Seconds to wait for clients' replies in each exchange of a round; later ones are left out (default 600)."),
-    out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/latest)."),
-    config: Path | None = typer.Option(None, "--config", help="TOML file with the same keys as these flags."),
-    resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
+    max_physical_batch_size: o.MaxPhysicalBatchSize = None,
+    amp: o.Amp = False,
+    round_timeout: o.RoundTimeout = None,
+    out: o.Out = None,
+    config: o.ConfigFile = None,
+    resume: o.Resume = None,
     ray_address: str | None = typer.Option(None, "--ray-address", help="Run on an existing Ray cluster (e.g. auto)."),
     cpus_per_client: float = typer.Option(1.0, "--cpus-per-client", help="Ray CPUs reserved per virtual client."),
     gpus_per_client: float = typer.Option(0.0, "--gpus-per-client", help="GPUs Ray reserves per virtual client: a fraction in [0, 1] (0.25: four clients share a GPU) or a whole number."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's logs."),
+    verbose: o.Verbose = False,
 ) -> None:
     """Run a private federated training of many clients on this machine."""
+    params = dict(locals())
     configure_logging(verbose)
     flags: dict[str, Any] = {
-        "num_clients": clients, "num_rounds": rounds, "task": task, "partition": partition, "epsilon": epsilon,
-        "delta": delta, "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm,
-        "sample_rate": sample_rate, "lr": lr, "local_epochs": local_epochs, "seed": seed,
-        "fraction_train": fraction_train, "fraction_evaluate": fraction_evaluate, "accountant": accountant,
-        "grad_sample_mode": grad_sample_mode, "out": out, "quantize": quantize,
-        "strategy": strategy, "client_dp": client_dp, "client_noise_multiplier": client_noise_multiplier,
+        **o.run_flags(params),
+        "num_clients": clients, "partition": partition, "quantize": quantize, "strategy": strategy,
+        "client_dp": client_dp, "client_noise_multiplier": client_noise_multiplier,
         "client_clip_norm": client_clip_norm, "client_epsilon": client_epsilon, "max_update_norm": max_update_norm,
-        "dp": False if no_dp else None, "secagg": False if no_secagg else None,
-        "device": device, "max_physical_batch_size": max_physical_batch_size, "amp": True if amp else None,
-        "round_timeout": round_timeout,
     }
     with errors_to_exit():
         ckpt = None

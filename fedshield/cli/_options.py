@@ -1,0 +1,67 @@
+"""The run settings that ``fedshield simulate`` and ``fedshield server`` both take: one definition per flag, so
+the two commands cannot drift apart in a flag's name, type or help, and one mapping onto :class:`RunConfig` keys.
+
+Every flag defaults to ``None`` ("not given"): a config file's value, then RunConfig's default, applies (see
+:func:`fedshield.cli.simulate.build_config`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+__all__ = ["run_flags"]
+
+Rounds = Annotated[int | None, typer.Option("--rounds", help="Federated rounds (default 20).")]
+Task = Annotated[str | None, typer.Option("--task", help="digits | breast-cancer | package.module:factory.")]
+Epsilon = Annotated[float | None, typer.Option("--epsilon", help="Record-level budget for the whole run (default 8).")]
+Delta = Annotated[float | None, typer.Option("--delta", help="DP delta (default 1e-5).")]
+NoiseMultiplier = Annotated[float | None, typer.Option("--noise-multiplier", help="Fix sigma instead of calibrating it.")]
+MaxGradNorm = Annotated[float | None, typer.Option("--max-grad-norm", help="Per-example clipping bound C.")]
+SampleRate = Annotated[float | None, typer.Option(
+    "--sample-rate", help="Poisson sampling rate q = 1/steps per epoch.")]
+Lr = Annotated[float | None, typer.Option("--lr", help="Client learning rate.")]
+LocalEpochs = Annotated[int | None, typer.Option("--local-epochs", help="Local epochs per round.")]
+FractionTrain = Annotated[float | None, typer.Option(
+    "--fraction-train", help="Fraction of the clients trained per round (default 1).")]
+FractionEvaluate = Annotated[float | None, typer.Option(
+    "--fraction-evaluate",
+    help="Fraction of the clients that evaluate the global model per round (default 1; 0: server-side only).")]
+Accountant = Annotated[str | None, typer.Option("--accountant", help="prv (default, tightest) | rdp.")]
+GradSampleMode = Annotated[str | None, typer.Option(
+    "--grad-sample-mode", help="Opacus per-sample gradients: ghost (default) | hooks | functorch | ew.")]
+NoDp = Annotated[bool, typer.Option("--no-dp", help="Train WITHOUT differential privacy (prints a warning).")]
+NoSecagg = Annotated[bool, typer.Option(
+    "--no-secagg", help="Send updates in clear to the server (prints a warning).")]
+MaxPhysicalBatchSize = Annotated[int | None, typer.Option(
+    "--max-physical-batch-size",
+    help="Cap the examples per DP-SGD forward/backward pass to bound memory (0: no cap; epsilon unchanged).")]
+Amp = Annotated[bool, typer.Option("--amp", help="bf16 autocast (needs --grad-sample-mode hooks or functorch).")]
+RoundTimeout = Annotated[float | None, typer.Option(
+    "--round-timeout", help="Seconds to wait for clients' replies in each exchange of a round; later ones are left "
+    "out of the round (default 600).")]
+Out = Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/latest).")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="TOML file with the same keys as these flags.")]
+Resume = Annotated[Path | None, typer.Option(
+    "--resume", help="Continue the run in this directory from its last completed round (its own settings).")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")]
+
+
+#: The command parameters (above) that map one to one onto RunConfig keys.
+_SAME_NAME = ("task", "epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "lr", "local_epochs",
+              "fraction_train", "fraction_evaluate", "accountant", "grad_sample_mode", "seed", "device",
+              "max_physical_batch_size", "round_timeout", "out")
+
+
+def run_flags(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The shared flags among a command's parameters (its ``locals()`` on entry) as RunConfig keys. A flag or switch
+    that was not given is ``None``, so it does not override the config file or the default."""
+    flags = {key: params[key] for key in _SAME_NAME}
+    flags.update({
+        "num_rounds": params["rounds"], "amp": True if params["amp"] else None,
+        "dp": False if params["no_dp"] else None, "secagg": False if params["no_secagg"] else None,
+    })
+    return flags
