@@ -49,6 +49,7 @@ from ..privacy.client_dp import (
     clip_update,
     effective_noise_multiplier,
 )
+from .wrapper import StrategyWrapper, layers
 
 __all__ = ["ClientLevelDP", "ReleaseEvent", "find_client_dp"]
 
@@ -67,7 +68,7 @@ class ReleaseEvent:
     clipped: int = 0  # central mode: how many updates the clipping actually shrank
 
 
-class ClientLevelDP(Strategy):
+class ClientLevelDP(StrategyWrapper):
     """Wrap an averaging strategy so that each round releases a client-level DP mean of the updates.
 
     Args:
@@ -115,7 +116,7 @@ class ClientLevelDP(Strategy):
             raise ConfigError("central client-level DP clips individual updates: it cannot run on SecAgg+ sums")
         if not (noise_multiplier > 0 and clip_norm > 0):
             raise ConfigError(f"client-level DP needs z > 0 and C > 0, got {noise_multiplier} and {clip_norm}")
-        self.inner = inner
+        super().__init__(inner)
         self.mode = mode
         self.noise_multiplier = float(noise_multiplier)
         self.clip_norm = float(clip_norm)
@@ -208,17 +209,6 @@ class ClientLevelDP(Strategy):
             raise ProtocolError("aggregate_train was called before configure_train: call strategy.start()")
         return self._global
 
-    # --- evaluation: the inner strategy's --------------------------------------------------------------------
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
-
-
 class _UpdateSum:
     """Running float64 sum of (optionally clipped) updates ``w_i - w_global`` over the floating-point arrays.
 
@@ -272,9 +262,4 @@ def _average_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecor
 
 def find_client_dp(strategy: Any) -> ClientLevelDP | None:
     """The ClientLevelDP in a chain of wrappers (followed through ``.inner``), if any."""
-    node = strategy
-    while node is not None:
-        if isinstance(node, ClientLevelDP):
-            return node
-        node = getattr(node, "inner", None)
-    return None
+    return next((layer for layer in layers(strategy) if isinstance(layer, ClientLevelDP)), None)

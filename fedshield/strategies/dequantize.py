@@ -12,19 +12,17 @@ from flwr.serverapp.strategy import Strategy
 from .. import protocol as P
 from ..compression import dequantize_update, is_quantized
 from .streaming import streams_replies
+from .wrapper import StrategyWrapper
 
 __all__ = ["DequantizeUpdates"]
 
 
-class DequantizeUpdates(Strategy):
+class DequantizeUpdates(StrategyWrapper):
     """Wrap ``inner``; replies carrying a quantized update become ``global + dequantized update``."""
 
     def __init__(self, inner: Strategy) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._global: dict | None = None
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -58,10 +56,4 @@ class DequantizeUpdates(Strategy):
             content[name] = record
         return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)

@@ -11,21 +11,19 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from .wrapper import StrategyWrapper
 
 __all__ = ["RoundOffset"]
 
 
-class RoundOffset(Strategy):
+class RoundOffset(StrategyWrapper):
     """Forward to ``inner`` with ``server_round + offset``; attributes of ``inner`` stay reachable as ``.inner``."""
 
     def __init__(self, inner: Strategy, offset: int) -> None:
         if offset < 0:
             raise ValueError(f"round offset must be >= 0, got {offset}")
-        self.inner = inner
+        super().__init__(inner)
         self.offset = offset
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

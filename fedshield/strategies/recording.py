@@ -20,24 +20,22 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from .. import protocol as P
+from .wrapper import StrategyWrapper, layers
 
 __all__ = ["RecordingStrategy"]
 
 
-class RecordingStrategy(Strategy):
+class RecordingStrategy(StrategyWrapper):
     """Transparent wrapper; after each aggregate call, ``last_replies`` / ``last_evaluate`` describe that round."""
 
     def __init__(self, inner: Strategy) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.last_replies: list[P.ClientReply] = []
         self.last_train_metrics: MetricRecord | None = None
         self.last_evaluate: MetricRecord | None = None
         self.last_evaluated = 0  # evaluate replies without an error, last round
         self.last_bytes_up: list[int] = []
         self._asked: list[int] = []
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -111,10 +109,8 @@ def _payload_bytes(msg: Message) -> int:
 
 def _innermost_view(strategy: Strategy) -> list[P.ClientReply] | None:
     """The first wrapper down the ``.inner`` chain that knows per-client outcomes (SecAgg+, validation)."""
-    node: object | None = strategy
-    while node is not None:
-        view = getattr(node, "last_replies", None)
+    for layer in layers(strategy):
+        view = getattr(layer, "last_replies", None)
         if view is not None:
             return list(view)
-        node = getattr(node, "inner", None)
     return None

@@ -55,6 +55,7 @@ from ._secagg_stages import (
     settle,
     weighted_average,
 )
+from .wrapper import StrategyWrapper
 
 __all__ = ["SecAggPlus"]
 
@@ -72,7 +73,7 @@ QUANTIZE_KEY = "quantize"
 DEFAULT_CLIPPING_RANGE = {0: 8.0, 8: 0.25, 16: 8.0}
 
 
-class SecAggPlus(Strategy):
+class SecAggPlus(StrategyWrapper):
     """Secure aggregation (SecAgg+, Bell et al. 2020) around a Message-API strategy.
 
     Each round runs four stages: SETUP and SHARE_KEYS inside :meth:`configure_train`, COLLECT_MASKED_VECTORS as
@@ -134,7 +135,7 @@ class SecAggPlus(Strategy):
                   max_weight, timeout)
         if quantize is not None:
             check_bits(quantize, "quantize")
-        self.inner = inner
+        super().__init__(inner)
         self.num_shares = num_shares
         self.reconstruction_threshold = reconstruction_threshold
         self.clipping_range = None if clipping_range is None else float(clipping_range)
@@ -304,14 +305,6 @@ class SecAggPlus(Strategy):
         return self._global
 
     # --- evaluation and reporting: the inner strategy's ---------------------------------------------------
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         _log.info(

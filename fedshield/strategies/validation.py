@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import Strategy
 from .. import protocol as P
 from ..errors import ConfigError
 from .streaming import streams_replies
+from .wrapper import StrategyWrapper
 
 __all__ = ["REJECTED", "UpdateValidation", "check_reply"]
 
@@ -36,7 +37,7 @@ _log = logging.getLogger(__name__)
 REJECTED = "fedshield:rejected"
 
 
-class UpdateValidation(Strategy):
+class UpdateValidation(StrategyWrapper):
     """Wrapper that screens train replies for ``inner``; everything else is forwarded unchanged.
 
     Args:
@@ -51,7 +52,7 @@ class UpdateValidation(Strategy):
     def __init__(self, inner: Strategy, *, max_update_norm: float | None = None, weight_key: str | None = None) -> None:
         if max_update_norm is not None and not (max_update_norm > 0 and math.isfinite(max_update_norm)):
             raise ConfigError(f"max_update_norm must be a finite number > 0, got {max_update_norm}")
-        self.inner = inner
+        super().__init__(inner)
         self.max_update_norm = max_update_norm
         self.weight_key = weight_key or str(getattr(inner, "weighted_by_key", P.NUM_EXAMPLES))
         self.last_replies: list[P.ClientReply] = []
@@ -150,14 +151,6 @@ class UpdateValidation(Strategy):
             verdicts[node] = P.ClientReply(node, _numeric_metrics(msg))
             yield msg
             del msg
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
 
 def check_reply(
