@@ -70,3 +70,13 @@ def _describe(pids: set[int]) -> list[str]:
             cmdline = "(exited)"
         out.append(f"{pid}: {cmdline.strip()[:200]}")
     return out
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Server-side Message construction needs the run identity that a ServerApp process has."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

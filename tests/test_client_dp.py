@@ -42,6 +42,8 @@ from fedshield.server.report import PrivacyReport, recompute_client_epsilon
 from fedshield.strategies.client_dp import ClientLevelDP, ReleaseEvent
 from fedshield.tasks import get_task
 
+from _grid import FakeGrid
+
 DELTA = 1e-5
 
 # --- clipping -----------------------------------------------------------------------------------------------
@@ -225,19 +227,6 @@ def test_sampling_rates_and_effective_noise() -> None:
 # --- the server wrapper ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-class FakeGrid:
-    def __init__(self, n: int) -> None:
-        self.ids = [500 + 11 * i for i in range(n)]
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.ids)
 
 
 class ZeroNoise:

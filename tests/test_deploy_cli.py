@@ -108,15 +108,6 @@ def test_run_config_survives_the_trip_through_flower(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ downgrade guard
 
 
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Server-side Message construction needs the run identity that a ServerApp process has."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
 
 def _train_message(*, secagg: bool) -> Message:
     content = RecordDict({"config": ConfigRecord({"server-round": 1})})

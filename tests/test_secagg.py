@@ -32,7 +32,6 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedshield.client.secagg_mod import CLEAR_METRICS, secagg_adapter_mod, secagg_wire_mod, to_fitres_content
 from fedshield.compression import quantize_update, secagg_field, wire_dtype
@@ -240,13 +239,6 @@ class _LocalGrid(Grid):
 def _wire(msg: Message) -> Message:
     return message_from_proto(message_to_proto(msg))
 
-
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Server-side Message construction needs the run identity that a ServerApp process has."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def run_local(

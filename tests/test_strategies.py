@@ -19,7 +19,6 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 from scipy import stats
 
@@ -35,27 +34,13 @@ from fedshield.strategies.streaming import StreamingFedAvg, StreamingGrid, Weigh
 from fedshield.strategies.validation import REJECTED, UpdateValidation
 from fedshield.tasks import get_task
 
+from _grid import FakeGrid
+
 # --- hand-made rounds ---------------------------------------------------------------------------------------
 
 SHAPES = {"w": ((3, 4), np.float32), "b": ((4,), np.float32), "s": ((), np.float64)}
 
 
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Server-side Message construction needs the run identity that a ServerApp process has."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-class FakeGrid:
-    """Just enough of a Grid for ``configure_train``: the node ids."""
-
-    def __init__(self, n: int) -> None:
-        self.ids = [1000 + 37 * i for i in range(n)]
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.ids)
 
 
 def global_model(seed: int = 0) -> dict[str, np.ndarray]:
