@@ -5,13 +5,15 @@ much of a round is the clients' actual work. Usage::
                                          [--json OUT]
 
 One SuperLink (TLS + node authentication) and N SuperNodes started through ``fedshield.server.deployment`` /
-``fedshield.client.deployment``, each site with its own slice of the digits as a CSV file. For each N, three runs
+``fedshield.client.deployment``, each site with its own slice of the digits as a CSV file. For each N, four runs
 on the same processes:
 
 * ``echo``: ``tests/apps/echo_app``, stock Flower (FedAvg, numpy only, one train message per node and round): the
   floor that Flower 1.39's polling and process-per-message design sets;
 * ``plain``: fedshield, DP-SGD at the default settings, updates in clear (one train + one evaluate message);
-* ``secagg``: the same with SecAgg+ (four train-stage messages + one evaluate message per node and round).
+* ``secagg``: the same with SecAgg+ (four train-stage messages + one evaluate message per node and round);
+* ``plain, no fed. eval``: plain with ``fraction_evaluate=0`` (only the server's test set scores the model): one
+  message per node and round, as the echo app sends.
 
 Round time is ``round_time_s`` from ``metrics.jsonl`` (the echo app reports its own). "Client work" is what a
 round's training and evaluation cost on one site, measured in this process with the same code and settings
@@ -200,6 +202,8 @@ def bench(n: int, rounds: int, root: Path, *, worker: bool = True) -> tuple[list
             run_echo(server, watcher, rounds, root / "echo.json"),
             run_fedshield(server, watcher, "fedshield plain", base.replace(secagg=False, out=root / "plain")),
             run_fedshield(server, watcher, "fedshield SecAgg+", base.replace(secagg=True, out=root / "secagg")),
+            run_fedshield(server, watcher, "fedshield plain, no fed. eval",
+                          base.replace(secagg=False, fraction_evaluate=0.0, out=root / "plain-no-eval")),
         ]
         return results, statistics.median(work)
     finally:
@@ -232,7 +236,7 @@ def print_results(n: int, label: str, results: list[Measured], work: float, roun
     for m in results:
         life = statistics.median(m.lifetimes) if m.lifetimes else float("nan")
         own = 0.0 if m.label.startswith("echo") else work
-        print(f"{n:>7} {label + m.label:<28} {m.rounds[0]:>9.1f} {m.steady:>8.1f} {m.steady / echo:>7.1f} "
+        print(f"{n:>7} {label + m.label:<36} {m.rounds[0]:>9.1f} {m.steady:>8.1f} {m.steady / echo:>7.1f} "
               f"{m.processes / rounds:>14.1f} {life:>16.1f} {own:>7.2f} {m.steady - own:>10.1f}", flush=True)
 
 
@@ -259,7 +263,7 @@ def main() -> None:
     logging.getLogger("flwr").setLevel(logging.ERROR)
     print(f"{os.cpu_count()} CPUs; digits CNN, DP-SGD eps 8 (q=0.5, 2 local epochs), TLS + node auth, loopback; "
           f"warm worker {'OFF' if args.no_worker else 'on'}; polling {'Flower 1.39' if args.flower_polling else 'fedshield'}")
-    header = (f"{'clients':>7} {'run':<28} {'round 1 s':>9} {'later s':>8} {'x echo':>7} {'clientapps/rnd':>14} "
+    header = (f"{'clients':>7} {'run':<36} {'round 1 s':>9} {'later s':>8} {'x echo':>7} {'clientapps/rnd':>14} "
               f"{'clientapp life s':>16} {'work s':>7} {'overhead s':>10}")
     print(header)
     rows: list[dict[str, Any]] = []
