@@ -10,7 +10,8 @@
 
 Round 1 (Ray start, imports) is excluded from the median. Usage::
 
-    python benchmarks/secagg_sim.py --clients 5 10 --rounds 6 [--repeats 1] [--app protocol fedshield] [--json OUT]
+    python benchmarks/secagg_sim.py --clients 5 10 --rounds 6 [--repeats 1] [--app protocol fedshield] [--shares 7]
+                                    [--json OUT]
 
 ``--repeats R`` runs both R times per client count (alternating which goes first) and takes the median over all
 their rounds 2..R; ``--json OUT`` writes rows ``{name, ours, baseline, unit, ratio, detail}``: SecAgg+'s median
@@ -71,7 +72,7 @@ def client_app(secagg: bool) -> Any:
     return app
 
 
-def server_app(secagg: bool, num_clients: int, num_rounds: int, stamps: list[float]) -> Any:
+def server_app(secagg: bool, num_clients: int, num_rounds: int, stamps: list[float], shares: float = 1.0) -> Any:
     from flwr.app import ArrayRecord, Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg, Strategy
@@ -85,7 +86,7 @@ def server_app(secagg: bool, num_clients: int, num_rounds: int, stamps: list[flo
         # min_train_nodes: the ServerApp starts before the simulation has registered every node.
         strategy: Strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=num_clients, min_available_nodes=num_clients)
         if secagg:
-            strategy = SecAggPlus(strategy, timeout=300)
+            strategy = SecAggPlus(strategy, timeout=300, num_shares=int(shares) if shares > 1 else shares)
 
         def stamp(_rnd: int, _arrays: ArrayRecord) -> None:
             stamps.append(time.perf_counter())
@@ -95,7 +96,7 @@ def server_app(secagg: bool, num_clients: int, num_rounds: int, stamps: list[flo
     return app
 
 
-def protocol_round_times(secagg: bool, num_clients: int, num_rounds: int) -> list[float]:
+def protocol_round_times(secagg: bool, num_clients: int, num_rounds: int, shares: float = 1.0) -> list[float]:
     """Run one simulation; return the wall time of each round."""
     from flwr.simulation import run_simulation
 
@@ -104,7 +105,7 @@ def protocol_round_times(secagg: bool, num_clients: int, num_rounds: int) -> lis
     ray_tmp = tempfile.mkdtemp(prefix="fsray", dir=os.environ.get("TMPDIR") or "/tmp")
     try:
         run_simulation(
-            server_app=server_app(secagg, num_clients, num_rounds, stamps),
+            server_app=server_app(secagg, num_clients, num_rounds, stamps, shares),
             client_app=client_app(secagg),
             num_supernodes=num_clients,
             backend_config={
@@ -119,14 +120,15 @@ def protocol_round_times(secagg: bool, num_clients: int, num_rounds: int) -> lis
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
-def fedshield_round_times(secagg: bool, num_clients: int, num_rounds: int) -> list[float]:
+def fedshield_round_times(secagg: bool, num_clients: int, num_rounds: int, shares: float = 1.0) -> list[float]:
     """Run fedshield's default simulation (digits, DP-SGD, every client each round); return each round's time."""
     from fedshield.config import RunConfig
     from fedshield.simulation.run import simulate
 
     tmp = Path(tempfile.mkdtemp(prefix="fssecagg", dir=os.environ.get("TMPDIR") or "/tmp"))
     try:
-        config = RunConfig(num_clients=num_clients, num_rounds=num_rounds, secagg=secagg, out=tmp / "run")
+        config = RunConfig(num_clients=num_clients, num_rounds=num_rounds, secagg=secagg, secagg_shares=shares,
+                           out=tmp / "run")
         simulate(config, ray_temp_dir=str(tmp / "ray"))
         rows = [json.loads(x) for x in (config.out / "metrics.jsonl").read_text().splitlines()]
     finally:
@@ -137,7 +139,7 @@ def fedshield_round_times(secagg: bool, num_clients: int, num_rounds: int) -> li
     return [float(r["round_time_s"]) for r in rows]
 
 
-RUNNERS: dict[str, Callable[[bool, int, int], list[float]]] = {"protocol": protocol_round_times, "fedshield": fedshield_round_times}
+RUNNERS: dict[str, Callable[[bool, int, int, float], list[float]]] = {"protocol": protocol_round_times, "fedshield": fedshield_round_times}
 NOTES = {"protocol": "clients do no training (protocol cost alone)",
          "fedshield": "fedshield's default job: digits CNN, DP-SGD, every client trains and evaluates"}
 
@@ -162,11 +164,13 @@ def _later(runs: list[list[float]]) -> list[float]:
     return [t for run in runs for t in run[1:]]
 
 
-def json_rows(rows: Rows) -> list[dict[str, Any]]:
+def json_rows(rows: Rows, shares: float = 1.0) -> list[dict[str, Any]]:
     out = []
     for app, n, plain, sec in rows:
         p, s = statistics.median(_later(plain)), statistics.median(_later(sec))
         what = "protocol only" if app == "protocol" else "fedshield default job"
+        if shares != 1.0:
+            what += f", {shares:g} shares"
         out.append({
             "name": f"SecAgg+ vs plain round time, {what}, {n} clients", "ours": s, "baseline": p, "unit": "s/round",
             "ratio": s / p, "detail": {
@@ -185,6 +189,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each per client count")
     parser.add_argument("--app", nargs="+", choices=sorted(RUNNERS), default=["protocol"],
                         help="protocol: clients do no training; fedshield: the default DP job (see the docstring)")
+    parser.add_argument("--shares", type=float, default=1.0,
+                        help="SecAgg+ neighbours per client: 1.0 = all (default), or a count >= 3 (the sparse graph)")
     parser.add_argument("--json", metavar="OUT", help="write machine-readable rows here")
     args = parser.parse_args()
     if args.rounds < 2:
@@ -193,7 +199,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     params = sum(int(np.prod(s)) for s in SHAPES.values())
-    print(f"model: {params:,} parameters (float32); rounds per run: {args.rounds}; median over rounds 2..{args.rounds}")
+    print(f"model: {params:,} parameters (float32); rounds per run: {args.rounds}; median over rounds 2..{args.rounds}; "
+          f"SecAgg+ shares {args.shares:g}")
     rows: Rows = []
     for app in args.app:
         for n in args.clients:
@@ -201,13 +208,13 @@ def main() -> None:
             sec: list[list[float]] = []
             for repeat in range(args.repeats):
                 for secagg in (False, True) if repeat % 2 == 0 else (True, False):
-                    (sec if secagg else plain).append(RUNNERS[app](secagg, n, args.rounds))
+                    (sec if secagg else plain).append(RUNNERS[app](secagg, n, args.rounds, args.shares))
                 print(f"{app}, {n} clients: FedAvg {[round(t, 3) for t in plain[-1]]}, "
                       f"SecAgg+ {[round(t, 3) for t in sec[-1]]}", flush=True)
             rows.append((app, n, plain, sec))
     print(table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(json_rows(rows), indent=1, allow_nan=False) + "\n")
+        Path(args.json).write_text(json.dumps(json_rows(rows, args.shares), indent=1, allow_nan=False) + "\n")
 
 
 if __name__ == "__main__":

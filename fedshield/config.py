@@ -164,6 +164,15 @@ class RunConfig:
         client_sampling: ``fixed`` (Flower's fixed-size sampling, accounted with sample rate 1) or ``poisson``
             (each client joins a round with probability ``fraction_train``; amplified accounting).
 
+    Secure aggregation (SecAgg+, with ``secagg``):
+        secagg_shares: how many of a round's clients (the node itself included) hold shares of each client's
+            secrets and mask with it: 1.0 (a fraction: all of them, the complete graph, Flower's default) or a
+            count >= 3. SecAgg+'s sparse graph (a count of order log n) cuts each client's masking work from
+            O(n) to O(log n) masks; fewer neighbours also tolerate fewer dropouts and colluders.
+        secagg_threshold: shares needed to rebuild a secret: a fraction of ``secagg_shares`` in (0, 1] (default
+            0.66; above 0.5, so a server that lies about dropouts cannot rebuild both secrets of a node) or a
+            count >= 2.
+
     Hardware (none of these changes the privacy mechanism or its accounting):
         device: where clients train: ``auto`` (a CUDA GPU if the client has one, else its CPU), ``cpu``,
             ``cuda`` or ``cuda:N``. A deployed site's node config key ``device`` overrides it.
@@ -198,6 +207,8 @@ class RunConfig:
     accountant: str = "prv"
     grad_sample_mode: str = "ghost"
     quantize: int = 0
+    secagg_shares: float = 1.0
+    secagg_threshold: float = 0.66
     out: Path = Path("runs/latest")
     strategy: str = "fedavg"
     strategy_params: StrategyParams = field(default_factory=StrategyParams)
@@ -239,6 +250,11 @@ class RunConfig:
                 f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}: the share of clients that evaluate "
                 "the global model on their own data each round (0: server-side evaluation only)"
             )
+        _check_count_or_fraction(self.secagg_shares, "secagg-shares", min_count=3, example="1.0 (all) or 5")
+        _check_count_or_fraction(self.secagg_threshold, "secagg-threshold", min_count=2, example="0.66 or 3")
+        if self.secagg_shares > 1 and self.secagg_threshold > self.secagg_shares:
+            raise ConfigError(f"secagg-threshold {self.secagg_threshold:g} is above secagg-shares "
+                              f"{self.secagg_shares:g}: a secret could never be rebuilt; lower the threshold")
         if self.secagg and round(self.fraction_train * self.num_clients) < 2:
             raise ConfigError(
                 f"secure aggregation needs at least 2 clients per round, got {self.num_clients} client(s) x "
@@ -343,6 +359,12 @@ class RunConfig:
     def expected_train_clients(self) -> int:
         """Clients expected in a training round: the fixed sample size, or the Poisson mean (rounded, >= 1)."""
         return max(1, round(self.fraction_train * self.num_clients))
+
+    @property
+    def secagg_params(self) -> dict[str, int | float]:
+        """``num_shares`` and ``reconstruction_threshold`` as SecAgg+ takes them: a count (int) or a fraction."""
+        return {"num_shares": _count_or_fraction(self.secagg_shares),
+                "reconstruction_threshold": _count_or_fraction(self.secagg_threshold)}
 
     @property
     def expected_evaluate_clients(self) -> int:
@@ -491,6 +513,17 @@ def _check_hardware(max_physical_batch_size: Any, amp: Any, grad_sample_mode: st
         )
 
 
+def _check_count_or_fraction(value: float, name: str, *, min_count: int, example: str) -> None:
+    ok = math.isfinite(value) and (0 < value <= 1 or (value >= min_count and float(value).is_integer()))
+    if not ok:
+        raise ConfigError(f"{name} must be a fraction in (0, 1] or a whole count >= {min_count}, got {value!r}: "
+                          f"e.g. {example}")
+
+
+def _count_or_fraction(value: float) -> int | float:
+    return int(value) if value > 1 else float(value)
+
+
 def _normalise_sample_rate(q: float) -> float:
     if not (0 < q <= 1):
         raise ConfigError(f"sample-rate must be in (0, 1], got {q}: e.g. 0.25 (4 DP-SGD steps per local epoch)")
@@ -529,7 +562,7 @@ def _coerce(key: str, value: Any) -> Any:
     if key in {"dp", "secagg", "amp"} and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if key in {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "lr", "fraction_train",
-               "fraction_evaluate", "round_timeout", *_ZERO_IS_UNSET}:
+               "fraction_evaluate", "round_timeout", "secagg_shares", "secagg_threshold", *_ZERO_IS_UNSET}:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key.replace('_', '-')} must be a number, got {value!r}")
         return float(value)

@@ -52,6 +52,7 @@ def test_bad_input_one_line_error_exit_2(tmp_path: Path, args: list[str], expect
     (["--fraction-evaluate", "2"], "fraction-evaluate must be in [0, 1]"),
     (["--fraction-train", "0"], "fraction-train must be in (0, 1]"),
     (["--round-timeout", "-1"], "round-timeout"),
+    (["--secagg-shares", "2"], "secagg-shares must be a fraction in (0, 1] or a whole count >= 3"),
     (["--epsilon", "0"], "epsilon must be a finite number > 0"),
 ])
 def test_shared_flags_reach_the_run_config_of_both_commands(tmp_path: Path, command: str, args: list[str],

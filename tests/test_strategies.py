@@ -295,6 +295,30 @@ def test_fraction_evaluate_sets_how_many_clients_evaluate(strategy: str, secagg:
     assert len({m.metadata.dst_node_id for m in messages}) == asked
 
 
+@pytest.mark.parametrize(("shares", "threshold", "expected"), [
+    (1.0, 0.66, (1.0, 0.66)), (5.0, 3.0, (5, 3)), (7, 0.75, (7, 0.75)), (0.5, 2.0, (0.5, 2))])
+def test_secagg_shares_and_threshold_reach_secagg_as_counts_or_fractions(
+        shares: float, threshold: float, expected: tuple[int | float, int | float]) -> None:
+    from fedshield.strategies.secagg import SecAggPlus
+    from fedshield.strategies.wrapper import layers
+
+    config = RunConfig(num_clients=10, secagg_shares=shares, secagg_threshold=threshold)
+    (secagg,) = [layer for layer in layers(build_strategy(config)) if isinstance(layer, SecAggPlus)]
+    assert (secagg.num_shares, secagg.reconstruction_threshold) == expected
+    assert [type(v) for v in (secagg.num_shares, secagg.reconstruction_threshold)] == [type(v) for v in expected]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"secagg_shares": 2}, "secagg-shares must be a fraction in \\(0, 1\\] or a whole count >= 3"),
+    ({"secagg_shares": 4.5}, "secagg-shares must be"),
+    ({"secagg_threshold": 1.5}, "secagg-threshold must be a fraction in \\(0, 1\\] or a whole count >= 2"),
+    ({"secagg_shares": 5, "secagg_threshold": 6}, "secagg-threshold 6 is above secagg-shares 5"),
+])
+def test_bad_secagg_parameters_are_named(kwargs: dict[str, float], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        RunConfig(**kwargs)
+
+
 @pytest.mark.parametrize("fraction", [-0.1, 1.5, float("nan")])
 def test_bad_fraction_evaluate_is_named(fraction: float) -> None:
     with pytest.raises(ConfigError, match=r"fraction-evaluate must be in \[0, 1\]"):

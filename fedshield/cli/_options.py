@@ -30,6 +30,10 @@ FractionTrain = Annotated[float | None, typer.Option(
 FractionEvaluate = Annotated[float | None, typer.Option(
     "--fraction-evaluate",
     help="Fraction of the clients that evaluate the global model per round (default 1; 0: server-side only).")]
+SecaggShares = Annotated[float | None, typer.Option(
+    "--secagg-shares", help="SecAgg+ neighbours per client: 1.0 = all (default) or a count >= 3 (sparser: faster).")]
+SecaggThreshold = Annotated[float | None, typer.Option(
+    "--secagg-threshold", help="SecAgg+ shares needed to rebuild a secret: a fraction (default 0.66) or a count.")]
 Accountant = Annotated[str | None, typer.Option("--accountant", help="prv (default, tightest) | rdp.")]
 GradSampleMode = Annotated[str | None, typer.Option(
     "--grad-sample-mode", help="Opacus per-sample gradients: ghost (default) | hooks | functorch | ew.")]
@@ -53,7 +57,7 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's an
 #: The command parameters (above) that map one to one onto RunConfig keys.
 _SAME_NAME = ("task", "epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "lr", "local_epochs",
               "fraction_train", "fraction_evaluate", "accountant", "grad_sample_mode", "seed", "device",
-              "max_physical_batch_size", "round_timeout", "out")
+              "max_physical_batch_size", "round_timeout", "out", "secagg_shares", "secagg_threshold")
 
 
 def run_flags(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -78,6 +78,8 @@ def server_command(
     grad_sample_mode: o.GradSampleMode = None,
     no_dp: o.NoDp = False,
     no_secagg: o.NoSecagg = False,
+    secagg_shares: o.SecaggShares = None,
+    secagg_threshold: o.SecaggThreshold = None,
     seed: int | None = typer.Option(None, "--seed", help="Seed for the initial model (clients draw their own noise)."),
     device: str | None = typer.Option(None, "--device", help="Clients' default device: auto | cpu | cuda[:N] (a site's --device wins)."),
     max_physical_batch_size: o.MaxPhysicalBatchSize = None,

@@ -41,6 +41,8 @@ def simulate_command(
     lr: o.Lr = None,
     no_dp: o.NoDp = False,
     no_secagg: o.NoSecagg = False,
+    secagg_shares: o.SecaggShares = None,
+    secagg_threshold: o.SecaggThreshold = None,
     local_epochs: o.LocalEpochs = None,
     fraction_train: o.FractionTrain = None,
     fraction_evaluate: o.FractionEvaluate = None,
