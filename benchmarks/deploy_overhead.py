@@ -1,7 +1,7 @@
 """Per-round wall time of a real deployment on loopback: plain vs SecAgg+, beside a stock-Flower echo app, and how
 much of a round is the clients' actual work. Usage::
 
-    python benchmarks/deploy_overhead.py [--clients 3 10] [--rounds 3] [--no-worker] [--flower-polling] [--stock]
+    python benchmarks/deploy_overhead.py [--clients 3 10] [--rounds 3] [--no-worker] [--flower-polling] [--stock [N ...]]
                                          [--json OUT]
 
 One SuperLink (TLS + node authentication) and N SuperNodes started through ``fedshield.server.deployment`` /
@@ -21,7 +21,7 @@ round's training and evaluation cost on one site, measured in this process with 
 process starts, imports, polling. ``flwr-clientapp`` processes are counted from the SuperNodes' logs and timed
 from ``/proc`` while a run goes (first and last time each was seen, 50 ms sampling).
 
-``--stock`` also runs the same three on a second set of processes the way stock Flower 1.39 runs them (Flower's own
+``--stock`` (for every N, or ``--stock 3`` for those listed) also runs the same four on a second set of processes the way stock Flower 1.39 runs them (Flower's own
 poll intervals, no warm worker: ``--flower-polling --no-worker``), so fedshield and stock Flower are measured in
 the same invocation.
 
@@ -250,11 +250,12 @@ def main() -> None:
                         help="fork ClientApps from a pre-imported parent (FEDSHIELD_CLIENTAPP_ZYGOTE_ON=1, experimental)")
     parser.add_argument("--flower-polling", action="store_true",
                         help="Flower 1.39's own poll intervals (SuperNode idle 3 s, SuperExec 1 s): stock Flower")
-    parser.add_argument("--stock", action="store_true",
-                        help="also run everything as stock Flower 1.39 (its polling, no worker) and compare")
+    parser.add_argument("--stock", type=int, nargs="*", metavar="N",
+                        help="also run everything as stock Flower 1.39 (its polling, no worker) and compare: for "
+                             "every --clients value, or only for the N given")
     parser.add_argument("--json", metavar="OUT", help="write machine-readable rows here")
     args = parser.parse_args()
-    if args.stock and (args.flower_polling or args.no_worker):
+    if args.stock is not None and (args.flower_polling or args.no_worker):
         parser.error("--stock already runs the stock configuration beside fedshield's: drop --flower-polling/--no-worker")
     if args.zygote:  # read by fedshield.deploy.supernode_main in every SuperNode we start
         os.environ["FEDSHIELD_CLIENTAPP_ZYGOTE_ON"] = "1"
@@ -273,7 +274,7 @@ def main() -> None:
             results, work = bench(n, args.rounds, Path(tmp) / "ours", worker=not args.no_worker)
             print_results(n, "", results, work, args.rounds)
             rows += json_rows(n, results, work, args)
-            if args.stock:
+            if args.stock is not None and (not args.stock or n in args.stock):
                 with environment({**STOCK_ENV, "FEDSHIELD_CLIENTAPP_ZYGOTE_ON": "0"}):
                     stock, stock_work = bench(n, args.rounds, Path(tmp) / "stock", worker=False)
                 print_results(n, "stock: ", stock, stock_work, args.rounds)

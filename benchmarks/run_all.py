@@ -63,7 +63,7 @@ BENCHMARKS = (
     Bench("compression", "Bytes per client per round and accuracy: quantized vs full-precision updates",
           ("--clients", "5", "--rounds", "3"), ("--seeds", "0", "1", "2")),
     Bench("deploy_overhead", "Real deployment on loopback: fedshield round time vs a stock Flower echo app",
-          None, ("--clients", "3", "10", "--rounds", "3"),
+          None, ("--clients", "3", "10", "--rounds", "3", "--stock", "3"),
           skip_note="not run in quick mode: it starts a real SuperLink and SuperNodes (minutes); `--full` runs it"),
 )
 
