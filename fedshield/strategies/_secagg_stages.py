@@ -31,7 +31,6 @@ from typing import Any, cast
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import bytes_to_ndarray
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.common.secure_aggregation.ndarrays_arithmetic import (
     factor_extract,
@@ -48,6 +47,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 from numpy.typing import NDArray
 
 from ..compression import SECAGG_NARROW_KEY
+from ..crypto.shamir import combine_shares
 from ..errors import ConfigError
 
 _log = logging.getLogger(__name__)
@@ -360,7 +360,7 @@ def remove_masks(
             _log.error("SecAgg+ round %d: %d of %d shares for node %d; round aborted",
                        state.server_round, len(got), p.threshold, owner)
             return None
-        # Exactly `threshold` shares: pycryptodome's Shamir.combine asks for no more than needed.
+        # Exactly `threshold` shares: any `threshold` of them rebuild the secret.
         secret = combine_shares(got[: p.threshold])
         if owner in included:
             vec = parameters_subtraction(vec, pseudo_rand_gen(secret, p.modulus_range, shapes))
