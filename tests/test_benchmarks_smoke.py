@@ -43,6 +43,11 @@ CASES = {
         [f"SecAgg+ vs plain round time, {w}, 3 clients" for w in ("protocol only", "fedshield default job")],
         400,
     ),
+    "shamir": (
+        ["--neighbours", "5", "--repeats", "1"],
+        [f"Shamir {w}, 5 shares (threshold 3)" for w in ("split", "rebuild", "rebuild, weights cached")],
+        120,
+    ),
     "sim_dispatch": (
         ["--nodes", "20", "--repeats", "1"],
         [f"dispatch {w}, 20 nodes x 20 messages" for w in ("delivering sweep", "sweep with all delivered")],
