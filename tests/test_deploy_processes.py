@@ -57,6 +57,7 @@ class Federation:
             "private_key": node.private_key_path if node else None,
             "runtime_port": free_port(),
             "name": name,
+            "site_code_only": False,  # these tests run the generic echo app, whose ClientApp ships in its bundle
         }
         fields.update(overrides)
         return SuperNodeConfig(**fields)  # type: ignore[arg-type]

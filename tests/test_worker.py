@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from fedshield import protocol as P
-from fedshield.client.node_config import BUDGET, DATA_PATH, LABEL_COLUMN, STATE_DIR
+from fedshield.client.node_config import ALLOW_NO_DP, BUDGET, DATA_PATH, LABEL_COLUMN, STATE_DIR, TASK
+from fedshield.client.policy import POLICY_REFUSAL, POLICY_REFUSED_CODE
 from fedshield.client.work import CONFIG_ERROR_CODE, REFUSAL_CODE, WORKER_ERROR_CODE, Refusal, run_evaluate, run_train
 from fedshield.client.worker import ClientWorker
 from fedshield.client.worker_protocol import ProtocolViolation, read_frame, request_evaluate, request_train, write_frame
@@ -36,7 +37,9 @@ def site(tmp_path: Path) -> dict[str, Any]:
     path = tmp_path / "site.csv"
     header = ",".join([f"f{i}" for i in range(data.x.shape[1])] + ["label"])
     np.savetxt(path, rows, delimiter=",", header=header, comments="")
-    return {DATA_PATH: str(path), STATE_DIR: str(tmp_path / "state"), LABEL_COLUMN: "", BUDGET: 0.0}
+    # Plain rounds train deterministically, which the comparisons below need: this site allows rounds without DP.
+    return {DATA_PATH: str(path), STATE_DIR: str(tmp_path / "state"), LABEL_COLUMN: "", BUDGET: 0.0,
+            TASK: "breast-cancer", ALLOW_NO_DP: True}
 
 
 def _config(**changes: Any) -> dict[str, Any]:
@@ -94,8 +97,12 @@ def test_the_worker_charges_the_sites_ledger_and_relays_its_refusal(site: dict[s
 def test_a_bad_round_config_comes_back_as_a_configuration_refusal(site: dict[str, Any]) -> None:
     with ClientWorker(site) as worker:
         with pytest.raises(Refusal) as refused:
+            request_train(worker.socket_path, {**_config(), "client-dp": "bogus"}, _global())
+        assert refused.value.code == CONFIG_ERROR_CODE and "bogus" in refused.value.reason
+        with pytest.raises(Refusal) as refused:  # another task than the site's own: refused before it is imported
             request_train(worker.socket_path, {**_config(), "task": "no-such-task"}, _global())
-        assert refused.value.code == CONFIG_ERROR_CODE and "no-such-task" in refused.value.reason
+        assert refused.value.code == POLICY_REFUSED_CODE
+        assert refused.value.reason.startswith(f"{POLICY_REFUSAL}: task:") and "no-such-task" in refused.value.reason
         request_train(worker.socket_path, _config(), _global())  # and it keeps serving
 
 

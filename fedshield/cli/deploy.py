@@ -212,9 +212,21 @@ def client_command(
     state: Path = typer.Option(..., "--state", help="Directory for this site's privacy ledger and logs (keep it)."),
     ca: Path | None = typer.Option(None, "--ca", help="ca.pem from the server's `fedshield keys init`."),
     node_key: Path | None = typer.Option(None, "--node-key", help="This site's node-N.key (mode 0600)."),
-    task: str = typer.Option("digits", "--task", help="The task the server trains: checks the data before joining."),
+    task: str | None = typer.Option(
+        None, "--task", help="The only task this site runs (default digits); a round naming another is refused."
+    ),
     label_column: str | None = typer.Option(None, "--label-column", help="Label column of a .csv/.parquet (default label)."),
-    max_epsilon: float | None = typer.Option(None, "--max-epsilon", help="This site's lifetime privacy budget."),
+    max_epsilon: float | None = typer.Option(
+        None, "--max-epsilon", help="This site's lifetime privacy budget (default 10), at its own delta."
+    ),
+    delta: float | None = typer.Option(
+        None, "--delta", help="This site's delta: its ledger accounts here; larger asks are refused (default min(1e-5, 1/records))."
+    ),
+    accountant: str | None = typer.Option(None, "--accountant", help="This site's accountant: prv (default) | rdp."),
+    allow_no_dp: bool = typer.Option(False, "--allow-no-dp", help="Also train when the server turns DP-SGD off."),
+    policy: Path | None = typer.Option(
+        None, "--policy", help="Site policy TOML (max-epsilon, delta, accountant, allow-no-dp, allow-plain-updates, task); flags win."
+    ),
     device: str | None = typer.Option(
         None, "--device", help="Where this site trains: auto (CUDA if present) | cpu | cuda[:N]; default: the server's."
     ),
@@ -231,10 +243,18 @@ def client_command(
     configure_logging(verbose)
     from ..client.deployment import ClientOptions, check_client, start_client
 
+    from ..client.policy import load_policy_file
+
     with errors_to_exit():
+        site = load_policy_file(policy) if policy is not None else {}
         options = ClientOptions(
-            server=server, data=data, state_dir=state, ca_cert=ca, node_key=node_key, task=task,
-            label_column=label_column, max_epsilon=max_epsilon, device=device, allow_plain_updates=allow_plain_updates,
+            server=server, data=data, state_dir=state, ca_cert=ca, node_key=node_key,
+            task=str(task or site.get("task", "digits")), label_column=label_column,
+            max_epsilon=max_epsilon if max_epsilon is not None else site.get("max_epsilon"), device=device,
+            allow_plain_updates=allow_plain_updates or site.get("allow_plain_updates") is True,
+            delta=delta if delta is not None else site.get("delta"),
+            accountant=str(accountant or site.get("accountant", "prv")),
+            allow_no_dp=allow_no_dp or site.get("allow_no_dp") is True,
             insecure=insecure, port=port, connect_attempts=connect_attempts, retry_wait=retry_wait,
         )
         check = check_client(options)
@@ -261,6 +281,14 @@ def _report_check(check: ClientCheck, options: ClientOptions) -> None:
     if options.allow_plain_updates:
         console.print("[bold yellow]WARNING[/]: --allow-plain-updates: when the server asks, this site sends its "
                       "update unmasked and the server sees it in clear.")
+    if options.allow_no_dp:
+        console.print("[bold yellow]WARNING[/]: --allow-no-dp: when the server asks, this site trains WITHOUT "
+                      "differential privacy and its update carries no guarantee.")
+    if check.policy is not None:
+        p = check.policy
+        console.print(f"site policy: task {p.task}, max epsilon {p.max_epsilon:g} at delta {p.delta:g} ({p.accountant}), "
+                      f"DP {'optional' if p.allow_no_dp else 'required'}, SecAgg+ "
+                      f"{'optional' if options.allow_plain_updates else 'required'}")
     for warning in check.warnings:
         console.print(f"[bold yellow]WARNING[/]: {escape(warning)}")
     spent = "none yet" if check.ledger is None else f"epsilon {check.ledger.epsilon:.3f}"

@@ -32,7 +32,8 @@ from ..errors import ConfigError
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
 from ..tasks import get_task
 from ..device import resolve_device
-from .node_config import ALLOW_PLAIN_UPDATES, BUDGET, DATA_PATH, DEVICE, LABEL_COLUMN, STATE_DIR, WORKER_SOCKET
+from .node_config import ALLOW_PLAIN_UPDATES, DATA_PATH, DEVICE, LABEL_COLUMN, STATE_DIR, WORKER_SOCKET
+from .policy import DEFAULT_MAX_EPSILON, SitePolicy, check_ledger_terms, default_delta
 from .worker import ClientWorker
 
 __all__ = ["ClientCheck", "ClientOptions", "FedshieldClient", "check_client", "start_client", "wait_for_server"]
@@ -65,6 +66,9 @@ class ClientOptions:
     ``device`` (auto, cpu, cuda[:N]) overrides the server's ``--device`` for this site; None follows the server.
     ``warm_worker`` trains in this process (torch, Opacus and the data loaded once) instead of in each of the
     ClientApp processes Flower starts per message; off only to measure what it saves.
+    The site's privacy policy (:mod:`fedshield.client.policy`): ``max_epsilon`` (default
+    :data:`~fedshield.client.policy.DEFAULT_MAX_EPSILON`), ``delta`` (default the smaller of 1e-5 and 1/records),
+    ``accountant``, ``allow_no_dp``, ``allow_plain_updates``; ``task`` is the only task this site runs.
     """
 
     server: str
@@ -77,6 +81,9 @@ class ClientOptions:
     max_epsilon: float | None = None
     device: str | None = None
     allow_plain_updates: bool = False
+    delta: float | None = None
+    accountant: str = "prv"
+    allow_no_dp: bool = False
     insecure: bool = False
     port: int | None = None
     connect_attempts: int = 10
@@ -118,6 +125,7 @@ class ClientCheck:
     node_config: dict[str, TomlValue]
     warnings: tuple[str, ...] = field(default=())
     device: str = "cpu"
+    policy: SitePolicy | None = None
 
 
 def check_client(options: ClientOptions) -> ClientCheck:
@@ -126,36 +134,44 @@ def check_client(options: ClientOptions) -> ClientCheck:
     if not options.insecure:
         credentials = load_node_credentials(ca_cert=Path(options.ca_cert), private_key=Path(options.node_key))  # type: ignore[arg-type]
     data = Path(options.data).expanduser().resolve()
-    train, test = _load_data(options.task, data, options.label_column)
     state = _state_dir(Path(options.state_dir))
+    train, test = _load_data(options.task, data, options.label_column, state)
+    policy = SitePolicy(
+        task=options.task, max_epsilon=options.max_epsilon or DEFAULT_MAX_EPSILON,
+        delta=options.delta if options.delta is not None else default_delta(train + test),
+        accountant=options.accountant, allow_no_dp=options.allow_no_dp,
+    )
     ledger = _ledger(state)
+    check_ledger_terms(ledger, policy, state / LEDGER_FILE)
     warnings: list[str] = []
-    if ledger is not None and options.max_epsilon is not None and ledger.epsilon >= options.max_epsilon:
+    if ledger is not None and ledger.epsilon >= policy.max_epsilon:
         warnings.append(
             f"this site has already spent epsilon {ledger.epsilon:.3f} (ledger {state / LEDGER_FILE}), at or above "
-            f"--max-epsilon {options.max_epsilon:g}: it will refuse every training round"
+            f"--max-epsilon {policy.max_epsilon:g}: it will refuse every training round"
         )
     host, port = parse_address(options.server)
     node_config: dict[str, TomlValue] = {
         DATA_PATH: str(data),
         STATE_DIR: str(state),
         LABEL_COLUMN: options.label_column or "",
-        BUDGET: float(options.max_epsilon or 0.0),  # 0 = no cap of the site's own (Flower config has no None)
         ALLOW_PLAIN_UPDATES: bool(options.allow_plain_updates),
+        **policy.to_node_config(),
     }
     if options.device is not None:  # the site's choice overrides the run's --device
         node_config[DEVICE] = options.device
     device = str(resolve_device(options.device or "auto"))  # "cuda" without a GPU fails here, with the fix
-    return ClientCheck(host, port, credentials, train, test, ledger, node_config, tuple(warnings), device)
+    return ClientCheck(host, port, credentials, train, test, ledger, node_config, tuple(warnings), device, policy)
 
 
-def _load_data(task_name: str, data: Path, label_column: str | None) -> tuple[int, int]:
-    """Load the data exactly as the ClientApp will (same function, same split), so what passes here trains there."""
+def _load_data(task_name: str, data: Path, label_column: str | None, state: Path) -> tuple[int, int]:
+    """Load the data exactly as the ClientApp will (same function, same split), so what passes here trains there.
+    On a first start this chooses the site's own train/test split and saves it in the state directory."""
     from .site import _load_files
 
     get_task(task_name)  # an unknown task fails here, listing the known ones
-    train, test = _load_files(task_name, str(data), label_column or "", 0)
+    train, test = _load_files(task_name, str(data), label_column or "", str(state))
     return len(train), len(test)
+
 
 
 def _state_dir(state: Path) -> Path:

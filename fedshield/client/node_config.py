@@ -6,14 +6,18 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "ACCOUNTANT",
+    "ALLOW_NO_DP",
     "ALLOW_PLAIN_UPDATES",
     "BUDGET",
     "DATA_PATH",
+    "DELTA",
     "DEVICE",
     "LABEL_COLUMN",
     "NUM_PARTITIONS",
     "PARTITION_ID",
     "STATE_DIR",
+    "TASK",
     "WORKER_SOCKET",
 ]
 
@@ -26,6 +30,15 @@ BUDGET: Final = "max-epsilon"
 ALLOW_PLAIN_UPDATES: Final = "allow-plain-updates"
 #: Unix socket of the warm worker (:mod:`fedshield.client.worker`) that trains for this SuperNode's ClientApps.
 WORKER_SOCKET: Final = "worker-socket"
+# The site's own policy (fedshield.client.policy): what it accepts whatever the server sends.
+#: The only task this site runs (``fedshield client --task``); a round naming another is refused.
+TASK: Final = "task"
+#: The site's delta: its ledger accounts at this delta; a round asking for a larger one is refused.
+DELTA: Final = "delta"
+#: The site's accountant (``prv`` or ``rdp``).
+ACCOUNTANT: Final = "accountant"
+#: ``fedshield client --allow-no-dp``: the site also trains in rounds without DP-SGD.
+ALLOW_NO_DP: Final = "allow-no-dp"
 #: Where this site trains (``auto``, ``cpu``, ``cuda``, ``cuda:N``); overrides the run's ``device`` setting.
 DEVICE: Final = "device"
 

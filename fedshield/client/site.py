@@ -19,6 +19,7 @@ from ..device import resolve_device
 from ..errors import ConfigError, DataError
 from ..tasks import Task, get_task
 from .node_config import BUDGET, DATA_PATH, DEVICE, LABEL_COLUMN, NUM_PARTITIONS, PARTITION_ID, STATE_DIR
+from .policy import SitePolicy, policy_from_node_config
 
 __all__ = ["Site", "resolve_site"]
 
@@ -27,7 +28,8 @@ __all__ = ["Site", "resolve_site"]
 @dataclass(frozen=True)
 class Site:
     """One client's view of the world: its data splits, its ledger directory, its own budget cap and the device
-    it trains on (resolved on this machine: the node config's ``device``, else the round's)."""
+    it trains on (resolved on this machine: the node config's ``device``, else the round's). ``policy``: a deployed
+    site's own privacy policy (None in simulation)."""
 
     name: str
     task: Task
@@ -37,18 +39,21 @@ class Site:
     budget: float | None
     partition_id: int | None
     device: torch.device = torch.device("cpu")
+    policy: SitePolicy | None = None
 
 
 def resolve_site(node_config: Mapping[str, Any], settings: RoundSettings) -> Site:
-    task = get_task(settings.task)
+    policy = policy_from_node_config(node_config)
+    # A deployed site's task is its own (the policy refused any other name before we got here).
+    task = get_task(policy.task if policy is not None else settings.task)
     device = _device(node_config, settings)
-    budget = float(node_config[BUDGET]) if node_config.get(BUDGET) not in (None, "", 0, 0.0) else None
-    if DATA_PATH in node_config and str(node_config[DATA_PATH]):
+    if policy is not None:
         if STATE_DIR not in node_config or not str(node_config[STATE_DIR]):
             raise ConfigError("node config sets data-path but no state-dir: the privacy ledger needs a home")
-        path = Path(str(node_config[DATA_PATH]))
-        train, test = _load_files(task.name, str(path), str(node_config.get(LABEL_COLUMN, "") or ""), settings.seed)
-        return Site(path.name, task, train, test, Path(str(node_config[STATE_DIR])), budget, None, device)
+        path, state = Path(str(node_config[DATA_PATH])), str(node_config[STATE_DIR])
+        train, test = _load_files(task.name, str(path), str(node_config.get(LABEL_COLUMN, "") or ""), state)
+        return Site(path.name, task, train, test, Path(state), policy.max_epsilon, None, device, policy)
+    budget = float(node_config[BUDGET]) if node_config.get(BUDGET) not in (None, "", 0, 0.0) else None
     if PARTITION_ID not in node_config:
         raise ConfigError(
             "this client has neither data-path (deployment) nor partition-id (simulation) in its node config: "
@@ -87,8 +92,10 @@ def _bundled_split(task_name: str, partition: str, n: int, seed: int):  # type: 
 
 
 @lru_cache(maxsize=2)
-def _load_files(task_name: str, path: str, label_column: str, seed: int) -> tuple[Dataset, Dataset]:
+def _load_files(task_name: str, path: str, label_column: str, state_dir: str) -> tuple[Dataset, Dataset]:
+    """The site's records, split by the site's own seed kept in its state directory (:mod:`.split`)."""
     from ..data.files import load_local_data
+    from .split import data_fingerprint, site_split
 
     task = get_task(task_name)
     local = load_local_data(Path(path), task.spec, label_column=label_column or None)
@@ -97,7 +104,6 @@ def _load_files(task_name: str, path: str, label_column: str, seed: int) -> tupl
         x = task.preprocess(x.reshape(len(x), -1)).reshape(local.x.shape)
     if len(local.y) < 4:
         raise DataError(f"{path} has {len(local.y)} examples; a client needs at least 4 (train and test)")
-    perm = np.random.default_rng(seed).permutation(len(local.y))
-    k = max(1, len(perm) // 5)
+    train_idx, test_idx = site_split(Path(state_dir), data_fingerprint(local.x, local.y), len(local.y))
     data = Dataset(np.ascontiguousarray(x, dtype=np.float32), local.y.astype(np.int64))
-    return data.subset(np.sort(perm[k:])), data.subset(np.sort(perm[:k]))
+    return data.subset(train_idx), data.subset(test_idx)

@@ -16,6 +16,7 @@ from ..errors import BudgetExhaustedError
 from ..privacy.client_dp import SecureNormal, add_gaussian_noise, clip_update
 from ..privacy.dpsgd import evaluate, make_generator, train_dp_sgd, train_plain
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
+from .policy import ledger_terms
 from .site import Site
 
 __all__ = ["TrainOutcome", "train_round", "evaluate_round"]
@@ -30,11 +31,6 @@ class TrainOutcome:
     state_dict: dict[str, torch.Tensor]
     metrics: dict[str, float]
     payload: dict[str, np.ndarray] | None = None
-
-
-def _budget(site: Site, settings: RoundSettings) -> float | None:
-    caps = [b for b in (site.budget, settings.target_epsilon or None) if b is not None]
-    return min(caps) if caps else None
 
 
 def _generator(site: Site, settings: RoundSettings) -> torch.Generator:
@@ -73,6 +69,7 @@ def train_round(site: Site, settings: RoundSettings, global_state: dict[str, tor
             device=site.device, max_physical_batch_size=settings.max_physical_batch_size, amp=settings.amp,
         )
         metrics.update({P.EPSILON: ledger.epsilon, P.STEPS: float(ledger.steps), P.ROUNDS_TRAINED: float(len(ledger.rounds))})
+        metrics[P.DELTA] = ledger.delta  # the delta this site accounted at (its own, under a site policy)
     else:
         result = train_plain(
             model, site.train, sample_rate=settings.sample_rate, epochs=settings.local_epochs, lr=settings.lr,
@@ -126,7 +123,10 @@ def _compress(
 
 def _charge(site: Site, settings: RoundSettings) -> PrivacyLedger:
     path = site.state_dir / LEDGER_FILE
-    ledger = PrivacyLedger.open(path, accountant=settings.accountant, delta=settings.delta, budget=_budget(site, settings))
+    # A deployed site charges at its own accountant, delta and budget, whatever the round config says.
+    accountant, delta, budget = ledger_terms(site.policy, accountant=settings.accountant, delta=settings.delta,
+                                             target_epsilon=settings.target_epsilon, site_budget=site.budget)
+    ledger = PrivacyLedger.open(path, accountant=accountant, delta=delta, budget=budget)
     try:
         charged = ledger.charge(
             noise_multiplier=settings.noise_multiplier, sample_rate=settings.sample_rate, steps=settings.steps,

@@ -8,6 +8,7 @@ the per-message ClientApp process imports this module, and only the path that re
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 
 from .. import protocol as P
 from ..errors import BudgetExhaustedError, FedshieldError
+from .policy import POLICY_REFUSED_CODE, PolicyRefused, check_request, policy_from_node_config
 
 __all__ = [
     "CONFIG_ERROR_CODE",
@@ -26,6 +28,8 @@ __all__ = [
     "run_evaluate",
     "run_train",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Error code of a fedshield budget refusal (Flower's own codes are small integers).
 REFUSAL_CODE = 4001
@@ -58,6 +62,7 @@ def run_train(node_config: Mapping[str, Any], config: Mapping[str, Any], arrays:
     from .site import resolve_site
     from .trainer import train_round
 
+    _check_policy(node_config, config, train=True)
     site = None
     try:
         settings = RoundSettings.from_record_dict(dict(config))
@@ -84,10 +89,22 @@ def run_evaluate(
     from .site import resolve_site
     from .trainer import evaluate_round
 
+    _check_policy(node_config, config, train=False)
     try:
         settings = RoundSettings.from_record_dict(dict(config))
         site = resolve_site(node_config, settings)
         return dict(evaluate_round(site, settings, _tensors(arrays)))
+    except FedshieldError as exc:
+        raise Refusal(CONFIG_ERROR_CODE, f"fedshield:{type(exc).__name__}: {exc}") from None
+
+
+def _check_policy(node_config: Mapping[str, Any], config: Mapping[str, Any], *, train: bool) -> None:
+    """The site's own policy, before anything the server named is imported (:mod:`fedshield.client.policy`)."""
+    try:
+        check_request(policy_from_node_config(node_config), config, train=train)
+    except PolicyRefused as refused:
+        log.warning("refused a %s request: %s", "train" if train else "evaluate", refused.reason)
+        raise Refusal(POLICY_REFUSED_CODE, refused.reason) from None
     except FedshieldError as exc:
         raise Refusal(CONFIG_ERROR_CODE, f"fedshield:{type(exc).__name__}: {exc}") from None
 

@@ -9,7 +9,10 @@ The channel is a Unix socket in a directory of mode 0700 (``<state-dir>/worker``
 the socket; a stale socket of a killed client is replaced, a live one refused), and
 each connection's peer must run as this user (``SO_PEERCRED``). The worker serves the site described by *its own*
 node config, never one named in a request, so whatever connects can at most ask it to do the site's normal work.
-Requests are served one at a time: the privacy ledger is charged in the same order as the rounds arrive.
+Each connection is read in its own thread (an idle or slow peer never blocks the others, and is dropped after
+``_REQUEST_TIMEOUT_S``); requests are then served one at a time: the privacy ledger is charged in the same order
+as the rounds arrive. Nothing a request raises, ``SystemExit`` included, stops the worker: it becomes an error
+reply to the server and a line in this site's log.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ log = logging.getLogger(__name__)
 
 _ACCEPT_POLL_S = 0.5
 _MAX_SOCKET_PATH = 100  # AF_UNIX allows 108 bytes on Linux, 104 on macOS
-_PEER_TIMEOUT_S = 600.0  # a ClientApp sends its request at once; this only frees the worker from a stuck peer
+_REQUEST_TIMEOUT_S = 60.0  # a ClientApp sends its request at once; a peer that does not is dropped
+_CLOSE_WAIT_S = 600.0  # how long close() waits for a request in progress
 
 
 class ClientWorker:
@@ -51,6 +55,7 @@ class ClientWorker:
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
         self._lock = threading.Lock()
+        self._handlers: set[threading.Thread] = set()
         self.served = 0
 
     def start(self) -> ClientWorker:
@@ -82,7 +87,9 @@ class ClientWorker:
         """Stop accepting, wait for a request in progress, remove the socket and its directory."""
         self._closed.set()
         if self._thread is not None:
-            self._thread.join(timeout=_PEER_TIMEOUT_S)
+            self._thread.join(timeout=_CLOSE_WAIT_S)
+        for handler in list(self._handlers):
+            handler.join(timeout=_CLOSE_WAIT_S)
         if self._server is not None:
             self._server.close()
         self._remove_directory()
@@ -107,11 +114,20 @@ class ClientWorker:
                 if self._closed.is_set():
                     return
                 raise
+            handler = threading.Thread(target=self._handle_and_close, args=(conn,), name="fedshield-worker-conn",
+                                       daemon=True)
+            self._handlers.add(handler)
+            handler.start()
+
+    def _handle_and_close(self, conn: socket.socket) -> None:
+        try:
             with conn:
                 self._handle(conn)
+        finally:
+            self._handlers.discard(threading.current_thread())
 
     def _handle(self, conn: socket.socket) -> None:
-        conn.settimeout(_PEER_TIMEOUT_S)
+        conn.settimeout(_REQUEST_TIMEOUT_S)
         if not _same_user(conn):
             log.warning("worker: refused a connection from another user on %s", self.socket_path)
             return
@@ -120,7 +136,10 @@ class ClientWorker:
         except (OSError, ProtocolViolation) as err:
             log.warning("worker: dropped a malformed request: %s", err)
             return
+        conn.settimeout(None)  # the request is in; the reply is sent when the round is done
         with self._lock:
+            if self._closed.is_set():
+                return
             reply, out = self._dispatch(header, arrays)
             self.served += 1
         try:
@@ -141,7 +160,7 @@ class ClientWorker:
             raise Refusal(WORKER_ERROR_CODE, f"fedshield:worker-error: unknown operation {op!r}")
         except Refusal as refusal:
             return {"ok": False, "code": refusal.code, "reason": refusal.reason}, {}
-        except Exception as exc:  # a bug must not take the site down: report it to the server, log it here
+        except BaseException as exc:  # noqa: BLE001  nothing a request raises (SystemExit too) takes the site down
             log.error("worker: %s failed:\n%s", op, traceback.format_exc())
             reason = f"fedshield:worker-error: {type(exc).__name__}: {exc}"
             return {"ok": False, "code": WORKER_ERROR_CODE, "reason": reason}, {}

@@ -27,11 +27,13 @@ import numpy as np
 
 from .work import WORKER_ERROR_CODE, Refusal, TrainResult
 
-__all__ = ["MAX_FRAME_BYTES", "ProtocolViolation", "read_frame", "request_evaluate", "request_train", "write_frame"]
+__all__ = ["MAX_FRAME_BYTES", "REPLY_TIMEOUT_S", "ProtocolViolation", "read_frame", "request_evaluate", "request_train", "write_frame"]
 
 _MAGIC = b"FSW1"
 _LENGTHS = struct.Struct("!QQ")
 _MAX_HEADER_BYTES = 16 * 2**20
+#: How long a ClientApp waits for the worker's reply: longer than any honest round, short of forever.
+REPLY_TIMEOUT_S = 1800.0
 #: Largest body accepted (a model of ~2 G float32 parameters); a corrupt length cannot make us allocate more.
 MAX_FRAME_BYTES = 8 * 2**30
 
@@ -110,6 +112,7 @@ def _request(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(REPLY_TIMEOUT_S)
             sock.connect(socket_path)
             write_frame(sock, header, arrays)
             reply, out = read_frame(sock)

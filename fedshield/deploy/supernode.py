@@ -56,6 +56,9 @@ class SuperNodeConfig:
     max_wait_time: float | None = None
     name: str = "supernode"
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    #: Run only the site's installed fedshield ClientApp, never code from the run's app bundle
+    #: (:mod:`fedshield.deploy.site_clientapp`). Off only for generic Flower apps in our own tests.
+    site_code_only: bool = True
 
     def __post_init__(self) -> None:
         parse_address(self.superlink)
@@ -88,6 +91,8 @@ class SuperNodeConfig:
             argv += ["--auth-supernode-private-key", str(Path(self.private_key).resolve())]
         if node_config_file is not None:
             argv += ["--node-config", str(node_config_file)]
+        if not self.site_code_only:
+            argv.append("--fedshield-any-app")
         if self.max_retries is not None:
             argv += ["--max-retries", str(self.max_retries)]
         if self.max_wait_time is not None:

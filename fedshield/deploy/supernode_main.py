@@ -8,6 +8,11 @@ all poll waits; nothing there sleeps for correctness) at ``FEDSHIELD_SUPERNODE_P
 then runs Flower's own entry point unchanged. With ``FEDSHIELD_CLIENTAPP_ZYGOTE_ON=1`` it also forks the ClientApp
 zygote (:mod:`fedshield.deploy.clientapp_zygote`), so each per-message ClientApp starts with Flower imported.
 
+On a fedshield site (the default; ``--fedshield-any-app`` turns it off for generic Flower apps in our own tests)
+it first puts the site's own ``flwr-clientapp`` (:mod:`fedshield.deploy.site_clientapp`) first on PATH, so the
+SuperExec never runs code from the coordinator's app bundle, and it refuses ``--allow-runtime-dependency-installation``
+(installing a bundle's dependencies runs the coordinator's build code).
+
 The cost is requests: an idle node asks the SuperLink for work every 0.5 s instead of every 3 s (small gRPC calls;
 100 idle sites are ~200 requests a second). When the module no longer looks as expected (another Flower version),
 nothing is patched and a warning says so: the SuperNode still works, at Flower's pace.
@@ -20,14 +25,17 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 __all__ = [
     "DEFAULT_POLL_S",
     "POLL_ENV",
+    "ANY_APP_FLAG",
     "ZYGOTE_SWITCH_ENV",
     "CappedSleepClock",
+    "install_site_clientapp",
     "main",
     "patch_supernode_polling",
     "start_clientapp_zygote",
@@ -40,6 +48,9 @@ DEFAULT_POLL_S = 0.5
 #: pulling its message left that ClientApp waiting forever in Flower's ``pull_objects`` (a cold ClientApp starts
 #: ~1.5 s later and then finds its token already void). Cold starts never showed it.
 ZYGOTE_SWITCH_ENV = "FEDSHIELD_CLIENTAPP_ZYGOTE_ON"
+#: Launcher-only flag (removed before Flower parses the arguments): run any app bundle's ClientApp, as stock Flower.
+ANY_APP_FLAG = "--fedshield-any-app"
+_DEPENDENCY_INSTALL_FLAG = "--allow-runtime-dependency-installation"
 
 
 class CappedSleepClock:
@@ -85,7 +96,33 @@ def patch_supernode_polling(cap: float) -> bool:
     return True
 
 
-def start_clientapp_zygote() -> bool:
+def install_site_clientapp() -> Path:
+    """Put the site's ``flwr-clientapp`` (:mod:`fedshield.deploy.site_clientapp`) first on PATH; returns its
+    directory (removed when this process exits)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="fedshield-site-bin-"))  # 0700
+    script = directory / "flwr-clientapp"
+    script.write_text(
+        f"#!{sys.executable}\n# fedshield: the site's own ClientApp runner (fedshield.deploy.site_clientapp).\n"
+        "from fedshield.deploy.site_clientapp import main\nmain()\n",
+        encoding="utf-8",
+    )
+    script.chmod(0o700)
+    atexit.register(shutil.rmtree, directory, True)
+    os.environ["PATH"] = f"{directory}{os.pathsep}{os.environ.get('PATH', '')}"
+    return directory
+
+
+def _site_entry() -> None:
+    from .site_clientapp import main as site_main
+
+    site_main()
+
+
+def start_clientapp_zygote(*, site_code_only: bool = True) -> bool:
     """Fork the pre-imported ``flwr-clientapp`` parent (:mod:`fedshield.deploy.clientapp_zygote`) and put its shim
     first on PATH for the SuperExec that Flower starts next. Must run before Flower starts any thread."""
     if os.environ.get(ZYGOTE_SWITCH_ENV, "0") != "1" or not sys.platform.startswith("linux"):
@@ -98,12 +135,13 @@ def start_clientapp_zygote() -> bool:
     import flwr.supernode.cli.flwr_clientapp  # noqa: F401  (what every ClientApp process imports first)
 
     import fedshield.client.app  # noqa: F401  (the app those processes load; a thin module)
+    import fedshield.deploy.site_clientapp  # noqa: F401  (the site's runner around Flower's)
 
     from .clientapp_zygote import ZYGOTE_ENV, Zygote, write_shim
 
     if len(os.listdir("/proc/self/task")) > 1:  # a thread already runs: forking now could deadlock the zygote
         return False
-    zygote = Zygote()
+    zygote = Zygote(entry=_site_entry if site_code_only else None)
     write_shim(zygote.bin, real)
     parent = os.getpid()
     if os.fork() == 0:
@@ -117,8 +155,15 @@ def main() -> None:
     # Before NumPy loads: OpenBLAS would start its thread pool at import, and a fork (the zygote) must happen in a
     # process with one thread. Nothing in a SuperNode or a ClientApp shim does heavy BLAS; training runs elsewhere.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    site_code_only = ANY_APP_FLAG not in sys.argv
+    sys.argv = [a for a in sys.argv if a != ANY_APP_FLAG]
+    if site_code_only:
+        if _DEPENDENCY_INSTALL_FLAG in sys.argv:
+            raise SystemExit(f"error: a fedshield site never installs an app bundle's dependencies: drop "
+                             f"{_DEPENDENCY_INSTALL_FLAG}")
+        install_site_clientapp()
     patch_supernode_polling(poll_seconds())
-    start_clientapp_zygote()
+    start_clientapp_zygote(site_code_only=site_code_only)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"

@@ -28,8 +28,11 @@ class Task:
             initial weights. Must be Opacus-compatible (no BatchNorm: use GroupNorm).
         load_bundled: returns the whole bundled data set (used by simulation and as the server's test set), or
             ``None`` if the task ships no data.
-        preprocess: maps raw feature arrays of *one party* to model inputs (for example standardisation with that
-            party's own statistics); applied to data loaded from a user's files.
+        preprocess: maps raw feature arrays to model inputs, record by record, with FIXED public constants
+            (for example a mean and scale computed once from public data and written in the code); applied to data
+            loaded from a user's files. It must not fit statistics on the private data (a mean, a vocabulary, a
+            min/max): those depend on every record, travel into the model outside DP-SGD and void the epsilon.
+            Fit them on public data, or estimate them with DP and charge that to the site's ledger yourself.
         loss_fn: training loss (per-batch mean).
     """
 

@@ -56,12 +56,29 @@ def digits_task() -> Task:
     )
 
 
+# Fixed, public preprocessing constants: the mean and standard deviation of log1p(features) over scikit-learn's
+# bundled (public) Wisconsin breast-cancer data set, computed once and written here. Why constants: statistics
+# fitted on a site's private records would move every other record's features when one record is added or removed,
+# a leak outside the DP guarantee (tests/test_site_policy.py checks these are constants, not fitted).
+_BC_LOG_MEAN = (
+    2.6912346, 2.9881987, 4.5006829, 6.3651092, 0.091914018, 0.098144963, 0.082551772, 0.047095108, 0.16623243,
+    0.060882783, 0.32487767, 0.76912308, 1.2620239, 3.4210939, 0.0070118901, 0.025009949, 0.031003475, 0.011708649,
+    0.02030178, 0.0037842766, 2.8136677, 3.2573939, 4.641377, 6.6173502, 0.1241096, 0.21938008, 0.22838283,
+    0.10679172, 0.25359681, 0.080471744,
+)
+_BC_LOG_STD = (
+    0.22203102, 0.20923293, 0.24810982, 0.48185006, 0.012782682, 0.046605363, 0.070051834, 0.036235944,
+    0.023015801, 0.0066093768, 0.16619746, 0.22653999, 0.39551427, 0.7052505, 0.0029688009, 0.017174735,
+    0.027450826, 0.0060669745, 0.0080233341, 0.0026203785, 0.26016247, 0.23090435, 0.28791858, 0.55368576,
+    0.020073277, 0.11728924, 0.15436171, 0.058259182, 0.046562082, 0.016432296,
+)
+
+
 def _standardise(x: np.ndarray) -> np.ndarray:
-    # log1p tames the heavy right tails (areas in the thousands); each party then standardises with its own
-    # statistics, so no statistic of another party's data is ever needed.
+    # log1p tames the heavy right tails (areas in the thousands); then fixed public constants (above), never the
+    # party's own statistics: each record's model input depends on that record alone.
     x = np.log1p(np.clip(np.asarray(x, dtype=np.float64), 0, None))
-    mu, sd = x.mean(axis=0), x.std(axis=0)
-    return ((x - mu) / np.where(sd > 0, sd, 1.0)).astype(np.float32)
+    return ((x - np.asarray(_BC_LOG_MEAN)) / np.asarray(_BC_LOG_STD)).astype(np.float32)
 
 
 @lru_cache(maxsize=1)
