@@ -248,6 +248,9 @@ def test_client_bad_credentials_fail_before_connecting(keys: KeySet, site_csv: P
         "server key as node key": (["--node-key", str(keys.server_key)], "not an unencrypted OpenSSH private key"),
         "insecure with keys": (["--insecure"], "drop --ca and --node-key"),
         "bad budget": (["--max-epsilon", "0"], "--max-epsilon must be a finite number > 0"),
+        "delta not below 1/records": (["--delta", "0.5"], "--delta 0.5 is not below 1/records"),
+        "unknown accountant": (["--accountant", "gdp"], "--accountant must be one of"),
+        "missing policy file": (["--policy", str(tmp_path / "none.toml")], "cannot read the site policy"),
     }
     for name, (extra, expected) in cases.items():
         result = runner.invoke(cli, [*_client(keys, site_csv, tmp_path / "state"), *extra])
@@ -387,8 +390,11 @@ def test_client_node_config_is_what_the_clientapp_reads(keys: KeySet, site_csv: 
     assert check.node_config == {
         "data-path": str(site_csv.resolve()), "state-dir": str((tmp_path / "state").resolve()), "label-column": "",
         "max-epsilon": 5.0, "allow-plain-updates": True,
+        # the site's own policy: its task, its delta (min(1e-5, 1/100 records)), its accountant, DP required
+        "task": "digits", "delta": 1e-5, "accountant": "prv", "allow-no-dp": False,
     }
     assert (check.train_examples, check.test_examples) == (80, 20)
+    assert (tmp_path / "state" / "split.json").is_file(), "the site chose its own split on first start"
 
 
 def test_a_restarted_site_waits_until_the_server_has_noticed_its_crash(

@@ -225,3 +225,17 @@ def test_only_fedshields_code_free_bundle_passes_the_site_check() -> None:
         verify_fab(_fab({"pyproject.toml": own, "sitecustomize.pth": "import os"}))
     with pytest.raises(FabRefused, match="cannot be read"):
         verify_fab(b"not a zip")
+
+
+def test_canary_flowers_clientapp_runner_still_has_the_names_the_site_replaces() -> None:
+    """fedshield.deploy.site_clientapp swaps these module globals of Flower 1.39's runner; if Flower renames them,
+    the swap would silently do nothing and the bundle's code would run again. Fail here first."""
+    import importlib
+    import inspect
+
+    runner = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")
+    source = inspect.getsource(runner.run_clientapp)
+    for name in ("install_from_fab", "get_load_client_app_fn", "install_app_dependencies"):
+        assert callable(getattr(runner, name)) and f"{name}(" in source, name
+    assert cli.run_clientapp is runner.run_clientapp and "run_clientapp(" in inspect.getsource(cli.flwr_clientapp)

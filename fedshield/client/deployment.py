@@ -141,6 +141,9 @@ def check_client(options: ClientOptions) -> ClientCheck:
         delta=options.delta if options.delta is not None else default_delta(train + test),
         accountant=options.accountant, allow_no_dp=options.allow_no_dp,
     )
+    if policy.delta >= 1.0 / (train + test):
+        raise ConfigError(f"--delta {policy.delta:g} is not below 1/records (1/{train + test}): a mechanism that "
+                          "publishes one record whole would meet it; choose e.g. --delta 1e-5, or omit it")
     ledger = _ledger(state)
     check_ledger_terms(ledger, policy, state / LEDGER_FILE)
     warnings: list[str] = []

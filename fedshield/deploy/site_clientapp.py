@@ -125,8 +125,11 @@ def _without_dependency_install(run: Any, *args: Any, **kwargs: Any) -> None:
 
 def main() -> None:
     """Run Flower's ``flwr-clientapp`` with the site's own code only (see the module docstring)."""
-    from flwr.supernode.cli import flwr_clientapp as cli
-    from flwr.supernode.runtime import run_clientapp as runner
+    import importlib
+
+    # The modules, not the functions of the same names that their packages re-export.
+    cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")
+    runner = importlib.import_module("flwr.supernode.runtime.run_clientapp")
 
     verdict = _Verdict(refusal=f"{CODE_REFUSAL}: the app bundle was not verified")
     runner.install_from_fab = _install_hook(verdict)  # type: ignore[attr-defined]
