@@ -12,7 +12,9 @@ submitted with ``flwr run``:
    sigma 0, delta 0.5, an unknown accountant, tasks ``os:getpid`` and ``sys:exit``, an over-budget round, and
    evaluation under two seeds), then an honest round.
 
-Two runs because a run has one bundle: a refused bundle refuses every message of its run.
+Two runs because a run has one bundle: a refused bundle refuses every message of its run. Two sites: one starts
+each ClientApp cold (the default), one forks them from the pre-imported zygote (``FEDSHIELD_CLIENTAPP_ZYGOTE_ON``);
+both must refuse the code-carrying bundle, and the attacks on the round settings go to the zygote site (faster).
 """
 
 from __future__ import annotations
@@ -52,23 +54,25 @@ POLICY_RULES = {
 def test_a_hostile_coordinator_gets_every_attack_refused_and_runs_no_code_on_the_site(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    keys = init_keys(tmp_path / "keys", server_hosts=["127.0.0.1"], nodes=1)
-    (node,) = keys.nodes
+    keys = init_keys(tmp_path / "keys", server_hosts=["127.0.0.1"], nodes=2)
     fleet = f"127.0.0.1:{free_port()}"
     server_path = os.pathsep.join(p for p in (str(APPS / "hostile_lib"), os.environ.get("PYTHONPATH", "")) if p)
     superlink = start_superlink(SuperLinkConfig(
         run_dir=tmp_path / "superlink", fleet_address=fleet, control_port=free_port(),
         tls=ServerTls.from_keyset(keys), node_auth=True, extra_env={"PYTHONPATH": server_path},
     ))
-    state = tmp_path / "state"
-    client = None
+    states = {"cold": tmp_path / "state-cold", "zygote": tmp_path / "state-zygote"}
+    clients: dict[str, Cli] = {}
     try:
-        superlink.register_node(node.public_key, name=node.name)
-        data = digits_sites(tmp_path, 4)[0]
-        client = Cli.start(["client", "--server", fleet, "--ca", str(keys.ca_cert), "--node-key",
-                            str(node.private_key_path), "--data", str(data), "--state", str(state), "--task", "digits",
-                            "--max-epsilon", str(MAX_EPSILON), "--allow-plain-updates"], tmp_path / "client.out")
-        client.wait_for(r"as node (\d+)", timeout=180)
+        data = digits_sites(tmp_path, 4)
+        for (kind, state), node, site_data in zip(states.items(), keys.nodes, data):
+            superlink.register_node(node.public_key, name=node.name)
+            monkeypatch.setenv("FEDSHIELD_CLIENTAPP_ZYGOTE_ON", "1" if kind == "zygote" else "0")
+            clients[kind] = Cli.start(
+                ["client", "--server", fleet, "--ca", str(keys.ca_cert), "--node-key", str(node.private_key_path),
+                 "--data", str(site_data), "--state", str(state), "--task", "digits", "--max-epsilon",
+                 str(MAX_EPSILON), "--allow-plain-updates"], tmp_path / f"client-{kind}.out")
+        node_ids = {kind: int(c.wait_for(r"as node (\d+)", timeout=240).group(1)) for kind, c in clients.items()}
         monkeypatch.setenv("PYTHONPATH", server_path)  # `flwr run` checks the ServerApp imports where it runs
 
         marker, code_out = tmp_path / "PWNED", tmp_path / "code.json"
@@ -76,22 +80,26 @@ def test_a_hostile_coordinator_gets_every_attack_refused_and_runs_no_code_on_the
                          run_config={"out-file": str(code_out), "marker": str(marker)}, timeout=300)
         assert result.completed, result.log
         hostile_out = tmp_path / "hostile.json"
-        result = run_app(APPS / "hostile_app", superlink.connection,
-                         run_config={"out-file": str(hostile_out), "task": "digits"}, timeout=600)
+        result = run_app(APPS / "hostile_app", superlink.connection, timeout=600,
+                         run_config={"out-file": str(hostile_out), "task": "digits", "node-id": str(node_ids["zygote"])})
         assert result.completed, result.log
-        assert client.proc.poll() is None, client.text()
+        assert all(c.proc.poll() is None for c in clients.values()), [c.text() for c in clients.values()]
     finally:
-        if client is not None:
-            client.interrupt()
+        for c in clients.values():
+            c.interrupt()
         superlink.stop()
 
-    # 1. The code-carrying bundle: refused, never unpacked, its code never ran.
-    (code_reply,) = json.loads(code_out.read_text())
-    assert code_reply["error"].startswith(f"{CODE_REFUSAL}: "), code_reply
-    assert "fedshield/client/app.py" in code_reply["error"]
-    assert not marker.exists(), "the coordinator's ClientApp ran on the site"
-    assert not list(state.rglob("code*")) and not list(state.rglob("app.py")), "the bundle was unpacked on the site"
-    assert CODE_REFUSAL in (state / "supernode.log").read_text(errors="replace"), "the site logs what it refused"
+    # 1. The code-carrying bundle: refused by both sites (cold and zygote ClientApps), never unpacked, never run.
+    code_replies = json.loads(code_out.read_text())
+    assert len(code_replies) == 2
+    for reply in code_replies:
+        assert reply["error"].startswith(f"{CODE_REFUSAL}: "), reply
+        assert "fedshield/client/app.py" in reply["error"]
+    assert not marker.exists(), "the coordinator's ClientApp ran on a site"
+    for state in states.values():
+        assert not list(state.rglob("codeserver.py")) and not list(state.rglob("app.py")), "a bundle was unpacked"
+        assert CODE_REFUSAL in (state / "supernode.log").read_text(errors="replace"), "the site logs its refusal"
+    state, client = states["zygote"], clients["zygote"]
 
     # 2. Every attack on the round settings: refused by the rule that forbids it.
     results = json.loads(hostile_out.read_text())

@@ -84,6 +84,9 @@ class ClientOptions:
     delta: float | None = None
     accountant: str = "prv"
     allow_no_dp: bool = False
+    #: Run only this site's installed ClientApp (never code from the run's bundle). False only for our benchmark
+    #: that runs a stock Flower app on the same SuperNodes; the CLI has no flag for it.
+    site_code_only: bool = True
     insecure: bool = False
     port: int | None = None
     connect_attempts: int = 10
@@ -358,6 +361,7 @@ def start_client(
         node_config=node_config,
         runtime_port=options.port if options.port is not None else free_port(),
         name=_SUPERNODE_NAME,
+        site_code_only=options.site_code_only,
     )
     try:
         supernode = _connect_with_restart(config, options, connect_timeout, on_retry)

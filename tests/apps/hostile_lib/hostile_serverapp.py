@@ -57,10 +57,9 @@ def _outcome(reply: Message) -> dict[str, Any]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    task = str(context.run_config["task"])
-    while not (nodes := list(grid.get_node_ids())):
+    task, node = str(context.run_config["task"]), int(context.run_config["node-id"])
+    while node not in set(grid.get_node_ids()):
         time.sleep(0.5)
-    node = nodes[0]
     model = get_task(task).new_model(0)
     arrays = ArrayRecord({k: Array(v.detach().numpy()) for k, v in model.state_dict().items()})
     honest = honest_config(task)
