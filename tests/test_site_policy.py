@@ -44,11 +44,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def site(tmp_path: Path) -> dict[str, Any]:
     """A deployed site: 120 breast-cancer records, its own task, budget 5 at delta 1e-5, DP required."""
-    task = get_task("breast-cancer")
-    data = task.load_bundled()
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()  # raw measurements, as a site exports them (the task preprocesses on load)
     path = tmp_path / "site.npz"
-    raw = np.random.default_rng(0).uniform(0.1, 50.0, size=(120, 30))  # raw features, preprocessed on load
-    np.savez(path, x=raw, y=data.y[:120])
+    np.savez(path, x=data.data[:120], y=data.target[:120])
     return {DATA_PATH: str(path), STATE_DIR: str(tmp_path / "state"), LABEL_COLUMN: "", BUDGET: 5.0,
             TASK: "breast-cancer", DELTA: 1e-5}
 

@@ -31,11 +31,12 @@ from fedshield.tasks import get_task
 @pytest.fixture
 def site(tmp_path: Path) -> dict[str, Any]:
     """A deployed site's node config: a CSV of 120 breast-cancer records and a state directory."""
-    task = get_task("breast-cancer")
-    data = task.load_bundled()
-    rows = np.column_stack([data.x[:120], data.y[:120]])
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()  # raw measurements, as a site exports them (the task preprocesses on load)
+    rows = np.column_stack([data.data[:120], data.target[:120]])
     path = tmp_path / "site.csv"
-    header = ",".join([f"f{i}" for i in range(data.x.shape[1])] + ["label"])
+    header = ",".join([f"f{i}" for i in range(data.data.shape[1])] + ["label"])
     np.savetxt(path, rows, delimiter=",", header=header, comments="")
     # Plain rounds train deterministically, which the comparisons below need: this site allows rounds without DP.
     return {DATA_PATH: str(path), STATE_DIR: str(tmp_path / "state"), LABEL_COLUMN: "", BUDGET: 0.0,
