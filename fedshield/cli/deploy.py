@@ -37,6 +37,10 @@ __all__ = ["client_command", "server_command"]
 # soft_wrap: a server or client runs for hours with its output in a log file; never break lines at 80 columns.
 console = Console(stderr=False, highlight=False, soft_wrap=True)
 _LOG_TAIL_LINES = 40
+#: ``fedshield server --max-update-norm`` without SecAgg+ when none is given: honest digits updates at the default
+#: settings measured 2.12-2.18 (3 clients x 3 rounds, DP eps 8); 10 leaves 4.6x headroom and rejects a 20x
+#: scaled update. Other tasks: set --max-update-norm to a few times the norms their honest rounds report.
+DEFAULT_MAX_UPDATE_NORM = 10.0
 
 
 @contextmanager
@@ -85,8 +89,12 @@ def server_command(
     max_physical_batch_size: o.MaxPhysicalBatchSize = None,
     amp: o.Amp = False,
     round_timeout: o.RoundTimeout = None,
+    max_update_norm: float | None = typer.Option(
+        None, "--max-update-norm",
+        help=f"Reject updates whose L2 norm exceeds this (without SecAgg+ default {DEFAULT_MAX_UPDATE_NORM:g})."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS, no node authentication: local experiments ONLY."),
     resume: o.Resume = None,
+    force: o.Force = False,
     verbose: o.Verbose = False,
 ) -> None:
     """Run a federated training with real clients: start the SuperLink, register the sites' keys, train, report."""
@@ -94,16 +102,19 @@ def server_command(
     configure_logging(verbose)
     flags: dict[str, object] = {
         **o.run_flags(params),
-        "num_clients": min_clients,
+        "num_clients": min_clients, "max_update_norm": max_update_norm,
     }
     from ..server.deployment import ServerOptions, check_run_dir, start_server
+    from ..tasks import get_task
 
     with errors_to_exit():
         if resume is not None:
+            o.check_resume_or_force(resume, force)
             cfg, done = _resume_config(resume, config, flags)
         else:
-            cfg, done = build_config(config, flags), 0
-            cfg = cfg.replace(out=check_run_dir(cfg.out))
+            cfg, done = _with_default_norm(build_config(config, flags)), 0
+            get_task(cfg.task)  # an unknown task fails here, before any process starts
+            cfg = cfg.replace(out=check_run_dir(cfg.out, force=force))
         options = ServerOptions(keys=keys, fleet_address=address, control_port=control_port, insecure=insecure)
     _warn_server(cfg, insecure)
     with _sigterm_as_interrupt():
@@ -137,6 +148,13 @@ def _resume_config(run_dir: Path, config_file: Path | None, flags: dict[str, obj
     return cfg, done
 
 
+def _with_default_norm(cfg: RunConfig) -> RunConfig:
+    """Without SecAgg+ the server sees each update: bound its norm unless the operator chose a bound."""
+    if cfg.secagg or cfg.max_update_norm is not None:
+        return cfg
+    return cfg.replace(max_update_norm=DEFAULT_MAX_UPDATE_NORM)
+
+
 def _warn_server(cfg: RunConfig, insecure: bool) -> None:
     if insecure:
         console.print("[bold red]WARNING[/]: --insecure: NO TLS and NO node authentication. Anyone who reaches the "
@@ -146,7 +164,8 @@ def _warn_server(cfg: RunConfig, insecure: bool) -> None:
                       "individual records.")
     if not cfg.secagg:
         console.print("[bold yellow]WARNING[/]: --no-secagg: the server sees every client's update in clear; clients "
-                      "refuse to train unless started with --allow-plain-updates.")
+                      "refuse to train unless started with --allow-plain-updates. Updates with an L2 norm above "
+                      f"{cfg.max_update_norm:g} are rejected (--max-update-norm).")
 
 
 def _serve(server: FedshieldServer, cfg: RunConfig, options: ServerOptions, *, resume: bool = False) -> None:
