@@ -24,7 +24,7 @@ from ..config import RunConfig
 from ..errors import FedshieldError
 from ..server.runner import RoundRecord
 from . import _options as o
-from ._common import configure_logging, errors_to_exit, fail
+from ._common import configure_logging, errors_to_exit, fail, printable
 from ._report import print_summary, round_line
 from .simulate import build_config
 
@@ -117,6 +117,7 @@ def server_command(
             cfg = cfg.replace(out=check_run_dir(cfg.out, force=force))
         options = ServerOptions(keys=keys, fleet_address=address, control_port=control_port, insecure=insecure)
     _warn_server(cfg, insecure)
+    _warn_key_dir(keys)
     with _sigterm_as_interrupt():
         server = None
         try:
@@ -153,6 +154,19 @@ def _with_default_norm(cfg: RunConfig) -> RunConfig:
     if cfg.secagg or cfg.max_update_norm is not None:
         return cfg
     return cfg.replace(max_update_norm=DEFAULT_MAX_UPDATE_NORM)
+
+
+def _warn_key_dir(keys: Path | None) -> None:
+    """The server needs server.key only: the CA key and the sites' keys beside it are one break-in from a forged
+    server certificate or an impersonated site."""
+    if keys is None or not Path(keys).is_dir():
+        return
+    extra = sorted(p.name for p in Path(keys).iterdir() if p.suffix == ".key" and p.name != "server.key")
+    if extra:
+        console.print(f"[bold yellow]WARNING[/]: {escape(str(keys))} holds private keys this server does not need: "
+                      f"{escape(', '.join(extra))}. Move ca.key offline and give each node-N.key to its site only, "
+                      "then delete them here (the server needs ca.pem, server.pem, server.key and "
+                      "authorized-nodes.txt).")
 
 
 def _warn_server(cfg: RunConfig, insecure: bool) -> None:
@@ -208,8 +222,9 @@ def _print_failures(privacy: dict[str, object]) -> None:
     clients = privacy.get("clients", {})
     for name, entry in clients.items() if isinstance(clients, dict) else ():
         for failure in entry.get("failures", []) if isinstance(entry, dict) else ():
-            console.print(f"[yellow]{escape(str(name))} did not contribute in round {failure.get('round')}[/]: "
-                          f"{escape(str(failure.get('reason', '')))}")
+            console.print(f"[yellow]{escape(printable(str(name)))} did not contribute in round "
+                          f"{escape(printable(str(failure.get('round'))))}[/]: "
+                          f"{escape(printable(str(failure.get('reason', ''))))}")
 
 
 def _print_round(record: RoundRecord) -> None:

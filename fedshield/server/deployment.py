@@ -45,6 +45,7 @@ from ..deploy.process import parse_address
 from ..errors import ConfigError
 from .app import RESUME_KEY
 from .checkpoint import load_resume as load_checkpointed_run
+from .revocation import revoke_unlisted
 from .run_dir import claim_run_dir
 from .runner import RoundRecord, RunSummary
 
@@ -323,6 +324,7 @@ def start_server(options: ServerOptions, *, home: Path, timeout: float = 60.0) -
     try:
         if keyset is not None:
             _register(superlink, keyset)
+            revoke_unlisted(superlink, keyset)
     except BaseException:
         superlink.stop(grace=5.0)
         raise
