@@ -6,6 +6,9 @@
    which the database still held, is refused (code 2004) while node-1's is admitted.
 3. ``fedshield keys add-node --server-out RUN`` against the RUNNING server registers node-3 at once: it connects
    without a restart.
+
+The same running server checks two messages: a second SuperNode with an already-connected key is told so (not
+only "unknown key"), and an ``--insecure`` client is told at once that the server speaks TLS.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _processes import digits_sites
 
 from fedshield.crypto import init_keys
 from fedshield.deploy import DeploymentError, SuperNode, SuperNodeConfig, free_port, start_supernode
@@ -89,6 +93,16 @@ def test_a_removed_key_is_refused_after_a_restart_and_an_added_key_connects(tmp_
         revoked.wait_connected(timeout=90)
     node1 = started.node(server, tmp_path, "node-1", keys / "node-1.key")
     node1.wait_connected(timeout=90)
+    # Messages: a second client with node-1's key, and an --insecure client, against this real TLS server.
+    twin = started.node(server, tmp_path, "node-1-twin", keys / "node-1.key", **QUICK_GIVE_UP)
+    with pytest.raises(DeploymentError, match=r"another client with this same node key is connected right now"):
+        twin.wait_connected(timeout=90)
+    [csv] = digits_sites(tmp_path, 1)
+    done = _fedshield("client", "--insecure", "--server", fleet, "--data", str(csv), "--state", str(tmp_path / "s"),
+                      "--connect-attempts", "1")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: the server at {fleet} uses TLS but this client runs with --insecure: drop --insecure and pass "
+        "--ca ca.pem and --node-key node-N.key from the server's `fedshield keys init`"], done.stderr
 
     done = _fedshield("keys", "add-node", "--keys", str(keys), "--name", "node-3", "--server-out", str(tmp_path))
     assert done.returncode == 0, done.stderr
