@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -13,7 +14,10 @@ import typer
 
 from ..errors import FedshieldError
 
-__all__ = ["fail", "errors_to_exit", "configure_logging"]
+__all__ = ["fail", "errors_to_exit", "configure_logging", "printable"]
+
+#: Terminal escape sequences (CSI, OSC, single-character) and every other C0/C1 control character but tab.
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?|[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 T = TypeVar("T")
 
@@ -45,3 +49,9 @@ def configure_logging(verbose: bool) -> None:
 def run_guarded(fn: Callable[[], T]) -> T:
     with errors_to_exit():
         return fn()
+
+
+def printable(text: str) -> str:
+    """``text`` without escape codes or control characters: a reason a remote site wrote can neither recolour,
+    move the cursor in, nor retitle the operator's terminal, nor forge extra lines in its log."""
+    return _CONTROL.sub("", text)

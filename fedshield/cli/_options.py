@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["run_flags"]
+__all__ = ["check_resume_or_force", "run_flags"]
 
 Rounds = Annotated[int | None, typer.Option("--rounds", help="Federated rounds (default 20).")]
 Task = Annotated[str | None, typer.Option("--task", help="digits | breast-cancer | package.module:factory.")]
@@ -51,6 +51,8 @@ Out = Annotated[Path | None, typer.Option("--out", help="Run directory (default 
 ConfigFile = Annotated[Path | None, typer.Option("--config", help="TOML file with the same keys as these flags.")]
 Resume = Annotated[Path | None, typer.Option(
     "--resume", help="Continue the run in this directory from its last completed round (its own settings).")]
+Force = Annotated[bool, typer.Option(
+    "--force", help="Replace the run already in --out (its metrics, privacy report and checkpoint are removed).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")]
 
 
@@ -69,3 +71,11 @@ def run_flags(params: Mapping[str, Any]) -> dict[str, Any]:
         "dp": False if params["no_dp"] else None, "secagg": False if params["no_secagg"] else None,
     })
     return flags
+
+
+def check_resume_or_force(resume: Path | None, force: bool) -> None:
+    """``--resume`` continues a run and ``--force`` replaces one: both at once cannot mean anything."""
+    if resume is not None and force:
+        from ..errors import ConfigError
+
+        raise ConfigError("--resume continues the run in its directory and --force replaces it: give one of them")

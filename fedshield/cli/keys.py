@@ -6,12 +6,13 @@ stderr and exit code 2 (``_common.run_guarded``).
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..crypto import KeySet, add_node, init_keys
+from ..crypto import KeySet, add_node, init_keys, remove_node
 from ._common import run_guarded
 
 __all__ = ["keys_app"]
@@ -47,12 +48,50 @@ def init_command(
 def add_node_command(
     keys: Annotated[Path, typer.Option("--keys", help="Key directory made by `fedshield keys init`.")],
     name: Annotated[str | None, typer.Option("--name", help="Node name (default: the next node-N).")] = None,
+    server_out: Annotated[Path, typer.Option(
+        "--server-out", help="The running `fedshield server`'s --out: register the key with it now.")] = Path("runs/latest"),
 ) -> None:
-    """Authorize one more SuperNode: a new key pair, appended to authorized-nodes.txt."""
+    """Authorize one more SuperNode: a new key pair, appended to authorized-nodes.txt and registered with the
+    running server when there is one."""
     key_path = run_guarded(lambda: add_node(keys, name=name))
+    node = key_path.stem
     typer.echo(f"Created {key_path} and {key_path.with_suffix('.pub')}; added to {keys / 'authorized-nodes.txt'}.")
-    typer.echo(f"Give {key_path.name} and ca.pem to the new site only. Restart `fedshield server` (or register the")
-    typer.echo(".pub with `flwr supernode register`) so the SuperLink admits it.")
+    typer.echo(f"Give {key_path.name} and ca.pem to the new site only.")
+    typer.echo(_register_now(key_path.with_suffix(".pub").resolve(), node, Path(server_out)))
+
+
+@keys_app.command("remove-node")
+def remove_node_command(
+    name: Annotated[str, typer.Argument(help="The node to revoke, as named in authorized-nodes.txt (e.g. node-3).")],
+    keys: Annotated[Path, typer.Option("--keys", help="Key directory made by `fedshield keys init`.")],
+) -> None:
+    """Revoke a SuperNode: its entry leaves authorized-nodes.txt and its key files are deleted; `fedshield server`
+    unregisters it from the SuperLink's database at its next start."""
+    deleted = run_guarded(lambda: remove_node(keys, name))
+    gone = f" and deleted {', '.join(str(p) for p in deleted)}" if deleted else ""
+    typer.echo(f"Removed {name} from {keys / 'authorized-nodes.txt'}{gone}.")
+    typer.echo("Restart `fedshield server`: at every start it unregisters each stored node that "
+               "authorized-nodes.txt no longer lists, so this key cannot connect again.")
+
+
+def _register_now(pub: Path, name: str, server_out: Path) -> str:
+    """Register with the server whose run directory is ``server_out`` if it runs; else say what will."""
+    from ..deploy.connection import read_connection
+    from ..deploy.process import flower_executable
+
+    home = server_out.expanduser().resolve() / "superlink" / "flwr-cli"
+    connection = read_connection(home)
+    if connection is None:
+        return (f"No running server found under {server_out} (--server-out): `fedshield server` registers every key "
+                "in authorized-nodes.txt when it starts.")
+    reply, error = connection.try_json(["supernode", "register", str(pub), connection.name, "--name", name])
+    if reply is not None:
+        return f"Registered {name} with the server at {connection.address} as node {reply.get('node-id')}."
+    flwr = shlex.quote(flower_executable("flwr"))
+    command = (f"cd {shlex.quote(str(home))} && FLWR_HOME={shlex.quote(str(home))} {flwr} supernode register "
+               f"{shlex.quote(str(pub))} {shlex.quote(connection.name)} --name {shlex.quote(name)}")
+    return (f"Could not register {name} with the server at {connection.address} ({error}). With that server "
+            f"running, this one command registers it: {command}")
 
 
 def _print_summary(keyset: KeySet) -> None:

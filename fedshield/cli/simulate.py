@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..config import RunConfig, load_config_file
 from ..server.runner import RoundRecord, RunSummary
+from ..simulation.run import preflight
 from . import _options as o
 from ._common import configure_logging, errors_to_exit
 from ._report import print_summary, round_line
@@ -63,6 +64,7 @@ def simulate_command(
     out: o.Out = None,
     config: o.ConfigFile = None,
     resume: o.Resume = None,
+    force: o.Force = False,
     ray_address: str | None = typer.Option(None, "--ray-address", help="Run on an existing Ray cluster (e.g. auto)."),
     cpus_per_client: float = typer.Option(1.0, "--cpus-per-client", help="Ray CPUs reserved per virtual client."),
     gpus_per_client: float = typer.Option(0.0, "--gpus-per-client", help="GPUs Ray reserves per virtual client: a fraction in [0, 1] (0.25: four clients share a GPU) or a whole number."),
@@ -79,12 +81,18 @@ def simulate_command(
     }
     with errors_to_exit():
         ckpt = None
+        o.check_resume_or_force(resume, force)
         if resume is not None:
             cfg, ckpt = _resume_config(resume, config, flags)
         else:
             cfg = build_config(config, flags)
         _warn_risky(cfg)
         _check_resources(cfg, cpus=cpus_per_client, gpus=gpus_per_client, ray_address=ray_address)
+        if ckpt is None:
+            from ..server.run_dir import claim_run_dir
+
+            preflight(cfg)  # bad input fails before --force removes anything
+            cfg = cfg.replace(out=claim_run_dir(cfg.out, force=force))
         summary = _run(cfg, ray_address=ray_address, cpus=cpus_per_client, gpus=gpus_per_client, verbose=verbose,
                        resume=ckpt)
     _print_summary(summary)

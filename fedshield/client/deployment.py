@@ -109,6 +109,9 @@ class ClientOptions:
                               "`fedshield keys init` (--insecure only for local tests, without TLS)")
         if self.max_epsilon is not None and not (self.max_epsilon > 0 and math.isfinite(self.max_epsilon)):
             raise ConfigError(f"--max-epsilon must be a finite number > 0, got {self.max_epsilon}: e.g. --max-epsilon 10")
+        if self.port is not None and not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be a TCP port in 1..65535 for this site's local SuperNode API, got "
+                              f"{self.port} (it is not the server's port; omit it to use any free port)")
         if isinstance(self.connect_attempts, bool) or self.connect_attempts < 1:
             raise ConfigError(f"--connect-attempts must be >= 1, got {self.connect_attempts}")
         if not (self.retry_wait >= 0 and self.max_retry_wait >= 0):
@@ -242,8 +245,26 @@ def _probe(host: str, port: int, ca_cert: Path | None) -> None:
         raise _Unreachable(err.strerror or type(err).__name__) from err
     with sock:
         if ca_cert is None:
+            _refuse_tls_server(sock, host, port)
             return
         _handshake(sock, host, port, ca_cert)
+
+
+def _refuse_tls_server(sock: socket.socket, host: str, port: int) -> None:
+    """An --insecure client against a TLS server would wait for minutes and then blame its log: if a TLS
+    handshake (certificate unchecked: only whether the server speaks TLS at all) completes, say so now."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with context.wrap_socket(sock, server_hostname=host):
+            pass
+    except (ssl.SSLError, OSError):
+        return  # not TLS: a plaintext (--insecure) server, as this client expects
+    raise DeploymentError(
+        f"the server at {_address(host, port)} uses TLS but this client runs with --insecure: drop --insecure and "
+        "pass --ca ca.pem and --node-key node-N.key from the server's `fedshield keys init`"
+    )
 
 
 def _handshake(sock: socket.socket, host: str, port: int, ca_cert: Path) -> None:

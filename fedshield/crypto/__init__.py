@@ -12,6 +12,7 @@ from fedshield.crypto.keys import add_node as add_node
 from fedshield.crypto.keys import init_keys as init_keys
 from fedshield.crypto.keys import load_keyset as load_keyset
 from fedshield.crypto.keys import load_node_credentials as load_node_credentials
+from fedshield.crypto.node_removal import remove_node as remove_node
 
 __all__ = [
     "AUTHORIZED_NODES",
@@ -26,4 +27,5 @@ __all__ = [
     "init_keys",
     "load_keyset",
     "load_node_credentials",
+    "remove_node",
 ]

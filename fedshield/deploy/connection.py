@@ -29,7 +29,7 @@ from fedshield.atomic import atomic_write_text
 from fedshield.deploy.errors import DeploymentError
 from fedshield.deploy.process import flower_env, flower_executable
 
-__all__ = ["FlwrConnection", "TomlValue", "toml_value", "write_flat_toml"]
+__all__ = ["FlwrConnection", "TomlValue", "read_connection", "toml_value", "write_flat_toml"]
 
 TomlValue = str | int | float | bool
 
@@ -112,6 +112,21 @@ class FlwrConnection:
             return reply, ""
         detail = (reply or {}).get("error-message") or done.stderr or done.stdout
         return None, f"exit {done.returncode}: {_one_line(str(detail))}"
+
+
+def read_connection(flwr_home: Path) -> FlwrConnection | None:
+    """The default connection a fedshield SuperLink wrote into ``flwr_home/config.toml``; None if there is none."""
+    import tomllib
+
+    try:
+        table = tomllib.loads((Path(flwr_home) / "config.toml").read_text(encoding="utf-8"))["superlink"]
+        name = str(table["default"])
+        entry = table[name]
+        root = entry.get("root-certificates")
+        return FlwrConnection(name=name, address=str(entry["address"]), flwr_home=Path(flwr_home),
+                              root_certificates=None if root is None else Path(root), insecure=root is None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, DeploymentError):
+        return None
 
 
 def _parse_json_reply(stdout: str) -> dict[str, Any] | None:

@@ -15,6 +15,9 @@ only with ``--database``.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +35,7 @@ from fedshield.deploy.process import (
     parse_address,
 )
 
-__all__ = ["ServerTls", "SuperLink", "SuperLinkConfig", "register_nodes", "start_superlink"]
+__all__ = ["ServerTls", "StoredNode", "SuperLink", "SuperLinkConfig", "register_nodes", "start_superlink"]
 
 Isolation = Literal["subprocess", "process"]
 _ALREADY_REGISTERED = "Public key already in use"
@@ -124,6 +127,15 @@ class SuperLinkConfig:
         return [parse_address(self.fleet_address), (self.control_host, self.control_port)]
 
 
+@dataclass(frozen=True)
+class StoredNode:
+    """A node as the SuperLink's database holds it: ID, status and public key (PEM, SubjectPublicKeyInfo)."""
+
+    node_id: int
+    status: str
+    public_key_pem: str
+
+
 class SuperLink:
     """A running SuperLink and the ``flwr`` connection that reaches its Control API."""
 
@@ -151,6 +163,27 @@ class SuperLink:
         if _ALREADY_REGISTERED in error:
             return None
         raise DeploymentError(f"Registering node {name!r} ({key_file}) on {self.connection.address} failed: {error}")
+
+    def unregister_node(self, node_id: int) -> None:
+        """Revoke a stored node: Flower marks it unregistered and refuses its key from then on."""
+        self.connection.run_json(["supernode", "unregister", str(int(node_id)), self.connection.name])
+
+    def stored_nodes(self) -> list[StoredNode]:
+        """Every node in the SuperLink's database with its public key (``flwr supernode list`` omits the key)."""
+        command = [sys.executable, "-m", "fedshield.deploy._node_keys", self.connection.name]
+        home = self.connection.flwr_home
+        try:
+            done = subprocess.run(command, cwd=home, env=flower_env(home), capture_output=True, text=True,
+                                  timeout=60, stdin=subprocess.DEVNULL, check=False)
+        except subprocess.TimeoutExpired as err:
+            raise DeploymentError(f"listing the SuperLink's nodes at {self.connection.address} took over 60 s") from err
+        try:
+            nodes = json.loads(done.stdout.strip().splitlines()[-1])["nodes"]
+            return [StoredNode(int(n["node-id"]), str(n["status"]), str(n["public-key"])) for n in nodes]
+        except (IndexError, KeyError, TypeError, ValueError):
+            tail = " ".join((done.stderr or done.stdout).split())[-300:]
+            raise DeploymentError(f"listing the SuperLink's nodes at {self.connection.address} failed "
+                                  f"(exit {done.returncode}): {tail}") from None
 
     def list_nodes(self) -> list[dict[str, Any]]:
         """``flwr supernode list --format json``: node IDs and status (``registered``, ``online``, ``offline``)."""

@@ -162,9 +162,13 @@ def start_supernode(config: SuperNodeConfig, *, wait: bool = True, timeout: floa
 def explain_supernode_failure(log: str) -> str:
     """Turn what Flower logged into the reason and the fix, for the person reading a one-line error."""
     if "[code: 2004]" in log or "Failed to activate SuperNode" in log:
+        # Flower answers 2004 both for an unknown key and for a key another SuperNode holds online right now (its
+        # SuperLink logs "No SuperNode found" or "could not be activated"): the site cannot tell which, so say both.
         return (
-            "the SuperLink does not know this node's key (code 2004); on the SuperLink host run "
-            "`fedshield keys add-node` for this site and register its .pub, or use the key made for this site."
+            "the SuperLink refused to activate this node (code 2004): either another client with this same node "
+            "key is connected right now (stop it; every site needs its own node-N.key), or the SuperLink does not "
+            "know this key (on the SuperLink host run `fedshield keys add-node` for this site, or use the key made "
+            "for this site)."
         )
     if "[code: 2001]" in log:
         return "the SuperLink requires node authentication (code 2001); pass this site's node key."

@@ -75,19 +75,36 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         manifest = json.loads(_metadata(raw)["manifest"])
     except (OSError, SafetensorError, KeyError, ValueError) as exc:
         raise ConfigError(f"--resume {run_dir}: {path.name} is unreadable ({exc})") from None
-    if manifest.get("format") != FORMAT:
-        raise ConfigError(f"--resume {run_dir}: {path.name} has format {manifest.get('format')!r}, expected {FORMAT}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise ConfigError(f"--resume {run_dir}: {path.name} has format {found!r}, expected {FORMAT}")
+    try:
+        return _from_manifest(manifest, tensors)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited or truncated manifest
+        raise ConfigError(f"--resume {run_dir}: {path.name} has an incomplete manifest ({type(exc).__name__}: "
+                          f"{exc}); resume from an untouched checkpoint, or start a new run with --force") from None
+
+
+def _from_manifest(manifest: dict[str, Any], tensors: dict[str, np.ndarray]) -> Checkpoint:
+    """The checkpoint the manifest describes; raises KeyError/TypeError/ValueError where it is incomplete."""
     model = {k: tensors[f"model/{k}"] for k in manifest["model_keys"]}
+    if not model:
+        raise ValueError("no model tensors")
     state: dict[str, tuple[str, dict[str, np.ndarray]]] = {}
     for spath, kind in manifest["strategy_kinds"].items():
         prefix = f"strategy/{spath}/"
-        state[spath] = (kind, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    return Checkpoint(
+        state[spath] = (str(kind), {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    ckpt = Checkpoint(
         server_round=int(manifest["server_round"]), run_id=str(manifest["run_id"]),
         noise_multiplier=float(manifest["noise_multiplier"]), model=model, strategy_state=state,
-        privacy_clients=manifest["privacy_clients"], rounds=manifest["rounds"], config=manifest["config"],
-        extra=manifest.get("extra", {}),
+        privacy_clients=list(manifest["privacy_clients"]), rounds=list(manifest["rounds"]),
+        config=dict(manifest["config"]), extra=dict(manifest.get("extra", {})),
     )
+    if ckpt.server_round < 0 or len(ckpt.rounds) != ckpt.server_round:
+        raise ValueError(f"server_round {ckpt.server_round} with {len(ckpt.rounds)} recorded rounds")
+    if not (ckpt.noise_multiplier >= 0 and np.isfinite(ckpt.noise_multiplier)):
+        raise ValueError(f"noise_multiplier {ckpt.noise_multiplier}")
+    return ckpt
 
 
 def _metadata(raw: bytes) -> dict[str, str]:
@@ -152,8 +169,15 @@ def load_resume(run_dir: Path) -> tuple[RunConfig, Checkpoint]:
         raise ConfigError(f"--resume {run_dir}: no config.json there; is it a fedshield run directory?") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--resume {run_dir}: config.json is unreadable ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--resume {run_dir}: config.json holds {type(raw).__name__}, expected the run's settings")
     config = RunConfig.from_mapping({**raw, "out": str(run_dir)})
     ckpt = load_checkpoint(run_dir)
     if ckpt.server_round > config.num_rounds:
         raise ConfigError(f"--resume {run_dir}: checkpoint is at round {ckpt.server_round} of {config.num_rounds}")
+    differ = sorted(k for k in {*raw, *ckpt.config} - {"out"} if raw.get(k) != ckpt.config.get(k))
+    if differ:
+        raise ConfigError(f"--resume {run_dir}: config.json and {CHECKPOINT_FILE} disagree on "
+                          f"{', '.join(differ)} (config.json: {[raw.get(k) for k in differ]}, checkpoint: "
+                          f"{[ckpt.config.get(k) for k in differ]}); restore the run's own config.json")
     return config, ckpt

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +45,8 @@ from ..deploy.process import parse_address
 from ..errors import ConfigError
 from .app import RESUME_KEY
 from .checkpoint import load_resume as load_checkpointed_run
+from .revocation import revoke_unlisted
+from .run_dir import claim_run_dir
 from .runner import RoundRecord, RunSummary
 
 __all__ = [
@@ -169,18 +170,9 @@ def _toml_value(name: str, value: Any) -> TomlValue:
     )
 
 
-def check_run_dir(out: Path) -> Path:
-    """The absolute run directory; refuse a non-empty directory that is not a fedshield run (never overwrite it)."""
-    out = Path(out).expanduser().resolve()
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write the run directory {out}: {existing} is not a writable directory; choose another --out")
-    ours = (out / "config.json").exists() or (out / "superlink").is_dir()
-    if out.is_dir() and any(out.iterdir()) and not ours:
-        raise ConfigError(f"--out {out} exists and is not a fedshield run directory: choose an empty or new directory")
-    return out
+def check_run_dir(out: Path, *, force: bool = False) -> Path:
+    """The absolute run directory of a new run; an existing run there needs ``force`` (see :mod:`.run_dir`)."""
+    return claim_run_dir(out, force=force)
 
 
 class FedshieldServer:
@@ -332,6 +324,7 @@ def start_server(options: ServerOptions, *, home: Path, timeout: float = 60.0) -
     try:
         if keyset is not None:
             _register(superlink, keyset)
+            revoke_unlisted(superlink, keyset)
     except BaseException:
         superlink.stop(grace=5.0)
         raise

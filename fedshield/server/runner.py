@@ -206,36 +206,13 @@ def run_server(
 
     def _after_round(server_round: int, state: dict[str, torch.Tensor], metrics: dict[str, float]) -> None:
         now = time.monotonic()
-        settings = settings_for(server_round)
         replies = strategy.last_replies
-        report.record_round(settings, replies)
-        client_dp = find_client_dp(strategy)
-        report.record_client_level(server_round, None if client_dp is None else client_dp.last_event)
-        fed = strategy.last_evaluate
-        row = {
-            "round": server_round,
-            "accuracy": metrics.get("accuracy"),
-            "loss": metrics.get("loss"),
-            "federated_accuracy": None if fed is None else float(fed.get(P.EVAL_ACCURACY, float("nan"))),
-            "federated_loss": None if fed is None else float(fed.get(P.EVAL_LOSS, float("nan"))),
-            "clients_sampled": len(replies),
-            "clients_trained": sum(r.ok for r in replies),
-            "clients_evaluated": strategy.last_evaluated,
-            **_outcome_counts(replies),
-            "failed": _failures(replies),
-            "epsilon_max": _json_float(report.max_epsilon()) if config.dp else None,
-            "bytes_up_per_client": round(sum(strategy.last_bytes_up) / len(strategy.last_bytes_up))
-            if strategy.last_bytes_up else None,
-            "round_time_s": round(now - clock["last"], 3),
-            "wall_time_s": round(now - clock["start"], 3),
-        }
+        _record_privacy(report, strategy, settings_for(server_round), replies)
+        row = _round_row(server_round, metrics, strategy, replies, report, config, now, clock)
         clock["last"] = now
         writer.add_round(row)
         summary.rounds.append(row)
-        privacy = report.to_json()
-        summary.privacy = privacy
-        writer.write_privacy(report)
-        writer.write_model(state, {"round": str(server_round), "task": config.task, "run_id": run_id})
+        # The checkpoint first: whatever fails in the reports below, the completed round can be resumed.
         save_checkpoint(config.out, Checkpoint(
             server_round=server_round, run_id=run_id, noise_multiplier=sigma,
             model={k: v.detach().cpu().numpy() for k, v in state.items()},
@@ -243,6 +220,10 @@ def run_server(
             rounds=list(writer.rounds), config=config.to_flat_dict(),
             extra={"client_level": report.client_level_state(), "client_noise_multiplier": client_sigma},
         ))
+        writer.write_model(state, {"round": str(server_round), "task": config.task, "run_id": run_id})
+        privacy = report.to_json()
+        summary.privacy = privacy
+        writer.write_privacy(report)
         for r in replies:
             if not r.ok:
                 log.warning("round %d: client %s did not contribute: %s", server_round, r.node_id, r.error)
@@ -262,6 +243,39 @@ def run_server(
         )
     writer.write_plots()
     return summary
+
+
+def _record_privacy(
+    report: PrivacyReport, strategy: RecordingStrategy, settings: RoundSettings, replies: list[P.ClientReply]
+) -> None:
+    report.record_round(settings, replies)
+    client_dp = find_client_dp(strategy)
+    report.record_client_level(settings.server_round, None if client_dp is None else client_dp.last_event)
+
+
+def _round_row(
+    server_round: int, metrics: dict[str, float], strategy: RecordingStrategy, replies: list[P.ClientReply],
+    report: PrivacyReport, config: RunConfig, now: float, clock: dict[str, float],
+) -> dict[str, Any]:
+    """One line of ``metrics.jsonl``: every figure finite or None (the file is strict JSON)."""
+    fed = strategy.last_evaluate
+    return {
+        "round": server_round,
+        "accuracy": metrics.get("accuracy"),
+        "loss": metrics.get("loss"),
+        "federated_accuracy": None if fed is None else _json_float(float(fed.get(P.EVAL_ACCURACY, float("nan")))),
+        "federated_loss": None if fed is None else _json_float(float(fed.get(P.EVAL_LOSS, float("nan")))),
+        "clients_sampled": len(replies),
+        "clients_trained": sum(r.ok for r in replies),
+        "clients_evaluated": strategy.last_evaluated,
+        **_outcome_counts(replies),
+        "failed": _failures(replies),
+        "epsilon_max": _json_float(report.max_epsilon()) if config.dp else None,
+        "bytes_up_per_client": round(sum(strategy.last_bytes_up) / len(strategy.last_bytes_up))
+        if strategy.last_bytes_up else None,
+        "round_time_s": round(now - clock["last"], 3),
+        "wall_time_s": round(now - clock["start"], 3),
+    }
 
 
 def _streaming(grid: Grid) -> StreamingGrid:

@@ -13,6 +13,7 @@ are listed, so an inner strategy may read them more than once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -20,9 +21,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from .. import protocol as P
+from .clear_values import check_clear_metrics, usable_metrics
 from .wrapper import StrategyWrapper, layers
 
 __all__ = ["RecordingStrategy"]
+
+_log = logging.getLogger(__name__)
 
 
 class RecordingStrategy(StrategyWrapper):
@@ -69,9 +73,7 @@ class RecordingStrategy(StrategyWrapper):
             else:
                 self.last_bytes_up.append(_payload_bytes(msg))
                 record = msg.content.metric_records.get(P.METRICS, MetricRecord())
-                outcomes[node] = P.ClientReply(
-                    node, {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
-                )
+                outcomes[node] = P.ClientReply(node, usable_metrics(record))
             yield msg
             del msg  # let go before the next reply is pulled
 
@@ -89,10 +91,21 @@ class RecordingStrategy(StrategyWrapper):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         # Metrics only, so a list costs little, and no inner strategy has to mind that a StreamingGrid's
         # iterator can be read only once.
-        replies = list(replies)
+        # A reply whose clear figures are out of range (NaN accuracy, a 1e12 count) is left out of the average.
+        replies = [m for m in replies if m.has_error() or _clear_evaluate_ok(server_round, m)]
         self.last_evaluated = sum(not m.has_error() for m in replies)
         self.last_evaluate = self.inner.aggregate_evaluate(server_round, replies)
         return self.last_evaluate
+
+
+def _clear_evaluate_ok(server_round: int, msg: Message) -> bool:
+    if len(msg.content.metric_records) != 1:
+        return True  # the inner strategy's own checks apply
+    reason = check_clear_metrics(next(iter(msg.content.metric_records.values())))
+    if reason is not None:
+        _log.warning("round %d: left the evaluate reply of node %d out: %s", server_round,
+                     msg.metadata.src_node_id, reason)
+    return reason is None
 
 
 def _payload_bytes(msg: Message) -> int:

@@ -4,11 +4,16 @@ One client must not be able to break a round for everybody: a NaN, an array of t
 a malformed reply is dropped here, reported in ``last_replies`` as an error ``fedshield:rejected: <reason>`` (the
 run report counts it in ``clients_rejected`` and lists the reason), and the round goes on with the other clients.
 
-Checks, in order: one ArrayRecord and one MetricRecord; the weight key present as a finite number >= 0; the metric
-keys the round expects (Flower's strategies raise for the whole round unless every reply has the same ones; see
+Checks, in order: one ArrayRecord and one MetricRecord; the weight key present; every clear metric finite and in
+range (:func:`~fedshield.strategies.clear_values.check_clear_metrics`: NaN, infinity, a negative count or epsilon
+drop the reply, never the round or the report); the metric keys the round expects (Flower's strategies raise for the whole round unless every reply has the same ones; see
 :meth:`UpdateValidation.aggregate_train` for which set is expected); the same array keys, shapes and dtypes as the
 global model sent this round; every value finite; the L2 norm of the update ``w_client - w_global`` within
 ``max_update_norm`` (if set).
+
+Weights are bounded: an accepted reply whose weight exceeds ``max_weight`` aggregates at ``max_weight`` (its
+MetricRecord's weight is lowered in place, the one change made to a reply), so a site that claims 1e12 examples
+weighs no more than an honest site at the agreed maximum; the cap and the claim are logged.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from flwr.serverapp.strategy import Strategy
 
 from .. import protocol as P
 from ..errors import ConfigError
+from .clear_values import DEFAULT_MAX_WEIGHT, check_clear_metrics, usable_metrics
 from .streaming import streams_replies
 from .wrapper import StrategyWrapper
 
@@ -44,16 +50,23 @@ class UpdateValidation(StrategyWrapper):
         inner: the strategy that aggregates the accepted replies.
         max_update_norm: bound on the L2 norm of ``w_client - w_global`` (None: no bound).
         weight_key: the metric the inner strategy weights by.
+        max_weight: the largest weight one reply aggregates at (None: no cap).
 
     After ``aggregate_train``, ``last_replies`` holds one :class:`~fedshield.protocol.ClientReply` per node asked or
     answering, sorted by node id. Replies are never modified; the accepted ones are handed on as they are.
     """
 
-    def __init__(self, inner: Strategy, *, max_update_norm: float | None = None, weight_key: str | None = None) -> None:
+    def __init__(
+        self, inner: Strategy, *, max_update_norm: float | None = None, weight_key: str | None = None,
+        max_weight: float | None = DEFAULT_MAX_WEIGHT,
+    ) -> None:
         if max_update_norm is not None and not (max_update_norm > 0 and math.isfinite(max_update_norm)):
             raise ConfigError(f"max_update_norm must be a finite number > 0, got {max_update_norm}")
+        if max_weight is not None and not (max_weight > 0 and math.isfinite(max_weight)):
+            raise ConfigError(f"max_weight must be a finite number > 0, got {max_weight}")
         super().__init__(inner)
         self.max_update_norm = max_update_norm
+        self.max_weight = max_weight
         self.weight_key = weight_key or str(getattr(inner, "weighted_by_key", P.NUM_EXAMPLES))
         self.last_replies: list[P.ClientReply] = []
         self._global: ArrayRecord | None = None
@@ -62,7 +75,7 @@ class UpdateValidation(StrategyWrapper):
         self._expected_keys: frozenset[str] | None = None
 
     def summary(self) -> None:
-        _log.info("update validation: max_update_norm=%s", self.max_update_norm)
+        _log.info("update validation: max_update_norm=%s, max_weight=%s", self.max_update_norm, self.max_weight)
         self.inner.summary()
 
     def configure_train(
@@ -149,8 +162,18 @@ class UpdateValidation(StrategyWrapper):
             if expected is None:
                 expected, source = keys, f"what the round's first accepted reply, from node {node}, carried"
             verdicts[node] = P.ClientReply(node, _numeric_metrics(msg))
+            self._cap_weight(server_round, node, msg)
             yield msg
             del msg
+
+    def _cap_weight(self, server_round: int, node: int, msg: Message) -> None:
+        """Lower a weight above ``max_weight`` to it, so one site's claimed count cannot outweigh the others."""
+        metrics = next(iter(msg.content.metric_records.values()))
+        weight = float(metrics[self.weight_key])  # type: ignore[arg-type]  # check_reply made it a number
+        if self.max_weight is not None and weight > self.max_weight:
+            _log.warning("round %d: node %d claims weight %g; it aggregates at max-weight %g",
+                         server_round, node, weight, self.max_weight)
+            metrics[self.weight_key] = self.max_weight
 
 
 def check_reply(
@@ -171,7 +194,7 @@ def check_reply(
         return (f"expected one ArrayRecord and one MetricRecord, got ArrayRecords {list(content.array_records)} "
                 f"and MetricRecords {list(content.metric_records)}")
     metrics = next(iter(content.metric_records.values()))
-    reason = _check_weight(metrics, weight_key)
+    reason = _check_weight(metrics, weight_key) or check_clear_metrics(metrics, weight_key=weight_key)
     if reason is None and metric_keys is not None and frozenset(metrics.keys()) != metric_keys:
         reason = (f"its metric keys {sorted(metrics.keys())} differ from the expected {sorted(metric_keys)} "
                   f"({metric_keys_source})")
@@ -238,4 +261,4 @@ def _numeric_metrics(msg: Message) -> dict[str, float]:
         record = next(iter(msg.content.metric_records.values()))
     if record is None:
         return {}
-    return {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return usable_metrics(record)
