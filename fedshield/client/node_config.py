@@ -11,8 +11,11 @@ __all__ = [
     "DATA_PATH",
     "DEVICE",
     "LABEL_COLUMN",
+    "NODE_KEY",
     "NUM_PARTITIONS",
     "PARTITION_ID",
+    "SECAGG_MIN_PEERS",
+    "SECAGG_ROSTER",
     "STATE_DIR",
     "WORKER_SOCKET",
 ]
@@ -26,6 +29,12 @@ BUDGET: Final = "max-epsilon"
 ALLOW_PLAIN_UPDATES: Final = "allow-plain-updates"
 #: Unix socket of the warm worker (:mod:`fedshield.client.worker`) that trains for this SuperNode's ClientApps.
 WORKER_SOCKET: Final = "worker-socket"
+#: ``fedshield client --roster``: authorized node public keys; SecAgg+ keys of peers must be signed by one of them.
+SECAGG_ROSTER: Final = "secagg-roster"
+#: ``fedshield client --node-key``: this site signs its SecAgg+ round keys with it.
+NODE_KEY: Final = "node-key"
+#: Fewest other signed SecAgg+ participants this site accepts in a round (site policy; default 2).
+SECAGG_MIN_PEERS: Final = "secagg-min-peers"
 #: Where this site trains (``auto``, ``cpu``, ``cuda``, ``cuda:N``); overrides the run's ``device`` setting.
 DEVICE: Final = "device"
 

@@ -12,6 +12,8 @@ from fedshield.crypto.keys import add_node as add_node
 from fedshield.crypto.keys import init_keys as init_keys
 from fedshield.crypto.keys import load_keyset as load_keyset
 from fedshield.crypto.keys import load_node_credentials as load_node_credentials
+from fedshield.crypto.keys import load_node_key as load_node_key
+from fedshield.crypto.keys import make_site_key as make_site_key
 
 __all__ = [
     "AUTHORIZED_NODES",
@@ -26,4 +28,6 @@ __all__ = [
     "init_keys",
     "load_keyset",
     "load_node_credentials",
+    "load_node_key",
+    "make_site_key",
 ]
