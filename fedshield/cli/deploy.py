@@ -225,6 +225,11 @@ def client_command(
     connect_attempts: int = typer.Option(10, "--connect-attempts", help="Tries to reach the server before giving up."),
     retry_wait: float = typer.Option(2.0, "--retry-wait", help="Seconds before the 2nd try; doubles each time (max 60)."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS, no node key: local experiments ONLY."),
+    roster: Path | None = typer.Option(
+        None, "--roster", help="authorized-nodes.txt from the coordinator (fingerprints checked with the other sites): "
+        "SecAgg+ peers must sign their keys with one of these node keys."
+    ),
+    secagg_min_peers: int = typer.Option(2, "--secagg-min-peers", help="Fewest other signed SecAgg+ sites per round."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail."),
 ) -> None:
     """Join a federation: check keys and data, connect to the server, and train when it asks, until Ctrl-C."""
@@ -236,6 +241,7 @@ def client_command(
             server=server, data=data, state_dir=state, ca_cert=ca, node_key=node_key, task=task,
             label_column=label_column, max_epsilon=max_epsilon, device=device, allow_plain_updates=allow_plain_updates,
             insecure=insecure, port=port, connect_attempts=connect_attempts, retry_wait=retry_wait,
+            roster=roster, secagg_min_peers=secagg_min_peers,
         )
         check = check_client(options)
     _report_check(check, options)
