@@ -193,7 +193,7 @@ def bench(n: int, rounds: int, root: Path, *, worker: bool = True) -> tuple[list
             clients.append(start_client(ClientOptions(
                 server=server.superlink.fleet_address, data=data, state_dir=root / f"state-{i}",
                 ca_cert=keys.ca_cert, node_key=keys.node(f"node-{i}").private_key_path, allow_plain_updates=True,
-                roster=keys.authorized_nodes, secagg_min_peers=1,
+                roster=keys.authorized_nodes,
                 warm_worker=worker)))
         watcher = ClientAppWatcher(clients)
         base = RunConfig(num_clients=n, num_rounds=rounds, epsilon=8.0)

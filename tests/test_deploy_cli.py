@@ -249,6 +249,8 @@ def test_client_bad_credentials_fail_before_connecting(keys: KeySet, site_csv: P
         "server key as node key": (["--node-key", str(keys.server_key)], "not an unencrypted OpenSSH private key"),
         "insecure with keys": (["--insecure"], "drop --ca and --node-key"),
         "bad budget": (["--max-epsilon", "0"], "--max-epsilon must be a finite number > 0"),
+        "absent roster": (["--roster", str(tmp_path / "absent.txt")], "cannot read the SecAgg+ roster"),
+        "no secagg peers": (["--secagg-min-peers", "0"], "--secagg-min-peers must be >= 1"),
     }
     for name, (extra, expected) in cases.items():
         result = runner.invoke(cli, [*_client(keys, site_csv, tmp_path / "state"), *extra])

@@ -194,3 +194,17 @@ def test_a_stock_flower_client_is_dropped_with_the_reason(monkeypatch: pytest.Mo
     assert list(errors) == [stock_node] and "Mersenne Twister" in errors[stock_node]
     ok = sorted(int(r.metrics[PARTITION_ID]) for r in replies[0] if r.ok)
     assert_weighted_average(models[0], models[1], ok, 1)
+
+
+def test_a_deployed_client_needs_a_roster_unless_insecure(tmp_path: Path) -> None:
+    from fedshield.client.deployment import ClientOptions
+    from fedshield.crypto import init_keys
+    from fedshield.errors import ConfigError
+
+    keys = init_keys(tmp_path / "keys", server_hosts=["127.0.0.1"], nodes=1)
+    common = {"server": "127.0.0.1:9092", "data": tmp_path, "state_dir": tmp_path / "state"}
+    with pytest.raises(ConfigError, match="--roster required"):
+        ClientOptions(**common, ca_cert=keys.ca_cert, node_key=keys.node("node-1").private_key_path)  # type: ignore
+    with pytest.raises(ConfigError, match="drop --roster"):
+        ClientOptions(**common, insecure=True, roster=keys.authorized_nodes)  # type: ignore[arg-type]
+    assert ClientOptions(**common, insecure=True).roster is None  # type: ignore[arg-type]

@@ -175,3 +175,29 @@ def test_site_key_refuses_to_overwrite_and_is_private(tmp_path: Path) -> None:
     with pytest.raises(KeyMaterialError, match="Refusing to overwrite"):
         make_site_key(tmp_path, name="hospital-a")
     assert pub.read_text().endswith(" hospital-a\n")
+
+
+def test_cli_site_key_then_coordinator_authorizes_the_pub_only(tmp_path: Path) -> None:
+    """The production flow: the site makes its key, the coordinator gets the .pub alone, fingerprints match."""
+    from typer.testing import CliRunner
+
+    from fedshield.cli.keys import keys_app
+    from fedshield.crypto import load_keyset
+
+    runner = CliRunner()
+    assert runner.invoke(keys_app, ["init", "--out", str(tmp_path / "coord"), "--server-host", "127.0.0.1",
+                                    "--nodes", "0"]).exit_code == 0
+    made = runner.invoke(keys_app, ["site-key", "--out", str(tmp_path / "site"), "--name", "hospital-a"])
+    assert made.exit_code == 0, made.output
+    printed = next(line.split()[1] for line in made.stdout.splitlines() if line.startswith("Fingerprint:"))
+    pub = tmp_path / "site" / "hospital-a.pub"
+    added = runner.invoke(keys_app, ["add-node", "--keys", str(tmp_path / "coord"), "--name", "hospital-a",
+                                     "--public-key", str(pub)])
+    assert added.exit_code == 0, added.output
+    keyset = load_keyset(tmp_path / "coord")
+    assert [n.name for n in keyset.nodes] == ["hospital-a"] and keyset.nodes[0].private_key_path is None
+    listed = runner.invoke(keys_app, ["fingerprints", "--roster", str(keyset.authorized_nodes)])
+    assert listed.stdout.split() == [printed, "hospital-a"]
+    again = runner.invoke(keys_app, ["add-node", "--keys", str(tmp_path / "coord"), "--name", "other",
+                                     "--public-key", str(pub)])
+    assert again.exit_code == 2 and "already in" in again.stderr

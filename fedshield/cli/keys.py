@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ..crypto import KeySet, add_node, init_keys, make_site_key
+from ..crypto import KeySet, add_node, add_site_public_key, init_keys, make_site_key
 from ..crypto.secagg_auth import load_roster
 from ..errors import KeyMaterialError
 from ._common import run_guarded
@@ -57,7 +57,7 @@ def add_node_command(
     """Authorize one more SuperNode: a new key pair (or the site's own .pub), appended to authorized-nodes.txt."""
     if public_key is not None:
         line = run_guarded(lambda: _read_pub(public_key))
-        pub_path = run_guarded(lambda: add_node(keys, name=name, public_key=line))
+        pub_path = run_guarded(lambda: add_site_public_key(keys, name=name, public_key=line))
         typer.echo(f"Authorized {pub_path.stem}: wrote {pub_path}, added to {keys / 'authorized-nodes.txt'}.")
         typer.echo("Send the updated authorized-nodes.txt to every site as its SecAgg+ roster (--roster); the sites")
         typer.echo("compare its fingerprints (`fedshield keys fingerprints`) with each other out of band.")

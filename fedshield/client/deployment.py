@@ -102,6 +102,8 @@ class ClientOptions:
             missing = " and ".join(f for f, v in (("--ca", self.ca_cert), ("--node-key", self.node_key)) if v is None)
             raise ConfigError(f"{missing} required: the ca.pem and this site's node-N.key from the server's "
                               "`fedshield keys init` (--insecure only for local tests, without TLS)")
+        if self.insecure and self.roster is not None:
+            raise ConfigError("--insecure has no node key to sign SecAgg+ keys with: drop --roster, or drop --insecure")
         if not self.insecure and self.roster is None:
             raise ConfigError("--roster required: the authorized-nodes.txt your coordinator sent (compare its "
                               "fingerprints with the other sites: `fedshield keys fingerprints`); SecAgg+ keys are "

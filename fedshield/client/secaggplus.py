@@ -53,7 +53,7 @@ from flwr.supercore.primitives.asymmetric import (
 from ..crypto.prg import MASK_PRG, expand_mask
 from ..crypto.secagg_auth import KeyAuthenticationError, SignedKeys, check_participants, sign_round_keys, signed_payload
 from ..crypto.shamir import create_shares
-from ..errors import FedshieldError
+from ..errors import ConfigError, FedshieldError, KeyMaterialError
 from ..protocol import SECAGG_MASK_PRG as KEY_MASK_PRG
 from ..protocol import SECAGG_REFUSAL
 from ..protocol import SECAGG_SIGNATURE as KEY_SIGNATURE
@@ -89,10 +89,10 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
     try:
         if state.current_stage == Stage.SETUP:
             check_configs(Stage.SETUP, configs)
-            res = _setup(state, configs, msg, site_identity(ctxt.node_config))
+            res = _setup(state, configs, msg, _identity(ctxt))
         elif state.current_stage == Stage.SHARE_KEYS:
             _check_round(state, msg)
-            res = _share_keys(state, _signed_entries(configs), site_identity(ctxt.node_config))
+            res = _share_keys(state, _signed_entries(configs), _identity(ctxt))
         elif state.current_stage == Stage.COLLECT_MASKED_VECTORS:
             _check_round(state, msg)
             check_configs(Stage.COLLECT_MASKED_VECTORS, configs)
@@ -116,6 +116,14 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
     ctxt.state.config_records[RECORD_KEY_STATE] = ConfigRecord(state.to_dict())
     out_content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(res, False)
     return Message(out_content, reply_to=msg)
+
+
+def _identity(ctxt: Context) -> SiteIdentity:
+    """This site's key and roster; an unreadable one refuses the round (with the fix) instead of failing it."""
+    try:
+        return site_identity(ctxt.node_config)
+    except (KeyMaterialError, ConfigError) as exc:
+        raise _Refused(str(exc)) from exc
 
 
 def _check_round(state: _State, msg: Message) -> None:

@@ -34,8 +34,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedshield.atomic import atomic_write_bytes
 from fedshield.errors import KeyMaterialError
 
-from .secagg_auth import fingerprint
-
 __all__ = [
     "CA_CERT",
     "CA_KEY",
@@ -50,7 +48,6 @@ __all__ = [
     "load_keyset",
     "load_node_credentials",
     "load_node_key",
-    "make_site_key",
 ]
 
 CA_CERT = "ca.pem"
@@ -148,16 +145,13 @@ def init_keys(out: Path, *, server_hosts: Sequence[str], nodes: int, force: bool
     return load_keyset(out)
 
 
-def add_node(keys_dir: Path, *, name: str | None = None, public_key: str | None = None) -> Path:
+def add_node(keys_dir: Path, *, name: str | None = None) -> Path:
     """Authorize one more SuperNode in ``keys_dir``; returns the new private key file to hand to that site.
 
     Without ``name`` the next free ``node-N`` is used. The SuperLink learns of the node only when its public key
     is registered (``flwr supernode register``), which :mod:`fedshield.deploy` does from ``authorized-nodes.txt``.
-    With ``public_key`` (the line of a ``.pub`` the site made itself with :func:`make_site_key`) no private key is
-    made here: the coordinator never holds it, and the returned path is the ``.pub`` written.
+    Production sites make their own key instead: :func:`fedshield.crypto.site_keys.add_site_public_key`.
     """
-    if public_key is not None:
-        return _add_site_public(Path(keys_dir), name, public_key)
     keyset = load_keyset(keys_dir)
     existing = [n.name for n in keyset.nodes]
     name = _next_node_name(existing) if name is None else _check_node_name(name)
@@ -174,36 +168,9 @@ def add_node(keys_dir: Path, *, name: str | None = None, public_key: str | None 
     return key_path
 
 
-def make_site_key(out: Path, *, name: str) -> tuple[Path, str]:
-    """A site makes its own node key pair in ``out`` (``NAME.key`` 0600, ``NAME.pub``); returns the .pub path and
-    the key's ``SHA256:`` fingerprint. Only the .pub leaves the site, so no coordinator can sign as this site."""
-    name = _check_node_name(name)
-    key_path, pub_path = _node_paths(Path(out), name)
-    _refuse_existing([key_path, pub_path], hint="choose another --name, or move the old key away first")
-    key = ec.generate_private_key(_CURVE)
-    _write_node_files(Path(out), name, key)
-    return pub_path, fingerprint(key.public_key())
-
-
 def load_node_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """The node private key at ``path`` (OpenSSH, NIST EC, mode 0600), checked as for node authentication."""
     return _load_node_private(Path(path))
-
-
-def _add_site_public(keys_dir: Path, name: str | None, public_key: str) -> Path:
-    keyset = load_keyset(keys_dir)
-    existing = [n.name for n in keyset.nodes]
-    name = _next_node_name(existing) if name is None else _check_node_name(name)
-    line = _check_public_line(" ".join(public_key.split()[:2]), "--public-key")
-    if name in existing or line in (n.public_key for n in keyset.nodes):
-        raise KeyMaterialError(f"{name!r} or this public key is already in {keyset.authorized_nodes}; "
-                               "choose another --name, or check which site sent this .pub")
-    _, pub_path = _node_paths(keyset.directory, name)
-    _refuse_existing([pub_path], hint="choose another --name, or delete the stray file")
-    _write_public(pub_path, f"{line} {name}\n")
-    entries = [(n.name, n.public_key) for n in keyset.nodes] + [(name, line)]
-    _write_public(keyset.authorized_nodes, _authorized_text(entries))
-    return pub_path
 
 
 def load_keyset(keys_dir: Path) -> KeySet:
