@@ -193,7 +193,7 @@ def bench(n: int, rounds: int, root: Path, *, worker: bool = True) -> tuple[list
             clients.append(start_client(ClientOptions(
                 server=server.superlink.fleet_address, data=data, state_dir=root / f"state-{i}",
                 ca_cert=keys.ca_cert, node_key=keys.node(f"node-{i}").private_key_path, allow_plain_updates=True,
-                warm_worker=worker,
+                roster=keys.authorized_nodes, warm_worker=worker,
                 # Several eps-8 runs on one ledger, and the stock echo app (its ClientApp ships in its bundle) on
                 # the same SuperNodes: a benchmark's sites, not a deployment's.
                 max_epsilon=1000.0, site_code_only=False)))

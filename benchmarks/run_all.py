@@ -62,6 +62,8 @@ BENCHMARKS = (
           ("--clients", "5", "--rounds", "5"), ("--clients", "10", "100", "--rounds", "5", "--repeats", "2", "--app", "protocol", "fedshield")),
     Bench("shamir", "Shamir secret sharing for SecAgg+: fedshield's vs Flower's (PyCryptodome)",
           ("--neighbours", "10", "100", "--repeats", "3"), ("--neighbours", "10", "100", "500", "--repeats", "3")),
+    Bench("mask_prg", "SecAgg+ mask expansion: fedshield's ChaCha20 (and AES-CTR) vs Flower's Mersenne Twister",
+          ("--repeats", "15"), ("--repeats", "31")),
     Bench("compression", "Bytes per client per round and accuracy: quantized vs full-precision updates",
           ("--clients", "5", "--rounds", "3"), ("--seeds", "0", "1", "2")),
     Bench("deploy_overhead", "Real deployment on loopback: fedshield round time vs a stock Flower echo app",

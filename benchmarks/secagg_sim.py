@@ -11,7 +11,7 @@
 Round 1 (Ray start, imports) is excluded from the median. Usage::
 
     python benchmarks/secagg_sim.py --clients 5 10 --rounds 6 [--repeats 1] [--app protocol fedshield] [--shares 7]
-                                    [--json OUT]
+                                    [--json OUT] [--unsigned]
 
 ``--repeats R`` runs both R times per client count (alternating which goes first) and takes the median over all
 their rounds 2..R; ``--json OUT`` writes rows ``{name, ours, baseline, unit, ratio, detail}``: SecAgg+'s median
@@ -46,18 +46,42 @@ def initial_arrays() -> Any:
     return ArrayRecord({k: Array(rng.normal(0, 0.05, size=s).astype(np.float32)) for k, s in SHAPES.items()})
 
 
-def client_app(secagg: bool) -> Any:
-    """A ClientApp that adds a small seeded update to the global model; with SecAgg+ mods if asked."""
+def sign_in_mod(keys_dir: Path) -> Any:
+    """A mod giving virtual client ``partition-id`` its own node key and the roster, as ``fedshield client --node-key
+    --roster`` does on a site: its SecAgg+ keys are then signed, and it verifies every peer's."""
+    from fedshield.client.node_config import NODE_KEY, SECAGG_ROSTER
+
+    def mod(msg: Any, ctx: Any, call_next: Any) -> Any:
+        pid = int(ctx.node_config["partition-id"])
+        ctx.node_config.update({SECAGG_ROSTER: str(keys_dir / "roster.txt"), NODE_KEY: str(keys_dir / f"site-{pid}.key")})
+        return call_next(msg, ctx)
+
+    return mod
+
+
+def make_roster(keys_dir: Path, num_clients: int) -> None:
+    """One node key per virtual client (as ``fedshield keys site-key`` makes) and the roster of all of them."""
+    from fedshield.crypto import make_site_key
+
+    pubs = [make_site_key(keys_dir, name=f"site-{i}")[0] for i in range(num_clients)]
+    (keys_dir / "roster.txt").write_text("".join(p.read_text() for p in pubs))
+
+
+def client_app(secagg: bool, keys_dir: Path | None = None) -> Any:
+    """A ClientApp that adds a small seeded update to the global model; with SecAgg+ mods if asked (fedshield's
+    ``secaggplus_mod``: ChaCha20 masks; signed and verified round keys when ``keys_dir`` holds a roster)."""
     from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
-    from flwr.client.mod import secaggplus_mod
     from flwr.clientapp import ClientApp
     from flwr.clientapp.typing import Mod
 
     from fedshield.client.secagg_mod import secagg_adapter_mod
+    from fedshield.client.secaggplus import secaggplus_mod
     from fedshield.protocol import ARRAYS, METRICS, NUM_EXAMPLES
 
     app = ClientApp()
     mods: list[Mod] = [secaggplus_mod, secagg_adapter_mod] if secagg else []
+    if secagg and keys_dir is not None:
+        mods.insert(0, sign_in_mod(keys_dir))
 
     @app.train(mods=mods)
     def train(msg: Message, context: Context) -> Message:
@@ -103,10 +127,14 @@ def protocol_round_times(secagg: bool, num_clients: int, num_rounds: int, shares
     stamps: list[float] = []
     # Short: Ray's socket paths must fit 107 bytes. $TMPDIR if set (tests point it at a directory they check).
     ray_tmp = tempfile.mkdtemp(prefix="fsray", dir=os.environ.get("TMPDIR") or "/tmp")
+    keys_dir = None
+    if secagg and SIGNED:
+        keys_dir = Path(ray_tmp) / "keys"
+        make_roster(keys_dir, num_clients)
     try:
         run_simulation(
             server_app=server_app(secagg, num_clients, num_rounds, stamps, shares),
-            client_app=client_app(secagg),
+            client_app=client_app(secagg, keys_dir),
             num_supernodes=num_clients,
             backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -144,6 +172,9 @@ NOTES = {"protocol": "clients do no training (protocol cost alone)",
          "fedshield": "fedshield's default job: digits CNN, DP-SGD, every client trains and evaluates"}
 
 Rows = list[tuple[str, int, list[list[float]], list[list[float]]]]
+
+#: ``--app protocol``: clients sign their round keys and verify their peers' (``--unsigned``: CSPRNG masks only).
+SIGNED = True
 
 
 def table(rows: Rows) -> str:
@@ -192,7 +223,11 @@ def main() -> None:
     parser.add_argument("--shares", type=float, default=1.0,
                         help="SecAgg+ neighbours per client: 1.0 = all (default), or a count >= 3 (the sparse graph)")
     parser.add_argument("--json", metavar="OUT", help="write machine-readable rows here")
+    parser.add_argument("--unsigned", action="store_true",
+                        help="protocol app: clients do not sign their SecAgg+ keys (default: signed, with a roster)")
     args = parser.parse_args()
+    global SIGNED
+    SIGNED = not args.unsigned
     if args.rounds < 2:
         parser.error("--rounds must be >= 2: round 1 is excluded")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported: it reads it once
@@ -200,7 +235,7 @@ def main() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     params = sum(int(np.prod(s)) for s in SHAPES.values())
     print(f"model: {params:,} parameters (float32); rounds per run: {args.rounds}; median over rounds 2..{args.rounds}; "
-          f"SecAgg+ shares {args.shares:g}")
+          f"SecAgg+ shares {args.shares:g}; protocol-app keys {'unsigned' if args.unsigned else 'signed + roster'}")
     rows: Rows = []
     for app in args.app:
         for n in args.clients:

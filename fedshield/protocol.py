@@ -54,6 +54,15 @@ PARTITION_ID: Final = "partition-id"
 #: Prefix of a reply error reason that means "refused: privacy budget exhausted".
 BUDGET_REFUSAL: Final = "fedshield:budget-exhausted"
 
+#: Prefix of a reply error reason that means "this site refused the SecAgg+ round" (keys not signed by its roster,
+#: a request no honest server sends); the site sent no shares.
+SECAGG_REFUSAL: Final = "fedshield:secagg-refused"
+#: SecAgg+ SETUP reply fields of fedshield's client: the mask expansion it uses, the signature of its two round
+#: public keys and the signer's fingerprint (forwarded by the server in SHARE_KEYS).
+SECAGG_MASK_PRG: Final = "fedshield-mask-prg"
+SECAGG_SIGNATURE: Final = "fedshield-signature"
+SECAGG_SIGNER: Final = "fedshield-signer"
+
 
 # --- what the server learns of one client in one round -----------------------------------------------------
 from dataclasses import dataclass, field  # noqa: E402

@@ -38,6 +38,11 @@ CASES = {
         ["breast-cancer: ghost epoch vs plain", "breast-cancer: ghost peak RSS vs plain"],
         180,
     ),
+    "mask_prg": (
+        ["--entries", "100000", "--repeats", "3"],
+        [f"SecAgg+ mask expansion per 1M entries, {w}" for w in ("chacha20", "aes-ctr")],
+        120,
+    ),
     "secagg_sim": (
         ["--clients", "3", "--rounds", "2", "--app", "protocol", "fedshield"],
         [f"SecAgg+ vs plain round time, {w}, 3 clients" for w in ("protocol only", "fedshield default job")],

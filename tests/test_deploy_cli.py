@@ -228,7 +228,8 @@ def test_server_bad_input_in_a_real_process(keys: KeySet, tmp_path: Path) -> Non
 def _client(keys: KeySet, data: Path, state: Path, *args: str, server: str | None = None) -> list[str]:
     node = keys.node("node-1")
     return ["client", "--server", server or f"127.0.0.1:{free_port()}", "--ca", str(keys.ca_cert),
-            "--node-key", str(node.private_key_path), "--data", str(data), "--state", str(state),
+            "--node-key", str(node.private_key_path), "--roster", str(keys.authorized_nodes), "--data", str(data),
+            "--state", str(state),
             "--connect-attempts", "2", "--retry-wait", "0.05", *args]
 
 
@@ -251,6 +252,8 @@ def test_client_bad_credentials_fail_before_connecting(keys: KeySet, site_csv: P
         "delta not below 1/records": (["--delta", "0.5"], "--delta 0.5 is not below 1/records"),
         "unknown accountant": (["--accountant", "gdp"], "--accountant must be one of"),
         "missing policy file": (["--policy", str(tmp_path / "none.toml")], "cannot read the site policy"),
+        "absent roster": (["--roster", str(tmp_path / "absent.txt")], "cannot read the SecAgg+ roster"),
+        "no secagg peers": (["--secagg-min-peers", "0"], "--secagg-min-peers must be >= 1"),
     }
     for name, (extra, expected) in cases.items():
         result = runner.invoke(cli, [*_client(keys, site_csv, tmp_path / "state"), *extra])
@@ -384,12 +387,13 @@ def test_client_node_config_is_what_the_clientapp_reads(keys: KeySet, site_csv: 
     node = keys.node("node-1")
     options = client_deployment.ClientOptions(
         server="127.0.0.1:9092", data=site_csv, state_dir=tmp_path / "state", ca_cert=keys.ca_cert,
-        node_key=node.private_key_path, max_epsilon=5.0, allow_plain_updates=True,
+        node_key=node.private_key_path, max_epsilon=5.0, allow_plain_updates=True, roster=keys.authorized_nodes,
     )
     check = client_deployment.check_client(options)
     assert check.node_config == {
         "data-path": str(site_csv.resolve()), "state-dir": str((tmp_path / "state").resolve()), "label-column": "",
-        "max-epsilon": 5.0, "allow-plain-updates": True,
+        "max-epsilon": 5.0, "allow-plain-updates": True, "secagg-roster": str(keys.authorized_nodes.resolve()),
+        "secagg-min-peers": 2, "node-key": str(node.private_key_path.resolve()),
         # the site's own policy: its task, its delta (min(1e-5, 1/100 records)), its accountant, DP required
         "task": "digits", "delta": 1e-5, "accountant": "prv", "allow-no-dp": False,
     }
@@ -419,7 +423,7 @@ def test_a_restarted_site_waits_until_the_server_has_noticed_its_crash(
     monkeypatch.setattr(client_deployment.time, "sleep", sleeps.append)
     options = client_deployment.ClientOptions(
         server="127.0.0.1:9092", data=site_csv, state_dir=tmp_path / "restarted", ca_cert=keys.ca_cert,
-        node_key=keys.node("node-1").private_key_path,
+        node_key=keys.node("node-1").private_key_path, roster=keys.authorized_nodes,
     )
     (tmp_path / "restarted").mkdir()
     (tmp_path / "restarted" / "supernode.log").write_text("INFO :      SuperNode ID: 1234\n")

@@ -107,8 +107,8 @@ def test_cli_server_and_three_clients_complete_two_private_secure_rounds(
         for i, data in enumerate(sites, 1):
             clients.append(Cli.start(
                 ["client", "--server", fleet, "--ca", str(keys.ca_cert), "--node-key",
-                 str(keys.node(f"node-{i}").private_key_path), "--data", str(data), "--state",
-                 str(tmp_path / f"state-{i}")], tmp_path / f"client-{i}.out"))
+                 str(keys.node(f"node-{i}").private_key_path), "--roster", str(keys.authorized_nodes), "--data",
+                 str(data), "--state", str(tmp_path / f"state-{i}")], tmp_path / f"client-{i}.out"))
             started.append(clients[-1])
         node_ids = [int(c.wait_for(r"as node (\d+)", timeout=120).group(1)) for c in clients]
         assert server.proc.wait(timeout=540) == 0, server.text()
@@ -181,6 +181,7 @@ class Federation:
             # These sites accept rounds without DP (DETERMINISTIC below compares SecAgg+ with plain training);
             # a site refuses them by default (fedshield.client.policy).
             "allow_no_dp": True,
+            "roster": self.keys.authorized_nodes,
         }
         fields.update(changes)
         return ClientOptions(**fields)  # type: ignore[arg-type]
@@ -233,7 +234,7 @@ def test_a_wrong_ca_and_an_unregistered_key_are_refused_in_one_line(federation: 
     intruder_key = add_node(federation.keys.directory, name="intruder")  # authorized on disk, never registered
     proc = subprocess.run(
         [sys.executable, "-m", "fedshield", "client", "--server", federation.fleet, "--ca", str(federation.keys.ca_cert),
-         "--node-key", str(intruder_key), "--data", str(federation.sites[0]), "--state", str(tmp_path / "intruder")],
+         "--node-key", str(intruder_key), "--roster", str(federation.keys.authorized_nodes), "--data", str(federation.sites[0]), "--state", str(tmp_path / "intruder")],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2, (proc.stdout, proc.stderr)

@@ -340,8 +340,9 @@ def test_b_server_sigkilled_mid_round_resumes_without_losing_a_round(tmp_path: P
         procs.append(server)
         server.wait_for(r"registered nodes: node-1, node-2", timeout=120)
         clients = [Cli.start(["client", "--server", fleet, "--ca", str(keys.ca_cert), "--node-key",
-                              str(keys.node(f"node-{i}").private_key_path), "--data", str(data), "--state",
-                              str(state)], tmp_path / f"client-{i}.out")
+                              str(keys.node(f"node-{i}").private_key_path), "--roster", str(keys.authorized_nodes),
+                              "--secagg-min-peers", "1", "--data", str(data), "--state", str(state)],
+                             tmp_path / f"client-{i}.out")
                    for i, (data, state) in enumerate(zip(sites, states), 1)]
         procs.extend(clients)
         node_ids = [int(c.wait_for(r"as node (\d+)", timeout=180).group(1)) for c in clients]
@@ -421,8 +422,8 @@ def test_a_thirty_percent_of_the_sites_sigkilled_mid_round_then_rejoining(tmp_pa
 
     def client_args(i: int) -> list[str]:
         return ["client", "--server", fleet, "--ca", str(keys.ca_cert), "--node-key",
-                str(keys.node(f"node-{i}").private_key_path), "--data", str(sites[i - 1]), "--state",
-                str(states[i - 1])]
+                str(keys.node(f"node-{i}").private_key_path), "--roster", str(keys.authorized_nodes),
+                "--secagg-min-peers", "1", "--data", str(sites[i - 1]), "--state", str(states[i - 1])]
 
     procs: list[Cli] = []
     try:

@@ -1,4 +1,4 @@
-"""SecAgg+ on the Message API: fedshield's SecAggPlus strategy with Flower's own ``secaggplus_mod`` on clients.
+"""SecAgg+ on the Message API: fedshield's SecAggPlus strategy with fedshield's port of ``secaggplus_mod`` on clients.
 
 Two harnesses:
 
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.client.mod import secaggplus_mod  # legacy package only, in flwr 1.39
+from fedshield.client.secaggplus import secaggplus_mod  # fedshield's port: signed keys, ChaCha20 masks
 from flwr.clientapp import ClientApp
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage

@@ -271,6 +271,11 @@ def client_command(
     connect_attempts: int = typer.Option(10, "--connect-attempts", help="Tries to reach the server before giving up."),
     retry_wait: float = typer.Option(2.0, "--retry-wait", help="Seconds before the 2nd try; doubles each time (max 60)."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS, no node key: local experiments ONLY."),
+    roster: Path | None = typer.Option(
+        None, "--roster", help="authorized-nodes.txt from the coordinator (fingerprints checked with the other sites): "
+        "SecAgg+ peers must sign their keys with one of these node keys."
+    ),
+    secagg_min_peers: int = typer.Option(2, "--secagg-min-peers", help="Fewest other signed SecAgg+ sites per round."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail."),
 ) -> None:
     """Join a federation: check keys and data, connect to the server, and train when it asks, until Ctrl-C."""
@@ -290,6 +295,7 @@ def client_command(
             accountant=str(accountant or site.get("accountant", "prv")),
             allow_no_dp=allow_no_dp or site.get("allow_no_dp") is True,
             insecure=insecure, port=port, connect_attempts=connect_attempts, retry_wait=retry_wait,
+            roster=roster, secagg_min_peers=secagg_min_peers,
         )
         check = check_client(options)
     _report_check(check, options)

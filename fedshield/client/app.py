@@ -3,7 +3,7 @@
 Train replies carry the new local weights and the client's ledger figures; a client that would exceed its privacy
 budget replies with an error whose reason starts with ``fedshield:budget-exhausted`` instead of training.
 Secure aggregation is switched on by the server per round: when a train message carries SecAgg+ settings it goes
-through Flower's own ``secaggplus_mod``, which masks the update before it leaves this process.
+through fedshield's port of Flower's ``secaggplus_mod`` (signed keys, CSPRNG masks), which masks the update before it leaves this process.
 
 In deployment Flower starts this app in a new process for every message, so it is a thin shim: it imports only
 Flower, numpy and fedshield's light modules, and when the node config names a warm worker
@@ -44,15 +44,14 @@ PLAIN_REFUSAL = "fedshield:plain-update-refused"
 
 
 def secagg_when_requested(msg: Message, ctx: Context, call_next):  # type: ignore[no-untyped-def]
-    """Route a train message through Flower's ``secaggplus_mod`` only when the server asked for SecAgg+.
+    """Route a train message through fedshield's ``secaggplus_mod`` only when the server asked for SecAgg+.
 
     Around it, ``secagg_wire_mod`` narrows the masked vector's integer type when the server asks for it.
     """
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, ctx)
-    from flwr.client.mod import secaggplus_mod
-
     from .secagg_mod import secagg_adapter_mod, secagg_wire_mod
+    from .secaggplus import secaggplus_mod  # fedshield's port: signed keys, roster check, ChaCha20 masks
 
     return secagg_wire_mod(
         msg, ctx, lambda m, c: secaggplus_mod(m, c, lambda m2, c2: secagg_adapter_mod(m2, c2, call_next))

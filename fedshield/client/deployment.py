@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..crypto import NodeCredentials, load_node_credentials
+from ..crypto.secagg_auth import load_roster
 from ..deploy import DeploymentError, SuperNode, SuperNodeConfig, TomlValue, free_port, start_supernode
 from ..deploy.process import parse_address, strip_ansi
 from ..deploy.supernode import explain_supernode_failure
@@ -33,6 +34,7 @@ from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
 from ..tasks import get_task
 from ..device import resolve_device
 from .node_config import ALLOW_PLAIN_UPDATES, DATA_PATH, DEVICE, LABEL_COLUMN, STATE_DIR, WORKER_SOCKET
+from .node_config import NODE_KEY, SECAGG_MIN_PEERS, SECAGG_ROSTER
 from .policy import DEFAULT_MAX_EPSILON, SitePolicy, check_ledger_terms, default_delta
 from .worker import ClientWorker
 
@@ -93,6 +95,9 @@ class ClientOptions:
     retry_wait: float = 2.0
     max_retry_wait: float = 60.0
     warm_worker: bool = True
+    #: Authorized node public keys (``authorized-nodes.txt``, checked out of band); SecAgg+ peers must sign with one.
+    roster: Path | None = None
+    secagg_min_peers: int = 2
 
     def __post_init__(self) -> None:
         try:
@@ -107,6 +112,14 @@ class ClientOptions:
             missing = " and ".join(f for f, v in (("--ca", self.ca_cert), ("--node-key", self.node_key)) if v is None)
             raise ConfigError(f"{missing} required: the ca.pem and this site's node-N.key from the server's "
                               "`fedshield keys init` (--insecure only for local tests, without TLS)")
+        if self.insecure and self.roster is not None:
+            raise ConfigError("--insecure has no node key to sign SecAgg+ keys with: drop --roster, or drop --insecure")
+        if not self.insecure and self.roster is None:
+            raise ConfigError("--roster required: the authorized-nodes.txt your coordinator sent (compare its "
+                              "fingerprints with the other sites: `fedshield keys fingerprints`); SecAgg+ keys are "
+                              "checked against it (--insecure only for local tests, without it)")
+        if isinstance(self.secagg_min_peers, bool) or self.secagg_min_peers < 1:
+            raise ConfigError(f"--secagg-min-peers must be >= 1, got {self.secagg_min_peers}: e.g. 2")
         if self.max_epsilon is not None and not (self.max_epsilon > 0 and math.isfinite(self.max_epsilon)):
             raise ConfigError(f"--max-epsilon must be a finite number > 0, got {self.max_epsilon}: e.g. --max-epsilon 10")
         if self.port is not None and not 0 < self.port < 65536:
@@ -166,6 +179,13 @@ def check_client(options: ClientOptions) -> ClientCheck:
         ALLOW_PLAIN_UPDATES: bool(options.allow_plain_updates),
         **policy.to_node_config(),
     }
+    if options.roster is not None:  # this site signs its SecAgg+ keys and checks its peers' (secaggplus.py)
+        roster = Path(options.roster).expanduser().resolve()
+        load_roster(roster)  # fail here, not in the first round
+        node_config[SECAGG_ROSTER] = str(roster)
+        node_config[SECAGG_MIN_PEERS] = int(options.secagg_min_peers)
+        if options.node_key is not None:
+            node_config[NODE_KEY] = str(Path(options.node_key).expanduser().resolve())
     if options.device is not None:  # the site's choice overrides the run's --device
         node_config[DEVICE] = options.device
     device = str(resolve_device(options.device or "auto"))  # "cuda" without a GPU fails here, with the fix

@@ -14,8 +14,11 @@ __all__ = [
     "DELTA",
     "DEVICE",
     "LABEL_COLUMN",
+    "NODE_KEY",
     "NUM_PARTITIONS",
     "PARTITION_ID",
+    "SECAGG_MIN_PEERS",
+    "SECAGG_ROSTER",
     "STATE_DIR",
     "TASK",
     "WORKER_SOCKET",
@@ -39,6 +42,12 @@ DELTA: Final = "delta"
 ACCOUNTANT: Final = "accountant"
 #: ``fedshield client --allow-no-dp``: the site also trains in rounds without DP-SGD.
 ALLOW_NO_DP: Final = "allow-no-dp"
+#: ``fedshield client --roster``: authorized node public keys; SecAgg+ keys of peers must be signed by one of them.
+SECAGG_ROSTER: Final = "secagg-roster"
+#: ``fedshield client --node-key``: this site signs its SecAgg+ round keys with it.
+NODE_KEY: Final = "node-key"
+#: Fewest other signed SecAgg+ participants this site accepts in a round (site policy; default 2).
+SECAGG_MIN_PEERS: Final = "secagg-min-peers"
 #: Where this site trains (``auto``, ``cpu``, ``cuda``, ``cuda:N``); overrides the run's ``device`` setting.
 DEVICE: Final = "device"
 

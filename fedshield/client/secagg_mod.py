@@ -1,7 +1,7 @@
-"""Client side of fedshield's SecAgg+: an adapter between our train handler and Flower's ``secaggplus_mod``.
+"""Client side of fedshield's SecAgg+: an adapter between our train handler and ``secaggplus_mod``.
 
-Flower's ``secaggplus_mod`` masks whatever the handler below it returns, but it reads the legacy ``FitRes``
-layout. This adapter sits inside it::
+fedshield's ``secaggplus_mod`` (:mod:`fedshield.client.secaggplus`, a port of Flower's) masks whatever the
+handler below it returns, but it reads the legacy ``FitRes`` layout. This adapter sits inside it::
 
     @app.train(mods=[secagg_wire_mod, secaggplus_mod, secagg_adapter_mod])
 
@@ -19,14 +19,10 @@ carrying the original reason (for example a ``fedshield:budget-exhausted`` refus
 :func:`secagg_wire_mod` sits outside Flower's mod. When the server asks for it (fedshield's server always does) it
 re-encodes the masked vector, which ``secaggplus_mod`` always sends as int64, in the
 narrowest unsigned type that holds the field's modulus. Every masked value is below the modulus: lossless.
-
-Importing this module also gives Flower's ``secaggplus_mod`` fedshield's Shamir secret sharing
-(:mod:`fedshield.crypto.shamir`: the same shares, ~10x faster to make; see :func:`use_fast_shamir`).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 from typing import Any, Final, cast
@@ -40,27 +36,13 @@ from flwr.compat.common import recorddict_compat as compat
 from numpy.typing import NDArray
 
 from ..compression import META, SECAGG_NARROW_KEY, wire_dtype
-from ..crypto.shamir import create_shares
 from ..errors import FedshieldError, ProtocolError
 from ..protocol import ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, PARTITION_ID, ROUNDS_TRAINED, STEPS
 
-__all__ = ["CLEAR_METRICS", "secagg_adapter_mod", "secagg_wire_mod", "to_fitres_content", "use_fast_shamir"]
+__all__ = ["CLEAR_METRICS", "secagg_adapter_mod", "secagg_wire_mod", "to_fitres_content"]
 
 _log = logging.getLogger(__name__)
 
-
-def use_fast_shamir() -> None:
-    """Make Flower's client-side SecAgg+ split its secrets with :func:`fedshield.crypto.shamir.create_shares`.
-
-    ``secaggplus_mod`` calls ``create_shares`` by its module-level name (two secrets per client, one share per
-    neighbour); the shares are byte for byte in Flower's format, so any SecAgg+ server rebuilds them.
-    """
-    # The module, not the package attribute of the same name (the mod function).
-    flower_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
-    flower_mod.create_shares = create_shares
-
-
-use_fast_shamir()
 
 #: Reply metrics that may travel in clear next to the masked update: functions of public mechanism settings and
 #: of the round count, not of the client's data.

@@ -13,6 +13,9 @@ from fedshield.crypto.keys import init_keys as init_keys
 from fedshield.crypto.keys import load_keyset as load_keyset
 from fedshield.crypto.keys import load_node_credentials as load_node_credentials
 from fedshield.crypto.node_removal import remove_node as remove_node
+from fedshield.crypto.keys import load_node_key as load_node_key
+from fedshield.crypto.site_keys import add_site_public_key as add_site_public_key
+from fedshield.crypto.site_keys import make_site_key as make_site_key
 
 __all__ = [
     "AUTHORIZED_NODES",
@@ -24,8 +27,11 @@ __all__ = [
     "NodeCredentials",
     "NodeKey",
     "add_node",
+    "add_site_public_key",
     "init_keys",
     "load_keyset",
     "load_node_credentials",
     "remove_node",
+    "load_node_key",
+    "make_site_key",
 ]

@@ -47,6 +47,7 @@ __all__ = [
     "add_node",
     "load_keyset",
     "load_node_credentials",
+    "load_node_key",
 ]
 
 CA_CERT = "ca.pem"
@@ -149,6 +150,7 @@ def add_node(keys_dir: Path, *, name: str | None = None) -> Path:
 
     Without ``name`` the next free ``node-N`` is used. The SuperLink learns of the node only when its public key
     is registered (``flwr supernode register``), which :mod:`fedshield.deploy` does from ``authorized-nodes.txt``.
+    Production sites make their own key instead: :func:`fedshield.crypto.site_keys.add_site_public_key`.
     """
     keyset = load_keyset(keys_dir)
     existing = [n.name for n in keyset.nodes]
@@ -164,6 +166,11 @@ def add_node(keys_dir: Path, *, name: str | None = None) -> Path:
     entries = [(n.name, n.public_key) for n in keyset.nodes] + [(name, _openssh_public(key))]
     _write_public(keyset.authorized_nodes, _authorized_text(entries))
     return key_path
+
+
+def load_node_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The node private key at ``path`` (OpenSSH, NIST EC, mode 0600), checked as for node authentication."""
+    return _load_node_private(Path(path))
 
 
 def load_keyset(keys_dir: Path) -> KeySet:

@@ -1,9 +1,13 @@
 """Server side of the SecAgg+ protocol, stage by stage, for :class:`fedshield.strategies.secagg.SecAggPlus`.
 
 A port of the stages of Flower's legacy ``SecAggPlusWorkflow`` (flwr 1.39) to the Message API. Clients run
-Flower's own ``secaggplus_mod`` unchanged, so the record keys, stage names and arithmetic here mirror that
-workflow, and every cryptographic primitive is Flower's. Two things differ on purpose (read from the 1.39 code;
-tests/test_secagg.py fails if this module does either the legacy way):
+fedshield's port of Flower's ``secaggplus_mod`` (:mod:`fedshield.client.secaggplus`), so the record keys, stage
+names and arithmetic here mirror that workflow, with fedshield's two hardenings: each SETUP reply's key signature
+is forwarded with the keys in SHARE_KEYS (the clients verify it; the server cannot), and masks are expanded with
+:func:`fedshield.crypto.prg.expand_mask` (ChaCha20 from the whole secret), which a node must announce at SETUP: a
+node running Flower's stock mod (Mersenne-Twister masks) is dropped with the reason. Two more things differ from
+the legacy workflow on purpose (read from the 1.39 code; tests/test_secagg.py fails if this module does either
+the legacy way):
 
 * only nodes whose key shares were forwarded (they completed SHARE_KEYS) are listed as dead in UNMASK. The
   legacy workflow also lists nodes that dropped earlier, for which no neighbour holds a share: every neighbour
@@ -23,7 +27,6 @@ that holds the modulus instead; :func:`read_masked_reply` widens whatever intege
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -40,114 +43,21 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
 )
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.compat.common import recorddict_compat as compat
 from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 from numpy.typing import NDArray
 
 from ..compression import SECAGG_NARROW_KEY
+from ..crypto.prg import MASK_PRG, expand_mask
 from ..crypto.shamir import combine_shares
-from ..errors import ConfigError
+from ..protocol import SECAGG_MASK_PRG, SECAGG_SIGNATURE, SECAGG_SIGNER
+from ._secagg_params import ProtocolParams
 
 _log = logging.getLogger(__name__)
 
 Vector = list[NDArray[Any]]
 Shape = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ProtocolParams:
-    """The SecAgg+ settings of one round, as every sampled client receives them at SETUP."""
-
-    num_samples: int
-    num_shares: int
-    threshold: int
-    clipping_range: float
-    quantization_range: int
-    modulus_range: int
-    max_weight: float
-    #: Ask clients for masked vectors in the narrowest type that holds ``modulus_range`` (lossless).
-    narrow_wire: bool = False
-
-    def setup_record(self) -> ConfigRecord:
-        # secaggplus_mod checks exact types (`type(v) is float`), hence the casts.
-        return ConfigRecord(
-            {
-                Key.STAGE: Stage.SETUP,
-                Key.SAMPLE_NUMBER: int(self.num_samples),
-                Key.SHARE_NUMBER: int(self.num_shares),
-                Key.THRESHOLD: int(self.threshold),
-                Key.CLIPPING_RANGE: float(self.clipping_range),
-                Key.TARGET_RANGE: int(self.quantization_range),
-                Key.MOD_RANGE: int(self.modulus_range),
-                Key.MAX_WEIGHT: float(self.max_weight),
-            }
-        )
-
-    def q_ratio(self, num_examples: float) -> int:
-        """The quantised weight a client folds into its vector: the same expression as ``secaggplus_mod``."""
-        return round(num_examples / self.max_weight * self.quantization_range)
-
-
-def protocol_params(
-    num_samples: int,
-    *,
-    num_shares: int | float,
-    threshold: int | float,
-    clipping_range: float,
-    quantization_range: int,
-    modulus_range: int,
-    max_weight: float,
-    narrow_wire: bool = False,
-) -> ProtocolParams:
-    """Resolve fractions into counts for ``num_samples`` sampled nodes, as the legacy workflow does.
-
-    Raises ConfigError when the settings cannot work for this many nodes; that recurs every round, so it must
-    not pass as a dropout.
-    """
-    if num_samples < 2:
-        raise ConfigError(
-            f"SecAgg+ needs at least 2 sampled nodes per round, got {num_samples}: "
-            "raise the inner strategy's min_train_nodes / fraction_train, or connect more nodes"
-        )
-    if num_samples * quantization_range >= modulus_range:
-        raise ConfigError(
-            f"{num_samples} sampled nodes x quantization_range {quantization_range} does not fit "
-            f"modulus_range {modulus_range} (at most {(modulus_range - 1) // quantization_range} nodes): "
-            "sample fewer nodes, lower quantization_range or raise modulus_range"
-        )
-    shares = _resolve_shares(num_shares, num_samples)
-    # As the legacy workflow, at least 2: a threshold of 1 would let any single neighbour reveal a secret.
-    t = max(round(threshold * shares), 2) if isinstance(threshold, float) else threshold
-    if t > shares:
-        raise ConfigError(
-            f"reconstruction_threshold {t} exceeds the {shares} shares per key with {num_samples} sampled "
-            "nodes: use a fractional threshold (e.g. 0.66) or sample more nodes"
-        )
-    return ProtocolParams(num_samples, shares, t, clipping_range, quantization_range, modulus_range, max_weight,
-                          narrow_wire)
-
-
-def _resolve_shares(num_shares: int | float, num_samples: int) -> int:
-    if isinstance(num_shares, float):
-        shares = round(num_shares * num_samples)
-        shares = num_samples if shares <= 2 else shares
-    else:
-        shares = min(num_shares, num_samples)
-    # The neighbourhood is the node plus half the shares on either side of it in a ring: an odd count,
-    # unless it covers every node. The count is fixed before SETUP so clients and server agree on it.
-    if shares < num_samples and shares % 2 == 0:
-        shares += 1
-    return min(shares, num_samples)
-
-
-def neighbour_graph(node_ids: Iterable[int], num_shares: int, rng: random.Random) -> dict[int, frozenset[int]]:
-    """Place nodes on a random ring; each node's neighbourhood is itself and ``num_shares // 2`` on each side."""
-    ring = list(node_ids)
-    rng.shuffle(ring)
-    half, n = num_shares // 2, len(ring)
-    return {nid: frozenset(ring[(i + off) % n] for off in range(-half, half + 1)) for i, nid in enumerate(ring)}
 
 
 @dataclass
@@ -163,6 +73,8 @@ class RoundState:
     #: Why a node left the protocol; nodes in it never have their vector in the sum.
     errors: dict[int, str] = field(default_factory=dict)
     public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    #: Per node, its signature of its public keys and the signer's fingerprint (absent when it signs nothing).
+    signatures: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     shared: frozenset[int] = frozenset()
     forwards: dict[int, tuple[list[int], list[bytes]]] = field(default_factory=dict)
 
@@ -225,20 +137,37 @@ def run_setup(grid: Grid, state: RoundState, timeout: float | None) -> bool:
     """Stage 0: send the settings, collect each node's two public keys."""
     records = {nid: state.params.setup_record() for nid in state.active}
     for nid, rec in _exchange(grid, state, Stage.SETUP, records, timeout).items():
-        pk1, pk2 = rec.get(Key.PUBLIC_KEY_1), rec.get(Key.PUBLIC_KEY_2)
-        if isinstance(pk1, bytes) and isinstance(pk2, bytes):
-            state.public_keys[nid] = (pk1, pk2)
-        else:
-            state.errors[nid] = f"malformed reply in stage {Stage.SETUP}: public keys missing"
+        if (error := _read_setup(state, nid, rec)) is not None:
+            state.errors[nid] = error
             state.active.discard(nid)
     return state.enough_shares(state.active, state.active)
+
+
+def _read_setup(state: RoundState, nid: int, rec: ConfigRecord) -> str | None:
+    """Keep one node's SETUP reply; the reason it is unusable otherwise."""
+    pk1, pk2 = rec.get(Key.PUBLIC_KEY_1), rec.get(Key.PUBLIC_KEY_2)
+    if not isinstance(pk1, bytes) or not isinstance(pk2, bytes):
+        return f"malformed reply in stage {Stage.SETUP}: public keys missing"
+    if rec.get(SECAGG_MASK_PRG) != MASK_PRG:
+        return (f"the node masks with {rec.get(SECAGG_MASK_PRG) or 'Flower stock secaggplus_mod (Mersenne Twister)'}, "
+                f"not {MASK_PRG}: its masks could not be removed; upgrade fedshield on that site")
+    state.public_keys[nid] = (pk1, pk2)
+    sig, signer = rec.get(SECAGG_SIGNATURE), rec.get(SECAGG_SIGNER)
+    if isinstance(sig, bytes) and isinstance(signer, str):
+        state.signatures[nid] = (sig, signer.encode("ascii", errors="replace"))
+    return None
+
+
+def share_keys_entry(state: RoundState, nid: int) -> list[bytes]:
+    """What every neighbour receives of ``nid``: ``[pk1, pk2]``, plus ``[signature, signer]`` when it signed."""
+    return [*state.public_keys[nid], *state.signatures.get(nid, ())]
 
 
 def run_share_keys(grid: Grid, state: RoundState, timeout: float | None) -> bool:
     """Stage 1: give each node its neighbours' public keys, collect encrypted key shares to forward."""
     records = {}
     for nid in state.active:
-        rec = ConfigRecord({str(n): list(state.public_keys[n]) for n in state.neighbours[nid] & state.active})
+        rec = ConfigRecord({str(n): share_keys_entry(state, n) for n in state.neighbours[nid] & state.active})
         rec[Key.STAGE] = Stage.SHARE_KEYS
         records[nid] = rec
     sent = {}
@@ -363,7 +292,7 @@ def remove_masks(
         # Exactly `threshold` shares: any `threshold` of them rebuild the secret.
         secret = combine_shares(got[: p.threshold])
         if owner in included:
-            vec = parameters_subtraction(vec, pseudo_rand_gen(secret, p.modulus_range, shapes))
+            vec = parameters_subtraction(vec, expand_mask(secret, p.modulus_range, shapes))
         else:
             vec = _cancel_pairwise(vec, owner, secret, state, included & state.neighbours[owner], shapes)
     return parameters_mod(vec, p.modulus_range)
@@ -375,7 +304,7 @@ def _cancel_pairwise(
     # Each partner added +mask if its id > dead's id, else -mask (secaggplus_mod); undo exactly that.
     for partner in sorted(partners - {dead}):
         key = generate_shared_key(bytes_to_private_key(sk1), bytes_to_public_key(state.public_keys[partner][0]))
-        mask = pseudo_rand_gen(key, state.params.modulus_range, shapes)
+        mask = expand_mask(key, state.params.modulus_range, shapes)
         vec = parameters_addition(vec, mask) if dead > partner else parameters_subtraction(vec, mask)
     return vec
 

@@ -4,8 +4,9 @@ Flower 1.39 ships SecAgg+ only for its legacy API (``SecAggPlusWorkflow``). :cla
 protocol from inside a Message-API :class:`~flwr.serverapp.strategy.Strategy`, so ``strategy.start()`` keeps owning
 the round loop and the inner strategy (FedAvg, FedAvgM, FedAdam, ...) keeps its server-side logic.
 
-Clients must run Flower's ``secaggplus_mod`` around fedshield's adapter, and fedshield's wire mod around both
-(without it every field still works, at Flower's int64 on the wire)::
+Clients must run fedshield's port of Flower's ``secaggplus_mod`` (:mod:`fedshield.client.secaggplus`: signed
+round keys, ChaCha20 masks) around fedshield's adapter, and fedshield's wire mod around both (without it every
+field still works, at Flower's int64 on the wire)::
 
     @app.train(mods=[secagg_wire_mod, secaggplus_mod, secagg_adapter_mod])
 
@@ -37,7 +38,7 @@ from flwr.serverapp.strategy import Strategy
 from ..compression import secagg_field
 from ..errors import ConfigError, ProtocolError
 from ..protocol import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, ClientReply
-from ._secagg_params import check_bits, check_params
+from ._secagg_params import check_bits, check_params, neighbour_graph, protocol_params
 from .clear_values import DEFAULT_MAX_WEIGHT, check_clear_metrics
 from .validation import REJECTED
 from ._secagg_stages import (
@@ -47,8 +48,6 @@ from ._secagg_stages import (
     collect_messages,
     masked_sum,
     needed_owners,
-    neighbour_graph,
-    protocol_params,
     read_masked_reply,
     remove_masks,
     run_setup,
@@ -86,10 +85,11 @@ class SecAggPlus(StrategyWrapper):
     Privacy contract: an honest-but-curious server learns the sum of the included clients' quantised, clipped,
     weighted updates and nothing else of them, as long as fewer than ``threshold`` neighbours of a node collude
     with it (a threshold above half the shares also stops a server that lies about who dropped). Example counts
-    and ledger figures travel in clear. Limits inherited from Flower 1.39's client, which this wrapper must reuse:
-    public keys are not authenticated, so a server that substitutes keys defeats the protocol; and each mask is
-    drawn from numpy's Mersenne Twister seeded with 32 bits folded from a 256-bit key. It is not differential
-    privacy: combine it with DP-SGD.
+    and ledger figures travel in clear. Against a malicious server: clients with a roster sign their round keys
+    and verify every peer's (:mod:`fedshield.crypto.secagg_auth`), so a substituted key makes them refuse the
+    round; masks come from a CSPRNG keyed by the whole secret (:mod:`fedshield.crypto.prg`). A server that lies
+    about who dropped can still, with a threshold at or below half, rebuild both secrets of a node. It is not
+    differential privacy: combine it with DP-SGD.
 
     Args:
         inner: the strategy that samples nodes and turns the averaged update into the new global model. Its

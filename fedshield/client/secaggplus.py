@@ -1,0 +1,249 @@
+"""fedshield's client side of SecAgg+: Flower 1.39's ``secaggplus_mod``, ported, with authenticated keys and
+CSPRNG masks.
+
+Same stages, record keys and arithmetic as Flower's mod (its state class, stage and config checks, key agreement,
+share encryption and quantisation are reused), with three changes:
+
+* SETUP: the reply also names the mask expansion (:data:`~fedshield.crypto.prg.MASK_PRG`) and, when the site has
+  a node key, carries a signature of both round public keys bound to the run, round, node id and stage
+  (:mod:`fedshield.crypto.secagg_auth`), with the signer's fingerprint;
+* SHARE_KEYS: a site with a roster checks every participant's signature before it makes a single share; a key not
+  signed by a roster key, one roster key behind two node ids, a signature for another run/round/node, or fewer
+  than the site's minimum of signed peers, and it replies ``fedshield:secagg-refused: <reason>`` and sends nothing;
+* masks (its own and the pairwise ones) come from :func:`fedshield.crypto.prg.expand_mask`: ChaCha20 keyed by HKDF
+  of the whole secret, not a Mersenne Twister seeded with 32 bits of it.
+
+UNMASK also refuses requests no honest server sends: a node listed both alive and dead, this site listed as dead
+after it sent its vector, or a node it holds no share of. Only a site's own ``fedshield client`` settings decide
+whether it verifies (:mod:`fedshield.client.secagg_identity`).
+
+Wire: a share-keys entry is ``str(node_id) -> [pk1, pk2]`` (unsigned) or ``[pk1, pk2, signature, signer]``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Final, cast
+
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState, check_configs, check_stage
+from flwr.common import ndarray_to_bytes, parameters_to_ndarrays
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
+from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+    factor_combine,
+    parameters_addition,
+    parameters_mod,
+    parameters_multiply,
+    parameters_subtraction,
+)
+from flwr.common.secure_aggregation.quantization import quantize
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat, share_keys_plaintext_separate
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
+
+from ..crypto.prg import MASK_PRG, expand_mask
+from ..crypto.secagg_auth import KeyAuthenticationError, SignedKeys, check_participants, sign_round_keys, signed_payload
+from ..crypto.shamir import create_shares
+from ..errors import ConfigError, FedshieldError, KeyMaterialError
+from ..protocol import SECAGG_MASK_PRG as KEY_MASK_PRG
+from ..protocol import SECAGG_REFUSAL
+from ..protocol import SECAGG_SIGNATURE as KEY_SIGNATURE
+from ..protocol import SECAGG_SIGNER as KEY_SIGNER
+from .secagg_identity import SiteIdentity, site_identity
+
+__all__ = ["SECAGG_REFUSAL", "SECAGG_REFUSED_CODE", "secaggplus_mod"]
+
+#: Error code of a site refusing a SecAgg+ round; the reason starts with :data:`SECAGG_REFUSAL`.
+SECAGG_REFUSED_CODE: Final = 4006
+
+
+class _Refused(FedshieldError):
+    """The round is refused; the text becomes the error reply's reason after :data:`SECAGG_REFUSAL`."""
+
+
+class _State(SecAggPlusState):  # type: ignore[misc]
+    """Flower's state plus the run and round the keys were signed for (saved in ``context.state``)."""
+
+    run_id: int = 0
+    round_tag: str = ""
+
+
+def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Run one SecAgg+ stage for a train message; other messages pass through."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctxt)
+    state = _State(**ctxt.state.config_records.get(RECORD_KEY_STATE, ConfigRecord({})))
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    check_stage(state.current_stage, configs)
+    state.current_stage = cast(str, configs.pop(Key.STAGE))
+    out_content = RecordDict()
+    try:
+        if state.current_stage == Stage.SETUP:
+            check_configs(Stage.SETUP, configs)
+            res = _setup(state, configs, msg, _identity(ctxt))
+        elif state.current_stage == Stage.SHARE_KEYS:
+            _check_round(state, msg)
+            res = _share_keys(state, _signed_entries(configs), _identity(ctxt))
+        elif state.current_stage == Stage.COLLECT_MASKED_VECTORS:
+            _check_round(state, msg)
+            check_configs(Stage.COLLECT_MASKED_VECTORS, configs)
+            srcs, ctxts = cast(list[int], configs[Key.SOURCE_LIST]), cast(list[bytes], configs[Key.CIPHERTEXT_LIST])
+            _receive_shares(state, srcs, ctxts)  # before training: nothing is spent on a round that is refused
+            out_content = call_next(msg, ctxt).content
+            fitres = compat.recorddict_to_fitres(out_content, keep_input=True)
+            res = _masked_vector(state, srcs, fitres.num_examples, parameters_to_ndarrays(fitres.parameters))
+            for arr_record in out_content.array_records.values():
+                arr_record.clear()
+        elif state.current_stage == Stage.UNMASK:
+            _check_round(state, msg)
+            check_configs(Stage.UNMASK, configs)
+            res = _unmask(state, configs)
+        else:
+            raise ValueError(f"Unknown SecAgg/SecAgg+ stage: {state.current_stage}")
+    except (_Refused, KeyAuthenticationError) as exc:
+        state.current_stage = Stage.UNMASK  # a new SETUP may start afresh
+        ctxt.state.config_records[RECORD_KEY_STATE] = ConfigRecord(state.to_dict())
+        return Message(Error(code=SECAGG_REFUSED_CODE, reason=f"{SECAGG_REFUSAL}: {exc}"), reply_to=msg)
+    ctxt.state.config_records[RECORD_KEY_STATE] = ConfigRecord(state.to_dict())
+    out_content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(res, False)
+    return Message(out_content, reply_to=msg)
+
+
+def _identity(ctxt: Context) -> SiteIdentity:
+    """This site's key and roster; an unreadable one refuses the round (with the fix) instead of failing it."""
+    try:
+        return site_identity(ctxt.node_config)
+    except (KeyMaterialError, ConfigError) as exc:
+        raise _Refused(str(exc)) from exc
+
+
+def _check_round(state: _State, msg: Message) -> None:
+    if msg.metadata.run_id != state.run_id or msg.metadata.group_id != state.round_tag:
+        raise _Refused(f"stage {state.current_stage} is for run {msg.metadata.run_id} round "
+                       f"{msg.metadata.group_id!r}, but this site's keys were made for run {state.run_id} round "
+                       f"{state.round_tag!r}")
+
+
+def _setup(state: _State, configs: ConfigRecord, msg: Message, site: SiteIdentity) -> dict[str, Any]:
+    state.nid, state.run_id, state.round_tag = msg.metadata.dst_node_id, msg.metadata.run_id, msg.metadata.group_id
+    state.sample_num = cast(int, configs[Key.SAMPLE_NUMBER])
+    state.share_num = cast(int, configs[Key.SHARE_NUMBER])
+    state.threshold = cast(int, configs[Key.THRESHOLD])
+    state.clipping_range = cast(float, configs[Key.CLIPPING_RANGE])
+    state.target_range = cast(int, configs[Key.TARGET_RANGE])
+    state.mod_range = cast(int, configs[Key.MOD_RANGE])
+    state.max_weight = cast(float, configs[Key.MAX_WEIGHT])
+    state.rd_seed_share_dict, state.sk1_share_dict, state.ss2_dict, state.public_keys_dict = {}, {}, {}, {}
+    # One pair for the pairwise masks, one for encrypting the shares.
+    sk1, pk1 = generate_key_pairs()
+    sk2, pk2 = generate_key_pairs()
+    state.sk1, state.pk1 = private_key_to_bytes(sk1), public_key_to_bytes(pk1)
+    state.sk2, state.pk2 = private_key_to_bytes(sk2), public_key_to_bytes(pk2)
+    res: dict[str, Any] = {Key.PUBLIC_KEY_1: state.pk1, Key.PUBLIC_KEY_2: state.pk2, KEY_MASK_PRG: MASK_PRG}
+    if site.key is not None:
+        payload = signed_payload(run_id=state.run_id, round_tag=state.round_tag, node_id=state.nid,
+                                 stage=Stage.SETUP, pk1=state.pk1, pk2=state.pk2)
+        res[KEY_SIGNATURE], res[KEY_SIGNER] = sign_round_keys(site.key, payload)
+    return res
+
+
+def _signed_entries(configs: ConfigRecord) -> dict[int, SignedKeys | tuple[bytes, bytes]]:
+    out: dict[int, SignedKeys | tuple[bytes, bytes]] = {}
+    for key, value in configs.items():
+        ok = isinstance(value, list) and len(value) in (2, 4) and all(isinstance(v, bytes) for v in value)
+        if not ok or not key.isdigit():
+            raise TypeError(f"Stage {Stage.SHARE_KEYS}: entry {key!r} must map a node id to [pk1, pk2] or "
+                            "[pk1, pk2, signature, signer]")
+        items = cast(list[bytes], value)
+        out[int(key)] = (items[0], items[1]) if len(items) == 2 else \
+            SignedKeys(items[0], items[1], items[2], items[3].decode("ascii", errors="replace"))
+    return out
+
+
+def _share_keys(state: _State, entries: dict[int, SignedKeys | tuple[bytes, bytes]], site: SiteIdentity) -> dict[str, Any]:
+    if site.roster is not None:
+        unsigned = sorted(nid for nid, e in entries.items() if not isinstance(e, SignedKeys))
+        if unsigned:
+            raise _Refused(f"the keys of node(s) {unsigned} carry no signature; this site accepts only keys signed "
+                           f"by its roster {site.roster.source}")
+        check_participants(site.roster, cast(dict[int, SignedKeys], entries), own_node_id=state.nid,
+                           run_id=state.run_id, round_tag=state.round_tag, stage=Stage.SETUP,
+                           min_peers=site.min_peers)
+    keys = {nid: (e.pk1, e.pk2) if isinstance(e, SignedKeys) else e for nid, e in entries.items()}
+    if keys.get(state.nid) != (state.pk1, state.pk2):
+        raise _Refused("the server relayed keys for this node that are not the ones it sent at setup")
+    if len(keys) < state.threshold:
+        raise _Refused(f"{len(keys)} participants, fewer than the threshold {state.threshold}")
+    flat = [pk for pair in keys.values() for pk in pair]
+    if len(set(flat)) != len(flat):
+        raise _Refused("two participants share a public key")
+    state.public_keys_dict = keys
+    state.rd_seed = os.urandom(32)
+    b_shares = create_shares(state.rd_seed, state.threshold, state.share_num)
+    sk1_shares = create_shares(state.sk1, state.threshold, state.share_num)
+    dsts, ciphertexts = [], []
+    for idx, (nid, (_, pk2)) in enumerate(keys.items()):
+        if nid == state.nid:
+            state.rd_seed_share_dict[nid], state.sk1_share_dict[nid] = b_shares[idx], sk1_shares[idx]
+            continue
+        shared_key = generate_shared_key(bytes_to_private_key(state.sk2), bytes_to_public_key(pk2))
+        state.ss2_dict[nid] = shared_key
+        dsts.append(nid)
+        ciphertexts.append(encrypt(shared_key, share_keys_plaintext_concat(state.nid, nid, b_shares[idx],
+                                                                            sk1_shares[idx])))
+    return {Key.DESTINATION_LIST: dsts, Key.CIPHERTEXT_LIST: ciphertexts}
+
+
+def _receive_shares(state: _State, srcs: list[int], ciphertexts: list[bytes]) -> None:
+    if len(srcs) != len(ciphertexts) or len(set(srcs)) != len(srcs):
+        raise _Refused("the forwarded share lists have different lengths or repeat a source")
+    if len(ciphertexts) + 1 < state.threshold:
+        raise _Refused(f"{len(ciphertexts) + 1} share holders, fewer than the threshold {state.threshold}")
+    for src, ciphertext in zip(srcs, ciphertexts, strict=True):
+        if src not in state.ss2_dict:
+            raise _Refused(f"a share from node {src}, which is not an authenticated participant of this round")
+        actual_src, dst, rd_seed_share, sk1_share = share_keys_plaintext_separate(decrypt(state.ss2_dict[src],
+                                                                                          ciphertext))
+        if actual_src != src or dst != state.nid:
+            raise _Refused(f"a share labelled {actual_src}->{dst} arrived as {src}->{state.nid}")
+        state.rd_seed_share_dict[src], state.sk1_share_dict[src] = rd_seed_share, sk1_share
+
+
+def _masked_vector(state: _State, srcs: list[int], num_examples: int, update: list[Any]) -> dict[str, Any]:
+    """Quantise the weighted update and add the self mask and one pairwise mask per share holder (Flower's maths)."""
+    q_ratio = round(num_examples / state.max_weight * state.target_range)
+    vec = quantize(parameters_multiply(update, q_ratio / state.target_range), state.clipping_range, state.target_range)
+    vec = factor_combine(q_ratio, vec)
+    shapes: list[tuple[int, ...]] = [a.shape for a in vec]
+    vec = parameters_addition(vec, expand_mask(state.rd_seed, state.mod_range, shapes))
+    for nid in srcs:
+        shared_key = generate_shared_key(bytes_to_private_key(state.sk1),
+                                         bytes_to_public_key(state.public_keys_dict[nid][0]))
+        mask = expand_mask(shared_key, state.mod_range, shapes)
+        vec = parameters_addition(vec, mask) if state.nid > nid else parameters_subtraction(vec, mask)
+    return {Key.MASKED_PARAMETERS: [ndarray_to_bytes(a) for a in parameters_mod(vec, state.mod_range)]}
+
+
+def _unmask(state: _State, configs: ConfigRecord) -> dict[str, Any]:
+    active, dead = cast(list[int], configs[Key.ACTIVE_NODE_ID_LIST]), cast(list[int], configs[Key.DEAD_NODE_ID_LIST])
+    if set(active) & set(dead):
+        raise _Refused(f"node(s) {sorted(set(active) & set(dead))} listed both alive and dead: revealing both "
+                       "shares would unmask them")
+    if state.nid in dead:
+        raise _Refused("the server lists this site as dropped, but it sent its masked vector")
+    if len(active) < state.threshold:
+        raise _Refused(f"{len(active)} active neighbours, fewer than the threshold {state.threshold}")
+    unknown = sorted(set(active) - state.rd_seed_share_dict.keys() | set(dead) - state.sk1_share_dict.keys())
+    if unknown:
+        raise _Refused(f"asked for shares of node(s) {unknown}, which this site holds none of")
+    shares = [state.rd_seed_share_dict[n] for n in active] + [state.sk1_share_dict[n] for n in dead]
+    return {Key.NODE_ID_LIST: active + dead, Key.SHARE_LIST: shares}
