@@ -12,10 +12,9 @@ import torch
 from .. import protocol as P
 from ..compression import quantize_update
 from ..config import RoundSettings
-from ..errors import BudgetExhaustedError
 from ..privacy.client_dp import SecureNormal, add_gaussian_noise, clip_update
 from ..privacy.dpsgd import evaluate, make_generator, train_dp_sgd, train_plain
-from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
+from ..privacy.ledger import LEDGER_FILE, PrivacyLedger, charge_ledger
 from .site import Site
 
 __all__ = ["TrainOutcome", "train_round", "evaluate_round"]
@@ -125,19 +124,14 @@ def _compress(
 
 
 def _charge(site: Site, settings: RoundSettings) -> PrivacyLedger:
-    path = site.state_dir / LEDGER_FILE
-    ledger = PrivacyLedger.open(path, accountant=settings.accountant, delta=settings.delta, budget=_budget(site, settings))
-    try:
-        charged = ledger.charge(
-            noise_multiplier=settings.noise_multiplier, sample_rate=settings.sample_rate, steps=settings.steps,
-            run_id=settings.run_id, server_round=settings.server_round,
-        )
-    except BudgetExhaustedError:
-        ledger.refuse(run_id=settings.run_id, server_round=settings.server_round).save(path)
-        raise
-    # Write-ahead: the spend is on disk before any data is touched, so a crash can only over-count.
-    charged.save(path)
-    return charged
+    # Write-ahead and locked: the spend is on disk before any data is touched (a crash can only over-count), and
+    # two processes sharing this state directory never lose a charge.
+    return charge_ledger(
+        site.state_dir / LEDGER_FILE, accountant=settings.accountant, delta=settings.delta,
+        budget=_budget(site, settings), noise_multiplier=settings.noise_multiplier,
+        sample_rate=settings.sample_rate, steps=settings.steps, run_id=settings.run_id,
+        server_round=settings.server_round,
+    )
 
 
 def evaluate_round(site: Site, settings: RoundSettings, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
