@@ -11,19 +11,19 @@ Nothing here mutates its inputs: every function returns new arrays. In-place Num
 instead of writing into the array (Flower 1.39's ``compute_clip_model_update`` leaves 0-d entries unclipped this
 way), so every operation below is out-of-place and checked on 0-d shapes by the tests.
 
-Randomness. Noise that protects people must not be predictable. :class:`SecureNormal` draws from the operating
-system's CSPRNG (``os.urandom``) and turns the bytes into normals with the Box-Muller transform, vectorised in
-NumPy. A ``numpy.random.Generator`` seeded from ``os.urandom`` is *not* a CSPRNG (PCG64's state can be recovered
+Randomness. Noise that protects people must not be predictable. :class:`SecureNormal` (an alias of
+:class:`~fedshield.privacy.secure_noise.SecureGaussian`) draws from a ChaCha20 keystream keyed from ``os.urandom``
+through the Box-Muller transform, with Opacus secure_mode's sum-of-four mitigation. A ``numpy.random.Generator``
+seeded from ``os.urandom`` is *not* a CSPRNG (PCG64's state can be recovered
 from its output), so it is used only where reproducibility is the point (simulations, tests): every noise function
 takes the source as an argument. Known limits of floating-point Gaussian sampling apply (Mironov, CCS 2012, showed
-attacks on the low-order bits of floating-point Laplace noise; a discrete Gaussian would close them); the tails
-are cut at about 8.6 sigma by the 53-bit uniforms, a probability below 1e-17 per draw.
+attacks on the low-order bits of floating-point Laplace noise; the sum-of-four mitigation raises their cost, a
+discrete Gaussian would close them).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -33,6 +33,7 @@ from numpy.typing import NDArray
 
 from ..errors import ConfigError, PrivacyError
 from .accounting import calibrate_noise_multiplier, compact_history, epsilon
+from .secure_noise import SecureGaussian
 
 __all__ = [
     "NormalSource",
@@ -48,7 +49,6 @@ __all__ = [
 ]
 
 Arrays = Mapping[str, NDArray[Any]]
-_CHUNK = 1 << 20  # normals drawn per os.urandom call: bounds the temporary memory for very large models
 
 
 class NormalSource(Protocol):
@@ -57,30 +57,8 @@ class NormalSource(Protocol):
     def standard_normal(self, size: tuple[int, ...]) -> Any: ...
 
 
-class SecureNormal:
-    """Standard normal draws from the OS CSPRNG (``os.urandom``) through the Box-Muller transform.
-
-    Each pair of normals uses two 53-bit uniforms: ``u1`` in (0, 1) (never 0, so the log is finite) and ``u2`` in
-    [0, 1); ``r = sqrt(-2 ln u1)``, and ``r cos(2 pi u2)``, ``r sin(2 pi u2)`` are independent N(0, 1).
-    """
-
-    def standard_normal(self, size: int | tuple[int, ...] = ()) -> NDArray[np.float64]:
-        shape = (size,) if isinstance(size, int) else tuple(size)
-        n = math.prod(shape)
-        parts = [self._normals(min(_CHUNK, n - start)) for start in range(0, n, _CHUNK)]
-        flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.float64)
-        return flat.reshape(shape)
-
-    @staticmethod
-    def _normals(n: int) -> NDArray[np.float64]:
-        pairs = (n + 1) // 2
-        words = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
-        top53 = (words >> np.uint64(11)).astype(np.float64)
-        u1 = (top53[0] + 0.5) * 2.0**-53
-        u2 = top53[1] * 2.0**-53
-        radius = np.sqrt(-2.0 * np.log(u1))
-        angle = 2.0 * np.pi * u2
-        return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+#: Client-level DP noise uses the same CSPRNG sampler as DP-SGD (ChaCha20, Opacus secure_mode's mitigation).
+SecureNormal = SecureGaussian
 
 
 def update_norm(arrays: Iterable[NDArray[Any]]) -> float:

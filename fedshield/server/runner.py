@@ -119,9 +119,10 @@ def build_strategy(config: RunConfig, *, client_noise_multiplier: float | None =
     if config.secagg:
         from ..strategies.secagg import SecAggPlus
 
-        # Under client-level DP every client weighs 1 (see trainer), so SecAgg+'s weight scale is 1. Its key
-        # exchange and unmasking stages wait as long for replies as the round's train and evaluate exchanges.
-        max_weight = {"max_weight": 1.0} if config.client_dp == "distributed" else {}
+        # Under DP every client weighs the public constant 1 (see client.trainer.reply_metrics), so SecAgg+'s
+        # weight scale is 1. Its key exchange and unmasking stages wait as long for replies as the round's train
+        # and evaluate exchanges.
+        max_weight = {"max_weight": 1.0} if config.dp or config.client_dp != "off" else {}
         base = SecAggPlus(base, timeout=config.round_timeout, **config.secagg_params, **max_weight)
     if config.client_dp == "distributed" and not config.secagg:
         log.warning("--client-dp distributed without SecAgg+: the server sees each update with only its "
