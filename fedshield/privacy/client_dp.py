@@ -44,6 +44,8 @@ __all__ = [
     "noise_std_share",
     "effective_noise_multiplier",
     "accounting_sample_rate",
+    "check_shares_fit",
+    "SHARE_SIGMAS",
     "client_level_epsilon",
     "calibrate_client_noise",
 ]
@@ -157,9 +159,11 @@ def accounting_sample_rate(*, sampling: str, fraction: float) -> float:
     """The client sampling rate the accountant may use.
 
     ``poisson``: every client joins a round independently with probability ``fraction``: amplification by
-    subsampling applies with ``q = fraction`` (expected clients / total). ``fixed``: a fixed-size sample without
-    replacement, which Opacus' accountants (Poisson, add/remove) do not cover: accounted as ``q = 1``, i.e. no
-    amplification, which is an upper bound.
+    subsampling applies with ``q = fraction`` (expected clients / total), add/remove adjacency. ``fixed``: a
+    fixed-size sample without replacement, which Opacus' accountants (Poisson, add/remove) do not cover: accounted
+    as ``q = 1`` (no amplification) under ZERO-OUT adjacency (one client's update replaced by zero; the sample and
+    its size unchanged), where the sum's sensitivity is C. It is not an add/remove bound: adding a client to the
+    population changes who fills a fixed-size sample (a substitution, sensitivity 2C).
     """
     if sampling == "fixed":
         return 1.0
@@ -168,6 +172,34 @@ def accounting_sample_rate(*, sampling: str, fraction: float) -> float:
             raise ConfigError(f"Poisson client sampling needs a rate in (0, 1], got {fraction}")
         return float(fraction)
     raise ConfigError(f"unknown client sampling {sampling!r}: choose fixed or poisson")
+
+
+#: Standard deviations of a noise share that must fit inside SecAgg+'s clipping range: a share entry is clipped
+#: with probability 2 * Phi(-7) = 2.6e-12, so the summed noise stays the accounted Gaussian.
+SHARE_SIGMAS = 7.0
+
+
+def check_shares_fit(*, clipping_range: float, clip_norm: float, noise_multiplier: float, expected_clients: float) -> None:
+    """Refuse a distributed client-level DP run whose noise shares SecAgg+ would clip before summing them.
+
+    An entry a client masks is its clipped update entry (at most ``C`` in absolute value) plus its noise share
+    (std ``z C / sqrt(n)``), times weight 1 / max_weight 1. Clipping it to +-``clipping_range`` would cut the
+    noise entry by entry (C = 20, z = 1, n = 5: 37% of the entries), so the sum would carry less noise than is
+    accounted. Required: ``C + SHARE_SIGMAS * z C / sqrt(n) <= clipping_range``.
+
+    Raises:
+        ConfigError: one line with the largest clip norm that fits.
+    """
+    share = noise_std_share(noise_multiplier=noise_multiplier, clip_norm=clip_norm, expected_clients=expected_clients)
+    needed = clip_norm + SHARE_SIGMAS * share
+    if needed > clipping_range:
+        fit = clipping_range / (1 + SHARE_SIGMAS * noise_multiplier / math.sqrt(expected_clients))
+        raise ConfigError(
+            f"client-dp distributed: an update entry plus {SHARE_SIGMAS:g} std of its noise share "
+            f"({clip_norm:g} + {SHARE_SIGMAS:g} x {share:.4g} = {needed:.4g}) exceeds SecAgg+'s clipping range "
+            f"+-{clipping_range:g}, which would clip the noise: lower --client-clip-norm to at most {fit:.4g}, "
+            "or sample more clients per round"
+        )
 
 
 def client_level_epsilon(history: Iterable[Sequence[float]], *, delta: float, accountant: str = "prv") -> float:

@@ -78,6 +78,12 @@ class PrivacyReport:
     def load_client_level(self, state: list[dict[str, Any]] | None) -> None:
         self.client_releases = [dict(r) for r in state or []]
 
+    def _public_releases(self) -> list[dict[str, Any]]:
+        """Per-round releases as privacy.json shows them: under Poisson sampling the number of participants is
+        part of what the accounting hides, so it is left out (the checkpoint keeps it)."""
+        hidden = ("included_clients", "clipped_updates") if self.config.client_sampling == "poisson" else ()
+        return [{k: v for k, v in r.items() if k not in hidden} for r in self.client_releases]
+
     def client_level_history(self) -> list[tuple[float, float, int]]:
         return list(compact_history((r["noise_multiplier"], r["sample_rate"], 1) for r in self.client_releases))
 
@@ -106,16 +112,17 @@ class PrivacyReport:
             "delta": c.delta,
             "target_epsilon": c.client_epsilon,
             "planned_rounds": c.num_rounds,
+            "adjacency": _client_adjacency(c.client_sampling),
             "rounds_released": len(self.client_releases),
             "history": [list(h) for h in history],
-            "releases": self.client_level_state(),
+            "releases": self._public_releases(),
             "epsilon": _finite(eps),
             "dropouts": ("distributed: a round with m of n expected noise shares is accounted at z*sqrt(m/n) "
                          "(conservative, no server top-up)" if c.client_dp == "distributed"
                          else "central: the server adds the full noise every round"),
             "trust": _client_trust(c.client_dp, c.secagg),
-            "statement": (f"the released models are ({eps:.4g}, {c.delta:g})-DP with respect to adding or removing "
-                          "one client's entire contribution" if math.isfinite(eps) else "no finite guarantee"),
+            "statement": (f"the released models are ({eps:.4g}, {c.delta:g})-DP under "
+                          f"{_client_adjacency(c.client_sampling)}" if math.isfinite(eps) else "no finite guarantee"),
         }
 
     def record_round(self, settings: RoundSettings, replies: list[P.ClientReply]) -> None:
@@ -277,6 +284,13 @@ def recompute_client_epsilon(section: dict[str, Any]) -> float:
     """Recompute the run's client-level epsilon from the ``client_level`` section of ``privacy.json``."""
     return client_level_epsilon([tuple(h) for h in section["history"]], delta=section["delta"],
                                 accountant=section["accountant"])
+
+
+def _client_adjacency(sampling: str) -> str:
+    if sampling == "poisson":
+        return "add/remove of one client's entire contribution (Poisson client sampling, amplified)"
+    return ("zero-out of one client: its update replaced by zero, the fixed-size sample and its size unchanged "
+            "(no amplification, q = 1); NOT add/remove, which under fixed-size sampling is a substitution")
 
 
 def _client_trust(mode: str, secagg: bool) -> str:

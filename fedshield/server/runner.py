@@ -22,7 +22,7 @@ from .. import protocol as P
 from ..config import RoundSettings, RunConfig
 from ..data.partition import split_federated
 from ..privacy.accounting import calibrate_noise_multiplier
-from ..privacy.client_dp import accounting_sample_rate, calibrate_client_noise, noise_std_share
+from ..privacy.client_dp import accounting_sample_rate, calibrate_client_noise, check_shares_fit, noise_std_share
 from ..privacy.dpsgd import evaluate
 from ..strategies.recording import RecordingStrategy
 from ..tasks import get_task
@@ -130,6 +130,16 @@ def build_strategy(config: RunConfig, *, client_noise_multiplier: float | None =
     return RecordingStrategy(base)
 
 
+def check_noise_shares(config: RunConfig, z: float | None) -> None:
+    """Refuse (ConfigError) a distributed client-level DP run whose noise shares SecAgg+ would clip."""
+    if config.client_dp != "distributed" or not config.secagg or z is None or config.client_clip_norm is None:
+        return
+    from ..strategies.secagg import DEFAULT_CLIPPING_RANGE
+
+    check_shares_fit(clipping_range=DEFAULT_CLIPPING_RANGE[config.quantize], clip_norm=config.client_clip_norm,
+                     noise_multiplier=z, expected_clients=config.expected_train_clients)
+
+
 def _client_std_share(config: RunConfig, z: float | None) -> float:
     if config.client_dp != "distributed" or z is None or config.client_clip_norm is None:
         return 0.0
@@ -154,6 +164,7 @@ def run_server(
     # A resumed run keeps its mechanism: recalibrating could change sigma under the clients' ledgers.
     sigma = resume.noise_multiplier if resume is not None else noise_multiplier_for(config)
     client_sigma = _resumed_client_sigma(resume) or client_noise_multiplier_for(config)
+    check_noise_shares(config, client_sigma)
     summary = RunSummary(config, sigma)
     model = task.new_model(config.seed)
     server_test = None
