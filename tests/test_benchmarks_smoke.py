@@ -38,6 +38,12 @@ CASES = {
         ["breast-cancer: ghost epoch vs plain", "breast-cancer: ghost peak RSS vs plain"],
         180,
     ),
+    "secure_noise": (
+        ["--tasks", "breast-cancer", "--repeats", "1"],
+        ["breast-cancer: DP-SGD step, CSPRNG noise vs torch generator",
+         "breast-cancer: noise for one step, CSPRNG vs torch.normal"],
+        180,
+    ),
     "secagg_sim": (
         ["--clients", "3", "--rounds", "2", "--app", "protocol", "fedshield"],
         [f"SecAgg+ vs plain round time, {w}, 3 clients" for w in ("protocol only", "fedshield default job")],
