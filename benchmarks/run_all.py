@@ -56,6 +56,8 @@ BENCHMARKS = (
           ("--nodes", "100", "1000", "--repeats", "3"), ("--nodes", "100", "1000", "5000", "--repeats", "3")),
     Bench("dpsgd_modes", "DP-SGD epoch time and peak memory per Opacus grad-sample mode vs plain PyTorch",
           ("--repeats", "3"), ("--repeats", "5")),
+    Bench("secure_noise", "DP-SGD step time: CSPRNG noise (ChaCha20, secure_mode mitigation) vs torch's generator",
+          ("--repeats", "3"), ("--repeats", "5")),
     Bench("aggregation", "Server aggregation memory and time: streaming vs Flower's aggregate_arrayrecords",
           ("--clients", "10", "100", "--params", "100000", "1000000", "--repeats", "3"), ("--repeats", "3")),
     Bench("secagg_sim", "SecAgg+ vs plain FedAvg round time in simulation",

@@ -161,8 +161,9 @@ class RunConfig:
             ``distributed`` (each client clips its update to ``client_clip_norm`` and adds its share of noise).
         client_noise_multiplier: z; the noise on the sum of clipped updates has std ``z * client_clip_norm``.
         client_epsilon: calibrate z instead, for ``num_rounds`` rounds at ``delta``.
-        client_sampling: ``fixed`` (Flower's fixed-size sampling, accounted with sample rate 1) or ``poisson``
-            (each client joins a round with probability ``fraction_train``; amplified accounting).
+        client_sampling: ``fixed`` (Flower's fixed-size sampling, accounted with sample rate 1 under zero-out
+            adjacency) or ``poisson`` (each client joins a round with probability ``fraction_train``; amplified
+            add/remove accounting; central mode only, since distributed noise shares reveal the count).
 
     Secure aggregation (SecAgg+, with ``secagg``):
         secagg_shares: how many of a round's clients (the node itself included) hold shares of each client's
@@ -347,6 +348,12 @@ class RunConfig:
             raise ConfigError(
                 f"client-level DP bounds the noisy SUM of clipped updates; {self.strategy!r} does not average, so "
                 "the guarantee would not hold: use fedavg, fedavgm, fedprox, fedadam, fedyogi or fedadagrad"
+            )
+        if self.client_dp == "distributed" and self.client_sampling == "poisson":
+            raise ConfigError(
+                "client-dp distributed with client-sampling poisson: the summed noise's variance reveals how many "
+                "clients took part, which the Poisson (add/remove) accounting assumes hidden: use --client-sampling "
+                "fixed (zero-out adjacency), or --client-dp central --no-secagg for Poisson sampling"
             )
         if self.client_dp == "central" and self.secagg:
             raise ConfigError(

@@ -24,6 +24,9 @@ METRICS: Final = "metrics"
 
 #: Weight of a reply in FedAvg-style aggregation; in every train and evaluate reply.
 NUM_EXAMPLES: Final = "num-examples"
+#: The value of NUM_EXAMPLES in a train reply under DP: a public constant, never the site's record count, so the
+#: reply cannot tell apart two data sets that differ by one record (add/remove adjacency).
+PUBLIC_WEIGHT: Final = 1.0
 
 # --- round config keys (server -> client) -------------------------------------------------------------------
 SERVER_ROUND: Final = "server-round"
@@ -53,6 +56,10 @@ PARTITION_ID: Final = "partition-id"
 
 #: Prefix of a reply error reason that means "refused: privacy budget exhausted".
 BUDGET_REFUSAL: Final = "fedshield:budget-exhausted"
+#: Reply error prefixes a site sends only BEFORE it charges its ledger (budget, plain-update and site-policy
+#: refusals). Every other failed train reply of a DP round is charged in privacy.json: the site charges before it
+#: trains, so its masked vector, a late reply or a crash may follow a charge the server never saw confirmed.
+UNCHARGED_REFUSALS: Final = (BUDGET_REFUSAL, "fedshield:plain-update-refused", "fedshield:policy-refused")
 
 #: Prefix of a reply error reason that means "this site refused the SecAgg+ round" (keys not signed by its roster,
 #: a request no honest server sends); the site sent no shares.

@@ -19,7 +19,10 @@ from fedshield.config import RunConfig
 from fedshield.server.runner import RunSummary, run_server
 
 
-def run_many(configs: list[RunConfig], *, client_app: ClientApp | None = None) -> list[RunSummary]:
+def run_many(
+    configs: list[RunConfig], *, client_app: ClientApp | None = None, wrap_grid: Any = None,
+) -> list[RunSummary]:
+    """``wrap_grid``: optional ``Grid -> Grid`` applied to the server's grid (e.g. to record every reply)."""
     from flwr.simulation import run_simulation
 
     from fedshield.client.app import app as fedshield_client_app
@@ -35,7 +38,8 @@ def run_many(configs: list[RunConfig], *, client_app: ClientApp | None = None) -
     def _main(grid: Grid, context: Context) -> None:
         try:
             for cfg in configs:
-                results.append(run_server(grid, cfg, state_root=str((cfg.out / "clients").resolve())))
+                results.append(run_server(wrap_grid(grid) if wrap_grid else grid, cfg,
+                                          state_root=str((cfg.out / "clients").resolve())))
         except BaseException as exc:  # Flower only logs ServerApp exceptions: hand it back
             errors.append(exc)
             raise

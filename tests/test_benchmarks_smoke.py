@@ -43,6 +43,12 @@ CASES = {
         [f"SecAgg+ mask expansion per 1M entries, {w}" for w in ("chacha20", "aes-ctr")],
         120,
     ),
+    "secure_noise": (
+        ["--tasks", "breast-cancer", "--repeats", "1"],
+        ["breast-cancer: DP-SGD step, CSPRNG noise vs torch generator",
+         "breast-cancer: noise for one step, CSPRNG vs torch.normal"],
+        180,
+    ),
     "secagg_sim": (
         ["--clients", "3", "--rounds", "2", "--app", "protocol", "fedshield"],
         [f"SecAgg+ vs plain round time, {w}, 3 clients" for w in ("protocol only", "fedshield default job")],

@@ -122,15 +122,16 @@ def test_secure_normal_shapes_and_source(monkeypatch: pytest.MonkeyPatch) -> Non
         assert isinstance(draw, np.ndarray) and draw.shape == shape and draw.dtype == np.float64
     assert source.standard_normal(7).shape == (7,)
     calls: list[int] = []
-    real = __import__("os").urandom
+    real = SecureNormal._keystream
 
-    def counting(n: int) -> bytes:
+    def counting(self: SecureNormal, n: int) -> bytes:
         calls.append(n)
-        return real(n)
+        return real(self, n)
 
-    monkeypatch.setattr("fedshield.privacy.client_dp.os.urandom", counting)
+    monkeypatch.setattr(SecureNormal, "_keystream", counting)
     source.standard_normal((3 * 2**20 + 5,))
-    assert calls == [16 * 2**19] * 3 + [16 * 3]  # chunked reads from the OS CSPRNG: 16 bytes per pair of normals
+    # Chunked ChaCha20 keystream: 4 normals per output (secure_mode's mitigation), 16 bytes per pair of normals.
+    assert calls == [32 * 2**20] * 3 + [32 * 5]
     a, b = source.standard_normal((1000,)), source.standard_normal((1000,))
     assert not np.array_equal(a, b)
 

@@ -54,7 +54,7 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     mech = privacy["mechanism"]
     if summary.config.dp and g["epsilon"] is not None and math.isfinite(g["epsilon"]):
         console.print(
-            f"guarantee: ({g['epsilon']:.3f}, {g['delta']:g})-DP per record (max over clients); "
+            f"guarantee: ({g['epsilon']:.3f}, {g['delta']:g})-DP per record, add/remove adjacency (max over clients); "
             f"sigma={mech['noise_multiplier']:.4f} q={mech['sample_rate']:g} C={mech['max_grad_norm']:g} "
             f"accountant={mech['accountant']}"
         )
@@ -63,4 +63,7 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     last = summary.rounds[-1] if summary.rounds else {}
     if last.get("accuracy") is not None:
         console.print(f"final server test accuracy: {100 * last['accuracy']:.1f}%")
+    randomness = summary.privacy.get("randomness", {})
+    if randomness.get("simulated"):
+        console.print(f"[bold yellow]NOTE[/]: {randomness['statement']}")
     console.print(f"run directory: {summary.config.out}")

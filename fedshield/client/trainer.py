@@ -12,25 +12,31 @@ import torch
 from .. import protocol as P
 from ..compression import quantize_update
 from ..config import RoundSettings
-from ..errors import BudgetExhaustedError
 from ..privacy.client_dp import SecureNormal, add_gaussian_noise, clip_update
 from ..privacy.dpsgd import evaluate, make_generator, train_dp_sgd, train_plain
-from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
+from ..privacy.ledger import LEDGER_FILE, PrivacyLedger, charge_ledger
+from ..privacy.secure_noise import SecureGaussian
 from .policy import ledger_terms
 from .site import Site
 
-__all__ = ["TrainOutcome", "train_round", "evaluate_round"]
+__all__ = ["TrainOutcome", "train_round", "evaluate_round", "reply_metrics"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    """``payload``: what goes on the wire instead of ``state_dict`` when updates are compressed."""
+    """``payload``: what goes on the wire instead of ``state_dict`` when updates are compressed.
+
+    ``metrics`` is exactly what the reply carries in clear (see :func:`reply_metrics`); ``train_loss`` stays on
+    the site: under DP it is a noise-free statistic of the private records, so it never goes on the wire.
+    """
 
     state_dict: dict[str, torch.Tensor]
     metrics: dict[str, float]
     payload: dict[str, np.ndarray] | None = None
+    train_loss: float = float("nan")
+    secure_noise: bool = False
 
 
 def _generator(site: Site, settings: RoundSettings) -> torch.Generator:
@@ -39,6 +45,12 @@ def _generator(site: Site, settings: RoundSettings) -> torch.Generator:
     if site.partition_id is None:
         return make_generator(None)
     return make_generator(hash((settings.seed, site.partition_id, settings.server_round)) & (2**62 - 1))
+
+
+def _secure_noise(site: Site) -> SecureGaussian | None:
+    # A deployed site draws its DP-SGD noise from a CSPRNG: nobody, the server included, can predict and subtract
+    # it. A simulated client keeps torch's generator seeded from --seed (reproducible; its epsilon is nominal).
+    return SecureGaussian() if site.partition_id is None else None
 
 
 def _model(site: Site, settings: RoundSettings, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -54,9 +66,7 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def train_round(site: Site, settings: RoundSettings, global_state: dict[str, torch.Tensor]) -> TrainOutcome:
     """Train one round; raises :class:`BudgetExhaustedError` (after recording the refusal) instead of overspending."""
-    metrics: dict[str, float] = {P.NUM_EXAMPLES: float(len(site.train))}
-    if site.partition_id is not None:
-        metrics[P.PARTITION_ID] = float(site.partition_id)
+    metrics = reply_metrics(site, settings)
     model = _model(site, settings, global_state)
     generator = _generator(site, settings)
     loss_fn = site.task.loss_fn()
@@ -67,6 +77,7 @@ def train_round(site: Site, settings: RoundSettings, global_state: dict[str, tor
             sample_rate=settings.sample_rate, epochs=settings.local_epochs, lr=settings.lr, loss_fn=loss_fn,
             generator=generator, grad_sample_mode=settings.grad_sample_mode, proximal_mu=settings.proximal_mu,
             device=site.device, max_physical_batch_size=settings.max_physical_batch_size, amp=settings.amp,
+            secure_noise=_secure_noise(site),
         )
         metrics.update({P.EPSILON: ledger.epsilon, P.STEPS: float(ledger.steps), P.ROUNDS_TRAINED: float(len(ledger.rounds))})
         metrics[P.DELTA] = ledger.delta  # the delta this site accounted at (its own, under a site policy)
@@ -76,15 +87,29 @@ def train_round(site: Site, settings: RoundSettings, global_state: dict[str, tor
             loss_fn=loss_fn, generator=generator, proximal_mu=settings.proximal_mu, device=site.device,
             amp=settings.amp,
         )
-    metrics[P.TRAIN_LOSS] = result.mean_loss
+    if not settings.dp:
+        metrics[P.TRAIN_LOSS] = result.mean_loss  # no guarantee to keep without DP: the loss helps debugging
     state = _cpu_state(model)
     if settings.client_dp == "distributed":
         state = _client_level_dp(state, global_state, settings, site, generator)
-        # Every client counts once in a client-level DP mean: an example-count weight would let one client's
-        # influence exceed C/n and break the sensitivity bound (and the count itself would travel in clear).
-        metrics[P.NUM_EXAMPLES] = 1.0
     payload = _compress(state, global_state, settings, generator) if settings.quantize else None
-    return TrainOutcome(state, metrics, payload)
+    return TrainOutcome(state, metrics, payload, result.mean_loss, result.secure_noise)
+
+
+def reply_metrics(site: Site, settings: RoundSettings) -> dict[str, float]:
+    """What a train reply says in clear besides the (noised) weights; docs/PRIVACY.md lists it.
+
+    Under record-level or client-level DP the weight is the public constant :data:`~fedshield.protocol.
+    PUBLIC_WEIGHT` (FedAvg averages sites uniformly): the exact record count would tell an add/remove neighbour
+    apart, and under client-level DP an example-count weight would let one client's influence exceed C/n. Only
+    ``--no-dp`` runs, which promise nothing, send the count. The ledger figures (epsilon, steps, rounds) are
+    functions of public mechanism parameters and of the site's participation, never of its records.
+    """
+    private = settings.dp or settings.client_dp != "off"
+    metrics = {P.NUM_EXAMPLES: P.PUBLIC_WEIGHT if private else float(len(site.train))}
+    if site.partition_id is not None:  # simulation only: the partition id is the server's own choice
+        metrics[P.PARTITION_ID] = float(site.partition_id)
+    return metrics
 
 
 def _client_level_dp(
@@ -122,22 +147,16 @@ def _compress(
 
 
 def _charge(site: Site, settings: RoundSettings) -> PrivacyLedger:
-    path = site.state_dir / LEDGER_FILE
-    # A deployed site charges at its own accountant, delta and budget, whatever the round config says.
+    # A deployed site charges at its own accountant, delta and budget, whatever the round config says. Write-ahead
+    # and locked: the spend is on disk before any data is touched (a crash can only over-count), and two processes
+    # sharing this state directory never lose a charge.
     accountant, delta, budget = ledger_terms(site.policy, accountant=settings.accountant, delta=settings.delta,
                                              target_epsilon=settings.target_epsilon, site_budget=site.budget)
-    ledger = PrivacyLedger.open(path, accountant=accountant, delta=delta, budget=budget)
-    try:
-        charged = ledger.charge(
-            noise_multiplier=settings.noise_multiplier, sample_rate=settings.sample_rate, steps=settings.steps,
-            run_id=settings.run_id, server_round=settings.server_round,
-        )
-    except BudgetExhaustedError:
-        ledger.refuse(run_id=settings.run_id, server_round=settings.server_round).save(path)
-        raise
-    # Write-ahead: the spend is on disk before any data is touched, so a crash can only over-count.
-    charged.save(path)
-    return charged
+    return charge_ledger(
+        site.state_dir / LEDGER_FILE, accountant=accountant, delta=delta, budget=budget,
+        noise_multiplier=settings.noise_multiplier, sample_rate=settings.sample_rate, steps=settings.steps,
+        run_id=settings.run_id, server_round=settings.server_round,
+    )
 
 
 def evaluate_round(site: Site, settings: RoundSettings, global_state: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -11,19 +11,19 @@ Nothing here mutates its inputs: every function returns new arrays. In-place Num
 instead of writing into the array (Flower 1.39's ``compute_clip_model_update`` leaves 0-d entries unclipped this
 way), so every operation below is out-of-place and checked on 0-d shapes by the tests.
 
-Randomness. Noise that protects people must not be predictable. :class:`SecureNormal` draws from the operating
-system's CSPRNG (``os.urandom``) and turns the bytes into normals with the Box-Muller transform, vectorised in
-NumPy. A ``numpy.random.Generator`` seeded from ``os.urandom`` is *not* a CSPRNG (PCG64's state can be recovered
+Randomness. Noise that protects people must not be predictable. :class:`SecureNormal` (an alias of
+:class:`~fedshield.privacy.secure_noise.SecureGaussian`) draws from a ChaCha20 keystream keyed from ``os.urandom``
+through the Box-Muller transform, with Opacus secure_mode's sum-of-four mitigation. A ``numpy.random.Generator``
+seeded from ``os.urandom`` is *not* a CSPRNG (PCG64's state can be recovered
 from its output), so it is used only where reproducibility is the point (simulations, tests): every noise function
 takes the source as an argument. Known limits of floating-point Gaussian sampling apply (Mironov, CCS 2012, showed
-attacks on the low-order bits of floating-point Laplace noise; a discrete Gaussian would close them); the tails
-are cut at about 8.6 sigma by the 53-bit uniforms, a probability below 1e-17 per draw.
+attacks on the low-order bits of floating-point Laplace noise; the sum-of-four mitigation raises their cost, a
+discrete Gaussian would close them).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -33,6 +33,7 @@ from numpy.typing import NDArray
 
 from ..errors import ConfigError, PrivacyError
 from .accounting import calibrate_noise_multiplier, compact_history, epsilon
+from .secure_noise import SecureGaussian
 
 __all__ = [
     "NormalSource",
@@ -43,12 +44,13 @@ __all__ = [
     "noise_std_share",
     "effective_noise_multiplier",
     "accounting_sample_rate",
+    "check_shares_fit",
+    "SHARE_SIGMAS",
     "client_level_epsilon",
     "calibrate_client_noise",
 ]
 
 Arrays = Mapping[str, NDArray[Any]]
-_CHUNK = 1 << 20  # normals drawn per os.urandom call: bounds the temporary memory for very large models
 
 
 class NormalSource(Protocol):
@@ -57,30 +59,8 @@ class NormalSource(Protocol):
     def standard_normal(self, size: tuple[int, ...]) -> Any: ...
 
 
-class SecureNormal:
-    """Standard normal draws from the OS CSPRNG (``os.urandom``) through the Box-Muller transform.
-
-    Each pair of normals uses two 53-bit uniforms: ``u1`` in (0, 1) (never 0, so the log is finite) and ``u2`` in
-    [0, 1); ``r = sqrt(-2 ln u1)``, and ``r cos(2 pi u2)``, ``r sin(2 pi u2)`` are independent N(0, 1).
-    """
-
-    def standard_normal(self, size: int | tuple[int, ...] = ()) -> NDArray[np.float64]:
-        shape = (size,) if isinstance(size, int) else tuple(size)
-        n = math.prod(shape)
-        parts = [self._normals(min(_CHUNK, n - start)) for start in range(0, n, _CHUNK)]
-        flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.float64)
-        return flat.reshape(shape)
-
-    @staticmethod
-    def _normals(n: int) -> NDArray[np.float64]:
-        pairs = (n + 1) // 2
-        words = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
-        top53 = (words >> np.uint64(11)).astype(np.float64)
-        u1 = (top53[0] + 0.5) * 2.0**-53
-        u2 = top53[1] * 2.0**-53
-        radius = np.sqrt(-2.0 * np.log(u1))
-        angle = 2.0 * np.pi * u2
-        return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+#: Client-level DP noise uses the same CSPRNG sampler as DP-SGD (ChaCha20, Opacus secure_mode's mitigation).
+SecureNormal = SecureGaussian
 
 
 def update_norm(arrays: Iterable[NDArray[Any]]) -> float:
@@ -179,9 +159,11 @@ def accounting_sample_rate(*, sampling: str, fraction: float) -> float:
     """The client sampling rate the accountant may use.
 
     ``poisson``: every client joins a round independently with probability ``fraction``: amplification by
-    subsampling applies with ``q = fraction`` (expected clients / total). ``fixed``: a fixed-size sample without
-    replacement, which Opacus' accountants (Poisson, add/remove) do not cover: accounted as ``q = 1``, i.e. no
-    amplification, which is an upper bound.
+    subsampling applies with ``q = fraction`` (expected clients / total), add/remove adjacency. ``fixed``: a
+    fixed-size sample without replacement, which Opacus' accountants (Poisson, add/remove) do not cover: accounted
+    as ``q = 1`` (no amplification) under ZERO-OUT adjacency (one client's update replaced by zero; the sample and
+    its size unchanged), where the sum's sensitivity is C. It is not an add/remove bound: adding a client to the
+    population changes who fills a fixed-size sample (a substitution, sensitivity 2C).
     """
     if sampling == "fixed":
         return 1.0
@@ -190,6 +172,34 @@ def accounting_sample_rate(*, sampling: str, fraction: float) -> float:
             raise ConfigError(f"Poisson client sampling needs a rate in (0, 1], got {fraction}")
         return float(fraction)
     raise ConfigError(f"unknown client sampling {sampling!r}: choose fixed or poisson")
+
+
+#: Standard deviations of a noise share that must fit inside SecAgg+'s clipping range: a share entry is clipped
+#: with probability 2 * Phi(-7) = 2.6e-12, so the summed noise stays the accounted Gaussian.
+SHARE_SIGMAS = 7.0
+
+
+def check_shares_fit(*, clipping_range: float, clip_norm: float, noise_multiplier: float, expected_clients: float) -> None:
+    """Refuse a distributed client-level DP run whose noise shares SecAgg+ would clip before summing them.
+
+    An entry a client masks is its clipped update entry (at most ``C`` in absolute value) plus its noise share
+    (std ``z C / sqrt(n)``), times weight 1 / max_weight 1. Clipping it to +-``clipping_range`` would cut the
+    noise entry by entry (C = 20, z = 1, n = 5: 37% of the entries), so the sum would carry less noise than is
+    accounted. Required: ``C + SHARE_SIGMAS * z C / sqrt(n) <= clipping_range``.
+
+    Raises:
+        ConfigError: one line with the largest clip norm that fits.
+    """
+    share = noise_std_share(noise_multiplier=noise_multiplier, clip_norm=clip_norm, expected_clients=expected_clients)
+    needed = clip_norm + SHARE_SIGMAS * share
+    if needed > clipping_range:
+        fit = clipping_range / (1 + SHARE_SIGMAS * noise_multiplier / math.sqrt(expected_clients))
+        raise ConfigError(
+            f"client-dp distributed: an update entry plus {SHARE_SIGMAS:g} std of its noise share "
+            f"({clip_norm:g} + {SHARE_SIGMAS:g} x {share:.4g} = {needed:.4g}) exceeds SecAgg+'s clipping range "
+            f"+-{clipping_range:g}, which would clip the noise: lower --client-clip-norm to at most {fit:.4g}, "
+            "or sample more clients per round"
+        )
 
 
 def client_level_epsilon(history: Iterable[Sequence[float]], *, delta: float, accountant: str = "prv") -> float:

@@ -22,6 +22,7 @@ from ..config import AMP_GRAD_SAMPLE_MODES
 from ..data.spec import Dataset
 from ..errors import PrivacyError
 from .accounting import HistoryEntry
+from .secure_noise import SecureGaussian, use_secure_noise
 
 __all__ = [
     "LocalTrainResult", "ProximalTerm", "train_dp_sgd", "train_plain", "evaluate", "make_generator", "device_generator",
@@ -33,6 +34,7 @@ class LocalTrainResult:
     mean_loss: float
     steps: int
     history: tuple[HistoryEntry, ...]  # empty for plain training
+    secure_noise: bool = False  # the DP-SGD noise came from a CSPRNG (SecureGaussian), not torch's generator
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -72,8 +74,13 @@ def train_dp_sgd(
     device: torch.device | str | None = None,
     max_physical_batch_size: int = 0,
     amp: bool = False,
+    secure_noise: SecureGaussian | None = None,
 ) -> LocalTrainResult:
     """Train ``model`` in place with DP-SGD; ``steps = epochs * round(1 / sample_rate)``.
+
+    ``secure_noise``: draw the Gaussian noise from this CSPRNG sampler (Opacus secure_mode's mitigation, see
+    :mod:`.secure_noise`) instead of a torch generator seeded from ``generator``. Deployed sites must pass one;
+    ``None`` (simulations, tests) keeps the noise reproducible from the seed, so its epsilon is nominal.
 
     ``proximal_mu > 0`` adds FedProx's ``mu/2 * ||w - w_start||^2`` (``w_start``: the weights ``model`` holds on
     entry, i.e. the global model) to the objective; see :class:`ProximalTerm` for how it stays out of the privacy
@@ -117,6 +124,8 @@ def train_dp_sgd(
     else:
         module, dp_optimizer, dp_loader = private
         criterion = loss_fn
+    if secure_noise is not None:
+        use_secure_noise(dp_optimizer, secure_noise)
     # Opacus divides the noisy sum by int(len(data) * q), which is 0 below 1/q examples: every step would turn
     # the weights into inf/NaN. The divisor is post-processing (no privacy effect); 1 keeps the weights finite.
     dp_optimizer.expected_batch_size = max(1, dp_optimizer.expected_batch_size)
@@ -131,7 +140,7 @@ def train_dp_sgd(
         raise PrivacyError(f"Opacus recorded {history}, expected {expected}: refusing to report a wrong epsilon")
     if hasattr(module, "_close"):
         module._close()  # remove Opacus hooks so the caller's model is an ordinary module again
-    return LocalTrainResult(_mean(losses), epochs * steps_per_epoch, history)
+    return LocalTrainResult(_mean(losses), epochs * steps_per_epoch, history, secure_noise is not None)
 
 
 def train_plain(

@@ -4,12 +4,20 @@ Flower rebuilds the client every round and keeps ``context.state`` only in Super
 has to live on disk. The ledger is written *before* a round trains (write-ahead): a crash after the write can only
 over-count epsilon, never under-count it, and every write is atomic (temp file + rename), so a kill -9 at any
 moment leaves either the old ledger or the new one.
+
+Two processes may share one state directory (a site running two SuperNodes, or a worker restarted while the old
+one finishes a round): :func:`charge_ledger` holds an exclusive ``fcntl.flock`` on a lock file beside the ledger
+across read-charge-write, so no charge is ever lost to a concurrent writer.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +26,7 @@ from ..atomic import atomic_write_json
 from ..errors import BudgetExhaustedError, LedgerError
 from .accounting import HistoryEntry, compact_history, epsilon
 
-__all__ = ["PrivacyLedger", "LEDGER_FILE", "LEDGER_FORMAT"]
+__all__ = ["PrivacyLedger", "LEDGER_FILE", "LEDGER_FORMAT", "charge_ledger", "ledger_lock"]
 
 LEDGER_FILE = "privacy-ledger.json"
 LEDGER_FORMAT = "fedshield-ledger/1"
@@ -144,8 +152,48 @@ class PrivacyLedger:
         return ledger
 
 
+@contextmanager
+def ledger_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<ledger>.lock`` (created 0600 beside the ledger) for the block.
+
+    The lock file, not the ledger, is locked: the ledger is replaced by rename on every write, so a lock on its
+    inode would be lost with the old file. The kernel drops the lock if the holder dies (kill -9 included).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def charge_ledger(
+    path: Path, *, accountant: str, delta: float, budget: float | None, noise_multiplier: float, sample_rate: float,
+    steps: int, run_id: str, server_round: int,
+) -> PrivacyLedger:
+    """Open, charge and save the ledger at ``path`` under :func:`ledger_lock`; return the charged ledger.
+
+    Write-ahead: the spend is on disk before the caller touches any data. A refusal is recorded (under the same
+    lock) and :class:`BudgetExhaustedError` raised.
+    """
+    with ledger_lock(path):
+        ledger = PrivacyLedger.open(path, accountant=accountant, delta=delta, budget=budget)
+        try:
+            charged = ledger.charge(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
+                                    run_id=run_id, server_round=server_round)
+        except BudgetExhaustedError:
+            ledger.refuse(run_id=run_id, server_round=server_round).save(path)
+            raise
+        charged.save(path)
+        return charged
+
+
 def _sweep_stale_temps(path: Path) -> None:
-    """Remove temp files a writer killed mid-write left beside the ledger (the ledger itself is intact)."""
+    """Remove temp files a writer killed mid-write left beside the ledger (the ledger itself is intact).
+
+    Only safe while no other process is writing: :func:`charge_ledger` calls it under the ledger lock."""
     if path.parent.is_dir():
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)

@@ -45,6 +45,9 @@ class ClientPrivacy:
     stopped_on_budget: bool = False
     stopped_round: int | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
+    #: DP rounds charged although the reply failed (aborted SecAgg+ round, timeout, rejected update): the site
+    #: charged its ledger before training, so the report counts them too and never falls below the ledger.
+    charged_unconfirmed: list[int] = field(default_factory=list)
 
 
 class PrivacyReport:
@@ -75,6 +78,12 @@ class PrivacyReport:
     def load_client_level(self, state: list[dict[str, Any]] | None) -> None:
         self.client_releases = [dict(r) for r in state or []]
 
+    def _public_releases(self) -> list[dict[str, Any]]:
+        """Per-round releases as privacy.json shows them: under Poisson sampling the number of participants is
+        part of what the accounting hides, so it is left out (the checkpoint keeps it)."""
+        hidden = ("included_clients", "clipped_updates") if self.config.client_sampling == "poisson" else ()
+        return [{k: v for k, v in r.items() if k not in hidden} for r in self.client_releases]
+
     def client_level_history(self) -> list[tuple[float, float, int]]:
         return list(compact_history((r["noise_multiplier"], r["sample_rate"], 1) for r in self.client_releases))
 
@@ -103,39 +112,39 @@ class PrivacyReport:
             "delta": c.delta,
             "target_epsilon": c.client_epsilon,
             "planned_rounds": c.num_rounds,
+            "adjacency": _client_adjacency(c.client_sampling),
             "rounds_released": len(self.client_releases),
             "history": [list(h) for h in history],
-            "releases": self.client_level_state(),
+            "releases": self._public_releases(),
             "epsilon": _finite(eps),
             "dropouts": ("distributed: a round with m of n expected noise shares is accounted at z*sqrt(m/n) "
                          "(conservative, no server top-up)" if c.client_dp == "distributed"
                          else "central: the server adds the full noise every round"),
             "trust": _client_trust(c.client_dp, c.secagg),
-            "statement": (f"the released models are ({eps:.4g}, {c.delta:g})-DP with respect to adding or removing "
-                          "one client's entire contribution" if math.isfinite(eps) else "no finite guarantee"),
+            "statement": (f"the released models are ({eps:.4g}, {c.delta:g})-DP under "
+                          f"{_client_adjacency(c.client_sampling)}" if math.isfinite(eps) else "no finite guarantee"),
         }
 
     def record_round(self, settings: RoundSettings, replies: list[P.ClientReply]) -> None:
         for reply in replies:
             client = self._client(reply)
-            if reply.ok:
-                client.rounds_trained.append(settings.server_round)
-                if settings.dp:
-                    client.history = list(compact_history([*client.history, (settings.noise_multiplier, settings.sample_rate, settings.steps)]))
+            refused = bool(reply.error) and any(r in str(reply.error) for r in P.UNCHARGED_REFUSALS)
+            if settings.dp and not refused:
+                # Charged for every reply that is not a refusal sent before charging: an aborted SecAgg+ round, a
+                # rejected update or a timeout may hide a round the site trained (and charged) all the same.
+                entry = (settings.noise_multiplier, settings.sample_rate, settings.steps)
+                client.history = list(compact_history([*client.history, entry]))
+                if not reply.ok:
+                    client.charged_unconfirmed.append(settings.server_round)
                 if P.EPSILON in reply.metrics:
                     client.reported_epsilon = reply.metrics[P.EPSILON]
                     client.reported_steps = int(reply.metrics.get(P.STEPS, 0))
+            if reply.ok:
+                client.rounds_trained.append(settings.server_round)
             elif reply.error and P.BUDGET_REFUSAL in reply.error:
                 if not client.stopped_on_budget:
                     client.stopped_on_budget, client.stopped_round = True, settings.server_round
             else:
-                if settings.dp and reply.error and reply.error.startswith(REJECTED):
-                    # The update was rejected here, but the client trained (and charged its ledger) to make it:
-                    # it spent the round's budget all the same, so the server's account must count it too.
-                    client.history = list(compact_history([*client.history, (settings.noise_multiplier, settings.sample_rate, settings.steps)]))
-                    if P.EPSILON in reply.metrics:
-                        client.reported_epsilon = reply.metrics[P.EPSILON]
-                        client.reported_steps = int(reply.metrics.get(P.STEPS, 0))
                 client.failures.append({"round": settings.server_round, "reason": str(reply.error)[:500]})
 
     def _client(self, reply: P.ClientReply) -> ClientPrivacy:
@@ -203,6 +212,8 @@ class PrivacyReport:
                 "stopped_on_budget": client.stopped_on_budget,
                 "stopped_round": client.stopped_round,
                 "failures": client.failures,
+                "charged_unconfirmed": client.charged_unconfirmed,
+                "noise": _noise_statement(client),
             }
         overall = self.max_epsilon()
         return {
@@ -222,22 +233,64 @@ class PrivacyReport:
             },
             "guarantee": {
                 "level": "record",
+                "adjacency": RECORD_ADJACENCY if c.dp else None,
                 "epsilon": _finite(overall),
                 "delta": c.delta if c.dp else None,
                 "statement": (
-                    f"each client's records are ({overall:.4g}, {c.delta:g})-DP with respect to everything that "
-                    "client sent (max over clients)" if c.dp else "NO differential privacy: trained with --no-dp"
+                    f"each client's records are ({overall:.4g}, {c.delta:g})-DP under add/remove of one record, "
+                    "with respect to everything that client sent (max over clients)"
+                    if c.dp else "NO differential privacy: trained with --no-dp"
                 ),
             },
+            "in_clear": IN_CLEAR if c.dp else "--no-dp: train replies also carry the exact record count and loss",
+            "randomness": _randomness(self.clients.values()),
             "clients": clients,
             "client_level": self.client_level_json(),
         }
+
+
+#: The neighbouring data sets record-level epsilon is proven for: Opacus' PRV accountant of the Poisson-subsampled
+#: Gaussian is tight for add/remove; a train reply carries no exact record count (public weight 1), so nothing in
+#: clear tells the two neighbours apart.
+RECORD_ADJACENCY = "add/remove one record of one site"
+
+#: What a site sends in clear besides its noised update (docs/PRIVACY.md, "What leaves a site in clear").
+IN_CLEAR = {
+    "train_reply": [f"{P.NUM_EXAMPLES} (the public constant {P.PUBLIC_WEIGHT:g}, not the record count)",
+                    f"{P.EPSILON}, {P.STEPS}, {P.ROUNDS_TRAINED} (ledger figures: public parameters and participation)",
+                    "success, or the reason of a refusal or failure"],
+    "evaluate_reply": [f"{P.NUM_EXAMPLES} (the exact size of the site's test split)",
+                       f"{P.EVAL_LOSS} and {P.EVAL_ACCURACY} of the global model on it: NOT covered by epsilon"],
+}
+
+
+def _noise_statement(client: ClientPrivacy) -> str:
+    if client.partition_id is not None:
+        return "simulated: torch generator seeded from the run's seed, reproducible, so epsilon is nominal"
+    return "deployed fedshield site: CSPRNG (ChaCha20) Gaussian with Opacus secure_mode's mitigation"
+
+
+def _randomness(clients: Any) -> dict[str, Any]:
+    simulated = any(c.partition_id is not None for c in clients)
+    return {
+        "simulated": simulated,
+        "statement": ("SIMULATION: every client's sampling and noise are reproducible from the run's seed, so "
+                      "anyone who knows the seed can subtract the noise: the epsilon figures are nominal"
+                      if simulated else "each site draws its DP-SGD noise from a CSPRNG it seeds itself"),
+    }
 
 
 def recompute_client_epsilon(section: dict[str, Any]) -> float:
     """Recompute the run's client-level epsilon from the ``client_level`` section of ``privacy.json``."""
     return client_level_epsilon([tuple(h) for h in section["history"]], delta=section["delta"],
                                 accountant=section["accountant"])
+
+
+def _client_adjacency(sampling: str) -> str:
+    if sampling == "poisson":
+        return "add/remove of one client's entire contribution (Poisson client sampling, amplified)"
+    return ("zero-out of one client: its update replaced by zero, the fixed-size sample and its size unchanged "
+            "(no amplification, q = 1); NOT add/remove, which under fixed-size sampling is a substitution")
 
 
 def _client_trust(mode: str, secagg: bool) -> str:

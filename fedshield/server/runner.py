@@ -22,7 +22,7 @@ from .. import protocol as P
 from ..config import RoundSettings, RunConfig
 from ..data.partition import split_federated
 from ..privacy.accounting import calibrate_noise_multiplier
-from ..privacy.client_dp import accounting_sample_rate, calibrate_client_noise, noise_std_share
+from ..privacy.client_dp import accounting_sample_rate, calibrate_client_noise, check_shares_fit, noise_std_share
 from ..privacy.dpsgd import evaluate
 from ..strategies.recording import RecordingStrategy
 from ..tasks import get_task
@@ -119,14 +119,25 @@ def build_strategy(config: RunConfig, *, client_noise_multiplier: float | None =
     if config.secagg:
         from ..strategies.secagg import SecAggPlus
 
-        # Under client-level DP every client weighs 1 (see trainer), so SecAgg+'s weight scale is 1. Its key
-        # exchange and unmasking stages wait as long for replies as the round's train and evaluate exchanges.
-        max_weight = {"max_weight": 1.0} if config.client_dp == "distributed" else {}
+        # Under DP every client weighs the public constant 1 (see client.trainer.reply_metrics), so SecAgg+'s
+        # weight scale is 1. Its key exchange and unmasking stages wait as long for replies as the round's train
+        # and evaluate exchanges.
+        max_weight = {"max_weight": 1.0} if config.dp or config.client_dp != "off" else {}
         base = SecAggPlus(base, timeout=config.round_timeout, **config.secagg_params, **max_weight)
     if config.client_dp == "distributed" and not config.secagg:
         log.warning("--client-dp distributed without SecAgg+: the server sees each update with only its "
                     "1/sqrt(n) share of the noise; the client-level guarantee holds for the released model only")
     return RecordingStrategy(base)
+
+
+def check_noise_shares(config: RunConfig, z: float | None) -> None:
+    """Refuse (ConfigError) a distributed client-level DP run whose noise shares SecAgg+ would clip."""
+    if config.client_dp != "distributed" or not config.secagg or z is None or config.client_clip_norm is None:
+        return
+    from ..strategies.secagg import DEFAULT_CLIPPING_RANGE
+
+    check_shares_fit(clipping_range=DEFAULT_CLIPPING_RANGE[config.quantize], clip_norm=config.client_clip_norm,
+                     noise_multiplier=z, expected_clients=config.expected_train_clients)
 
 
 def _client_std_share(config: RunConfig, z: float | None) -> float:
@@ -153,6 +164,7 @@ def run_server(
     # A resumed run keeps its mechanism: recalibrating could change sigma under the clients' ledgers.
     sigma = resume.noise_multiplier if resume is not None else noise_multiplier_for(config)
     client_sigma = _resumed_client_sigma(resume) or client_noise_multiplier_for(config)
+    check_noise_shares(config, client_sigma)
     summary = RunSummary(config, sigma)
     model = task.new_model(config.seed)
     server_test = None

@@ -19,6 +19,12 @@ Averaging: every client counts once (weights are ignored: an example-count weigh
 influence exceed ``C / n``). Fixed-size sampling divides by the number of included clients, Poisson sampling by
 the expected number ``q N`` (McMahan et al. 2018's fixed-denominator estimator: the count itself is not released).
 
+Adjacency. Poisson sampling (central mode only) is accounted as Opacus' Poisson-subsampled Gaussian: add/remove
+one client, every round a release (a round that sampled nobody releases noise alone; skipping it would reveal
+that). Fixed-size sampling is accounted at q = 1 (no amplification) under zero-out adjacency: one client's update
+replaced by zero, the sample and its size unchanged. Add/remove under fixed-size sampling would be a
+substitution in the sample (sensitivity 2C) and is not claimed.
+
 Dropouts: central noise is added by the server, so it is always ``z C``. In distributed mode only the clients that
 replied contributed noise: a round with ``m`` of ``n`` expected clients is accounted at ``z * sqrt(m / n)``
 (:func:`~fedshield.privacy.client_dp.effective_noise_multiplier`): conservative, never topped up by the server.
@@ -149,8 +155,9 @@ class ClientLevelDP(StrategyWrapper):
             messages = [m for m in messages if self._sampler.random() < self.fraction]
             _log.info("round %d: Poisson client sampling kept %d node(s)", server_round, len(messages))
             if len(messages) < self.min_clients:
-                _log.warning("round %d: Poisson sampling drew %d client(s), fewer than the %d needed; round "
-                             "skipped (nothing released)", server_round, len(messages), self.min_clients)
+                # Still a release: skipping it would reveal that (almost) nobody was sampled, a fact the
+                # Poisson add/remove accounting assumes hidden. aggregate_train releases noise alone.
+                _log.info("round %d: Poisson sampling drew no client; the round releases noise only", server_round)
                 return []
         return messages
 
@@ -167,13 +174,15 @@ class ClientLevelDP(StrategyWrapper):
             arrays, metrics = _records(msg)
             fold.add(arrays, self._clients_in(metrics, weight_key))
             metric_contents.append(RecordDict({P.METRICS: metrics}))
-        if fold.clients <= 0:
+        poisson = self.sampling == "poisson"
+        if fold.clients <= 0 and not poisson:
             return None, None
         event, noisy_sum = self._release(server_round, fold)
-        denominator = self.expected_clients if self.sampling == "poisson" else fold.clients
+        denominator = self.expected_clients if poisson else fold.clients
         new = {k: _add_update(g, noisy_sum.get(k), denominator) for k, g in fold.base.items()}
-        metrics_out = _average_metrics(metric_contents, weight_key)
-        metrics_out[weight_key] = fold.clients
+        metrics_out = _average_metrics(metric_contents, weight_key) if metric_contents else MetricRecord()
+        # Under Poisson sampling the number of participants is part of what the accounting hides: not published.
+        metrics_out[weight_key] = 1.0 if poisson else fold.clients
         synthetic = Message(RecordDict({P.ARRAYS: ArrayRecord(new), P.METRICS: metrics_out}),
                             dst_node_id=0, message_type=MessageType.TRAIN)
         result = self.inner.aggregate_train(server_round, [synthetic])
