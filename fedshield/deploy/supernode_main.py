@@ -28,6 +28,7 @@ __all__ = [
     "POLL_ENV",
     "ZYGOTE_SWITCH_ENV",
     "CappedSleepClock",
+    "guard_runtime_api",
     "main",
     "patch_supernode_polling",
     "start_clientapp_zygote",
@@ -113,12 +114,24 @@ def start_clientapp_zygote() -> bool:
     return True
 
 
+def guard_runtime_api() -> None:
+    """Admit only this user's processes to the SuperNode's Runtime API (its ``--host/--port``).
+
+    Flower 1.39 hands a site's tasks (node config, SecAgg+ secret keys, the server's message) to any caller of that
+    API; the site's own ``flwr-clientapp`` processes run as the site's user, so nothing legitimate is refused.
+    """
+    from .same_user import guard_create_app
+
+    guard_create_app("flwr.supernode.main")
+
+
 def main() -> None:
     # Before NumPy loads: OpenBLAS would start its thread pool at import, and a fork (the zygote) must happen in a
     # process with one thread. Nothing in a SuperNode or a ClientApp shim does heavy BLAS; training runs elsewhere.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     patch_supernode_polling(poll_seconds())
     start_clientapp_zygote()
+    guard_runtime_api()  # after the zygote's fork: it imports FastAPI and NumPy
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"
