@@ -32,6 +32,7 @@ from fedshield.crypto import KeySet, init_keys
 from fedshield.deploy import free_port
 from fedshield.deploy.connection import FlwrConnection
 from fedshield.deploy.process import live_descendants
+from fedshield.deploy.same_user import socket_owner
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -76,6 +77,30 @@ def nobody() -> Iterator[Nobody]:
     user = Nobody.create()
     yield user
     user.remove()
+
+
+def test_socket_owner_is_the_uid_that_created_the_client_socket(nobody: Nobody) -> None:
+    """The lookup the guard relies on: our own connection maps to us, nobody's to nobody, IPv4 and IPv6."""
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family) as server:
+            server.bind((host, 0))
+            server.listen()
+            port = server.getsockname()[1]
+            with socket.create_connection((host, port)) as own:
+                conn, peer = server.accept()
+                assert socket_owner(peer[:2], conn.getsockname()[:2]) == os.geteuid()
+                assert socket_owner(own.getsockname()[:2], conn.getsockname()[:2]) == os.geteuid()
+                conn.close()
+            code = f"import socket, time; s = socket.create_connection(({host!r}, {port})); time.sleep(30)"
+            intruder = nobody.start_python(code, log=nobody.home / "owner.out")
+            try:
+                conn, peer = server.accept()
+                assert socket_owner(peer[:2], conn.getsockname()[:2]) == os.stat(nobody.home).st_uid
+                conn.close()
+            finally:
+                intruder.kill()
+                intruder.wait(timeout=30)
+    assert socket_owner(("127.0.0.1", 1), ("127.0.0.1", 2)) is None  # no such connection: refused, not guessed
 
 
 def _attacker_key(nobody: Nobody) -> Path:
@@ -204,6 +229,7 @@ def test_sigkilled_server_and_client_leave_no_flower_process_and_free_ports(keys
     (data,) = digits_sites(tmp_path, 1)
     server = Cli.start(_server_args(keys, fleet, control, tmp_path / "run", rounds=50), tmp_path / "server.out")
     client = None
+    tree: dict[int, str] = {}
     try:
         server.wait_for(r"registered nodes: node-1", timeout=120)
         client = Cli.start(_client_args(keys, fleet, data, tmp_path / "state", runtime), tmp_path / "client.out")
@@ -223,3 +249,6 @@ def test_sigkilled_server_and_client_leave_no_flower_process_and_free_ports(keys
         for cli in (server, client):
             if cli is not None and cli.proc.poll() is None:
                 cli.kill()
+        for pid in tree:  # a failed run must not leave its orphans behind either
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

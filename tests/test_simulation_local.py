@@ -69,6 +69,7 @@ def _loopback(address: str) -> bool:
 def test_simulation_ray_listens_on_loopback_only_and_dies_with_the_cli(tmp_path: Path) -> None:
     sim = Cli.start(["simulate", "--clients", "2", "--rounds", "40", "--no-dp", "--no-secagg", "--seed", "1",
                      "--out", str(tmp_path / "run")], tmp_path / "simulate.out")  # fmt: skip
+    tree: list[int] = []
     try:
         sim.wait_for(r"round\s+1/40", timeout=240)
         tree = live_descendants(sim.proc.pid)
@@ -85,3 +86,6 @@ def test_simulation_ray_listens_on_loopback_only_and_dies_with_the_cli(tmp_path:
     finally:
         if sim.proc.poll() is None:
             sim.kill()
+        for pid in tree:  # a failed run must not leave its orphans behind either
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
