@@ -4,6 +4,8 @@ Flower's servers start helpers of their own: a SuperLink starts ``flower-superex
 (``start_new_session=True``), which in turn starts ``flwr-serverapp``; a SuperNode starts a SuperExec and one
 ``flwr-clientapp`` per message. Killing the PID we launched would orphan them, so :class:`FlowerProcess` keeps
 every process group it has seen under its PID (read from ``/proc``) and signals all of them on :meth:`stop`.
+When we die without stopping it (SIGKILL), the kernel kills it (:func:`~fedshield.deploy.lifetime.die_with_parent`)
+and Flower's own parent monitors end its helpers.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from fedshield.deploy.errors import DeploymentError, PortInUseError
+from fedshield.deploy.lifetime import die_with_parent
 
 __all__ = [
     "FlowerProcess",
@@ -159,9 +162,10 @@ class FlowerProcess:
         with self.log_path.open("ab") as log:
             # start_new_session: the process leads its own group, so one killpg reaches everything it spawns
             # in-session, and a Ctrl-C in the user's terminal does not hit it before we can stop it cleanly.
+            # preexec_fn: the process dies with us, even when we are SIGKILLed (see die_with_parent).
             self._popen = subprocess.Popen(
                 list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=dict(env), cwd=cwd, start_new_session=True,
+                env=dict(env), cwd=cwd, start_new_session=True, preexec_fn=die_with_parent(),
             )  # fmt: skip
         self._groups.add(self._popen.pid)
 

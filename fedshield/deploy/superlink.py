@@ -2,12 +2,13 @@
 
 The command line this builds (every flag checked against ``flwr/superlink/cli/flower_superlink.py`` of 1.39)::
 
-    flower-superlink --fleet-api-type grpc-rere --fleet-api-address 0.0.0.0:9092 \\
+    python -m fedshield.deploy.superlink_main --fleet-api-type grpc-rere --fleet-api-address 0.0.0.0:9092 \\
         --host 127.0.0.1 --port 8000 \\                      # Control + Runtime HTTP API (one port on 1.39)
         --ssl-ca-certfile ca.pem --ssl-certfile server.pem --ssl-keyfile server.key \\
         --enable-supernode-auth --database state.db \\
         --disable-runtime-dependency-installation --isolation subprocess
 
+(``fedshield.deploy.superlink_main`` is ``flower-superlink`` whose HTTP API refuses other local users.)
 ``--enable-supernode-auth`` needs TLS and grpc-rere (Flower exits otherwise). Nodes are then admitted only after
 ``flwr supernode register KEY.pub CONNECTION`` (:meth:`SuperLink.register_node`); registrations survive a restart
 only with ``--database``.
@@ -31,7 +32,6 @@ from fedshield.deploy.process import (
     FlowerProcess,
     ensure_ports_free,
     flower_env,
-    flower_executable,
     parse_address,
 )
 
@@ -100,9 +100,13 @@ class SuperLinkConfig:
         return f"{host}:{self.control_port}"
 
     def argv(self) -> list[str]:
-        """The ``flower-superlink`` command line (absolute paths: Flower passes them on to its SuperExec)."""
+        """The ``flower-superlink`` command line (absolute paths: Flower passes them on to its SuperExec).
+
+        It runs through :mod:`fedshield.deploy.superlink_main`, which admits only this user's processes to the
+        Control and Runtime API (Flower checks no caller there).
+        """
         argv = [
-            flower_executable("flower-superlink"),
+            sys.executable, "-m", "fedshield.deploy.superlink_main",
             "--fleet-api-type", "grpc-rere",
             "--fleet-api-address", self.fleet_address,
             "--host", self.control_host,

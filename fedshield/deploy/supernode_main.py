@@ -36,6 +36,7 @@ __all__ = [
     "ZYGOTE_SWITCH_ENV",
     "CappedSleepClock",
     "install_site_clientapp",
+    "guard_runtime_api",
     "main",
     "patch_supernode_polling",
     "start_clientapp_zygote",
@@ -151,6 +152,17 @@ def start_clientapp_zygote(*, site_code_only: bool = True) -> bool:
     return True
 
 
+def guard_runtime_api() -> None:
+    """Admit only this user's processes to the SuperNode's Runtime API (its ``--host/--port``).
+
+    Flower 1.39 hands a site's tasks (node config, SecAgg+ secret keys, the server's message) to any caller of that
+    API; the site's own ``flwr-clientapp`` processes run as the site's user, so nothing legitimate is refused.
+    """
+    from .same_user import guard_create_app
+
+    guard_create_app("flwr.supernode.main")
+
+
 def main() -> None:
     # Before NumPy loads: OpenBLAS would start its thread pool at import, and a fork (the zygote) must happen in a
     # process with one thread. Nothing in a SuperNode or a ClientApp shim does heavy BLAS; training runs elsewhere.
@@ -164,6 +176,7 @@ def main() -> None:
         install_site_clientapp()
     patch_supernode_polling(poll_seconds())
     start_clientapp_zygote(site_code_only=site_code_only)
+    guard_runtime_api()  # after the zygote's fork: it imports FastAPI and NumPy
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"

@@ -1,7 +1,8 @@
 """``fedshield simulate``: the same ServerApp and ClientApp on Flower's simulation engine (Ray).
 
 Many virtual clients share this machine; each gets its partition of the bundled data from its ``partition-id``.
-With ``ray_address`` the same run goes to an existing Ray cluster instead of a local one.
+With ``ray_address`` the same run goes to an existing Ray cluster instead of a local one; without it, the
+local Ray listens on 127.0.0.1 only (:mod:`fedshield.simulation.ray_local`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 
@@ -116,6 +118,8 @@ def simulate(
     from ..client.app import app as client_app
     from ..server.app import build_server_app
     from .dispatch import one_pass_dispatch
+    from .ray_local import loopback_init_args, loopback_ray
+    from .reaper import reap_on_exit
 
     results: list[RunSummary] = []
     errors: list[BaseException] = []
@@ -131,13 +135,16 @@ def simulate(
     }
     if ray_address:
         init_args["address"] = ray_address
+    else:  # a Ray of our own: on 127.0.0.1 only (see ray_local)
+        init_args.update(loopback_init_args())
     if ray_temp_dir:
         init_args["_temp_dir"] = ray_temp_dir
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
         "init_args": init_args,
     }
-    with one_pass_dispatch():  # Flower's own dispatch walks every message once per node: O(N x M) a sweep
+    local = nullcontext() if ray_address else loopback_ray()
+    with reap_on_exit(), local, one_pass_dispatch():  # Flower's own dispatch walks every message once per node: O(N x M) a sweep
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_clients,
                        backend_config=backend_config)
     if errors:

@@ -1,0 +1,130 @@
+"""Admit only this user's processes to Flower's local HTTP APIs (SuperLink Control + Runtime, SuperNode Runtime).
+
+Why: Flower 1.39 serves the SuperLink's Control and Runtime APIs and the SuperNode's Runtime API over plain TCP
+on 127.0.0.1 with no authentication of the caller (account login exists only through Flower's enterprise
+plugins; the experimental ``--superexec-auth-secret-file`` signs only the SuperExec's ``PullPendingTasks``,
+``AcquireTask`` and ``ClaimTask`` calls, and only with ``--isolation process``; it is ignored in subprocess mode).
+Any local user could therefore register nodes, start runs (code that runs as the server's user) or pull a site's
+tasks, SecAgg+ secrets included.
+
+What: an ASGI middleware in front of Flower's FastAPI app that looks up the *client's* end of each TCP connection
+in ``/proc/net/tcp`` and ``/proc/net/tcp6`` (the kernel records the UID that created each socket) and answers
+403 unless that UID is the server's own. Every legitimate caller runs as the operator: the ``flwr`` CLI, the
+SuperExec and ``flwr-serverapp``/``flwr-clientapp`` processes that Flower starts. A socket's owner is fixed when
+it is created and cannot be chosen by an unprivileged process; root can bypass this, as it can read the server's
+memory anyway. Connections whose owner cannot be found (another network namespace, a socket already closed) are
+refused: the check fails closed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import logging
+import os
+import struct
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+__all__ = ["SameUserOnly", "guard_create_app", "socket_owner"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+#: TCP states that cannot be a live client socket: LISTEN (0A) and TIME_WAIT (06, whose uid reads as 0).
+_NOT_A_CLIENT = {"0A", "06"}
+_REFUSAL = b"fedshield: this API admits only processes of the user that runs it\n"
+
+log = logging.getLogger(__name__)
+
+
+def _hex_address(host: str, port: int) -> tuple[str, str]:
+    """``host:port`` as ``/proc/net/tcp`` and ``/proc/net/tcp6`` spell it (32-bit words in host byte order)."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    v6 = ip.packed if isinstance(ip, ipaddress.IPv6Address) else ipaddress.IPv6Address(f"::ffff:{ip}").packed
+    v4 = f"{struct.unpack('=I', ip.packed)[0]:08X}" if isinstance(ip, ipaddress.IPv4Address) else ""
+    words = "".join(f"{w:08X}" for w in struct.unpack("=4I", v6))
+    return (f"{v4}:{port:04X}" if v4 else "", f"{words}:{port:04X}")
+
+
+def socket_owner(client: tuple[str, int], server: tuple[str, int]) -> int | None:
+    """UID that owns the socket at ``client`` connected to ``server`` on this host, or ``None`` if not found."""
+    try:
+        local4, local6 = _hex_address(*client)
+        remote4, remote6 = _hex_address(*server)
+    except ValueError:
+        return None
+    for table, local, remote in zip(_TABLES, (local4, local6), (remote4, remote6)):
+        if not local:
+            continue
+        try:
+            with open(table, encoding="ascii") as lines:
+                next(lines, None)  # header
+                for line in lines:
+                    fields = line.split()
+                    if fields[1] == local and fields[2] == remote and fields[3] not in _NOT_A_CLIENT:
+                        return int(fields[7])
+        except OSError:
+            continue
+    return None
+
+
+class SameUserOnly:
+    """ASGI middleware: HTTP and WebSocket requests only from sockets owned by ``uid`` (default: this process's)."""
+
+    def __init__(self, app: AsgiApp, *, uid: int | None = None) -> None:
+        self.app = app
+        self.uid = os.geteuid() if uid is None else uid
+        self._logged: set[int | None] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)  # lifespan: Flower starts its gRPC servers and SuperExec here
+            return
+        client, server = scope.get("client"), scope.get("server")
+        owner = socket_owner(tuple(client), tuple(server)) if client and server else None
+        if owner == self.uid:
+            await self.app(scope, receive, send)
+            return
+        if owner not in self._logged:  # once per foreign UID: a refused loop must not flood the log
+            self._logged.add(owner)
+            log.warning("fedshield: refused %s from %s (socket owner uid %s, not %s)",
+                        scope.get("path"), client, owner, self.uid)  # fmt: skip
+        await _refuse(scope, send)
+
+
+async def _refuse(scope: Scope, send: Send) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(_REFUSAL)).encode())]
+    await send({"type": "http.response.start", "status": 403, "headers": headers})
+    await send({"type": "http.response.body", "body": _REFUSAL})
+
+
+def guard_create_app(module_name: str) -> None:
+    """Wrap ``module_name.create_app`` so the app it returns is :class:`SameUserOnly`.
+
+    Flower imports ``create_app`` inside the function that starts uvicorn (``flwr.superlink.main`` from
+    ``_run_superlink_http_api``, ``flwr.supernode.main`` from ``_start_supernode_http_api``), so replacing the
+    module attribute before that call guards the one server it builds. Raises ``RuntimeError`` if the module has
+    no ``create_app``: starting an unguarded API would be worse than not starting.
+    """
+    module = importlib.import_module(module_name)
+    create = getattr(module, "create_app", None)
+    if not callable(create):
+        raise RuntimeError(f"{module_name}.create_app is missing: this Flower version cannot be guarded")
+    if getattr(create, "_fedshield_guarded", False):
+        return
+
+    def guarded(*args: Any, **kwargs: Any) -> SameUserOnly:
+        return SameUserOnly(create(*args, **kwargs))
+
+    guarded._fedshield_guarded = True  # type: ignore[attr-defined]
+    module.create_app = guarded  # type: ignore[attr-defined]
