@@ -122,7 +122,14 @@ def build_strategy(config: RunConfig, *, client_noise_multiplier: float | None =
         # Under DP every client weighs the public constant 1 (see client.trainer.reply_metrics), so SecAgg+'s
         # weight scale is 1. Its key exchange and unmasking stages wait as long for replies as the round's train
         # and evaluate exchanges.
-        max_weight = {"max_weight": 1.0} if config.dp or config.client_dp != "off" else {}
+        max_weight: dict[str, float] = {}
+        if config.dp or config.client_dp != "off":
+            max_weight = {"max_weight": 1.0}
+            if config.quantize == 8:
+                # The 8-bit default (+-0.25) was sized for updates scaled by examples/max_weight (230/1000 in the
+                # default job); at weight 1 the same updates are 4.3x larger (max 0.48): +-1.0 keeps the 2x
+                # headroom, and its step (2/255) still adds only ~0.2% to the entries' variance.
+                max_weight["clipping_range"] = 1.0
         base = SecAggPlus(base, timeout=config.round_timeout, **config.secagg_params, **max_weight)
     if config.client_dp == "distributed" and not config.secagg:
         log.warning("--client-dp distributed without SecAgg+: the server sees each update with only its "
