@@ -9,8 +9,9 @@ One real federation (``fedshield server`` with TLS and node authentication, one 
   what a SuperExec does) for the whole round: every call is refused, no task is acquired, and the site's real
   ClientApp trains and answers (the round completes with 1/1 trained).
 
-Then the no-orphans check: ``fedshield server`` and ``fedshield client`` SIGKILLed mid-run (no cleanup can run)
-take every Flower process they started with them, and the ports are free again.
+Then the no-orphans check: mid-run, the server's processes listen only on the Fleet port and the loopback HTTP
+port, the site's only on its loopback Runtime port; ``fedshield server`` and ``fedshield client`` SIGKILLed (no
+cleanup can run) take every Flower process they started with them, and the ports are free again.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _listeners import listeners
 from _nobody import Nobody
 from _processes import Cli, alive, digits_sites
 from cryptography.hazmat.primitives import serialization
@@ -237,6 +239,11 @@ def test_sigkilled_server_and_client_leave_no_flower_process_and_free_ports(keys
         tree = {**_flower_tree(server.proc.pid), **_flower_tree(client.proc.pid)}
         names = " ".join(tree.values())
         assert "superlink_main" in names and "flwr-serverapp" in names and "supernode_main" in names, tree
+        # What listens: the Fleet API where it was asked, the HTTP APIs on loopback, nothing else on either host.
+        server_side = listeners([server.proc.pid, *live_descendants(server.proc.pid)])
+        site_side = listeners([client.proc.pid, *live_descendants(client.proc.pid)])
+        assert set(server_side) == {fleet, f"127.0.0.1:{control}"}, server_side
+        assert set(site_side) == {f"127.0.0.1:{runtime}"}, site_side
         for cli in (server, client):
             os.kill(cli.proc.pid, signal.SIGKILL)  # only the CLI process: what it started must follow by itself
             cli.proc.wait(timeout=30)
