@@ -71,6 +71,8 @@ def run_train(node_config: Mapping[str, Any], config: Mapping[str, Any], arrays:
     except BudgetExhaustedError as exc:
         # A simulated client names itself (node ids change across resumes); a deployed one stays anonymous.
         tag = f" [{site.name}]" if site is not None and site.partition_id is not None else ""
+        if site is not None and site.policy is not None:
+            log.warning("refused a train request: %s: %s", P.BUDGET_REFUSAL, exc)
         raise Refusal(REFUSAL_CODE, f"{P.BUDGET_REFUSAL}{tag}: {exc}") from None
     except FedshieldError as exc:
         raise Refusal(CONFIG_ERROR_CODE, f"fedshield:{type(exc).__name__}: {exc}") from None
