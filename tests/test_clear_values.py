@@ -15,7 +15,7 @@ from fedshield import protocol as P
 from fedshield.strategies._secagg_stages import MaskedReply, ProtocolParams, RoundState
 from fedshield.strategies.clear_values import check_clear_metrics, usable_metrics
 from fedshield.strategies.recording import RecordingStrategy
-from fedshield.strategies.secagg import _check_clear
+from fedshield.strategies._secagg_clear import check_masked_clear
 from fedshield.strategies.streaming import StreamingFedAvg
 from fedshield.strategies.validation import REJECTED, UpdateValidation
 
@@ -94,7 +94,7 @@ def _state(num_samples: int) -> RoundState:
 def test_secagg_drops_a_node_whose_clear_count_the_field_cannot_hold(
     count: int, metrics: dict[str, float], reason: str | None
 ) -> None:
-    got = _check_clear(MaskedReply([], count, metrics), _state(5))
+    got = check_masked_clear(MaskedReply([], count, metrics), _state(5).params)
     assert got == reason if reason is None else (got is not None and reason in got), got
 
 

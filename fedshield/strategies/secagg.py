@@ -39,8 +39,8 @@ from ..compression import secagg_field
 from ..errors import ConfigError, ProtocolError
 from ..protocol import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, ClientReply
 from ._secagg_params import check_bits, check_params, neighbour_graph, protocol_params
-from .clear_values import DEFAULT_MAX_WEIGHT, check_clear_metrics
-from .validation import REJECTED
+from ._secagg_clear import check_masked_clear
+from .clear_values import DEFAULT_MAX_WEIGHT
 from ._secagg_stages import (
     MaskedReply,
     RoundState,
@@ -243,7 +243,7 @@ class SecAggPlus(StrategyWrapper):
             except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(inf) is an OverflowError
                 state.errors[nid] = f"malformed reply in stage {Stage.COLLECT_MASKED_VECTORS}: {exc!r}"
                 continue
-            reason = _check_clear(reply, state)
+            reason = check_masked_clear(reply, state.params)
             if reason is not None:
                 _log.warning("SecAgg+ round %d: dropped node %d: %s", state.server_round, nid, reason)
                 state.errors[nid] = reason
@@ -368,29 +368,6 @@ def _average_metrics(replies: list[MaskedReply]) -> dict[str, float]:
     total = sum(r.num_examples for r in replies)
     weights = [r.num_examples / total if total else 1 / len(replies) for r in replies]
     return {k: float(sum(w * r.metrics[k] for w, r in zip(weights, replies, strict=True))) for k in sorted(keys)}
-
-
-def _check_clear(reply: MaskedReply, state: RoundState) -> str | None:
-    """Why a masked reply's clear figures rule it out of the round, or None.
-
-    The server cannot see the weight a node folded into its masked vector, only the count it declared in clear.
-    That count is checked against the field: each node may fold in at most its 1/n share of the modulus, so the
-    declared weights of the round can never sum past it (one count of 1e12 used to wrap the sum and abort the
-    round for everyone). A node that masks a weight other than the one it declared is caught by the integrity
-    check on the unmasked sum, which cannot tell which node lied: that round is discarded as a whole.
-    """
-    if reply.num_examples < 0:
-        return f"reported {reply.num_examples} examples; a count must be >= 0"
-    reason = check_clear_metrics(reply.metrics)
-    if reason is not None:
-        return f"{REJECTED}: {reason}"
-    p = state.params
-    share = (p.modulus_range - 1) // p.num_samples
-    if p.q_ratio(reply.num_examples) > share:
-        return (f"{REJECTED}: reported {reply.num_examples} examples; with {p.num_samples} nodes in the field "
-                f"2^{p.modulus_range.bit_length() - 1} a node may report at most "
-                f"{int(share / p.quantization_range * p.max_weight)} (max_weight {p.max_weight:g})")
-    return None
 
 
 def _outcomes(state: RoundState, masked: dict[int, MaskedReply], aborted: str | None) -> list[ClientReply]:
