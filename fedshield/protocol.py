@@ -59,7 +59,11 @@ BUDGET_REFUSAL: Final = "fedshield:budget-exhausted"
 #: Reply error prefixes a site sends only BEFORE it charges its ledger (budget, plain-update and site-policy
 #: refusals). Every other failed train reply of a DP round is charged in privacy.json: the site charges before it
 #: trains, so its masked vector, a late reply or a crash may follow a charge the server never saw confirmed.
-UNCHARGED_REFUSALS: Final = (BUDGET_REFUSAL, "fedshield:plain-update-refused", "fedshield:policy-refused")
+#: Prefix of a site refusing a round that breaks its own privacy policy (fedshield.client.policy).
+POLICY_REFUSAL: Final = "fedshield:policy-refused"
+#: Prefix of a site refusing an app bundle that carries code or names another ClientApp (deploy.site_clientapp).
+CODE_REFUSAL: Final = "fedshield:code-refused"
+UNCHARGED_REFUSALS: Final = (BUDGET_REFUSAL, "fedshield:plain-update-refused", POLICY_REFUSAL, CODE_REFUSAL)
 
 #: Prefix of a reply error reason that means "this site refused the SecAgg+ round" (keys not signed by its roster,
 #: a request no honest server sends); the site sent no shares.

@@ -34,6 +34,7 @@ from typing import Any
 from ..config import ACCOUNTANTS
 from ..errors import ConfigError
 from ..privacy.ledger import PrivacyLedger
+from ..protocol import POLICY_REFUSAL
 from .node_config import ACCOUNTANT, ALLOW_NO_DP, BUDGET, DATA_PATH, DELTA, TASK
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
 ]
 
 #: Reason prefix and error code of a request refused by the site's policy.
-POLICY_REFUSAL = "fedshield:policy-refused"
 POLICY_REFUSED_CODE = 4005
 #: A deployed site's lifetime budget when its operator gives none (``--max-epsilon``).
 DEFAULT_MAX_EPSILON = 10.0
