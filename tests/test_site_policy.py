@@ -17,7 +17,7 @@ import pytest
 from flwr.cli.build import build_fab_from_disk
 
 from fedshield import protocol as P
-from fedshield.client.node_config import ALLOW_NO_DP, BUDGET, DATA_PATH, DELTA, LABEL_COLUMN, STATE_DIR, TASK
+from fedshield.client.node_config import BUDGET, DATA_PATH, DELTA, LABEL_COLUMN, STATE_DIR, TASK
 from fedshield.client.policy import (
     POLICY_REFUSAL,
     POLICY_REFUSED_CODE,
@@ -28,7 +28,7 @@ from fedshield.client.policy import (
     policy_from_node_config,
 )
 from fedshield.client.split import SPLIT_FILE
-from fedshield.client.work import REFUSAL_CODE, WORKER_ERROR_CODE, Refusal, run_evaluate, run_train
+from fedshield.client.work import REFUSAL_CODE, WORKER_ERROR_CODE, Refusal, run_train
 from fedshield.client.worker import ClientWorker
 from fedshield.client.worker_protocol import request_evaluate, request_train
 from fedshield.config import RoundSettings

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +46,8 @@ from .app import RESUME_KEY
 from .checkpoint import load_resume as load_checkpointed_run
 from .revocation import revoke_unlisted
 from .run_dir import claim_run_dir
-from .runner import RoundRecord, RunSummary
+from .run_files import MetricsTail, file_identity, read_rows, read_summary
+from .runner import RoundRecord
 
 __all__ = [
     "DEFAULT_CONTROL_PORT",
@@ -196,12 +196,12 @@ class FedshieldServer:
         :func:`load_resume`); the rounds already in its ``metrics.jsonl`` are not reported again.
         """
         out = Path(config.out).expanduser().resolve()
-        stale = _identity(out / "metrics.jsonl")
+        stale = file_identity(out / "metrics.jsonl")
         overrides: dict[str, TomlValue] = {**flower_run_config(config), RESUME_KEY: bool(resume)}
         app = prepare_app(config, Path(self.superlink.config.run_dir).resolve() / "app")
         run_id = submit_run(app, self.superlink.connection, run_config=overrides)
         self._stale[run_id] = stale
-        self._done[run_id] = len(_read_rows(out / "metrics.jsonl")) if resume else 0
+        self._done[run_id] = len(read_rows(out / "metrics.jsonl")) if resume else 0
         return run_id
 
     def online_nodes(self) -> int:
@@ -228,7 +228,7 @@ class FedshieldServer:
         :class:`DeploymentError` raised after that long.
         """
         out = Path(config.out).expanduser().resolve()
-        tail = _MetricsTail(out, config.num_rounds, self._stale.get(run_id, _identity(out / "metrics.jsonl")),
+        tail = MetricsTail(out, config.num_rounds, self._stale.get(run_id, file_identity(out / "metrics.jsonl")),
                             done=self._done.get(run_id, 0))
         deadline = None if timeout is None else time.monotonic() + timeout
         next_check, next_nodes, last_online = 0.0, 0.0, -1
@@ -353,72 +353,3 @@ def load_resume(run_dir: Path) -> tuple[RunConfig, int]:
             f"--resume {run_dir}: all {config.num_rounds} rounds are already done; start a new run with --out"
         )
     return config, checkpoint.server_round
-
-
-def read_summary(config: RunConfig) -> RunSummary:
-    """What the run directory says after a deployed run: rounds, privacy report, noise multiplier."""
-    out = Path(config.out).expanduser().resolve()
-    rows = _read_rows(out / "metrics.jsonl")
-    privacy = _read_json(out / "privacy.json")
-    sigma = (privacy.get("mechanism") or {}).get("noise_multiplier") or 0.0
-    return RunSummary(config=config, noise_multiplier=float(sigma), rounds=rows, privacy=privacy)
-
-
-class _MetricsTail:
-    """New rows of ``metrics.jsonl``; a file left by an earlier run in the same directory is ignored.
-
-    The ServerApp rewrites the whole file atomically after each round, then ``privacy.json``: a row is reported
-    once ``privacy.json`` is at least as new, so its epsilons belong to the same round.
-    """
-
-    def __init__(self, out: Path, num_rounds: int, stale: tuple[int, int] | None, *, done: int = 0) -> None:
-        self.metrics, self.privacy, self.num_rounds = out / "metrics.jsonl", out / "privacy.json", num_rounds
-        self._stale = stale
-        self.rounds_seen = done
-
-    def new_records(self, *, final: bool = False) -> list[RoundRecord]:
-        ident = _identity(self.metrics)
-        if ident is None or ident == self._stale:
-            return []
-        privacy_ident = _identity(self.privacy)
-        if not final and (privacy_ident is None or privacy_ident[1] < ident[1]):
-            return []
-        rows = _read_rows(self.metrics)[self.rounds_seen :]
-        if not rows:
-            return []
-        clients = _read_json(self.privacy).get("clients", {})
-        epsilons = {str(name): c.get("epsilon") for name, c in clients.items() if isinstance(c, dict)}
-        self.rounds_seen += len(rows)
-        return [RoundRecord(int(r.get("round", 0)), self.num_rounds, r, epsilons) for r in rows]
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written; atomic rewrites make this rare
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}

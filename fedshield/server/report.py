@@ -22,7 +22,6 @@ from ..config import RoundSettings, RunConfig
 from ..privacy.accounting import compact_history, epsilon
 from ..privacy.client_dp import accounting_sample_rate, client_level_epsilon
 from ..strategies.client_dp import ReleaseEvent
-from ..strategies.validation import REJECTED
 
 __all__ = ["ClientPrivacy", "PrivacyReport", "RunWriter", "recompute_epsilon", "recompute_client_epsilon"]
 
