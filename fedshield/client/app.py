@@ -3,7 +3,8 @@
 Train replies carry the new local weights and the client's ledger figures; a client that would exceed its privacy
 budget replies with an error whose reason starts with ``fedshield:budget-exhausted`` instead of training.
 Secure aggregation is switched on by the server per round: when a train message carries SecAgg+ settings it goes
-through fedshield's port of Flower's ``secaggplus_mod`` (signed keys, CSPRNG masks), which masks the update before it leaves this process.
+through fedshield's port of Flower's ``secaggplus_mod`` (signed keys, CSPRNG masks), which masks the update before
+it leaves this process.
 
 In deployment Flower starts this app in a new process for every message, so it is a thin shim: it imports only
 Flower, numpy and fedshield's light modules, and when the node config names a warm worker
