@@ -190,5 +190,6 @@ def check_participants(
     peers = len(names) - (own_node_id in names)
     if peers < min_peers:
         raise KeyAuthenticationError(f"only {peers} other signed participant(s) in this round, fewer than this "
-                                     f"site's minimum of {min_peers}: the server could isolate this site's update")
+                                     f"site's minimum of {min_peers}: the server could isolate this site's update (a federation of "
+                                     f"fewer sites starts each client with --secagg-min-peers {max(1, peers)})")
     return names
