@@ -71,7 +71,8 @@ def test_a_hostile_coordinator_gets_every_attack_refused_and_runs_no_code_on_the
             clients[kind] = Cli.start(
                 ["client", "--server", fleet, "--ca", str(keys.ca_cert), "--node-key", str(node.private_key_path),
                  "--data", str(site_data), "--state", str(state), "--task", "digits", "--max-epsilon",
-                 str(MAX_EPSILON), "--allow-plain-updates"], tmp_path / f"client-{kind}.out")
+                 str(MAX_EPSILON), "--allow-plain-updates", "--roster", str(keys.authorized_nodes)],
+                tmp_path / f"client-{kind}.out")
         node_ids = {kind: int(c.wait_for(r"as node (\d+)", timeout=240).group(1)) for kind, c in clients.items()}
         monkeypatch.setenv("PYTHONPATH", server_path)  # `flwr run` checks the ServerApp imports where it runs
 

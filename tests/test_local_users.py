@@ -123,7 +123,9 @@ def _server_args(keys: KeySet, fleet: str, control: int, out: Path, rounds: int)
 def _client_args(keys: KeySet, fleet: str, data: Path, state: Path, port: int) -> list[str]:
     return ["client", "--server", fleet, "--ca", str(keys.ca_cert), "--node-key",
             str(keys.node("node-1").private_key_path), "--data", str(data), "--state", str(state),
-            "--allow-plain-updates", "--port", str(port)]  # fmt: skip
+            "--allow-plain-updates", "--port", str(port), "--roster", str(keys.authorized_nodes),
+            # the server runs --no-dp here (the round only has to complete): this site accepts that on purpose
+            "--allow-no-dp"]  # fmt: skip
 
 
 def _operator_connection(out: Path) -> FlwrConnection:

@@ -122,7 +122,8 @@ def test_the_server_warns_about_private_keys_it_does_not_need(tmp_path: Path, ke
 def test_a_client_port_out_of_range_is_blamed_on_the_port(tmp_path: Path, keys: KeySet) -> None:
     line = _error(_fedshield("client", "--server", "127.0.0.1:9092", "--data", str(tmp_path / "x.csv"),
                              "--state", str(tmp_path / "state"), "--ca", str(keys.ca_cert),
-                             "--node-key", str(keys.directory / "node-1.key"), "--port", "99999"))
+                             "--node-key", str(keys.directory / "node-1.key"), "--port", "99999",
+                             "--roster", str(keys.authorized_nodes)))
     assert "--port must be a TCP port in 1..65535 for this site's local SuperNode API, got 99999" in line
 
 

@@ -15,7 +15,7 @@ submitted with ``flwr run`` whose ServerApp is fedshield's own with SHARE_KEYS t
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from pathlib import Path
 
 import pytest
@@ -35,16 +35,24 @@ MITM = Path(__file__).parent / "apps" / "secagg_mitm" / "secagg_mitm.py"
 
 
 def _mitm_app(config: RunConfig, directory: Path) -> Path:
-    """fedshield's app bundle with the ServerApp swapped for the tampering one; the ClientApp stays fedshield's."""
+    """fedshield's app bundle with the ServerApp swapped for the tampering one; the ClientApp stays fedshield's.
+
+    The bundle carries no code (a fedshield site refuses one that does): the tampering ServerApp is importable on
+    the coordinator's own machine (its PYTHONPATH), which is where a ServerApp runs.
+    """
     app = prepare_app(config, directory)
     text = (app / "pyproject.toml").read_text()
     (app / "pyproject.toml").write_text(text.replace('serverapp = "fedshield.server.app:app"',
                                                      'serverapp = "secagg_mitm:app"'))
-    shutil.copy(MITM, app / "secagg_mitm.py")
     return app
 
 
-def test_substituted_secagg_keys_are_refused_and_an_honest_round_completes(tmp_path: Path) -> None:
+def test_substituted_secagg_keys_are_refused_and_an_honest_round_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The coordinator's machine can import the tampering ServerApp (the SuperLink, its ServerApp and `flwr run`
+    # inherit this); the sites run only their own installed code.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(MITM.parent), os.environ.get("PYTHONPATH", "")) if p))
     keys = init_keys(tmp_path / "keys", server_hosts=["127.0.0.1"], nodes=SITES)
     sites = digits_sites(tmp_path, SITES)
     out = tmp_path / "run"

@@ -99,6 +99,6 @@ def test_a_deployed_site_never_draws_dp_noise_from_the_seeded_generator(
     # What leaves the site in clear under DP: the public weight and ledger figures, no count, no loss.
     for o in deployed:
         assert o.metrics[P.NUM_EXAMPLES] == P.PUBLIC_WEIGHT and P.TRAIN_LOSS not in o.metrics
-        assert set(o.metrics) == {P.NUM_EXAMPLES, P.EPSILON, P.STEPS, P.ROUNDS_TRAINED}
+        assert set(o.metrics) == {P.NUM_EXAMPLES, P.EPSILON, P.STEPS, P.ROUNDS_TRAINED, P.DELTA}
     plain = train_round(Site("s", task, data, data, tmp_path / "plain", None, None), _settings(dp=False), glob)
     assert plain.metrics[P.NUM_EXAMPLES] == len(data) and P.TRAIN_LOSS in plain.metrics  # --no-dp promises nothing

@@ -106,7 +106,7 @@ def test_an_honest_round_passes_and_simulation_has_no_site_policy() -> None:
 
 
 def test_policy_defaults_and_file(tmp_path: Path) -> None:
-    assert default_delta(100) == 1e-5 and default_delta(1_000_000) == 1e-6
+    assert default_delta(100) == 1e-5 and default_delta(150_000) == 1e-6 and default_delta(1_000_000) == 1e-7
     policy = policy_from_node_config({DATA_PATH: "/d.csv", TASK: "digits", BUDGET: 0.0})
     assert policy == SitePolicy(task="digits", max_epsilon=10.0, delta=1e-5, accountant="prv", allow_no_dp=False)
     path = tmp_path / "policy.toml"

@@ -254,7 +254,7 @@ def client_command(
         None, "--max-epsilon", help="This site's lifetime privacy budget (default 10), at its own delta."
     ),
     delta: float | None = typer.Option(
-        None, "--delta", help="This site's delta: its ledger accounts here; larger asks are refused (default min(1e-5, 1/records))."
+        None, "--delta", help="This site's delta: its ledger accounts here; larger asks are refused (default: 1e-5, or the largest power of ten below 1/records)."
     ),
     accountant: str | None = typer.Option(None, "--accountant", help="This site's accountant: prv (default) | rdp."),
     allow_no_dp: bool = typer.Option(False, "--allow-no-dp", help="Also train when the server turns DP-SGD off."),

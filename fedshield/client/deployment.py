@@ -61,7 +61,7 @@ class ClientOptions:
     ``warm_worker`` trains in this process (torch, Opacus and the data loaded once) instead of in each of the
     ClientApp processes Flower starts per message; off only to measure what it saves.
     The site's privacy policy (:mod:`fedshield.client.policy`): ``max_epsilon`` (default
-    :data:`~fedshield.client.policy.DEFAULT_MAX_EPSILON`), ``delta`` (default the smaller of 1e-5 and 1/records),
+    :data:`~fedshield.client.policy.DEFAULT_MAX_EPSILON`), ``delta`` (default 1e-5, or the largest power of ten below 1/records),
     ``accountant``, ``allow_no_dp``, ``allow_plain_updates``; ``task`` is the only task this site runs.
     """
 

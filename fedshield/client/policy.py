@@ -10,7 +10,7 @@ server named is imported or any record is touched:
 * ``noise-multiplier``: at least :data:`MIN_NOISE_MULTIPLIER` (below it no budget survives a round, and the
   accountant needs seconds just to say so).
 * ``accountant``: the site accounts with its own accountant; a round planned with another one is refused.
-* ``delta``: the round's delta may not exceed the site's ceiling (default the smaller of 1e-5 and 1/records);
+* ``delta``: the round's delta may not exceed the site's ceiling (default 1e-5, or the largest power of ten below 1/records);
   the ledger is always kept at the site's own delta.
 
 A refusal raises :class:`PolicyRefused`; its reason starts with ``fedshield:policy-refused: <rule>:`` and goes to
@@ -99,8 +99,13 @@ class SitePolicy:
 
 
 def default_delta(records: int) -> float:
-    """The smaller of 1e-5 and 1/records: delta must stay well below the chance of picking any one record."""
-    return min(DEFAULT_DELTA, 1.0 / max(1, records))
+    """The smaller of 1e-5 and the largest power of ten strictly below 1/records.
+
+    Why: delta must stay below the chance of picking any one record; a power of ten rather than 1/records itself
+    because the delta travels in clear beside the site's epsilon (metric ``delta``) and must not tell the server
+    the exact record count, only its order of magnitude, and only for sites of more than 100,000 records.
+    """
+    return min(DEFAULT_DELTA, 10.0 ** -(math.floor(math.log10(max(1, records))) + 1))
 
 
 def load_policy_file(path: Path) -> dict[str, Any]:
