@@ -341,7 +341,8 @@ def test_b_server_sigkilled_mid_round_resumes_without_losing_a_round(tmp_path: P
         server.wait_for(r"registered nodes: node-1, node-2", timeout=120)
         clients = [Cli.start(["client", "--server", fleet, "--ca", str(keys.ca_cert), "--node-key",
                               str(keys.node(f"node-{i}").private_key_path), "--roster", str(keys.authorized_nodes),
-                              "--secagg-min-peers", "1", "--data", str(data), "--state", str(state)],
+                              "--secagg-min-peers", "1", "--max-epsilon", "50",  # the run's own cap (above)
+                              "--data", str(data), "--state", str(state)],
                              tmp_path / f"client-{i}.out")
                    for i, (data, state) in enumerate(zip(sites, states), 1)]
         procs.extend(clients)
