@@ -108,3 +108,19 @@ def test_an_out_of_range_evaluate_reply_is_left_out_of_the_federated_average() -
     metrics = strategy.aggregate_evaluate(1, replies)
     assert metrics is not None and metrics[P.EVAL_ACCURACY] == pytest.approx(0.6)
     assert strategy.last_evaluated == 2
+
+
+def test_the_secagg_aggregate_reply_passes_the_clear_checks_its_nodes_passed() -> None:
+    """Regression: the SecAgg+ synthetic reply averaged the nodes' counts (five nodes at rounds-trained 3 gave
+    3.0000000000000004), UpdateValidation then rejected the whole aggregate and the global model silently stayed
+    unchanged that round (the default job lost 5 of 20 rounds this way)."""
+    from fedshield.strategies._secagg_stages import MaskedReply
+    from fedshield.strategies.secagg import _average_metrics
+
+    honest = {P.EPSILON: 2.821851161663019, P.STEPS: 12.0, P.ROUNDS_TRAINED: 3.0}
+    replies = [MaskedReply([], 1, dict(honest)) for _ in range(5)]
+    averaged = _average_metrics(replies)
+    assert averaged[P.ROUNDS_TRAINED] == 3.0 and averaged[P.STEPS] == 12.0
+    assert check_clear_metrics({**averaged, P.NUM_EXAMPLES: 5.0}) is None
+    mixed = [MaskedReply([], 1, {**honest, P.ROUNDS_TRAINED: float(r)}) for r in (3, 4)]
+    assert _average_metrics(mixed)[P.ROUNDS_TRAINED] == 4.0  # a count some node reported, not 3.5

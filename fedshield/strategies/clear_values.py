@@ -30,7 +30,7 @@ DEFAULT_MAX_WEIGHT = 1000.0
 MAX_COUNT = 2**53
 
 #: Figures that count things: whole numbers >= 0.
-_COUNTS = (P.STEPS, P.ROUNDS_TRAINED, P.PARTITION_ID)
+COUNT_METRICS = (P.STEPS, P.ROUNDS_TRAINED, P.PARTITION_ID)
 #: Figures that must be >= 0 (a negative epsilon would lower a site's reported spend; a weight may be fractional).
 _NON_NEGATIVE = (P.NUM_EXAMPLES, P.EPSILON, P.TRAIN_LOSS, P.EVAL_LOSS)
 
@@ -72,7 +72,7 @@ def _check_value(key: str, value: object) -> str | None:
             return f"metric {key!r} must be finite, got {v!r}"
     if isinstance(value, list):
         return None
-    if key in _COUNTS and not (0 <= value <= MAX_COUNT and float(value).is_integer()):  # type: ignore[operator]
+    if key in COUNT_METRICS and not (0 <= value <= MAX_COUNT and float(value).is_integer()):  # type: ignore[operator]
         return f"metric {key!r} must be a whole number in [0, 2**53], got {value!r}"
     if key in _NON_NEGATIVE and value < 0:  # type: ignore[operator]
         return f"metric {key!r} must be >= 0, got {value!r}"

@@ -40,7 +40,7 @@ from ..errors import ConfigError, ProtocolError
 from ..protocol import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, ClientReply
 from ._secagg_params import check_bits, check_params, neighbour_graph, protocol_params
 from ._secagg_clear import check_masked_clear
-from .clear_values import DEFAULT_MAX_WEIGHT
+from .clear_values import COUNT_METRICS, DEFAULT_MAX_WEIGHT
 from ._secagg_stages import (
     MaskedReply,
     RoundState,
@@ -363,11 +363,18 @@ def _add_update(global_arr: np.ndarray[Any, Any], update: np.ndarray[Any, Any]) 
 
 
 def _average_metrics(replies: list[MaskedReply]) -> dict[str, float]:
-    """Example-weighted mean of the clear metrics every included node sent (identifiers excluded)."""
+    """The clear metrics every included node sent, as one reply's (identifiers excluded): counts (steps, rounds
+    trained) as their maximum, everything else as the example-weighted mean.
+
+    Why the maximum for counts: a mean of whole numbers is not one (3.0000000000000004, or 3.5), and the synthetic
+    reply passes the same clear-value checks as any reply (:mod:`.validation`); the maximum is a count that some
+    node really reported.
+    """
     keys = set.intersection(*(set(r.metrics) for r in replies)) - {NUM_EXAMPLES, PARTITION_ID}
     total = sum(r.num_examples for r in replies)
     weights = [r.num_examples / total if total else 1 / len(replies) for r in replies]
-    return {k: float(sum(w * r.metrics[k] for w, r in zip(weights, replies, strict=True))) for k in sorted(keys)}
+    return {k: float(max(r.metrics[k] for r in replies)) if k in COUNT_METRICS
+            else float(sum(w * r.metrics[k] for w, r in zip(weights, replies, strict=True))) for k in sorted(keys)}
 
 
 def _outcomes(state: RoundState, masked: dict[int, MaskedReply], aborted: str | None) -> list[ClientReply]:
