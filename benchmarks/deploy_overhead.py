@@ -4,8 +4,8 @@ much of a round is the clients' actual work. Usage::
     python benchmarks/deploy_overhead.py [--clients 3 10] [--rounds 3] [--no-worker] [--flower-polling] [--stock [N ...]]
                                          [--json OUT]
 
-One SuperLink (TLS + node authentication) and N SuperNodes started through ``fedshield.server.deployment`` /
-``fedshield.client.deployment``, each site with its own slice of the digits as a CSV file. For each N, four runs
+One SuperLink (TLS + node authentication) and N SuperNodes started through ``fedshield.deploy.coordinator`` /
+``fedshield.deploy.site``, each site with its own slice of the digits as a CSV file. For each N, four runs
 on the same processes:
 
 * ``echo``: ``tests/apps/echo_app``, stock Flower (FedAvg, numpy only, one train message per node and round): the
@@ -48,11 +48,11 @@ from typing import Any
 
 import numpy as np
 
-from fedshield.client.deployment import ClientOptions, FedshieldClient, start_client
+from fedshield.deploy.site import ClientOptions, FedshieldClient, start_client
 from fedshield.config import RunConfig
 from fedshield.crypto import init_keys
 from fedshield.deploy import free_port, run_app
-from fedshield.server.deployment import FedshieldServer, ServerOptions, start_server
+from fedshield.deploy.coordinator import FedshieldServer, ServerOptions, start_server
 
 ECHO_APP = Path(__file__).resolve().parents[1] / "tests" / "apps" / "echo_app"
 

@@ -24,12 +24,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from typer.testing import CliRunner
 
 from fedshield.cli import cli
-from fedshield.client import deployment as client_deployment
+from fedshield.deploy import site as client_deployment
 from fedshield.client.app import PLAIN_REFUSAL, PLAIN_REFUSED_CODE, refuse_plain_updates
 from fedshield.config import RunConfig
 from fedshield.crypto import KeySet, init_keys
 from fedshield.deploy import free_port
-from fedshield.server.deployment import app_dir, flower_run_config, prepare_app
+from fedshield.deploy.coordinator import app_dir, flower_run_config, prepare_app
 from fedshield.server.app import RESUME_KEY, read_run_config
 
 ROOT = Path(__file__).resolve().parents[1]

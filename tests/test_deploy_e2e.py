@@ -5,7 +5,7 @@ Two federations share one key set:
 
 * the CLI one: ``python -m fedshield server`` and three ``python -m fedshield client`` processes run two private,
   securely aggregated rounds; then every file they wrote is checked against the others;
-* the library one (``fedshield.server.deployment`` / ``fedshield.client.deployment``): one SuperLink and its
+* the library one (``fedshield.deploy.coordinator`` / ``fedshield.deploy.site``): one SuperLink and its
   SuperNodes refuse a wrong CA and an unregistered key, then serve two one-round runs that both aggregate exactly
   node-1 and node-2: a SecAgg+ round in which node-3 is SIGKILLed mid-round, and a plain round that node-4 (a site
   requiring SecAgg+) refuses. The two models must agree up to SecAgg+'s quantisation.
@@ -32,13 +32,13 @@ from _processes import Cli, digits_sites, kill_tree
 from safetensors.numpy import load_file
 
 from fedshield.client.app import PLAIN_REFUSAL
-from fedshield.client.deployment import ClientOptions, FedshieldClient, start_client
+from fedshield.deploy.site import ClientOptions, FedshieldClient, start_client
 from fedshield.config import RunConfig
 from fedshield.crypto import KeySet, add_node, init_keys
 from fedshield.deploy import DeploymentError, RunResult, free_port
 from fedshield.deploy.process import live_descendants
 from fedshield.privacy.ledger import LEDGER_FILE, PrivacyLedger
-from fedshield.server.deployment import FedshieldServer, ServerOptions, start_server
+from fedshield.deploy.coordinator import FedshieldServer, ServerOptions, start_server
 from fedshield.server.report import recompute_epsilon
 from fedshield.tasks import get_task
 

@@ -69,7 +69,7 @@ def test_the_round_timeout_reaches_flower_secagg_and_the_command_lines() -> None
     from typer.testing import CliRunner
 
     from fedshield.cli import cli
-    from fedshield.server.deployment import flower_run_config
+    from fedshield.deploy.coordinator import flower_run_config
     from fedshield.server.runner import build_strategy
     from fedshield.strategies.secagg import SecAggPlus
 
@@ -413,7 +413,7 @@ def test_a_thirty_percent_of_the_sites_sigkilled_mid_round_then_rejoining(tmp_pa
     (client, worker, SuperNode, SuperExec, ClientApp at once) once they have charged their ledger for the round,
     i.e. while they train; SecAgg+ rebuilds their masks from the survivors' shares and the round completes
     without them. They are restarted at once with the same key and state directory, wait until the server has
-    noticed the crash (see ``fedshield.client.deployment``), rejoin, and train in round 3."""
+    noticed the crash (see ``fedshield.deploy.site``), rejoin, and train in round 3."""
     started = time.monotonic()
     keys = init_keys(tmp_path / "keys", server_hosts=["127.0.0.1"], nodes=LOAD_SITES)
     sites = digits_sites(tmp_path, LOAD_SITES)

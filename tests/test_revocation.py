@@ -25,7 +25,7 @@ from _processes import digits_sites
 from fedshield.crypto import init_keys
 from fedshield.deploy import DeploymentError, SuperNode, SuperNodeConfig, free_port, start_supernode
 from fedshield.deploy.process import live_descendants
-from fedshield.server.deployment import FedshieldServer, ServerOptions, start_server
+from fedshield.deploy.coordinator import FedshieldServer, ServerOptions, start_server
 
 QUICK_GIVE_UP = {"max_retries": 2, "max_wait_time": 15.0}
 

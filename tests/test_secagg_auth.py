@@ -196,7 +196,7 @@ def test_a_stock_flower_client_is_dropped_with_the_reason(monkeypatch: pytest.Mo
 
 
 def test_a_deployed_client_needs_a_roster_unless_insecure(tmp_path: Path) -> None:
-    from fedshield.client.deployment import ClientOptions
+    from fedshield.deploy.site import ClientOptions
     from fedshield.crypto import init_keys
     from fedshield.errors import ConfigError
 

@@ -1,6 +1,6 @@
 """A malicious coordinator substitutes SecAgg+ public keys; real ``fedshield client`` sites detect it and refuse.
 
-Real processes on 127.0.0.1: a TLS SuperLink with node authentication (``fedshield.server.deployment``), three
+Real processes on 127.0.0.1: a TLS SuperLink with node authentication (``fedshield.deploy.coordinator``), three
 sites started with the ``fedshield client`` CLI (each with ``--roster``, the authorized-nodes.txt), and a run
 submitted with ``flwr run`` whose ServerApp is fedshield's own with SHARE_KEYS tampered
 (``tests/apps/secagg_mitm/secagg_mitm.py``). One run of two rounds holds every check:
@@ -26,7 +26,7 @@ from fedshield.crypto import init_keys
 from fedshield.deploy import free_port
 from fedshield.deploy.flwr_run import submit_run
 from fedshield.privacy.ledger import LEDGER_FILE, PrivacyLedger
-from fedshield.server.deployment import ServerOptions, flower_run_config, prepare_app, start_server
+from fedshield.deploy.coordinator import ServerOptions, flower_run_config, prepare_app, start_server
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 

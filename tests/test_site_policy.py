@@ -35,7 +35,7 @@ from fedshield.config import RoundSettings
 from fedshield.deploy.site_clientapp import CLIENTAPP_REF, FabRefused, verify_fab
 from fedshield.errors import ConfigError
 from fedshield.privacy.ledger import LEDGER_FILE, PrivacyLedger
-from fedshield.server.deployment import app_dir
+from fedshield.deploy.coordinator import app_dir
 from fedshield.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,21 +150,21 @@ def test_the_site_keeps_its_own_split_whatever_the_server_seed(site: dict[str, A
 
     settings = RoundSettings(**_config(seed=1))
     first = site_module.resolve_site(site, settings)
-    site_module._load_files.cache_clear()
+    site_module.load_site_files.cache_clear()
     other = site_module.resolve_site(site, RoundSettings(**_config(seed=999)))
     np.testing.assert_array_equal(first.test.y, other.test.y)
     np.testing.assert_array_equal(first.test.x, other.test.x)
     saved = json.loads((Path(site[STATE_DIR]) / SPLIT_FILE).read_text())
     assert len(saved["seed"]) > 20, "a 128-bit seed from the OS, not the server's"
     # A changed data file is noticed, not silently re-split.
-    site_module._load_files.cache_clear()
+    site_module.load_site_files.cache_clear()
     with np.load(site[DATA_PATH]) as data:
         x, y = data["x"].copy(), data["y"]
     x[0, 0] += 1.0
     np.savez(site[DATA_PATH], x=x, y=y)
     with pytest.raises(ConfigError, match="data file changed"):
         site_module.resolve_site(site, settings)
-    site_module._load_files.cache_clear()
+    site_module.load_site_files.cache_clear()
 
 
 def test_breast_cancer_preprocessing_uses_fixed_constants_not_the_partys_statistics() -> None:

@@ -29,8 +29,8 @@ from ._report import print_summary, round_line
 from .simulate import build_config
 
 if TYPE_CHECKING:
-    from ..client.deployment import ClientCheck, ClientOptions, FedshieldClient
-    from ..server.deployment import FedshieldServer, ServerOptions
+    from ..deploy.site import ClientCheck, ClientOptions, FedshieldClient
+    from ..deploy.coordinator import FedshieldServer, ServerOptions
 
 __all__ = ["client_command", "server_command"]
 
@@ -104,7 +104,7 @@ def server_command(
         **o.run_flags(params),
         "num_clients": min_clients, "max_update_norm": max_update_norm,
     }
-    from ..server.deployment import ServerOptions, check_run_dir, start_server
+    from ..deploy.coordinator import ServerOptions, check_run_dir, start_server
     from ..tasks import get_task
 
     with errors_to_exit():
@@ -136,7 +136,7 @@ def _resume_config(run_dir: Path, config_file: Path | None, flags: dict[str, obj
     """The run's own settings and completed rounds; settings flags are refused (they would change the mechanism
     under the clients' ledgers)."""
     from ..errors import ConfigError
-    from ..server.deployment import load_resume
+    from ..deploy.coordinator import load_resume
 
     given = sorted(k.replace("_", "-") for k, v in flags.items() if v is not None)
     if given or config_file is not None:
@@ -183,7 +183,7 @@ def _warn_server(cfg: RunConfig, insecure: bool) -> None:
 
 
 def _serve(server: FedshieldServer, cfg: RunConfig, options: ServerOptions, *, resume: bool = False) -> None:
-    from ..server.deployment import read_summary
+    from ..deploy.coordinator import read_summary
 
     names = ", ".join(server.registered) or "none (insecure: any node may join)"
     console.print(
@@ -280,7 +280,7 @@ def client_command(
 ) -> None:
     """Join a federation: check keys and data, connect to the server, and train when it asks, until Ctrl-C."""
     configure_logging(verbose)
-    from ..client.deployment import ClientOptions, check_client, start_client
+    from ..deploy.site import ClientOptions, check_client, start_client
 
     from ..client.policy import load_policy_file
 

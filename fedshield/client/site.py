@@ -21,7 +21,7 @@ from ..tasks import Task, get_task
 from .node_config import BUDGET, DATA_PATH, DEVICE, LABEL_COLUMN, NUM_PARTITIONS, PARTITION_ID, STATE_DIR
 from .policy import SitePolicy, policy_from_node_config
 
-__all__ = ["Site", "resolve_site"]
+__all__ = ["Site", "bundled_split", "load_site_files", "resolve_site"]
 
 
 
@@ -51,7 +51,7 @@ def resolve_site(node_config: Mapping[str, Any], settings: RoundSettings) -> Sit
         if STATE_DIR not in node_config or not str(node_config[STATE_DIR]):
             raise ConfigError("node config sets data-path but no state-dir: the privacy ledger needs a home")
         path, state = Path(str(node_config[DATA_PATH])), str(node_config[STATE_DIR])
-        train, test = _load_files(task.name, str(path), str(node_config.get(LABEL_COLUMN, "") or ""), state)
+        train, test = load_site_files(task.name, str(path), str(node_config.get(LABEL_COLUMN, "") or ""), state)
         return Site(path.name, task, train, test, Path(state), policy.max_epsilon, None, device, policy)
     budget = float(node_config[BUDGET]) if node_config.get(BUDGET) not in (None, "", 0, 0.0) else None
     if PARTITION_ID not in node_config:
@@ -80,11 +80,11 @@ def _device(node_config: Mapping[str, Any], settings: RoundSettings) -> torch.de
 
 @lru_cache(maxsize=8)
 def _bundled_partition(task_name: str, partition: str, n: int, seed: int, pid: int) -> tuple[Dataset, Dataset]:
-    return _bundled_split(task_name, partition, n, seed).clients[pid]
+    return bundled_split(task_name, partition, n, seed).clients[pid]
 
 
 @lru_cache(maxsize=2)
-def _bundled_split(task_name: str, partition: str, n: int, seed: int):  # type: ignore[no-untyped-def]
+def bundled_split(task_name: str, partition: str, n: int, seed: int):  # type: ignore[no-untyped-def]
     task = get_task(task_name)
     if task.load_bundled is None:
         raise ConfigError(f"task {task_name!r} ships no data, so it cannot be simulated on bundled data")
@@ -92,7 +92,7 @@ def _bundled_split(task_name: str, partition: str, n: int, seed: int):  # type: 
 
 
 @lru_cache(maxsize=2)
-def _load_files(task_name: str, path: str, label_column: str, state_dir: str) -> tuple[Dataset, Dataset]:
+def load_site_files(task_name: str, path: str, label_column: str, state_dir: str) -> tuple[Dataset, Dataset]:
     """The site's records, split by the site's own seed kept in its state directory (:mod:`.split`)."""
     from ..data.files import load_local_data
     from .split import data_fingerprint, site_split

@@ -3,7 +3,7 @@
 The entry leaves ``authorized-nodes.txt`` and the node's key files are deleted, so no later ``keys init --force``
 or copy of the directory can re-authorize it by accident. The running SuperLink still holds the registration in
 its database until ``fedshield server`` starts again, which unregisters every stored node the list no longer
-names (:func:`fedshield.server.revocation.revoke_unlisted`).
+names (:func:`fedshield.deploy.revocation.revoke_unlisted`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from fedshield.deploy.process import free_port as free_port
 from fedshield.deploy.superlink import ServerTls as ServerTls
 from fedshield.deploy.superlink import SuperLink as SuperLink
 from fedshield.deploy.superlink import SuperLinkConfig as SuperLinkConfig
-from fedshield.deploy.superlink import register_nodes as register_nodes
 from fedshield.deploy.superlink import start_superlink as start_superlink
 from fedshield.deploy.supernode import SuperNode as SuperNode
 from fedshield.deploy.supernode import SuperNodeConfig as SuperNodeConfig
@@ -42,7 +41,6 @@ __all__ = [
     "TomlValue",
     "ensure_ports_free",
     "free_port",
-    "register_nodes",
     "run_app",
     "run_status",
     "start_superlink",

@@ -42,12 +42,12 @@ from ..deploy.connection import toml_value
 from ..deploy.flwr_run import run_log
 from ..deploy.process import parse_address
 from ..errors import ConfigError
-from .app import RESUME_KEY
-from .checkpoint import load_resume as load_checkpointed_run
+from ..server.app import RESUME_KEY
+from ..server.checkpoint import load_resume as load_checkpointed_run
 from .revocation import revoke_unlisted
-from .run_dir import claim_run_dir
-from .run_files import MetricsTail, file_identity, read_rows, read_summary
-from .runner import RoundRecord
+from ..server.run_dir import claim_run_dir
+from ..server.run_files import MetricsTail, file_identity, read_rows, read_summary
+from ..server.runner import RoundRecord
 
 __all__ = [
     "DEFAULT_CONTROL_PORT",

@@ -14,7 +14,7 @@ import logging
 from cryptography.hazmat.primitives import serialization
 
 from ..crypto import KeySet
-from ..deploy.superlink import SuperLink
+from .superlink import SuperLink
 
 __all__ = ["revoke_unlisted"]
 

@@ -30,11 +30,11 @@ from ..errors import ConfigError
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
 from ..tasks import get_task
 from ..device import resolve_device
-from .node_config import ALLOW_PLAIN_UPDATES, DATA_PATH, DEVICE, LABEL_COLUMN, STATE_DIR, WORKER_SOCKET
-from .node_config import NODE_KEY, SECAGG_MIN_PEERS, SECAGG_ROSTER
+from ..client.node_config import ALLOW_PLAIN_UPDATES, DATA_PATH, DEVICE, LABEL_COLUMN, STATE_DIR, WORKER_SOCKET
+from ..client.node_config import NODE_KEY, SECAGG_MIN_PEERS, SECAGG_ROSTER
 from .server_probe import RetryHook, wait_for_server
-from .policy import DEFAULT_MAX_EPSILON, SitePolicy, check_ledger_terms, default_delta
-from .worker import ClientWorker
+from ..client.policy import DEFAULT_MAX_EPSILON, SitePolicy, check_ledger_terms, default_delta
+from ..client.worker import ClientWorker
 
 __all__ = ["ClientCheck", "ClientOptions", "FedshieldClient", "check_client", "start_client", "wait_for_server"]
 
@@ -187,10 +187,10 @@ def check_client(options: ClientOptions) -> ClientCheck:
 def _load_data(task_name: str, data: Path, label_column: str | None, state: Path) -> tuple[int, int]:
     """Load the data exactly as the ClientApp will (same function, same split), so what passes here trains there.
     On a first start this chooses the site's own train/test split and saves it in the state directory."""
-    from .site import _load_files
+    from ..client.site import load_site_files
 
     get_task(task_name)  # an unknown task fails here, listing the known ones
-    train, test = _load_files(task_name, str(data), label_column or "", str(state))
+    train, test = load_site_files(task_name, str(data), label_column or "", str(state))
     return len(train), len(test)
 
 

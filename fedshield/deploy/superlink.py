@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +35,7 @@ from fedshield.deploy.process import (
     parse_address,
 )
 
-__all__ = ["ServerTls", "StoredNode", "SuperLink", "SuperLinkConfig", "register_nodes", "start_superlink"]
+__all__ = ["ServerTls", "StoredNode", "SuperLink", "SuperLinkConfig", "start_superlink"]
 
 Isolation = Literal["subprocess", "process"]
 _ALREADY_REGISTERED = "Public key already in use"
@@ -241,12 +241,6 @@ def start_superlink(config: SuperLinkConfig, *, timeout: float = 60.0, connectio
     )
     connection.write_config()
     return SuperLink(config, process, connection)
-
-
-def register_nodes(superlink: SuperLink, nodes: Sequence[tuple[str, str]]) -> None:
-    """Register ``(name, OpenSSH public key)`` pairs, e.g. ``[(n.name, n.public_key) for n in keyset.nodes]``."""
-    for name, public_key in nodes:
-        superlink.register_node(public_key, name=name)
 
 
 def _dial_address(host: str, port: int) -> str:

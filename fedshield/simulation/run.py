@@ -27,13 +27,13 @@ log = logging.getLogger(__name__)
 
 def preflight(config: RunConfig) -> None:
     """Fail before Ray starts: unknown task, an impossible partition, an unwritable output directory."""
-    from ..client.site import _bundled_split
+    from ..client.site import bundled_split
     from ..tasks import get_task
 
     task = get_task(config.task)
     if task.load_bundled is None:
         raise ConfigError(f"task {config.task!r} ships no data: simulate needs a task with bundled data")
-    _bundled_split(config.task, str(config.partition), config.num_clients, config.seed)
+    bundled_split(config.task, str(config.partition), config.num_clients, config.seed)
     from ..strategies.registry import validate_params
 
     validate_params(config.strategy, config.strategy_params, clients_per_round=config.expected_train_clients)
