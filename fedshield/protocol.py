@@ -1,7 +1,8 @@
 """The wire contract between the fedshield ServerApp and ClientApp.
 
-Both sides import these names so that a key can never be spelt two ways. Only this module and
-:mod:`fedshield.config` know the Flower record layout of a round.
+Both sides import these names so that a key can never be spelt two ways: record keys, reply metric keys, error
+codes and reason prefixes, and :class:`RoundSettings` (the round config). Only this module knows the Flower record
+layout of a round.
 
 Layout of a *train* or *evaluate* message from the server::
 
@@ -16,7 +17,15 @@ Layout of a reply::
 
 from __future__ import annotations
 
-from typing import Final
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from .config.checks import check_hardware, normalise_device_spec, normalise_sample_rate
+from .config.names import ACCOUNTANTS, CLIENT_DP_MODES
+from .errors import ConfigError
 
 ARRAYS: Final = "arrays"
 CONFIG: Final = "config"
@@ -28,22 +37,16 @@ NUM_EXAMPLES: Final = "num-examples"
 #: reply cannot tell apart two data sets that differ by one record (add/remove adjacency).
 PUBLIC_WEIGHT: Final = 1.0
 
-# --- round config keys (server -> client) -------------------------------------------------------------------
-SERVER_ROUND: Final = "server-round"
-NUM_ROUNDS: Final = "num-rounds"
-TASK: Final = "task"
-PARTITION: Final = "partition"
-SEED: Final = "seed"
-LOCAL_EPOCHS: Final = "local-epochs"
-LEARNING_RATE: Final = "lr"
-SAMPLE_RATE: Final = "sample-rate"
-DP_ENABLED: Final = "dp"
-NOISE_MULTIPLIER: Final = "noise-multiplier"
-MAX_GRAD_NORM: Final = "max-grad-norm"
-TARGET_EPSILON: Final = "target-epsilon"
-DELTA: Final = "delta"
-ACCOUNTANT: Final = "accountant"
-RUN_ID: Final = "run-id"
+# --- round config (server -> client) -------------------------------------------------------------------------
+# The keys of content["config"] are RoundSettings' field names with '-' (round_config_key): "server-round",
+# "num-rounds", "noise-multiplier", ... RoundSettings.to_record_dict / from_record_dict are the only code that
+# writes or reads them, so a key cannot be spelt two ways.
+
+
+def round_config_key(field_name: str) -> str:
+    """The ConfigRecord key of a :class:`RoundSettings` field (Flower's kebab-case)."""
+    return field_name.replace("_", "-")
+
 
 # --- reply metric keys (client -> server) ------------------------------------------------------------------
 EPSILON: Final = "epsilon"
@@ -52,7 +55,30 @@ ROUNDS_TRAINED: Final = "rounds-trained"
 TRAIN_LOSS: Final = "train-loss"
 EVAL_LOSS: Final = "loss"
 EVAL_ACCURACY: Final = "accuracy"
+#: The delta the site's own ledger accounts at (its policy may set its own).
+DELTA: Final = "delta"
 PARTITION_ID: Final = "partition-id"
+
+# --- reply error codes and reasons (client -> server) -------------------------------------------------------
+#: Error code of a reply the site refused to train for (budget, policy, plain update, SecAgg+ keys).
+REFUSAL_CODE: Final = 4001
+#: Error code of a reply whose round config the site could not read (version skew, a hostile server).
+CONFIG_ERROR_CODE: Final = 4002
+#: Error code of a reply the site's warm training worker failed (unreachable, crashed, bad reply).
+WORKER_ERROR_CODE: Final = 4004
+#: Error code of a deployed site refusing to send its update without SecAgg+ (client.app).
+PLAIN_REFUSED_CODE: Final = 4003
+#: Error code of a request refused by the site's own privacy policy (client.policy).
+POLICY_REFUSED_CODE: Final = 4005
+#: Error code of a site refusing a SecAgg+ round; the reason starts with SECAGG_REFUSAL. (Same number as
+#: CODE_REFUSED_CODE since before this module held both; the reason prefix tells them apart.)
+SECAGG_REFUSED_CODE: Final = 4006
+#: Error code of a site refusing the run's app bundle (deploy.site_clientapp).
+CODE_REFUSED_CODE: Final = 4006
+#: Reason prefix of a reply the server's update validation rejected (strategies.validation).
+REJECTED: Final = "fedshield:rejected"
+#: Reason prefix of a site refusing to send its update unmasked (no SecAgg+ on a DP round).
+PLAIN_UPDATE_REFUSAL: Final = "fedshield:plain-update-refused"
 
 #: Prefix of a reply error reason that means "refused: privacy budget exhausted".
 BUDGET_REFUSAL: Final = "fedshield:budget-exhausted"
@@ -63,7 +89,7 @@ BUDGET_REFUSAL: Final = "fedshield:budget-exhausted"
 POLICY_REFUSAL: Final = "fedshield:policy-refused"
 #: Prefix of a site refusing an app bundle that carries code or names another ClientApp (deploy.site_clientapp).
 CODE_REFUSAL: Final = "fedshield:code-refused"
-UNCHARGED_REFUSALS: Final = (BUDGET_REFUSAL, "fedshield:plain-update-refused", POLICY_REFUSAL, CODE_REFUSAL)
+UNCHARGED_REFUSALS: Final = (BUDGET_REFUSAL, PLAIN_UPDATE_REFUSAL, POLICY_REFUSAL, CODE_REFUSAL)
 
 #: Prefix of a reply error reason that means "this site refused the SecAgg+ round" (keys not signed by its roster,
 #: a request no honest server sends); the site sent no shares.
@@ -76,8 +102,6 @@ SECAGG_SIGNER: Final = "fedshield-signer"
 
 
 # --- what the server learns of one client in one round -----------------------------------------------------
-from dataclasses import dataclass, field  # noqa: E402
-
 
 @dataclass(frozen=True)
 class ClientReply:
@@ -95,3 +119,101 @@ class ClientReply:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """What the server tells every client for one round: the contract both sides of the wire validate.
+
+    The noise multiplier is decided once per run by the server (calibrated for the whole planned horizon), so
+    every client runs the same mechanism and one accountant computation describes them all.
+    """
+
+    run_id: str
+    server_round: int
+    num_rounds: int
+    task: str
+    partition: str
+    seed: int
+    local_epochs: int
+    lr: float
+    sample_rate: float
+    dp: bool
+    noise_multiplier: float
+    max_grad_norm: float
+    target_epsilon: float  # 0 = no budget cap from the server
+    delta: float
+    accountant: str
+    grad_sample_mode: str
+    sim_state_root: str = ""  # simulation only: where virtual clients keep their ledgers
+    quantize: int = 0  # bits per value of the update the client sends back (0: float, as trained)
+    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 is added to the local loss (0: off)
+    client_dp: str = "off"  # client-level DP mode; "distributed": this client clips and adds its noise share
+    client_clip_norm: float = 0.0  # distributed client-level DP: bound C on the L2 norm of the update
+    client_noise_std_share: float = 0.0  # distributed: std of this client's Gaussian noise, z * C / sqrt(n)
+    device: str = "auto"  # where to train; a deployed site's node config "device" overrides it
+    max_physical_batch_size: int = 0  # DP-SGD examples per forward/backward pass (0: the whole Poisson batch)
+    amp: bool = False  # bf16 autocast for the forward pass
+
+    def __post_init__(self) -> None:
+        if self.client_dp not in CLIENT_DP_MODES:
+            raise ConfigError(f"round config: unknown client-dp mode {self.client_dp!r}")
+        if not (self.proximal_mu >= 0 and math.isfinite(self.proximal_mu)):
+            raise ConfigError(f"round config: proximal-mu must be >= 0, got {self.proximal_mu}")
+        if self.client_dp == "distributed" and not (
+            self.client_clip_norm > 0 and self.client_noise_std_share >= 0 and math.isfinite(self.client_noise_std_share)
+        ):
+            raise ConfigError(
+                f"round config: distributed client-level DP needs client-clip-norm > 0 and a noise share >= 0, "
+                f"got {self.client_clip_norm} and {self.client_noise_std_share}"
+            )
+        if self.dp and not (self.noise_multiplier >= 0 and self.max_grad_norm > 0):
+            raise ConfigError(
+                f"round config: DP needs noise-multiplier >= 0 and max-grad-norm > 0, "
+                f"got {self.noise_multiplier} and {self.max_grad_norm}"
+            )
+        object.__setattr__(self, "sample_rate", normalise_sample_rate(self.sample_rate))
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"round config: unknown accountant {self.accountant!r}")
+        if not (0 < self.delta < 1):
+            raise ConfigError(f"round config: delta must be in (0, 1), got {self.delta}")
+        try:
+            object.__setattr__(self, "device", normalise_device_spec(self.device))
+        except ConfigError as exc:
+            raise ConfigError(f"round config: {exc}") from None
+        check_hardware(self.max_physical_batch_size, self.amp, self.grad_sample_mode, "round config: ")
+
+    @property
+    def steps_per_round(self) -> int:
+        """DP-SGD steps a client takes in this round (the same figure as ``RunConfig.steps_per_round``)."""
+        return round(1 / self.sample_rate) * self.local_epochs
+
+    def to_record_dict(self) -> dict[str, Any]:
+        """Flat dict of ConfigRecord-able scalars: the round config keys are the field names with '-' (one
+        spelling, derived here and in :meth:`from_record_dict`, never written twice)."""
+        return {round_config_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_record_dict(cls, record: Mapping[str, Any]) -> RoundSettings:
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = round_config_key(f.name)
+            if key not in record:
+                if f.default is not dataclasses.MISSING:
+                    kwargs[f.name] = f.default
+                    continue
+                raise ConfigError(
+                    f"round config is missing {key!r}: server and client run different fedshield versions? "
+                    "Install the same version on both sides"
+                )
+            kwargs[f.name] = record[key]
+        for name in ("server_round", "num_rounds", "seed", "local_epochs", "quantize", "max_physical_batch_size"):
+            kwargs[name] = int(kwargs[name])
+        for name in ("lr", "sample_rate", "noise_multiplier", "max_grad_norm", "target_epsilon", "delta",
+                     "proximal_mu", "client_clip_norm", "client_noise_std_share"):
+            kwargs[name] = float(kwargs[name])
+        kwargs["client_dp"] = str(kwargs["client_dp"])
+        kwargs["device"] = str(kwargs["device"])
+        for name in ("dp", "amp"):
+            kwargs[name] = bool(kwargs[name])
+        return cls(**kwargs)

@@ -141,6 +141,6 @@ def test_a_rejected_update_still_costs_its_client_the_round(tmp_path: Path) -> N
     ])
     clients = report.to_json()["clients"]
     honest, rejected = clients["client-0"], clients["client-1"]
-    assert rejected["history"] == honest["history"] == [[1.0, 0.5, settings.steps]]
+    assert rejected["history"] == honest["history"] == [[1.0, 0.5, settings.steps_per_round]]
     assert rejected["epsilon"] == pytest.approx(honest["epsilon"]) and rejected["epsilon"] > 0
     assert rejected["rounds_trained"] == 0 and [f["round"] for f in rejected["failures"]] == [1]

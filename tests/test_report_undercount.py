@@ -35,7 +35,7 @@ def test_a_failed_reply_after_the_site_charged_is_charged_in_privacy_json(tmp_pa
         settings = _settings(rnd)
         # The site charges before it trains (as client.trainer does) ...
         ledger = charge_ledger(path, accountant="prv", delta=1e-5, budget=None, noise_multiplier=1.0,
-                               sample_rate=0.5, steps=settings.steps, run_id="r", server_round=rnd)
+                               sample_rate=0.5, steps=settings.steps_per_round, run_id="r", server_round=rnd)
         # ... and its last round ends as an error on the server's side (the masked vector arrived, the round died).
         last = rnd == ROUNDS
         metrics = {P.NUM_EXAMPLES: 1.0, P.EPSILON: ledger.epsilon} if not last or "aborted" in failure else {}

@@ -39,9 +39,8 @@ __all__ = [
     "secagg_when_requested",
 ]
 
-#: Error code and reason prefix of a deployed client refusing to send its update without SecAgg+.
-PLAIN_REFUSED_CODE = 4003
-PLAIN_REFUSAL = "fedshield:plain-update-refused"
+PLAIN_REFUSED_CODE = P.PLAIN_REFUSED_CODE
+PLAIN_REFUSAL = P.PLAIN_UPDATE_REFUSAL
 
 
 def secagg_when_requested(msg: Message, ctx: Context, call_next):  # type: ignore[no-untyped-def]

@@ -34,7 +34,7 @@ from typing import Any
 from ..config import ACCOUNTANTS
 from ..errors import ConfigError
 from ..privacy.ledger import PrivacyLedger
-from ..protocol import POLICY_REFUSAL
+from ..protocol import POLICY_REFUSAL, POLICY_REFUSED_CODE
 from .node_config import ACCOUNTANT, ALLOW_NO_DP, BUDGET, DATA_PATH, DELTA, TASK
 
 __all__ = [
@@ -53,8 +53,6 @@ __all__ = [
     "policy_from_node_config",
 ]
 
-#: Reason prefix and error code of a request refused by the site's policy.
-POLICY_REFUSED_CODE = 4005
 #: A deployed site's lifetime budget when its operator gives none (``--max-epsilon``).
 DEFAULT_MAX_EPSILON = 10.0
 DEFAULT_DELTA = 1e-5

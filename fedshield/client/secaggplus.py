@@ -55,15 +55,13 @@ from ..crypto.secagg_auth import KeyAuthenticationError, SignedKeys, check_parti
 from ..crypto.shamir import create_shares
 from ..errors import ConfigError, FedshieldError, KeyMaterialError
 from ..protocol import SECAGG_MASK_PRG as KEY_MASK_PRG
-from ..protocol import SECAGG_REFUSAL
+from ..protocol import SECAGG_REFUSAL, SECAGG_REFUSED_CODE
 from ..protocol import SECAGG_SIGNATURE as KEY_SIGNATURE
 from ..protocol import SECAGG_SIGNER as KEY_SIGNER
 from .secagg_identity import SiteIdentity, site_identity
 
 __all__ = ["SECAGG_REFUSAL", "SECAGG_REFUSED_CODE", "secaggplus_mod"]
 
-#: Error code of a site refusing a SecAgg+ round; the reason starts with :data:`SECAGG_REFUSAL`.
-SECAGG_REFUSED_CODE: Final = 4006
 
 
 class _Refused(FedshieldError):

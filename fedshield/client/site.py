@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import PartitionSpec, RoundSettings
+from ..config import PartitionSpec
+from ..protocol import RoundSettings
 from ..data.partition import split_federated
 from ..data.spec import Dataset
 from ..device import resolve_device

@@ -11,7 +11,7 @@ import torch
 
 from .. import protocol as P
 from ..compression import quantize_update
-from ..config import RoundSettings
+from ..protocol import RoundSettings
 from ..privacy.client_dp import SecureNormal, add_gaussian_noise, clip_update
 from ..privacy.dpsgd import evaluate, make_generator, train_dp_sgd, train_plain
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger, charge_ledger
@@ -154,7 +154,7 @@ def _charge(site: Site, settings: RoundSettings) -> PrivacyLedger:
                                              target_epsilon=settings.target_epsilon, site_budget=site.budget)
     return charge_ledger(
         site.state_dir / LEDGER_FILE, accountant=accountant, delta=delta, budget=budget,
-        noise_multiplier=settings.noise_multiplier, sample_rate=settings.sample_rate, steps=settings.steps,
+        noise_multiplier=settings.noise_multiplier, sample_rate=settings.sample_rate, steps=settings.steps_per_round,
         run_id=settings.run_id, server_round=settings.server_round,
     )
 

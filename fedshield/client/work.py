@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import protocol as P
 from ..errors import BudgetExhaustedError, FedshieldError
+from ..protocol import CONFIG_ERROR_CODE, REFUSAL_CODE, WORKER_ERROR_CODE
 from .policy import POLICY_REFUSED_CODE, PolicyRefused, check_request, policy_from_node_config
 
 __all__ = [
@@ -31,12 +32,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Error code of a fedshield budget refusal (Flower's own codes are small integers).
-REFUSAL_CODE = 4001
-#: Error code of a request this client cannot serve as configured (bad round settings, data, state directory).
-CONFIG_ERROR_CODE = 4002
-#: Error code of a warm worker that is unreachable or failed unexpectedly.
-WORKER_ERROR_CODE = 4004
 
 
 class Refusal(Exception):
@@ -58,7 +53,7 @@ class TrainResult:
 
 def run_train(node_config: Mapping[str, Any], config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> TrainResult:
     """Train one round on this site's data; raise :class:`Refusal` for a budget refusal or a configuration error."""
-    from ..config import RoundSettings
+    from ..protocol import RoundSettings
     from .site import resolve_site
     from .trainer import train_round
 
@@ -87,7 +82,7 @@ def run_evaluate(
     node_config: Mapping[str, Any], config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
 ) -> dict[str, float]:
     """Evaluate the global model on this site's test split; raise :class:`Refusal` for a configuration error."""
-    from ..config import RoundSettings
+    from ..protocol import RoundSettings
     from .site import resolve_site
     from .trainer import evaluate_round
 

@@ -126,7 +126,7 @@ def flower_run_config(config: RunConfig) -> dict[str, TomlValue]:
     values: dict[str, TomlValue] = {}
     for f in dataclasses.fields(config):
         if f.name != _STRATEGY_PARAMS:
-            values[f.name.replace("_", "-")] = _toml_value(f.name, getattr(config, f.name))
+            values[f.name.replace("_", "-")] = _run_config_scalar(f.name, getattr(config, f.name))
     values["out"] = str(Path(config.out).expanduser().resolve())
     back = RunConfig.from_mapping(values, base=config, zero_is_unset=True)
     changed = [f.name for f in dataclasses.fields(config)
@@ -155,13 +155,13 @@ def prepare_app(config: RunConfig, directory: Path) -> Path:
     return directory
 
 
-def _toml_value(name: str, value: Any) -> TomlValue:
+def _run_config_scalar(name: str, value: Any) -> TomlValue:
     if value is None:
         return 0.0
     if isinstance(value, (Path, PartitionSpec)):
         return str(value)
     if isinstance(value, enum.Enum):
-        return _toml_value(name, value.value)
+        return _run_config_scalar(name, value.value)
     if isinstance(value, (bool, int, float, str)):
         return value
     raise ConfigError(

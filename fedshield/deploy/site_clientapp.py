@@ -29,12 +29,10 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-from ..protocol import CODE_REFUSAL
+from ..protocol import CODE_REFUSAL, CODE_REFUSED_CODE
 
 __all__ = ["CLIENTAPP_REF", "CODE_REFUSAL", "CODE_REFUSED_CODE", "FabRefused", "main", "verify_fab"]
 
-#: Error code and reason prefix of a message refused because its run's app bundle is not fedshield's.
-CODE_REFUSED_CODE = 4006
 #: The one ClientApp a fedshield site runs: its own installed one.
 CLIENTAPP_REF = "fedshield.client.app:app"
 _PYPROJECT = "pyproject.toml"

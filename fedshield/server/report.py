@@ -18,7 +18,8 @@ from typing import Any
 
 from .. import protocol as P
 from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ..config import RoundSettings, RunConfig
+from ..config import RunConfig
+from ..protocol import RoundSettings
 from ..privacy.accounting import compact_history, epsilon
 from ..privacy.client_dp import accounting_sample_rate, client_level_epsilon
 from ..strategies.client_dp import ReleaseEvent
@@ -131,7 +132,7 @@ class PrivacyReport:
             if settings.dp and not refused:
                 # Charged for every reply that is not a refusal sent before charging: an aborted SecAgg+ round, a
                 # rejected update or a timeout may hide a round the site trained (and charged) all the same.
-                entry = (settings.noise_multiplier, settings.sample_rate, settings.steps)
+                entry = (settings.noise_multiplier, settings.sample_rate, settings.steps_per_round)
                 client.history = list(compact_history([*client.history, entry]))
                 if not reply.ok:
                     client.charged_unconfirmed.append(settings.server_round)

@@ -19,7 +19,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from .. import protocol as P
-from ..config import RoundSettings, RunConfig
+from ..config import RunConfig
+from ..protocol import RoundSettings
 from ..data.partition import split_federated
 from ..privacy.accounting import calibrate_noise_multiplier
 from ..privacy.client_dp import accounting_sample_rate, calibrate_client_noise, check_shares_fit, noise_std_share

@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import Strategy
 
 from .. import protocol as P
 from ..errors import ConfigError
+from ..protocol import REJECTED
 from .clear_values import DEFAULT_MAX_WEIGHT, check_clear_metrics, usable_metrics
 from .streaming import streams_replies
 from .wrapper import StrategyWrapper
@@ -39,8 +40,6 @@ __all__ = ["REJECTED", "UpdateValidation", "check_reply"]
 
 _log = logging.getLogger(__name__)
 
-#: Prefix of the error reason of a reply that failed validation.
-REJECTED = "fedshield:rejected"
 
 
 class UpdateValidation(StrategyWrapper):
