@@ -35,7 +35,7 @@ def _worker(task_name: str, mode: str, repeats: int, batch: int, device_spec: st
     import torch
     from torch import nn
 
-    from fedshield.data.spec import Dataset
+    from fedshield.dataspec import Dataset
     from fedshield.device import resolve_device
     from fedshield.privacy.dpsgd import make_generator, train_dp_sgd, train_plain
     from fedshield.tasks import get_task

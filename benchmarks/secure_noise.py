@@ -27,7 +27,7 @@ def _step_ms(task_name: str, batch: int, repeats: int) -> dict[str, float]:
     import numpy as np
     from torch import nn
 
-    from fedshield.data.spec import Dataset
+    from fedshield.dataspec import Dataset
     from fedshield.privacy.dpsgd import make_generator, train_dp_sgd
     from fedshield.privacy.secure_noise import SecureGaussian
     from fedshield.tasks import get_task

@@ -80,7 +80,7 @@ def __getattr__(name: str) -> Callable[[], Any]:
 
 
 def _tiled_digits(copies: int) -> Any:
-    from fedshield.data.spec import DataSpec, Dataset
+    from fedshield.dataspec import DataSpec, Dataset
     from fedshield.tasks import Task, get_task
 
     digits = get_task("digits")

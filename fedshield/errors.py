@@ -15,6 +15,8 @@ __all__ = [
     "LedgerError",
     "KeyMaterialError",
     "ProtocolError",
+    "DeploymentError",
+    "PortInUseError",
 ]
 
 
@@ -48,3 +50,11 @@ class KeyMaterialError(FedshieldError):
 
 class ProtocolError(FedshieldError):
     """A message between server and client does not follow the fedshield wire contract."""
+
+
+class DeploymentError(FedshieldError):
+    """A Flower process did not start, exited early, refused us, or a run did not reach a final status in time."""
+
+
+class PortInUseError(DeploymentError, ConfigError):
+    """A port we were asked to listen on is already taken; the fix is another port or stopping the other server."""

@@ -24,9 +24,9 @@ from fedshield import protocol as P
 from fedshield.client.site import Site
 from fedshield.client.trainer import train_round
 from fedshield.config import RoundSettings, RunConfig
-from fedshield.data.spec import Dataset
+from fedshield.dataspec import Dataset
 from fedshield.errors import ConfigError, PrivacyError
-from fedshield.privacy.client_dp import (
+from fedshield.privacy.client_level_mechanism import (
     SecureNormal,
     accounting_sample_rate,
     add_gaussian_noise,
@@ -39,7 +39,7 @@ from fedshield.privacy.client_dp import (
 )
 from fedshield.privacy.dpsgd import make_generator, train_plain
 from fedshield.server.report import PrivacyReport, recompute_client_epsilon
-from fedshield.strategies.client_dp import ClientLevelDP, ReleaseEvent
+from fedshield.strategies.client_level_dp import ClientLevelDP, ReleaseEvent
 from fedshield.tasks import get_task
 
 from _grid import FakeGrid

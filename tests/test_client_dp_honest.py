@@ -12,11 +12,11 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedshield.config import RunConfig
 from fedshield.errors import ConfigError
-from fedshield.privacy.client_dp import SHARE_SIGMAS, check_shares_fit, noise_std_share
+from fedshield.privacy.client_level_mechanism import SHARE_SIGMAS, check_shares_fit, noise_std_share
 from fedshield.privacy.secure_noise import SecureGaussian
 from fedshield.server.report import PrivacyReport, recompute_client_epsilon
 from fedshield.server.runner import check_noise_shares
-from fedshield.strategies.client_dp import ClientLevelDP, ReleaseEvent
+from fedshield.strategies.client_level_dp import ClientLevelDP, ReleaseEvent
 from test_client_dp import GLOBAL, _configure
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from fedshield.data.files import LocalData, load_local_data
-from fedshield.data.spec import DataSpec
+from fedshield.dataspec import DataSpec
 from fedshield.errors import DataError
 
 TABULAR = DataSpec("tab", (3,), 2)

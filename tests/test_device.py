@@ -23,7 +23,7 @@ from fedshield.client.node_config import DEVICE, NUM_PARTITIONS, PARTITION_ID
 from fedshield.client.site import Site, resolve_site
 from fedshield.client.trainer import evaluate_round, train_round
 from fedshield.config import RoundSettings, RunConfig
-from fedshield.data.spec import Dataset
+from fedshield.dataspec import Dataset
 from fedshield.device import resolve_device
 from fedshield.errors import ConfigError, PrivacyError
 from fedshield.privacy.dpsgd import device_generator, evaluate, make_generator, train_dp_sgd, train_plain

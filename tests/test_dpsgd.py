@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedshield.data.spec import Dataset
+from fedshield.dataspec import Dataset
 from fedshield.errors import PrivacyError
 from fedshield.privacy.dpsgd import LocalTrainResult, evaluate, make_generator, train_dp_sgd, train_plain
 from fedshield.tasks import get_task

@@ -15,7 +15,7 @@ from fedshield.client import trainer
 from fedshield.client.site import Site
 from fedshield.client.trainer import train_round
 from fedshield.config import RoundSettings
-from fedshield.data.spec import Dataset
+from fedshield.dataspec import Dataset
 from fedshield.privacy.dpsgd import evaluate, make_generator, train_dp_sgd
 from fedshield.privacy.secure_noise import SecureGaussian
 from fedshield.tasks import get_task

@@ -28,9 +28,9 @@ from fedshield.client.policy import (
     policy_from_node_config,
 )
 from fedshield.client.split import SPLIT_FILE
-from fedshield.client.work import REFUSAL_CODE, WORKER_ERROR_CODE, Refusal, run_train
-from fedshield.client.worker import ClientWorker
-from fedshield.client.worker_protocol import request_evaluate, request_train
+from fedshield.client.round_work import REFUSAL_CODE, WORKER_ERROR_CODE, Refusal, run_train
+from fedshield.client.warm_worker import ClientWorker
+from fedshield.client.warm_worker_wire import request_evaluate, request_train
 from fedshield.config import RoundSettings
 from fedshield.deploy.site_clientapp import CLIENTAPP_REF, FabRefused, verify_fab
 from fedshield.errors import ConfigError

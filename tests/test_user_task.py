@@ -19,7 +19,7 @@ USER_MODULE = textwrap.dedent(
     '''
     import numpy as np
     from torch import nn
-    from fedshield.data.spec import DataSpec, Dataset
+    from fedshield.dataspec import DataSpec, Dataset
     from fedshield.tasks import Task
 
     def _data():

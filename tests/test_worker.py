@@ -20,9 +20,9 @@ import pytest
 from fedshield import protocol as P
 from fedshield.client.node_config import ALLOW_NO_DP, BUDGET, DATA_PATH, LABEL_COLUMN, STATE_DIR, TASK
 from fedshield.client.policy import POLICY_REFUSAL, POLICY_REFUSED_CODE
-from fedshield.client.work import CONFIG_ERROR_CODE, REFUSAL_CODE, WORKER_ERROR_CODE, Refusal, run_evaluate, run_train
-from fedshield.client.worker import ClientWorker
-from fedshield.client.worker_protocol import ProtocolViolation, read_frame, request_evaluate, request_train, write_frame
+from fedshield.client.round_work import CONFIG_ERROR_CODE, REFUSAL_CODE, WORKER_ERROR_CODE, Refusal, run_evaluate, run_train
+from fedshield.client.warm_worker import ClientWorker
+from fedshield.client.warm_worker_wire import ProtocolViolation, read_frame, request_evaluate, request_train, write_frame
 from fedshield.config import RoundSettings
 from fedshield.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from fedshield.tasks import get_task

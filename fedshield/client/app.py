@@ -8,9 +8,9 @@ it leaves this process.
 
 In deployment Flower starts this app in a new process for every message, so it is a thin shim: it imports only
 Flower, numpy and fedshield's light modules, and when the node config names a warm worker
-(:mod:`fedshield.client.worker`, run by ``fedshield client``) the round is trained there, where torch, Opacus and
+(:mod:`fedshield.client.warm_worker`, run by ``fedshield client``) the round is trained there, where torch, Opacus and
 the site's data are already loaded. Without one (simulation, or a bare SuperNode) it trains in this process.
-Both paths run the same code (:mod:`fedshield.client.work`) and refuse and fail the same way.
+Both paths run the same code (:mod:`fedshield.client.round_work`) and refuse and fail the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from .. import protocol as P
 from .node_config import ALLOW_PLAIN_UPDATES, DATA_PATH, WORKER_SOCKET
-from .work import CONFIG_ERROR_CODE, REFUSAL_CODE, WORKER_ERROR_CODE, Refusal, TrainResult
+from .round_work import CONFIG_ERROR_CODE, REFUSAL_CODE, WORKER_ERROR_CODE, Refusal, TrainResult
 
 __all__ = [
     "ALLOW_PLAIN_UPDATES",
@@ -97,20 +97,20 @@ def _worker(context: Context) -> str:
 
 def _train(context: Context, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> TrainResult:
     if socket_path := _worker(context):
-        from .worker_protocol import request_train
+        from .warm_worker_wire import request_train
 
         return request_train(socket_path, config, arrays)
-    from .work import run_train
+    from .round_work import run_train
 
     return run_train(context.node_config, config, arrays)
 
 
 def _evaluate(context: Context, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, float]:
     if socket_path := _worker(context):
-        from .worker_protocol import request_evaluate
+        from .warm_worker_wire import request_evaluate
 
         return request_evaluate(socket_path, config, arrays)
-    from .work import run_evaluate
+    from .round_work import run_evaluate
 
     return run_evaluate(context.node_config, config, arrays)
 

@@ -31,7 +31,7 @@ LABEL_COLUMN: Final = "label-column"
 BUDGET: Final = "max-epsilon"
 #: ``fedshield client --allow-plain-updates``: the site also trains in rounds without SecAgg+.
 ALLOW_PLAIN_UPDATES: Final = "allow-plain-updates"
-#: Unix socket of the warm worker (:mod:`fedshield.client.worker`) that trains for this SuperNode's ClientApps.
+#: Unix socket of the warm worker (:mod:`fedshield.client.warm_worker`) that trains for this SuperNode's ClientApps.
 WORKER_SOCKET: Final = "worker-socket"
 # The site's own policy (fedshield.client.policy): what it accepts whatever the server sends.
 #: The only task this site runs (``fedshield client --task``); a round naming another is refused.

@@ -1,7 +1,7 @@
 """One train or evaluate request, from plain inputs (round config, named arrays) to plain outputs.
 
 The same two functions serve a ClientApp that trains in its own process (simulation, or a SuperNode started
-without a worker) and the warm worker of ``fedshield client`` (:mod:`fedshield.client.worker`), so both paths
+without a worker) and the warm worker of ``fedshield client`` (:mod:`fedshield.client.warm_worker`), so both paths
 charge the privacy ledger, refuse and fail in exactly the same way. Nothing heavy is imported here at module load:
 the per-message ClientApp process imports this module, and only the path that really trains pays for torch.
 """

@@ -15,7 +15,7 @@ import torch
 from ..config import PartitionSpec
 from ..protocol import RoundSettings
 from ..data.partition import split_federated
-from ..data.spec import Dataset
+from ..dataspec import Dataset
 from ..device import resolve_device
 from ..errors import ConfigError, DataError
 from ..tasks import Task, get_task

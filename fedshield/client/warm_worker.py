@@ -31,8 +31,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from .node_config import STATE_DIR
-from .work import WORKER_ERROR_CODE, Refusal, run_evaluate, run_train
-from .worker_protocol import ProtocolViolation, read_frame, write_frame
+from .round_work import WORKER_ERROR_CODE, Refusal, run_evaluate, run_train
+from .warm_worker_wire import ProtocolViolation, read_frame, write_frame
 
 __all__ = ["ClientWorker"]
 

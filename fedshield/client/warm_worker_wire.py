@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .work import WORKER_ERROR_CODE, Refusal, TrainResult
+from .round_work import WORKER_ERROR_CODE, Refusal, TrainResult
 
 __all__ = ["MAX_FRAME_BYTES", "REPLY_TIMEOUT_S", "ProtocolViolation", "read_frame", "request_evaluate", "request_train", "write_frame"]
 

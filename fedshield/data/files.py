@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import DataError
-from .spec import DataSpec, Dataset
+from ..dataspec import DataSpec, Dataset
 
 if TYPE_CHECKING:
     import pyarrow as pa

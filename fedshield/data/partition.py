@@ -13,7 +13,7 @@ import numpy as np
 
 from ..config import PartitionSpec
 from ..errors import ConfigError
-from .spec import Dataset
+from ..dataspec import Dataset
 
 __all__ = ["FederatedSplit", "split_federated", "MIN_CLIENT_EXAMPLES"]
 

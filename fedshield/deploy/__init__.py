@@ -7,8 +7,8 @@ build on it; so do the end-to-end tests.
 
 from fedshield.deploy.connection import FlwrConnection as FlwrConnection
 from fedshield.deploy.connection import TomlValue as TomlValue
-from fedshield.deploy.errors import DeploymentError as DeploymentError
-from fedshield.deploy.errors import PortInUseError as PortInUseError
+from fedshield.errors import DeploymentError as DeploymentError
+from fedshield.errors import PortInUseError as PortInUseError
 from fedshield.deploy.flwr_run import FINISHED_COMPLETED as FINISHED_COMPLETED
 from fedshield.deploy.flwr_run import RunResult as RunResult
 from fedshield.deploy.flwr_run import run_app as run_app

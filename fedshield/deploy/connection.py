@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedshield.atomic import atomic_write_text
-from fedshield.deploy.errors import DeploymentError
+from fedshield.errors import DeploymentError
 from fedshield.deploy.process import flower_env, flower_executable
 
 __all__ = ["FlwrConnection", "TomlValue", "read_connection", "toml_value", "write_flat_toml"]

@@ -8,7 +8,7 @@ us: ``flwr run`` exits 0 even when the ServerApp crashed, so the final status is
 ServerApp runs in a process of its own, so progress is read from ``<out>/metrics.jsonl`` as it is rewritten.
 
 The caller (the CLI) prints; everything here raises :mod:`fedshield.errors` (deployment errors from
-:mod:`fedshield.deploy.errors`).
+:mod:`fedshield.errors`).
 """
 
 from __future__ import annotations

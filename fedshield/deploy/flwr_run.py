@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedshield.deploy.connection import FlwrConnection, TomlValue, write_flat_toml
-from fedshield.deploy.errors import DeploymentError
+from fedshield.errors import DeploymentError
 from fedshield.deploy.process import strip_ansi
 
 __all__ = ["FINISHED_COMPLETED", "RunResult", "run_app", "run_log", "run_status", "submit_run", "wait_for_run"]

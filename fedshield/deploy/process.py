@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from fedshield.deploy.errors import DeploymentError, PortInUseError
+from fedshield.errors import DeploymentError, PortInUseError
 from fedshield.deploy.lifetime import die_with_parent
 
 __all__ = [

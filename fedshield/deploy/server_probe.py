@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import DeploymentError
+from ..errors import DeploymentError
 
 __all__ = ["RetryHook", "wait_for_server"]
 

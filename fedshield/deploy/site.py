@@ -34,7 +34,7 @@ from ..client.node_config import ALLOW_PLAIN_UPDATES, DATA_PATH, DEVICE, LABEL_C
 from ..client.node_config import NODE_KEY, SECAGG_MIN_PEERS, SECAGG_ROSTER
 from .server_probe import RetryHook, wait_for_server
 from ..client.policy import DEFAULT_MAX_EPSILON, SitePolicy, check_ledger_terms, default_delta
-from ..client.worker import ClientWorker
+from ..client.warm_worker import ClientWorker
 
 __all__ = ["ClientCheck", "ClientOptions", "FedshieldClient", "check_client", "start_client", "wait_for_server"]
 

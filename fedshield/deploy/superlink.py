@@ -27,7 +27,7 @@ from typing import Any, Literal
 from fedshield.atomic import atomic_write_text
 from fedshield.crypto import KeySet
 from fedshield.deploy.connection import FlwrConnection
-from fedshield.deploy.errors import DeploymentError
+from fedshield.errors import DeploymentError
 from fedshield.deploy.process import (
     FlowerProcess,
     ensure_ports_free,
@@ -207,8 +207,8 @@ class SuperLink:
 def start_superlink(config: SuperLinkConfig, *, timeout: float = 60.0, connection_name: str = "fedshield") -> SuperLink:
     """Start ``flower-superlink`` and return once its Fleet and Control ports accept connections.
 
-    Raises :class:`~fedshield.deploy.errors.PortInUseError` before starting if a port is taken, and
-    :class:`~fedshield.deploy.errors.DeploymentError` with the tail of its log if it exits or does not listen
+    Raises :class:`~fedshield.errors.PortInUseError` before starting if a port is taken, and
+    :class:`~fedshield.errors.DeploymentError` with the tail of its log if it exits or does not listen
     within ``timeout`` seconds.
     """
     run_dir = Path(config.run_dir).resolve()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from fedshield.deploy.connection import TomlValue, write_flat_toml
-from fedshield.deploy.errors import DeploymentError
+from fedshield.errors import DeploymentError
 from fedshield.deploy.process import (
     FlowerProcess,
     ensure_ports_free,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import AMP_GRAD_SAMPLE_MODES
-from ..data.spec import Dataset
+from ..dataspec import Dataset
 from ..errors import PrivacyError
 from .accounting import HistoryEntry
 from .secure_noise import SecureGaussian, use_secure_noise

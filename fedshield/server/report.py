@@ -21,8 +21,8 @@ from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..config import RunConfig
 from ..protocol import RoundSettings
 from ..privacy.accounting import compact_history, epsilon
-from ..privacy.client_dp import accounting_sample_rate, client_level_epsilon
-from ..strategies.client_dp import ReleaseEvent
+from ..privacy.client_level_mechanism import accounting_sample_rate, client_level_epsilon
+from ..strategies.client_level_dp import ReleaseEvent
 
 __all__ = ["ClientPrivacy", "PrivacyReport", "RunWriter", "recompute_epsilon", "recompute_client_epsilon"]
 

@@ -23,13 +23,13 @@ from ..config import RunConfig
 from ..protocol import RoundSettings
 from ..data.partition import split_federated
 from ..privacy.accounting import calibrate_noise_multiplier
-from ..privacy.client_dp import accounting_sample_rate, calibrate_client_noise, check_shares_fit, noise_std_share
+from ..privacy.client_level_mechanism import accounting_sample_rate, calibrate_client_noise, check_shares_fit, noise_std_share
 from ..privacy.dpsgd import evaluate
 from ..strategies.recording import RecordingStrategy
 from ..tasks import get_task
 from ..strategies.dequantize import DequantizeUpdates
 from ..strategies.offset import RoundOffset
-from ..strategies.client_dp import ClientLevelDP, find_client_dp
+from ..strategies.client_level_dp import ClientLevelDP, find_client_dp
 from ..strategies.registry import Sampling, build as build_named_strategy
 from ..strategies.streaming import StreamingGrid
 from ..strategies.validation import REJECTED, UpdateValidation

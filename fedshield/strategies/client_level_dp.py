@@ -27,7 +27,7 @@ substitution in the sample (sensitivity 2C) and is not claimed.
 
 Dropouts: central noise is added by the server, so it is always ``z C``. In distributed mode only the clients that
 replied contributed noise: a round with ``m`` of ``n`` expected clients is accounted at ``z * sqrt(m / n)``
-(:func:`~fedshield.privacy.client_dp.effective_noise_multiplier`): conservative, never topped up by the server.
+(:func:`~fedshield.privacy.client_level_mechanism.effective_noise_multiplier`): conservative, never topped up by the server.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from numpy.typing import NDArray
 
 from .. import protocol as P
 from ..errors import ConfigError, ProtocolError
-from ..privacy.client_dp import (
+from ..privacy.client_level_mechanism import (
     NormalSource,
     SecureNormal,
     accounting_sample_rate,

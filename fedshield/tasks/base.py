@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.spec import DataSpec, Dataset
+from ..dataspec import DataSpec, Dataset
 
 __all__ = ["Task", "Dataset"]
 

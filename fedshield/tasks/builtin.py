@@ -7,7 +7,7 @@ from functools import lru_cache
 import numpy as np
 from torch import nn
 
-from ..data.spec import DataSpec
+from ..dataspec import DataSpec
 from .base import Dataset, Task
 
 __all__ = ["digits_task", "breast_cancer_task"]

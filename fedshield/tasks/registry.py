@@ -9,7 +9,7 @@ from functools import lru_cache
 from ..errors import ConfigError
 from .base import Task
 from .builtin import breast_cancer_task, digits_task
-from .compat import make_dp_compatible
+from .dp_compatible import make_dp_compatible
 
 __all__ = ["TASKS", "get_task"]
 
