@@ -37,7 +37,8 @@ def _worker(task_name: str, mode: str, repeats: int, batch: int, device_spec: st
 
     from fedshield.dataspec import Dataset
     from fedshield.device import resolve_device
-    from fedshield.privacy.dpsgd import make_generator, train_dp_sgd, train_plain
+    from fedshield.privacy.dpsgd import train_dp_sgd
+    from fedshield.training import make_generator, train_plain
     from fedshield.tasks import get_task
 
     torch.set_num_threads(1)

@@ -28,7 +28,8 @@ def _step_ms(task_name: str, batch: int, repeats: int) -> dict[str, float]:
     from torch import nn
 
     from fedshield.dataspec import Dataset
-    from fedshield.privacy.dpsgd import make_generator, train_dp_sgd
+    from fedshield.privacy.dpsgd import train_dp_sgd
+    from fedshield.training import make_generator
     from fedshield.privacy.secure_noise import SecureGaussian
     from fedshield.tasks import get_task
 

@@ -37,7 +37,7 @@ from fedshield.privacy.client_level_mechanism import (
     noise_std_share,
     update_norm,
 )
-from fedshield.privacy.dpsgd import make_generator, train_plain
+from fedshield.training import make_generator, train_plain
 from fedshield.server.report import PrivacyReport, recompute_client_epsilon
 from fedshield.strategies.client_level_dp import ClientLevelDP, ReleaseEvent
 from fedshield.tasks import get_task

@@ -26,7 +26,8 @@ from fedshield.config import RoundSettings, RunConfig
 from fedshield.dataspec import Dataset
 from fedshield.device import resolve_device
 from fedshield.errors import ConfigError, PrivacyError
-from fedshield.privacy.dpsgd import device_generator, evaluate, make_generator, train_dp_sgd, train_plain
+from fedshield.privacy.dpsgd import train_dp_sgd
+from fedshield.training import device_generator, evaluate, make_generator, train_plain
 from fedshield.simulation.run import check_client_resources
 from fedshield.tasks import get_task
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from fedshield.dataspec import Dataset
 from fedshield.errors import PrivacyError
-from fedshield.privacy.dpsgd import LocalTrainResult, evaluate, make_generator, train_dp_sgd, train_plain
+from fedshield.privacy.dpsgd import train_dp_sgd
+from fedshield.training import LocalTrainResult, evaluate, make_generator, train_plain
 from fedshield.tasks import get_task
 
 

@@ -16,7 +16,8 @@ from fedshield.client.site import Site
 from fedshield.client.trainer import train_round
 from fedshield.config import RoundSettings
 from fedshield.dataspec import Dataset
-from fedshield.privacy.dpsgd import evaluate, make_generator, train_dp_sgd
+from fedshield.privacy.dpsgd import train_dp_sgd
+from fedshield.training import evaluate, make_generator
 from fedshield.privacy.secure_noise import SecureGaussian
 from fedshield.tasks import get_task
 

@@ -13,7 +13,8 @@ from .. import protocol as P
 from ..compression import quantize_update
 from ..protocol import RoundSettings
 from ..privacy.client_level_mechanism import SecureNormal, add_gaussian_noise, clip_update
-from ..privacy.dpsgd import evaluate, make_generator, train_dp_sgd, train_plain
+from ..privacy.dpsgd import train_dp_sgd
+from ..training import evaluate, make_generator, train_plain
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger, charge_ledger
 from ..privacy.secure_noise import SecureGaussian
 from .policy import ledger_terms

@@ -24,7 +24,7 @@ from ..protocol import RoundSettings
 from ..data.partition import split_federated
 from ..privacy.accounting import calibrate_noise_multiplier
 from ..privacy.client_level_mechanism import accounting_sample_rate, calibrate_client_noise, check_shares_fit, noise_std_share
-from ..privacy.dpsgd import evaluate
+from ..training import evaluate
 from ..strategies.recording import RecordingStrategy
 from ..tasks import get_task
 from ..strategies.dequantize import DequantizeUpdates
