@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..crypto.keys import load_node_key
+from ..crypto.key_loading import load_node_key
 from ..crypto.secagg_auth import DEFAULT_MIN_PEERS, Roster, load_roster
 from ..errors import ConfigError
 from .node_config import NODE_KEY, SECAGG_MIN_PEERS, SECAGG_ROSTER

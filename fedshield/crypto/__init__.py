@@ -1,19 +1,19 @@
 """Key material for fedshield: TLS certificates and SuperNode authentication keys (``cryptography`` only)."""
 
-from fedshield.crypto.keys import AUTHORIZED_NODES as AUTHORIZED_NODES
-from fedshield.crypto.keys import CA_CERT as CA_CERT
-from fedshield.crypto.keys import CA_KEY as CA_KEY
-from fedshield.crypto.keys import SERVER_CERT as SERVER_CERT
-from fedshield.crypto.keys import SERVER_KEY as SERVER_KEY
-from fedshield.crypto.keys import KeySet as KeySet
-from fedshield.crypto.keys import NodeCredentials as NodeCredentials
-from fedshield.crypto.keys import NodeKey as NodeKey
+from fedshield.crypto.key_files import AUTHORIZED_NODES as AUTHORIZED_NODES
+from fedshield.crypto.key_files import CA_CERT as CA_CERT
+from fedshield.crypto.key_files import CA_KEY as CA_KEY
+from fedshield.crypto.key_files import SERVER_CERT as SERVER_CERT
+from fedshield.crypto.key_files import SERVER_KEY as SERVER_KEY
+from fedshield.crypto.key_files import KeySet as KeySet
+from fedshield.crypto.key_files import NodeCredentials as NodeCredentials
+from fedshield.crypto.key_files import NodeKey as NodeKey
 from fedshield.crypto.keys import add_node as add_node
 from fedshield.crypto.keys import init_keys as init_keys
-from fedshield.crypto.keys import load_keyset as load_keyset
-from fedshield.crypto.keys import load_node_credentials as load_node_credentials
+from fedshield.crypto.key_loading import load_keyset as load_keyset
+from fedshield.crypto.key_loading import load_node_credentials as load_node_credentials
 from fedshield.crypto.node_removal import remove_node as remove_node
-from fedshield.crypto.keys import load_node_key as load_node_key
+from fedshield.crypto.key_loading import load_node_key as load_node_key
 from fedshield.crypto.site_keys import add_site_public_key as add_site_public_key
 from fedshield.crypto.site_keys import make_site_key as make_site_key
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import KeyMaterialError
-from .keys import _authorized_text, _node_paths, _write_public, load_keyset
+from .key_files import authorized_text, node_paths, write_public
+from .key_loading import load_keyset
 
 __all__ = ["remove_node"]
 
@@ -24,9 +25,9 @@ def remove_node(keys_dir: Path, name: str) -> list[Path]:
         raise KeyMaterialError(f"no node named {name!r} in {keyset.authorized_nodes} (known: "
                                f"{', '.join(names) or 'none'}); `fedshield keys remove-node` takes one of those names")
     entries = [(n.name, n.public_key) for n in keyset.nodes if n.name != name]
-    _write_public(keyset.authorized_nodes, _authorized_text(entries))
+    write_public(keyset.authorized_nodes, authorized_text(entries))
     deleted = []
-    for path in _node_paths(keyset.directory, name):
+    for path in node_paths(keyset.directory, name):
         if path.exists():
             path.unlink()
             deleted.append(path)
