@@ -47,6 +47,8 @@ Amp = Annotated[bool, typer.Option("--amp", help="bf16 autocast (needs --grad-sa
 RoundTimeout = Annotated[float | None, typer.Option(
     "--round-timeout", help="Seconds to wait for clients' replies in each exchange of a round; later ones are left "
     "out of the round (default 600).")]
+Dispatch = Annotated[str | None, typer.Option(
+    "--dispatch", help="Simulation message dispatch: fedshield (default, one pass per sweep) | flower (Flower's own loop).")]
 Out = Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/latest).")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", help="TOML file with the same keys as these flags.")]
 Resume = Annotated[Path | None, typer.Option(
@@ -69,6 +71,7 @@ def run_flags(params: Mapping[str, Any]) -> dict[str, Any]:
     flags.update({
         "num_rounds": params["rounds"], "amp": True if params["amp"] else None,
         "dp": False if params["no_dp"] else None, "secagg": False if params["no_secagg"] else None,
+        "dispatch": params.get("dispatch"),  # simulate only
     })
     return flags
 

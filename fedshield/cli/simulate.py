@@ -61,6 +61,7 @@ def simulate_command(
     max_physical_batch_size: o.MaxPhysicalBatchSize = None,
     amp: o.Amp = False,
     round_timeout: o.RoundTimeout = None,
+    dispatch: o.Dispatch = None,
     out: o.Out = None,
     config: o.ConfigFile = None,
     resume: o.Resume = None,

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from ..flower_internals.secagg_keys import RECORD_KEY_CONFIGS
 from .. import protocol as P
 from .node_config import ALLOW_PLAIN_UPDATES, DATA_PATH, WORKER_SOCKET
 from .round_work import CONFIG_ERROR_CODE, REFUSAL_CODE, WORKER_ERROR_CODE, Refusal, TrainResult

@@ -31,10 +31,9 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarray_to_bytes, ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
-from flwr.compat.common import recorddict_compat as compat
 from numpy.typing import NDArray
 
+from ..flower_internals.secagg import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage, recorddict_compat as compat
 from ..compression import META, SECAGG_NARROW_KEY, wire_dtype
 from ..errors import FedshieldError, ProtocolError
 from ..protocol import ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, PARTITION_ID, ROUNDS_TRAINED, STEPS

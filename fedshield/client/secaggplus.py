@@ -28,28 +28,15 @@ from typing import Any, Final, cast
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState, check_configs, check_stage
 from flwr.common import ndarray_to_bytes, parameters_to_ndarrays
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
-from flwr.common.secure_aggregation.ndarrays_arithmetic import (
-    factor_combine,
-    parameters_addition,
-    parameters_mod,
-    parameters_multiply,
-    parameters_subtraction,
-)
-from flwr.common.secure_aggregation.quantization import quantize
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
-from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat, share_keys_plaintext_separate
-from flwr.compat.common import recorddict_compat as compat
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_private_key,
-    bytes_to_public_key,
-    generate_key_pairs,
-    private_key_to_bytes,
-    public_key_to_bytes,
-)
 
+from ..flower_internals.secagg import (
+    SecAggPlusState, check_configs, check_stage, decrypt, encrypt, generate_shared_key, factor_combine,
+    parameters_addition, parameters_mod, parameters_multiply, parameters_subtraction, quantize,
+    RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage, share_keys_plaintext_concat, share_keys_plaintext_separate,
+    recorddict_compat as compat, bytes_to_private_key, bytes_to_public_key, generate_key_pairs,
+    private_key_to_bytes, public_key_to_bytes,
+)
 from ..crypto.prg import MASK_PRG, expand_mask
 from ..crypto.secagg_auth import KeyAuthenticationError, SignedKeys, check_participants, sign_round_keys, signed_payload
 from ..crypto.shamir import create_shares

@@ -17,7 +17,8 @@ from typing import Any
 from ..errors import ConfigError
 from .checks import check_count_or_fraction, check_hardware, check_int, count_or_fraction, normalise_device_spec
 from .checks import normalise_sample_rate
-from .names import ACCOUNTANTS, CLIENT_DP_MODES, CLIENT_SAMPLING, GRAD_SAMPLE_MODES, ROBUST_STRATEGIES, STRATEGIES
+from .names import ACCOUNTANTS, CLIENT_DP_MODES, CLIENT_SAMPLING, DISPATCH_LOOPS, GRAD_SAMPLE_MODES, ROBUST_STRATEGIES
+from .names import STRATEGIES
 from .specs import PartitionSpec, StrategyParams
 
 __all__ = ["RunConfig"]
@@ -72,6 +73,9 @@ class RunConfig:
         round_timeout: seconds the server waits for the replies of each exchange of a round (train, evaluate, and
             each SecAgg+ stage); a client that has not answered by then is left out of that round and reported
             as failed, and the round goes on with the others. Always finite: one hung site must not stall a run.
+        dispatch: how the simulation engine hands messages to virtual clients: ``fedshield`` (one walk of the
+            message store per sweep) or ``flower`` (Flower's own loop: the escape hatch if a Flower upgrade breaks
+            ours). Simulation only; a deployment ignores it.
     """
 
     task: str = "digits"
@@ -108,6 +112,7 @@ class RunConfig:
     max_physical_batch_size: int = 0
     amp: bool = False
     round_timeout: float = 600.0
+    dispatch: str = "fedshield"
 
     def __post_init__(self) -> None:
         check_int(self.num_clients, "clients", 1)
@@ -168,6 +173,8 @@ class RunConfig:
             object.__setattr__(self, "strategy_params", StrategyParams(self.strategy_params))
         self._check_aggregation()
         self._check_client_dp()
+        if self.dispatch not in DISPATCH_LOOPS:
+            raise ConfigError(f"unknown dispatch {self.dispatch!r}: choose one of {', '.join(DISPATCH_LOOPS)}")
         object.__setattr__(self, "device", normalise_device_spec(self.device))
         check_hardware(self.max_physical_batch_size, self.amp, self.grad_sample_mode, "")
         timeout = self.round_timeout
@@ -350,7 +357,7 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"strategy-params must be a table of settings (e.g. [strategy] beta = 0.2), got {value!r}")
         return StrategyParams(value)
-    if key in {"strategy", "client_dp", "client_sampling", "device"}:
+    if key in {"strategy", "client_dp", "client_sampling", "device", "dispatch"}:
         if not isinstance(value, str):
             raise ConfigError(f"{key.replace('_', '-')} must be text, got {value!r}")
         return value.strip().lower()

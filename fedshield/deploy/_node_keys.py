@@ -16,17 +16,10 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    from flwr.cli.flower_config import read_superlink_connection
-    from flwr.cli.utils import init_http_client_from_connection
-    from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=E0611
+    from fedshield.flower_internals.entry_points import list_nodes
 
-    client = init_http_client_from_connection(read_superlink_connection(argv[0]))
-    try:
-        reply = client.ListNodes(ListNodesRequest())
-    finally:
-        client.close()
     nodes = [{"node-id": int(n.node_id), "status": str(n.status), "public-key": bytes(n.public_key).decode("ascii")}
-             for n in reply.nodes_info]
+             for n in list_nodes(argv[0])]
     print(json.dumps({"nodes": nodes}))
     return 0
 

@@ -205,7 +205,9 @@ def _run_clientapp(
         os.chdir(str(request.get("cwd", ".")))
         sys.argv = [str(a) for a in request["argv"]]
         if entry is None:
-            from flwr.supernode.cli import flwr_clientapp as entry
+            from fedshield.flower_internals.entry_points import flwr_clientapp
+
+            entry = flwr_clientapp()
         entry()
         code = 0
     except SystemExit as exc:

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from fedshield.errors import DeploymentError, PortInUseError
+from fedshield.flower_internals.logs import EXIT_CODE
 from fedshield.deploy.lifetime import die_with_parent
 
 __all__ = [
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_EXIT_CODE = re.compile(r"Exit Code: (\d+)")
+_EXIT_CODE = re.compile(EXIT_CODE)
 _POLL_S = 0.1
 
 

@@ -27,6 +27,7 @@ from ..deploy import DeploymentError, SuperNode, SuperNodeConfig, TomlValue, fre
 from ..deploy.process import parse_address, strip_ansi
 from ..deploy.supernode import explain_supernode_failure
 from ..errors import ConfigError
+from ..flower_internals.logs import ACTIVATION_REFUSED_SHORT, SUPERNODE_CONNECTED
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
 from ..tasks import get_task
 from ..device import resolve_device
@@ -39,8 +40,8 @@ from ..client.warm_worker import ClientWorker
 __all__ = ["ClientCheck", "ClientOptions", "FedshieldClient", "check_client", "start_client", "wait_for_server"]
 
 _SUPERNODE_NAME = "supernode"
-_CONNECTED = r"SuperNode ID: \d+"
-_ACTIVATION_REFUSED = "code 2004"
+_CONNECTED = SUPERNODE_CONNECTED
+_ACTIVATION_REFUSED = ACTIVATION_REFUSED_SHORT
 # Flower 1.39 counts a node online until 2 missed heartbeats of 30 s (HEARTBEAT_PATIENCE x interval) after the
 # last one, and a node that is still online cannot be activated again (code 2004). The server pulls replies every
 # 3 s; a few seconds more make sure it has failed the old node's open message before the new one activates.

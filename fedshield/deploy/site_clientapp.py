@@ -86,7 +86,7 @@ class _Refuser:
 
 def _install_hook(verdict: _Verdict) -> Any:
     def install_from_fab(fab_file: Any, *args: Any, **kwargs: Any) -> Path:
-        from flwr.supercore import log
+        from ..flower_internals.serverapp import log
 
         try:
             verify_fab(fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes())

@@ -28,6 +28,7 @@ from fedshield.atomic import atomic_write_text
 from fedshield.crypto import KeySet
 from fedshield.deploy.connection import FlwrConnection
 from fedshield.errors import DeploymentError
+from fedshield.flower_internals.logs import ALREADY_REGISTERED
 from fedshield.deploy.process import (
     FlowerProcess,
     ensure_ports_free,
@@ -38,7 +39,7 @@ from fedshield.deploy.process import (
 __all__ = ["ServerTls", "StoredNode", "SuperLink", "SuperLinkConfig", "start_superlink"]
 
 Isolation = Literal["subprocess", "process"]
-_ALREADY_REGISTERED = "Public key already in use"
+_ALREADY_REGISTERED = ALREADY_REGISTERED
 
 
 @dataclass(frozen=True)

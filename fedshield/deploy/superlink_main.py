@@ -24,10 +24,10 @@ def main() -> None:
 
     os.environ.pop(_GRPC_CONTROL_ENV, None)
     guard_create_app("flwr.superlink.main")
-    from flwr.superlink.cli.flower_superlink import flower_superlink
+    from fedshield.flower_internals.entry_points import flower_superlink
 
     sys.argv[0] = "flower-superlink"
-    flower_superlink()
+    flower_superlink()()
 
 
 if __name__ == "__main__":

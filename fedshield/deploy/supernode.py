@@ -24,6 +24,7 @@ from typing import Literal
 
 from fedshield.deploy.connection import TomlValue, write_flat_toml
 from fedshield.errors import DeploymentError
+from fedshield.flower_internals import logs
 from fedshield.deploy.process import (
     FlowerProcess,
     ensure_ports_free,
@@ -33,7 +34,7 @@ from fedshield.deploy.process import (
 
 __all__ = ["SuperNodeConfig", "SuperNode", "start_supernode", "explain_supernode_failure"]
 
-_CONNECTED = r"SuperNode ID: (\d+)"
+_CONNECTED = logs.SUPERNODE_CONNECTED
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ def start_supernode(config: SuperNodeConfig, *, wait: bool = True, timeout: floa
 
 def explain_supernode_failure(log: str) -> str:
     """Turn what Flower logged into the reason and the fix, for the person reading a one-line error."""
-    if "[code: 2004]" in log or "Failed to activate SuperNode" in log:
+    if logs.ACTIVATION_REFUSED_CODE in log or logs.ACTIVATION_FAILED in log:
         # Flower answers 2004 both for an unknown key and for a key another SuperNode holds online right now (its
         # SuperLink logs "No SuperNode found" or "could not be activated"): the site cannot tell which, so say both.
         return (
@@ -170,14 +171,14 @@ def explain_supernode_failure(log: str) -> str:
             "know this key (on the SuperLink host run `fedshield keys add-node` for this site, or use the key made "
             "for this site)."
         )
-    if "[code: 2001]" in log:
+    if logs.AUTH_REQUIRED_CODE in log:
         return "the SuperLink requires node authentication (code 2001); pass this site's node key."
-    if "CERTIFICATE_VERIFY_FAILED" in log or "handshake" in log.lower():
+    if logs.TLS_FAILED[0] in log or logs.TLS_FAILED[1] in log.lower():
         return (
             "TLS handshake failed: the SuperLink's certificate is not signed by the CA given with "
             "--root-certificates, or the address is not among its SANs; use the ca.pem from the same key directory."
         )
-    if "Socket closed" in log or "UNAVAILABLE" in log:
+    if any(marker in log for marker in logs.UNREACHABLE):
         return (
             "the SuperLink is unreachable or closed the connection (a plaintext node against a TLS SuperLink "
             "looks like this); check the address and pass the CA certificate."

@@ -24,7 +24,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -83,18 +82,9 @@ def poll_seconds(environ: dict[str, str] | os._Environ[str] = os.environ) -> flo
 
 def patch_supernode_polling(cap: float) -> bool:
     """Cap the sleeps of Flower's SuperNode loop; False (and a warning) if its module is not as expected."""
-    from flwr.supernode import start_client_internal as loop
+    from ..flower_internals.supernode import cap_supernode_sleeps
 
-    if getattr(loop, "time", None) is not time:
-        warnings.warn(
-            "fedshield: flwr.supernode.start_client_internal no longer uses the time module as Flower 1.39 did; "
-            "the SuperNode runs with Flower's own polling (3 s when idle)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return False
-    loop.time = CappedSleepClock(cap)  # type: ignore[assignment]
-    return True
+    return cap_supernode_sleeps(CappedSleepClock(cap))
 
 
 def install_site_clientapp() -> Path:
@@ -133,7 +123,11 @@ def start_clientapp_zygote(*, site_code_only: bool = True) -> bool:
     real = shutil.which("flwr-clientapp")
     if real is None:
         return False
-    import flwr.supernode.cli.flwr_clientapp  # noqa: F401  (what every ClientApp process imports first)
+    import importlib
+
+    from ..flower_internals.entry_points import CLIENTAPP_MODULE
+
+    importlib.import_module(CLIENTAPP_MODULE)  # what every ClientApp process imports first
 
     import fedshield.client.app  # noqa: F401  (the app those processes load; a thin module)
     import fedshield.deploy.site_clientapp  # noqa: F401  (the site's runner around Flower's)
@@ -177,10 +171,10 @@ def main() -> None:
     patch_supernode_polling(poll_seconds())
     start_clientapp_zygote(site_code_only=site_code_only)
     guard_runtime_api()  # after the zygote's fork: it imports FastAPI and NumPy
-    from flwr.supernode.cli import flower_supernode
+    from ..flower_internals.entry_points import flower_supernode
 
     sys.argv[0] = "flower-supernode"
-    flower_supernode()
+    flower_supernode()()
 
 
 if __name__ == "__main__":

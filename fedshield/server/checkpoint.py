@@ -18,14 +18,13 @@ import numpy as np
 from ..atomic import atomic_write_bytes
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..flower_internals.strategy_state import STATE_ATTRS  # Flower's attribute names, canary-tested
 
 __all__ = ["Checkpoint", "CHECKPOINT_FILE", "save_checkpoint", "load_checkpoint", "load_resume", "capture_strategy_state",
            "restore_strategy_state"]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "fedshield-checkpoint/1"
-#: Attributes of Flower's Message-API strategies that carry state between rounds (FedOpt family, FedAvgM).
-STATE_ATTRS = ("current_arrays", "m_t", "v_t", "momentum_vector")
 
 
 @dataclass(frozen=True)

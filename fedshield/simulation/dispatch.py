@@ -23,17 +23,20 @@ from queue import Queue
 from typing import Any
 
 from flwr.app import Message
-from flwr.server.superlink.fleet.vce import vce_api
-from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
-from flwr.supercore.date import now
+
+from ..flower_internals.simulation import (
+    FLOWER_POLL_S,
+    InMemoryLinkState,
+    check_stored_messages,
+    flower_dispatch_loop,
+    now,
+    swap_dispatch_loop,
+)
 
 __all__ = ["take_undelivered", "one_pass_dispatch", "POLL_S"]
 
 #: Flower's sweep interval (``f_stop.wait(0.1)`` in ``add_messages_to_queue``), kept.
-POLL_S = 0.1
-
-_flower_add_messages_to_queue = vce_api.add_messages_to_queue
-_patch_lock = threading.Lock()
+POLL_S = FLOWER_POLL_S
 
 
 def take_undelivered(state: InMemoryLinkState, nodes: Container[int]) -> list[Message]:
@@ -43,7 +46,7 @@ def take_undelivered(state: InMemoryLinkState, nodes: Container[int]) -> list[Me
                       if msg.metadata.delivered_at == "" and msg.metadata.dst_node_id in nodes]
         if not candidates:
             return []
-        state._check_stored_messages(set(candidates))  # drops expired / out-of-federation messages, as Flower does
+        check_stored_messages(state, set(candidates))  # drops expired / out-of-federation messages, as Flower does
         taken: list[Message] = []
         seen: set[int] = set()
         for mid in candidates:
@@ -60,7 +63,7 @@ def take_undelivered(state: InMemoryLinkState, nodes: Container[int]) -> list[Me
 def _add_messages_to_queue(state: Any, queue: Queue[Message], nodes_mapping: Any, f_stop: threading.Event) -> None:
     """Drop-in for ``vce_api.add_messages_to_queue`` (same arguments, same loop, one walk per sweep)."""
     if not isinstance(state, InMemoryLinkState):
-        _flower_add_messages_to_queue(state, queue, nodes_mapping, f_stop)
+        flower_dispatch_loop(state, queue, nodes_mapping, f_stop)
         return
     while not f_stop.is_set():
         for msg in take_undelivered(state, nodes_mapping):
@@ -71,11 +74,5 @@ def _add_messages_to_queue(state: Any, queue: Queue[Message], nodes_mapping: Any
 @contextmanager
 def one_pass_dispatch() -> Iterator[None]:
     """Use :func:`take_undelivered` in Flower's simulation engine inside this block (restored afterwards)."""
-    with _patch_lock:
-        previous = vce_api.add_messages_to_queue
-        vce_api.add_messages_to_queue = _add_messages_to_queue
-    try:
+    with swap_dispatch_loop(_add_messages_to_queue):
         yield
-    finally:
-        with _patch_lock:
-            vce_api.add_messages_to_queue = previous

@@ -144,7 +144,9 @@ def simulate(
         "init_args": init_args,
     }
     local = nullcontext() if ray_address else loopback_ray()
-    with reap_on_exit(), local, one_pass_dispatch():  # Flower's own dispatch walks every message once per node: O(N x M) a sweep
+    # Flower's own dispatch walks every message once per node: O(N x M) a sweep; --dispatch flower keeps it.
+    dispatch = one_pass_dispatch() if config.dispatch == "fedshield" else nullcontext()
+    with reap_on_exit(), local, dispatch:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_clients,
                        backend_config=backend_config)
     if errors:

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord
-from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
+from ..flower_internals.secagg_keys import Key, Stage
 from ..compression import QUANT_BITS
 from ..errors import ConfigError
 

@@ -34,20 +34,13 @@ from typing import Any, cast
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import bytes_to_ndarray
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
-from flwr.common.secure_aggregation.ndarrays_arithmetic import (
-    factor_extract,
-    parameters_addition,
-    parameters_mod,
-    parameters_subtraction,
-)
-from flwr.common.secure_aggregation.quantization import dequantize
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.compat.common import recorddict_compat as compat
 from flwr.serverapp import Grid
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 from numpy.typing import NDArray
 
+from ..flower_internals.secagg import (
+    generate_shared_key, factor_extract, parameters_addition, parameters_mod, parameters_subtraction, dequantize,
+    RECORD_KEY_CONFIGS, Key, Stage, recorddict_compat as compat, bytes_to_private_key, bytes_to_public_key,
+)
 from ..compression import SECAGG_NARROW_KEY
 from ..crypto.prg import MASK_PRG, expand_mask
 from ..crypto.shamir import combine_shares

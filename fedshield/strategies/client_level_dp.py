@@ -42,11 +42,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from numpy.typing import NDArray
 
 from .. import protocol as P
 from ..errors import ConfigError, ProtocolError
+from ..flower_internals.serverapp import aggregate_metricrecords
 from ..privacy.client_level_mechanism import (
     NormalSource,
     SecureNormal,

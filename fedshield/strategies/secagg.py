@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.secure_aggregation.secaggplus_constants import Stage
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from ..flower_internals.secagg_keys import Stage
 from ..compression import secagg_field
 from ..errors import ConfigError, ProtocolError
 from ..protocol import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, ClientReply

@@ -32,10 +32,10 @@ from typing import Any, ClassVar, cast
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore import log
 from numpy.typing import NDArray
+
+from ..flower_internals.serverapp import InconsistentMessageReplies, log
 
 __all__ = ["WeightedSum", "StreamingFedAvg", "StreamingGrid", "streams_replies"]
 

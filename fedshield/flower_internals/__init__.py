@@ -1,0 +1,61 @@
+"""Every place fedshield depends on Flower 1.39 beyond its public API, in one package with one canary test.
+
+Flower's public API (``flwr.app``, ``flwr.serverapp``, ``flwr.clientapp``, ``flwr.common``'s top level,
+``flwr.simulation.run_simulation``) is imported where it is used. Everything else we touch -- private modules,
+module attributes we swap, attribute names we read off Flower's objects, strings we look for in Flower's logs -- is
+reached only through the modules of this package, and listed in :data:`INTERNALS`. ``tests/test_flower_internals.py``
+checks each entry against the installed Flower and fails naming the internal when an upgrade moves it.
+
+Nothing here patches anything on import: the two swaps (the simulation dispatch loop, the SuperNode's sleeps) and
+the ``create_app`` guard are applied by a call, and only for as long as the caller asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["INTERNALS", "Internal"]
+
+
+@dataclass(frozen=True)
+class Internal:
+    """One Flower internal: where it lives in Flower, what fedshield does with it, and what guards it."""
+
+    name: str
+    flower: str  # "module:attribute" (or "module" / a log string's emitting module)
+    use: str  # the fedshield module that depends on it
+    guard: str  # what happens when it moves
+
+
+#: The list ARCHITECTURE.md prints and the canary test walks.
+INTERNALS: tuple[Internal, ...] = (
+    Internal("simulation dispatch loop", "flwr.server.superlink.fleet.vce.vce_api:add_messages_to_queue",
+             "fedshield.simulation.dispatch (via .simulation.swap_dispatch_loop)",
+             "swapped only inside run_simulation; --dispatch flower keeps Flower's loop; canary checks the signature"),
+    Internal("in-memory link state", "flwr.server.superlink.linkstate.in_memory_linkstate:InMemoryLinkState "
+             "(lock, message_ins_store, _check_stored_messages); flwr.supercore.date:now", "fedshield.simulation.dispatch",
+             "any other state type falls back to Flower's loop; canary checks the attributes"),
+    Internal("SecAgg+ client mod pieces", "flwr.client.mod.secure_aggregation.secaggplus_mod:SecAggPlusState, "
+             "check_configs, check_stage", "fedshield.client.secaggplus", "canary imports every name (.secagg)"),
+    Internal("SecAgg+ maths and keys", "flwr.common.secure_aggregation.* , flwr.supercore.primitives.asymmetric",
+             "fedshield.client.secaggplus, fedshield.strategies._secagg_stages", "canary imports every name (.secagg)"),
+    Internal("SecAgg+ record keys", "flwr.common.secure_aggregation.secaggplus_constants:RECORD_KEY_CONFIGS, "
+             "RECORD_KEY_STATE, Key, Stage", "client.app, client.secagg_mod, strategies.secagg*",
+             "canary imports every name (.secagg_keys)"),
+    Internal("FitRes compat", "flwr.compat.common.recorddict_compat", "client.secagg_mod, client.secaggplus, "
+             "strategies._secagg_stages", "canary imports it (.secagg)"),
+    Internal("SuperNode loop's time", "flwr.supernode.start_client_internal:time", "fedshield.deploy.supernode_main",
+             "capped only when called; if the attribute is not the time module it warns and leaves Flower's pace"),
+    Internal("HTTP API create_app", "flwr.superlink.main:create_app, flwr.supernode.main:create_app",
+             "fedshield.deploy.same_user", "wrapped when called; missing -> RuntimeError (never an unguarded API)"),
+    Internal("strategy state attributes", "flwr.serverapp.strategy FedOpt family / FedAvgM: current_arrays, m_t, "
+             "v_t, momentum_vector", "fedshield.server.checkpoint", "canary finds each name in Flower's source"),
+    Internal("log lines", "SuperNode 'SuperNode ID: N', '[code: 2004]', 'Public key already in use', 'Exit Code: N'",
+             "fedshield.deploy.supernode, .site, .superlink, .process", "canary finds each string in Flower's source"),
+    Internal("serverapp helpers", "flwr.serverapp.exception:InconsistentMessageReplies, "
+             "flwr.serverapp.strategy.strategy_utils:aggregate_metricrecords, flwr.supercore:log",
+             "strategies.streaming, strategies.client_level_dp, deploy.site_clientapp", "canary imports every name"),
+    Internal("entry points and Control API", "flwr.superlink.cli.flower_superlink, flwr.supernode.cli."
+             "flower_supernode / flwr_clientapp, flwr.cli.flower_config, flwr.cli.utils, flwr.proto.control_pb2",
+             "deploy.superlink_main, supernode_main, clientapp_zygote, _node_keys", "canary imports every name"),
+)

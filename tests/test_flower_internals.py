@@ -1,0 +1,128 @@
+"""Canary for every Flower internal fedshield touches (fedshield.flower_internals): after a Flower upgrade, each
+test fails naming the internal that moved, instead of a run breaking somewhere downstream.
+
+Unit-level and fast: it reads the installed Flower's modules and sources, starts nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import time
+from pathlib import Path
+
+import flwr
+import pytest
+
+from fedshield import flower_internals
+from fedshield.flower_internals import logs, simulation, strategy_state, supernode
+
+_PACKAGE = Path(flower_internals.__file__).parent
+_FLOWER = Path(flwr.__file__).parent
+
+
+def _flower_imports() -> list[tuple[str, str]]:
+    """Every ``from flwr.X import Y`` in fedshield.flower_internals (module level and inside functions)."""
+    found = []
+    for path in sorted(_PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "flwr":
+                found += [(node.module, alias.name) for alias in node.names]
+    return found
+
+
+def _flower_source_has(text: str) -> bool:
+    return any(text in p.read_text(encoding="utf-8", errors="replace") for p in _FLOWER.rglob("*.py"))
+
+
+@pytest.mark.parametrize(("module", "name"), _flower_imports(), ids=lambda v: str(v))
+def test_every_flower_name_we_import_still_exists(module: str, name: str) -> None:
+    try:
+        found = importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(f"Flower internal moved: module {module} ({exc}); update fedshield.flower_internals")
+    if not hasattr(found, name):
+        try:
+            importlib.import_module(f"{module}.{name}")
+        except ImportError:
+            pytest.fail(f"Flower internal moved: {module}.{name} is gone; update fedshield.flower_internals")
+
+
+def test_the_list_covers_every_flower_module_we_import() -> None:
+    listed = " ".join(f"{i.flower} {i.name}" for i in flower_internals.INTERNALS)
+    for module, _ in _flower_imports():
+        top = ".".join(module.split(".")[:3])
+        assert top in listed, f"{module} is imported by fedshield.flower_internals but not listed in INTERNALS"
+
+
+def test_simulation_dispatch_loop_is_still_the_loop_we_replace() -> None:
+    """If Flower changes its engine's dispatch (name, arguments, loop or poll), revisit fedshield.simulation.dispatch."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    loop = simulation.flower_dispatch_loop
+    assert list(inspect.signature(loop).parameters) == ["state", "queue", "nodes_mapping", "f_stop"], (
+        "Flower internal moved: vce_api.add_messages_to_queue changed its arguments")
+    source = inspect.getsource(loop)
+    for needle in ("for node_id in nodes_mapping.keys():", "state.get_message_ins(node_id=node_id, limit=1)",
+                   "queue.put(msg)", f"f_stop.wait({simulation.FLOWER_POLL_S})"):
+        assert needle in source, f"Flower internal moved: vce_api.add_messages_to_queue no longer does {needle!r}"
+    # looked up in the module at call time, so swapping the module attribute takes effect
+    assert "target=add_messages_to_queue" in inspect.getsource(vce_api.run_api), (
+        "Flower internal moved: vce_api.run_api no longer starts add_messages_to_queue by module lookup")
+
+
+def test_in_memory_link_state_has_what_the_one_pass_dispatch_reads() -> None:
+    cls = simulation.InMemoryLinkState
+    for attr in ("_check_stored_messages", "get_message_ins"):
+        assert callable(getattr(cls, attr, None)), f"Flower internal moved: InMemoryLinkState.{attr}"
+    source = inspect.getsource(cls)
+    for attr in ("self.lock", "self.message_ins_store"):
+        assert attr in source, f"Flower internal moved: InMemoryLinkState no longer has {attr}"
+    assert "delivered_at" in source, "Flower internal moved: message metadata delivered_at"
+
+
+def test_swap_is_applied_only_when_called() -> None:
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api.add_messages_to_queue
+    assert original is simulation.flower_dispatch_loop  # importing fedshield patched nothing
+
+    def replacement(*args: object) -> None:
+        return None
+
+    with simulation.swap_dispatch_loop(replacement):
+        assert vce_api.add_messages_to_queue is replacement
+    assert vce_api.add_messages_to_queue is original
+
+
+def test_supernode_loop_still_sleeps_through_the_time_module() -> None:
+    loop = importlib.import_module(supernode.SUPERNODE_LOOP)
+    assert getattr(loop, "time", None) is time, (
+        f"Flower internal moved: {supernode.SUPERNODE_LOOP}.time is not the time module; the SuperNode poll cap "
+        "(fedshield.deploy.supernode_main) falls back to Flower's 3 s")
+    assert "time.sleep(" in inspect.getsource(loop), f"Flower internal moved: {supernode.SUPERNODE_LOOP} sleeps"
+
+
+@pytest.mark.parametrize("module", ["flwr.superlink.main", "flwr.supernode.main"])
+def test_http_api_create_app_is_still_there_to_guard(module: str) -> None:
+    assert callable(getattr(importlib.import_module(module), "create_app", None)), (
+        f"Flower internal moved: {module}.create_app (fedshield.deploy.same_user guards it)")
+
+
+@pytest.mark.parametrize("attr", strategy_state.STATE_ATTRS)
+def test_strategy_state_attribute_names(attr: str) -> None:
+    sources = " ".join(p.read_text(encoding="utf-8") for p in (_FLOWER / "serverapp" / "strategy").glob("*.py"))
+    assert f"self.{attr}" in sources, (
+        f"Flower internal moved: no Flower strategy keeps self.{attr}; a resumed run would lose that state "
+        "(fedshield.server.checkpoint)")
+
+
+@pytest.mark.parametrize("text", [
+    logs.SUPERNODE_CONNECTED.split("(")[0].strip(), logs.ACTIVATION_FAILED, logs.ALREADY_REGISTERED,
+    logs.EXIT_CODE.split("(")[0].strip(), "[code: ", "2004", "2001",
+])
+def test_log_lines_we_look_for_are_still_written_by_flower(text: str) -> None:
+    # CERTIFICATE_VERIFY_FAILED / Socket closed / UNAVAILABLE come from gRPC itself; they only refine an
+    # explanation (fedshield.deploy.supernode.explain_supernode_failure), which otherwise says "see the log".
+    assert _flower_source_has(text), f"Flower internal moved: Flower no longer logs {text!r} (fedshield.flower_internals.logs)"
