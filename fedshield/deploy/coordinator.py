@@ -171,7 +171,7 @@ def _run_config_scalar(name: str, value: Any) -> TomlValue:
 
 
 def check_run_dir(out: Path, *, force: bool = False) -> Path:
-    """The absolute run directory of a new run; an existing run there needs ``force`` (see :mod:`.run_dir`)."""
+    """The absolute run directory of a new run; an existing run there needs ``force`` (see :mod:`fedshield.server.run_dir`)."""
     return claim_run_dir(out, force=force)
 
 

@@ -62,7 +62,7 @@ __all__ = ["SecAggPlus"]
 
 _log = logging.getLogger(__name__)
 
-#: Round config key (``fedshield.config.RoundSettings.quantize``) with the bits per value the run compresses to.
+#: Round config key (``fedshield.protocol.RoundSettings.quantize``) with the bits per value the run compresses to.
 QUANTIZE_KEY = "quantize"
 
 #: Default ``clipping_range`` per field (bits per value; 0: the full-precision field). The clipped entry is the
