@@ -21,7 +21,7 @@ from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..config import RoundSettings, RunConfig
 from ..privacy.accounting import compact_history, epsilon
 from ..privacy.client_dp import accounting_sample_rate, client_level_epsilon
-from ..strategies.client_dp import ReleaseEvent
+from ..strategies.outcomes import ReleaseEvent
 
 __all__ = ["ClientPrivacy", "PrivacyReport", "RunWriter", "recompute_epsilon", "recompute_client_epsilon"]
 
