@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -96,7 +97,8 @@ def test_the_row_counts_each_client_once_and_keeps_the_file_strict_json() -> Non
 def test_dequantized_replies_keep_their_clients_node(bits: int) -> None:
     """The bug this state object exposed: a restored reply must stay the client's, not the server's."""
     stack = build_strategy(RunConfig(num_clients=3, secagg=False, dp=False, quantize=bits))
-    messages = list(stack.top.configure_train(1, _arrays(GLOBAL), ConfigRecord({}), FakeGrid(3)))  # type: ignore[arg-type]
+    grid: Any = FakeGrid(3)
+    messages = list(stack.top.configure_train(1, _arrays(GLOBAL), ConfigRecord({}), grid))
     rng = np.random.default_rng(0)
     replies = [_reply(m, quantize_update({k: np.full_like(v, 0.01 * (i + 1)) for k, v in GLOBAL.items()},
                                           bits=bits, rng=rng))

@@ -24,7 +24,9 @@ from ..strategies.stack import build_strategy
 from ..strategies.streaming import StreamingGrid
 from ..tasks import get_task
 from .checkpoint import Checkpoint
-from .plan import RunPlan, check_noise_shares, client_noise_multiplier_for, noise_multiplier_for, plan_run, round_settings
+from .plan import (
+    RunPlan, check_noise_shares, client_noise_multiplier_for, noise_multiplier_for, plan_run, round_settings,
+)
 from .reporter import RoundRecord, RunReporter, RunSummary
 
 __all__ = ["RoundRecord", "RunSummary", "run_server", "noise_multiplier_for", "client_noise_multiplier_for",

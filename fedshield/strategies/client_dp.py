@@ -83,8 +83,8 @@ class ClientLevelDP(StrategyWrapper):
         weight_key: the metric the inner strategy weights by (Flower's ``weighted_by_key``).
         outcomes: the run's shared round state, where each round's release goes (a new one if not given).
 
-    ``last_event`` (``outcomes.release``) is the round's :class:`ReleaseEvent`, or None if nothing was released (no replies, or the round
-    was aborted before aggregation): only released rounds cost privacy.
+    ``last_event`` (``outcomes.release``) is the round's :class:`ReleaseEvent`, or None if nothing was released (no
+    replies, or the round was aborted before aggregation): only released rounds cost privacy.
     """
 
     #: ``aggregate_train`` folds each reply into a running sum and keeps none (see :mod:`.streaming`).
