@@ -8,7 +8,7 @@ Five ways to aggregate the same N float32 replies of P parameters (4 arrays), we
   ``StreamingFedAvg`` does inside ``Strategy.start`` with a stock grid);
 * ``fold/stream``: replies folded as they "arrive" and dropped at once (what ``StreamingFedAvg`` does behind
   :class:`~fedshield.strategies.streaming.StreamingGrid`);
-* ``stack/list``: the server's whole wrapper chain for ``fedavg`` as :func:`fedshield.server.runner.build_strategy`
+* ``stack/list``: the server's whole wrapper chain for ``fedavg`` as :func:`fedshield.strategies.stack.build_strategy`
   builds it (recording, update validation, ``StreamingFedAvg``), fed the list a stock grid returns;
 * ``stack/stream``: the same chain behind the ``StreamingGrid`` that :func:`~fedshield.server.runner.run_server`
   puts in front of every grid, over a stand-in grid whose replies "arrive" one per pull: the server's real path.
@@ -141,9 +141,9 @@ def _server_chain(n: int, shapes: dict[str, tuple[int, ...]]) -> tuple[Any, _Arr
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
     from fedshield.config import RunConfig
-    from fedshield.server.runner import build_strategy
+    from fedshield.strategies.stack import build_strategy
 
-    strategy = build_strategy(RunConfig(num_clients=n, secagg=False, dp=False))
+    strategy = build_strategy(RunConfig(num_clients=n, secagg=False, dp=False)).top
     grid = _ArrivingGrid(n, shapes)
     global_arrays = ArrayRecord({k: Array(np.zeros(s, dtype=np.float32)) for k, s in shapes.items()})
     messages = list(strategy.configure_train(1, global_arrays, ConfigRecord(), grid))

@@ -48,7 +48,7 @@ def test_in_range_values_pass_and_only_usable_ones_are_kept() -> None:
 
 @pytest.mark.usefixtures("task_identity")
 def test_a_nan_epsilon_drops_the_reply_and_never_reaches_the_report() -> None:
-    strategy = UpdateValidation(StreamingFedAvg(min_available_nodes=3, min_train_nodes=3))
+    strategy = UpdateValidation(StreamingFedAvg(min_available_nodes=3, min_train_nodes=3), streams=True)
     messages = configure(strategy, 3)
     models = client_models(3, spread=0.1)
     replies = [reply(m, x, 10.0, epsilon=1.0) for m, x in zip(messages[:2], models[:2])]
@@ -64,7 +64,8 @@ def test_a_nan_epsilon_drops_the_reply_and_never_reaches_the_report() -> None:
 
 @pytest.mark.usefixtures("task_identity")
 def test_a_claimed_weight_above_max_weight_aggregates_at_max_weight() -> None:
-    strategy = UpdateValidation(StreamingFedAvg(min_available_nodes=3, min_train_nodes=3), max_weight=100.0)
+    strategy = UpdateValidation(StreamingFedAvg(min_available_nodes=3, min_train_nodes=3), max_weight=100.0,
+                                streams=True)
     messages = configure(strategy, 3)
     models = client_models(3, spread=0.1)
     replies = [reply(m, x, w) for m, x, w in zip(messages, models, (50.0, 50.0, 1e12))]

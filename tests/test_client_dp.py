@@ -405,10 +405,10 @@ def test_proximal_term_pulls_dp_training_towards_the_global_model(tmp_path: Path
 
 
 def test_fedprox_mu_reaches_the_clients_round_settings() -> None:
-    from fedshield.server.runner import build_strategy
+    from fedshield.strategies.stack import build_strategy
 
     cfg = RunConfig(strategy="fedprox", strategy_params={"proximal_mu": 0.25}, secagg=False, num_clients=2)
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(cfg).top
     config = ConfigRecord(_settings().to_record_dict())
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1  # type: ignore[attr-defined]
     try:

@@ -70,15 +70,13 @@ def test_the_round_timeout_reaches_flower_secagg_and_the_command_lines() -> None
 
     from fedshield.cli import cli
     from fedshield.deploy.coordinator import flower_run_config
-    from fedshield.server.runner import build_strategy
     from fedshield.strategies.secagg import SecAggPlus
+    from fedshield.strategies.stack import build_strategy
 
     config = RunConfig(round_timeout=42.0)
     assert flower_run_config(config)["round-timeout"] == 42.0
     assert RunConfig.from_mapping({"round-timeout": 42}, zero_is_unset=True) == config
-    node: Any = build_strategy(config)
-    while not isinstance(node, SecAggPlus):
-        node = node.inner
+    (node,) = [layer for layer in build_strategy(config).layers if isinstance(layer, SecAggPlus)]
     assert node.timeout == 42.0  # SETUP, SHARE_KEYS and UNMASK; the train stage gets it from Strategy.start
     runner = CliRunner()
     for command in (["simulate"], ["server", "--insecure", "--address", "127.0.0.1:0"]):

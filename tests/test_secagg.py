@@ -47,6 +47,7 @@ from fedshield.protocol import (
     TRAIN_LOSS,
     ClientReply,
 )
+from fedshield.strategies.outcomes import RoundOutcomes
 from fedshield.strategies.recording import RecordingStrategy
 from fedshield.strategies.secagg import DEFAULT_CLIPPING_RANGE, SecAggPlus
 
@@ -267,7 +268,8 @@ def run_local_recorded(
     round config (as fedshield's server does). Returns models, replies, the grid, and each round's ``bytes_up``."""
     grid = _LocalGrid(make_client_app(narrow=narrow), num_nodes, fault)
     inner = FedAvg(fraction_evaluate=0.0, min_available_nodes=num_nodes)
-    strategy = RecordingStrategy(SecAggPlus(inner, max_weight=MAX_WEIGHT, **kw))
+    outcomes = RoundOutcomes()  # shared, as build_strategy shares it: SecAgg+ writes who took part
+    strategy = RecordingStrategy(SecAggPlus(inner, max_weight=MAX_WEIGHT, outcomes=outcomes, **kw), outcomes)
     out: dict[str, Any] = {"models": [], "replies": [], "bytes_up": [], "grid": grid}
 
     def record(rnd: int, arrays: ArrayRecord) -> None:
@@ -616,7 +618,9 @@ def simulate() -> Iterator[Callable[..., dict[str, Any]]]:
                 # and FedAvg sizes its sample from the nodes registered at that moment.
                 inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=num_nodes, min_available_nodes=num_nodes)
                 # Inside RecordingStrategy, as fedshield's server runs it: bytes_up is its metric.
-                strategy = RecordingStrategy(SecAggPlus(inner, max_weight=MAX_WEIGHT, timeout=120))
+                outcomes = RoundOutcomes()
+                strategy = RecordingStrategy(SecAggPlus(inner, max_weight=MAX_WEIGHT, timeout=120, outcomes=outcomes),
+                                             outcomes)
 
                 def record(rnd: int, arrays: ArrayRecord) -> None:
                     out["models"].append(as_numpy(arrays))

@@ -26,10 +26,11 @@ import flwr.serverapp.strategy as flwr_strategies
 from fedshield.config import ROBUST_STRATEGIES, STRATEGIES, RunConfig, load_config_file
 from fedshield.errors import ConfigError
 from fedshield.protocol import ARRAYS, METRICS, NUM_EXAMPLES, ClientReply
-from fedshield.server.runner import _outcome_counts, build_strategy
+from fedshield.server.round_row import outcome_counts as _outcome_counts
 from fedshield.strategies.offset import RoundOffset
 from fedshield.strategies.recording import RecordingStrategy
 from fedshield.strategies.registry import Sampling, build, get_entry, strategy_names, validate_params
+from fedshield.strategies.stack import build_strategy
 from fedshield.strategies.streaming import StreamingFedAvg, StreamingGrid, WeightedSum
 from fedshield.strategies.validation import REJECTED, UpdateValidation
 from fedshield.tasks import get_task
@@ -289,7 +290,7 @@ def test_fraction_evaluate_sets_how_many_clients_evaluate(strategy: str, secagg:
     """Through the whole wrapper chain (SecAgg+ included): the rounded share, at least one, none for 0."""
     config = RunConfig(num_clients=10, fraction_evaluate=fraction, strategy=strategy, secagg=secagg)
     assert config.expected_evaluate_clients == asked
-    messages = list(build_strategy(config).configure_evaluate(
+    messages = list(build_strategy(config).top.configure_evaluate(
         1, ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))}), ConfigRecord({}), FakeGrid(10)))  # type: ignore[arg-type]
     assert len(messages) == asked
     assert len({m.metadata.dst_node_id for m in messages}) == asked
@@ -300,10 +301,9 @@ def test_fraction_evaluate_sets_how_many_clients_evaluate(strategy: str, secagg:
 def test_secagg_shares_and_threshold_reach_secagg_as_counts_or_fractions(
         shares: float, threshold: float, expected: tuple[int | float, int | float]) -> None:
     from fedshield.strategies.secagg import SecAggPlus
-    from fedshield.strategies.wrapper import layers
 
     config = RunConfig(num_clients=10, secagg_shares=shares, secagg_threshold=threshold)
-    (secagg,) = [layer for layer in layers(build_strategy(config)) if isinstance(layer, SecAggPlus)]
+    (secagg,) = [layer for layer in build_strategy(config).layers if isinstance(layer, SecAggPlus)]
     assert (secagg.num_shares, secagg.reconstruction_threshold) == expected
     assert [type(v) for v in (secagg.num_shares, secagg.reconstruction_threshold)] == [type(v) for v in expected]
 
@@ -510,7 +510,7 @@ def test_server_stack_aggregates_replies_one_at_a_time_and_equals_flower(per_pul
     StreamingGrid, keeps no more replies alive than one pull brought in (the server lets each go before the
     next pull), not N; and gives Flower's FedAvg result."""
     n = 40
-    strategy = build_strategy(RunConfig(num_clients=n, secagg=False, dp=False))
+    strategy = build_strategy(RunConfig(num_clients=n, secagg=False, dp=False)).top
     inner = ArrivingGrid(n, per_pull=per_pull)
     result = RoundOffset(strategy, 0).start(
         grid=StreamingGrid(inner, pull_interval=0.0),  # type: ignore[arg-type]
@@ -542,7 +542,7 @@ def test_server_stack_aggregates_replies_one_at_a_time_and_equals_flower(per_pul
 def test_client_dp_chain_streams_too() -> None:
     n = 30
     strategy = build_strategy(RunConfig(num_clients=n, secagg=False, dp=False, client_dp="central",
-                                        client_clip_norm=1.0, client_noise_multiplier=1.0))
+                                        client_clip_norm=1.0, client_noise_multiplier=1.0)).top
     inner = ArrivingGrid(n)
     result = RoundOffset(strategy, 0).start(
         grid=StreamingGrid(inner, pull_interval=0.0),  # type: ignore[arg-type]
@@ -563,11 +563,10 @@ def test_secagg_chain_reads_every_stage_once_from_a_one_shot_iterator() -> None:
         def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Iterator[Message]:
             return iter(list(super().send_and_receive(messages, timeout=timeout)))
 
-    strategy = build_strategy(RunConfig(num_clients=4, secagg=True, dp=False))
-    innermost = strategy
-    while getattr(innermost, "inner", None) is not None:
-        innermost = innermost.inner
-    innermost.fraction_evaluate = 0.0  # the in-process grid speaks SecAgg+ only
+    stack = build_strategy(RunConfig(num_clients=4, secagg=True, dp=False))
+    strategy, named = stack.top, stack.stateful["strategy"]
+    assert isinstance(named, FedAvg)
+    named.fraction_evaluate = 0.0  # the in-process grid speaks SecAgg+ only
     models: list[dict[str, np.ndarray]] = []
     RoundOffset(strategy, 0).start(grid=OneShotGrid(make_client_app(), 4), initial_arrays=initial_arrays(),
                                    num_rounds=2, evaluate_fn=lambda _r, arrays: models.append(numpy_of(arrays)))
@@ -660,7 +659,8 @@ def _bad(model: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
     ],
 )
 def test_bad_update_is_rejected_with_a_reason_and_the_round_goes_on(kind: str, reason: str) -> None:
-    strategy = UpdateValidation(StreamingFedAvg(min_available_nodes=4, min_train_nodes=4), max_update_norm=100.0)
+    strategy = UpdateValidation(StreamingFedAvg(min_available_nodes=4, min_train_nodes=4), max_update_norm=100.0,
+                                streams=True)
     messages = configure(strategy, 4)
     models = client_models(4, spread=0.1)
     replies = [reply(m, x, 10.0) for m, x in zip(messages[:3], models[:3])]
@@ -691,7 +691,7 @@ def test_bad_update_is_rejected_with_a_reason_and_the_round_goes_on(kind: str, r
 
 @pytest.mark.usefixtures("task_identity")
 def test_validation_reports_timeouts_and_error_replies_and_can_reject_everyone() -> None:
-    strategy = UpdateValidation(StreamingFedAvg(min_available_nodes=3, min_train_nodes=3))
+    strategy = UpdateValidation(StreamingFedAvg(min_available_nodes=3, min_train_nodes=3), streams=True)
     messages = configure(strategy, 3)
     models = client_models(3)
     failed = Message(Error(code=7, reason="fedshield:budget-exhausted: done"), reply_to=messages[1])
@@ -713,7 +713,7 @@ def _odd_first_round(strategy: Any, models: list[dict[str, np.ndarray]]) -> tupl
 def test_streaming_validation_takes_the_first_accepted_keys_then_last_rounds_majority() -> None:
     """One pass: in the first round the first acceptable reply sets the metric keys (the inner strategy's own
     reference); from then on the keys most replies carried in the previous round do."""
-    strategy = UpdateValidation(StreamingFedAvg(min_available_nodes=5, min_train_nodes=5))
+    strategy = UpdateValidation(StreamingFedAvg(min_available_nodes=5, min_train_nodes=5), streams=True)
     assert strategy.streams_replies
     models = client_models(5, spread=0.1)
     messages, replies = _odd_first_round(strategy, models)
@@ -735,7 +735,7 @@ def test_streaming_validation_takes_the_first_accepted_keys_then_last_rounds_maj
 @pytest.mark.usefixtures("task_identity")
 def test_streaming_validation_does_not_carry_over_the_keys_of_a_lone_reply() -> None:
     """Under SecAgg+ validation sees one aggregated reply a round; its keys may change with who took part."""
-    strategy = UpdateValidation(StreamingFedAvg(min_available_nodes=1, min_train_nodes=1))
+    strategy = UpdateValidation(StreamingFedAvg(min_available_nodes=1, min_train_nodes=1), streams=True)
     model = client_models(1)[0]
     for server_round, extra in ((1, {}), (2, {"surprise": 1.0})):
         (msg,) = configure(strategy, 1)
@@ -760,8 +760,8 @@ def test_validation_of_a_listing_strategy_keeps_the_majority_keys(name: str) -> 
 
 
 def test_recording_sees_validation_verdicts_through_the_chain() -> None:
-    strategy = build_strategy(RunConfig(secagg=False, max_update_norm=10.0))
-    assert isinstance(strategy.inner, UpdateValidation) and strategy.inner.max_update_norm == 10.0
+    layers = build_strategy(RunConfig(secagg=False, max_update_norm=10.0)).layers
+    assert isinstance(layers[1], UpdateValidation) and layers[1].max_update_norm == 10.0
 
 
 # --- every strategy end to end, in one simulation -----------------------------------------------------------

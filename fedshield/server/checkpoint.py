@@ -9,6 +9,8 @@ never a model from round 3 with the accounting from round 2. Tensors only, so lo
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,9 @@ __all__ = ["Checkpoint", "CHECKPOINT_FILE", "save_checkpoint", "load_checkpoint"
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "fedshield-checkpoint/1"
+#: Checkpoints written before the stateful layers were named keyed them by their path down the wrapper chain
+#: (``s.inner.inner.m_t``); the only layer with these attributes was the named strategy.
+_LEGACY_PATH = re.compile(r"^s(\.inner)*$")
 
 
 @dataclass(frozen=True)
@@ -113,24 +118,16 @@ def _metadata(raw: bytes) -> dict[str, str]:
     return dict(header.get("__metadata__", {}))
 
 
-def _chain(strategy: object) -> list[tuple[str, object]]:
-    """The strategy and every strategy it wraps (``.inner``), with a stable path name for each."""
-    out, path, node = [], "s", strategy
-    while node is not None:
-        out.append((path, node))
-        node = getattr(node, "inner", None)
-        path += ".inner"
-    return out
-
-
-def capture_strategy_state(strategy: object) -> dict[str, tuple[str, dict[str, np.ndarray]]]:
+def capture_strategy_state(stateful: Mapping[str, object]) -> dict[str, tuple[str, dict[str, np.ndarray]]]:
+    """The round-to-round state of each stateful strategy layer (see ``StrategyStack.stateful``), keyed
+    ``<layer name>.<attribute>``."""
     from flwr.app import ArrayRecord
 
     state: dict[str, tuple[str, dict[str, np.ndarray]]] = {}
-    for path, node in _chain(strategy):
+    for name, layer in stateful.items():
         for attr in STATE_ATTRS:
-            value = getattr(node, attr, None)
-            key = f"{path}.{attr}"
+            value = getattr(layer, attr, None)  # Flower's strategies have only the attributes of their kind
+            key = f"{name}.{attr}"
             if isinstance(value, ArrayRecord):
                 state[key] = ("arrayrecord", {k: a.numpy() for k, a in value.items()})
             elif isinstance(value, dict):
@@ -140,14 +137,16 @@ def capture_strategy_state(strategy: object) -> dict[str, tuple[str, dict[str, n
     return state
 
 
-def restore_strategy_state(strategy: object, state: dict[str, tuple[str, dict[str, np.ndarray]]]) -> None:
-    """Put captured state back on a freshly built strategy of the same shape; a mismatch is an error."""
+def restore_strategy_state(
+    stateful: Mapping[str, object], state: dict[str, tuple[str, dict[str, np.ndarray]]]
+) -> None:
+    """Put captured state back on the stateful layers of a freshly built strategy; a mismatch is an error."""
     from flwr.app import Array, ArrayRecord
 
-    nodes = dict(_chain(strategy))
     for key, (kind, arrays) in state.items():
-        path, _, attr = key.rpartition(".")
-        if path not in nodes or attr not in STATE_ATTRS:
+        name, _, attr = key.rpartition(".")
+        name = _LEGACY_PATH.sub("strategy", name)
+        if name not in stateful or attr not in STATE_ATTRS:
             raise ConfigError(f"checkpoint holds state {key!r} that this run's strategy does not have: "
                               "resume with the same --strategy and settings as the original run")
         if kind == "arrayrecord":
@@ -156,7 +155,7 @@ def restore_strategy_state(strategy: object, state: dict[str, tuple[str, dict[st
             value = dict(arrays)
         else:
             value = [arrays[k] for k in sorted(arrays)]
-        setattr(nodes[path], attr, value)
+        setattr(stateful[name], attr, value)
 
 
 def load_resume(run_dir: Path) -> tuple[RunConfig, Checkpoint]:

@@ -22,7 +22,7 @@ from ..config import RunConfig
 from ..protocol import RoundSettings
 from ..privacy.accounting import compact_history, epsilon
 from ..privacy.client_level_mechanism import accounting_sample_rate, client_level_epsilon
-from ..strategies.client_level_dp import ReleaseEvent
+from ..strategies.outcomes import ReleaseEvent
 
 __all__ = ["ClientPrivacy", "PrivacyReport", "RunWriter", "recompute_epsilon", "recompute_client_epsilon"]
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -55,23 +54,12 @@ from ..privacy.client_level_mechanism import (
     clip_update,
     effective_noise_multiplier,
 )
-from .wrapper import StrategyWrapper, layers
+from .outcomes import ReleaseEvent, RoundOutcomes
+from .wrapper import StrategyWrapper
 
-__all__ = ["ClientLevelDP", "ReleaseEvent", "find_client_dp"]
+__all__ = ["ClientLevelDP", "ReleaseEvent"]
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ReleaseEvent:
-    """One private release (one round's aggregate): what the accountant needs, and what it was computed from."""
-
-    server_round: int
-    noise_multiplier: float  # effective z of this round's sum
-    sample_rate: float  # q the accountant uses (1.0 for fixed-size sampling)
-    included_clients: float  # m
-    expected_clients: float  # n (fixed) or q N (Poisson)
-    clipped: int = 0  # central mode: how many updates the clipping actually shrank
 
 
 class ClientLevelDP(StrategyWrapper):
@@ -92,9 +80,11 @@ class ClientLevelDP(StrategyWrapper):
             privacy spent); SecAgg+ needs 2.
         noise_source: standard normals for central noise; the OS CSPRNG unless a test passes a generator.
         sampler: randomness for Poisson sampling; the OS CSPRNG by default.
+        weight_key: the metric the inner strategy weights by (Flower's ``weighted_by_key``).
+        outcomes: the run's shared round state, where each round's release goes (a new one if not given).
 
-    ``last_event`` is the round's :class:`ReleaseEvent`, or None if nothing was released (no replies, or the round
-    was aborted before aggregation): only released rounds cost privacy.
+    ``last_event`` (``outcomes.release``) is the round's :class:`ReleaseEvent`, or None if nothing was released (no
+    replies, or the round was aborted before aggregation): only released rounds cost privacy.
     """
 
     #: ``aggregate_train`` folds each reply into a running sum and keeps none (see :mod:`.streaming`).
@@ -115,6 +105,8 @@ class ClientLevelDP(StrategyWrapper):
         min_clients: int = 1,
         noise_source: NormalSource | None = None,
         sampler: random.Random | None = None,
+        weight_key: str = P.NUM_EXAMPLES,
+        outcomes: RoundOutcomes | None = None,
     ) -> None:
         if mode not in ("central", "distributed"):
             raise ConfigError(f"client-level DP mode must be central or distributed, got {mode!r}")
@@ -135,8 +127,13 @@ class ClientLevelDP(StrategyWrapper):
         self.min_clients = min_clients
         self.noise_source: NormalSource = noise_source or SecureNormal()
         self._sampler = sampler or random.SystemRandom()
-        self.last_event: ReleaseEvent | None = None
+        self.weight_key = weight_key
+        self.outcomes = outcomes if outcomes is not None else RoundOutcomes()
         self._global: ArrayRecord | None = None
+
+    @property
+    def last_event(self) -> ReleaseEvent | None:
+        return self.outcomes.release
 
     def summary(self) -> None:
         _log.info("client-level DP (%s): z=%g, C=%g, sampling=%s (q=%g), expected clients %g", self.mode,
@@ -148,7 +145,7 @@ class ClientLevelDP(StrategyWrapper):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.last_event = None
+        self.outcomes.release = None
         self._global = arrays
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         if self.sampling == "poisson":
@@ -167,7 +164,7 @@ class ClientLevelDP(StrategyWrapper):
         base = self._require_global()
         fold = _UpdateSum(base, clip_norm=self.clip_norm if self.mode == "central" else None)
         metric_contents: list[RecordDict] = []
-        weight_key = str(getattr(self.inner, "weighted_by_key", P.NUM_EXAMPLES))
+        weight_key = self.weight_key
         for msg in replies:
             if msg.has_error():
                 continue
@@ -186,7 +183,7 @@ class ClientLevelDP(StrategyWrapper):
         synthetic = Message(RecordDict({P.ARRAYS: ArrayRecord(new), P.METRICS: metrics_out}),
                             dst_node_id=0, message_type=MessageType.TRAIN)
         result = self.inner.aggregate_train(server_round, [synthetic])
-        self.last_event = event if result[0] is not None else None
+        self.outcomes.release = event if result[0] is not None else None
         return result
 
     def _clients_in(self, metrics: MetricRecord, weight_key: str) -> float:
@@ -268,7 +265,3 @@ def _average_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecor
             pass
     return MetricRecord()
 
-
-def find_client_dp(strategy: Any) -> ClientLevelDP | None:
-    """The ClientLevelDP in a chain of wrappers (followed through ``.inner``), if any."""
-    return next((layer for layer in layers(strategy) if isinstance(layer, ClientLevelDP)), None)

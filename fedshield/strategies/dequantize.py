@@ -3,25 +3,32 @@ any strategy (FedAvg, FedAdam, robust ones) aggregates what it always does."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from .. import protocol as P
 from ..compression import dequantize_update, is_quantized
-from .streaming import streams_replies
 from .wrapper import StrategyWrapper
 
 __all__ = ["DequantizeUpdates"]
 
 
 class DequantizeUpdates(StrategyWrapper):
-    """Wrap ``inner``; replies carrying a quantized update become ``global + dequantized update``."""
+    """Wrap ``inner``; replies carrying a quantized update become ``global + dequantized update``.
 
-    def __init__(self, inner: Strategy) -> None:
+    Args:
+        inner: the wrapped strategy.
+        streams: True when ``inner`` reads the replies once, in order, keeping none: restoring is one reply at a
+            time, so this wrapper then streams too.
+    """
+
+    def __init__(self, inner: Strategy, *, streams: bool = False) -> None:
         super().__init__(inner)
+        self._streams = streams
         self._global: dict | None = None
 
     def configure_train(
@@ -32,8 +39,7 @@ class DequantizeUpdates(StrategyWrapper):
 
     @property
     def streams_replies(self) -> bool:
-        """Restoring is one reply at a time, so this wrapper streams exactly when the inner strategy does."""
-        return streams_replies(self.inner)
+        return self._streams
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -41,6 +47,8 @@ class DequantizeUpdates(StrategyWrapper):
         return self.inner.aggregate_train(server_round, (self._restore(m) for m in replies))
 
     def _restore(self, msg: Message) -> Message:
+        """The reply with its quantized update replaced by full weights; its metadata (the client's node id, which
+        every verdict and privacy charge is keyed by) is the reply's own. The reply itself is not modified."""
         if msg.has_error() or self._global is None or P.ARRAYS not in msg.content.array_records:
             return msg
         packed = {k: a.numpy() for k, a in msg.content[P.ARRAYS].items()}
@@ -54,6 +62,6 @@ class DequantizeUpdates(StrategyWrapper):
         content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in weights.items()})})
         for name, record in msg.content.metric_records.items():
             content[name] = record
-        return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
-
-
+        restored = copy.copy(msg)  # shares the metadata: same source node, same reply-to id
+        restored.content = content
+        return restored

@@ -1,9 +1,10 @@
-"""A strategy wrapper that remembers what each client did in the last round, for reports and privacy accounting.
+"""The outermost strategy layer: it notes what arrived in each round (sizes, aggregated metrics, evaluation).
 
-It forwards everything to the wrapped strategy and only looks at the replies: who was asked, who answered, who
-failed and why. Under secure aggregation the wrapped :class:`~fedshield.strategies.secagg.SecAggPlus` already
-knows the per-client outcome (it never exposes updates), so its ``last_replies`` are used instead of the raw,
-masked replies.
+It forwards everything to the wrapped strategy and only looks at the replies, writing what it sees into the run's
+:class:`~fedshield.strategies.outcomes.RoundOutcomes`: each train reply's payload size (what travelled, SecAgg+'s
+masked vectors included), the aggregated train metrics, and the federated evaluation. Who trained, failed or was
+rejected is written there by the layer that knows (SecAgg+ or update validation, see ``RoundOutcomes``);
+``last_replies`` reads it back.
 
 Train replies pass through lazily, one at a time (:meth:`RecordingStrategy.aggregate_train`), so behind a
 :class:`~fedshield.strategies.streaming.StreamingGrid` and a streaming inner strategy the server holds only the
@@ -21,8 +22,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from .. import protocol as P
-from .clear_values import check_clear_metrics, usable_metrics
-from .wrapper import StrategyWrapper, layers
+from .clear_values import check_clear_metrics
+from .outcomes import RoundOutcomes
+from .wrapper import StrategyWrapper
 
 __all__ = ["RecordingStrategy"]
 
@@ -30,62 +32,62 @@ _log = logging.getLogger(__name__)
 
 
 class RecordingStrategy(StrategyWrapper):
-    """Transparent wrapper; after each aggregate call, ``last_replies`` / ``last_evaluate`` describe that round."""
+    """Transparent wrapper that writes each round's sizes, metrics and evaluation into ``outcomes``.
 
-    def __init__(self, inner: Strategy) -> None:
+    Args:
+        inner: the wrapped strategy.
+        outcomes: the run's shared round state (a new one if not given: then only this layer writes it).
+    """
+
+    def __init__(self, inner: Strategy, outcomes: RoundOutcomes | None = None) -> None:
         super().__init__(inner)
-        self.last_replies: list[P.ClientReply] = []
-        self.last_train_metrics: MetricRecord | None = None
-        self.last_evaluate: MetricRecord | None = None
-        self.last_evaluated = 0  # evaluate replies without an error, last round
-        self.last_bytes_up: list[int] = []
-        self._asked: list[int] = []
+        self.outcomes = outcomes if outcomes is not None else RoundOutcomes()
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self._asked = [m.metadata.dst_node_id for m in messages]
-        self.last_replies = []
-        return messages
+    @property
+    def last_replies(self) -> list[P.ClientReply]:
+        """Per-client outcomes of the last train round, as the layer that judged them wrote them."""
+        return self.outcomes.replies
+
+    @property
+    def last_bytes_up(self) -> list[int]:
+        return self.outcomes.bytes_up
+
+    @property
+    def last_train_metrics(self) -> MetricRecord | None:
+        return self.outcomes.train_metrics
+
+    @property
+    def last_evaluate(self) -> MetricRecord | None:
+        return self.outcomes.evaluate
+
+    @property
+    def last_evaluated(self) -> int:
+        return self.outcomes.evaluated
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Hand the replies on as they come (one pass, nothing kept but each reply's size and outcome)."""
-        self.last_bytes_up = []
-        outcomes: dict[int, P.ClientReply] = {}
-        stream = self._record(replies, outcomes)
+        """Hand the replies on as they come (one pass, nothing kept but each reply's size)."""
+        self.outcomes.bytes_up = []
+        stream = self._record(replies)
         arrays, metrics = self.inner.aggregate_train(server_round, stream)
         for _ in stream:  # an inner strategy that stopped early: the rest still counts (and is pulled, then dropped)
             pass
-        inner_view = _innermost_view(self.inner)
-        self.last_replies = inner_view if inner_view is not None else self._with_timeouts(outcomes)
-        self.last_train_metrics = metrics
+        self.outcomes.train_metrics = metrics
         return arrays, metrics
 
-    def _record(self, replies: Iterable[Message], outcomes: dict[int, P.ClientReply]) -> Iterator[Message]:
-        """Yield each reply after noting its payload size and outcome; keeps none once the next is asked for."""
+    def _record(self, replies: Iterable[Message]) -> Iterator[Message]:
+        """Yield each reply after noting its payload size; keeps none once the next is asked for."""
         for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                outcomes[node] = P.ClientReply(node, error=str(msg.error.reason))
-            else:
-                self.last_bytes_up.append(_payload_bytes(msg))
-                record = msg.content.metric_records.get(P.METRICS, MetricRecord())
-                outcomes[node] = P.ClientReply(node, usable_metrics(record))
+            if not msg.has_error():
+                self.outcomes.bytes_up.append(_payload_bytes(msg))
             yield msg
             del msg  # let go before the next reply is pulled
-
-    def _with_timeouts(self, outcomes: dict[int, P.ClientReply]) -> list[P.ClientReply]:
-        for node in self._asked:
-            outcomes.setdefault(node, P.ClientReply(node, error="no reply before the round timed out"))
-        return [outcomes[n] for n in sorted(outcomes)]
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.last_evaluate, self.last_evaluated = None, 0
+        self.outcomes.evaluate, self.outcomes.evaluated = None, 0
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -93,9 +95,9 @@ class RecordingStrategy(StrategyWrapper):
         # iterator can be read only once.
         # A reply whose clear figures are out of range (NaN accuracy, a 1e12 count) is left out of the average.
         replies = [m for m in replies if m.has_error() or _clear_evaluate_ok(server_round, m)]
-        self.last_evaluated = sum(not m.has_error() for m in replies)
-        self.last_evaluate = self.inner.aggregate_evaluate(server_round, replies)
-        return self.last_evaluate
+        self.outcomes.evaluated = sum(not m.has_error() for m in replies)
+        self.outcomes.evaluate = self.inner.aggregate_evaluate(server_round, replies)
+        return self.outcomes.evaluate
 
 
 def _clear_evaluate_ok(server_round: int, msg: Message) -> bool:
@@ -119,11 +121,3 @@ def _payload_bytes(msg: Message) -> int:
                 total += sum(len(v) for v in value if isinstance(v, bytes))
     return total
 
-
-def _innermost_view(strategy: Strategy) -> list[P.ClientReply] | None:
-    """The first wrapper down the ``.inner`` chain that knows per-client outcomes (SecAgg+, validation)."""
-    for layer in layers(strategy):
-        view = getattr(layer, "last_replies", None)
-        if view is not None:
-            return list(view)
-    return None

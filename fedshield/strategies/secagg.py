@@ -41,6 +41,7 @@ from ..protocol import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, ClientReply
 from ._secagg_params import check_bits, check_params, neighbour_graph, protocol_params
 from ._secagg_clear import check_masked_clear
 from .clear_values import COUNT_METRICS, DEFAULT_MAX_WEIGHT
+from .outcomes import RoundOutcomes
 from ._secagg_stages import (
     MaskedReply,
     RoundState,
@@ -116,6 +117,7 @@ class SecAggPlus(StrategyWrapper):
         timeout: seconds to wait for replies in SETUP, SHARE_KEYS and UNMASK (None: no limit). The train stage
             uses the ``timeout`` given to :meth:`start`.
         rng: randomness for the neighbour ring; defaults to the operating system's CSPRNG.
+        weight_key, outcomes: the metric ``inner`` weights by; the run's round state, which holds ``last_replies``.
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class SecAggPlus(StrategyWrapper):
         timeout: float | None = 600.0,
         rng: random.Random | None = None,
         quantize: int | None = None,
+        weight_key: str = NUM_EXAMPLES, outcomes: RoundOutcomes | None = None,
     ) -> None:
         if not isinstance(inner, Strategy):
             raise ConfigError(f"inner must be a flwr.serverapp.strategy.Strategy, got {type(inner).__name__}")
@@ -148,12 +151,20 @@ class SecAggPlus(StrategyWrapper):
         self.max_weight = float(max_weight)
         self.timeout = None if timeout is None else float(timeout)
         self._rng = rng if rng is not None else random.SystemRandom()
-        #: One entry per node sampled in the last aggregated round (see :class:`fedshield.protocol.ClientReply`).
-        self.last_replies: list[ClientReply] = []
+        self.weight_key = weight_key
+        self.outcomes = outcomes if outcomes is not None else RoundOutcomes()
         self._grid: Grid | None = None
         self._round: RoundState | None = None
         self._global: ArrayRecord | None = None
         self._aborted: str | None = None
+
+    @property
+    def last_replies(self) -> list[ClientReply]:  # one per node sampled in the last aggregated round
+        return self.outcomes.replies
+
+    @last_replies.setter
+    def last_replies(self, replies: list[ClientReply]) -> None:
+        self.outcomes.settle(replies)
 
     # --- training -----------------------------------------------------------------------------------------
 
@@ -287,10 +298,9 @@ class SecAggPlus(StrategyWrapper):
         """One reply carrying ``global + average update``, for the inner strategy to aggregate."""
         base = self._require_global()
         new = {k: Array(_add_update(g, d)) for (k, g), d in zip(_numpy_items(base), average, strict=True)}
-        weight_key = str(getattr(self.inner, "weighted_by_key", NUM_EXAMPLES))
         metrics = MetricRecord()
         metrics.update(_average_metrics(list(masked.values())))
-        metrics[weight_key] = sum(r.num_examples for r in masked.values())
+        metrics[self.weight_key] = sum(r.num_examples for r in masked.values())
         content = RecordDict({ARRAYS: ArrayRecord(new), METRICS: metrics})
         return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
 

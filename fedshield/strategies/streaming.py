@@ -18,7 +18,8 @@ lists them in ``_check_and_log_replies`` first); Flower's ``DifferentialPrivacy*
 (``validate_replies`` iterates, then ``list`` finds nothing left) and would need a list in front of them.
 
 A strategy whose ``aggregate_train`` reads the replies once, in order, and drops each one's arrays before taking the
-next says so with a true attribute ``streams_replies`` (:func:`streams_replies` reads it);
+next says so with a true class attribute ``streams_replies``; :func:`~fedshield.strategies.stack.build_strategy`
+reads it from the strategies it builds and tells the wrappers above (``streams=True``), so
 :class:`~fedshield.strategies.validation.UpdateValidation` screens such a strategy's replies in a single pass too.
 """
 

@@ -33,7 +33,7 @@ from .. import protocol as P
 from ..errors import ConfigError
 from ..protocol import REJECTED
 from .clear_values import DEFAULT_MAX_WEIGHT, check_clear_metrics, usable_metrics
-from .streaming import streams_replies
+from .outcomes import RoundOutcomes
 from .wrapper import StrategyWrapper
 
 __all__ = ["REJECTED", "UpdateValidation", "check_reply"]
@@ -48,16 +48,23 @@ class UpdateValidation(StrategyWrapper):
     Args:
         inner: the strategy that aggregates the accepted replies.
         max_update_norm: bound on the L2 norm of ``w_client - w_global`` (None: no bound).
-        weight_key: the metric the inner strategy weights by.
+        weight_key: the metric the inner strategy weights by (Flower's ``weighted_by_key``).
         max_weight: the largest weight one reply aggregates at (None: no cap).
+        streams: True when the inner strategy reads the replies once, in order, keeping none
+            (``StreamingFedAvg``, client-level DP): then this wrapper screens them in one pass too.
+        outcomes: the run's shared round state, where the verdicts go (a new one if not given).
+        aggregated_replies: True under SecAgg+: the one reply a round is the sum of several clients, whose
+            outcomes SecAgg+ writes; a rejection of that sum is written as a rejection of each included client.
 
-    After ``aggregate_train``, ``last_replies`` holds one :class:`~fedshield.protocol.ClientReply` per node asked or
-    answering, sorted by node id. Replies are never modified; the accepted ones are handed on as they are.
+    After ``aggregate_train``, ``last_replies`` (``outcomes.replies``) holds one
+    :class:`~fedshield.protocol.ClientReply` per node asked or answering, sorted by node id. Replies are never
+    modified (but for a weight above ``max_weight``); the accepted ones are handed on as they are.
     """
 
     def __init__(
         self, inner: Strategy, *, max_update_norm: float | None = None, weight_key: str | None = None,
-        max_weight: float | None = DEFAULT_MAX_WEIGHT,
+        max_weight: float | None = DEFAULT_MAX_WEIGHT, streams: bool = False, outcomes: RoundOutcomes | None = None,
+        aggregated_replies: bool = False,
     ) -> None:
         if max_update_norm is not None and not (max_update_norm > 0 and math.isfinite(max_update_norm)):
             raise ConfigError(f"max_update_norm must be a finite number > 0, got {max_update_norm}")
@@ -66,8 +73,10 @@ class UpdateValidation(StrategyWrapper):
         super().__init__(inner)
         self.max_update_norm = max_update_norm
         self.max_weight = max_weight
-        self.weight_key = weight_key or str(getattr(inner, "weighted_by_key", P.NUM_EXAMPLES))
-        self.last_replies: list[P.ClientReply] = []
+        self.weight_key = weight_key or P.NUM_EXAMPLES
+        self.outcomes = outcomes if outcomes is not None else RoundOutcomes()
+        self.aggregated_replies = aggregated_replies
+        self._streams = streams
         self._global: ArrayRecord | None = None
         self._asked: list[int] = []
         #: The metric keys most well-formed replies carried in the last round, if at least two did; else None.
@@ -83,13 +92,16 @@ class UpdateValidation(StrategyWrapper):
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self._global = arrays
         self._asked = [m.metadata.dst_node_id for m in messages]
-        self.last_replies = []
         return messages
 
     @property
     def streams_replies(self) -> bool:
         """True when the inner strategy streams: then this wrapper screens in one pass too."""
-        return streams_replies(self.inner)
+        return self._streams
+
+    @property
+    def last_replies(self) -> list[P.ClientReply]:
+        return self.outcomes.replies
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -131,11 +143,20 @@ class UpdateValidation(StrategyWrapper):
         finally:
             for _ in accepted:  # finish screening if the inner strategy stopped early: every reply gets a verdict
                 pass
-            for node in self._asked:
-                verdicts.setdefault(node, P.ClientReply(node, error="no reply before the round timed out"))
-            self.last_replies = [verdicts[n] for n in sorted(verdicts)]
+            self._settle(verdicts)
             self._expected_keys = _majority(seen, at_least=2)
         return result
+
+    def _settle(self, verdicts: dict[int, P.ClientReply]) -> None:
+        """Write the round's verdicts: per client, or under SecAgg+ the verdict on the clients' sum."""
+        if self.aggregated_replies:
+            reasons = [v.error for v in verdicts.values() if v.error is not None]
+            if reasons:
+                self.outcomes.reject_included(f"{reasons[0]} (the SecAgg+ sum of the round's updates)")
+            return
+        for node in self._asked:
+            verdicts.setdefault(node, P.ClientReply(node, error="no reply before the round timed out"))
+        self.outcomes.settle(verdicts.values())
 
     def _screen(
         self, server_round: int, replies: Iterable[Message], expected: frozenset[str] | None, source: str,
@@ -161,7 +182,8 @@ class UpdateValidation(StrategyWrapper):
             if expected is None:
                 expected, source = keys, f"what the round's first accepted reply, from node {node}, carried"
             verdicts[node] = P.ClientReply(node, _numeric_metrics(msg))
-            self._cap_weight(server_round, node, msg)
+            if not self.aggregated_replies:  # SecAgg+ bounded each weight in the sum already
+                self._cap_weight(server_round, node, msg)
             yield msg
             del msg
 

@@ -2,18 +2,20 @@
 
 fedshield composes its server-side features (SecAgg+, client-level DP, update validation, dequantisation, round
 offset, recording) as layers around one Flower strategy, so that strategy keeps its own aggregation and each layer
-overrides only the steps it changes. Layers stay reachable through ``.inner`` (see :func:`layers`).
+overrides only the steps it changes. A layer talks only to the one it wraps (``inner``); what layers must share
+about a round goes through the one :class:`~fedshield.strategies.outcomes.RoundOutcomes` that
+:func:`~fedshield.strategies.stack.build_strategy` hands them, never by walking ``.inner`` to look for attributes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-__all__ = ["StrategyWrapper", "layers"]
+__all__ = ["StrategyWrapper"]
 
 
 class StrategyWrapper(Strategy):
@@ -43,10 +45,3 @@ class StrategyWrapper(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(server_round, replies)
 
-
-def layers(strategy: object) -> Iterator[object]:
-    """``strategy``, then each layer below it (followed through ``.inner``), down to the Flower strategy."""
-    node: object | None = strategy
-    while node is not None:
-        yield node
-        node = getattr(node, "inner", None)

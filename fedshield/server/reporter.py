@@ -1,0 +1,121 @@
+"""The one object that owns a run's records: the run directory, the privacy report and the checkpoint.
+
+After each round :meth:`RunReporter.record_round` charges the round in the privacy report, appends the round's
+row to ``metrics.jsonl``, writes the checkpoint, then the model and ``privacy.json``. Every file is replaced
+atomically, and the checkpoint (one file: model, strategy state, privacy records, rows) is written before the
+model and privacy report: whatever fails or is killed after it, the completed round can be resumed, and a kill
+before it leaves the previous round's checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..strategies.outcomes import RoundOutcomes
+from .checkpoint import Checkpoint, capture_strategy_state, restore_strategy_state, save_checkpoint
+from .plan import RunPlan, round_settings
+from .report import PrivacyReport, RunWriter
+from .round_row import round_row
+
+__all__ = ["RoundRecord", "RunSummary", "RunReporter"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What the CLI shows after each round."""
+
+    server_round: int
+    num_rounds: int
+    row: dict[str, Any]
+    client_epsilons: dict[str, float | None]
+
+
+@dataclass
+class RunSummary:
+    config: RunConfig
+    noise_multiplier: float
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    privacy: dict[str, Any] = field(default_factory=dict)
+
+
+class RunReporter:
+    """Writes the run directory of ``plan`` (``config.json`` at once) and keeps its privacy report.
+
+    Args:
+        plan: the run.
+        stateful: the strategy layers whose state goes into the checkpoint (``StrategyStack.stateful``).
+        clock: seconds, for the round and wall times in each row (monotonic).
+    """
+
+    def __init__(
+        self, plan: RunPlan, stateful: Mapping[str, object], *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        config = plan.config
+        self.plan, self.stateful, self._clock = plan, stateful, clock
+        self.writer = RunWriter(config.out)
+        self.writer.prepare(config)
+        self.report = PrivacyReport(config, plan.noise_multiplier, client_noise_multiplier=plan.client_noise_multiplier)
+        self.summary = RunSummary(config, plan.noise_multiplier)
+        self._start = self._last = clock()
+
+    def resume(self, ckpt: Checkpoint) -> None:
+        """Continue from ``ckpt``: its strategy state, privacy records and rows."""
+        restore_strategy_state(self.stateful, ckpt.strategy_state)
+        self.report.load_state(ckpt.privacy_clients)
+        self.report.load_client_level(ckpt.extra.get("client_level"))
+        self.writer.rounds = list(ckpt.rounds)
+        self.summary.rounds = list(ckpt.rounds)
+
+    def start_round(self) -> None:
+        """The next round's time counts from now (called after the initial evaluation)."""
+        self._last = self._clock()
+
+    def record_round(
+        self, server_round: int, state: dict[str, torch.Tensor], metrics: dict[str, float], outcomes: RoundOutcomes
+    ) -> RoundRecord:
+        """Record a completed round: privacy, row, checkpoint, model, privacy report (in that order)."""
+        now = self._clock()
+        self.report.record_round(round_settings(self.plan, server_round), outcomes.replies)
+        self.report.record_client_level(server_round, outcomes.release)
+        epsilon_max = self.report.max_epsilon() if self.plan.config.dp else None
+        row = round_row(server_round, metrics, outcomes, epsilon_max=epsilon_max, round_time_s=now - self._last,
+                        wall_time_s=now - self._start)
+        self._last = now
+        self.writer.add_round(row)
+        self.summary.rounds.append(row)
+        # The checkpoint first: whatever fails in the reports below, the completed round can be resumed.
+        save_checkpoint(self.plan.config.out, self._checkpoint(server_round, state))
+        meta = {"round": str(server_round), "task": self.plan.config.task, "run_id": self.plan.run_id}
+        self.writer.write_model(state, meta)
+        self.summary.privacy = self.report.to_json()
+        self.writer.write_privacy(self.report)
+        for r in outcomes.replies:
+            if not r.ok:
+                log.warning("round %d: client %s did not contribute: %s", server_round, r.node_id, r.error)
+        eps = {name: c["epsilon"] for name, c in self.summary.privacy["clients"].items()}
+        return RoundRecord(server_round, self.plan.config.num_rounds, row, eps)
+
+    def finish(self) -> RunSummary:
+        """Draw the plots; the run's summary."""
+        self.writer.write_plots()
+        return self.summary
+
+    def _checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> Checkpoint:
+        plan = self.plan
+        return Checkpoint(
+            server_round=server_round, run_id=plan.run_id, noise_multiplier=plan.noise_multiplier,
+            model={k: v.detach().cpu().numpy() for k, v in state.items()},
+            strategy_state=capture_strategy_state(self.stateful), privacy_clients=self.report.to_state(),
+            rounds=list(self.writer.rounds), config=plan.config.to_flat_dict(),
+            extra={"client_level": self.report.client_level_state(),
+                   "client_noise_multiplier": plan.client_noise_multiplier},
+        )

@@ -1,0 +1,190 @@
+"""The pieces of a server run, each on its own: the run plan and round settings, the round's row, the shared
+round state the strategy layers write (RoundOutcomes), and the reporter that owns the run directory and the
+checkpoint (real files, real safetensors, real Flower strategies)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fedshield.compression import quantize_update
+from fedshield.config import RunConfig
+from fedshield.errors import ConfigError
+from fedshield.protocol import ARRAYS, BUDGET_REFUSAL, METRICS, NUM_EXAMPLES, ClientReply
+from fedshield.server.checkpoint import Checkpoint, load_checkpoint, restore_strategy_state
+from fedshield.server.plan import plan_run, round_settings
+from fedshield.server.reporter import RunReporter
+from fedshield.server.round_row import round_row
+from fedshield.strategies.dequantize import DequantizeUpdates
+from fedshield.strategies.outcomes import ReleaseEvent, RoundOutcomes
+from fedshield.strategies.stack import build_strategy
+from fedshield.strategies.streaming import StreamingFedAvg
+from fedshield.strategies.validation import REJECTED, UpdateValidation
+
+from _grid import FakeGrid
+
+GLOBAL = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "b": np.zeros(4, dtype=np.float32)}
+
+
+def _arrays(model: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in model.items()})
+
+
+def _reply(msg: Message, arrays: dict[str, np.ndarray], weight: float = 10.0) -> Message:
+    return Message(RecordDict({ARRAYS: _arrays(arrays), METRICS: MetricRecord({NUM_EXAMPLES: weight})}), reply_to=msg)
+
+
+# --- the plan and the round settings -------------------------------------------------------------------------
+
+
+def test_a_new_run_gets_a_fresh_id_and_its_configured_mechanism() -> None:
+    config = RunConfig(noise_multiplier=1.3, strategy="fedprox", strategy_params={"proximal_mu": 0.2})
+    plan = plan_run(config, state_root="/x")
+    assert len(plan.run_id) == 12 and plan.run_id != plan_run(config).run_id
+    assert (plan.done, plan.noise_multiplier, plan.client_noise_multiplier) == (0, 1.3, None)
+    settings = round_settings(plan, 3)
+    assert (settings.server_round, settings.run_id, settings.noise_multiplier) == (3, plan.run_id, 1.3)
+    assert (settings.proximal_mu, settings.sim_state_root, settings.num_rounds) == (0.2, "/x", config.num_rounds)
+
+
+def test_a_resumed_run_keeps_its_id_round_and_mechanism() -> None:
+    config = RunConfig(noise_multiplier=1.3, client_dp="distributed", client_clip_norm=1.0,
+                       client_noise_multiplier=2.0, secagg=False, num_clients=4)
+    ckpt = Checkpoint(server_round=2, run_id="abcdef012345", noise_multiplier=0.7, model=dict(GLOBAL),
+                      rounds=[{}, {}], extra={"client_noise_multiplier": 1.5})
+    plan = plan_run(config, ckpt)
+    assert (plan.run_id, plan.done, plan.noise_multiplier, plan.client_noise_multiplier) == (
+        "abcdef012345", 2, 0.7, 1.5)
+    # Each of the 4 expected clients adds 1/sqrt(4) of the noise z C = 1.5: std 0.75.
+    assert round_settings(plan, 3).client_noise_std_share == pytest.approx(0.75)
+
+
+# --- the round's row ------------------------------------------------------------------------------------------
+
+
+def test_the_row_counts_each_client_once_and_keeps_the_file_strict_json() -> None:
+    outcomes = RoundOutcomes(bytes_up=[100, 201], evaluate=MetricRecord({"loss": 0.5, "accuracy": float("nan")}),
+                             evaluated=2)
+    outcomes.settle([ClientReply(3, error=f"{REJECTED}: update norm 9 exceeds max-update-norm 5"), ClientReply(1),
+                     ClientReply(4, error="no reply before the round timed out"),
+                     ClientReply(2, error=f"{BUDGET_REFUSAL}: spent")])
+    row = round_row(7, {"accuracy": 0.9, "loss": 0.3}, outcomes, epsilon_max=float("inf"), round_time_s=1.23456,
+                    wall_time_s=10.0)
+    json.dumps(row, allow_nan=False)
+    assert row == {
+        "round": 7, "accuracy": 0.9, "loss": 0.3, "federated_accuracy": None, "federated_loss": 0.5,
+        "clients_sampled": 4, "clients_trained": 1, "clients_evaluated": 2, "clients_refused": 1,
+        "clients_rejected": 1, "clients_failed": 1,
+        "rejected": [{"node_id": 3, "reason": "update norm 9 exceeds max-update-norm 5"}],
+        "failed": [{"node_id": 4, "reason": "no reply before the round timed out"}],
+        "epsilon_max": None, "bytes_up_per_client": 150, "round_time_s": 1.235, "wall_time_s": 10.0,
+    }
+
+
+# --- RoundOutcomes as the layers write it ------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("bits", [8, 16])
+def test_dequantized_replies_keep_their_clients_node(bits: int) -> None:
+    """The bug this state object exposed: a restored reply must stay the client's, not the server's."""
+    stack = build_strategy(RunConfig(num_clients=3, secagg=False, dp=False, quantize=bits))
+    grid: Any = FakeGrid(3)
+    messages = list(stack.top.configure_train(1, _arrays(GLOBAL), ConfigRecord({}), grid))
+    rng = np.random.default_rng(0)
+    replies = [_reply(m, quantize_update({k: np.full_like(v, 0.01 * (i + 1)) for k, v in GLOBAL.items()},
+                                          bits=bits, rng=rng))
+               for i, m in enumerate(messages)]
+    arrays, _ = stack.top.aggregate_train(1, iter(replies))
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), GLOBAL["w"] + 0.02, atol=0.01)
+    assert [(r.node_id, r.ok) for r in stack.outcomes.replies] == [(n, True) for n in sorted(FakeGrid(3).ids)]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_rejected_secagg_sum_rejects_each_included_client() -> None:
+    outcomes = RoundOutcomes()
+    layer = UpdateValidation(FedAvg(min_available_nodes=1, min_train_nodes=1), max_update_norm=0.1,
+                             outcomes=outcomes, aggregated_replies=True)
+    (msg,) = layer.configure_train(1, _arrays(GLOBAL), ConfigRecord({}), FakeGrid(1))  # type: ignore[arg-type]
+    outcomes.settle([ClientReply(5, {NUM_EXAMPLES: 1.0}), ClientReply(6, error="timed out in stage setup")])
+    arrays, _ = layer.aggregate_train(1, [_reply(msg, {k: v + 1 for k, v in GLOBAL.items()})])
+    assert arrays is None
+    five, six = outcomes.replies
+    assert five.error is not None and five.error.startswith(f"{REJECTED}: update norm") and "SecAgg+ sum" in five.error
+    assert five.metrics == {NUM_EXAMPLES: 1.0} and six.error == "timed out in stage setup"
+
+
+def test_the_stack_names_its_layers_and_the_one_stateful_layer() -> None:
+    stack = build_strategy(RunConfig(strategy="fedadam", secagg=False, quantize=8, client_dp="central",
+                                     client_clip_norm=1.0, client_noise_multiplier=1.0, dp=False, num_clients=4))
+    names = [type(layer).__name__ for layer in stack.layers]
+    assert names == ["RecordingStrategy", "DequantizeUpdates", "UpdateValidation", "ClientLevelDP", "FedAdam"]
+    assert stack.layers[0] is stack.top and dict(stack.stateful) == {"strategy": stack.layers[-1]}
+    assert all(getattr(layer, "outcomes", stack.outcomes) is stack.outcomes for layer in stack.layers)
+    assert stack.layers[1].streams_replies and stack.layers[2].streams_replies  # ClientLevelDP folds one by one
+    secagg = build_strategy(RunConfig(secagg=True, quantize=8, num_clients=4))  # SecAgg+'s field quantizes
+    assert [type(layer).__name__ for layer in secagg.layers] == [
+        "RecordingStrategy", "SecAggPlus", "UpdateValidation", "StreamingFedAvg"]
+
+
+# --- the reporter: run directory, privacy report, checkpoint ------------------------------------------------------
+
+
+def _ticks() -> Iterator[float]:
+    yield from (100.0, 101.5, 104.0, 110.0)
+
+
+@pytest.fixture
+def fedadam_run(tmp_path: Path) -> tuple[RunConfig, RunReporter]:
+    config = RunConfig(strategy="fedadam", num_clients=2, num_rounds=3, dp=False,  # no accountant: fast
+                       secagg=False, out=tmp_path / "run")
+    stack = build_strategy(config)
+    named = stack.stateful["strategy"]
+    named.m_t = {"w": np.full((3, 4), 0.5, np.float32)}  # type: ignore[attr-defined]
+    named.v_t = {"w": np.full((3, 4), 0.25, np.float32)}  # type: ignore[attr-defined]
+    clock = _ticks()
+    return config, RunReporter(plan_run(config), stack.stateful, clock=lambda: next(clock))
+
+
+def test_the_reporter_writes_the_round_and_a_checkpoint_to_resume_from(
+        fedadam_run: tuple[RunConfig, RunReporter]) -> None:
+    config, reporter = fedadam_run
+    assert json.loads((config.out / "config.json").read_text())["strategy"] == "fedadam"
+    reporter.start_round()  # 101.5
+    outcomes = RoundOutcomes(bytes_up=[64, 64], release=ReleaseEvent(1, 1.0, 1.0, 2.0, 2.0))
+    outcomes.settle([ClientReply(11, {"partition-id": 0}), ClientReply(12, {"partition-id": 1})])
+    state = {k: torch.from_numpy(v) for k, v in GLOBAL.items()}
+    record = reporter.record_round(1, state, {"accuracy": 0.5}, outcomes)  # 104.0
+    assert (record.row["round_time_s"], record.row["wall_time_s"], record.row["clients_trained"]) == (2.5, 4.0, 2)
+    assert sorted(record.client_epsilons) == ["client-0", "client-1"]
+    rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
+    privacy = json.loads((config.out / "privacy.json").read_text())
+    assert rows == [record.row] and privacy["clients"]["client-1"]["trained_in_rounds"] == [1]
+    ckpt = load_checkpoint(config.out)
+    assert (ckpt.server_round, ckpt.run_id, ckpt.rounds) == (1, reporter.plan.run_id, rows)
+    np.testing.assert_array_equal(ckpt.model["w"], GLOBAL["w"])
+
+    fresh = build_strategy(config)
+    resumed = RunReporter(plan_run(config, ckpt), fresh.stateful)
+    resumed.resume(ckpt)
+    np.testing.assert_array_equal(fresh.stateful["strategy"].m_t["w"], 0.5)  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(fresh.stateful["strategy"].v_t["w"], 0.25)  # type: ignore[attr-defined]
+    assert resumed.summary.rounds == rows and resumed.report.to_state() == reporter.report.to_state()
+
+
+def test_checkpoints_of_the_wrapper_chain_era_restore_onto_the_named_strategy() -> None:
+    stack = build_strategy(RunConfig(strategy="fedavgm", secagg=False))
+    momentum = {"w": ("dict", {"w": np.ones(3)})}
+    restore_strategy_state(stack.stateful, {"s.inner.inner.momentum_vector": momentum["w"]})
+    np.testing.assert_array_equal(stack.stateful["strategy"].momentum_vector["w"], 1.0)  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="resume with the same --strategy"):
+        restore_strategy_state(stack.stateful, {"s.inner.secagg.m_t": momentum["w"]})
