@@ -187,6 +187,8 @@ class RunConfig:
         round_timeout: seconds the server waits for the replies of each exchange of a round (train, evaluate, and
             each SecAgg+ stage); a client that has not answered by then is left out of that round and reported
             as failed, and the round goes on with the others. Always finite: one hung site must not stall a run.
+        node_wait_timeout: seconds the server waits for ``num_clients`` clients to connect before the first round;
+            then the run fails naming the fix. Always finite: a federation smaller than asked must not hang.
     """
 
     task: str = "digits"
@@ -223,6 +225,7 @@ class RunConfig:
     max_physical_batch_size: int = 0
     amp: bool = False
     round_timeout: float = 600.0
+    node_wait_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         _check_int(self.num_clients, "clients", 1)
@@ -292,6 +295,10 @@ class RunConfig:
                 "--round-timeout 600 (longer than the slowest site's round)"
             )
         object.__setattr__(self, "round_timeout", float(timeout))
+        wait = self.node_wait_timeout
+        if isinstance(wait, bool) or not (isinstance(wait, (int, float)) and wait > 0 and math.isfinite(wait)):
+            raise ConfigError(f"node-wait-timeout must be a finite number of seconds > 0, got {wait!r}: e.g. 300")
+        object.__setattr__(self, "node_wait_timeout", float(wait))
 
     def _check_aggregation(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -569,7 +576,7 @@ def _coerce(key: str, value: Any) -> Any:
     if key in {"dp", "secagg", "amp"} and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if key in {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "lr", "fraction_train",
-               "fraction_evaluate", "round_timeout", "secagg_shares", "secagg_threshold", *_ZERO_IS_UNSET}:
+               "fraction_evaluate", "round_timeout", "node_wait_timeout", "secagg_shares", "secagg_threshold", *_ZERO_IS_UNSET}:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key.replace('_', '-')} must be a number, got {value!r}")
         return float(value)
