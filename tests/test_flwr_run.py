@@ -62,7 +62,9 @@ def _pids_with_home(home: Path) -> list[int]:
 def flwr_home(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     home = tmp_path / "flwr-home"
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+           # `flwr` starts `flower-superlink` by name: this interpreter's scripts first, as in an activated venv.
+           "PATH": f"{FLWR.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     yield home, env
     for pid in _pids_with_home(home):
         os.kill(pid, signal.SIGTERM)
@@ -76,8 +78,26 @@ def flwr_home(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
 
 
 def _flwr_run(argv: list[str], env: dict[str, str], *extra: str) -> str:
-    done = subprocess.run([*argv, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    """Run ``flwr run``; return its output once the run's simulation process and its Ray are gone (a next run
+    starting Ray beside a shutting-down one timed out under load)."""
+    for _ in range(3):  # Flower gives its local SuperLink 15 s to start: too short on a loaded 2-core machine
+        done = subprocess.run([*argv, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+        if "Failed to start local SuperLink within" not in done.stdout + done.stderr:
+            break
+    home = Path(env["FLWR_HOME"])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and any(not _is_superlink(pid) for pid in _pids_with_home(home)):
+        time.sleep(0.5)
     return done.stdout + done.stderr
+
+
+def _is_superlink(pid: int) -> bool:
+    """Flower's long-lived local SuperLink and its SuperExec (they stay between runs by design)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # gone
+    return b"flower-superlink" in cmdline or b"flower-superexec" in cmdline
 
 
 def test_readme_flwr_run_finishes_and_a_too_small_federation_stops_in_one_line(

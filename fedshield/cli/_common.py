@@ -6,7 +6,6 @@ import logging
 import re
 import signal
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -15,6 +14,7 @@ from typing import NoReturn, TypeVar
 import typer
 
 from ..errors import FedshieldError
+from ..known_warnings import ignore_known_harmless
 
 __all__ = ["fail", "errors_to_exit", "configure_logging", "printable", "sigterm_as_interrupt"]
 
@@ -43,9 +43,7 @@ def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("fedshield").setLevel(level)
     logging.getLogger("flwr").setLevel(level if verbose else logging.ERROR)
-    if not verbose:
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
+    ignore_known_harmless()  # narrow: message + category + module; privacy warnings always show
 
 
 def run_guarded(fn: Callable[[], T]) -> T:

@@ -12,6 +12,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import RunConfig
+from ..known_warnings import ignore_known_harmless
 from .checkpoint import Checkpoint, load_checkpoint
 from .nodes import NodeWaitTimeout, wait_for_nodes
 from .runner import RoundRecord, RunSummary, run_server
@@ -35,6 +36,7 @@ def read_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, bool]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    ignore_known_harmless()
     config, resume = read_run_config(context.run_config)
     checkpoint = load_checkpoint(config.out) if resume else None
     try:
