@@ -227,5 +227,5 @@ def _print_round(record: RoundRecord) -> None:
 
 def _print_nodes(online: int, cfg: RunConfig) -> None:
     need = cfg.num_clients
-    state = "starting" if online >= need else "waiting for clients"
+    state = "starting" if online >= need else f"waiting for clients (at most {cfg.node_wait_timeout:g} s)"
     console.print(f"{online}/{need} clients online: {state}")
