@@ -131,7 +131,7 @@ def _is_superlink(pid: int) -> bool:
 def test_readme_flwr_run_finishes_and_a_too_small_federation_stops_in_one_line(
     no_leftover_processes: None, flwr_home: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
-    home, env = flwr_home
+    env = flwr_home[1]
     argv = _split(readme_flwr_run_line())[1]
 
     # The command: Flower's default local federation (2 nodes) for an app that needs 5.
@@ -152,3 +152,5 @@ def test_readme_flwr_run_finishes_and_a_too_small_federation_stops_in_one_line(
     assert 0 < rows[0]["epsilon_max"] <= 8.0  # DP-SGD on, within the default budget
     assert json.loads((run_dir / "privacy.json").read_text())["dp"] is True
     assert "Waiting for nodes to connect" not in output
+    for harmless in ("Optimal order is the largest alpha", "Full backward hook is firing"):  # filtered where raised
+        assert harmless not in output, output[-3000:]

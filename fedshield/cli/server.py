@@ -1,8 +1,8 @@
 """``fedshield server``: the coordinator of a real federation of processes (one ``fedshield client`` per site).
 
-Exit codes: 0 the run completed; 1 the run failed; 2 bad input (flags, keys, data, ports, an unreachable or refusing server), always as
-one line ``error: ...``; 130 interrupted (Ctrl-C or SIGTERM; the run is stopped and every process we started is
-stopped by PID).
+Exit codes: 0 the run completed; 1 the run failed (also: fewer than --min-clients sites connected within
+--node-wait-timeout); 2 bad input (flags, keys, ports), always as one line ``error: ...``; 130 interrupted (Ctrl-C
+or SIGTERM; the run is stopped and every process we started is stopped by PID).
 """
 
 from __future__ import annotations
@@ -28,16 +28,13 @@ if TYPE_CHECKING:
 
 __all__ = ["server_command"]
 
-# soft_wrap: a server or client runs for hours with its output in a log file; never break lines at 80 columns.
+# soft_wrap: a server runs for hours with its output in a log file; never break lines at 80 columns.
 console = Console(stderr=False, highlight=False, soft_wrap=True)
 _LOG_TAIL_LINES = 40
 #: ``fedshield server --max-update-norm`` without SecAgg+ when none is given: honest digits updates at the default
 #: settings measured 2.12-2.18 (3 clients x 3 rounds, DP eps 8); 10 leaves 4.6x headroom and rejects a 20x
 #: scaled update. Other tasks: set --max-update-norm to a few times the norms their honest rounds report.
 DEFAULT_MAX_UPDATE_NORM = 10.0
-
-
-# ------------------------------------------------------------------------------------------------ server
 
 
 def server_command(
