@@ -54,6 +54,10 @@ def test_bad_input_one_line_error_exit_2(tmp_path: Path, args: list[str], expect
     (["--round-timeout", "-1"], "round-timeout"),
     (["--secagg-shares", "2"], "secagg-shares must be a fraction in (0, 1] or a whole count >= 3"),
     (["--epsilon", "0"], "epsilon must be a finite number > 0"),
+    (["--strategy", "nope"], "unknown strategy 'nope'"),
+    (["--quantize", "3"], "quantize must be 8 or 16"),
+    (["--client-dp", "maybe"], "unknown client-dp mode 'maybe'"),
+    (["--node-wait-timeout", "0"], "node-wait-timeout must be a finite number of seconds > 0"),
 ])
 def test_shared_flags_reach_the_run_config_of_both_commands(tmp_path: Path, command: str, args: list[str],
                                                              expected: str) -> None:

@@ -128,7 +128,7 @@ def test_a_client_port_out_of_range_is_blamed_on_the_port(tmp_path: Path, keys: 
 
 
 def test_reasons_from_sites_are_printed_without_control_characters() -> None:
-    from fedshield.cli import deploy
+    from fedshield.cli import server as deploy
 
     console = Console(record=True, width=400, force_terminal=True)
     original, deploy.console = deploy.console, console

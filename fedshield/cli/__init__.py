@@ -30,7 +30,8 @@ def _register_optional() -> None:
     except ImportError:
         return
     cli.add_typer(keys_app, name="keys", help="Make and manage the CA, server certificate and node keys.")
-    from .deploy import client_command, server_command
+    from .client import client_command
+    from .server import server_command
 
     cli.command("server")(server_command)
     cli.command("client")(client_command)

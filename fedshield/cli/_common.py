@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import NoReturn, TypeVar
 
 import typer
 
 from ..errors import FedshieldError
+from ..known_warnings import ignore_known_harmless
 
-__all__ = ["fail", "errors_to_exit", "configure_logging", "printable"]
+__all__ = ["fail", "errors_to_exit", "configure_logging", "printable", "sigterm_as_interrupt"]
 
 #: Terminal escape sequences (CSI, OSC, single-character) and every other C0/C1 control character but tab.
 _CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?|[\x00-\x08\x0a-\x1f\x7f-\x9f]")
@@ -41,9 +43,7 @@ def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("fedshield").setLevel(level)
     logging.getLogger("flwr").setLevel(level if verbose else logging.ERROR)
-    if not verbose:
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
+    ignore_known_harmless()  # narrow: message + category + module; privacy warnings always show
 
 
 def run_guarded(fn: Callable[[], T]) -> T:
@@ -55,3 +55,17 @@ def printable(text: str) -> str:
     """``text`` without escape codes or control characters: a reason a remote site wrote can neither recolour,
     move the cursor in, nor retitle the operator's terminal, nor forge extra lines in its log."""
     return _CONTROL.sub("", text)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (systemd, docker stop, kill) takes the same clean path as Ctrl-C: stop the run and our processes."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

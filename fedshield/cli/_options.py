@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["check_resume_or_force", "run_flags"]
+__all__ = ["RUN_FLAGS", "check_resume_or_force", "run_flags"]
 
 Rounds = Annotated[int | None, typer.Option("--rounds", help="Federated rounds (default 20).")]
 Task = Annotated[str | None, typer.Option("--task", help="digits | breast-cancer | package.module:factory.")]
@@ -49,6 +49,31 @@ RoundTimeout = Annotated[float | None, typer.Option(
     "out of the round (default 600).")]
 Dispatch = Annotated[str | None, typer.Option(
     "--dispatch", help="Simulation message dispatch: fedshield (default, one pass per sweep) | flower (Flower's own loop).")]
+Partition = Annotated[str | None, typer.Option(
+    "--partition", help="How one dataset is split among virtual clients: iid | dirichlet:ALPHA | shard:N "
+    "(simulate only: deployed sites bring their own data).")]
+Seed = Annotated[int | None, typer.Option(
+    "--seed", help="Seed for model init and partitions (simulation: also the noise; deployed clients draw their own).")]
+Device = Annotated[str | None, typer.Option(
+    "--device", help="Where clients train: auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda | cuda:N "
+    "(a deployed site's own --device wins).")]
+Strategy = Annotated[str | None, typer.Option(
+    "--strategy", help="fedavg | fedavgm | fedprox | fedadam | fedyogi | fedadagrad | krum | multikrum | bulyan | "
+    "fedmedian | fedtrimmedavg (parameters: [strategy] table in --config).")]
+ClientDp = Annotated[str | None, typer.Option("--client-dp", help="Client-level DP: off | central | distributed.")]
+ClientNoiseMultiplier = Annotated[float | None, typer.Option(
+    "--client-noise-multiplier", help="Client-level noise multiplier z.")]
+ClientClipNorm = Annotated[float | None, typer.Option("--client-clip-norm", help="Client-level update clipping bound.")]
+ClientEpsilon = Annotated[float | None, typer.Option(
+    "--client-epsilon", help="Calibrate z to this client-level epsilon.")]
+MaxUpdateNorm = Annotated[float | None, typer.Option(
+    "--max-update-norm", help="Reject updates whose L2 norm exceeds this (fedshield server without SecAgg+: "
+    "default 10).")]
+Quantize = Annotated[int | None, typer.Option(
+    "--quantize", help="Send updates quantized to 8 or 16 bits (under SecAgg+: into its field).")]
+NodeWaitTimeout = Annotated[float | None, typer.Option(
+    "--node-wait-timeout", help="Seconds to wait for the run's clients to connect before the first round; then "
+    "the run fails naming the fix (default 300).")]
 Out = Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/latest).")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", help="TOML file with the same keys as these flags.")]
 Resume = Annotated[Path | None, typer.Option(
@@ -61,7 +86,14 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's an
 #: The command parameters (above) that map one to one onto RunConfig keys.
 _SAME_NAME = ("task", "epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "lr", "local_epochs",
               "fraction_train", "fraction_evaluate", "accountant", "grad_sample_mode", "seed", "device",
-              "max_physical_batch_size", "round_timeout", "out", "secagg_shares", "secagg_threshold")
+              "max_physical_batch_size", "round_timeout", "out", "secagg_shares", "secagg_threshold", "partition",
+              "strategy", "client_dp", "client_noise_multiplier", "client_clip_norm", "client_epsilon",
+              "max_update_norm", "quantize", "node_wait_timeout")
+
+#: Every run-settings parameter that ``simulate`` and ``server`` both take, under the same name and annotation
+#: (tests/test_cli_flags.py holds both commands to it). Each command adds only what is its own: how many clients
+#: (``--clients`` are made, ``--min-clients`` are awaited), Ray resources, keys and addresses.
+RUN_FLAGS = (*_SAME_NAME, "rounds", "amp", "no_dp", "no_secagg", "config", "resume", "force", "verbose")
 
 
 def run_flags(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def simulate_command(
     clients: int | None = typer.Option(None, "--clients", help="Number of virtual clients (default 5)."),
     rounds: o.Rounds = None,
     task: o.Task = None,
-    partition: str | None = typer.Option(None, "--partition", help="iid | dirichlet:ALPHA | shard:N."),
+    partition: o.Partition = None,
     epsilon: o.Epsilon = None,
     delta: o.Delta = None,
     noise_multiplier: o.NoiseMultiplier = None,
@@ -47,21 +47,22 @@ def simulate_command(
     local_epochs: o.LocalEpochs = None,
     fraction_train: o.FractionTrain = None,
     fraction_evaluate: o.FractionEvaluate = None,
-    seed: int | None = typer.Option(None, "--seed", help="Seed for model init, partitions and (simulation) noise."),
+    seed: o.Seed = None,
     accountant: o.Accountant = None,
     grad_sample_mode: o.GradSampleMode = None,
-    strategy: str | None = typer.Option(None, "--strategy", help="fedavg | fedavgm | fedprox | fedadam | fedyogi | fedadagrad | krum | multikrum | bulyan | fedmedian | fedtrimmedavg (parameters: [strategy] table in --config)."),
-    client_dp: str | None = typer.Option(None, "--client-dp", help="Client-level DP: off | central | distributed."),
-    client_noise_multiplier: float | None = typer.Option(None, "--client-noise-multiplier", help="Client-level noise multiplier z."),
-    client_clip_norm: float | None = typer.Option(None, "--client-clip-norm", help="Client-level update clipping bound."),
-    client_epsilon: float | None = typer.Option(None, "--client-epsilon", help="Calibrate z to this client-level epsilon."),
-    max_update_norm: float | None = typer.Option(None, "--max-update-norm", help="Reject updates whose norm exceeds this."),
-    quantize: int | None = typer.Option(None, "--quantize", help="Send updates quantized to 8 or 16 bits (under SecAgg+: into its field)."),
-    device: str | None = typer.Option(None, "--device", help="Where clients train: auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda | cuda:N."),
+    strategy: o.Strategy = None,
+    client_dp: o.ClientDp = None,
+    client_noise_multiplier: o.ClientNoiseMultiplier = None,
+    client_clip_norm: o.ClientClipNorm = None,
+    client_epsilon: o.ClientEpsilon = None,
+    max_update_norm: o.MaxUpdateNorm = None,
+    quantize: o.Quantize = None,
+    device: o.Device = None,
     max_physical_batch_size: o.MaxPhysicalBatchSize = None,
     amp: o.Amp = False,
     round_timeout: o.RoundTimeout = None,
     dispatch: o.Dispatch = None,
+    node_wait_timeout: o.NodeWaitTimeout = None,
     out: o.Out = None,
     config: o.ConfigFile = None,
     resume: o.Resume = None,
@@ -74,12 +75,7 @@ def simulate_command(
     """Run a private federated training of many clients on this machine."""
     params = dict(locals())
     configure_logging(verbose)
-    flags: dict[str, Any] = {
-        **o.run_flags(params),
-        "num_clients": clients, "partition": partition, "quantize": quantize, "strategy": strategy,
-        "client_dp": client_dp, "client_noise_multiplier": client_noise_multiplier,
-        "client_clip_norm": client_clip_norm, "client_epsilon": client_epsilon, "max_update_norm": max_update_norm,
-    }
+    flags: dict[str, Any] = {**o.run_flags(params), "num_clients": clients}
     with errors_to_exit():
         ckpt = None
         o.check_resume_or_force(resume, force)

@@ -76,6 +76,8 @@ class RunConfig:
         dispatch: how the simulation engine hands messages to virtual clients: ``fedshield`` (one walk of the
             message store per sweep) or ``flower`` (Flower's own loop: the escape hatch if a Flower upgrade breaks
             ours). Simulation only; a deployment ignores it.
+        node_wait_timeout: seconds the server waits for ``num_clients`` clients to connect before the first round;
+            then the run fails naming the fix. Always finite: a federation smaller than asked must not hang.
     """
 
     task: str = "digits"
@@ -113,6 +115,7 @@ class RunConfig:
     amp: bool = False
     round_timeout: float = 600.0
     dispatch: str = "fedshield"
+    node_wait_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         check_int(self.num_clients, "clients", 1)
@@ -184,6 +187,10 @@ class RunConfig:
                 "--round-timeout 600 (longer than the slowest site's round)"
             )
         object.__setattr__(self, "round_timeout", float(timeout))
+        wait = self.node_wait_timeout
+        if isinstance(wait, bool) or not (isinstance(wait, (int, float)) and wait > 0 and math.isfinite(wait)):
+            raise ConfigError(f"node-wait-timeout must be a finite number of seconds > 0, got {wait!r}: e.g. 300")
+        object.__setattr__(self, "node_wait_timeout", float(wait))
 
     def _check_aggregation(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -371,7 +378,7 @@ def _coerce(key: str, value: Any) -> Any:
     if key in {"dp", "secagg", "amp"} and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if key in {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "lr", "fraction_train",
-               "fraction_evaluate", "round_timeout", "secagg_shares", "secagg_threshold", *_ZERO_IS_UNSET}:
+               "fraction_evaluate", "round_timeout", "node_wait_timeout", "secagg_shares", "secagg_threshold", *_ZERO_IS_UNSET}:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key.replace('_', '-')} must be a number, got {value!r}")
         return float(value)

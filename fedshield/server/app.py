@@ -3,14 +3,18 @@ through :func:`build_server_app`, for ``fedshield simulate`` and ``fedshield ser
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from flwr.app import Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import RunConfig
+from ..known_warnings import ignore_known_harmless
 from .checkpoint import Checkpoint, load_checkpoint
+from .nodes import NodeWaitTimeout, wait_for_nodes
 from .runner import RoundRecord, RunSummary, run_server
 
 __all__ = ["RESUME_KEY", "app", "build_server_app", "read_run_config"]
@@ -32,8 +36,14 @@ def read_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, bool]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    ignore_known_harmless()
     config, resume = read_run_config(context.run_config)
     checkpoint = load_checkpoint(config.out) if resume else None
+    try:
+        wait_for_nodes(grid, config.num_clients, timeout=config.node_wait_timeout)
+    except NodeWaitTimeout as exc:  # one line the operator can act on, above Flower's traceback
+        log(logging.ERROR, "%s", exc)
+        raise
     run_server(grid, config, state_root=str(config.out / "clients"), resume=checkpoint)
 
 
@@ -53,6 +63,7 @@ def build_server_app(
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
+            wait_for_nodes(grid, config.num_clients, timeout=config.node_wait_timeout)
             summary = run_server(grid, config, on_round=on_round, state_root=state_root, resume=resume)
         except BaseException as exc:  # handed back to the caller's thread, which re-raises it
             if errors is not None:

@@ -8,7 +8,6 @@ is what a reader would run to check it.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import re
@@ -323,8 +322,10 @@ class RunWriter:
     def __init__(self, out: Path) -> None:
         self.out = Path(out)
         self.rounds: list[dict[str, Any]] = []
+        self.epsilon_budget: float | None = None
 
     def prepare(self, config: RunConfig) -> None:
+        self.epsilon_budget = config.epsilon if config.dp else None  # drawn on epsilon.png
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.out / "config.json", config.to_flat_dict())
 
@@ -343,22 +344,8 @@ class RunWriter:
         atomic_write_bytes(self.out / "model.safetensors", save(tensors, metadata=metadata))
 
     def write_plots(self) -> None:
-        import matplotlib
+        from .plots import FIGURES, draw_figure, render_png
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = [r for r in self.rounds if r.get("accuracy") is not None]
-        for name, key, label in (("accuracy.png", "accuracy", "server test accuracy"), ("epsilon.png", "epsilon_max", "epsilon (max over clients)")):
-            fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
-            xs = [r["round"] for r in rows if r.get(key) is not None]
-            ys = [r[key] for r in rows if r.get(key) is not None]
-            ax.plot(xs, ys, marker="o")
-            ax.set_xlabel("round")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png")
-            plt.close(fig)
-            atomic_write_bytes(self.out / name, buf.getvalue())
+        for name, key, label in FIGURES:
+            budget = self.epsilon_budget if key == "epsilon_max" else None
+            atomic_write_bytes(self.out / name, render_png(draw_figure(self.rounds, key, label, budget=budget)))

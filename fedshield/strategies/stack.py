@@ -11,7 +11,7 @@ Layers, outermost first (each wraps the next):
    below see what they always see.
 4. :class:`~fedshield.strategies.validation.UpdateValidation`: rejects a malformed or out-of-range update with its
    reason. Outside client-level DP, so a rejected update neither counts as a client nor contributes noise.
-5. :class:`~fedshield.strategies.client_dp.ClientLevelDP` (``--client-dp``): clips, noises and releases the mean
+5. :class:`~fedshield.strategies.client_level_dp.ClientLevelDP` (``--client-dp``): clips, noises and releases the mean
    update as one synthetic reply, so the strategy below applies its optimiser to the private release only.
 6. The named strategy (:mod:`~fedshield.strategies.registry`): Flower's own aggregation and server optimiser.
 
