@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _schedule import group_of, order_by_expected_time
+from _schedule import assign_groups, order_by_expected_time
 
 
 def _children(pid: int) -> set[int]:
@@ -67,7 +67,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Pin tests sharing an expensive module fixture to one xdist worker; hand out the longest work first."""
-    groups = [group_of(item) for item in items]
+    groups = assign_groups(items)
     for item, group in zip(items, groups, strict=True):
         if group is not None and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(group))
