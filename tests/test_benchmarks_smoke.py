@@ -1,8 +1,9 @@
 """Smoke tests of ``benchmarks/``: each script runs with its tiniest arguments, exits 0 and writes the ``--json`` rows
 that ``run_all.py`` turns into RESULTS.md, with finite numbers, and leaves no file or process behind.
 
-Run live only under ``-m slow``, because their smallest run starts Ray and trains for a minute or more: ``secagg_sim.py``
-and ``sim_throughput.py`` (their ``--json`` rows and table are checked here from canned measurements instead).
+Run live only under ``-m slow``, because their smallest run starts Ray and trains for a minute or more:
+``secagg_sim.py`` and ``sim_throughput.py`` (their ``--json`` rows and table are checked here from canned
+measurements instead).
 Not run here at all, because their smallest run takes minutes: ``deploy_overhead.py`` (a real SuperLink and SuperNodes;
 its ``--json`` rows are checked from hand-made measurements instead) and ``compression.py`` (three simulations; its
 printed table, which ``run_all`` parses, is checked from a sample of that output).
@@ -238,11 +239,13 @@ def test_secagg_sim_rows_from_canned_measurements() -> None:
     sec = [[12.0, 3.0, 5.0, 4.0], [11.0, 4.0, 4.0, 6.0]]
     rows = [("protocol", 3, plain, sec), ("fedshield", 3, plain, sec)]
     json_rows = secagg_sim.json_rows(rows)
-    _check_rows(json_rows, [f"SecAgg+ vs plain round time, {w}, 3 clients" for w in ("protocol only", "fedshield default job")])
+    _check_rows(json_rows, [f"SecAgg+ vs plain round time, {w}, 3 clients"
+                            for w in ("protocol only", "fedshield default job")])
     assert (json_rows[0]["ours"], json_rows[0]["baseline"], json_rows[0]["ratio"]) == (4.0, 2.0, 2.0)
     assert json_rows[0]["detail"]["repeats"] == 2 and json_rows[0]["detail"]["rounds_per_run"] == 4
     assert "rounds 2..4 over 2 run(s)" in json_rows[1]["detail"]["note"]
-    assert secagg_sim.json_rows(rows[:1], shares=3)[0]["name"] == "SecAgg+ vs plain round time, protocol only, 3 shares, 3 clients"
+    sparse = secagg_sim.json_rows(rows[:1], shares=3)[0]["name"]
+    assert sparse == "SecAgg+ vs plain round time, protocol only, 3 shares, 3 clients"
     table = secagg_sim.table(rows).splitlines()
     assert table[2].split("|")[2:5] == ["          2.000 ", "           4.000 ", "  2.00 "], table
     assert table[2].rstrip().endswith("8.5 / 11.5"), table  # round 1 medians, shown apart
