@@ -53,6 +53,7 @@ EXPECTED_S: dict[str, float] = {
     "tests/test_local_users.py::test_sigkilled": 40.0,
     "tests/test_revocation.py::test_a_removed_key": 37.0,
     "tests/test_ledger_lock.py": 37.0,
+    "tests/test_simulation_e2e.py": 25.0,  # one Ray start per test
     "tests/test_client_dp.py::test_client_level_dp_end_to_end": 34.0,
     "tests/test_user_task.py::test_user_task_trains": 32.0,
     "tests/test_in_clear.py": 14.0,
@@ -78,7 +79,6 @@ GROUP_S: dict[str, float] = {
     "tests/test_secagg.py": 45.0,
     "tests/test_deploy_processes.py": 40.0,
     "tests/test_deploy_e2e.py": 130.0,
-    "tests/test_simulation_e2e.py": 80.0,  # six runs in one Ray session
 }
 
 
