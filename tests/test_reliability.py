@@ -322,7 +322,7 @@ RESUME_MECHANISM = ["--noise-multiplier", "1.0", "--epsilon", "50"]
 
 
 def test_b_server_sigkilled_mid_round_resumes_without_losing_a_round(tmp_path: Path) -> None:
-    """Round 1 of 2 completes; the server's whole process tree (CLI, SuperLink, SuperExec, ServerApp) is SIGKILLed
+    """Round 1 of 3 completes; the server's whole process tree (CLI, SuperLink, SuperExec, ServerApp) is SIGKILLed
     while round 2 trains; ``fedshield server --resume`` on the same run directory (so the same SuperLink database
     and node registrations) continues from round 1's checkpoint, and the sites' SuperNodes, which were never
     stopped, reconnect by themselves."""
@@ -335,7 +335,7 @@ def test_b_server_sigkilled_mid_round_resumes_without_losing_a_round(tmp_path: P
     common = ["--keys", str(keys.directory), "--address", fleet, "--control-port", control]
     procs: list[Cli] = []
     try:
-        server = Cli.start(["server", *common, "--rounds", "2", "--min-clients", "2", "--out", str(out),
+        server = Cli.start(["server", *common, "--rounds", "3", "--min-clients", "2", "--out", str(out),
                             "--seed", str(SEED), *RESUME_MECHANISM], tmp_path / "server.out")
         procs.append(server)
         server.wait_for(r"registered nodes: node-1, node-2", timeout=120)
@@ -370,30 +370,30 @@ def test_b_server_sigkilled_mid_round_resumes_without_losing_a_round(tmp_path: P
             cli.interrupt()
 
     text = restarted.text()
-    assert "resuming" in text and "after round 1 of 2" in text, text
+    assert "resuming" in text and "after round 1 of 3" in text, text
     rows = _rows(out)
-    assert [r["round"] for r in rows] == [1, 2], rows
+    assert [r["round"] for r in rows] == [1, 2, 3], rows
     assert rows[0] == before[0], "the completed round 1 must come back exactly as it was written"
     assert all(r["clients_trained"] == 2 for r in rows), rows
     last = load_checkpoint(out)
-    assert (last.server_round, last.run_id, last.noise_multiplier) == (2, first.run_id, first.noise_multiplier)
+    assert (last.server_round, last.run_id, last.noise_multiplier) == (3, first.run_id, first.noise_multiplier)
     privacy = json.loads((out / "privacy.json").read_text())
     assert len(privacy["clients"]) == 2
     epsilons: list[tuple[float, float]] = []
     for state, node_id in zip(states, node_ids):
         ledger = PrivacyLedger.load(state / LEDGER_FILE)
         (entry,) = [c for c in privacy["clients"].values() if c["node_id"] == node_id]
-        assert entry["trained_in_rounds"] == [1, 2]
-        # The server's own account, from the mechanism it prescribed: two rounds, recomputable from privacy.json.
+        assert entry["trained_in_rounds"] == [1, 2, 3]
+        # The server's own account, from the mechanism it prescribed: three rounds, recomputable from privacy.json.
         server_eps = recompute_epsilon(entry)
-        assert entry["history"] == [[1.0, 0.5, 2 * RunConfig().steps_per_round]], entry["history"]
+        assert entry["history"] == [[1.0, 0.5, 3 * RunConfig().steps_per_round]], entry["history"]
         # The interrupted round 2 was charged before it trained and charged again when it re-ran: the site's own
         # ledger over-counts, never under-counts; privacy.json reports the larger of the two.
-        assert [r for _, r in ledger.rounds] == [1, 2, 2], ledger.rounds
+        assert [r for _, r in ledger.rounds] == [1, 2, 2, 3], ledger.rounds
         assert ledger.epsilon > server_eps and entry["ledger_epsilon"] == pytest.approx(ledger.epsilon, rel=1e-9)
         assert entry["epsilon"] == pytest.approx(max(server_eps, ledger.epsilon), rel=1e-9)
         epsilons.append((server_eps, ledger.epsilon))
-    _figure("b-server-sigkill-resume", load="2 sites, SecAgg+ and DP-SGD, 2 rounds", faults_survived="1 server "
+    _figure("b-server-sigkill-resume", load="2 sites, SecAgg+ and DP-SGD, 3 rounds", faults_survived="1 server "
             "SIGKILL (whole tree) mid-round 2", completed_rounds_lost=0, rounds_repeated="round 2 only (was not "
             "complete)", kill_to_run_finished_s=f"{recovered_s:.1f}", wall_s=f"{time.monotonic() - started:.1f}",
             epsilon_server_vs_ledger=[f"{a:.3f}/{b:.3f}" for a, b in epsilons])
