@@ -64,14 +64,29 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return WORKERS if any(p.is_dir() for p in paths) else 0
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(wrapper=True)  # a wrapper runs before every plain hook, xdist's (which reads the marks) included
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> Iterator[None]:
     """Pin tests sharing an expensive module fixture to one xdist worker; hand out the longest work first."""
     groups = assign_groups(items)
     for item, group in zip(items, groups, strict=True):
         if group is not None and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(group))
+        if hasattr(config, "workerinput"):  # only an xdist worker's ids reach the scheduler
+            _suffix_group(item)
     items[:] = order_by_expected_time(items, groups)
+    return (yield)
+
+
+def _suffix_group(item: pytest.Item) -> None:
+    """``--dist loadgroup`` finds a test's group as an ``@group`` suffix of its node id. xdist 3.8 writes it to
+    ``item._nodeid``, which pytest 9 no longer reads (``nodeid`` comes from ``item._id``), so groups were silently
+    ignored (measured: a module fixture set up on two workers); write it where pytest 9 reads it."""
+    marks = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                    for m in item.iter_markers("xdist_group")})
+    if marks and "@" not in item.nodeid.rpartition("]")[2]:
+        from _pytest.nodeid import coerce_node_id
+
+        item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(marks)}")  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session", autouse=True)
