@@ -1,5 +1,9 @@
 """Session hygiene shared by every test: Ray writes under a private temp root that is removed at the end, and no
-test may leave a child process behind."""
+test may leave a child process behind; how the tests are spread over pytest-xdist workers (``_schedule``).
+
+Parallel-safe by construction: every check of leftover processes looks only at the descendants of its own worker
+(``_children(os.getpid())``) or of the processes its test started, ports come from the OS (``free_port``), files
+go to ``tmp_path`` and Ray's to a per-worker root."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _schedule import assign_groups, order_by_expected_time
 
 
 def _children(pid: int) -> set[int]:
@@ -29,6 +34,59 @@ def _children(pid: int) -> set[int]:
         frontier = {child for child, parent in parents.items() if parent in frontier} - found
         found |= frontier
     return found
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hypothesis: no example database, its other files in a temp dir removed at the end (no ``.hypothesis/`` left
+    in the checkout), no per-example deadline (a busy shared machine is not a failure); each property test sets its
+    own modest ``max_examples``."""
+    from hypothesis import settings
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    home = tempfile.mkdtemp(prefix="fshyp-")
+    config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
+    set_hypothesis_home_dir(home)
+    settings.register_profile("fedshield", database=None, deadline=None, print_blob=True)
+    settings.load_profile("fedshield")
+
+
+WORKERS = 4
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject's addopts): ``WORKERS`` processes when a directory runs (the README's command runs
+    ``tests/``), none for named files or tests, whose few seconds each worker's start-up would only add to;
+    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` or ``-n N`` overrides either."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    paths = [Path(str(arg).split("::", 1)[0]) for arg in config.args]
+    return WORKERS if any(p.is_dir() for p in paths) else 0
+
+
+@pytest.hookimpl(wrapper=True)  # a wrapper runs before every plain hook, xdist's (which reads the marks) included
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> Iterator[None]:
+    """Pin tests sharing an expensive module fixture to one xdist worker; hand out the longest work first."""
+    groups = assign_groups(items)
+    for item, group in zip(items, groups, strict=True):
+        if group is not None and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group))
+        if hasattr(config, "workerinput"):  # only an xdist worker's ids reach the scheduler
+            _suffix_group(item)
+    items[:] = order_by_expected_time(items, groups)
+    return (yield)
+
+
+def _suffix_group(item: pytest.Item) -> None:
+    """``--dist loadgroup`` finds a test's group as an ``@group`` suffix of its node id. xdist 3.8 writes it to
+    ``item._nodeid``, which pytest 9 no longer reads (``nodeid`` comes from ``item._id``), so groups were silently
+    ignored (measured: a module fixture set up on two workers); write it where pytest 9 reads it."""
+    marks = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                    for m in item.iter_markers("xdist_group")})
+    if marks and "@" not in item.nodeid.rpartition("]")[2]:
+        from _pytest.nodeid import coerce_node_id
+
+        item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(marks)}")  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session", autouse=True)

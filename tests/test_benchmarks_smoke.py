@@ -1,7 +1,10 @@
 """Smoke tests of ``benchmarks/``: each script runs with its tiniest arguments, exits 0 and writes the ``--json`` rows
 that ``run_all.py`` turns into RESULTS.md, with finite numbers, and leaves no file or process behind.
 
-Not run here, because their smallest run takes minutes: ``deploy_overhead.py`` (a real SuperLink and SuperNodes;
+Run live only under ``-m slow``, because their smallest run starts Ray and trains for a minute or more:
+``secagg_sim.py`` and ``sim_throughput.py`` (their ``--json`` rows and table are checked here from canned
+measurements instead).
+Not run here at all, because their smallest run takes minutes: ``deploy_overhead.py`` (a real SuperLink and SuperNodes;
 its ``--json`` rows are checked from hand-made measurements instead) and ``compression.py`` (three simulations; its
 printed table, which ``run_all`` parses, is checked from a sample of that output).
 """
@@ -111,7 +114,13 @@ def _check_rows(rows: list[dict[str, object]], expected: list[str]) -> None:
         assert isinstance(row["detail"], dict) and row["detail"].get("better") in ("higher", "lower"), row["name"]
 
 
-@pytest.mark.parametrize("script", sorted(CASES))
+#: Scripts whose tiniest live run starts Ray and trains for a minute or more: run live only under ``-m slow``; their
+#: ``--json`` rows and table are checked on canned measurements below (``test_*_rows_from_canned_measurements``).
+LIVE_ONLY_WHEN_SLOW = {"secagg_sim", "sim_throughput"}
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in LIVE_ONLY_WHEN_SLOW else s
+                                    for s in sorted(CASES)])
 def test_benchmark_writes_json_rows(script: str, bench_tmp: Path, no_leftover_processes: None) -> None:
     args, expected, timeout = CASES[script]
     out = bench_tmp / "rows.json"
@@ -220,3 +229,43 @@ def test_stock_app_loads_fedshields_partitions() -> None:
     tiled = sim._tiled_digits(3).load_bundled()
     assert len(tiled) == 3 * len(get_task("digits").load_bundled())
     assert sim.task_name(100) == "digits" and sim.task_name(1000) == "sim_throughput:digits_x10"
+
+
+def test_secagg_sim_rows_from_canned_measurements() -> None:
+    """``secagg_sim``'s table and ``--json`` rows from hand-made round times (its live run is under ``-m slow``):
+    round 1 (Ray's start, imports) is left out and the medians of rounds 2..R are compared."""
+    secagg_sim = _load("secagg_sim")
+    plain = [[9.0, 1.0, 3.0, 2.0], [8.0, 2.0, 2.0, 2.0]]
+    sec = [[12.0, 3.0, 5.0, 4.0], [11.0, 4.0, 4.0, 6.0]]
+    rows = [("protocol", 3, plain, sec), ("fedshield", 3, plain, sec)]
+    json_rows = secagg_sim.json_rows(rows)
+    _check_rows(json_rows, [f"SecAgg+ vs plain round time, {w}, 3 clients"
+                            for w in ("protocol only", "fedshield default job")])
+    assert (json_rows[0]["ours"], json_rows[0]["baseline"], json_rows[0]["ratio"]) == (4.0, 2.0, 2.0)
+    assert json_rows[0]["detail"]["repeats"] == 2 and json_rows[0]["detail"]["rounds_per_run"] == 4
+    assert "rounds 2..4 over 2 run(s)" in json_rows[1]["detail"]["note"]
+    sparse = secagg_sim.json_rows(rows[:1], shares=3)[0]["name"]
+    assert sparse == "SecAgg+ vs plain round time, protocol only, 3 shares, 3 clients"
+    table = secagg_sim.table(rows).splitlines()
+    assert table[2].split("|")[2:5] == ["          2.000 ", "           4.000 ", "  2.00 "], table
+    assert table[2].rstrip().endswith("8.5 / 11.5"), table  # round 1 medians, shown apart
+
+
+def test_sim_throughput_rows_from_canned_measurements() -> None:
+    """``sim_throughput``'s ``--json`` rows from hand-made per-run results (its live run is under ``-m slow``)."""
+    sim = _load("sim_throughput")
+
+    def run(throughput: float, rss: float, failed: list[int]) -> dict[str, object]:
+        return {"throughput": throughput, "peak_rss_mib": rss, "first_round_s": 9.0, "steady_round_s": 2.0,
+                "wall_s": 20.0, "failed": failed, "errors": ["boom"] if sum(failed) else []}
+
+    runs = {"fedshield": [run(6.0, 900.0, [0, 0]), run(8.0, 1100.0, [0, 1])],
+            "stock": [run(3.0, 1800.0, [0, 0]), run(5.0, 2200.0, [0, 0])]}
+    rows = sim._rows(20, 3, runs, False, 1.0)
+    _check_rows(rows, ["client-rounds/s, N=20", "peak RSS, N=20"])
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["client-rounds/s, N=20"]["ratio"] == pytest.approx(7.0 / 4.0)  # medians of the two runs each
+    assert by_name["peak RSS, N=20"]["ratio"] == pytest.approx(1000.0 / 2000.0)
+    detail = by_name["client-rounds/s, N=20"]["detail"]
+    assert detail["failed_client_rounds"] == {"fedshield": 1, "stock": 0} and "FAILED client-rounds" in detail["note"]
+    assert detail["ours_runs"] == [6.0, 8.0] and detail["baseline_runs"] == [3.0, 5.0]

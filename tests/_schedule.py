@@ -1,0 +1,141 @@
+"""How the suite is spread over pytest-xdist workers (``-n 4 --dist loadgroup``, see ``pyproject.toml``).
+
+Most of the suite's wall time is waiting (a SuperNode polling, a ``flwr-clientapp`` process importing torch, Ray
+starting), not computing, so four workers on two cores finish well before one. Two rules make that safe and fast:
+
+* **Tests that share an expensive module-scoped fixture run on one worker** (one ``xdist_group`` per module), or
+  each worker would start its own federation or simulation batch. Cheap module fixtures (a key set, data files)
+  do not pin a test: a second copy costs a second.
+* **At most two Ray sessions at once.** Four Ray starts on two busy cores time out ("The current node timed out
+  during startup"; measured here under load), so every test that starts Ray (listed in ``RAY_TESTS``, or marked
+  ``@pytest.mark.ray``) goes to one of ``RAY_LANES`` lanes, each one ``xdist_group`` (one worker); the lanes are
+  balanced by expected seconds. The other workers run the real-process and unit tests meanwhile.
+* **Longest work first** (LPT scheduling): xdist hands out work units in collection order, so the units are sorted
+  by their expected seconds, the slowest first, and the short unit tests fill the gaps at the end. The seconds
+  below are measured durations (quiet 2-core machine, serial run, 2026-12-03); a stale figure only costs wall time,
+  never correctness. A test not listed counts as ``DEFAULT_S``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+__all__ = ["CHEAP_MODULE_FIXTURES", "RAY_LANES", "assign_groups", "group_of", "order_by_expected_time"]
+
+#: Module-scoped fixtures cheap enough to build once per worker rather than pin their tests to one worker.
+CHEAP_MODULE_FIXTURES = frozenset({"keys", "sites", "site_csv", "shared"})
+
+DEFAULT_S = 1.0
+RAY_LANES = 2
+
+#: Node id prefixes of the tests that start Ray (Flower's simulation engine); a new one may say
+#: ``@pytest.mark.ray`` instead of being listed here.
+RAY_TESTS = (
+    "tests/test_simulation_e2e.py", "tests/test_in_clear.py", "tests/test_malicious_sites.py",
+    "tests/test_robust_e2e.py", "tests/test_reliability.py::test_c_", "tests/test_reliability.py::test_e_",
+    "tests/test_resume.py::test_killed", "tests/test_client_dp.py::test_client_level_dp_end_to_end",
+    "tests/test_user_task.py::test_user_task_trains", "tests/test_secagg.py::test_simulation",
+    "tests/test_strategies.py::test_every_strategy_runs_end_to_end", "tests/test_simulation_local.py",
+)
+
+#: ``node id prefix -> seconds`` (setup + call, serial run); the longest matching prefix wins.
+EXPECTED_S: dict[str, float] = {
+    "tests/test_reliability.py::test_b_": 161.0,
+    "tests/test_reliability.py::test_c_": 60.0,
+    "tests/test_reliability.py::test_e_": 5.0,
+    "tests/test_deploy_e2e.py::test_cli_server": 137.0,
+    "tests/test_deploy_e2e.py::test_a_": 120.0,
+    "tests/test_deploy_e2e.py::test_ctrl_c": 20.0,
+    "tests/test_secagg_malicious_server.py": 94.0,
+    "tests/test_resume.py::test_killed": 83.0,
+    "tests/test_hostile_server.py": 70.0,
+    "tests/test_local_users.py::test_a_local_user": 43.0,
+    "tests/test_local_users.py::test_sigkilled": 40.0,
+    "tests/test_revocation.py::test_a_removed_key": 37.0,
+    "tests/test_ledger_lock.py": 37.0,
+    "tests/test_simulation_e2e.py": 25.0,  # one Ray start per test
+    "tests/test_client_dp.py::test_client_level_dp_end_to_end": 34.0,
+    "tests/test_user_task.py::test_user_task_trains": 32.0,
+    "tests/test_in_clear.py": 14.0,
+    "tests/test_simulation_local.py": 25.0,
+    "tests/test_secagg.py::test_simulation": 10.0,
+    "tests/test_deploy_processes.py": 4.0,
+    "tests/test_deploy_cli.py": 3.0,
+    "tests/test_clientapp_zygote.py": 8.0,
+    "tests/test_supernode_polling.py": 8.0,
+    "tests/test_sim_dispatch.py": 3.0,
+    "tests/test_ledger_crash.py": 5.0,
+    "tests/test_benchmarks_smoke.py::test_benchmark_writes_json_rows": 15.0,
+    "tests/test_benchmarks_smoke.py::test_run_all_writes": 10.0,
+}
+
+
+#: ``module -> seconds`` for the whole group of a module's tests that share an expensive module fixture, where the
+#: fixture's setup dominates (counted once, not per test).
+GROUP_S: dict[str, float] = {
+    "tests/test_strategies.py": 50.0,
+    "tests/test_malicious_sites.py": 40.0,
+    "tests/test_robust_e2e.py": 35.0,
+    "tests/test_secagg.py": 45.0,
+    "tests/test_deploy_processes.py": 40.0,
+    "tests/test_deploy_e2e.py": 130.0,
+}
+
+
+def expected_seconds(nodeid: str) -> float:
+    matches = [prefix for prefix in EXPECTED_S if nodeid.startswith(prefix)]
+    return EXPECTED_S[max(matches, key=len)] if matches else DEFAULT_S
+
+
+def group_of(item: pytest.Item) -> str | None:
+    """The module's name if ``item`` uses one of its expensive module-scoped fixtures, else ``None`` (any worker)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    for name in info.names_closure:
+        defs = info.name2fixturedefs.get(name, ())
+        if any(d.scope in ("module", "package", "class") for d in defs) and name not in CHEAP_MODULE_FIXTURES:
+            return item.nodeid.split("::", 1)[0]
+    return None
+
+
+def uses_ray(item: pytest.Item) -> bool:
+    return item.get_closest_marker("ray") is not None or item.nodeid.startswith(RAY_TESTS)
+
+
+def assign_groups(items: list[pytest.Item]) -> list[str | None]:
+    """Each item's ``xdist_group``: its Ray lane, else its module's group (``group_of``), else ``None``."""
+    groups = [group_of(item) for item in items]
+    costs = item_costs(items, groups)
+    ray_units: dict[str, float] = {}
+    for item, group, cost in zip(items, groups, costs, strict=True):
+        if uses_ray(item):
+            ray_units[group or item.nodeid] = ray_units.get(group or item.nodeid, 0.0) + cost
+    lane_of, load = {}, [0.0] * RAY_LANES
+    for key in sorted(ray_units, key=lambda k: -ray_units[k]):  # longest first onto the lighter lane
+        lane = load.index(min(load))
+        lane_of[key], load[lane] = f"ray-{lane}", load[lane] + ray_units[key]
+    return [lane_of.get(group or item.nodeid, group) if uses_ray(item) else group
+            for item, group in zip(items, groups, strict=True)]
+
+
+def item_costs(items: list[pytest.Item], groups: list[str | None]) -> list[float]:
+    """Expected seconds of each item; a module group in ``GROUP_S`` shares its figure among its tests."""
+    sizes: dict[str, int] = {}
+    for group in groups:
+        if group in GROUP_S:
+            sizes[group] = sizes.get(group, 0) + 1
+    return [GROUP_S[group] / sizes[group] if group in sizes else expected_seconds(item.nodeid)
+            for item, group in zip(items, groups, strict=True)]
+
+
+def order_by_expected_time(items: list[pytest.Item], groups: list[str | None]) -> list[pytest.Item]:
+    """``items`` as work units (one per group, one per ungrouped test), the longest unit first; tests keep their
+    collection order inside a unit. Deterministic, so every worker collects the same order, as xdist requires."""
+    units: dict[str, list[pytest.Item]] = {}
+    cost: dict[str, float] = {}
+    for item, group, seconds in zip(items, groups, item_costs(items, [group_of(i) for i in items]), strict=True):
+        units.setdefault(group or item.nodeid, []).append(item)
+        cost[group or item.nodeid] = cost.get(group or item.nodeid, 0.0) + seconds
+    ordered = sorted(units, key=lambda key: -cost[key])  # stable: equal costs keep collection order
+    return [item for key in ordered for item in units[key]]
