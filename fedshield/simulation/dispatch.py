@@ -27,9 +27,12 @@ from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.supercore.date import now
 
+from .wake import instructions_signal
+
 __all__ = ["take_undelivered", "one_pass_dispatch", "POLL_S"]
 
-#: Flower's sweep interval (``f_stop.wait(0.1)`` in ``add_messages_to_queue``), kept.
+#: Flower's sweep interval (``f_stop.wait(0.1)`` in ``add_messages_to_queue``), kept as the fallback: the loop
+#: wakes as soon as an instruction is stored (:mod:`fedshield.simulation.wake`), and at least this often.
 POLL_S = 0.1
 
 _flower_add_messages_to_queue = vce_api.add_messages_to_queue
@@ -62,10 +65,14 @@ def _add_messages_to_queue(state: Any, queue: Queue[Message], nodes_mapping: Any
     if not isinstance(state, InMemoryLinkState):
         _flower_add_messages_to_queue(state, queue, nodes_mapping, f_stop)
         return
+    arrived = instructions_signal(state)
     while not f_stop.is_set():
-        for msg in take_undelivered(state, nodes_mapping):
+        seen = arrived.generation  # read before the walk: a message stored during it ends the wait at once
+        taken = take_undelivered(state, nodes_mapping)
+        for msg in taken:
             queue.put(msg)
-        f_stop.wait(POLL_S)
+        if not taken:  # a node's next message (Flower: limit 1 per sweep) goes out in the next sweep, at once
+            arrived.wait_past(seen, POLL_S)  # wakes on a stored instruction; POLL_S still bounds the stop check
 
 
 @contextmanager

@@ -120,6 +120,7 @@ def simulate(
     from .dispatch import one_pass_dispatch
     from .ray_local import loopback_init_args, loopback_ray
     from .reaper import reap_on_exit
+    from .wake import event_driven_link
 
     results: list[RunSummary] = []
     errors: list[BaseException] = []
@@ -144,7 +145,7 @@ def simulate(
         "init_args": init_args,
     }
     local = nullcontext() if ray_address else loopback_ray()
-    with reap_on_exit(), local, one_pass_dispatch():  # Flower's own dispatch walks every message once per node: O(N x M) a sweep
+    with reap_on_exit(), local, one_pass_dispatch(), event_driven_link():  # Flower's own dispatch walks every message once per node: O(N x M) a sweep
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_clients,
                        backend_config=backend_config)
     if errors:
