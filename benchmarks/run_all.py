@@ -52,6 +52,8 @@ BENCHMARKS = (
     Bench("sim_throughput", "Simulation throughput and peak memory: fedshield vs a stock Flower + Opacus app",
           ("--clients", "100", "--rounds", "3", "--repeats", "3"),
           ("--clients", "100", "1000", "10000", "--rounds", "5", "4", "2", "--repeats", "2")),
+    Bench("sim_rounds", "Simulation rounds: event-driven hand-offs vs the engine's fixed ticks (issue 13's job)",
+          ("--clients", "100", "--rounds", "10", "--settings", "nodp"), ("--clients", "100", "--rounds", "20", "--repeats", "3")),
     Bench("sim_dispatch", "Simulation engine dispatch sweep: Flower's per-node get_message_ins vs fedshield's one walk",
           ("--nodes", "100", "1000", "--repeats", "3"), ("--nodes", "100", "1000", "5000", "--repeats", "3")),
     Bench("dpsgd_modes", "DP-SGD epoch time and peak memory per Opacus grad-sample mode vs plain PyTorch",
