@@ -69,7 +69,8 @@ def test_dispatcher_wakes_on_a_stored_instruction(monkeypatch: pytest.MonkeyPatc
     assert queue.empty() and not sleeper.is_alive()
 
 
-def test_grid_receives_each_reply_without_a_timeout() -> None:
+@pytest.mark.parametrize("streaming", [True, False], ids=["fedshield-StreamingGrid", "flower-send_and_receive"])
+def test_grid_receives_each_reply_without_a_timeout(streaming: bool) -> None:
     with wake.event_driven_link():
         state, nodes = _bench().build_state(3, 0)
         grid = _grid(state)
@@ -83,22 +84,27 @@ def test_grid_receives_each_reply_without_a_timeout() -> None:
             return woke[-1]
 
         grid.wait_for_replies = recording_wait  # type: ignore[method-assign]
-        pending = StreamingGrid(grid, pull_interval=FALLBACK_S).send_and_receive(_messages(nodes), timeout=600)
-        instructions = dispatch.take_undelivered(state, nodes)
+        instructions: list[Message] = []
 
-        def answer() -> None:  # what the engine's worker and injector do, one reply at a time
-            for msg in instructions:
-                asleep.acquire(timeout=FALLBACK_S)  # each reply is stored only once the grid waits for it
-                reply = Message(RecordDict(), reply_to=msg)
+        def answer() -> None:  # what the engine's worker and injector do, one reply each time the grid sleeps
+            for i in range(len(nodes)):
+                asleep.acquire(timeout=FALLBACK_S)
+                if i == 0:  # the grid pushed, pulled nothing and went to sleep
+                    instructions.extend(dispatch.take_undelivered(state, nodes))
+                reply = Message(RecordDict(), reply_to=instructions[i])
                 reply.metadata.__dict__["_message_id"] = str(uuid4())
                 state.store_message_res(reply)
 
         answerer = threading.Thread(target=answer)
         answerer.start()
-        got = list(pending)
+        if streaming:
+            got = list(StreamingGrid(grid, pull_interval=FALLBACK_S).send_and_receive(_messages(nodes), timeout=600))
+        else:
+            got = list(grid.send_and_receive(_messages(nodes), timeout=600))
         answerer.join(FALLBACK_S)
     assert {r.metadata.reply_to_message_id for r in got} == {m.metadata.message_id for m in instructions}
-    assert woke == [True] * len(instructions)  # each wait ended on a stored reply, none on the fallback interval
+    assert len(got) == len(nodes) == len(instructions)
+    assert woke == [True] * len(nodes)  # each wait ended on a stored reply, none on the fallback interval
 
 
 def test_patched_only_inside_the_block() -> None:
