@@ -64,6 +64,7 @@ CASES = {
         [f"dispatch {w}, 20 nodes x 20 messages" for w in ("delivering sweep", "sweep with all delivered")],
         120,
     ),
+    "sim_handoff": (["--clients", "5", "--rounds", "3"], ["simulation hand-off, push to all replies, 5 instant clients"], 120),
     "sim_rounds": (
         ["--quick"], [f"simulate {k} (nodp), 10 clients, event-driven vs fixed ticks"
                       for k in ("s_per_round", "client_rounds_per_s", "wall_s", "first_round_s")], 400,
