@@ -67,6 +67,11 @@ CASES = {
         [f"dispatch {w}, 20 nodes x 20 messages" for w in ("delivering sweep", "sweep with all delivered")],
         120,
     ),
+    "sim_handoff": (["--clients", "5", "--rounds", "3"], ["simulation hand-off, push to all replies, 5 instant clients"], 120),
+    "sim_rounds": (
+        ["--quick"], [f"simulate {k} (nodp), 10 clients, event-driven vs fixed ticks"
+                      for k in ("s_per_round", "client_rounds_per_s", "wall_s", "first_round_s")], 400,
+    ),
     "sim_throughput": (
         ["--clients", "20", "--rounds", "2", "--repeats", "1"], ["client-rounds/s, N=20", "peak RSS, N=20"], 400,
     ),

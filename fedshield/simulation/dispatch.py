@@ -33,9 +33,12 @@ from ..flower_internals.simulation import (
     swap_dispatch_loop,
 )
 
+from .wake import instructions_signal
+
 __all__ = ["take_undelivered", "one_pass_dispatch", "POLL_S"]
 
-#: Flower's sweep interval (``f_stop.wait(0.1)`` in ``add_messages_to_queue``), kept.
+#: Flower's sweep interval (``f_stop.wait(0.1)`` in ``add_messages_to_queue``), kept as the fallback: the loop
+#: wakes as soon as an instruction is stored (:mod:`fedshield.simulation.wake`), and at least this often.
 POLL_S = FLOWER_POLL_S
 
 
@@ -65,10 +68,14 @@ def _add_messages_to_queue(state: Any, queue: Queue[Message], nodes_mapping: Any
     if not isinstance(state, InMemoryLinkState):
         flower_dispatch_loop(state, queue, nodes_mapping, f_stop)
         return
+    arrived = instructions_signal(state)
     while not f_stop.is_set():
-        for msg in take_undelivered(state, nodes_mapping):
+        seen = arrived.generation  # read before the walk: a message stored during it ends the wait at once
+        taken = take_undelivered(state, nodes_mapping)
+        for msg in taken:
             queue.put(msg)
-        f_stop.wait(POLL_S)
+        if not taken:  # a node's next message (Flower: limit 1 per sweep) goes out in the next sweep, at once
+            arrived.wait_past(seen, POLL_S)  # wakes on a stored instruction; POLL_S still bounds the stop check
 
 
 @contextmanager

@@ -120,6 +120,7 @@ def simulate(
     from .dispatch import one_pass_dispatch
     from .ray_local import loopback_init_args, loopback_ray
     from .reaper import reap_on_exit
+    from .wake import event_driven_link
 
     results: list[RunSummary] = []
     errors: list[BaseException] = []
@@ -144,9 +145,12 @@ def simulate(
         "init_args": init_args,
     }
     local = nullcontext() if ray_address else loopback_ray()
-    # Flower's own dispatch walks every message once per node: O(N x M) a sweep; --dispatch flower keeps it.
-    dispatch = one_pass_dispatch() if config.dispatch == "fedshield" else nullcontext()
-    with reap_on_exit(), local, dispatch:
+    # Flower's own dispatch walks every message once per node (O(N x M) a sweep) and polls on fixed ticks;
+    # --dispatch flower keeps both (the escape hatch if a Flower upgrade breaks ours).
+    ours = config.dispatch == "fedshield"
+    dispatch = one_pass_dispatch() if ours else nullcontext()
+    wake = event_driven_link() if ours else nullcontext()
+    with reap_on_exit(), local, dispatch, wake:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_clients,
                        backend_config=backend_config)
     if errors:

@@ -1,0 +1,117 @@
+"""The simulation's hand-offs wake on a stored message, not on a tick: the engine's dispatcher hands out a message
+stored after it went to sleep, and the ServerApp's grid gets a reply stored after it went to sleep, both with the
+fallback interval set to a minute (a tick-driven loop would fail these), on a real ``InMemoryLinkState``; and the
+patches live only inside :func:`event_driven_link`."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from pathlib import Path
+from queue import Queue
+from types import ModuleType, SimpleNamespace
+from uuid import uuid4
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.grid import InMemoryGrid
+
+from fedshield.simulation import dispatch, wake
+from fedshield.strategies.streaming import StreamingGrid
+
+FALLBACK_S = 60.0  # long enough that only a wake-up can deliver within the test's waits
+
+
+@pytest.fixture(autouse=True)
+def _restore_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, getattr(TaskIdentity, name))
+
+
+def _bench() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sim_dispatch.py"
+    spec = importlib.util.spec_from_file_location("sim_dispatch", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _grid(state: InMemoryLinkState) -> wake.SignalledInMemoryGrid:
+    grid = wake.SignalledInMemoryGrid(state_factory=SimpleNamespace(state=lambda: state), pull_interval=FALLBACK_S)
+    grid.set_run(state.run_ids[4242].run)
+    return grid
+
+
+def _messages(nodes: dict[int, int]) -> list[Message]:
+    return [Message(RecordDict({"c": ConfigRecord({"i": i})}), nid, "train") for i, nid in enumerate(nodes)]
+
+
+def test_dispatcher_wakes_on_a_stored_instruction(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "POLL_S", FALLBACK_S)
+    with wake.event_driven_link():
+        state, nodes = _bench().build_state(4, 0)
+        queue: Queue[Message] = Queue()
+        stop = threading.Event()
+        sleeper = threading.Thread(target=dispatch._add_messages_to_queue, args=(state, queue, nodes, stop))
+        sleeper.start()
+        try:
+            pushed = set(_grid(state).push_messages(_messages(nodes)))  # after the dispatcher's first (empty) walk
+            handed = [queue.get(timeout=FALLBACK_S / 2) for _ in nodes]
+        finally:
+            stop.set()
+            wake.instructions_signal(state).notify()  # the stop check runs on the next wake-up
+            sleeper.join(FALLBACK_S)
+    assert {m.metadata.message_id for m in handed} == pushed  # exactly the pushed messages, each once
+    assert sorted(m.metadata.dst_node_id for m in handed) == sorted(nodes)
+    assert queue.empty() and not sleeper.is_alive()
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["fedshield-StreamingGrid", "flower-send_and_receive"])
+def test_grid_receives_each_reply_without_a_timeout(streaming: bool) -> None:
+    with wake.event_driven_link():
+        state, nodes = _bench().build_state(3, 0)
+        grid = _grid(state)
+        woke: list[bool] = []
+        asleep = threading.Semaphore(0)
+        wait = grid.wait_for_replies
+
+        def recording_wait(timeout: float) -> bool:
+            asleep.release()
+            woke.append(wait(timeout))
+            return woke[-1]
+
+        grid.wait_for_replies = recording_wait  # type: ignore[method-assign]
+        instructions: list[Message] = []
+
+        def answer() -> None:  # what the engine's worker and injector do, one reply each time the grid sleeps
+            for i in range(len(nodes)):
+                asleep.acquire(timeout=FALLBACK_S)
+                if i == 0:  # the grid pushed, pulled nothing and went to sleep
+                    instructions.extend(dispatch.take_undelivered(state, nodes))
+                reply = Message(RecordDict(), reply_to=instructions[i])
+                reply.metadata.__dict__["_message_id"] = str(uuid4())
+                state.store_message_res(reply)
+
+        answerer = threading.Thread(target=answer)
+        answerer.start()
+        if streaming:
+            got = list(StreamingGrid(grid, pull_interval=FALLBACK_S).send_and_receive(_messages(nodes), timeout=600))
+        else:
+            got = list(grid.send_and_receive(_messages(nodes), timeout=600))
+        answerer.join(FALLBACK_S)
+    assert {r.metadata.reply_to_message_id for r in got} == {m.metadata.message_id for m in instructions}
+    assert len(got) == len(nodes) == len(instructions)
+    assert woke == [True] * len(nodes)  # each wait ended on a stored reply, none on the fallback interval
+
+
+def test_patched_only_inside_the_block() -> None:
+    run_sim = importlib.import_module("flwr.simulation.run_simulation")
+    originals = (InMemoryLinkState.store_message_ins, InMemoryLinkState.store_message_res, run_sim.InMemoryGrid)
+    with wake.event_driven_link():
+        assert run_sim.InMemoryGrid is wake.SignalledInMemoryGrid
+        assert InMemoryLinkState.store_message_ins is not originals[0]
+    assert (InMemoryLinkState.store_message_ins, InMemoryLinkState.store_message_res, run_sim.InMemoryGrid) == originals
+    assert run_sim.InMemoryGrid is InMemoryGrid
