@@ -38,6 +38,7 @@ ROBUST_STRATEGIES = ("krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg"
 #: Client-level DP: the server clips and noises individual updates (central), or every client clips its own
 #: update and adds its share of the noise (distributed, works under SecAgg+).
 CLIENT_DP_MODES = ("off", "central", "distributed")
+DP_MODES = ("local", "distributed")  # record-level DP: see docs/PRIVACY.md, "Distributed record-level DP"
 #: How clients are sampled each round under client-level DP: a fixed number (Flower's sampling, accounted with
 #: no amplification), or each client independently with probability fraction-train (amplified).
 CLIENT_SAMPLING = ("fixed", "poisson")
@@ -223,6 +224,9 @@ class RunConfig:
     max_physical_batch_size: int = 0
     amp: bool = False
     round_timeout: float = 600.0
+    dp_mode: str = "local"  # record-level DP: "local" (each site noises its own DP-SGD) or "distributed" (Skellam)
+    min_honest: float = 0.5  # distributed: sites (count, or fraction of a round's sites) assumed to add their noise
+    ddp_records: int = 0  # distributed: public estimate of the union's training records (0: the simulation's own)
 
     def __post_init__(self) -> None:
         _check_int(self.num_clients, "clients", 1)
@@ -283,6 +287,7 @@ class RunConfig:
             object.__setattr__(self, "strategy_params", StrategyParams(self.strategy_params))
         self._check_aggregation()
         self._check_client_dp()
+        self._check_dp_mode()
         object.__setattr__(self, "device", normalise_device_spec(self.device))
         _check_hardware(self.max_physical_batch_size, self.amp, self.grad_sample_mode, "")
         timeout = self.round_timeout
@@ -312,6 +317,33 @@ class RunConfig:
                     "the server: drop it (SecAgg+ already clips every entry to +-8; --client-dp distributed "
                     "clips each update on the client), or add --no-secagg"
                 )
+
+    def _check_dp_mode(self) -> None:
+        if self.dp_mode not in DP_MODES:
+            raise ConfigError(f"unknown dp-mode {self.dp_mode!r}: choose one of {', '.join(DP_MODES)}")
+        _check_count_or_fraction(self.min_honest, "min-honest", min_count=1, example="0.5 or 3")
+        if self.dp_mode == "local":
+            return
+        needs = [why for bad, why in (
+            (not self.dp, "DP on (drop --no-dp)"), (not self.secagg, "SecAgg+ (drop --no-secagg): the server must see "
+                                                   "only the sum of the noise shares"),
+            (self.client_dp != "off", "--client-dp off"), (self.quantize != 0, "no --quantize (the field is the "
+                                                                                "mechanism's)"),
+            (self.local_epochs != 1, "--local-epochs 1 (one DP-SGD step per round over the union)"),
+            (self.client_sampling != "fixed" or self.fraction_train != 1.0, "every site in every round "
+                                                                            "(--fraction-train 1)"),
+            (self.strategy != "fedavg", "--strategy fedavg"),
+        ) if bad]
+        if needs:
+            raise ConfigError(f"--dp-mode distributed needs {'; '.join(needs)}")
+        if self.min_honest > self.num_clients:
+            raise ConfigError(f"min-honest {self.min_honest:g} exceeds the {self.num_clients} sites: lower it")
+
+    @property
+    def min_honest_count(self) -> int:
+        """``min_honest`` as a count of the round's sites (a fraction rounds up: never weaker than asked)."""
+        h = self.min_honest
+        return int(h) if h > 1 else max(1, math.ceil(h * self.num_clients - 1e-9))
 
     def _check_client_dp(self) -> None:
         if self.client_dp not in CLIENT_DP_MODES:
@@ -555,13 +587,14 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"strategy-params must be a table of settings (e.g. [strategy] beta = 0.2), got {value!r}")
         return StrategyParams(value)
-    if key in {"strategy", "client_dp", "client_sampling", "device"}:
+    if key in {"strategy", "client_dp", "client_sampling", "device", "dp_mode"}:
         if not isinstance(value, str):
             raise ConfigError(f"{key.replace('_', '-')} must be text, got {value!r}")
         return value.strip().lower()
     if value is None and key in _ZERO_IS_UNSET:
         return None
-    if key in {"num_clients", "num_rounds", "local_epochs", "seed", "quantize", "max_physical_batch_size"}:
+    if key in {"num_clients", "num_rounds", "local_epochs", "seed", "quantize", "max_physical_batch_size",
+               "ddp_records"}:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -569,7 +602,7 @@ def _coerce(key: str, value: Any) -> Any:
     if key in {"dp", "secagg", "amp"} and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if key in {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "lr", "fraction_train",
-               "fraction_evaluate", "round_timeout", "secagg_shares", "secagg_threshold", *_ZERO_IS_UNSET}:
+               "fraction_evaluate", "round_timeout", "secagg_shares", "secagg_threshold", "min_honest", *_ZERO_IS_UNSET}:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key.replace('_', '-')} must be a number, got {value!r}")
         return float(value)
@@ -609,6 +642,10 @@ class RoundSettings:
     device: str = "auto"  # where to train; a deployed site's node config "device" overrides it
     max_physical_batch_size: int = 0  # DP-SGD examples per forward/backward pass (0: the whole Poisson batch)
     amp: bool = False  # bf16 autocast for the forward pass
+    dp_mode: str = "local"  # "distributed": the site sends Skellam field integers (fedshield.privacy.skellam)
+    min_honest: int = 0  # distributed: sites whose noise shares must reach the sum (each adds total/min_honest)
+    ddp_sites: int = 0  # distributed: sites in the round (sizes the field's scale)
+    ddp_batch_bound: int = 0  # distributed: public bound on the union's Poisson batch (sizes the field's scale)
 
     def __post_init__(self) -> None:
         if self.client_dp not in CLIENT_DP_MODES:
@@ -660,12 +697,13 @@ class RoundSettings:
                     "Install the same version on both sides"
                 )
             kwargs[f.name] = record[key]
-        for name in ("server_round", "num_rounds", "seed", "local_epochs", "quantize", "max_physical_batch_size"):
+        for name in ("server_round", "num_rounds", "seed", "local_epochs", "quantize", "max_physical_batch_size",
+                     "min_honest", "ddp_sites", "ddp_batch_bound"):
             kwargs[name] = int(kwargs[name])
         for name in ("lr", "sample_rate", "noise_multiplier", "max_grad_norm", "target_epsilon", "delta",
                      "proximal_mu", "client_clip_norm", "client_noise_std_share"):
             kwargs[name] = float(kwargs[name])
-        kwargs["client_dp"] = str(kwargs["client_dp"])
+        kwargs["client_dp"], kwargs["dp_mode"] = str(kwargs["client_dp"]), str(kwargs["dp_mode"])
         kwargs["device"] = str(kwargs["device"])
         for name in ("dp", "amp"):
             kwargs[name] = bool(kwargs[name])

@@ -95,3 +95,9 @@ class ClientReply:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+#: Distributed record-level DP (``--dp-mode distributed``): the train reply's one array, the site's Skellam field
+#: vector (:mod:`fedshield.privacy.skellam`), and the min-honest count the site sized its noise share for (a public
+#: setting, in clear) that SecAgg+ enforces at UNMASK.
+SKELLAM_FIELD: Final = "skellam-field"
+MIN_HONEST: Final = "min-honest"

@@ -62,6 +62,17 @@ _SAME_NAME = ("task", "epsilon", "delta", "noise_multiplier", "max_grad_norm", "
               "max_physical_batch_size", "round_timeout", "out", "secagg_shares", "secagg_threshold")
 
 
+DpMode = Annotated[str | None, typer.Option(
+    "--dp-mode", help="Record-level DP: local (default: each site noises its own DP-SGD) | distributed (Skellam "
+                      "noise shares summed under SecAgg+: central DP-SGD's noise, one step a round).")]
+MinHonest = Annotated[float | None, typer.Option(
+    "--min-honest", help="Distributed mode: sites assumed to add their noise share, a count or a fraction of the "
+                         "round's sites (default 0.5); each share is the total noise / min-honest.")]
+DdpRecords = Annotated[int | None, typer.Option(
+    "--ddp-records", help="Distributed mode: public estimate of all sites' training records (the DP-SGD divisor "
+                          "q*N); default: the simulation's own partitions.")]
+
+
 def run_flags(params: Mapping[str, Any]) -> dict[str, Any]:
     """The shared flags among a command's parameters (its ``locals()`` on entry) as RunConfig keys. A flag or switch
     that was not given is ``None``, so it does not override the config file or the default."""
@@ -70,6 +81,7 @@ def run_flags(params: Mapping[str, Any]) -> dict[str, Any]:
         "num_rounds": params["rounds"], "amp": True if params["amp"] else None,
         "dp": False if params["no_dp"] else None, "secagg": False if params["no_secagg"] else None,
     })
+    flags.update({key: params.get(key) for key in ("dp_mode", "min_honest", "ddp_records")})
     return flags
 
 

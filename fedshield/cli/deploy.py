@@ -89,6 +89,9 @@ def server_command(
     max_physical_batch_size: o.MaxPhysicalBatchSize = None,
     amp: o.Amp = False,
     round_timeout: o.RoundTimeout = None,
+    dp_mode: o.DpMode = None,
+    min_honest: o.MinHonest = None,
+    ddp_records: o.DdpRecords = None,
     max_update_norm: float | None = typer.Option(
         None, "--max-update-norm",
         help=f"Reject updates whose L2 norm exceeds this (without SecAgg+ default {DEFAULT_MAX_UPDATE_NORM:g})."),

@@ -29,7 +29,7 @@ def padded_dim(dim: int) -> int:
     return 1 << (dim - 1).bit_length()
 
 
-def round_seed(run_id: int, server_round: int, label: str = "skellam-rotation") -> bytes:
+def round_seed(run_id: int | str, server_round: int, label: str = "skellam-rotation") -> bytes:
     """The seed every party of a round derives the same rotation from: public, fixed before any data is read."""
     return hashlib.sha256(f"fedshield/{label}/run={run_id}/round={server_round}".encode()).digest()
 

@@ -69,6 +69,10 @@ def noise_multiplier_for(config: RunConfig) -> float:
     """Sigma for the whole run: given, or calibrated once so the last planned round lands on the budget."""
     if not config.dp:
         return 0.0
+    if config.dp and config.dp_mode == "distributed":
+        from .distributed import distributed_sigma
+
+        return distributed_sigma(config)
     if config.noise_multiplier is not None:
         return config.noise_multiplier
     if config.epsilon is None:  # RunConfig already rejects this; kept for type narrowing
@@ -94,7 +98,8 @@ def client_noise_multiplier_for(config: RunConfig) -> float | None:
     )
 
 
-def build_strategy(config: RunConfig, *, client_noise_multiplier: float | None = None) -> RecordingStrategy:
+def build_strategy(config: RunConfig, *, client_noise_multiplier: float | None = None,
+                   distributed: dict[str, Any] | None = None) -> RecordingStrategy:
     """The run's wrapper chain, innermost first: the named Flower strategy; client-level DP; update validation;
     dequantisation; SecAgg+; recording. Validation sits outside client-level DP so a rejected update neither
     counts as a client nor contributes (or, in distributed mode, is accounted as) noise."""
@@ -130,7 +135,13 @@ def build_strategy(config: RunConfig, *, client_noise_multiplier: float | None =
                 # default job); at weight 1 the same updates are 4.3x larger (max 0.48): +-1.0 keeps the 2x
                 # headroom, and its step (2/255) still adds only ~0.2% to the entries' variance.
                 max_weight["clipping_range"] = 1.0
-        base = SecAggPlus(base, timeout=config.round_timeout, **config.secagg_params, **max_weight)
+        if distributed is not None:  # --dp-mode distributed: the masked vectors are Skellam field integers
+            from ..strategies.distributed_dp import DistributedSecAggPlus
+
+            base = DistributedSecAggPlus(base, timeout=config.round_timeout, **config.secagg_params, **max_weight,
+                                         **{k: v for k, v in distributed.items() if k != "terms"})
+        else:
+            base = SecAggPlus(base, timeout=config.round_timeout, **config.secagg_params, **max_weight)
     if config.client_dp == "distributed" and not config.secagg:
         log.warning("--client-dp distributed without SecAgg+: the server sees each update with only its "
                     "1/sqrt(n) share of the noise; the client-level guarantee holds for the released model only")
@@ -180,7 +191,8 @@ def run_server(
     writer = RunWriter(config.out)
     writer.prepare(config)
     report = PrivacyReport(config, sigma, client_noise_multiplier=client_sigma)
-    strategy = build_strategy(config, client_noise_multiplier=client_sigma)
+    ddp = _distributed_hooks(config, model, report, lambda r: settings_for(r))
+    strategy = build_strategy(config, client_noise_multiplier=client_sigma, distributed=ddp)
     run_id = uuid.uuid4().hex[:12]
     done = 0
     initial = ArrayRecord(torch_state_dict=model.state_dict())
@@ -205,6 +217,7 @@ def run_server(
             client_clip_norm=config.client_clip_norm or 0.0,
             client_noise_std_share=_client_std_share(config, client_sigma),
             device=config.device, max_physical_batch_size=config.max_physical_batch_size, amp=config.amp,
+            **_distributed_settings(config, ddp),
         )
 
     clock = {"start": time.monotonic(), "last": time.monotonic()}
@@ -262,6 +275,27 @@ def run_server(
         )
     writer.write_plots()
     return summary
+
+
+def _distributed_hooks(config: RunConfig, model: torch.nn.Module, report: PrivacyReport,
+                       settings_for: Callable[[int], RoundSettings]) -> dict[str, Any] | None:
+    """DistributedSecAggPlus' arguments, and the report's Skellam terms; None in local mode."""
+    if not (config.dp and config.dp_mode == "distributed"):
+        return None
+    from .distributed import distributed_terms
+
+    terms = distributed_terms(config)
+    keys = [k for k, p in model.named_parameters() if p.requires_grad]
+    report.use_distributed(terms, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return {"settings_for": settings_for, "param_keys": keys, "expected_batch": terms.expected_batch,
+            "terms": terms}
+
+
+def _distributed_settings(config: RunConfig, ddp: dict[str, Any] | None) -> dict[str, Any]:
+    if ddp is None:
+        return {}
+    return {"dp_mode": "distributed", "min_honest": config.min_honest_count, "ddp_sites": config.num_clients,
+            "ddp_batch_bound": ddp["terms"].batch_bound}
 
 
 def _record_privacy(

@@ -235,7 +235,7 @@ class SecAggPlus(StrategyWrapper):
         """Parse stage-2 replies; a malformed one, or a negative count, leaves the node out (as dead)."""
         good, failed = settle(state, Stage.COLLECT_MASKED_VECTORS, replies)
         state.errors.update(failed)
-        shapes = [tuple(arr.shape) for arr in self._require_global().values()]
+        shapes = self._vector_shapes()
         masked: dict[int, MaskedReply] = {}
         for nid, content in good.items():
             try:
@@ -275,13 +275,21 @@ class SecAggPlus(StrategyWrapper):
         if unmasked is None:
             self._aborted = f"too few key shares arrived in stage {Stage.UNMASK}"
             return None
-        q_total, average = weighted_average(unmasked, p, len(included))
+        q_total, average = self._decode(state, unmasked, len(included))
         if q_total != q_expected:
             # The masked weights must add up to what the clients declared in clear; anything else means a
             # client lied about its count, or masks were not removed cleanly. Never apply such a sum.
             self._aborted = f"integrity check failed: masked weights sum to {q_total}, declared {q_expected}"
             return None
         return average
+
+    def _vector_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of a masked vector's arrays (after the weight): the global model's. A hook for subclasses."""
+        return [tuple(arr.shape) for arr in self._require_global().values()]
+
+    def _decode(self, state: RoundState, unmasked: Vector, num_included: int) -> tuple[int, Vector]:
+        """(summed weight, average update per global array) from the unmasked field sum. A hook for subclasses."""
+        return weighted_average(unmasked, state.params, num_included)
 
     def _synthetic_reply(self, masked: dict[int, MaskedReply], average: Vector) -> Message:
         """One reply carrying ``global + average update``, for the inner strategy to aggregate."""
