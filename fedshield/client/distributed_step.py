@@ -45,6 +45,7 @@ def clipped_per_example_gradients(model: nn.Module, data: Dataset, index: torch.
         _summed(loss_fn, gsm(x), y).backward()
         rows = torch.cat([p.grad_sample.reshape(len(index), -1) for p in params], dim=1).double()
     finally:
+        gsm.zero_grad(set_to_none=True)  # leaves no (per-sample) gradients on the caller's model
         gsm.remove_hooks()
     norms = rows.norm(dim=1)
     factor = (clip / (norms + 1e-6)).clamp(max=1.0)
