@@ -16,7 +16,7 @@ from fedshield.privacy.skellam_accountant import epsilon as skellam_epsilon
 from fedshield.privacy.skellam_ledger import SKELLAM_LEDGER_FILE, load_history
 from fedshield.server.report import recompute_epsilon
 
-pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+pytestmark = [pytest.mark.usefixtures("no_leftover_processes"), pytest.mark.timeout(1500)]
 SITES = 3
 
 
@@ -35,7 +35,7 @@ def test_three_real_sites_run_distributed_rounds_and_a_strict_site_refuses(keys:
                             "--dp-mode", "distributed", "--local-epochs", "1", "--sample-rate", "0.1",
                             "--min-honest", "2", "--ddp-records", "1000", "--seed", "3"], tmp_path / "server.out")
         started.append(server)
-        server.wait_for(r"registered nodes: node-1, node-2, node-3", timeout=90)
+        server.wait_for(r"registered nodes: node-1, node-2, node-3", timeout=300)
         clients = []
         for i, data in enumerate(sites, 1):
             strict = ["--min-honest", "3"] if i == 3 else []  # this site wants 3 honest sites; the round says 2
@@ -44,7 +44,7 @@ def test_three_real_sites_run_distributed_rounds_and_a_strict_site_refuses(keys:
                  str(keys.node(f"node-{i}").private_key_path), "--roster", str(keys.authorized_nodes), "--data",
                  str(data), "--state", str(tmp_path / f"state-{i}"), *strict], tmp_path / f"client-{i}.out"))
             started.append(clients[-1])
-        assert server.proc.wait(timeout=540) == 0, server.text()
+        assert server.proc.wait(timeout=900) == 0, server.text()
     finally:
         for cli in started:
             cli.interrupt()
