@@ -119,13 +119,14 @@ def local(parts: list[Dataset], test: Dataset, eps: float, seed: int) -> float:
 METHODS = {"central": central, "local": local, "distributed": distributed}
 
 
-def run(grid: list[tuple[str, float, int, str, int]]) -> list[dict[str, object]]:
+def run(grid: list[tuple[str, float, int, str, int]], min_honest: float = 0.5) -> list[dict[str, object]]:
     rows = []
     for method, eps, sites, partition, seed in grid:
         parts, test = _split(sites, partition, seed)
         start = time.monotonic()
-        acc = METHODS[method](parts, test, eps, seed)
-        rows.append({"method": method, "epsilon": eps, "sites": sites, "partition": partition, "seed": seed,
+        acc = distributed(parts, test, eps, seed, min_honest) if method == "distributed" else \
+            METHODS[method](parts, test, eps, seed)
+        rows.append({"method": method, "min_honest": min_honest if method == "distributed" else None, "epsilon": eps, "sites": sites, "partition": partition, "seed": seed,
                      "accuracy": acc, "seconds": round(time.monotonic() - start, 1)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -176,6 +177,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default="central,local,distributed")
     ap.add_argument("--epochs", type=int, default=CENTRAL["epochs"], help="central/distributed epochs (steps = epochs/q)")
+    ap.add_argument("--min-honest", type=float, default=0.5, help="distributed: fraction of sites assumed honest")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
@@ -189,7 +191,7 @@ def main() -> None:
         args.epsilons, args.sites, args.partitions, args.seeds = "8", "10", "dirichlet:0.5", 1
     grid = [(m, float(e), int(s), p, seed) for e in args.epsilons.split(",") for s in args.sites.split(",")
             for p in args.partitions.split(",") for seed in range(args.seeds) for m in args.methods.split(",")]
-    rows = run(grid)
+    rows = run(grid, args.min_honest)
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
