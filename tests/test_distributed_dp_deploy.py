@@ -16,7 +16,7 @@ from fedshield.privacy.skellam_accountant import epsilon as skellam_epsilon
 from fedshield.privacy.skellam_ledger import SKELLAM_LEDGER_FILE, load_history
 from fedshield.server.report import recompute_epsilon
 
-# Slow (deployment rounds start a process per message): 13.6 min under a load average of 40, about 2 min alone.
+# Slow (deployment rounds start a process per message): 13.6 min under a load average of ~40 (not measured alone).
 # Fast tests cover the same behaviour: test_distributed_dp.py (real engine, real SecAgg+; the site policy and
 # UNMASK refusals).
 pytestmark = [pytest.mark.usefixtures("no_leftover_processes"), pytest.mark.timeout(1500), pytest.mark.slow]
