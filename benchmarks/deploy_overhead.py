@@ -139,7 +139,7 @@ def client_work(data: Path, config: RunConfig, seconds: list[float]) -> None:
     """One site's training and evaluation for one round, in this process (warm imports, like a best case)."""
     from fedshield.client.site import resolve_site
     from fedshield.client.trainer import evaluate_round, train_round
-    from fedshield.config import RoundSettings
+    from fedshield.protocol import RoundSettings
     from fedshield.server.runner import noise_multiplier_for
     from fedshield.tasks import get_task
 

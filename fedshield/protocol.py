@@ -120,6 +120,11 @@ class ClientReply:
     def ok(self) -> bool:
         return self.error is None
 
+#: Distributed record-level DP (``--dp-mode distributed``): the train reply's one array, the site's Skellam field
+#: vector (:mod:`fedshield.privacy.skellam`), and the min-honest count the site sized its noise share for (a public
+#: setting, in clear) that SecAgg+ enforces at UNMASK.
+SKELLAM_FIELD: Final = "skellam-field"
+MIN_HONEST: Final = "min-honest"
 
 @dataclass(frozen=True)
 class RoundSettings:
@@ -154,6 +159,10 @@ class RoundSettings:
     device: str = "auto"  # where to train; a deployed site's node config "device" overrides it
     max_physical_batch_size: int = 0  # DP-SGD examples per forward/backward pass (0: the whole Poisson batch)
     amp: bool = False  # bf16 autocast for the forward pass
+    dp_mode: str = "local"  # "distributed": the site sends Skellam field integers (fedshield.privacy.skellam)
+    min_honest: int = 0  # distributed: sites whose noise shares must reach the sum (each adds total/min_honest)
+    ddp_sites: int = 0  # distributed: sites in the round (sizes the field's scale)
+    ddp_batch_bound: int = 0  # distributed: public bound on the union's Poisson batch (sizes the field's scale)
 
     def __post_init__(self) -> None:
         if self.client_dp not in CLIENT_DP_MODES:
@@ -207,12 +216,13 @@ class RoundSettings:
                     "Install the same version on both sides"
                 )
             kwargs[f.name] = record[key]
-        for name in ("server_round", "num_rounds", "seed", "local_epochs", "quantize", "max_physical_batch_size"):
+        for name in ("server_round", "num_rounds", "seed", "local_epochs", "quantize", "max_physical_batch_size",
+                     "min_honest", "ddp_sites", "ddp_batch_bound"):
             kwargs[name] = int(kwargs[name])
         for name in ("lr", "sample_rate", "noise_multiplier", "max_grad_norm", "target_epsilon", "delta",
                      "proximal_mu", "client_clip_norm", "client_noise_std_share"):
             kwargs[name] = float(kwargs[name])
-        kwargs["client_dp"] = str(kwargs["client_dp"])
+        kwargs["client_dp"], kwargs["dp_mode"] = str(kwargs["client_dp"]), str(kwargs["dp_mode"])
         kwargs["device"] = str(kwargs["device"])
         for name in ("dp", "amp"):
             kwargs[name] = bool(kwargs[name])

@@ -88,12 +88,23 @@ _SAME_NAME = ("task", "epsilon", "delta", "noise_multiplier", "max_grad_norm", "
               "fraction_train", "fraction_evaluate", "accountant", "grad_sample_mode", "seed", "device",
               "max_physical_batch_size", "round_timeout", "out", "secagg_shares", "secagg_threshold", "partition",
               "strategy", "client_dp", "client_noise_multiplier", "client_clip_norm", "client_epsilon",
-              "max_update_norm", "quantize", "node_wait_timeout")
+              "max_update_norm", "quantize", "node_wait_timeout", "dp_mode", "min_honest", "ddp_records")
 
 #: Every run-settings parameter that ``simulate`` and ``server`` both take, under the same name and annotation
 #: (tests/test_cli_flags.py holds both commands to it). Each command adds only what is its own: how many clients
 #: (``--clients`` are made, ``--min-clients`` are awaited), Ray resources, keys and addresses.
 RUN_FLAGS = (*_SAME_NAME, "rounds", "amp", "no_dp", "no_secagg", "config", "resume", "force", "verbose")
+
+
+DpMode = Annotated[str | None, typer.Option(
+    "--dp-mode", help="Record-level DP: local (default: each site noises its own DP-SGD) | distributed (Skellam "
+                      "noise shares summed under SecAgg+: central DP-SGD's noise, one step a round).")]
+MinHonest = Annotated[float | None, typer.Option(
+    "--min-honest", help="Distributed mode: sites assumed to add their noise share, a count or a fraction of the "
+                         "round's sites (default 0.5); each share is the total noise / min-honest.")]
+DdpRecords = Annotated[int | None, typer.Option(
+    "--ddp-records", help="Distributed mode: public estimate of all sites' training records (the DP-SGD divisor "
+                          "q*N); default: the simulation's own partitions.")]
 
 
 def run_flags(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -63,6 +63,8 @@ def client_command(
         "SecAgg+ peers must sign their keys with one of these node keys."
     ),
     secagg_min_peers: int = typer.Option(2, "--secagg-min-peers", help="Fewest other signed SecAgg+ sites per round."),
+    min_honest: int = typer.Option(0, "--min-honest", help="Distributed DP: refuse rounds that assume fewer honest "
+                                   "noise-adding sites than this (0: any)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail."),
 ) -> None:
     """Join a federation: check keys and data, connect to the server, and train when it asks, until Ctrl-C."""
@@ -82,7 +84,7 @@ def client_command(
             accountant=str(accountant or site.get("accountant", "prv")),
             allow_no_dp=allow_no_dp or site.get("allow_no_dp") is True,
             insecure=insecure, port=port, connect_attempts=connect_attempts, retry_wait=retry_wait,
-            roster=roster, secagg_min_peers=secagg_min_peers,
+            roster=roster, secagg_min_peers=secagg_min_peers, min_honest=min_honest,
         )
         check = check_client(options)
     _report_check(check, options)

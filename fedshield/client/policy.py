@@ -34,7 +34,7 @@ from typing import Any
 from ..config import ACCOUNTANTS
 from ..errors import ConfigError
 from ..privacy.ledger import PrivacyLedger
-from ..protocol import POLICY_REFUSAL, POLICY_REFUSED_CODE
+from ..protocol import MIN_HONEST, POLICY_REFUSAL, POLICY_REFUSED_CODE
 from .node_config import ACCOUNTANT, ALLOW_NO_DP, BUDGET, DATA_PATH, DELTA, TASK
 
 __all__ = [
@@ -80,6 +80,7 @@ class SitePolicy:
     delta: float = DEFAULT_DELTA
     accountant: str = "prv"
     allow_no_dp: bool = False
+    min_honest: int = 0  # distributed DP: the weakest trust assumption (sites adding noise) this site accepts
 
     def __post_init__(self) -> None:
         if not self.task:
@@ -93,7 +94,7 @@ class SitePolicy:
 
     def to_node_config(self) -> dict[str, str | float | bool]:
         return {TASK: self.task, BUDGET: float(self.max_epsilon), DELTA: float(self.delta),
-                ACCOUNTANT: self.accountant, ALLOW_NO_DP: bool(self.allow_no_dp)}
+                ACCOUNTANT: self.accountant, ALLOW_NO_DP: bool(self.allow_no_dp), MIN_HONEST: int(self.min_honest)}
 
 
 def default_delta(records: int) -> float:
@@ -135,6 +136,7 @@ def policy_from_node_config(node_config: Mapping[str, Any]) -> SitePolicy | None
         delta=float(node_config.get(DELTA, DEFAULT_DELTA) or DEFAULT_DELTA),
         accountant=str(node_config.get(ACCOUNTANT, "prv") or "prv"),
         allow_no_dp=_true(node_config.get(ALLOW_NO_DP, False)),
+        min_honest=_whole(node_config.get(MIN_HONEST, 0) or 0),
     )
 
 
@@ -157,6 +159,7 @@ def check_request(policy: SitePolicy | None, config: Mapping[str, Any], *, train
     if not sigma >= MIN_NOISE_MULTIPLIER:
         raise PolicyRefused("noise-multiplier", f"noise multiplier {config.get('noise-multiplier')!r} is below this "
                             f"site's floor of {MIN_NOISE_MULTIPLIER}; ask the server for more noise")
+    _check_min_honest(policy, config)
     accountant = str(config.get("accountant", ""))
     if accountant != policy.accountant:
         raise PolicyRefused("accountant", f"the server plans with accountant {accountant!r}; this site accounts with "
@@ -165,6 +168,17 @@ def check_request(policy: SitePolicy | None, config: Mapping[str, Any], *, train
     if not (0 < delta <= policy.delta * (1 + 1e-12)):
         raise PolicyRefused("delta", f"the server asked for delta {config.get('delta')!r}, above this site's "
                             f"ceiling {policy.delta:g}; run the server with --delta {policy.delta:g} or less")
+
+
+def _check_min_honest(policy: SitePolicy, config: Mapping[str, Any]) -> None:
+    """A distributed round sizes each noise share for ``min-honest`` sites; fewer than the site's floor: refused."""
+    if str(config.get("dp-mode", "local")) != "distributed" or not policy.min_honest:
+        return
+    asked = _number(config.get(MIN_HONEST, 0))
+    if not asked >= policy.min_honest:
+        raise PolicyRefused(MIN_HONEST, f"the round assumes only {config.get(MIN_HONEST)!r} honest sites add their noise; this site "
+                            f"requires at least {policy.min_honest}. Run the server with --min-honest "
+                            f"{policy.min_honest} or more")
 
 
 def ledger_terms(policy: SitePolicy | None, *, accountant: str, delta: float, target_epsilon: float,
@@ -192,6 +206,14 @@ def check_ledger_terms(ledger: PrivacyLedger | None, policy: SitePolicy, path: P
 
 def _true(value: object) -> bool:
     return value is True or str(value).strip().lower() in ("true", "1", "yes")
+
+
+def _whole(value: object) -> int:
+    n = _number(value)
+    if not (n >= 0 and n == int(n)):
+        raise ConfigError(f"the site's min-honest must be a whole count >= 0, got {value!r}: fedshield client "
+                          "--min-honest N")
+    return int(n)
 
 
 def _number(value: object) -> float:

@@ -36,7 +36,7 @@ from numpy.typing import NDArray
 from ..flower_internals.secagg import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage, recorddict_compat as compat
 from ..compression import META, SECAGG_NARROW_KEY, wire_dtype
 from ..errors import FedshieldError, ProtocolError
-from ..protocol import ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, PARTITION_ID, ROUNDS_TRAINED, STEPS
+from ..protocol import ARRAYS, EPSILON, METRICS, MIN_HONEST, NUM_EXAMPLES, PARTITION_ID, ROUNDS_TRAINED, SKELLAM_FIELD, STEPS
 
 __all__ = ["CLEAR_METRICS", "secagg_adapter_mod", "secagg_wire_mod", "to_fitres_content"]
 
@@ -45,7 +45,7 @@ _log = logging.getLogger(__name__)
 
 #: Reply metrics that may travel in clear next to the masked update: functions of public mechanism settings and
 #: of the round count, not of the client's data.
-CLEAR_METRICS: Final = (EPSILON, STEPS, ROUNDS_TRAINED, PARTITION_ID)
+CLEAR_METRICS: Final = (EPSILON, STEPS, ROUNDS_TRAINED, PARTITION_ID, MIN_HONEST)
 
 
 def secagg_adapter_mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
@@ -113,7 +113,9 @@ def _split_reply(global_arrays: ArrayRecord, reply: RecordDict) -> tuple[list[ND
             "SecAgg+ the update is quantised into the secure-aggregation field: the server must send quantize 0 "
             "with SecAgg+ (fedshield's SecAggPlus does; update the server)"
         )
-    update = _update(_reply_arrays(reply), global_arrays)
+    arrays = _reply_arrays(reply)
+    # Distributed DP: the one array is the site's Skellam field vector, masked as is (not an update to subtract).
+    update = [arrays[SKELLAM_FIELD].numpy()] if SKELLAM_FIELD in arrays else _update(arrays, global_arrays)
     clear = {k: metrics[k] for k in CLEAR_METRICS if k in metrics and _is_scalar(metrics[k])}
     return update, _num_examples(metrics), clear
 
@@ -171,6 +173,8 @@ def _is_scalar(value: object) -> bool:
 def _warn_if_clipped(update: list[NDArray[Any]], num_examples: int, ctx: Context) -> None:
     """Warn when secaggplus_mod is about to clip this update: the aggregate would then be silently biased."""
     state = ctx.state.config_records.get(RECORD_KEY_STATE)
+    if len(update) == 1 and update[0].dtype == np.int64:  # a Skellam field vector: SecAgg+ does not clip it
+        return
     if state is None or "clipping_range" not in state or "max_weight" not in state:
         return
     clip, max_weight = float(state["clipping_range"]), float(state["max_weight"])  # type: ignore[arg-type]

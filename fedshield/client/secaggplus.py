@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from typing import Any, Final, cast
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
@@ -41,6 +42,7 @@ from ..crypto.prg import MASK_PRG, expand_mask
 from ..crypto.secagg_auth import KeyAuthenticationError, SignedKeys, check_participants, sign_round_keys, signed_payload
 from ..crypto.shamir import create_shares
 from ..errors import ConfigError, FedshieldError, KeyMaterialError
+from ..protocol import MIN_HONEST
 from ..protocol import SECAGG_MASK_PRG as KEY_MASK_PRG
 from ..protocol import SECAGG_REFUSAL, SECAGG_REFUSED_CODE
 from ..protocol import SECAGG_SIGNATURE as KEY_SIGNATURE
@@ -60,6 +62,7 @@ class _State(SecAggPlusState):  # type: ignore[misc]
 
     run_id: int = 0
     round_tag: str = ""
+    min_honest: int = 0  # distributed DP: UNMASK refuses with fewer surviving sites (0: not a distributed round)
 
 
 def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -85,6 +88,7 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
             _receive_shares(state, srcs, ctxts)  # before training: nothing is spent on a round that is refused
             out_content = call_next(msg, ctxt).content
             fitres = compat.recorddict_to_fitres(out_content, keep_input=True)
+            state.min_honest = int(fitres.metrics.get(MIN_HONEST, 0))
             res = _masked_vector(state, srcs, fitres.num_examples, parameters_to_ndarrays(fitres.parameters))
             for arr_record in out_content.array_records.values():
                 arr_record.clear()
@@ -206,8 +210,12 @@ def _receive_shares(state: _State, srcs: list[int], ciphertexts: list[bytes]) ->
 def _masked_vector(state: _State, srcs: list[int], num_examples: int, update: list[Any]) -> dict[str, Any]:
     """Quantise the weighted update and add the self mask and one pairwise mask per share holder (Flower's maths)."""
     q_ratio = round(num_examples / state.max_weight * state.target_range)
-    vec = quantize(parameters_multiply(update, q_ratio / state.target_range), state.clipping_range, state.target_range)
-    vec = factor_combine(q_ratio, vec)
+    if state.min_honest:  # distributed DP: the update already is the Skellam field vector; no second quantisation
+        vec = factor_combine(q_ratio, [np.mod(np.asarray(update[0], dtype=np.int64), state.mod_range)])
+    else:
+        vec = quantize(parameters_multiply(update, q_ratio / state.target_range), state.clipping_range,
+                       state.target_range)
+        vec = factor_combine(q_ratio, vec)
     shapes: list[tuple[int, ...]] = [a.shape for a in vec]
     vec = parameters_addition(vec, expand_mask(state.rd_seed, state.mod_range, shapes))
     for nid in srcs:
@@ -227,6 +235,10 @@ def _unmask(state: _State, configs: ConfigRecord) -> dict[str, Any]:
         raise _Refused("the server lists this site as dropped, but it sent its masked vector")
     if len(active) < state.threshold:
         raise _Refused(f"{len(active)} active neighbours, fewer than the threshold {state.threshold}")
+    if len(active) < state.min_honest:
+        # Each share was sized for min_honest noise shares in the sum: with fewer sites the sum is under-noised.
+        raise _Refused(f"{len(active)} sites survived, fewer than the {state.min_honest} (min-honest) this site's "
+                       "noise share was sized for: the sum would carry too little noise, so it is not released")
     unknown = sorted(set(active) - state.rd_seed_share_dict.keys() | set(dead) - state.sk1_share_dict.keys())
     if unknown:
         raise _Refused(f"asked for shares of node(s) {unknown}, which this site holds none of")

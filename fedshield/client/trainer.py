@@ -71,6 +71,11 @@ def train_round(site: Site, settings: RoundSettings, global_state: dict[str, tor
     model = _model(site, settings, global_state)
     generator = _generator(site, settings)
     loss_fn = site.task.loss_fn()
+    if settings.dp and settings.dp_mode == "distributed":  # the site sends Skellam field integers, never weights
+        from .distributed_round import distributed_train_round
+
+        vector, extra = distributed_train_round(site, settings, global_state, generator)
+        return TrainOutcome(global_state, {**metrics, **extra}, {P.SKELLAM_FIELD: vector}, secure_noise=True)
     if settings.dp:
         ledger = _charge(site, settings)
         result = train_dp_sgd(

@@ -21,6 +21,7 @@ from .names import AMP_GRAD_SAMPLE_MODES as AMP_GRAD_SAMPLE_MODES
 from .names import CLIENT_DP_MODES as CLIENT_DP_MODES
 from .names import CLIENT_SAMPLING as CLIENT_SAMPLING
 from .names import DISPATCH_LOOPS as DISPATCH_LOOPS
+from .names import DP_MODES as DP_MODES
 from .names import GRAD_SAMPLE_MODES as GRAD_SAMPLE_MODES
 from .names import PARTITION_KINDS as PARTITION_KINDS
 from .names import ROBUST_STRATEGIES as ROBUST_STRATEGIES
@@ -30,7 +31,8 @@ from .specs import PartitionSpec as PartitionSpec
 from .specs import StrategyParams as StrategyParams
 
 __all__ = [
-    "ACCOUNTANTS", "AMP_GRAD_SAMPLE_MODES", "CLIENT_DP_MODES", "CLIENT_SAMPLING", "DISPATCH_LOOPS", "GRAD_SAMPLE_MODES",
+    "ACCOUNTANTS", "AMP_GRAD_SAMPLE_MODES", "CLIENT_DP_MODES", "CLIENT_SAMPLING", "DISPATCH_LOOPS", "DP_MODES",
+    "GRAD_SAMPLE_MODES",
     "PARTITION_KINDS", "ROBUST_STRATEGIES", "STRATEGIES", "PartitionSpec", "RoundSettings", "RunConfig",
     "StrategyParams", "load_config_file", "normalise_device_spec",
 ]

@@ -6,7 +6,8 @@ Kept apart from :mod:`.run` so light modules (the ClientApp shim, accounting) ca
 from __future__ import annotations
 
 __all__ = [
-    "ACCOUNTANTS", "AMP_GRAD_SAMPLE_MODES", "CLIENT_DP_MODES", "CLIENT_SAMPLING", "DISPATCH_LOOPS", "GRAD_SAMPLE_MODES",
+    "ACCOUNTANTS", "AMP_GRAD_SAMPLE_MODES", "CLIENT_DP_MODES", "CLIENT_SAMPLING", "DISPATCH_LOOPS", "DP_MODES",
+    "GRAD_SAMPLE_MODES",
     "PARTITION_KINDS", "ROBUST_STRATEGIES", "STRATEGIES",
 ]
 
@@ -24,6 +25,9 @@ ROBUST_STRATEGIES = ("krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg"
 #: Client-level DP: the server clips and noises individual updates (central), or every client clips its own
 #: update and adds its share of the noise (distributed, works under SecAgg+).
 CLIENT_DP_MODES = ("off", "central", "distributed")
+#: Record-level DP: each site noises its own DP-SGD (local) or adds a Skellam share of one noise under SecAgg+
+#: (distributed); see docs/PRIVACY.md, "Distributed record-level DP".
+DP_MODES = ("local", "distributed")
 #: How clients are sampled each round under client-level DP: a fixed number (Flower's sampling, accounted with
 #: no amplification), or each client independently with probability fraction-train (amplified).
 CLIENT_SAMPLING = ("fixed", "poisson")

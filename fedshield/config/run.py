@@ -17,8 +17,9 @@ from typing import Any
 from ..errors import ConfigError
 from .checks import check_count_or_fraction, check_hardware, check_int, count_or_fraction, normalise_device_spec
 from .checks import normalise_sample_rate
+from .coerce import ZERO_IS_UNSET, coerce, nest_strategy_params
 from .names import ACCOUNTANTS, CLIENT_DP_MODES, CLIENT_SAMPLING, DISPATCH_LOOPS, GRAD_SAMPLE_MODES, ROBUST_STRATEGIES
-from .names import STRATEGIES
+from .names import DP_MODES, STRATEGIES
 from .specs import PartitionSpec, StrategyParams
 
 __all__ = ["RunConfig"]
@@ -116,6 +117,9 @@ class RunConfig:
     round_timeout: float = 600.0
     dispatch: str = "fedshield"
     node_wait_timeout: float = 300.0
+    dp_mode: str = "local"  # record-level DP: "local" (each site noises its own DP-SGD) or "distributed" (Skellam)
+    min_honest: float = 0.5  # distributed: sites (count, or fraction of a round's sites) assumed to add their noise
+    ddp_records: int = 0  # distributed: public estimate of the union's training records (0: the simulation's own)
 
     def __post_init__(self) -> None:
         check_int(self.num_clients, "clients", 1)
@@ -178,6 +182,7 @@ class RunConfig:
         self._check_client_dp()
         if self.dispatch not in DISPATCH_LOOPS:
             raise ConfigError(f"unknown dispatch {self.dispatch!r}: choose one of {', '.join(DISPATCH_LOOPS)}")
+        self._check_dp_mode()
         object.__setattr__(self, "device", normalise_device_spec(self.device))
         check_hardware(self.max_physical_batch_size, self.amp, self.grad_sample_mode, "")
         timeout = self.round_timeout
@@ -211,6 +216,33 @@ class RunConfig:
                     "the server: drop it (SecAgg+ already clips every entry to +-8; --client-dp distributed "
                     "clips each update on the client), or add --no-secagg"
                 )
+
+    def _check_dp_mode(self) -> None:
+        if self.dp_mode not in DP_MODES:
+            raise ConfigError(f"unknown dp-mode {self.dp_mode!r}: choose one of {', '.join(DP_MODES)}")
+        check_count_or_fraction(self.min_honest, "min-honest", min_count=1, example="0.5 or 3")
+        if self.dp_mode == "local":
+            return
+        needs = [why for bad, why in (
+            (not self.dp, "DP on (drop --no-dp)"), (not self.secagg, "SecAgg+ (drop --no-secagg): the server must see "
+                                                   "only the sum of the noise shares"),
+            (self.client_dp != "off", "--client-dp off"), (self.quantize != 0, "no --quantize (the field is the "
+                                                                                "mechanism's)"),
+            (self.local_epochs != 1, "--local-epochs 1 (one DP-SGD step per round over the union)"),
+            (self.client_sampling != "fixed" or self.fraction_train != 1.0, "every site in every round "
+                                                                            "(--fraction-train 1)"),
+            (self.strategy != "fedavg", "--strategy fedavg"),
+        ) if bad]
+        if needs:
+            raise ConfigError(f"--dp-mode distributed needs {'; '.join(needs)}")
+        if self.min_honest > self.num_clients:
+            raise ConfigError(f"min-honest {self.min_honest:g} exceeds the {self.num_clients} sites: lower it")
+
+    @property
+    def min_honest_count(self) -> int:
+        """``min_honest`` as a count of the round's sites (a fraction rounds up: never weaker than asked)."""
+        h = self.min_honest
+        return int(h) if h > 1 else max(1, math.ceil(h * self.num_clients - 1e-9))
 
     def _check_client_dp(self) -> None:
         if self.client_dp not in CLIENT_DP_MODES:
@@ -305,7 +337,7 @@ class RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         aliases = {"clients": "num_clients", "rounds": "num_rounds", "num_supernodes": "num_clients"}
         changes: dict[str, Any] = {}
-        values = _nest_strategy_params(values)
+        values = nest_strategy_params(values)
         for raw_key, value in values.items():
             key = aliases.get(raw_key.replace("-", "_"), raw_key.replace("-", "_"))
             if key not in known:
@@ -313,8 +345,8 @@ class RunConfig:
                     f"unknown setting {raw_key!r}: known settings are "
                     + ", ".join(sorted(k.replace("_", "-") for k in known))
                 )
-            changes[key] = _coerce(key, value)
-        for key in _ZERO_IS_UNSET if zero_is_unset else ():
+            changes[key] = coerce(key, value)
+        for key in ZERO_IS_UNSET if zero_is_unset else ():
             if changes.get(key) == 0:
                 changes[key] = None
         return dataclasses.replace(base or cls(), **changes)
@@ -326,60 +358,3 @@ class RunConfig:
         out["out"] = str(self.out)
         out["strategy_params"] = self.strategy_params.to_dict()
         return out
-
-
-#: Optional numbers that Flower's run config (which has no None) writes as 0 for "not set".
-_ZERO_IS_UNSET = (
-    "epsilon", "noise_multiplier", "max_update_norm", "client_noise_multiplier", "client_epsilon", "client_clip_norm",
-)
-_PARAMS_PREFIXES = ("strategy-params.", "strategy_params.")
-
-
-def _nest_strategy_params(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Flower flattens nested run-config tables to dotted keys: gather ``strategy-params.NAME`` back into one."""
-    out: dict[str, Any] = {}
-    nested: dict[str, Any] = {}
-    for key, value in values.items():
-        prefix = next((p for p in _PARAMS_PREFIXES if key.startswith(p)), None)
-        if prefix is None:
-            out[key] = value
-        else:
-            nested[key[len(prefix):]] = value
-    if nested:
-        given = out.pop("strategy_params", out.pop("strategy-params", {})) or {}
-        if not isinstance(given, Mapping):
-            raise ConfigError(f"strategy-params must be a table of settings, got {given!r}")
-        out["strategy_params"] = {**given, **nested}
-    return out
-
-
-def _coerce(key: str, value: Any) -> Any:
-    if value is None and key in {"epsilon", "noise_multiplier"}:
-        return None  # "not set", as written by to_flat_dict (JSON null)
-    if key == "out":
-        return Path(str(value))
-    if key == "partition":
-        return PartitionSpec.parse(str(value))
-    if key == "strategy_params":
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"strategy-params must be a table of settings (e.g. [strategy] beta = 0.2), got {value!r}")
-        return StrategyParams(value)
-    if key in {"strategy", "client_dp", "client_sampling", "device", "dispatch"}:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key.replace('_', '-')} must be text, got {value!r}")
-        return value.strip().lower()
-    if value is None and key in _ZERO_IS_UNSET:
-        return None
-    if key in {"num_clients", "num_rounds", "local_epochs", "seed", "quantize", "max_physical_batch_size"}:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key.replace('_', '-')} must be a whole number, got {value!r}")
-    if key in {"dp", "secagg", "amp"} and not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if key in {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "lr", "fraction_train",
-               "fraction_evaluate", "round_timeout", "node_wait_timeout", "secagg_shares", "secagg_threshold", *_ZERO_IS_UNSET}:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key.replace('_', '-')} must be a number, got {value!r}")
-        return float(value)
-    return value

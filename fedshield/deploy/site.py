@@ -91,6 +91,7 @@ class ClientOptions:
     #: Authorized node public keys (``authorized-nodes.txt``, checked out of band); SecAgg+ peers must sign with one.
     roster: Path | None = None
     secagg_min_peers: int = 2
+    min_honest: int = 0  # distributed DP: refuse rounds whose noise shares assume fewer honest sites
 
     def __post_init__(self) -> None:
         try:
@@ -151,7 +152,7 @@ def check_client(options: ClientOptions) -> ClientCheck:
     policy = SitePolicy(
         task=options.task, max_epsilon=options.max_epsilon or DEFAULT_MAX_EPSILON,
         delta=options.delta if options.delta is not None else default_delta(train + test),
-        accountant=options.accountant, allow_no_dp=options.allow_no_dp,
+        accountant=options.accountant, allow_no_dp=options.allow_no_dp, min_honest=options.min_honest,
     )
     if policy.delta >= 1.0 / (train + test):
         raise ConfigError(f"--delta {policy.delta:g} is not below 1/records (1/{train + test}): a mechanism that "

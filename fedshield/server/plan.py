@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import RunConfig
 from ..protocol import RoundSettings
 from ..privacy.accounting import calibrate_noise_multiplier
 from ..privacy.client_level_mechanism import accounting_sample_rate, calibrate_client_noise, check_shares_fit, noise_std_share
 from .checkpoint import Checkpoint
+from .distributed import DistributedTerms, distributed_sigma, distributed_terms
 
 __all__ = ["RunPlan", "plan_run", "round_settings", "noise_multiplier_for", "client_noise_multiplier_for",
            "check_noise_shares"]
@@ -27,6 +29,7 @@ class RunPlan:
         noise_multiplier: record-level sigma for the whole run (0 without DP).
         client_noise_multiplier: client-level z (None without client-level DP).
         state_root: where simulated clients keep their ledgers ("" in deployment: each site has its own).
+        distributed: the union's public sizes under ``--dp-mode distributed`` (None in local mode).
     """
 
     config: RunConfig
@@ -35,6 +38,7 @@ class RunPlan:
     noise_multiplier: float
     client_noise_multiplier: float | None
     state_root: str = ""
+    distributed: DistributedTerms | None = None
 
 
 def plan_run(config: RunConfig, resume: Checkpoint | None = None, *, state_root: str = "") -> RunPlan:
@@ -52,7 +56,8 @@ def plan_run(config: RunConfig, resume: Checkpoint | None = None, *, state_root:
         client_sigma = float(resumed) if resumed is not None else client_noise_multiplier_for(config)
         run_id, done = resume.run_id, resume.server_round
     check_noise_shares(config, client_sigma)
-    return RunPlan(config, run_id, done, sigma, client_sigma, state_root)
+    terms = distributed_terms(config) if config.dp and config.dp_mode == "distributed" else None
+    return RunPlan(config, run_id, done, sigma, client_sigma, state_root, terms)
 
 
 def round_settings(plan: RunPlan, server_round: int) -> RoundSettings:
@@ -67,13 +72,24 @@ def round_settings(plan: RunPlan, server_round: int) -> RoundSettings:
         client_clip_norm=c.client_clip_norm or 0.0,
         client_noise_std_share=_client_std_share(c, plan.client_noise_multiplier),
         device=c.device, max_physical_batch_size=c.max_physical_batch_size, amp=c.amp,
+        **_distributed_settings(plan),
     )
+
+
+def _distributed_settings(plan: RunPlan) -> dict[str, Any]:
+    if plan.distributed is None:
+        return {}
+    c = plan.config
+    return {"dp_mode": "distributed", "min_honest": c.min_honest_count, "ddp_sites": c.num_clients,
+            "ddp_batch_bound": plan.distributed.batch_bound}
 
 
 def noise_multiplier_for(config: RunConfig) -> float:
     """Sigma for the whole run: given, or calibrated once so the last planned round lands on the budget."""
     if not config.dp:
         return 0.0
+    if config.dp_mode == "distributed":
+        return distributed_sigma(config)
     if config.noise_multiplier is not None:
         return config.noise_multiplier
     if config.epsilon is None:  # RunConfig already rejects this; kept for type narrowing

@@ -20,6 +20,7 @@ from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..config import RunConfig
 from ..protocol import RoundSettings
 from ..privacy.accounting import compact_history, epsilon
+from ..privacy.mechanisms import SKELLAM_ACCOUNTANT, history_epsilon, history_steps
 from ..privacy.client_level_mechanism import accounting_sample_rate, client_level_epsilon
 from ..strategies.outcomes import ReleaseEvent
 
@@ -60,6 +61,9 @@ class PrivacyReport:
         self._names: dict[int, str] = {}
         #: Client-level releases: one entry per round whose aggregate was released.
         self.client_releases: list[dict[str, Any]] = []
+        self.accountant = config.accountant  # the record-level history's accountant (Skellam's in distributed mode)
+        self.distributed: tuple[Any, int] | None = None
+        self.last_settings: RoundSettings | None = None
 
     def record_client_level(self, server_round: int, event: ReleaseEvent | None) -> None:
         """Charge one round's client-level release (``None``: nothing was released this round, nothing spent)."""
@@ -124,15 +128,33 @@ class PrivacyReport:
                           f"{_client_adjacency(c.client_sampling)}" if math.isfinite(eps) else "no finite guarantee"),
         }
 
+    def use_distributed(self, terms: Any, dim: int) -> None:
+        """``--dp-mode distributed``: histories hold Skellam entries (:mod:`fedshield.server.distributed`)."""
+        self.distributed, self.accountant = (terms, dim), SKELLAM_ACCOUNTANT
+
+    def _entry(self, settings: RoundSettings, history: list[Any]) -> list[Any]:
+        if self.distributed is None:
+            return list(compact_history([*history, (settings.noise_multiplier, settings.sample_rate, settings.steps_per_round)]))
+        from .distributed import skellam_entry
+
+        return [*history, skellam_entry(settings, self.distributed[1])]
+
+    def _distributed_json(self, settings: RoundSettings) -> dict[str, Any] | None:
+        if self.distributed is None:
+            return None
+        from .distributed import mechanism_json
+
+        return mechanism_json(settings, self.distributed[1], self.distributed[0])
+
     def record_round(self, settings: RoundSettings, replies: list[P.ClientReply]) -> None:
+        self.last_settings = settings
         for reply in replies:
             client = self._client(reply)
             refused = bool(reply.error) and any(r in str(reply.error) for r in P.UNCHARGED_REFUSALS)
             if settings.dp and not refused:
                 # Charged for every reply that is not a refusal sent before charging: an aborted SecAgg+ round, a
                 # rejected update or a timeout may hide a round the site trained (and charged) all the same.
-                entry = (settings.noise_multiplier, settings.sample_rate, settings.steps_per_round)
-                client.history = list(compact_history([*client.history, entry]))
+                client.history = self._entry(settings, client.history)
                 if not reply.ok:
                     client.charged_unconfirmed.append(settings.server_round)
                 if P.EPSILON in reply.metrics:
@@ -175,7 +197,7 @@ class PrivacyReport:
     def client_epsilon(self, client: ClientPrivacy) -> float:
         if not self.config.dp:
             return math.inf
-        run_eps = epsilon(client.history, delta=self.config.delta, accountant=self.config.accountant)
+        run_eps = history_epsilon(client.history, delta=self.config.delta, accountant=self.accountant)
         # A client's own ledger may hold spend from earlier runs: report whichever is larger.
         return max(run_eps, client.reported_epsilon or 0.0)
 
@@ -188,8 +210,8 @@ class PrivacyReport:
         clients = {}
         for client in sorted(self.clients.values(), key=lambda x: (x.partition_id is None, x.partition_id or 0, x.node_id)):
             eps = self.client_epsilon(client)
-            from_ledger = self.config.dp and (client.reported_epsilon or 0.0) > epsilon(
-                client.history, delta=self.config.delta, accountant=self.config.accountant)
+            from_ledger = self.config.dp and (client.reported_epsilon or 0.0) > history_epsilon(
+                client.history, delta=self.config.delta, accountant=self.accountant)
             clients[client.name] = {
                 "node_id": client.node_id,
                 "partition_id": client.partition_id,
@@ -199,10 +221,10 @@ class PrivacyReport:
                 # site's privacy-ledger.json.
                 "epsilon_source": "ledger" if from_ledger else "history",
                 "delta": c.delta,
-                "accountant": c.accountant,
+                "accountant": self.accountant,
                 "noise_multiplier": self.noise_multiplier if c.dp else None,
                 "sample_rate": c.sample_rate,
-                "steps": sum(n for _, _, n in client.history),
+                "steps": history_steps(client.history),
                 "history": [list(h) for h in client.history],
                 "rounds_trained": len(client.rounds_trained),
                 "trained_in_rounds": client.rounds_trained,
@@ -245,6 +267,7 @@ class PrivacyReport:
             "randomness": _randomness(self.clients.values()),
             "clients": clients,
             "client_level": self.client_level_json(),
+            "distributed": None if self.last_settings is None else self._distributed_json(self.last_settings),
         }
 
 
@@ -309,7 +332,7 @@ def recompute_epsilon(entry: dict[str, Any]) -> float:
     client's own ledger holds more (earlier runs, or an interrupted round charged twice) and ``epsilon`` is that
     ledger's figure, recomputable from the site's ``privacy-ledger.json``.
     """
-    return epsilon([tuple(h) for h in entry["history"]], delta=entry["delta"], accountant=entry["accountant"])
+    return history_epsilon([tuple(h) for h in entry["history"]], delta=entry["delta"], accountant=entry["accountant"])
 
 
 def _finite(x: float) -> float | None:

@@ -8,6 +8,7 @@ the round to the :class:`~fedshield.server.reporter.RunReporter`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -53,9 +54,12 @@ def run_server(
     alike, so replies reach the aggregation as they arrive.
     """
     plan = plan_run(config, resume, state_root=state_root)
-    stack = build_strategy(config, client_noise_multiplier=plan.client_noise_multiplier)
-    reporter = RunReporter(plan, stack.stateful)
     model = _initial_model(config, resume)
+    distributed = _distributed_hooks(plan, model)
+    stack = build_strategy(config, client_noise_multiplier=plan.client_noise_multiplier, distributed=distributed)
+    reporter = RunReporter(plan, stack.stateful)
+    if plan.distributed is not None:
+        reporter.report.use_distributed(plan.distributed, _trainable_numel(model))
     if resume is not None:
         reporter.resume(resume)
     remaining = config.num_rounds - plan.done
@@ -109,6 +113,20 @@ def _initial_model(config: RunConfig, resume: Checkpoint | None) -> Any:
     if resume is not None:
         model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in resume.model.items()})
     return model
+
+
+def _distributed_hooks(plan: RunPlan, model: torch.nn.Module) -> dict[str, Any] | None:
+    """DistributedSecAggPlus' arguments (it decodes Skellam field vectors of the trainable tensors); None in local
+    mode."""
+    if plan.distributed is None:
+        return None
+    return {"settings_for": functools.partial(round_settings, plan),
+            "param_keys": [k for k, p in model.named_parameters() if p.requires_grad],
+            "expected_batch": plan.distributed.expected_batch}
+
+
+def _trainable_numel(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _streaming(grid: Grid) -> StreamingGrid:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from ._secagg_stages import MaskedReply, ProtocolParams
-from .clear_values import check_clear_metrics
+from ..protocol import NUM_EXAMPLES, PARTITION_ID, ClientReply
+from ._secagg_stages import MaskedReply, ProtocolParams, RoundState
+from .clear_values import COUNT_METRICS, check_clear_metrics
 from .validation import REJECTED
 
-__all__ = ["check_masked_clear"]
+__all__ = ["average_clear_metrics", "check_masked_clear", "reply_outcomes"]
 
 
 def check_masked_clear(reply: MaskedReply, p: ProtocolParams) -> str | None:
@@ -29,3 +30,32 @@ def check_masked_clear(reply: MaskedReply, p: ProtocolParams) -> str | None:
                 f"2^{p.modulus_range.bit_length() - 1} a node may report at most "
                 f"{int(share / p.quantization_range * p.max_weight)} (max_weight {p.max_weight:g})")
     return None
+
+
+def average_clear_metrics(replies: list[MaskedReply]) -> dict[str, float]:
+    """The clear metrics every included node sent, as one reply's (identifiers excluded): counts (steps, rounds
+    trained) as their maximum, everything else as the example-weighted mean.
+
+    Why the maximum for counts: a mean of whole numbers is not one (3.0000000000000004, or 3.5), and the synthetic
+    reply passes the same clear-value checks as any reply (:mod:`.validation`); the maximum is a count that some
+    node really reported.
+    """
+    keys = set.intersection(*(set(r.metrics) for r in replies)) - {NUM_EXAMPLES, PARTITION_ID}
+    total = sum(r.num_examples for r in replies)
+    weights = [r.num_examples / total if total else 1 / len(replies) for r in replies]
+    return {k: float(max(r.metrics[k] for r in replies)) if k in COUNT_METRICS
+            else float(sum(w * r.metrics[k] for w, r in zip(weights, replies, strict=True))) for k in sorted(keys)}
+
+
+def reply_outcomes(state: RoundState, masked: dict[int, MaskedReply], aborted: str | None) -> list[ClientReply]:
+    """One outcome per sampled node: its clear figures, and why it did not count (the round's abort, or its own)."""
+    out = []
+    for nid in state.sampled:
+        reply = masked.get(nid)
+        metrics = {} if reply is None else {NUM_EXAMPLES: float(reply.num_examples), **reply.metrics}
+        if reply is not None and aborted is None:
+            out.append(ClientReply(nid, metrics))
+        else:
+            reason = state.errors.get(nid) or f"round aborted: {aborted}"
+            out.append(ClientReply(nid, metrics, error=reason))
+    return out

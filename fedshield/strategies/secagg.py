@@ -37,10 +37,10 @@ from flwr.serverapp.strategy import Strategy
 from ..flower_internals.secagg_keys import Stage
 from ..compression import secagg_field
 from ..errors import ConfigError, ProtocolError
-from ..protocol import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, ClientReply
+from ..protocol import ARRAYS, METRICS, NUM_EXAMPLES, ClientReply
 from ._secagg_params import check_bits, check_params, neighbour_graph, protocol_params
-from ._secagg_clear import check_masked_clear
-from .clear_values import COUNT_METRICS, DEFAULT_MAX_WEIGHT
+from ._secagg_clear import average_clear_metrics, check_masked_clear, reply_outcomes
+from .clear_values import DEFAULT_MAX_WEIGHT
 from .outcomes import RoundOutcomes
 from ._secagg_stages import (
     MaskedReply,
@@ -220,15 +220,15 @@ class SecAggPlus(StrategyWrapper):
                              server_round, len(replies))
             return None, None
         if self._aborted is not None:
-            self.last_replies = _outcomes(state, {}, self._aborted)
+            self.last_replies = reply_outcomes(state, {}, self._aborted)
             return None, None
         masked = self._read_replies(state, replies)
         average = self._secure_average(state, masked)
         if average is None:
             _log.error("SecAgg+ round %d aborted, global model unchanged: %s", server_round, self._aborted)
-            self.last_replies = _outcomes(state, masked, self._aborted)
+            self.last_replies = reply_outcomes(state, masked, self._aborted)
             return None, None
-        self.last_replies = _outcomes(state, masked, None)
+        self.last_replies = reply_outcomes(state, masked, None)
         return self.inner.aggregate_train(server_round, [self._synthetic_reply(masked, average)])
 
     def _field(self, bits: int, num_samples: int) -> dict[str, Any]:
@@ -246,7 +246,7 @@ class SecAggPlus(StrategyWrapper):
         """Parse stage-2 replies; a malformed one, or a negative count, leaves the node out (as dead)."""
         good, failed = settle(state, Stage.COLLECT_MASKED_VECTORS, replies)
         state.errors.update(failed)
-        shapes = [tuple(arr.shape) for arr in self._require_global().values()]
+        shapes = self._vector_shapes()
         masked: dict[int, MaskedReply] = {}
         for nid, content in good.items():
             try:
@@ -286,7 +286,7 @@ class SecAggPlus(StrategyWrapper):
         if unmasked is None:
             self._aborted = f"too few key shares arrived in stage {Stage.UNMASK}"
             return None
-        q_total, average = weighted_average(unmasked, p, len(included))
+        q_total, average = self._decode(state, unmasked, len(included))
         if q_total != q_expected:
             # The masked weights must add up to what the clients declared in clear; anything else means a
             # client lied about its count, or masks were not removed cleanly. Never apply such a sum.
@@ -294,12 +294,20 @@ class SecAggPlus(StrategyWrapper):
             return None
         return average
 
+    def _vector_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of a masked vector's arrays (after the weight): the global model's. A hook for subclasses."""
+        return [tuple(arr.shape) for arr in self._require_global().values()]
+
+    def _decode(self, state: RoundState, unmasked: Vector, num_included: int) -> tuple[int, Vector]:
+        """(summed weight, average update per global array) from the unmasked field sum. A hook for subclasses."""
+        return weighted_average(unmasked, state.params, num_included)
+
     def _synthetic_reply(self, masked: dict[int, MaskedReply], average: Vector) -> Message:
         """One reply carrying ``global + average update``, for the inner strategy to aggregate."""
         base = self._require_global()
         new = {k: Array(_add_update(g, d)) for (k, g), d in zip(_numpy_items(base), average, strict=True)}
         metrics = MetricRecord()
-        metrics.update(_average_metrics(list(masked.values())))
+        metrics.update(average_clear_metrics(list(masked.values())))
         metrics[self.weight_key] = sum(r.num_examples for r in masked.values())
         content = RecordDict({ARRAYS: ArrayRecord(new), METRICS: metrics})
         return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
@@ -370,31 +378,3 @@ def _add_update(global_arr: np.ndarray[Any, Any], update: np.ndarray[Any, Any]) 
     if np.issubdtype(global_arr.dtype, np.integer):
         new = np.rint(new)
     return np.asarray(new.astype(global_arr.dtype))
-
-
-def _average_metrics(replies: list[MaskedReply]) -> dict[str, float]:
-    """The clear metrics every included node sent, as one reply's (identifiers excluded): counts (steps, rounds
-    trained) as their maximum, everything else as the example-weighted mean.
-
-    Why the maximum for counts: a mean of whole numbers is not one (3.0000000000000004, or 3.5), and the synthetic
-    reply passes the same clear-value checks as any reply (:mod:`.validation`); the maximum is a count that some
-    node really reported.
-    """
-    keys = set.intersection(*(set(r.metrics) for r in replies)) - {NUM_EXAMPLES, PARTITION_ID}
-    total = sum(r.num_examples for r in replies)
-    weights = [r.num_examples / total if total else 1 / len(replies) for r in replies]
-    return {k: float(max(r.metrics[k] for r in replies)) if k in COUNT_METRICS
-            else float(sum(w * r.metrics[k] for w, r in zip(weights, replies, strict=True))) for k in sorted(keys)}
-
-
-def _outcomes(state: RoundState, masked: dict[int, MaskedReply], aborted: str | None) -> list[ClientReply]:
-    out = []
-    for nid in state.sampled:
-        reply = masked.get(nid)
-        metrics = {} if reply is None else {NUM_EXAMPLES: float(reply.num_examples), **reply.metrics}
-        if reply is not None and aborted is None:
-            out.append(ClientReply(nid, metrics))
-        else:
-            reason = state.errors.get(nid) or f"round aborted: {aborted}"
-            out.append(ClientReply(nid, metrics, error=reason))
-    return out

@@ -64,11 +64,14 @@ class StrategyStack:
     stateful: Mapping[str, Strategy]
 
 
-def build_strategy(config: RunConfig, *, client_noise_multiplier: float | None = None) -> StrategyStack:
+def build_strategy(config: RunConfig, *, client_noise_multiplier: float | None = None,
+                   distributed: Mapping[str, Any] | None = None) -> StrategyStack:
     """The layers of the module docstring for ``config``, sharing one :class:`RoundOutcomes`.
 
     ``client_noise_multiplier``: client-level DP's z as the run calibrated it (default: the configured one); needed
-    when ``config.client_dp`` is on.
+    when ``config.client_dp`` is on. ``distributed``: under ``--dp-mode distributed``, the arguments of
+    :class:`~fedshield.strategies.distributed_dp.DistributedSecAggPlus` (whose masked vectors are Skellam field
+    integers) that take SecAgg+'s place.
     """
     outcomes = RoundOutcomes()
     base = build(config.strategy, config.strategy_params, sampling=_sampling(config))
@@ -83,7 +86,7 @@ def build_strategy(config: RunConfig, *, client_noise_multiplier: float | None =
     if config.quantize and not config.secagg:
         layers.append(DequantizeUpdates(layers[-1], streams=streams))
     if config.secagg:
-        layers.append(_secagg(config, layers[-1], weight_key, outcomes))
+        layers.append(_secagg(config, layers[-1], weight_key, outcomes, distributed))
     if config.client_dp == "distributed" and not config.secagg:
         log.warning("--client-dp distributed without SecAgg+: the server sees each update with only its "
                     "1/sqrt(n) share of the noise; the client-level guarantee holds for the released model only")
@@ -117,7 +120,8 @@ def _client_dp(
     )
 
 
-def _secagg(config: RunConfig, inner: Strategy, weight_key: str, outcomes: RoundOutcomes) -> Strategy:
+def _secagg(config: RunConfig, inner: Strategy, weight_key: str, outcomes: RoundOutcomes,
+            distributed: Mapping[str, Any] | None) -> Strategy:
     """SecAgg+ as the run configures it. Its key exchange and unmasking stages wait as long for replies as the
     round's train and evaluate exchanges."""
     from .secagg import SecAggPlus
@@ -132,5 +136,10 @@ def _secagg(config: RunConfig, inner: Strategy, weight_key: str, outcomes: Round
             # default job); at weight 1 the same updates are 4.3x larger (max 0.48): +-1.0 keeps the 2x
             # headroom, and its step (2/255) still adds only ~0.2% to the entries' variance.
             max_weight["clipping_range"] = 1.0
+    if distributed is not None:
+        from .distributed_dp import DistributedSecAggPlus
+
+        return DistributedSecAggPlus(inner, timeout=config.round_timeout, weight_key=weight_key, outcomes=outcomes,
+                                     **config.secagg_params, **max_weight, **distributed)
     return SecAggPlus(inner, timeout=config.round_timeout, weight_key=weight_key, outcomes=outcomes,
                       **config.secagg_params, **max_weight)

@@ -1,0 +1,27 @@
+"""Smoke test of benchmarks/utility.py: two distributed rounds on 3 real sites, its table and its plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "utility.py"
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_utility_benchmark_runs_tabulates_and_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("utility_bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setitem(bench.CENTRAL, "epochs", 2 * bench.CENTRAL["q"])  # two rounds
+    rows = bench.run([("distributed", 8.0, 3, "iid", 0)])
+    assert len(rows) == 1 and 0.0 <= rows[0]["accuracy"] <= 1.0 and math.isfinite(rows[0]["seconds"])
+    rows += [{**rows[0], "method": "central", "accuracy": 0.9}]
+    text = bench.table(rows)
+    assert "| 3 | iid | 8 | 90.0% | not run |" in text
+    bench.plot(rows, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
