@@ -609,6 +609,7 @@ class RoundSettings:
     device: str = "auto"  # where to train; a deployed site's node config "device" overrides it
     max_physical_batch_size: int = 0  # DP-SGD examples per forward/backward pass (0: the whole Poisson batch)
     amp: bool = False  # bf16 autocast for the forward pass
+    frozen_digest: str = ""  # SHA-256 of a partial model's frozen weights ("" = every weight travels)
 
     def __post_init__(self) -> None:
         if self.client_dp not in CLIENT_DP_MODES:

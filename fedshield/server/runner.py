@@ -26,6 +26,7 @@ from ..privacy.client_dp import accounting_sample_rate, calibrate_client_noise, 
 from ..privacy.dpsgd import evaluate
 from ..strategies.recording import RecordingStrategy
 from ..tasks import get_task
+from ..tasks.partial import frozen_digest, load_travelling, travelling_state
 from ..strategies.dequantize import DequantizeUpdates
 from ..strategies.offset import RoundOffset
 from ..strategies.client_dp import ClientLevelDP, find_client_dp
@@ -183,7 +184,8 @@ def run_server(
     strategy = build_strategy(config, client_noise_multiplier=client_sigma)
     run_id = uuid.uuid4().hex[:12]
     done = 0
-    initial = ArrayRecord(torch_state_dict=model.state_dict())
+    initial = ArrayRecord(torch_state_dict=travelling_state(model))  # a partial model sends its trainable part
+    digest = frozen_digest(model)
     if resume is not None:
         run_id, done = resume.run_id, resume.server_round
         restore_strategy_state(strategy, resume.strategy_state)
@@ -191,8 +193,8 @@ def run_server(
         report.load_client_level(resume.extra.get("client_level"))
         writer.rounds = list(resume.rounds)
         summary.rounds = list(resume.rounds)
-        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in resume.model.items()})
-        initial = ArrayRecord(torch_state_dict=model.state_dict())
+        load_travelling(model, {k: torch.from_numpy(v.copy()) for k, v in resume.model.items()})
+        initial = ArrayRecord(torch_state_dict=travelling_state(model))
 
     def settings_for(server_round: int) -> RoundSettings:
         return RoundSettings(
@@ -205,6 +207,7 @@ def run_server(
             client_clip_norm=config.client_clip_norm or 0.0,
             client_noise_std_share=_client_std_share(config, client_sigma),
             device=config.device, max_physical_batch_size=config.max_physical_batch_size, amp=config.amp,
+            frozen_digest=digest,
         )
 
     clock = {"start": time.monotonic(), "last": time.monotonic()}
@@ -214,7 +217,7 @@ def run_server(
         state = arrays.to_torch_state_dict()
         metrics: dict[str, float] = {}
         if server_test is not None:
-            model.load_state_dict(state)
+            load_travelling(model, state)
             loss, acc = evaluate(model, server_test, task.loss_fn())
             metrics = {"loss": loss, "accuracy": acc}
         if server_round == 0:
