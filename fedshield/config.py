@@ -223,6 +223,9 @@ class RunConfig:
     max_physical_batch_size: int = 0
     amp: bool = False
     round_timeout: float = 600.0
+    data: str = ""  # simulate: a data file partitioned among the virtual clients instead of the bundled data
+    text_column: str = ""  # with data: the text column of a text task's table (default "text")
+    label_column: str = ""  # with data: the label column (default "label")
 
     def __post_init__(self) -> None:
         _check_int(self.num_clients, "clients", 1)
@@ -610,6 +613,9 @@ class RoundSettings:
     max_physical_batch_size: int = 0  # DP-SGD examples per forward/backward pass (0: the whole Poisson batch)
     amp: bool = False  # bf16 autocast for the forward pass
     frozen_digest: str = ""  # SHA-256 of a partial model's frozen weights ("" = every weight travels)
+    sim_data: str = ""  # simulation only: the file the virtual clients partition instead of the bundled data
+    text_column: str = ""  # with sim_data: its text column (text tasks)
+    label_column: str = ""  # with sim_data: its label column
 
     def __post_init__(self) -> None:
         if self.client_dp not in CLIENT_DP_MODES:

@@ -53,6 +53,10 @@ Resume = Annotated[Path | None, typer.Option(
     "--resume", help="Continue the run in this directory from its last completed round (its own settings).")]
 Force = Annotated[bool, typer.Option(
     "--force", help="Replace the run already in --out (its metrics, privacy report and checkpoint are removed).")]
+Data = Annotated[Path | None, typer.Option(
+    "--data", help="simulate: a .csv/.parquet/.npz file the virtual clients partition instead of the task's bundled data.")]
+TextColumn = Annotated[str | None, typer.Option("--text-column", help="Text tasks: the column holding the text (default text).")]
+LabelColumn = Annotated[str | None, typer.Option("--label-column", help="Label column of a .csv/.parquet (default label).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")]
 
 

@@ -33,6 +33,9 @@ def simulate_command(
     clients: int | None = typer.Option(None, "--clients", help="Number of virtual clients (default 5)."),
     rounds: o.Rounds = None,
     task: o.Task = None,
+    data: o.Data = None,
+    text_column: o.TextColumn = None,
+    label_column: o.LabelColumn = None,
     partition: str | None = typer.Option(None, "--partition", help="iid | dirichlet:ALPHA | shard:N."),
     epsilon: o.Epsilon = None,
     delta: o.Delta = None,
@@ -78,6 +81,8 @@ def simulate_command(
         "num_clients": clients, "partition": partition, "quantize": quantize, "strategy": strategy,
         "client_dp": client_dp, "client_noise_multiplier": client_noise_multiplier,
         "client_clip_norm": client_clip_norm, "client_epsilon": client_epsilon, "max_update_norm": max_update_norm,
+        "data": str(data.expanduser().resolve()) if data is not None else None,  # Ray workers read it too
+        "text_column": text_column, "label_column": label_column,
     }
     with errors_to_exit():
         ckpt = None

@@ -30,7 +30,7 @@ from ..errors import ConfigError
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
 from ..tasks import get_task
 from ..device import resolve_device
-from .node_config import ALLOW_PLAIN_UPDATES, DATA_PATH, DEVICE, LABEL_COLUMN, STATE_DIR, WORKER_SOCKET
+from .node_config import ALLOW_PLAIN_UPDATES, DATA_PATH, DEVICE, LABEL_COLUMN, STATE_DIR, TEXT_COLUMN, WORKER_SOCKET
 from .node_config import NODE_KEY, SECAGG_MIN_PEERS, SECAGG_ROSTER
 from .server_probe import RetryHook, wait_for_server
 from .policy import DEFAULT_MAX_EPSILON, SitePolicy, check_ledger_terms, default_delta
@@ -72,6 +72,7 @@ class ClientOptions:
     node_key: Path | None = None
     task: str = "digits"
     label_column: str | None = None
+    text_column: str | None = None  # text tasks: the column holding each record's text (default "text")
     max_epsilon: float | None = None
     device: str | None = None
     allow_plain_updates: bool = False
@@ -146,7 +147,7 @@ def check_client(options: ClientOptions) -> ClientCheck:
         credentials = load_node_credentials(ca_cert=Path(options.ca_cert), private_key=Path(options.node_key))  # type: ignore[arg-type]
     data = Path(options.data).expanduser().resolve()
     state = _state_dir(Path(options.state_dir))
-    train, test = _load_data(options.task, data, options.label_column, state)
+    train, test = _load_data(options.task, data, options.label_column, state, options.text_column)
     policy = SitePolicy(
         task=options.task, max_epsilon=options.max_epsilon or DEFAULT_MAX_EPSILON,
         delta=options.delta if options.delta is not None else default_delta(train + test),
@@ -168,6 +169,7 @@ def check_client(options: ClientOptions) -> ClientCheck:
         DATA_PATH: str(data),
         STATE_DIR: str(state),
         LABEL_COLUMN: options.label_column or "",
+        TEXT_COLUMN: options.text_column or "",
         ALLOW_PLAIN_UPDATES: bool(options.allow_plain_updates),
         **policy.to_node_config(),
     }
@@ -184,13 +186,14 @@ def check_client(options: ClientOptions) -> ClientCheck:
     return ClientCheck(host, port, credentials, train, test, ledger, node_config, tuple(warnings), device, policy)
 
 
-def _load_data(task_name: str, data: Path, label_column: str | None, state: Path) -> tuple[int, int]:
+def _load_data(task_name: str, data: Path, label_column: str | None, state: Path,
+               text_column: str | None = None) -> tuple[int, int]:
     """Load the data exactly as the ClientApp will (same function, same split), so what passes here trains there.
     On a first start this chooses the site's own train/test split and saves it in the state directory."""
     from .site import _load_files
 
     get_task(task_name)  # an unknown task fails here, listing the known ones
-    train, test = _load_files(task_name, str(data), label_column or "", str(state))
+    train, test = _load_files(task_name, str(data), label_column or "", str(state), text_column or "")
     return len(train), len(test)
 
 

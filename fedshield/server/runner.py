@@ -26,6 +26,7 @@ from ..privacy.client_dp import accounting_sample_rate, calibrate_client_noise, 
 from ..privacy.dpsgd import evaluate
 from ..strategies.recording import RecordingStrategy
 from ..tasks import get_task
+from ..tasks.files import whole_dataset
 from ..tasks.partial import frozen_digest, load_travelling, travelling_state
 from ..strategies.dequantize import DequantizeUpdates
 from ..strategies.offset import RoundOffset
@@ -176,8 +177,9 @@ def run_server(
     summary = RunSummary(config, sigma)
     model = task.new_model(config.seed)
     server_test = None
-    if task.load_bundled is not None:
-        server_test = split_federated(task.load_bundled(), config.partition, 1, config.seed).server_test
+    if task.load_bundled is not None or config.data:
+        whole = whole_dataset(task, config.data, text_column=config.text_column, label_column=config.label_column)
+        server_test = split_federated(whole, config.partition, 1, config.seed).server_test
     writer = RunWriter(config.out)
     writer.prepare(config)
     report = PrivacyReport(config, sigma, client_noise_multiplier=client_sigma)
@@ -207,7 +209,8 @@ def run_server(
             client_clip_norm=config.client_clip_norm or 0.0,
             client_noise_std_share=_client_std_share(config, client_sigma),
             device=config.device, max_physical_batch_size=config.max_physical_batch_size, amp=config.amp,
-            frozen_digest=digest,
+            frozen_digest=digest, sim_data=config.data, text_column=config.text_column,
+            label_column=config.label_column,
         )
 
     clock = {"start": time.monotonic(), "last": time.monotonic()}

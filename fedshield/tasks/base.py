@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +35,8 @@ class Task:
             min/max): those depend on every record, travel into the model outside DP-SGD and void the epsilon.
             Fit them on public data, or estimate them with DP and charge that to the site's ledger yourself.
         loss_fn: training loss (per-batch mean).
+        read_files: reads a site's own file into model inputs when the numeric table reader does not fit (text:
+            ``(path, text_column, label_column) -> Dataset`` of token ids); ``None`` uses that reader.
     """
 
     spec: DataSpec
@@ -41,6 +44,7 @@ class Task:
     load_bundled: Callable[[], Dataset] | None = None
     preprocess: Callable[[np.ndarray], np.ndarray] | None = None
     loss_fn: Callable[[], nn.Module] = nn.CrossEntropyLoss
+    read_files: Callable[[Path, str | None, str | None], Dataset] | None = None
 
     @property
     def name(self) -> str:
