@@ -278,7 +278,8 @@ def main() -> None:
     args = parser.parse_args()
     args.steps = args.steps or (5 if args.full else 2)
     args.batch = args.batch or (32 if args.full else 4)
-    models = args.models or (["cnn1m", "cnn10m", "minilm-full", "minilm-lora"] if args.full else ["cnn1m", "minilm-lora"])
+    full_models = ["cnn1m", "cnn10m", "minilm-full", "minilm-lora"]
+    models = args.models or (full_models if args.full else ["cnn1m", "minilm-lora"])
     rows: list[dict[str, Any]] = []
     if "dpsgd" in args.parts:
         rows += run_dpsgd(models, args.modes, args)

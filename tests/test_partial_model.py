@@ -126,3 +126,22 @@ def test_frozen_user_task_trains_with_secagg_and_only_the_head_travels(frozen_ta
     assert refused.value.code == CONFIG_ERROR_CODE
     assert "FrozenWeightsMismatch" in refused.value.reason and "0000000000000000" in refused.value.reason
     assert not (tmp_path / "ledgers").exists()
+
+
+def test_secagg_field_fold_equals_the_sum_of_all_masked_vectors() -> None:
+    """The server's running fold (one vector at a time) gives the very sum the listed vectors gave."""
+    import numpy as np
+
+    from fedshield.strategies._secagg_fold import FieldSum
+    from fedshield.strategies._secagg_stages import masked_sum
+
+    rng = np.random.default_rng(0)
+    modulus = 2**32
+    vectors = [[rng.integers(0, modulus, size=s, dtype=np.int64) for s in [(1,), (3, 4), ()]] for _ in range(7)]
+    field = FieldSum(modulus)
+    for vec in vectors:
+        field.add(vec)
+    for got, want in zip(field.value(), masked_sum(vectors, modulus), strict=True):
+        assert got.shape == want.shape and np.array_equal(got, want)
+    with pytest.raises(ValueError, match="no masked vectors"):
+        FieldSum(modulus).value()

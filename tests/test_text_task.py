@@ -78,11 +78,11 @@ def test_only_lora_adapters_and_head_are_trainable_and_the_base_is_the_same_ever
 def test_simulated_federation_fine_tunes_minilm_lora_with_dp_and_secagg(tmp_path: Path) -> None:
     data = write_reviews(tmp_path / "reviews.csv", 160)
     config = RunConfig(task=TASK, data=str(data), text_column="review", label_column="sentiment", num_clients=5,
-                       num_rounds=2, local_epochs=1, lr=0.5, sample_rate=0.5, grad_sample_mode="hooks",
+                       num_rounds=1, local_epochs=1, lr=0.5, sample_rate=0.5, grad_sample_mode="hooks",
                        secagg=True, epsilon=8.0, out=tmp_path / "run")
     simulate(config)
     rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["clients_trained"] for r in rows] == [5, 5], rows
+    assert [r["clients_trained"] for r in rows] == [5], rows
     lora_bytes = sum(v.nbytes for v in load_file(str(config.out / "model.safetensors")).values())
     # Masked values travel as uint32, like the float32 weights: the upload is the adapters and head, plus framing.
     assert all(r["bytes_up_per_client"] < 1.2 * lora_bytes for r in rows), (rows, lora_bytes)
@@ -94,7 +94,9 @@ def test_simulated_federation_fine_tunes_minilm_lora_with_dp_and_secagg(tmp_path
     for entry in privacy["clients"].values():
         assert entry["epsilon"] == pytest.approx(recompute_epsilon(entry), rel=1e-9)
         assert 0 < entry["epsilon"] <= 8.0 + 1e-6
-    assert 0.0 <= rows[-1]["accuracy"] <= 1.0
+    # Separable sentences: one private round already lifts the server's test accuracy well above chance (0.94
+    # here); a band, not a figure: the upper end stays open since the data are easy.
+    assert rows[-1]["accuracy"] > 0.6, rows
 
 
 def test_two_real_clients_fine_tune_minilm_lora_with_dp_and_secagg(tmp_path: Path) -> None:
@@ -130,13 +132,14 @@ def test_two_real_clients_fine_tune_minilm_lora_with_dp_and_secagg(tmp_path: Pat
         assert entry["epsilon"] == pytest.approx(recompute_epsilon(entry), rel=1e-9)
 
 
-_DEVICES = [pytest.param("cpu", False, id="cpu"),
-            pytest.param("cuda", True, id="cuda-bf16", marks=pytest.mark.skipif(
+_DEVICES = [pytest.param("cpu", False, "hooks", id="cpu-hooks"),
+            pytest.param("cpu", False, "ghost", id="cpu-ghost"),  # the run default
+            pytest.param("cuda", True, "hooks", id="cuda-bf16", marks=pytest.mark.skipif(
                 not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)"))]
 
 
-@pytest.mark.parametrize(("device", "amp"), _DEVICES)
-def test_dp_sgd_on_minilm_lora_moves_only_adapters_and_head(tmp_path: Path, device: str, amp: bool) -> None:
+@pytest.mark.parametrize(("device", "amp", "mode"), _DEVICES)
+def test_dp_sgd_on_minilm_lora_moves_only_adapters_and_head(tmp_path: Path, device: str, amp: bool, mode: str) -> None:
     from fedshield.privacy.dpsgd import make_generator, train_dp_sgd
 
     task = get_task(TASK)
@@ -145,7 +148,7 @@ def test_dp_sgd_on_minilm_lora_moves_only_adapters_and_head(tmp_path: Path, devi
     before = {k: v.clone() for k, v in model.state_dict().items() if k in set(travelling_keys(model))}
     data = task.read_files(write_reviews(tmp_path / "r.csv", 16), "review", "sentiment")
     result = train_dp_sgd(model, data, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, epochs=1, lr=0.5,
-                          loss_fn=task.loss_fn(), generator=make_generator(0), grad_sample_mode="hooks",
+                          loss_fn=task.loss_fn(), generator=make_generator(0), grad_sample_mode=mode,
                           device=device, amp=amp)
     assert result.history == ((1.0, 0.5, 2),)
     model.to("cpu")

@@ -13,7 +13,9 @@ from .base import Dataset, Task
 __all__ = ["read_task_file", "whole_dataset"]
 
 
-def read_task_file(task: Task, path: Path, *, text_column: str | None = None, label_column: str | None = None) -> Dataset:
+def read_task_file(
+    task: Task, path: Path, *, text_column: str | None = None, label_column: str | None = None
+) -> Dataset:
     """Model inputs and labels from ``path``: the task's own reader (text), else the numeric table/image reader
     followed by the task's fixed ``preprocess``."""
     if task.read_files is not None:
