@@ -184,10 +184,10 @@ def _masked_payload(i: int, shapes: list[tuple[int, ...]]) -> list[bytes]:
     return [ndarray_to_bytes(rng.integers(0, 2**32, size=s, dtype=np.uint32)) for s in shapes]
 
 
-def _decode(payload: list[bytes]) -> list[np.ndarray]:
+def _decode(payload: list[bytes], widen: bool = True) -> list[np.ndarray]:
     from flwr.common import bytes_to_ndarray
 
-    return [np.asarray(bytes_to_ndarray(b), dtype=np.int64) for b in payload]
+    return [np.asarray(bytes_to_ndarray(b), dtype=np.int64) if widen else bytes_to_ndarray(b) for b in payload]
 
 
 def secagg_fold(n: int, shapes: list[tuple[int, ...]]) -> np.ndarray:
@@ -195,7 +195,7 @@ def secagg_fold(n: int, shapes: list[tuple[int, ...]]) -> np.ndarray:
 
     field = FieldSum(2**32)
     for i in range(n):  # each payload is built as it "arrives" and dropped after the fold
-        field.add(_decode(_masked_payload(i, shapes)))
+        field.add(_decode(_masked_payload(i, shapes), widen=False))  # as fold_masked_replies reads
     return field.value()[0]
 
 

@@ -3,7 +3,8 @@
 Unmasking needs only the sum of the masked vectors (modulo the field) and the seeds recovered in stage 3, never
 one node's vector, so nothing but the running sum and the reply being read is held: with a lazy grid
 (:class:`~fedshield.strategies.streaming.StreamingGrid`) the server's peak memory stays about two int64 vectors
-of the model's size, whatever the number of clients (it used to list every reply, then every widened vector).
+of the model's size plus one reply, whatever the number of clients (it used to list every reply, then every
+widened vector).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ class FieldSum:
             self.total = [np.array(np.mod(np.asarray(v, dtype=np.int64), self.modulus), dtype=np.int64) for v in vector]
             return
         for acc, v in zip(self.total, vector, strict=True):
-            np.add(acc, v, out=acc)  # both < modulus <= 2^62: no int64 overflow before the reduction
+            # v: the wire's uint32 (added without a widened copy) or int64; a malformed negative entry is caught
+            # by the integrity check on the unmasked sum, like any wrong mask.
+            np.add(acc, v, out=acc, casting="safe")
             np.mod(acc, self.modulus, out=acc)
 
     def value(self) -> Vector:
@@ -83,7 +86,7 @@ def fold_masked_replies(
 
 def _read(reply: Message, shapes: list[Shape], check: Callable[[MaskedReply], str | None]) -> tuple[Any, Any]:
     try:
-        masked = read_masked_reply(reply.content, shapes)
+        masked = read_masked_reply(reply.content, shapes, widen=False)  # no int64 copy per reply
     except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(inf) is an OverflowError
         return f"malformed reply in stage {Stage.COLLECT_MASKED_VECTORS}: {exc!r}", None
     reason = check(masked)
