@@ -169,7 +169,6 @@ def check_client(options: ClientOptions) -> ClientCheck:
         DATA_PATH: str(data),
         STATE_DIR: str(state),
         LABEL_COLUMN: options.label_column or "",
-        TEXT_COLUMN: options.text_column or "",
         ALLOW_PLAIN_UPDATES: bool(options.allow_plain_updates),
         **policy.to_node_config(),
     }
@@ -180,6 +179,8 @@ def check_client(options: ClientOptions) -> ClientCheck:
         node_config[SECAGG_MIN_PEERS] = int(options.secagg_min_peers)
         if options.node_key is not None:
             node_config[NODE_KEY] = str(Path(options.node_key).expanduser().resolve())
+    if options.text_column:  # text tasks: the column the ClientApp tokenises
+        node_config[TEXT_COLUMN] = options.text_column
     if options.device is not None:  # the site's choice overrides the run's --device
         node_config[DEVICE] = options.device
     device = str(resolve_device(options.device or "auto"))  # "cuda" without a GPU fails here, with the fix
