@@ -78,7 +78,7 @@ def test_only_lora_adapters_and_head_are_trainable_and_the_base_is_the_same_ever
 def test_simulated_federation_fine_tunes_minilm_lora_with_dp_and_secagg(tmp_path: Path) -> None:
     data = write_reviews(tmp_path / "reviews.csv", 160)
     config = RunConfig(task=TASK, data=str(data), text_column="review", label_column="sentiment", num_clients=5,
-                       num_rounds=1, local_epochs=1, lr=0.5, sample_rate=0.5,  # the default mode, ghost
+                       num_rounds=1, local_epochs=1, lr=0.5, sample_rate=0.5, grad_sample_mode="hooks",
                        secagg=True, epsilon=8.0, out=tmp_path / "run")
     simulate(config)
     rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
@@ -149,6 +149,7 @@ def test_a_site_checks_its_text_file_and_names_its_columns_to_the_clientapp(tmp_
 
 
 _DEVICES = [pytest.param("cpu", False, "hooks", id="cpu-hooks"),
+            pytest.param("cpu", False, "ghost", id="cpu-ghost"),  # the run default
             pytest.param("cuda", True, "hooks", id="cuda-bf16", marks=pytest.mark.skipif(
                 not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)"))]
 
