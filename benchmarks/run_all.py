@@ -73,6 +73,8 @@ BENCHMARKS = (
           ("--repeats", "15"), ("--repeats", "31")),
     Bench("compression", "Bytes per client per round and accuracy: quantized vs full-precision updates",
           ("--clients", "5", "--rounds", "3"), ("--seeds", "0", "1", "2")),
+    Bench("large_models", "Real model sizes: DP-SGD per grad-sample mode, LoRA bytes, SecAgg+ server memory",
+          ("--steps", "2", "--batch", "4"), ("--full",)),
     Bench("deploy_overhead", "Real deployment on loopback: fedshield round time vs a stock Flower echo app",
           None, ("--clients", "3", "10", "--rounds", "3", "--stock", "3"),
           skip_note="not run in quick mode: it starts a real SuperLink and SuperNodes (minutes); `--full` runs it"),

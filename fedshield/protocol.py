@@ -163,6 +163,10 @@ class RoundSettings:
     min_honest: int = 0  # distributed: sites whose noise shares must reach the sum (each adds total/min_honest)
     ddp_sites: int = 0  # distributed: sites in the round (sizes the field's scale)
     ddp_batch_bound: int = 0  # distributed: public bound on the union's Poisson batch (sizes the field's scale)
+    frozen_digest: str = ""  # SHA-256 of a partial model's frozen weights ("" = every weight travels)
+    sim_data: str = ""  # simulation only: the file the virtual clients partition instead of the bundled data
+    text_column: str = ""  # with sim_data: its text column (text tasks)
+    label_column: str = ""  # with sim_data: its label column
 
     def __post_init__(self) -> None:
         if self.client_dp not in CLIENT_DP_MODES:

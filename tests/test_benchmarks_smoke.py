@@ -41,6 +41,13 @@ CASES = {
         ["breast-cancer: ghost epoch vs plain", "breast-cancer: ghost peak RSS vs plain"],
         180,
     ),
+    "large_models": (
+        ["--parts", "dpsgd", "secagg-memory", "--models", "cnn1m", "--modes", "plain", "hooks", "--steps", "1",
+         "--batch", "2", "--clients", "2", "--params", "1000"],
+        [f"cnn1m hooks {m}" for m in ("step_s", "peak_rss_mib")]
+        + [f"SecAgg+ server peak 2x1000 vs {b}" for b in ("listing", "Flower plain")],
+        240,
+    ),
     "mask_prg": (
         ["--entries", "100000", "--repeats", "3"],
         [f"SecAgg+ mask expansion per 1M entries, {w}" for w in ("chacha20", "aes-ctr")],

@@ -20,7 +20,7 @@ from fedshield.compression import QUANT_BITS, secagg_field, wire_dtype
 from fedshield.config import RunConfig
 from fedshield.crypto import shamir
 from fedshield.errors import ConfigError
-from fedshield.privacy.client_dp import clip_update, update_norm
+from fedshield.privacy.client_level_mechanism import clip_update, update_norm
 
 FINITE = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32)
 SHAPES = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)

@@ -80,6 +80,10 @@ Resume = Annotated[Path | None, typer.Option(
     "--resume", help="Continue the run in this directory from its last completed round (its own settings).")]
 Force = Annotated[bool, typer.Option(
     "--force", help="Replace the run already in --out (its metrics, privacy report and checkpoint are removed).")]
+Data = Annotated[Path | None, typer.Option(
+    "--data", help="simulate: a .csv/.parquet/.npz file the virtual clients partition instead of the task's bundled data.")]
+TextColumn = Annotated[str | None, typer.Option("--text-column", help="Text tasks: the column holding the text (default text).")]
+LabelColumn = Annotated[str | None, typer.Option("--label-column", help="Label column of a .csv/.parquet (default label).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")]
 
 
@@ -114,7 +118,9 @@ def run_flags(params: Mapping[str, Any]) -> dict[str, Any]:
     flags.update({
         "num_rounds": params["rounds"], "amp": True if params["amp"] else None,
         "dp": False if params["no_dp"] else None, "secagg": False if params["no_secagg"] else None,
-        "dispatch": params.get("dispatch"),  # simulate only
+        # simulate only (a deployed site brings its own data, and the coordinator none)
+        "dispatch": params.get("dispatch"), "data": params.get("data"),
+        "text_column": params.get("text_column"), "label_column": params.get("label_column"),
     })
     return flags
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import FedshieldError
+from . import _options as o
 from ._common import configure_logging, errors_to_exit, fail, sigterm_as_interrupt
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ def client_command(
         None, "--task", help="The only task this site runs (default digits); a round naming another is refused."
     ),
     label_column: str | None = typer.Option(None, "--label-column", help="Label column of a .csv/.parquet (default label)."),
+    text_column: o.TextColumn = None,
     max_epsilon: float | None = typer.Option(
         None, "--max-epsilon", help="This site's lifetime privacy budget (default 10), at its own delta."
     ),
@@ -77,7 +79,7 @@ def client_command(
         site = load_policy_file(policy) if policy is not None else {}
         options = ClientOptions(
             server=server, data=data, state_dir=state, ca_cert=ca, node_key=node_key,
-            task=str(task or site.get("task", "digits")), label_column=label_column,
+            task=str(task or site.get("task", "digits")), label_column=label_column, text_column=text_column,
             max_epsilon=max_epsilon if max_epsilon is not None else site.get("max_epsilon"), device=device,
             allow_plain_updates=allow_plain_updates or site.get("allow_plain_updates") is True,
             delta=delta if delta is not None else site.get("delta"),

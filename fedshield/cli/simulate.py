@@ -33,6 +33,9 @@ def simulate_command(
     clients: int | None = typer.Option(None, "--clients", help="Number of virtual clients (default 5)."),
     rounds: o.Rounds = None,
     task: o.Task = None,
+    data: o.Data = None,
+    text_column: o.TextColumn = None,
+    label_column: o.LabelColumn = None,
     partition: o.Partition = None,
     epsilon: o.Epsilon = None,
     delta: o.Delta = None,
@@ -78,7 +81,11 @@ def simulate_command(
     """Run a private federated training of many clients on this machine."""
     params = dict(locals())
     configure_logging(verbose)
-    flags: dict[str, Any] = {**o.run_flags(params), "num_clients": clients}
+    flags: dict[str, Any] = {
+        **o.run_flags(params), "num_clients": clients,
+        "data": str(data.expanduser().resolve()) if data is not None else None,  # Ray workers read it too
+        "text_column": text_column, "label_column": label_column,
+    }
     with errors_to_exit():
         ckpt = None
         o.check_resume_or_force(resume, force)

@@ -14,6 +14,7 @@ __all__ = [
     "DELTA",
     "DEVICE",
     "LABEL_COLUMN",
+    "TEXT_COLUMN",
     "NODE_KEY",
     "NUM_PARTITIONS",
     "PARTITION_ID",
@@ -28,6 +29,7 @@ __all__ = [
 DATA_PATH: Final = "data-path"
 STATE_DIR: Final = "state-dir"
 LABEL_COLUMN: Final = "label-column"
+TEXT_COLUMN: Final = "text-column"  # text tasks: the column holding each record's text
 BUDGET: Final = "max-epsilon"
 #: ``fedshield client --allow-plain-updates``: the site also trains in rounds without SecAgg+.
 ALLOW_PLAIN_UPDATES: Final = "allow-plain-updates"

@@ -9,7 +9,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..config import PartitionSpec
@@ -19,7 +18,8 @@ from ..dataspec import Dataset
 from ..device import resolve_device
 from ..errors import ConfigError, DataError
 from ..tasks import Task, get_task
-from .node_config import BUDGET, DATA_PATH, DEVICE, LABEL_COLUMN, NUM_PARTITIONS, PARTITION_ID, STATE_DIR
+from ..data.task_files import read_task_file, whole_dataset
+from .node_config import BUDGET, DATA_PATH, DEVICE, LABEL_COLUMN, NUM_PARTITIONS, PARTITION_ID, STATE_DIR, TEXT_COLUMN
 from .policy import SitePolicy, policy_from_node_config
 
 __all__ = ["Site", "bundled_split", "load_site_files", "resolve_site"]
@@ -52,7 +52,8 @@ def resolve_site(node_config: Mapping[str, Any], settings: RoundSettings) -> Sit
         if STATE_DIR not in node_config or not str(node_config[STATE_DIR]):
             raise ConfigError("node config sets data-path but no state-dir: the privacy ledger needs a home")
         path, state = Path(str(node_config[DATA_PATH])), str(node_config[STATE_DIR])
-        train, test = load_site_files(task.name, str(path), str(node_config.get(LABEL_COLUMN, "") or ""), state)
+        train, test = load_site_files(task.name, str(path), str(node_config.get(LABEL_COLUMN, "") or ""), state,
+                                      str(node_config.get(TEXT_COLUMN, "") or ""))
         return Site(path.name, task, train, test, Path(state), policy.max_epsilon, None, device, policy)
     budget = float(node_config[BUDGET]) if node_config.get(BUDGET) not in (None, "", 0, 0.0) else None
     if PARTITION_ID not in node_config:
@@ -63,7 +64,8 @@ def resolve_site(node_config: Mapping[str, Any], settings: RoundSettings) -> Sit
     pid, n = int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])
     if not settings.sim_state_root:
         raise ConfigError("simulation round config has no sim-state-root for the virtual clients' ledgers")
-    train, test = _bundled_partition(settings.task, settings.partition, n, settings.seed, pid)
+    train, test = _bundled_partition(settings.task, settings.partition, n, settings.seed, pid, settings.sim_data,
+                                     settings.text_column, settings.label_column)
     state = Path(settings.sim_state_root) / f"client-{pid:04d}"
     return Site(f"client-{pid}", task, train, test, state, budget, pid, device)
 
@@ -80,31 +82,28 @@ def _device(node_config: Mapping[str, Any], settings: RoundSettings) -> torch.de
 
 
 @lru_cache(maxsize=8)
-def _bundled_partition(task_name: str, partition: str, n: int, seed: int, pid: int) -> tuple[Dataset, Dataset]:
-    return bundled_split(task_name, partition, n, seed).clients[pid]
+def _bundled_partition(task_name: str, partition: str, n: int, seed: int, pid: int, data: str = "",
+                       text_column: str = "", label_column: str = "") -> tuple[Dataset, Dataset]:
+    return bundled_split(task_name, partition, n, seed, data, text_column, label_column).clients[pid]
 
 
 @lru_cache(maxsize=2)
-def bundled_split(task_name: str, partition: str, n: int, seed: int):  # type: ignore[no-untyped-def]
-    task = get_task(task_name)
-    if task.load_bundled is None:
-        raise ConfigError(f"task {task_name!r} ships no data, so it cannot be simulated on bundled data")
-    return split_federated(task.load_bundled(), PartitionSpec.parse(partition), n, seed)
+def bundled_split(task_name: str, partition: str, n: int, seed: int, data: str = "",  # type: ignore[no-untyped-def]
+                  text_column: str = "", label_column: str = ""):
+    # The task's bundled data, or the file simulate was given with --data (data.task_files)
+    dataset = whole_dataset(get_task(task_name), data, text_column=text_column, label_column=label_column)
+    return split_federated(dataset, PartitionSpec.parse(partition), n, seed)
 
 
 @lru_cache(maxsize=2)
-def load_site_files(task_name: str, path: str, label_column: str, state_dir: str) -> tuple[Dataset, Dataset]:
+def load_site_files(task_name: str, path: str, label_column: str, state_dir: str,
+                     text_column: str = "") -> tuple[Dataset, Dataset]:
     """The site's records, split by the site's own seed kept in its state directory (:mod:`.split`)."""
-    from ..data.files import load_local_data
     from .split import data_fingerprint, site_split
 
-    task = get_task(task_name)
-    local = load_local_data(Path(path), task.spec, label_column=label_column or None)
-    x = local.x
-    if task.preprocess is not None and not Path(path).is_dir():
-        x = task.preprocess(x.reshape(len(x), -1)).reshape(local.x.shape)
-    if len(local.y) < 4:
-        raise DataError(f"{path} has {len(local.y)} examples; a client needs at least 4 (train and test)")
-    train_idx, test_idx = site_split(Path(state_dir), data_fingerprint(local.x, local.y), len(local.y))
-    data = Dataset(np.ascontiguousarray(x, dtype=np.float32), local.y.astype(np.int64))
+    data = read_task_file(get_task(task_name), Path(path), text_column=text_column or None,
+                          label_column=label_column or None)
+    if len(data) < 4:
+        raise DataError(f"{path} has {len(data)} records; a client needs at least 4 (train and test)")
+    train_idx, test_idx = site_split(Path(state_dir), data_fingerprint(data.x, data.y), len(data))
     return data.subset(train_idx), data.subset(test_idx)

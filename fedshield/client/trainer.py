@@ -17,6 +17,7 @@ from ..privacy.dpsgd import train_dp_sgd
 from ..training import evaluate, make_generator, train_plain
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger, charge_ledger
 from ..privacy.secure_noise import SecureGaussian
+from ..tasks.partial import check_frozen, load_travelling, travelling_state
 from .policy import ledger_terms
 from .site import Site
 
@@ -56,13 +57,14 @@ def _secure_noise(site: Site) -> SecureGaussian | None:
 
 def _model(site: Site, settings: RoundSettings, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     model = site.task.new_model(settings.seed)
-    model.load_state_dict(state, strict=True)
+    check_frozen(model, settings.frozen_digest, task=site.task.name)  # a partial model's frozen base must match
+    load_travelling(model, state)
     return model.to(site.device)
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trained weights as fresh CPU tensors: what the codec, client-level DP and compression expect."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    """The trained weights that travel as fresh CPU tensors: what the codec, client-level DP and compression expect."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in travelling_state(model).items()}
 
 
 def train_round(site: Site, settings: RoundSettings, global_state: dict[str, torch.Tensor]) -> TrainOutcome:

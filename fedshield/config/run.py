@@ -120,6 +120,9 @@ class RunConfig:
     dp_mode: str = "local"  # record-level DP: "local" (each site noises its own DP-SGD) or "distributed" (Skellam)
     min_honest: float = 0.5  # distributed: sites (count, or fraction of a round's sites) assumed to add their noise
     ddp_records: int = 0  # distributed: public estimate of the union's training records (0: the simulation's own)
+    data: str = ""  # simulate: a data file partitioned among the virtual clients instead of the bundled data
+    text_column: str = ""  # with data: the text column of a text task's table (default "text")
+    label_column: str = ""  # with data: the label column (default "label")
 
     def __post_init__(self) -> None:
         check_int(self.num_clients, "clients", 1)

@@ -92,7 +92,7 @@ def _read_table(path: Path, spec: DataSpec, label_column: str | None) -> tuple[n
         table = pacsv.read_csv(path) if is_csv else pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         kind, fix = ("CSV", "save it as comma-separated text, header first") if is_csv else ("Parquet", "re-export it")
-        raise DataError(f"{path.name} is not a readable {kind} file ({_first_line(e)}); {fix}") from e
+        raise DataError(f"{path.name} is not a readable {kind} file ({first_line(e)}); {fix}") from e
     return _table_to_arrays(table, path.name, spec, label_column, line_offset=2 if is_csv else None)
 
 
@@ -121,7 +121,7 @@ def _table_to_arrays(
             )
     # Casting through float64 turns empty cells into NaN, which the finite check then reports by row.
     x = np.column_stack([pc.cast(table.column(n), pa.float64()).to_numpy() for n in features])
-    y = _label_values(table.column(label), where, label, line_offset)
+    y = label_values(table.column(label), where, label, line_offset)
     return _finite_float32(x, where, features, line_offset), y
 
 
@@ -139,7 +139,7 @@ def _label_column_name(columns: Sequence[str], where: str, label_column: str | N
     )
 
 
-def _label_values(col: pa.ChunkedArray, where: str, name: str, line_offset: int | None) -> np.ndarray:
+def label_values(col: pa.ChunkedArray, where: str, name: str, line_offset: int | None) -> np.ndarray:
     import pyarrow as pa
 
     if col.null_count:
@@ -168,7 +168,7 @@ def _read_npz(path: Path, spec: DataSpec, label_column: str | None) -> tuple[np.
     except DataError:  # a ValueError too; already says what is wrong
         raise
     except (ValueError, OSError, EOFError) as e:  # includes object arrays, which allow_pickle=False refuses
-        raise DataError(f"{path.name}: cannot read numeric arrays ({_first_line(e)}); save them with np.savez") from e
+        raise DataError(f"{path.name}: cannot read numeric arrays ({first_line(e)}); save them with np.savez") from e
 
 
 
@@ -238,7 +238,7 @@ def _load_image(image: Path, input_shape: tuple[int, ...]) -> np.ndarray:
             pixels = np.asarray(im, dtype=np.float32) / 255.0
     except (OSError, Image.DecompressionBombError) as e:
         where = f"{image.parent.name}/{image.name}"
-        raise DataError(f"{where} is not a readable image ({_first_line(e)}); remove or re-save it") from e
+        raise DataError(f"{where} is not a readable image ({first_line(e)}); remove or re-save it") from e
     return pixels[None, :, :] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
@@ -259,10 +259,10 @@ def _checked(x: np.ndarray, y: np.ndarray, spec: DataSpec, where: str) -> tuple[
             f"{spec.input_shape} ({spec.num_features} values); export data in the task's shape"
         )
     x32 = _finite_float32(x, where, None, None).reshape((len(y), *spec.input_shape))
-    return x32, _checked_labels(y, spec, where)
+    return x32, checked_labels(y, spec, where)
 
 
-def _checked_labels(y: np.ndarray, spec: DataSpec, where: str) -> np.ndarray:
+def checked_labels(y: np.ndarray, spec: DataSpec, where: str) -> np.ndarray:
     if y.dtype.kind == "f":
         bad = ~np.isfinite(y) | (y != np.round(y))
         if bad.any():
@@ -313,7 +313,7 @@ def _first_value(col: pa.ChunkedArray) -> object:
     return valid[0].as_py() if len(valid) else None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
 

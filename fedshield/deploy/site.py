@@ -31,8 +31,8 @@ from ..flower_internals.logs import ACTIVATION_REFUSED_SHORT, SUPERNODE_CONNECTE
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
 from ..tasks import get_task
 from ..device import resolve_device
-from ..client.node_config import ALLOW_PLAIN_UPDATES, DATA_PATH, DEVICE, LABEL_COLUMN, STATE_DIR, WORKER_SOCKET
-from ..client.node_config import NODE_KEY, SECAGG_MIN_PEERS, SECAGG_ROSTER
+from ..client.node_config import ALLOW_PLAIN_UPDATES, DATA_PATH, DEVICE, LABEL_COLUMN, STATE_DIR, TEXT_COLUMN
+from ..client.node_config import NODE_KEY, SECAGG_MIN_PEERS, SECAGG_ROSTER, WORKER_SOCKET
 from .server_probe import RetryHook, wait_for_server
 from ..client.policy import DEFAULT_MAX_EPSILON, SitePolicy, check_ledger_terms, default_delta
 from ..client.warm_worker import ClientWorker
@@ -73,6 +73,7 @@ class ClientOptions:
     node_key: Path | None = None
     task: str = "digits"
     label_column: str | None = None
+    text_column: str | None = None  # text tasks: the column holding each record's text (default "text")
     max_epsilon: float | None = None
     device: str | None = None
     allow_plain_updates: bool = False
@@ -148,7 +149,7 @@ def check_client(options: ClientOptions) -> ClientCheck:
         credentials = load_node_credentials(ca_cert=Path(options.ca_cert), private_key=Path(options.node_key))  # type: ignore[arg-type]
     data = Path(options.data).expanduser().resolve()
     state = _state_dir(Path(options.state_dir))
-    train, test = _load_data(options.task, data, options.label_column, state)
+    train, test = _load_data(options.task, data, options.label_column, state, options.text_column)
     policy = SitePolicy(
         task=options.task, max_epsilon=options.max_epsilon or DEFAULT_MAX_EPSILON,
         delta=options.delta if options.delta is not None else default_delta(train + test),
@@ -180,19 +181,22 @@ def check_client(options: ClientOptions) -> ClientCheck:
         node_config[SECAGG_MIN_PEERS] = int(options.secagg_min_peers)
         if options.node_key is not None:
             node_config[NODE_KEY] = str(Path(options.node_key).expanduser().resolve())
+    if options.text_column:  # text tasks: the column the ClientApp tokenises
+        node_config[TEXT_COLUMN] = options.text_column
     if options.device is not None:  # the site's choice overrides the run's --device
         node_config[DEVICE] = options.device
     device = str(resolve_device(options.device or "auto"))  # "cuda" without a GPU fails here, with the fix
     return ClientCheck(host, port, credentials, train, test, ledger, node_config, tuple(warnings), device, policy)
 
 
-def _load_data(task_name: str, data: Path, label_column: str | None, state: Path) -> tuple[int, int]:
+def _load_data(task_name: str, data: Path, label_column: str | None, state: Path,
+               text_column: str | None = None) -> tuple[int, int]:
     """Load the data exactly as the ClientApp will (same function, same split), so what passes here trains there.
     On a first start this chooses the site's own train/test split and saves it in the state directory."""
     from ..client.site import load_site_files
 
     get_task(task_name)  # an unknown task fails here, listing the known ones
-    train, test = load_site_files(task_name, str(data), label_column or "", str(state))
+    train, test = load_site_files(task_name, str(data), label_column or "", str(state), text_column or "")
     return len(train), len(test)
 
 

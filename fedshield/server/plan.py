@@ -30,6 +30,7 @@ class RunPlan:
         client_noise_multiplier: client-level z (None without client-level DP).
         state_root: where simulated clients keep their ledgers ("" in deployment: each site has its own).
         distributed: the union's public sizes under ``--dp-mode distributed`` (None in local mode).
+        frozen_digest: SHA-256 of a partial model's frozen weights, which never travel ("": every weight does).
     """
 
     config: RunConfig
@@ -39,9 +40,11 @@ class RunPlan:
     client_noise_multiplier: float | None
     state_root: str = ""
     distributed: DistributedTerms | None = None
+    frozen_digest: str = ""
 
 
-def plan_run(config: RunConfig, resume: Checkpoint | None = None, *, state_root: str = "") -> RunPlan:
+def plan_run(config: RunConfig, resume: Checkpoint | None = None, *, state_root: str = "",
+             frozen_digest: str = "") -> RunPlan:
     """The plan of a new run (a fresh run id, sigma calibrated now) or of ``resume``'s continuation.
 
     A resumed run keeps its mechanism: recalibrating could change sigma under the clients' ledgers. Raises
@@ -57,7 +60,7 @@ def plan_run(config: RunConfig, resume: Checkpoint | None = None, *, state_root:
         run_id, done = resume.run_id, resume.server_round
     check_noise_shares(config, client_sigma)
     terms = distributed_terms(config) if config.dp and config.dp_mode == "distributed" else None
-    return RunPlan(config, run_id, done, sigma, client_sigma, state_root, terms)
+    return RunPlan(config, run_id, done, sigma, client_sigma, state_root, terms, frozen_digest)
 
 
 def round_settings(plan: RunPlan, server_round: int) -> RoundSettings:
@@ -72,6 +75,7 @@ def round_settings(plan: RunPlan, server_round: int) -> RoundSettings:
         client_clip_norm=c.client_clip_norm or 0.0,
         client_noise_std_share=_client_std_share(c, plan.client_noise_multiplier),
         device=c.device, max_physical_batch_size=c.max_physical_batch_size, amp=c.amp,
+        frozen_digest=plan.frozen_digest, sim_data=c.data, text_column=c.text_column, label_column=c.label_column,
         **_distributed_settings(plan),
     )
 

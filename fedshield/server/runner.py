@@ -19,6 +19,8 @@ from flwr.serverapp import Grid
 from ..config import RunConfig
 from ..data.partition import split_federated
 from ..training import evaluate
+from ..data.task_files import whole_dataset
+from ..tasks.partial import frozen_digest, load_travelling, travelling_state
 from ..strategies.offset import RoundOffset
 from ..strategies.outcomes import RoundOutcomes
 from ..strategies.stack import build_strategy
@@ -53,8 +55,10 @@ def run_server(
     The grid is wrapped in a :class:`~fedshield.strategies.streaming.StreamingGrid`, in simulation and deployment
     alike, so replies reach the aggregation as they arrive.
     """
-    plan = plan_run(config, resume, state_root=state_root)
     model = _initial_model(config, resume)
+    # A partial model (frozen weights, e.g. a LoRA-adapted encoder) sends only its trainable tensors; every site
+    # checks its frozen part against this digest.
+    plan = plan_run(config, resume, state_root=state_root, frozen_digest=frozen_digest(model))
     distributed = _distributed_hooks(plan, model)
     stack = build_strategy(config, client_noise_multiplier=plan.client_noise_multiplier, distributed=distributed)
     reporter = RunReporter(plan, stack.stateful)
@@ -68,7 +72,7 @@ def run_server(
         # RoundSettings field is constant for the run, so one record serves every round.
         settings = round_settings(plan, 1).to_record_dict()
         RoundOffset(stack.top, plan.done).start(
-            grid=_streaming(grid), initial_arrays=ArrayRecord(torch_state_dict=model.state_dict()),
+            grid=_streaming(grid), initial_arrays=ArrayRecord(torch_state_dict=travelling_state(model)),
             num_rounds=remaining, timeout=config.round_timeout, train_config=ConfigRecord(settings),
             evaluate_config=ConfigRecord(settings),
             evaluate_fn=_AfterRound(plan, model, reporter, stack.outcomes, on_round),
@@ -87,15 +91,16 @@ class _AfterRound:
         self.plan, self.model, self.reporter, self.outcomes, self.on_round = plan, model, reporter, outcomes, on_round
         self.loss_fn = task.loss_fn()
         self.server_test = None
-        if task.load_bundled is not None:
-            c = plan.config
-            self.server_test = split_federated(task.load_bundled(), c.partition, 1, c.seed).server_test
+        c = plan.config
+        if task.load_bundled is not None or c.data:  # the bundled data, or simulate's --data file
+            whole = whole_dataset(task, c.data, text_column=c.text_column, label_column=c.label_column)
+            self.server_test = split_federated(whole, c.partition, 1, c.seed).server_test
 
     def __call__(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         state = arrays.to_torch_state_dict()
         metrics: dict[str, float] = {}
         if self.server_test is not None:
-            self.model.load_state_dict(state)
+            load_travelling(self.model, state)
             loss, acc = evaluate(self.model, self.server_test, self.loss_fn)
             metrics = {"loss": loss, "accuracy": acc}
         if local_round == 0:  # the initial evaluation, before round 1
@@ -111,7 +116,7 @@ def _initial_model(config: RunConfig, resume: Checkpoint | None) -> Any:
     """The task's model, seeded, or with the resumed checkpoint's weights."""
     model = get_task(config.task).new_model(config.seed)
     if resume is not None:
-        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in resume.model.items()})
+        load_travelling(model, {k: torch.from_numpy(v.copy()) for k, v in resume.model.items()})
     return model
 
 

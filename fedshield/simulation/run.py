@@ -31,9 +31,10 @@ def preflight(config: RunConfig) -> None:
     from ..tasks import get_task
 
     task = get_task(config.task)
-    if task.load_bundled is None:
-        raise ConfigError(f"task {config.task!r} ships no data: simulate needs a task with bundled data")
-    bundled_split(config.task, str(config.partition), config.num_clients, config.seed)
+    if task.load_bundled is None and not config.data:
+        raise ConfigError(f"task {config.task!r} ships no data: pass your data set to simulate with --data FILE")
+    bundled_split(config.task, str(config.partition), config.num_clients, config.seed, config.data,
+                  config.text_column, config.label_column)
     from ..strategies.registry import validate_params
 
     validate_params(config.strategy, config.strategy_params, clients_per_round=config.expected_train_clients)

@@ -205,10 +205,11 @@ class MaskedReply:
     metrics: dict[str, float]
 
 
-def read_masked_reply(content: RecordDict, shapes: list[Shape]) -> MaskedReply:
-    """Parse a stage-2 reply; raises ValueError/KeyError/TypeError on a malformed one."""
+def read_masked_reply(content: RecordDict, shapes: list[Shape], *, widen: bool = True) -> MaskedReply:
+    """Parse a stage-2 reply; raises ValueError/KeyError/TypeError on a malformed one. ``widen=False`` keeps the
+    wire's integer type (uint32 for the default field): the server's fold adds it into int64 without a copy."""
     rec = content.config_records[RECORD_KEY_CONFIGS]
-    vector = [_widen(bytes_to_ndarray(b)) for b in cast(list[bytes], rec[Key.MASKED_PARAMETERS])]
+    vector = [_widen(bytes_to_ndarray(b), copy=widen) for b in cast(list[bytes], rec[Key.MASKED_PARAMETERS])]
     expected = [(1,), *shapes]
     if [v.shape for v in vector] != expected:
         raise ValueError(f"masked vector shapes {[v.shape for v in vector]} differ from the model's {expected}")
@@ -217,11 +218,12 @@ def read_masked_reply(content: RecordDict, shapes: list[Shape]) -> MaskedReply:
     return MaskedReply(vector, int(fitres.num_examples), metrics)
 
 
-def _widen(arr: NDArray[Any]) -> NDArray[Any]:
+def _widen(arr: NDArray[Any], *, copy: bool = True) -> NDArray[Any]:
     """int64, as Flower's client sends and the mask arithmetic expects; lossless for every value below 2**32."""
     if arr.dtype.kind not in "iu":
         raise TypeError(f"a masked vector must hold integers, got dtype {arr.dtype}")
-    return np.asarray(arr, dtype=np.int64)
+    # uint64 does not add into int64 without a cast: it is widened (copied) either way.
+    return np.asarray(arr, dtype=np.int64) if copy or not np.can_cast(arr.dtype, np.int64) else arr
 
 
 def unmask_records(state: RoundState, included: set[int]) -> dict[int, ConfigRecord]:

@@ -24,6 +24,7 @@ from ..errors import PrivacyError
 from ..privacy.skellam import SkellamPlan, decode_sum
 from ..privacy.skellam_round import round_plan, round_rotation
 from ._secagg_stages import MaskedReply, RoundState, Vector
+from ._secagg_fold import FieldSum
 from .secagg import SecAggPlus
 
 __all__ = ["dp_sgd_step", "DistributedSecAggPlus"]
@@ -76,13 +77,13 @@ class DistributedSecAggPlus(SecAggPlus):
     def _vector_shapes(self) -> list[tuple[int, ...]]:
         return [(self._plan()[0].padded_dim,)]
 
-    def _secure_average(self, state: RoundState, masked: dict[int, MaskedReply]) -> Vector | None:
+    def _secure_average(self, state: RoundState, masked: dict[int, MaskedReply], field: FieldSum) -> Vector | None:
         need = self._settings.min_honest if self._settings is not None else 0
         if len(masked) < need:
             self._aborted = (f"{len(masked)} sites' vectors arrived, fewer than min-honest {need}: the sum would "
                              "carry too little noise; not released")
             return None
-        return super()._secure_average(state, masked)
+        return super()._secure_average(state, masked, field)
 
     def _decode(self, state: RoundState, unmasked: Vector, num_included: int) -> tuple[int, Vector]:
         q_total, body = factor_extract(unmasked)

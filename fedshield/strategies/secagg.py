@@ -40,6 +40,7 @@ from ..errors import ConfigError, ProtocolError
 from ..protocol import ARRAYS, METRICS, NUM_EXAMPLES, ClientReply
 from ._secagg_params import check_bits, check_params, neighbour_graph, protocol_params
 from ._secagg_clear import average_clear_metrics, check_masked_clear, reply_outcomes
+from ._secagg_fold import FieldSum, fold_masked_replies
 from .clear_values import DEFAULT_MAX_WEIGHT
 from .outcomes import RoundOutcomes
 from ._secagg_stages import (
@@ -47,14 +48,11 @@ from ._secagg_stages import (
     RoundState,
     Vector,
     collect_messages,
-    masked_sum,
     needed_owners,
-    read_masked_reply,
     remove_masks,
     run_setup,
     run_share_keys,
     run_unmask,
-    settle,
     weighted_average,
 )
 from .wrapper import StrategyWrapper
@@ -212,9 +210,9 @@ class SecAggPlus(StrategyWrapper):
         either way.
         """
         state, self._round = self._round, None
-        replies = list(replies)
         if state is None or state.server_round != server_round:
             self.last_replies = []
+            replies = list(replies)
             if replies:
                 _log.warning("SecAgg+ round %d: %d replies without a configured round; ignored",
                              server_round, len(replies))
@@ -222,8 +220,9 @@ class SecAggPlus(StrategyWrapper):
         if self._aborted is not None:
             self.last_replies = reply_outcomes(state, {}, self._aborted)
             return None, None
-        masked = self._read_replies(state, replies)
-        average = self._secure_average(state, masked)
+        field = FieldSum(state.params.modulus_range)  # the running masked sum: O(model), not O(nodes x model)
+        masked = self._read_replies(state, replies, field)
+        average = self._secure_average(state, masked, field)
         if average is None:
             _log.error("SecAgg+ round %d aborted, global model unchanged: %s", server_round, self._aborted)
             self.last_replies = reply_outcomes(state, masked, self._aborted)
@@ -242,34 +241,26 @@ class SecAggPlus(StrategyWrapper):
         levels, modulus = secagg_field(bits, num_samples)
         return {"clipping_range": clip, "quantization_range": levels, "modulus_range": modulus, "narrow_wire": True}
 
-    def _read_replies(self, state: RoundState, replies: list[Message]) -> dict[int, MaskedReply]:
-        """Parse stage-2 replies; a malformed one, or a negative count, leaves the node out (as dead)."""
-        good, failed = settle(state, Stage.COLLECT_MASKED_VECTORS, replies)
-        state.errors.update(failed)
-        shapes = self._vector_shapes()
-        masked: dict[int, MaskedReply] = {}
-        for nid, content in good.items():
-            try:
-                reply = read_masked_reply(content, shapes)
-            except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(inf) is an OverflowError
-                state.errors[nid] = f"malformed reply in stage {Stage.COLLECT_MASKED_VECTORS}: {exc!r}"
-                continue
-            reason = check_masked_clear(reply, state.params)
-            if reason is not None:
-                _log.warning("SecAgg+ round %d: dropped node %d: %s", state.server_round, nid, reason)
-                state.errors[nid] = reason
-                continue
-            if reply.num_examples > self.max_weight:
-                _log.warning(
-                    "SecAgg+ round %d: node %d reported %d examples > max_weight %g, so its update was clipped "
-                    "at +-%g: raise max_weight to at least %d",
-                    state.server_round, nid, reply.num_examples, self.max_weight,
-                    state.params.clipping_range * self.max_weight / reply.num_examples, reply.num_examples,
-                )
-            masked[nid] = reply
-        return masked
+    def _read_replies(self, state: RoundState, replies: Iterable[Message], field: FieldSum) -> dict[int, MaskedReply]:
+        """Fold stage-2 replies into ``field`` as they arrive (:mod:`._secagg_fold`); a malformed one, or one whose
+        clear figures fail the checks, leaves the node out (as dead)."""
+        return fold_masked_replies(state, replies, self._vector_shapes(), field, lambda reply: self._check_clear(state, reply))
 
-    def _secure_average(self, state: RoundState, masked: dict[int, MaskedReply]) -> Vector | None:
+    def _check_clear(self, state: RoundState, reply: MaskedReply) -> str | None:
+        reason = check_masked_clear(reply, state.params)
+        if reason is not None:
+            _log.warning("SecAgg+ round %d: dropped a node: %s", state.server_round, reason)
+            return reason
+        if reply.num_examples > self.max_weight:
+            _log.warning(
+                "SecAgg+ round %d: a node reported %d examples > max_weight %g, so its update was clipped "
+                "at +-%g: raise max_weight to at least %d",
+                state.server_round, reply.num_examples, self.max_weight,
+                state.params.clipping_range * self.max_weight / reply.num_examples, reply.num_examples,
+            )
+        return None
+
+    def _secure_average(self, state: RoundState, masked: dict[int, MaskedReply], field: FieldSum) -> Vector | None:
         """Run UNMASK and dequantise; None (with ``self._aborted`` set) if the round cannot complete."""
         included, p = set(masked), state.params
         q_expected = sum(p.q_ratio(r.num_examples) for r in masked.values())
@@ -281,8 +272,7 @@ class SecAggPlus(StrategyWrapper):
                              "check the reported example counts against max_weight")
             return None
         shares = run_unmask(self._require_grid(), state, included, self.timeout)
-        unmasked = remove_masks(masked_sum((r.vector for r in masked.values()), p.modulus_range),
-                                shares, state, included)
+        unmasked = remove_masks(field.value(), shares, state, included)
         if unmasked is None:
             self._aborted = f"too few key shares arrived in stage {Stage.UNMASK}"
             return None

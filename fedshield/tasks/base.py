@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ class Task:
             min/max): those depend on every record, travel into the model outside DP-SGD and void the epsilon.
             Fit them on public data, or estimate them with DP and charge that to the site's ledger yourself.
         loss_fn: training loss (per-batch mean).
+        encode_texts: a text task's fixed encoder, ``texts -> model inputs`` (token ids), record by record: its
+            files are tables with a text column (:mod:`fedshield.data.task_files`); ``None``: numeric tables or
+            image folders.
     """
 
     spec: DataSpec
@@ -41,6 +45,7 @@ class Task:
     load_bundled: Callable[[], Dataset] | None = None
     preprocess: Callable[[np.ndarray], np.ndarray] | None = None
     loss_fn: Callable[[], nn.Module] = nn.CrossEntropyLoss
+    encode_texts: Callable[[list[str]], np.ndarray] | None = None
 
     @property
     def name(self) -> str:

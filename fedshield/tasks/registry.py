@@ -10,6 +10,7 @@ from ..errors import ConfigError
 from .base import Task
 from .builtin import breast_cancer_task, digits_task
 from .dp_compatible import make_dp_compatible
+from .text import is_text_task, text_task_from_name
 
 __all__ = ["TASKS", "get_task"]
 
@@ -28,13 +29,15 @@ def get_task(name: str) -> Task:
     """
     if name in TASKS:
         return TASKS[name]()
+    if is_text_task(name):  # text, text-CLASSES, text-CLASSES-TOKENS (fedshield.tasks.text)
+        return text_task_from_name(name)
     return make_dp_compatible(_load_user_task(name))
 
 
 def _load_user_task(name: str) -> Task:
     if ":" not in name:
         raise ConfigError(
-            f"unknown task {name!r}: choose one of {', '.join(TASKS)}, or give your own as package.module:factory"
+            f"unknown task {name!r}: choose one of {', '.join(TASKS)}, text, or give your own as package.module:factory"
         )
     module_name, _, attr = name.partition(":")
     try:
