@@ -161,6 +161,32 @@ def test_no_private_helper_crosses_modules() -> None:
     assert not bad, "private names imported across modules (make them public or move them):\n" + "\n".join(bad)
 
 
+#: Flower modules anyone may import: its public app API, plus typing and logging helpers.
+FLOWER_PUBLIC = ("flwr.app", "flwr.serverapp", "flwr.clientapp", "flwr.simulation", "flwr.common.logger")
+
+
+def _flower_imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        modules = [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else (
+            [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+        found += [(node.lineno, m) for m in modules if m.split(".")[0] == "flwr"]
+    return found
+
+
+def _public_flower(module: str) -> bool:
+    return module == "flwr.common" or any(module == p or module.startswith(p + ".") for p in FLOWER_PUBLIC)
+
+
+def test_flower_internals_are_reached_only_through_flower_internals() -> None:
+    """A Flower upgrade that moves an internal must fail the canary (tests/test_flower_internals.py), which only
+    sees what fedshield.flower_internals imports."""
+    bad = [f"{_rel(path)}:{line} imports {module}" for path in _modules()
+           if not _rel(path).startswith("flower_internals/")
+           for line, module in _flower_imports(path) if not _public_flower(module)]
+    assert not bad, "Flower internals imported outside fedshield.flower_internals (add them there):\n" + "\n".join(bad)
+
+
 @pytest.mark.parametrize("dotted, expected", [
     ("fedshield.cli.simulate", ("cli", 6)), ("fedshield.config", ("core", CORE)), ("fedshield.protocol", ("core", CORE)),
     ("fedshield.flower_internals.logs", ("core", CORE)), ("fedshield.deploy", ("deploy", 5)),

@@ -126,3 +126,34 @@ def test_log_lines_we_look_for_are_still_written_by_flower(text: str) -> None:
     # CERTIFICATE_VERIFY_FAILED / Socket closed / UNAVAILABLE come from gRPC itself; they only refine an
     # explanation (fedshield.deploy.supernode.explain_supernode_failure), which otherwise says "see the log".
     assert _flower_source_has(text), f"Flower internal moved: Flower no longer logs {text!r} (fedshield.flower_internals.logs)"
+
+
+def test_the_link_hooks_still_find_what_the_event_driven_link_wraps() -> None:
+    """If Flower changes how its in-memory state stores messages or how run_simulation builds the ServerApp's grid,
+    revisit fedshield.simulation.wake (the hand-offs would silently fall back to fixed ticks, or break)."""
+    state_cls, grid_cls = simulation.InMemoryLinkState, simulation.InMemoryGrid
+    for method in ("store_message_ins", "store_message_res"):
+        assert list(inspect.signature(getattr(state_cls, method)).parameters)[:2] == ["self", "message"], (
+            f"Flower internal moved: InMemoryLinkState.{method} changed its arguments")
+    for attr in ("push_messages", "pull_messages", "send_and_receive"):
+        assert callable(getattr(grid_cls, attr, None)), f"Flower internal moved: InMemoryGrid.{attr} is gone"
+    assert simulation.run_simulation_module.InMemoryGrid is grid_cls, (
+        "Flower internal moved: run_simulation no longer uses flwr.superlink.grid.InMemoryGrid")
+    assert "InMemoryGrid(" in inspect.getsource(simulation.run_simulation_module), (
+        "Flower internal moved: run_simulation no longer builds InMemoryGrid by module lookup")
+    init = inspect.getsource(grid_cls.__init__)
+    assert "self.state" in init and "pull_interval" in init, (
+        "Flower internal moved: InMemoryGrid no longer keeps .state and pull_interval")
+
+
+def test_the_link_hooks_restore_flower_after_the_block() -> None:
+    state_cls = simulation.InMemoryLinkState
+    before = (state_cls.store_message_ins, state_cls.store_message_res, simulation.run_simulation_module.InMemoryGrid)
+
+    class Grid(simulation.InMemoryGrid):
+        pass
+
+    with simulation.swap_link_hooks(wrap_store_ins=lambda f: f, wrap_store_res=lambda f: f, grid_class=Grid):
+        assert simulation.run_simulation_module.InMemoryGrid is Grid
+    assert (state_cls.store_message_ins, state_cls.store_message_res,
+            simulation.run_simulation_module.InMemoryGrid) == before

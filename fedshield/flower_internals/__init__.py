@@ -6,8 +6,8 @@ module attributes we swap, attribute names we read off Flower's objects, strings
 reached only through the modules of this package, and listed in :data:`INTERNALS`. ``tests/test_flower_internals.py``
 checks each entry against the installed Flower and fails naming the internal when an upgrade moves it.
 
-Nothing here patches anything on import: the two swaps (the simulation dispatch loop, the SuperNode's sleeps) and
-the ``create_app`` guard are applied by a call, and only for as long as the caller asks.
+Nothing here patches anything on import: the swaps (the simulation dispatch loop and link hooks, the SuperNode's
+sleeps) and the ``create_app`` guard are applied by a call, and only for as long as the caller asks.
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("in-memory link state", "flwr.server.superlink.linkstate.in_memory_linkstate:InMemoryLinkState "
              "(lock, message_ins_store, _check_stored_messages); flwr.supercore.date:now", "fedshield.simulation.dispatch",
              "any other state type falls back to Flower's loop; canary checks the attributes"),
+    Internal("in-memory link store and grid", "flwr.server.superlink.linkstate.in_memory_linkstate:InMemoryLinkState."
+             "store_message_ins / store_message_res; flwr.superlink.grid:InMemoryGrid; "
+             "flwr.simulation.run_simulation:InMemoryGrid (looked up when the ServerApp's grid is built)",
+             "fedshield.simulation.wake (via .simulation.swap_link_hooks)",
+             "wrapped only inside run_simulation, restored after; --dispatch flower keeps Flower's; canary checks "
+             "the methods and that run_simulation builds its grid by module lookup"),
     Internal("SecAgg+ client mod pieces", "flwr.client.mod.secure_aggregation.secaggplus_mod:SecAggPlusState, "
              "check_configs, check_stage", "fedshield.client.secaggplus", "canary imports every name (.secagg)"),
     Internal("SecAgg+ maths and keys", "flwr.common.secure_aggregation.* , flwr.supercore.primitives.asymmetric",

@@ -1,11 +1,14 @@
-"""The simulation engine's dispatch loop (``vce_api.add_messages_to_queue``) and the in-memory state it reads.
+"""The simulation engine's dispatch loop (``vce_api.add_messages_to_queue``), the in-memory state it reads, and
+the in-memory grid ``run_simulation`` builds.
 
-:func:`swap_dispatch_loop` replaces Flower's loop for the duration of a ``with`` block only (never on import), and
-restores whatever was there before, under a lock, so concurrent simulations in one process stay consistent.
+:func:`swap_dispatch_loop` and :func:`swap_link_hooks` replace Flower's pieces for the duration of a ``with`` block
+only (never on import), and restore whatever was there before, under a lock, so concurrent simulations in one
+process stay consistent.
 """
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,16 +16,20 @@ from typing import Any
 
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState as InMemoryLinkState
+from flwr.superlink.grid import InMemoryGrid as InMemoryGrid
 from flwr.supercore.date import now as now
 
-__all__ = ["FLOWER_POLL_S", "InMemoryLinkState", "check_stored_messages", "flower_dispatch_loop", "now",
-           "swap_dispatch_loop"]
+__all__ = ["FLOWER_POLL_S", "InMemoryGrid", "InMemoryLinkState", "check_stored_messages", "flower_dispatch_loop",
+           "now", "run_simulation_module", "swap_dispatch_loop", "swap_link_hooks"]
 
 #: Flower's sweep interval (``f_stop.wait(0.1)`` in ``add_messages_to_queue``).
 FLOWER_POLL_S = 0.1
 #: Flower's own loop as imported, for states the replacement does not handle.
 flower_dispatch_loop: Callable[..., None] = vce_api.add_messages_to_queue
 _swap_lock = threading.Lock()
+#: The module, not the function ``flwr.simulation`` re-exports under the same name: it looks ``InMemoryGrid`` up
+#: at call time, so swapping the module attribute takes effect.
+run_simulation_module = importlib.import_module("flwr.simulation.run_simulation")
 
 
 def check_stored_messages(state: InMemoryLinkState, message_ids: set[Any]) -> None:
@@ -41,3 +48,25 @@ def swap_dispatch_loop(replacement: Callable[..., None]) -> Iterator[None]:
     finally:
         with _swap_lock:
             vce_api.add_messages_to_queue = previous
+
+
+@contextmanager
+def swap_link_hooks(
+    *, wrap_store_ins: Callable[[Callable[..., Any]], Callable[..., Any]],
+    wrap_store_res: Callable[[Callable[..., Any]], Callable[..., Any]], grid_class: type[InMemoryGrid],
+) -> Iterator[None]:
+    """Inside this block ``InMemoryLinkState.store_message_ins`` / ``store_message_res`` are the wrappers of Flower's
+    own that ``wrap_store_ins`` / ``wrap_store_res`` return, and ``run_simulation`` builds ``grid_class`` (a subclass
+    of Flower's ``InMemoryGrid``) for the ServerApp; all restored afterwards."""
+    with _swap_lock:
+        saved = (InMemoryLinkState.store_message_ins, InMemoryLinkState.store_message_res,
+                 run_simulation_module.InMemoryGrid)
+        InMemoryLinkState.store_message_ins = wrap_store_ins(saved[0])  # type: ignore[method-assign]
+        InMemoryLinkState.store_message_res = wrap_store_res(saved[1])  # type: ignore[method-assign]
+        run_simulation_module.InMemoryGrid = grid_class
+    try:
+        yield
+    finally:
+        with _swap_lock:
+            (InMemoryLinkState.store_message_ins, InMemoryLinkState.store_message_res,  # type: ignore[method-assign]
+             run_simulation_module.InMemoryGrid) = saved

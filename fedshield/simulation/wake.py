@@ -16,7 +16,6 @@ Flower's state, engine and Ray backend.
 
 from __future__ import annotations
 
-import importlib
 import threading
 import time
 import weakref
@@ -25,11 +24,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from flwr.app import Message
-from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
-from flwr.superlink.grid import InMemoryGrid
 
-# The module, not the function ``flwr.simulation`` re-exports under the same name.
-_run_simulation_module = importlib.import_module("flwr.simulation.run_simulation")
+from ..flower_internals.simulation import InMemoryGrid, InMemoryLinkState, swap_link_hooks
 
 __all__ = ["LinkSignal", "instructions_signal", "replies_signal", "SignalledInMemoryGrid", "event_driven_link"]
 
@@ -132,22 +128,11 @@ def _notifying(store: Callable[..., Any], signal_of: Callable[[InMemoryLinkState
     return wrapper
 
 
-_patch_lock = threading.Lock()
-
-
 @contextmanager
 def event_driven_link() -> Iterator[None]:
     """Inside this block, in-memory link states signal stored messages and ``run_simulation`` builds the signalled
     grid; everything is restored afterwards."""
-    with _patch_lock:
-        saved = (InMemoryLinkState.store_message_ins, InMemoryLinkState.store_message_res,
-                 _run_simulation_module.InMemoryGrid)
-        InMemoryLinkState.store_message_ins = _notifying(saved[0], instructions_signal)  # type: ignore[method-assign]
-        InMemoryLinkState.store_message_res = _notifying(saved[1], replies_signal)  # type: ignore[method-assign]
-        _run_simulation_module.InMemoryGrid = SignalledInMemoryGrid  # type: ignore[misc]
-    try:
+    with swap_link_hooks(wrap_store_ins=lambda store: _notifying(store, instructions_signal),
+                         wrap_store_res=lambda store: _notifying(store, replies_signal),
+                         grid_class=SignalledInMemoryGrid):
         yield
-    finally:
-        with _patch_lock:
-            (InMemoryLinkState.store_message_ins, InMemoryLinkState.store_message_res,  # type: ignore[method-assign]
-             _run_simulation_module.InMemoryGrid) = saved  # type: ignore[misc]

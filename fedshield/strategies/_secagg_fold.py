@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Message
-from flwr.common.secure_aggregation.secaggplus_constants import Stage
+from ..flower_internals.secagg_keys import Stage
 
 from ._secagg_stages import MaskedReply, RoundState, Shape, Vector, read_masked_reply
 

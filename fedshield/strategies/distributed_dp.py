@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_extract
+from ..flower_internals.secagg import factor_extract
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from numpy.typing import NDArray
