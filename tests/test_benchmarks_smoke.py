@@ -128,7 +128,7 @@ def _check_rows(rows: list[dict[str, object]], expected: list[str]) -> None:
 
 #: Scripts whose tiniest live run starts Ray and trains for a minute or more: run live only under ``-m slow``; their
 #: ``--json`` rows and table are checked on canned measurements below (``test_*_rows_from_canned_measurements``).
-LIVE_ONLY_WHEN_SLOW = {"secagg_sim", "sim_throughput"}
+LIVE_ONLY_WHEN_SLOW = {"secagg_sim", "sim_rounds", "sim_throughput"}
 
 
 @pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in LIVE_ONLY_WHEN_SLOW else s
@@ -281,3 +281,20 @@ def test_sim_throughput_rows_from_canned_measurements() -> None:
     detail = by_name["client-rounds/s, N=20"]["detail"]
     assert detail["failed_client_rounds"] == {"fedshield": 1, "stock": 0} and "FAILED client-rounds" in detail["note"]
     assert detail["ours_runs"] == [6.0, 8.0] and detail["baseline_runs"] == [3.0, 5.0]
+
+
+def test_sim_rounds_rows_from_canned_measurements() -> None:
+    """``sim_rounds``' ``--json`` rows from hand-made runs (its live run, two Ray simulations, is under ``-m slow``)."""
+    sim = _load("sim_rounds")
+
+    def run(s_per_round: float, wall: float) -> dict[str, float]:
+        return {"wall_s": wall, "first_round_s": wall / 4, "s_per_round": s_per_round,
+                "client_rounds_per_s": 10 / s_per_round, "accuracy": 0.8}
+
+    results = {("nodp", "ticks"): [run(0.6, 30.0), run(0.8, 34.0)], ("nodp", "event"): [run(0.2, 20.0), run(0.4, 22.0)]}
+    rows = sim.report(results, ["nodp"], 10)
+    _check_rows(rows, [f"simulate {k} (nodp), 10 clients, event-driven vs fixed ticks"
+                       for k in ("s_per_round", "client_rounds_per_s", "wall_s", "first_round_s")])
+    by_key = {r["name"].split()[1]: r for r in rows}
+    assert by_key["s_per_round"]["ratio"] == pytest.approx(0.3 / 0.7)  # medians of the two runs each
+    assert by_key["wall_s"]["ours"] == pytest.approx(21.0) and by_key["wall_s"]["baseline"] == pytest.approx(32.0)

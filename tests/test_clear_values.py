@@ -116,12 +116,12 @@ def test_the_secagg_aggregate_reply_passes_the_clear_checks_its_nodes_passed() -
     3.0000000000000004), UpdateValidation then rejected the whole aggregate and the global model silently stayed
     unchanged that round (the default job lost 5 of 20 rounds this way)."""
     from fedshield.strategies._secagg_stages import MaskedReply
-    from fedshield.strategies.secagg import _average_metrics
+    from fedshield.strategies._secagg_clear import average_clear_metrics
 
     honest = {P.EPSILON: 2.821851161663019, P.STEPS: 12.0, P.ROUNDS_TRAINED: 3.0}
     replies = [MaskedReply([], 1, dict(honest)) for _ in range(5)]
-    averaged = _average_metrics(replies)
+    averaged = average_clear_metrics(replies)
     assert averaged[P.ROUNDS_TRAINED] == 3.0 and averaged[P.STEPS] == 12.0
     assert check_clear_metrics({**averaged, P.NUM_EXAMPLES: 5.0}) is None
     mixed = [MaskedReply([], 1, {**honest, P.ROUNDS_TRAINED: float(r)}) for r in (3, 4)]
-    assert _average_metrics(mixed)[P.ROUNDS_TRAINED] == 4.0  # a count some node reported, not 3.5
+    assert average_clear_metrics(mixed)[P.ROUNDS_TRAINED] == 4.0  # a count some node reported, not 3.5

@@ -395,7 +395,7 @@ def test_client_node_config_is_what_the_clientapp_reads(keys: KeySet, site_csv: 
         "max-epsilon": 5.0, "allow-plain-updates": True, "secagg-roster": str(keys.authorized_nodes.resolve()),
         "secagg-min-peers": 2, "node-key": str(node.private_key_path.resolve()),
         # the site's own policy: its task, its delta (min(1e-5, 1/100 records)), its accountant, DP required
-        "task": "digits", "delta": 1e-5, "accountant": "prv", "allow-no-dp": False,
+        "task": "digits", "delta": 1e-5, "accountant": "prv", "allow-no-dp": False, "min-honest": 0,
     }
     assert (check.train_examples, check.test_examples) == (80, 20)
     assert (tmp_path / "state" / "split.json").is_file(), "the site chose its own split on first start"

@@ -20,6 +20,7 @@ from fedshield.privacy.skellam_ledger import SKELLAM_LEDGER_FILE, load_history
 from fedshield.privacy.skellam_accountant import epsilon as skellam_epsilon
 from fedshield.server.report import recompute_epsilon
 from fedshield.simulation.run import simulate
+from fedshield.strategies._secagg_fold import FieldSum
 from fedshield.strategies.distributed_dp import DistributedSecAggPlus
 from fedshield.tasks import get_task
 
@@ -63,7 +64,7 @@ def test_server_releases_nothing_below_min_honest() -> None:
                              dp_mode="distributed", min_honest=3, ddp_sites=4, ddp_batch_bound=100)
     strategy = DistributedSecAggPlus(FedAvg(), settings_for=lambda r: settings, param_keys=[], expected_batch=10.0)
     strategy._settings = settings
-    assert strategy._secure_average(None, {1: None, 2: None}) is None  # type: ignore[arg-type]
+    assert strategy._secure_average(None, {1: None, 2: None}, FieldSum(2**32)) is None  # type: ignore[arg-type]
     assert "fewer than min-honest 3" in (strategy._aborted or "")
 
 

@@ -54,7 +54,7 @@ def _round(strategy: Any, server_round: int, model: dict[str, np.ndarray]) -> di
 
 
 def _moments(strategy: Any) -> dict[str, dict[str, np.ndarray]]:
-    state = capture_strategy_state(strategy)
+    state = capture_strategy_state({"strategy": strategy})  # as StrategyStack.stateful names it
     found = {key.rpartition(".")[2]: arrays for key, (_, arrays) in state.items()}
     assert {"m_t", "v_t"} <= set(found), f"FedAdam's moments are not captured: {sorted(state)}"
     return found
@@ -74,11 +74,11 @@ def test_fedadam_resumed_after_round_two_equals_the_uninterrupted_run(tmp_path: 
     for server_round in (1, 2):
         model = _round(first, server_round, model)
     save_checkpoint(tmp_path, Checkpoint(server_round=2, run_id="r", noise_multiplier=0.0, model=model,
-                                         strategy_state=capture_strategy_state(first), rounds=[{}, {}]))
+                                         strategy_state=capture_strategy_state({"strategy": first}), rounds=[{}, {}]))
     del first  # the server died: only the file is left
     ckpt = load_checkpoint(tmp_path)
     resumed = _fedadam()
-    restore_strategy_state(resumed, ckpt.strategy_state)
+    restore_strategy_state({"strategy": resumed}, ckpt.strategy_state)
     resumed_model = _round(resumed, 3, ckpt.model)
 
     for key in SHAPES:
