@@ -133,6 +133,16 @@ def _describe(pids: set[int]) -> list[str]:
 
 
 @pytest.fixture
+def restored_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that builds a simulation link state (which sets the process's TaskIdentity, as run_simulation does)
+    gets the identity back as it was, for the tests after it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, getattr(TaskIdentity, name))
+
+
+@pytest.fixture
 def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """Server-side Message construction needs the run identity that a ServerApp process has."""
     from flwr.supercore.task_identity import TaskIdentity

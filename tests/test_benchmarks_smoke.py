@@ -11,7 +11,6 @@ printed table, which ``run_all`` parses, is checked from a sample of that output
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from _benchmarks import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -167,12 +167,7 @@ def test_run_all_writes_results(bench_tmp: Path, no_leftover_processes: None) ->
 
 
 def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(name)
 
 
 COMPRESSION_OUTPUT = """\

@@ -4,32 +4,21 @@ while a simulation runs; and a test fails if the Flower function it replaces cha
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 from flwr.server.superlink.fleet.vce import vce_api
-from flwr.supercore.task_identity import TaskIdentity
+
+from _benchmarks import load_benchmark
 
 from fedshield.simulation import dispatch
 
-
-@pytest.fixture(autouse=True)
-def _restore_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """build_state sets the process's TaskIdentity, as run_simulation does; put it back for the other tests."""
-    for name in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, getattr(TaskIdentity, name))
+pytestmark = pytest.mark.usefixtures("restored_task_identity")
 
 
 def _bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sim_dispatch.py"
-    spec = importlib.util.spec_from_file_location("sim_dispatch", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sim_dispatch")
 
 
 def _delivered(messages: list) -> list[tuple[int, int]]:  # type: ignore[type-arg]

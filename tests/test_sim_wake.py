@@ -5,9 +5,8 @@ patches live only inside :func:`event_driven_link`."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import threading
-from pathlib import Path
 from queue import Queue
 from types import ModuleType, SimpleNamespace
 from uuid import uuid4
@@ -15,28 +14,20 @@ from uuid import uuid4
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
-from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import InMemoryGrid
+
+from _benchmarks import load_benchmark
 
 from fedshield.simulation import dispatch, wake
 from fedshield.strategies.streaming import StreamingGrid
 
 FALLBACK_S = 60.0  # long enough that only a wake-up can deliver within the test's waits
 
-
-@pytest.fixture(autouse=True)
-def _restore_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, getattr(TaskIdentity, name))
+pytestmark = pytest.mark.usefixtures("restored_task_identity")
 
 
 def _bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sim_dispatch.py"
-    spec = importlib.util.spec_from_file_location("sim_dispatch", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sim_dispatch")
 
 
 def _grid(state: InMemoryLinkState) -> wake.SignalledInMemoryGrid:

@@ -1,19 +1,7 @@
 """Make TLS certificates and SuperNode keys for a fedshield deployment, with ``cryptography`` only.
 
-One directory holds a whole federation's key material::
-
-    ca.pem                  CA certificate: every SuperNode gets a copy to verify the SuperLink (--root-certificates)
-    ca.key                  CA private key: only needed to re-issue server.pem; keep it offline
-    server.pem, server.key  SuperLink certificate (signed by the CA, SANs for every server host) and its key
-    node-1.key, node-1.pub  one key pair per SuperNode: the .key goes to that site only, the .pub is registered
-    authorized-nodes.txt    ``<ecdsa public key> <name>`` per line: the nodes the SuperLink registers
-
-Formats are the ones Flower 1.39 accepts: node keys are ECDSA on NIST P-384 in OpenSSH format (Flower rejects
-Ed25519 for node authentication); server keys are unencrypted PKCS#8 PEM because gRPC and uvicorn read them without
-a passphrase. Private keys are written with mode 0600 through :mod:`fedshield.atomic`, so a crash never leaves half
-a key behind, and existing material is never overwritten unless the caller says ``force=True``.
-
-Loading and checking is :mod:`.key_loading`; file names, formats and writers are :mod:`.key_files`.
+Loading and checking is :mod:`.key_loading`; the key directory's layout, file names, formats, modes and writers
+are :mod:`.key_files`.
 """
 
 from __future__ import annotations
