@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 
 from ..flower_internals.secagg_keys import RECORD_KEY_CONFIGS
 from .. import protocol as P
+from ..orphan_guard import exit_when_orphaned
 from .node_config import ALLOW_PLAIN_UPDATES, DATA_PATH, WORKER_SOCKET
 from .round_work import CONFIG_ERROR_CODE, REFUSAL_CODE, WORKER_ERROR_CODE, Refusal, TrainResult
 
@@ -56,6 +57,13 @@ def secagg_when_requested(msg: Message, ctx: Context, call_next):  # type: ignor
     return secagg_wire_mod(
         msg, ctx, lambda m, c: secaggplus_mod(m, c, lambda m2, c2: secagg_adapter_mod(m2, c2, call_next))
     )
+
+
+def exit_with_parent(msg: Message, ctx: Context, call_next):  # type: ignore[no-untyped-def]
+    """Outermost mod: this process ends itself if its SuperNode dies (:mod:`fedshield.orphan_guard`), whatever
+    stage the message is in; started here because a ClientApp process exists for its messages."""
+    exit_when_orphaned()
+    return call_next(msg, ctx)
 
 
 def refuse_plain_updates(msg: Message, ctx: Context, call_next):  # type: ignore[no-untyped-def]
@@ -115,7 +123,7 @@ def _evaluate(context: Context, config: dict[str, Any], arrays: dict[str, np.nda
     return run_evaluate(context.node_config, config, arrays)
 
 
-@app.train(mods=[refuse_plain_updates, secagg_when_requested])
+@app.train(mods=[exit_with_parent, refuse_plain_updates, secagg_when_requested])
 def train(msg: Message, context: Context) -> Message:
     try:
         result = _train(context, *_request(msg))
@@ -126,7 +134,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
+@app.evaluate(mods=[exit_with_parent])
 def evaluate(msg: Message, context: Context) -> Message:
     try:
         metrics = _evaluate(context, *_request(msg))

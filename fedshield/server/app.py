@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..config import RunConfig
 from ..known_warnings import ignore_known_harmless
+from ..orphan_guard import exit_when_orphaned
 from .checkpoint import Checkpoint, load_checkpoint
 from .nodes import NodeWaitTimeout, wait_for_nodes
 from .runner import RoundRecord, RunSummary, run_server
@@ -36,6 +37,7 @@ def read_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, bool]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    exit_when_orphaned()  # this process is Flower's flwr-serverapp, a child of the SuperLink
     ignore_known_harmless()
     config, resume = read_run_config(context.run_config)
     checkpoint = load_checkpoint(config.out) if resume else None
