@@ -38,13 +38,7 @@ from numpy.typing import NDArray
 
 from ..flower_internals.serverapp import InconsistentMessageReplies, log
 
-__all__ = ["WeightedSum", "StreamingFedAvg", "StreamingGrid", "streams_replies"]
-
-
-def streams_replies(strategy: object) -> bool:
-    """Whether ``strategy`` declares (attribute ``streams_replies = True``) that its ``aggregate_train`` reads the
-    replies once, in order, keeping no reply's arrays: then a lazy iterator keeps the server's memory flat."""
-    return bool(getattr(strategy, "streams_replies", False))
+__all__ = ["WeightedSum", "StreamingFedAvg", "StreamingGrid"]
 
 
 class WeightedSum:
