@@ -40,12 +40,15 @@ def test_distributed_mode_refuses_settings_it_cannot_guarantee() -> None:
 
 
 def test_site_refuses_a_weaker_trust_assumption_than_its_policy() -> None:
+    """A round assuming more honest sites than the site relies on gives each site a smaller noise share: refused.
+    Fewer (a larger share each) protects the site more and is accepted."""
     policy = SitePolicy(task="digits", min_honest=3)
     config = {"task": "digits", "dp": True, "noise-multiplier": 1.0, "accountant": "prv", "delta": 1e-5,
-              "dp-mode": "distributed", "min-honest": 2}
-    with pytest.raises(PolicyRefused, match="fedshield:policy-refused: min-honest: .*--min-honest 3"):
+              "dp-mode": "distributed", "min-honest": 4}
+    with pytest.raises(PolicyRefused, match="fedshield:policy-refused: min-honest: .*--min-honest 3 or less"):
         check_request(policy, config, train=True)
-    check_request(policy, {**config, "min-honest": 4}, train=True)
+    check_request(policy, {**config, "min-honest": 3}, train=True)
+    check_request(policy, {**config, "min-honest": 1}, train=True)
     check_request(policy, {**config, "dp-mode": "local"}, train=True)
 
 

@@ -65,8 +65,8 @@ def client_command(
         "SecAgg+ peers must sign their keys with one of these node keys."
     ),
     secagg_min_peers: int = typer.Option(2, "--secagg-min-peers", help="Fewest other signed SecAgg+ sites per round."),
-    min_honest: int = typer.Option(0, "--min-honest", help="Distributed DP: refuse rounds that assume fewer honest "
-                                   "noise-adding sites than this (0: any)."),
+    min_honest: int = typer.Option(0, "--min-honest", help="Distributed DP: the most sites this site relies on to add "
+                                   "their noise share; rounds assuming more (smaller shares each) are refused (0: any)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail."),
 ) -> None:
     """Join a federation: check keys and data, connect to the server, and train when it asks, until Ctrl-C."""

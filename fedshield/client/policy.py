@@ -80,7 +80,7 @@ class SitePolicy:
     delta: float = DEFAULT_DELTA
     accountant: str = "prv"
     allow_no_dp: bool = False
-    min_honest: int = 0  # distributed DP: the weakest trust assumption (sites adding noise) this site accepts
+    min_honest: int = 0  # distributed DP: the most sites this site relies on to add their noise share (0: any)
 
     def __post_init__(self) -> None:
         if not self.task:
@@ -171,14 +171,16 @@ def check_request(policy: SitePolicy | None, config: Mapping[str, Any], *, train
 
 
 def _check_min_honest(policy: SitePolicy, config: Mapping[str, Any]) -> None:
-    """A distributed round sizes each noise share for ``min-honest`` sites; fewer than the site's floor: refused."""
+    """A distributed round sizes each site's noise share as total / ``min-honest``: the more sites it assumes add
+    their share, the less noise this site's own update carries if they do not (a server colluding with other
+    sites). A round assuming more honest sites than this site relies on is refused; fewer only costs accuracy."""
     if str(config.get("dp-mode", "local")) != "distributed" or not policy.min_honest:
         return
     asked = _number(config.get(MIN_HONEST, 0))
-    if not asked >= policy.min_honest:
-        raise PolicyRefused(MIN_HONEST, f"the round assumes only {config.get(MIN_HONEST)!r} honest sites add their noise; this site "
-                            f"requires at least {policy.min_honest}. Run the server with --min-honest "
-                            f"{policy.min_honest} or more")
+    if not asked <= policy.min_honest:
+        raise PolicyRefused(MIN_HONEST, f"the round assumes {config.get(MIN_HONEST)!r} sites add their noise share "
+                            f"(each adds 1/{config.get(MIN_HONEST)!r} of the noise); this site relies on at most "
+                            f"{policy.min_honest}. Run the server with --min-honest {policy.min_honest} or less")
 
 
 def ledger_terms(policy: SitePolicy | None, *, accountant: str, delta: float, target_epsilon: float,
