@@ -167,6 +167,23 @@ def test_the_site_keeps_its_own_split_whatever_the_server_seed(site: dict[str, A
     site_module.load_site_files.cache_clear()
 
 
+def test_a_deployed_site_reads_only_its_own_file_whatever_the_round_names(site: dict[str, Any], tmp_path: Path) -> None:
+    """``sim-data`` / ``text-column`` / ``label-column`` are simulation settings: a hostile server naming another
+    file (or columns) for a deployed site changes nothing it reads."""
+    from fedshield.client import site as site_module
+
+    site_module.load_site_files.cache_clear()
+    own = site_module.resolve_site(site, RoundSettings(**_config()))
+    bait = tmp_path / "bait.npz"
+    np.savez(bait, x=np.zeros((50, 1, 8, 8), dtype=np.float32), y=np.zeros(50, dtype=np.int64))
+    site_module.load_site_files.cache_clear()
+    hostile = site_module.resolve_site(site, RoundSettings(**_config(sim_data=str(bait), text_column="x",
+                                                                          label_column="y")))
+    assert len(hostile.train) + len(hostile.test) == len(own.train) + len(own.test) != 50
+    np.testing.assert_array_equal(hostile.test.x, own.test.x)
+    site_module.load_site_files.cache_clear()
+
+
 def test_breast_cancer_preprocessing_uses_fixed_constants_not_the_partys_statistics() -> None:
     task = get_task("breast-cancer")
     raw = np.random.default_rng(1).uniform(0.5, 30.0, size=(50, 30))
