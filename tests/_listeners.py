@@ -39,13 +39,25 @@ def listeners(pids: list[int]) -> dict[str, str]:
     for pid in pids:
         try:
             name = Path(f"/proc/{pid}/comm").read_text().strip()
-            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
         except OSError:
             continue  # exited while we looked
-        for link in links:
+        for link in _links(fds):
             if link.startswith("socket:[") and int(link[8:-1]) in sockets:
                 found[sockets[int(link[8:-1])]] = f"{name} ({pid})"
     return found
+
+
+def _links(fds: list[Path]) -> list[str]:
+    """What each descriptor points at. A busy process (gRPC, SQLite) opens and closes descriptors while we read:
+    one that closed between the listing and its ``readlink`` is skipped, not the whole process."""
+    links = []
+    for fd in fds:
+        try:
+            links.append(os.readlink(fd))
+        except OSError:
+            continue
+    return links
 
 
 def loopback(address: str) -> bool:

@@ -21,8 +21,11 @@ from fedshield.server.runner import RunSummary, run_server
 
 def run_many(
     configs: list[RunConfig], *, client_app: ClientApp | None = None, wrap_grid: Any = None,
+    cpus_per_client: float = 1.0,
 ) -> list[RunSummary]:
-    """``wrap_grid``: optional ``Grid -> Grid`` applied to the server's grid (e.g. to record every reply)."""
+    """``wrap_grid``: optional ``Grid -> Grid`` applied to the server's grid (e.g. to record every reply).
+    ``cpus_per_client``: Ray CPUs per simulated client; below 1 runs more Ray actors than cores, for tests in
+    which one client deliberately holds its actor (a client slower than the round timeout)."""
     from flwr.simulation import run_simulation
 
     from fedshield.client.app import app as fedshield_client_app
@@ -45,7 +48,7 @@ def run_many(
             raise
 
     backend: dict[str, Any] = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
         "init_args": {"include_dashboard": False, "configure_logging": True, "logging_level": logging.WARNING,
                       "log_to_driver": False},
     }

@@ -242,10 +242,18 @@ def test_sigkilled_server_and_client_leave_no_flower_process_and_free_ports(keys
         names = " ".join(tree.values())
         assert "superlink_main" in names and "flwr-serverapp" in names and "supernode_main" in names, tree
         # What listens: the Fleet API where it was asked, the HTTP APIs on loopback, nothing else on either host.
-        server_side = listeners([server.proc.pid, *live_descendants(server.proc.pid)])
-        site_side = listeners([client.proc.pid, *live_descendants(client.proc.pid)])
-        assert set(server_side) == {fleet, f"127.0.0.1:{control}"}, server_side
-        assert set(site_side) == {f"127.0.0.1:{runtime}"}, site_side
+        # /proc is read while the processes run, so one look can miss a socket; a few looks cannot miss a listener
+        # that stays, and an extra one that stays still fails.
+        expected = ({fleet, f"127.0.0.1:{control}"}, {f"127.0.0.1:{runtime}"})
+        deadline = time.monotonic() + 15
+        while True:
+            server_side = listeners([server.proc.pid, *live_descendants(server.proc.pid)])
+            site_side = listeners([client.proc.pid, *live_descendants(client.proc.pid)])
+            if (set(server_side), set(site_side)) == expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert set(server_side) == expected[0], server_side
+        assert set(site_side) == expected[1], site_side
         for cli in (server, client):
             os.kill(cli.proc.pid, signal.SIGKILL)  # only the CLI process: what it started must follow by itself
             cli.proc.wait(timeout=30)

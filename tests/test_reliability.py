@@ -226,7 +226,10 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         _sim_config(root / "slow-plain", round_timeout=ROUND_TIMEOUT),
     ]
     started = time.monotonic()
-    run_many(configs, client_app=faulty_app)
+    # The slow client holds its Ray actor for ROUND_TIMEOUT + SLOW_EXTRA_S. With one actor per core (2 here) the
+    # seven others would queue on the one actor left and, on a loaded machine, time out too: 4 actors keep them
+    # off the slow one's actor.
+    run_many(configs, client_app=faulty_app, cpus_per_client=0.5)
     print(f"\nsimulation of {len(configs)} runs x {ROUNDS} rounds x {CLIENTS} clients: "
           f"{time.monotonic() - started:.1f} s")
     return {cfg.out.name: cfg.out for cfg in configs}
