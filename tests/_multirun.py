@@ -17,6 +17,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedshield.config import RunConfig
 from fedshield.server.runner import RunSummary, run_server
+from fedshield.simulation.dispatch import one_pass_dispatch
+from fedshield.simulation.ray_local import loopback_init_args, loopback_ray
+from fedshield.simulation.reaper import reap_on_exit
+from fedshield.simulation.wake import event_driven_link
 
 
 def run_many(
@@ -49,14 +53,17 @@ def run_many(
 
     backend: dict[str, Any] = {
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"include_dashboard": False, "configure_logging": True, "logging_level": logging.WARNING,
-                      "log_to_driver": False},
+        "init_args": {"configure_logging": True, "logging_level": logging.WARNING, "log_to_driver": False,
+                      **loopback_init_args()},
     }
     from conftest import _children
 
     before = _children(os.getpid())
-    run_simulation(server_app=server_app, client_app=client_app or fedshield_client_app,
-                   num_supernodes=sizes.pop(), backend_config=backend)
+    # The same engine set-up as fedshield.simulation.run.simulate: a loopback Ray, the one-pass dispatch and the
+    # event-driven link (rounds wait on messages, not on Flower's fixed ticks), the reaper on exit.
+    with reap_on_exit(), loopback_ray(), one_pass_dispatch(), event_driven_link():
+        run_simulation(server_app=server_app, client_app=client_app or fedshield_client_app,
+                       num_supernodes=sizes.pop(), backend_config=backend)
     _assert_no_leftovers(before)
     if errors:
         raise errors[0]

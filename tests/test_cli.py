@@ -27,6 +27,7 @@ runner = CliRunner()
         (["--partition", "dirichlet:-1"], "alpha must be > 0"),
         (["--epsilon", "0"], "epsilon must be a finite number > 0"),
         (["--epsilon", "-3"], "epsilon must be a finite number > 0"),
+        (["--noise-multiplier", "0"], "noise multiplier 0 with DP on has an infinite epsilon"),
         (["--delta", "1.5"], "delta must be in (0, 1)"),
         (["--delta", "0"], "delta must be in (0, 1)"),
         (["--clients", "5000"], "5000 clients need at least"),
@@ -122,3 +123,4 @@ def test_config_file_keys_and_flag_precedence(tmp_path: Path) -> None:
 def test_sample_rate_is_normalised_to_whole_steps() -> None:
     assert RunConfig(sample_rate=0.333333).steps_per_epoch == 3
     assert RunConfig(sample_rate=0.333333).sample_rate == 1 / 3
+

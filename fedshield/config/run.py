@@ -140,6 +140,9 @@ class RunConfig:
             raise ConfigError(f"noise multiplier must be >= 0, got {self.noise_multiplier}")
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
             raise ConfigError(f"max-grad-norm must be > 0, got {self.max_grad_norm}: e.g. --max-grad-norm 1.0")
+        if self.dp and self.noise_multiplier == 0:
+            raise ConfigError("noise multiplier 0 with DP on has an infinite epsilon (the server rejects every such "
+                              "update): give a positive --noise-multiplier or --epsilon, or --no-dp")
         if self.dp and self.epsilon is None and self.noise_multiplier is None:
             raise ConfigError("DP is on but neither --epsilon nor --noise-multiplier is set: give one, or --no-dp")
         if not (0 < self.lr and math.isfinite(self.lr)):
