@@ -63,7 +63,6 @@ EXPECTED_S: dict[str, float] = {
     "tests/test_user_task.py::test_user_task_trains": 32.0,
     "tests/test_in_clear.py": 14.0,
     "tests/test_simulation_local.py": 25.0,
-    "tests/test_secagg.py::test_simulation": 10.0,
     "tests/test_deploy_processes.py": 4.0,
     "tests/test_deploy_cli.py": 3.0,
     "tests/test_clientapp_zygote.py": 8.0,

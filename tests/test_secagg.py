@@ -97,7 +97,7 @@ def make_client_app(refusing_partition: int | None = None, *, narrow: bool = Tru
     @app.train(mods=mods)
     def train(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
-        if pid == refusing_partition:
+        if pid in (refusing_partition, msg.content["config"].get("refusing", -1)):
             raise RuntimeError(f"{BUDGET_REFUSAL} test")
         if msg.content["config"].get("quantize", 0):
             raise RuntimeError("under SecAgg+ the client must be told quantize 0: the field quantizes")
@@ -591,15 +591,47 @@ def _zombie_free(pids: set[int]) -> set[int]:
     return alive
 
 
+#: The simulated runs of this module, all in ONE simulation (one Ray start): ``name -> (rounds, train config)``.
+#: ``refusing`` names the partition that refuses to train; ``quantize`` is what the server asks for.
+SIM_RUNS: dict[str, tuple[int, dict[str, int]]] = {
+    "three_rounds": (3, {"quantize": 0}),
+    "refusing": (2, {"quantize": 0, "refusing": 0}),
+    "q8": (2, {"quantize": 8}),
+    "q16": (2, {"quantize": 16}),
+}
+SIM_NODES = 5
+
+
+def _run_strategy(grid: Grid, num_rounds: int, train_config: dict[str, int]) -> dict[str, Any]:
+    out: dict[str, Any] = {"models": [], "replies": [], "bytes_up": []}
+    # min_train_nodes too: the ServerApp thread starts before the simulation registers its nodes, and FedAvg sizes
+    # its sample from the nodes registered at that moment.
+    inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=SIM_NODES, min_available_nodes=SIM_NODES)
+    # Inside RecordingStrategy, as fedshield's server runs it: bytes_up is its metric.
+    outcomes = RoundOutcomes()
+    strategy = RecordingStrategy(SecAggPlus(inner, max_weight=MAX_WEIGHT, timeout=120, outcomes=outcomes), outcomes)
+
+    def record(rnd: int, arrays: ArrayRecord) -> None:
+        out["models"].append(as_numpy(arrays))
+        if rnd:
+            out["replies"].append(list(strategy.last_replies))
+            out["bytes_up"].append(list(strategy.last_bytes_up))
+
+    strategy.start(grid=grid, initial_arrays=initial_arrays(), num_rounds=num_rounds, evaluate_fn=record,
+                   timeout=120, train_config=ConfigRecord(train_config))
+    return out
+
+
 @pytest.fixture(scope="module")
-def simulate() -> Iterator[Callable[..., dict[str, Any]]]:
-    """Run one simulation per call; fail if Ray processes, sessions or files outlive the module."""
+def simulated() -> dict[str, dict[str, Any]]:
+    """Every run of :data:`SIM_RUNS` in one simulation; fail if Ray processes, sessions or files outlive it."""
     import ray
     from flwr.simulation import run_simulation
     from flwr.supercore import telemetry
 
     before = _descendants(os.getpid())
     home = tempfile.mkdtemp(prefix="fs-flwr-home-")
+    results: dict[str, dict[str, Any]] = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLWR_HOME", home)
         mp.setattr(telemetry, "FLWR_TELEMETRY_ENABLED", "0")  # read at import; offline machines hang on it
@@ -607,56 +639,37 @@ def simulate() -> Iterator[Callable[..., dict[str, Any]]]:
             mp.setitem(telemetry.state, key, "test")
         # RayBackend writes the driver's sys.path into PYTHONPATH; restored when the context exits.
         mp.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+        app = ServerApp()
 
-        def run(num_nodes: int, num_rounds: int, refusing: int | None = None, quantize: int = 0) -> dict[str, Any]:
-            out: dict[str, Any] = {"models": [], "replies": [], "bytes_up": []}
-            app = ServerApp()
+        @app.main()
+        def main(grid: Grid, context: Context) -> None:
+            for name, (rounds, train_config) in SIM_RUNS.items():
+                results[name] = _run_strategy(grid, rounds, train_config)
 
-            @app.main()
-            def main(grid: Grid, context: Context) -> None:
-                # min_train_nodes too: the ServerApp thread starts before the simulation registers its nodes,
-                # and FedAvg sizes its sample from the nodes registered at that moment.
-                inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=num_nodes, min_available_nodes=num_nodes)
-                # Inside RecordingStrategy, as fedshield's server runs it: bytes_up is its metric.
-                outcomes = RoundOutcomes()
-                strategy = RecordingStrategy(SecAggPlus(inner, max_weight=MAX_WEIGHT, timeout=120, outcomes=outcomes),
-                                             outcomes)
-
-                def record(rnd: int, arrays: ArrayRecord) -> None:
-                    out["models"].append(as_numpy(arrays))
-                    if rnd:
-                        out["replies"].append(list(strategy.last_replies))
-                        out["bytes_up"].append(list(strategy.last_bytes_up))
-
-                strategy.start(grid=grid, initial_arrays=initial_arrays(), num_rounds=num_rounds, evaluate_fn=record,
-                               timeout=120, train_config=ConfigRecord({"quantize": quantize}))
-
-            ray_tmp = tempfile.mkdtemp(prefix="fsray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-            try:
-                run_simulation(
-                    server_app=app, client_app=make_client_app(refusing), num_supernodes=num_nodes,
-                    backend_config={
-                        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"_temp_dir": ray_tmp, "include_dashboard": False, "num_cpus": 2},
-                    },
-                )
-            finally:
-                shutil.rmtree(ray_tmp, ignore_errors=True)
-            assert not ray.is_initialized(), "run_simulation must shut Ray down"
-            return out
-
-        yield run
-
+        ray_tmp = tempfile.mkdtemp(prefix="fsray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+        try:
+            run_simulation(
+                server_app=app, client_app=make_client_app(), num_supernodes=SIM_NODES,
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    "init_args": {"_temp_dir": ray_tmp, "include_dashboard": False, "num_cpus": 2},
+                },
+            )
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+        assert not ray.is_initialized(), "run_simulation must shut Ray down"
     deadline = time.monotonic() + 20
     while (left := _zombie_free(_descendants(os.getpid()) - before)) and time.monotonic() < deadline:
         time.sleep(0.5)
     shutil.rmtree(home, ignore_errors=True)
     assert not left, f"simulation left processes behind: {sorted(left)}"
+    assert set(results) == set(SIM_RUNS), f"runs that did not finish: {set(SIM_RUNS) - set(results)}"
+    return results
 
 
 @pytest.fixture(scope="module")
-def three_rounds(simulate: Callable[..., dict[str, Any]]) -> dict[str, Any]:
-    return simulate(num_nodes=5, num_rounds=3)
+def three_rounds(simulated: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return simulated["three_rounds"]
 
 
 def test_simulation_aggregate_equals_fedavg_of_the_same_updates(three_rounds: dict[str, Any]) -> None:
@@ -674,8 +687,8 @@ def test_simulation_runs_several_rounds(three_rounds: dict[str, Any]) -> None:
         assert {r.metrics[EPSILON] for r in replies[rnd - 1]} == {0.5 * rnd}
 
 
-def test_simulation_refusing_client_is_dropped_with_its_reason(simulate: Callable[..., dict[str, Any]]) -> None:
-    out = simulate(num_nodes=5, num_rounds=2, refusing=0)
+def test_simulation_refusing_client_is_dropped_with_its_reason(simulated: dict[str, dict[str, Any]]) -> None:
+    out = simulated["refusing"]
     for rnd in (1, 2):
         replies = out["replies"][rnd - 1]
         (refused,) = [r for r in replies if not r.ok]
@@ -685,8 +698,8 @@ def test_simulation_refusing_client_is_dropped_with_its_reason(simulate: Callabl
 
 
 @pytest.fixture(scope="module")
-def quantized_runs(simulate: Callable[..., dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    return {bits: simulate(num_nodes=5, num_rounds=2, quantize=bits) for bits in (8, 16)}
+def quantized_runs(simulated: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {bits: simulated[f"q{bits}"] for bits in (8, 16)}
 
 
 @pytest.mark.parametrize("bits", [8, 16])
