@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from test_strategies import SHAPES, client_models, configure, reply, weighted_mean
+from _strategy_rounds import SHAPES, client_models, configure, reply, weighted_mean
 
 from fedshield import protocol as P
 from fedshield.strategies._secagg_stages import MaskedReply, ProtocolParams, RoundState

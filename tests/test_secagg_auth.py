@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
-from test_secagg import MAX_WEIGHT, _LocalGrid, as_numpy, assert_weighted_average, initial_arrays, make_client_app
+from _secagg_harness import MAX_WEIGHT, _LocalGrid, as_numpy, assert_weighted_average, initial_arrays, make_client_app
 
 from fedshield.client.node_config import NODE_KEY, SECAGG_MIN_PEERS, SECAGG_ROSTER
 from fedshield.crypto import make_site_key
@@ -175,11 +175,11 @@ def test_unmask_refusals_name_the_lie() -> None:
 
 def test_a_stock_flower_client_is_dropped_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     """Flower's own secaggplus_mod masks with a 32-bit-seeded Mersenne Twister; the server cannot unmask it."""
-    import test_secagg
+    import _secagg_harness
     from flwr.client.mod import secaggplus_mod as flower_mod
 
     with monkeypatch.context() as mp:
-        mp.setattr(test_secagg, "secaggplus_mod", flower_mod)
+        mp.setattr(_secagg_harness, "secaggplus_mod", flower_mod)
         stock = make_client_app(narrow=False)
     grid = _LocalGrid(make_client_app(), 4)
     stock_node, ours = grid.node_ids[3], grid._app
