@@ -17,7 +17,7 @@ from fedshield.privacy.secure_noise import SecureGaussian
 from fedshield.server.report import PrivacyReport, recompute_client_epsilon
 from fedshield.server.runner import check_noise_shares
 from fedshield.strategies.client_level_dp import ClientLevelDP, ReleaseEvent
-from test_client_dp import GLOBAL, _configure
+from _client_dp_rounds import GLOBAL, configure_round
 
 
 def test_shares_that_secagg_would_clip_are_refused_with_the_fix() -> None:
@@ -77,7 +77,7 @@ def test_a_poisson_round_that_samples_nobody_still_releases_noise() -> None:
     dp = ClientLevelDP(FedAvg(min_available_nodes=n, min_train_nodes=n), mode="central", noise_multiplier=1.0,
                        clip_norm=1.0, num_clients=n, expected_clients=n, sampling="poisson", fraction=0.5,
                        sampler=_ZeroSampler())  # type: ignore[arg-type]
-    assert _configure(dp, n) == []
+    assert configure_round(dp, n) == []
     arrays, metrics = dp.aggregate_train(1, [])
     assert arrays is not None and dp.last_event is not None and dp.last_event.included_clients == 0
     moved = float(np.max(np.abs(arrays["w"].numpy() - GLOBAL["w"])))
