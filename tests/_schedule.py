@@ -65,6 +65,7 @@ EXPECTED_S: dict[str, float] = {
     "tests/test_simulation_local.py": 25.0,
     "tests/test_deploy_processes.py": 4.0,
     "tests/test_deploy_cli.py": 3.0,
+    "tests/test_deploy_cli_client.py": 3.0,
     "tests/test_clientapp_zygote.py": 8.0,
     "tests/test_supernode_polling.py": 8.0,
     "tests/test_sim_dispatch.py": 3.0,

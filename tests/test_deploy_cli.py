@@ -1,5 +1,6 @@
 """``fedshield server`` / ``fedshield client`` without a federation: the packaged app's run config, the client's
-downgrade guard, and every bad input that must fail *before* a Flower process starts (one line, exit code 2).
+downgrade guard, and every bad server input that must fail *before* a Flower process starts (one line, exit code
+2). The client's bad input: ``tests/test_deploy_cli_client.py``.
 
 The real-process runs are in ``tests/test_deploy_e2e.py``.
 """
@@ -9,55 +10,24 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import ssl
 import subprocess
 import sys
-import threading
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from typer.testing import CliRunner
 
 from fedshield.cli import cli
-from fedshield.deploy import site as client_deployment
 from fedshield.client.app import PLAIN_REFUSAL, PLAIN_REFUSED_CODE, refuse_plain_updates
 from fedshield.config import RunConfig
 from fedshield.crypto import KeySet, init_keys
 from fedshield.deploy import free_port
 from fedshield.deploy.coordinator import app_dir, flower_run_config, prepare_app
 from fedshield.server.app import RESUME_KEY, read_run_config
-
-ROOT = Path(__file__).resolve().parents[1]
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> KeySet:
-    return init_keys(tmp_path_factory.mktemp("keys") / "keys", server_hosts=["127.0.0.1"], nodes=1)
-
-
-@pytest.fixture(scope="module")
-def site_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """100 digits as a site would export them: 64 pixel columns and a label."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    path = tmp_path_factory.mktemp("data") / "site.csv"
-    header = ",".join([f"p{i}" for i in range(64)] + ["label"])
-    rows = np.column_stack([digits.data[:100].astype(int), digits.target[:100]])
-    np.savetxt(path, rows, delimiter=",", header=header, comments="", fmt="%d")
-    return path
-
-
-def _one_error_line(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, output
-    return lines[0]
+from _deploy_cli_inputs import ROOT, one_error_line, runner
+from _deploy_cli_inputs import keys  # noqa: F401  (module-scoped pytest fixtures)
 
 
 # ------------------------------------------------------------------------------------------------ packaged app
@@ -106,7 +76,6 @@ def test_run_config_survives_the_trip_through_flower(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ downgrade guard
-
 
 
 def _train_message(*, secagg: bool) -> Message:
@@ -198,7 +167,7 @@ def test_server_bad_input_is_one_line_and_exit_2(keys: KeySet, tmp_path: Path, c
             args = _server(tmp_path, *good, "--address", "127.0.0.1:9555", "--control-port", "9555")
         result = runner.invoke(cli, args)
     assert result.exit_code == 2, result.output
-    assert expected in _one_error_line(result.output)
+    assert expected in one_error_line(result.output)
     assert not (tmp_path / "run" / "superlink" / "superlink.log").exists(), "nothing may start on bad input"
 
 
@@ -206,7 +175,7 @@ def test_server_refuses_a_foreign_directory_as_out(keys: KeySet, tmp_path: Path)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "precious.txt").write_text("keep")
     result = runner.invoke(cli, _server(tmp_path, "--keys", str(keys.directory)))
-    assert result.exit_code == 2 and "not a fedshield run directory" in _one_error_line(result.output)
+    assert result.exit_code == 2 and "not a fedshield run directory" in one_error_line(result.output)
 
 
 def test_server_bad_input_in_a_real_process(keys: KeySet, tmp_path: Path) -> None:
@@ -222,216 +191,3 @@ def test_server_bad_input_in_a_real_process(keys: KeySet, tmp_path: Path) -> Non
     assert proc.stderr.startswith(f"error: Port {port} on 127.0.0.1 is already in use")
 
 
-# ------------------------------------------------------------------------------------------------ client bad input
-
-
-def _client(keys: KeySet, data: Path, state: Path, *args: str, server: str | None = None) -> list[str]:
-    node = keys.node("node-1")
-    return ["client", "--server", server or f"127.0.0.1:{free_port()}", "--ca", str(keys.ca_cert),
-            "--node-key", str(node.private_key_path), "--roster", str(keys.authorized_nodes), "--data", str(data),
-            "--state", str(state),
-            "--connect-attempts", "2", "--retry-wait", "0.05", *args]
-
-
-def _copy(src: Path, dst: Path, mode: int) -> Path:
-    dst.write_bytes(src.read_bytes())
-    os.chmod(dst, mode)
-    return dst
-
-
-def test_client_bad_credentials_fail_before_connecting(keys: KeySet, site_csv: Path, tmp_path: Path) -> None:
-    key = keys.node("node-1").private_key_path
-    assert key is not None
-    cases = {
-        "missing key": (["--node-key", str(tmp_path / "absent.key")], "Missing node private key"),
-        "open key": (["--node-key", str(_copy(key, tmp_path / "open.key", 0o644))], "readable by other users"),
-        "not a CA": (["--ca", str(_copy(site_csv, tmp_path / "ca.pem", 0o644))], "is not a PEM certificate"),
-        "server key as node key": (["--node-key", str(keys.server_key)], "not an unencrypted OpenSSH private key"),
-        "insecure with keys": (["--insecure"], "drop --ca and --node-key"),
-        "bad budget": (["--max-epsilon", "0"], "--max-epsilon must be a finite number > 0"),
-        "delta not below 1/records": (["--delta", "0.5"], "--delta 0.5 is not below 1/records"),
-        "unknown accountant": (["--accountant", "gdp"], "--accountant must be one of"),
-        "missing policy file": (["--policy", str(tmp_path / "none.toml")], "cannot read the site policy"),
-        "absent roster": (["--roster", str(tmp_path / "absent.txt")], "cannot read the SecAgg+ roster"),
-        "no secagg peers": (["--secagg-min-peers", "0"], "--secagg-min-peers must be >= 1"),
-    }
-    for name, (extra, expected) in cases.items():
-        result = runner.invoke(cli, [*_client(keys, site_csv, tmp_path / "state"), *extra])
-        assert result.exit_code == 2, (name, result.output)
-        assert expected in _one_error_line(result.output), name
-
-
-def test_client_unreadable_key(keys: KeySet, site_csv: Path, tmp_path: Path) -> None:
-    key = keys.node("node-1").private_key_path
-    assert key is not None
-    locked = _copy(key, tmp_path / "locked.key", 0o000)
-    if os.access(locked, os.R_OK):
-        pytest.skip("running as root: file modes do not stop reads")
-    result = runner.invoke(cli, [*_client(keys, site_csv, tmp_path / "state"), "--node-key", str(locked)])
-    assert result.exit_code == 2 and "Cannot read node private key" in _one_error_line(result.output)
-
-
-@pytest.mark.parametrize(
-    ("content", "expected"),
-    [
-        ("p0,p1,label\n1,2,3\n4,5,6\n", "has 2 feature columns, task 'digits' expects 64"),
-        (",".join([f"p{i}" for i in range(64)] + ["label"]) + "\n" + ",".join(["x"] * 65) + "\n"
-         + ",".join(["1"] * 65) + "\n", "is not numeric"),
-        (",".join([f"p{i}" for i in range(64)] + ["y"]) + "\n" + ",".join(["1"] * 65) + "\n", "has no label column 'label'"),
-    ],
-)
-def test_client_malformed_data_fails_before_connecting(
-    keys: KeySet, tmp_path: Path, content: str, expected: str
-) -> None:
-    bad = tmp_path / "bad.csv"
-    bad.write_text(content)
-    result = runner.invoke(cli, _client(keys, bad, tmp_path / "state"))
-    assert result.exit_code == 2, result.output
-    assert expected in _one_error_line(result.output)
-
-
-def test_an_unreachable_server_is_retried_with_backoff_then_named(
-    keys: KeySet, site_csv: Path, tmp_path: Path
-) -> None:
-    port = free_port()  # nothing listens here
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedshield", *_client(keys, site_csv, tmp_path / "state", server=f"127.0.0.1:{port}")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [
-        f"error: cannot reach the server at 127.0.0.1:{port} after 2 attempts (Connection refused): check the "
-        "address, the firewall, and that `fedshield server` is running"
-    ]
-    assert "attempt 1/2" in proc.stdout  # the retry was announced
-    assert not (tmp_path / "state" / "supernode.log").exists(), "no SuperNode may start before the server answers"
-
-
-def test_backoff_doubles_up_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
-    waits: list[float] = []
-    monkeypatch.setattr(client_deployment.time, "sleep", waits.append)
-    port = free_port()
-    with pytest.raises(client_deployment.DeploymentError, match="after 5 attempts"):
-        client_deployment.wait_for_server("127.0.0.1", port, ca_cert=None, attempts=5, retry_wait=1.0,
-                                          max_retry_wait=5.0)
-    assert waits == [1.0, 2.0, 4.0, 5.0]
-
-
-@pytest.fixture
-def tls_listener(keys: KeySet, tmp_path: Path) -> Iterator[tuple[int, KeySet]]:
-    """A TLS server on 127.0.0.1 with a certificate from *another* CA than ``keys``."""
-    other = init_keys(tmp_path / "other", server_hosts=["127.0.0.1"], nodes=0)
-    yield from _listener(other)
-
-
-@pytest.fixture
-def plain_listener() -> Iterator[tuple[int, None]]:
-    yield from _listener(None)
-
-
-def _listener(tls: KeySet | None) -> Iterator[tuple[int, KeySet | None]]:
-    context = None
-    if tls is not None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(tls.server_cert, tls.server_key)
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except (TimeoutError, OSError):
-                continue
-            try:
-                if context is not None:
-                    with context.wrap_socket(conn, server_side=True):
-                        pass
-                else:
-                    conn.sendall(b"\x00\x00\x12\x04not tls")  # like a plaintext HTTP/2 server's first bytes
-                    conn.close()
-            except (ssl.SSLError, OSError):
-                conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield server.getsockname()[1], tls
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        server.close()
-
-
-def test_a_server_certificate_from_another_ca_is_named(
-    keys: KeySet, site_csv: Path, tmp_path: Path, tls_listener: tuple[int, KeySet]
-) -> None:
-    port, _ = tls_listener
-    result = runner.invoke(cli, _client(keys, site_csv, tmp_path / "state", server=f"127.0.0.1:{port}"))
-    assert result.exit_code == 2, result.output
-    line = _one_error_line(result.output)
-    assert "is not signed by the CA in" in line and "same `fedshield keys init` directory" in line
-
-
-def test_a_server_without_tls_is_named(
-    keys: KeySet, site_csv: Path, tmp_path: Path, plain_listener: tuple[int, None]
-) -> None:
-    port, _ = plain_listener
-    result = runner.invoke(cli, _client(keys, site_csv, tmp_path / "state", server=f"127.0.0.1:{port}"))
-    assert result.exit_code == 2, result.output
-    assert "did not complete a TLS handshake" in _one_error_line(result.output)
-
-
-def test_client_node_config_is_what_the_clientapp_reads(keys: KeySet, site_csv: Path, tmp_path: Path) -> None:
-    node = keys.node("node-1")
-    options = client_deployment.ClientOptions(
-        server="127.0.0.1:9092", data=site_csv, state_dir=tmp_path / "state", ca_cert=keys.ca_cert,
-        node_key=node.private_key_path, max_epsilon=5.0, allow_plain_updates=True, roster=keys.authorized_nodes,
-    )
-    check = client_deployment.check_client(options)
-    assert check.node_config == {
-        "data-path": str(site_csv.resolve()), "state-dir": str((tmp_path / "state").resolve()), "label-column": "",
-        "max-epsilon": 5.0, "allow-plain-updates": True, "secagg-roster": str(keys.authorized_nodes.resolve()),
-        "secagg-min-peers": 2, "node-key": str(node.private_key_path.resolve()),
-        # the site's own policy: its task, its delta (min(1e-5, 1/100 records)), its accountant, DP required
-        "task": "digits", "delta": 1e-5, "accountant": "prv", "allow-no-dp": False, "min-honest": 0,
-    }
-    assert (check.train_examples, check.test_examples) == (80, 20)
-    assert (tmp_path / "state" / "split.json").is_file(), "the site chose its own split on first start"
-
-
-def test_a_restarted_site_waits_until_the_server_has_noticed_its_crash(
-    keys: KeySet, site_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Flower 1.39 refuses to activate a node it still counts online (code 2004) for up to 60 s after a crash,
-    and activating the moment it would accept could strand the round's open message to the old process. A state
-    directory whose node was connected before therefore waits once, then connects; a new one fails at once."""
-    refusal = "the SuperLink does not know this node's key (code 2004); ..."
-    node = object()  # stands for the connected SuperNode
-    attempts: list[str] = []
-
-    def fake_connect(config: object, timeout: float) -> object:
-        attempts.append("try")
-        if len(attempts) == 1:
-            raise client_deployment._Refused(refusal)
-        return node
-
-    sleeps: list[float] = []
-    monkeypatch.setattr(client_deployment, "_connect", fake_connect)
-    monkeypatch.setattr(client_deployment, "wait_for_server", lambda *a, **k: 1)
-    monkeypatch.setattr(client_deployment.time, "sleep", sleeps.append)
-    options = client_deployment.ClientOptions(
-        server="127.0.0.1:9092", data=site_csv, state_dir=tmp_path / "restarted", ca_cert=keys.ca_cert,
-        node_key=keys.node("node-1").private_key_path, roster=keys.authorized_nodes,
-    )
-    (tmp_path / "restarted").mkdir()
-    (tmp_path / "restarted" / "supernode.log").write_text("INFO :      SuperNode ID: 1234\n")
-    client = client_deployment.start_client(options)
-    assert client.supernode is node and len(attempts) == 2 and sleeps == [66.0]
-
-    attempts.clear()
-    fresh = dataclasses.replace(options, state_dir=tmp_path / "fresh")
-    with pytest.raises(client_deployment.DeploymentError, match=r"did not accept this client: .*code 2004"):
-        client_deployment.start_client(fresh)
-    assert len(attempts) == 1 and sleeps == [66.0]
