@@ -19,17 +19,38 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp.strategy import FedAvg
 
 from fedshield.client.secagg_mod import CLEAR_METRICS, secagg_adapter_mod, to_fitres_content
 from fedshield.compression import quantize_update, secagg_field, wire_dtype
 from fedshield.config import RunConfig
 from fedshield.errors import ConfigError, FedshieldError, ProtocolError
-from fedshield.protocol import ARRAYS, BUDGET_REFUSAL, EPSILON, METRICS, NUM_EXAMPLES, PARTITION_ID, TRAIN_LOSS
+from fedshield.protocol import (
+    ARRAYS,
+    BUDGET_REFUSAL,
+    EPSILON,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    TRAIN_LOSS,
+    ClientReply,
+)
 from fedshield.strategies.secagg import SecAggPlus
 
-from _secagg_harness import SHAPES, assert_weighted_average, field, ok_partitions, run_local, run_local_recorded
+from _secagg_harness import (
+    MAX_WEIGHT,
+    SHAPES,
+    _LocalGrid,
+    as_numpy,
+    assert_weighted_average,
+    field,
+    initial_arrays,
+    make_client_app,
+    ok_partitions,
+    run_local,
+    run_local_recorded,
+)
 
 
 # --- fast protocol tests ----------------------------------------------------------------------------------
@@ -112,6 +133,42 @@ def test_local_round_fails_cleanly_below_threshold() -> None:
         assert errors[-2:] == ["timed out in stage collect_masked_vectors"] * 2
         assert all(e.startswith("round aborted:") for e in errors[:3])
         assert all(r.metrics for r in replies[rnd - 1] if r.error.startswith("round aborted"))  # type: ignore[union-attr]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_site_that_declares_one_count_and_masks_another_fails_the_integrity_check() -> None:
+    """docs/THREAT-MODEL.md: a site declares one example count in clear and masks another under SecAgg+. The
+    server cannot see the masked weight, but the unmasked sum of weights must equal the declared ones: the round is
+    discarded as a whole (the model does not move) with the reason, and the next round, with no liar, goes on."""
+    honest = make_client_app()
+
+    def lying(msg: Message, ctx: Context) -> Message:
+        stage = str(msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])  # read before the mod consumes it
+        config = msg.content.config_records.get("config") or {}  # stage 2 carries the train config
+        liar = int(ctx.node_config["partition-id"]) == 0 and config.get("server-round") == 1
+        reply = honest(msg, ctx)
+        if liar and stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error():
+            declared = reply.content.metric_records["fitres.num_examples"]
+            declared["num_examples"] = int(declared["num_examples"]) + 300  # masked as n, declared as n + 300
+        return reply
+
+    grid = _LocalGrid(honest, 4)
+    grid._app = lying  # type: ignore[assignment]
+    strategy = SecAggPlus(FedAvg(fraction_evaluate=0.0, min_available_nodes=4), max_weight=MAX_WEIGHT)
+    models: list[dict[str, np.ndarray]] = []
+    replies: list[list[ClientReply]] = []
+
+    def record(rnd: int, arrays: ArrayRecord) -> None:
+        models.append(as_numpy(arrays))
+        if rnd:
+            replies.append(list(strategy.last_replies))
+
+    strategy.start(grid=grid, initial_arrays=initial_arrays(), num_rounds=2, evaluate_fn=record)
+    np.testing.assert_equal(models[1], models[0])  # round 1 discarded as a whole
+    assert not any(r.ok for r in replies[0])
+    assert all("integrity check failed: masked weights sum to" in str(r.error) for r in replies[0]), replies[0]
+    assert ok_partitions(replies[1]) == [0, 1, 2, 3]  # round 2: nobody lies, the run goes on
+    assert_weighted_average(models[1], models[2], [0, 1, 2, 3], 2)
 
 
 @pytest.mark.usefixtures("task_identity")
