@@ -59,3 +59,20 @@ def test_every_file_and_function_the_page_names_exists() -> None:
         elif name not in _defined_names(source):
             wrong.append(f"{path}:{name} (not defined there)")
     assert not wrong, "docs/ARCHITECTURE.md names code that does not exist: " + ", ".join(sorted(set(wrong)))
+
+
+#: ``tests/test_x.py`` or ``tests/test_x.py::test_name``, as the threat model, the reliability page and the README
+#: cite the test that proves a claim.
+_TEST_REFERENCE = re.compile(r"tests/(test_[a-z_0-9]+\.py)(?:::([A-Za-z_][A-Za-z0-9_]*))?")
+
+
+def test_every_test_a_document_cites_exists() -> None:
+    """A defence whose cited test was renamed or never written is a claim without proof."""
+    documents = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    missing = []
+    for doc in documents:
+        for file, name in _TEST_REFERENCE.findall(doc.read_text(encoding="utf-8")):
+            path = ROOT / "tests" / file
+            if not path.is_file() or (name and name not in _defined_names(path)):
+                missing.append(f"{doc.relative_to(ROOT)}: tests/{file}{'::' + name if name else ''}")
+    assert not missing, "documents cite tests that do not exist:\n" + "\n".join(sorted(set(missing)))
