@@ -42,10 +42,11 @@ CASES = {
         180,
     ),
     "large_models": (
-        ["--parts", "dpsgd", "secagg-memory", "--models", "cnn1m", "--modes", "plain", "hooks", "--steps", "1",
-         "--batch", "2", "--clients", "2", "--params", "1000"],
+        ["--parts", "dpsgd", "secagg-memory", "secagg-time", "--models", "cnn1m", "--modes", "plain", "hooks",
+         "--steps", "1", "--batch", "2", "--clients", "3", "--params", "1000", "--rounds", "1"],
         [f"cnn1m hooks {m}" for m in ("step_s", "peak_rss_mib")]
-        + [f"SecAgg+ server peak 2x1000 vs {b}" for b in ("listing", "Flower plain")],
+        + [f"SecAgg+ server peak 3x1000 vs {b}" for b in ("before", "listing", "Flower plain")]
+        + ["SecAgg+ vs plain round time 3x1000"],
         240,
     ),
     "mask_prg": (
