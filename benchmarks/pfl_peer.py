@@ -139,7 +139,7 @@ def _env(tmp: Path) -> dict[str, str]:
 
 
 def run_fedshield(meta: dict[str, Any], setting: str, rounds: int, timeout: float) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="fspp-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    tmp = Path(tempfile.mkdtemp(prefix="fspp-"))  # keep TMPDIR short: Ray's socket paths must fit 107 bytes
     metrics = tmp / "run" / "metrics.jsonl"
     try:
         start = time.time()
@@ -151,10 +151,14 @@ def run_fedshield(meta: dict[str, Any], setting: str, rounds: int, timeout: floa
         if proc.returncode != 0:
             raise RuntimeError(f"fedshield {setting} failed (exit {proc.returncode}): {output[-3000:]}")
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        client_level = json.loads((metrics.parent / "privacy.json").read_text()).get("client_level", {})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _summary([r["round_time_s"] for r in rows], [r["clients_trained"] for r in rows],
-                    rows[-1]["accuracy"], wall, first_round_end - start)
+    result = _summary([r["round_time_s"] for r in rows], [r["clients_trained"] for r in rows],
+                      rows[-1]["accuracy"], wall, first_round_end - start)
+    # fedshield accounts fixed-size client sampling at q = 1 (zero-out adjacency, no amplification): its epsilon is
+    # not pfl's (q = cohort / N), although the noise added is the same.
+    return {**result, "epsilon": client_level.get("epsilon"), "epsilon_q": client_level.get("sample_rate")}
 
 
 def _watch_first_round(proc: subprocess.Popen[str], metrics: Path, deadline: float) -> float:
@@ -170,7 +174,7 @@ def _watch_first_round(proc: subprocess.Popen[str], metrics: Path, deadline: flo
 
 
 def run_pfl(job_dir: Path, setting: str, rounds: int, timeout: float, python: Path, threads: int) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="fspp-", dir="/tmp"))
+    tmp = Path(tempfile.mkdtemp(prefix="fspp-"))
     # Ray gives each fedshield client actor OMP_NUM_THREADS=1 (its num_cpus); pfl trains in one process, with
     # torch's default of one thread per core unless told: --pfl-threads 1 matches the clients' setting.
     env = {**_env(tmp), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
@@ -239,7 +243,8 @@ def json_rows(results: dict[tuple[int, str, str], list[dict[str, Any]]]) -> list
             rows.append({"name": f"pfl peer {key} ({setting}), {clients} clients, fedshield vs pfl 0.6.0",
                          "ours": a, "baseline": b, "unit": unit, "ratio": a / b if b else 0.0,
                          "detail": {"better": better, "repeats": len(ours), "baseline_is": "pfl 0.6.0",
-                                    "rounds": ours[0]["rounds"], "pfl_epsilon": peer[0].get("epsilon")}})
+                                    "rounds": ours[0]["rounds"], "pfl_epsilon": peer[0].get("epsilon"),
+                                    "fedshield_epsilon": ours[0].get("epsilon")}})
     return rows
 
 
@@ -249,7 +254,7 @@ def json_rows(results: dict[tuple[int, str, str], list[dict[str, Any]]]) -> list
 def measure(args: argparse.Namespace) -> dict[tuple[int, str, str], list[dict[str, Any]]]:
     results: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
     for clients in args.clients:
-        job_dir = Path(tempfile.mkdtemp(prefix="fspp-job-", dir="/tmp"))
+        job_dir = Path(tempfile.mkdtemp(prefix="fspp-job-"))
         try:
             meta = export_job(clients, job_dir)
             for i in range(args.repeats):

@@ -124,19 +124,54 @@ def federated_data(job: dict[str, np.ndarray], meta: dict, counter: list[int]): 
     return FederatedDataset(make_user, sampler)
 
 
+def privacy(meta: dict, setting: str, rounds: int) -> tuple[list, float | None]:
+    """pfl's postprocessors for ``setting`` and pfl's epsilon (None without DP)."""
+    from pfl.aggregate.weighting import WeightByDatapoints
+    from pfl.privacy import CentrallyAppliedPrivacyMechanism, GaussianMechanism, PLDPrivacyAccountant
+
+    if setting != "central":
+        return [WeightByDatapoints()], None
+    accountant = PLDPrivacyAccountant(num_compositions=rounds, sampling_probability=meta["cohort"] / meta["num_clients"],
+                                      mechanism="gaussian", noise_parameter=meta["z"], delta=meta["delta"])
+    mechanism = GaussianMechanism.from_privacy_accountant(accountant, clipping_bound=meta["clip"])
+    return [CentrallyAppliedPrivacyMechanism(mechanism)], float(accountant.epsilon)
+
+
+def callbacks(test, eval_params, counter: list[int], record: dict[str, list]) -> list:  # type: ignore[no-untyped-def]
+    """The server-side evaluation after every round, then a clock; both write into ``record``."""
+    from pfl.callback.base import TrainingProcessCallback
+    from pfl.callback.central_evaluation import CentralEvaluationCallback
+    from pfl.metrics import Metrics
+
+    class EveryRoundEvaluation(CentralEvaluationCallback):
+        def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):  # type: ignore[no-untyped-def]
+            stop, metrics = self._eval(model)
+            record["accuracy"].append(next(float(v.overall_value) for k, v in metrics if "accuracy" in str(k)))
+            # Kept here, not returned: round 1's names would collide with on_train_begin's evaluation in pfl's
+            # per-round metrics (the reason pfl's own callback skips that round).
+            return stop, Metrics()
+
+    class Clock(TrainingProcessCallback):
+        def on_train_begin(self, *, model):  # type: ignore[no-untyped-def]
+            record["stamps"].append(time.time())  # after the initial evaluation, as fedshield's round clock
+            return super().on_train_begin(model=model)
+
+        def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):  # type: ignore[no-untyped-def]
+            record["stamps"].append(time.time())
+            record["trained"].append(counter[0] - sum(record["trained"]))
+            return False, Metrics()
+
+    return [EveryRoundEvaluation(test, model_eval_params=eval_params), Clock()]
+
+
 def run(job_dir: Path, setting: str, rounds: int) -> dict:
     import pfl.model.pytorch  # noqa: F401  (selects pfl's torch backend before any dataset is built)
     from pfl.aggregate.simulate import SimulatedBackend
-    from pfl.aggregate.weighting import WeightByDatapoints
     from pfl.algorithm.base import NNAlgorithmParams
     from pfl.algorithm.federated_averaging import FederatedAveraging
-    from pfl.callback.base import TrainingProcessCallback
-    from pfl.callback.central_evaluation import CentralEvaluationCallback
     from pfl.data.dataset import Dataset
     from pfl.hyperparam.base import NNEvalHyperParams, NNTrainHyperParams
-    from pfl.metrics import Metrics
     from pfl.model.pytorch import PyTorchModel
-    from pfl.privacy import CentrallyAppliedPrivacyMechanism, GaussianMechanism, PLDPrivacyAccountant
 
     meta = json.loads((job_dir / "job.json").read_text())
     job = dict(np.load(job_dir / "job.npz"))
@@ -146,54 +181,23 @@ def run(job_dir: Path, setting: str, rounds: int) -> dict:
                          central_optimizer=torch.optim.SGD(torch_model.parameters(), lr=1.0))
     counter = [0]
     train = federated_data(job, meta, counter)
-    epsilon = None
-    if setting == "central":
-        accountant = PLDPrivacyAccountant(num_compositions=rounds, sampling_probability=meta["cohort"] / meta["num_clients"],
-                                          mechanism="gaussian", noise_parameter=meta["z"], delta=meta["delta"])
-        epsilon = float(accountant.epsilon)
-        postprocessors = [CentrallyAppliedPrivacyMechanism(
-            GaussianMechanism.from_privacy_accountant(accountant, clipping_bound=meta["clip"]))]
-    else:
-        postprocessors = [WeightByDatapoints()]
-    backend = SimulatedBackend(training_data=train, val_data=train, postprocessors=postprocessors)
+    postprocessors, epsilon = privacy(meta, setting, rounds)
     eval_params = NNEvalHyperParams(local_batch_size=512)  # fedshield's server evaluation batch
     test = Dataset((torch.from_numpy(job["test_x"]), torch.from_numpy(job["test_y"])))
-    accuracy: list[float] = []
-    stamps: list[float] = []
-    trained: list[int] = []
-
-    class EveryRoundEvaluation(CentralEvaluationCallback):
-        def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):  # type: ignore[no-untyped-def]
-            stop, metrics = self._eval(model)
-            accuracy.append(next(float(v.overall_value) for k, v in metrics if "accuracy" in str(k)))
-            # Kept here, not returned: round 1's names would collide with on_train_begin's evaluation in pfl's
-            # per-round metrics (the reason pfl's own callback skips that round).
-            return stop, Metrics()
-
-    class Clock(TrainingProcessCallback):
-        def on_train_begin(self, *, model):  # type: ignore[no-untyped-def]
-            stamps.append(time.time())
-            return super().on_train_begin(model=model)
-
-        def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):  # type: ignore[no-untyped-def]
-            stamps.append(time.time())
-            trained.append(counter[0] - sum(trained))
-            return False, Metrics()
-
+    record: dict[str, list] = {"accuracy": [], "stamps": [], "trained": []}
     FederatedAveraging().run(
         algorithm_params=NNAlgorithmParams(central_num_iterations=rounds, evaluation_frequency=rounds + 1,
                                            train_cohort_size=meta["cohort"], val_cohort_size=None),
-        backend=backend, model=model,
+        backend=SimulatedBackend(training_data=train, val_data=train, postprocessors=postprocessors), model=model,
         model_train_params=NNTrainHyperParams(local_learning_rate=meta["lr"], local_num_epochs=1,
                                               local_batch_size=meta["batch_size"]),
-        model_eval_params=eval_params,
-        callbacks=[EveryRoundEvaluation(test, model_eval_params=eval_params), Clock()],
+        model_eval_params=eval_params, callbacks=callbacks(test, eval_params, counter, record),
         send_metrics_to_platform=False,
     )
-    round_s = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"round_s": round_s, "trained": trained, "accuracy": accuracy, "epsilon": epsilon,
-            "first_round_end": stamps[1], "pfl": _version("pfl"), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads()}
+    stamps = record["stamps"]
+    return {"round_s": [b - a for a, b in zip(stamps, stamps[1:])], "trained": record["trained"],
+            "accuracy": record["accuracy"], "epsilon": epsilon, "first_round_end": stamps[1], "pfl": _version("pfl"),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def _version(name: str) -> str:
