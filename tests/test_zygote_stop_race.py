@@ -16,12 +16,16 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from fedshield.deploy import SuperLinkConfig, SuperNodeConfig, free_port, start_superlink, start_supernode, submit_run
 from fedshield.deploy.process import live_descendants
+from fedshield.flower_internals import supernode
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the zygote forks and passes fds: Linux only"),
@@ -50,6 +54,50 @@ def _wait(condition, timeout: float, what: str) -> None:  # type: ignore[no-unty
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
         time.sleep(0.1)
+
+
+def _receive_with_stopped_run(step: Callable[..., Any]) -> tuple[Any, Any, str]:
+    """Drive Flower's receiving step with its real in-memory node state; the SuperLink calls are plain functions:
+    the message arrives, then fetching its objects finds the run stopped (what the SuperLink's 403 raises)."""
+    from flwr.app import ArrayRecord, Message, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run, RunNotRunningException
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    state = NodeStateFactory(ObjectStoreFactory()).state()
+    state.set_node_id(7)
+    run = Run.create_empty(1)
+    state.store_run(run)  # a run this node already knows: no FAB to fetch
+    message = Message(RecordDict({"arrays": ArrayRecord([np.zeros(3)])}), dst_node_id=7, message_type="train")
+    message.metadata.__dict__["_message_id"] = message.object_id
+
+    def stopped(*_: object) -> bytes:
+        raise RunNotRunningException
+
+    out = step(state=state, object_store=state.object_store, node_config={},
+               receive=lambda: (message, get_object_tree(message)), get_run=lambda _: run, get_fab=lambda *_: None,
+               pull_object=stopped, confirm_message_received=lambda *_: None, trusted_entities=None)
+    return out, state, message.object_id
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_stopped_run_leaves_no_message_and_no_live_task_in_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cause, in Flower's own node state: as Flower 1.39 ships, the message stays for a ClientApp to pull and
+    its task stays pending (the SuperExec would start a ClientApp for it later); with the fix neither remains."""
+    from flwr.supernode import start_client_internal as loop
+
+    original = getattr(loop, supernode.RECEIVE_STEP)
+    monkeypatch.setattr(loop, supernode.RECEIVE_STEP, original)  # restored after the test
+    _, state, message_id = _receive_with_stopped_run(original)
+    assert message_id in state.msg_store and [t.status.status for t in state.get_tasks()] == ["pending"]
+
+    assert supernode.fail_receive_on_stopped_run() and supernode.fail_receive_on_stopped_run()  # once, idempotent
+    out, state, message_id = _receive_with_stopped_run(getattr(loop, supernode.RECEIVE_STEP))
+    assert out is None and state.msg_store == {} and state.object_store.get(message_id) is None
+    (task,) = state.get_tasks()
+    assert (task.status.status, task.status.sub_status) == ("finished", "failed"), task
+    assert "the run stopped while this message was being received" in task.status.details
 
 
 def test_a_run_stopped_mid_receive_ends_the_clientapp_pulling_its_message(tmp_path: Path) -> None:
