@@ -154,7 +154,8 @@ def client_work(data: Path, config: RunConfig, seconds: list[float]) -> None:
             noise_multiplier=noise_multiplier_for(config), max_grad_norm=config.max_grad_norm, target_epsilon=0.0,
             delta=config.delta, accountant=config.accountant, grad_sample_mode=config.grad_sample_mode,
         )
-        site = resolve_site({"data-path": str(data), "state-dir": state}, settings)
+        site = resolve_site({"data-path": str(data), "state-dir": state, "task": config.task, "max-epsilon": 1000.0},
+                            settings)
         state_dict = get_task(config.task).new_model(0).state_dict()
         for repeat in range(4):
             start = time.perf_counter()
