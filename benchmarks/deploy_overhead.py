@@ -2,7 +2,7 @@
 much of a round is the clients' actual work. Usage::
 
     python benchmarks/deploy_overhead.py [--clients 3 10] [--rounds 3] [--no-worker] [--flower-polling] [--stock [N ...]]
-                                         [--json OUT]
+                                         [--before [N ...]] [--json OUT]
 
 One SuperLink (TLS + node authentication) and N SuperNodes started through ``fedshield.deploy.coordinator`` /
 ``fedshield.deploy.site``, each site with its own slice of the digits as a CSV file. For each N, four runs
@@ -24,6 +24,10 @@ from ``/proc`` while a run goes (first and last time each was seen, 50 ms sampli
 ``--stock`` (for every N, or ``--stock 3`` for those listed) also runs the same four on a second set of processes the way stock Flower 1.39 runs them (Flower's own
 poll intervals, no warm worker: ``--flower-polling --no-worker``), so fedshield and stock Flower are measured in
 the same invocation.
+
+``--before`` (for every N, or for those listed) also runs the same four on a second set of processes as fedshield
+ran them before ClientApps were forked from the pre-imported zygote by default (cold ClientApps, every SuperNode
+wait capped at the 0.5 s poll, Flower's 1-10 s object-pull backoff), so before and after come from one invocation.
 
 ``--json OUT`` writes rows ``{name, ours, baseline, unit, ratio, detail}``: each fedshield run's median round time
 (rounds 2..R) against the echo app's, measured on the same processes; with ``--stock``, also each fedshield run's
@@ -150,7 +154,8 @@ def client_work(data: Path, config: RunConfig, seconds: list[float]) -> None:
             noise_multiplier=noise_multiplier_for(config), max_grad_norm=config.max_grad_norm, target_epsilon=0.0,
             delta=config.delta, accountant=config.accountant, grad_sample_mode=config.grad_sample_mode,
         )
-        site = resolve_site({"data-path": str(data), "state-dir": state}, settings)
+        site = resolve_site({"data-path": str(data), "state-dir": state, "task": config.task, "max-epsilon": 1000.0},
+                            settings)
         state_dict = get_task(config.task).new_model(0).state_dict()
         for repeat in range(4):
             start = time.perf_counter()
@@ -216,7 +221,10 @@ def bench(n: int, rounds: int, root: Path, *, worker: bool = True) -> tuple[list
 
 
 #: Flower 1.39's own poll intervals (SuperNode idle 3 s, SuperExec 1 s), read by every SuperNode and SuperExec.
-STOCK_ENV = {"FEDSHIELD_SUPERNODE_POLL_S": "3", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}
+STOCK_ENV = {"FEDSHIELD_SUPERNODE_POLL_S": "3", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0",
+             "FEDSHIELD_SUPERNODE_QUICK": "0", "FEDSHIELD_CLIENTAPP_ZYGOTE_ON": "0"}
+#: fedshield's SuperNodes as they ran before the zygote became the default (read by fedshield.deploy.supernode_main).
+BEFORE_ENV = {"FEDSHIELD_SUPERNODE_QUICK": "0", "FEDSHIELD_CLIENTAPP_ZYGOTE_ON": "0"}
 
 
 @contextmanager
@@ -249,8 +257,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-worker", action="store_true",
                         help="train inside each flwr-clientapp process (what the warm worker saves)")
-    parser.add_argument("--zygote", action="store_true",
-                        help="fork ClientApps from a pre-imported parent (FEDSHIELD_CLIENTAPP_ZYGOTE_ON=1, experimental)")
+    parser.add_argument("--before", type=int, nargs="*", metavar="N",
+                        help="also run everything as fedshield ran it before the zygote became the default (cold "
+                             "ClientApps, every SuperNode wait capped at the poll interval, Flower's object-pull "
+                             "backoff) and compare: for every --clients value, or only for the N given")
     parser.add_argument("--flower-polling", action="store_true",
                         help="Flower 1.39's own poll intervals (SuperNode idle 3 s, SuperExec 1 s): stock Flower")
     parser.add_argument("--stock", type=int, nargs="*", metavar="N",
@@ -260,8 +270,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.stock is not None and (args.flower_polling or args.no_worker):
         parser.error("--stock already runs the stock configuration beside fedshield's: drop --flower-polling/--no-worker")
-    if args.zygote:  # read by fedshield.deploy.supernode_main in every SuperNode we start
-        os.environ["FEDSHIELD_CLIENTAPP_ZYGOTE_ON"] = "1"
     if args.flower_polling:  # read by fedshield.deploy.supernode_main and by every SuperExec we start
         os.environ.update(STOCK_ENV)
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -277,8 +285,13 @@ def main() -> None:
             results, work = bench(n, args.rounds, Path(tmp) / "ours", worker=not args.no_worker)
             print_results(n, "", results, work, args.rounds)
             rows += json_rows(n, results, work, args)
+            if args.before is not None and (not args.before or n in args.before):
+                with environment(BEFORE_ENV):
+                    before, before_work = bench(n, args.rounds, Path(tmp) / "before", worker=not args.no_worker)
+                print_results(n, "before: ", before, before_work, args.rounds)
+                rows += compare_rows(n, results, work, before, before_work, BEFORE_NOTE, "before this change")
             if args.stock is not None and (not args.stock or n in args.stock):
-                with environment({**STOCK_ENV, "FEDSHIELD_CLIENTAPP_ZYGOTE_ON": "0"}):
+                with environment(STOCK_ENV):
                     stock, stock_work = bench(n, args.rounds, Path(tmp) / "stock", worker=False)
                 print_results(n, "stock: ", stock, stock_work, args.rounds)
                 rows += stock_rows(n, results, work, stock, stock_work)
@@ -309,24 +322,34 @@ def json_rows(n: int, results: list[Measured], work: float, args: argparse.Names
     } for m in results[1:]]
 
 
+STOCK_NOTE = ("median of rounds 2..R; baseline: the same app with Flower's own polling and no warm worker, on its "
+              "own processes, in the same invocation")
+BEFORE_NOTE = ("median of rounds 2..R; baseline: the same app on its own processes in the same invocation, as fedshield "
+               "ran it before (cold ClientApps, SuperNode waits capped at 0.5 s, Flower's 1-10 s object-pull backoff)")
+
+
+def compare_rows(n: int, ours: list[Measured], work: float, base: list[Measured], base_work: float, note: str,
+                 against: str) -> list[dict[str, Any]]:
+    """fedshield's round time and overhead against the same app run another way (stock Flower, or as before)."""
+    rows = []
+    for m, s in zip(ours[1:], base[1:], strict=True):
+        detail = {"better": "lower", "repeats": len(m.rounds), "ours_runs": m.rounds, "baseline_runs": s.rounds,
+                  "client_work_s": work, "baseline_client_work_s": base_work}
+        rows.append({
+            "name": f"{m.label} round time vs {against}, {n} clients", "ours": m.steady, "baseline": s.steady,
+            "unit": "s/round", "ratio": m.steady / s.steady, "detail": {**detail, "note": note}})
+        over, base_over = max(m.steady - work, 1e-9), max(s.steady - base_work, 1e-9)
+        rows.append({
+            "name": f"{m.label} overhead outside training vs {against}, {n} clients", "ours": over,
+            "baseline": base_over, "unit": "s/round", "ratio": over / base_over,
+            "detail": {**detail, "note": "round time minus one site's measured train + evaluate work; goal <= 2 s"}})
+    return rows
+
+
 def stock_rows(n: int, ours: list[Measured], work: float, stock: list[Measured], stock_work: float
                ) -> list[dict[str, Any]]:
     """fedshield's round time and overhead against the same app run as stock Flower 1.39 would run it."""
-    rows = []
-    for m, s in zip(ours[1:], stock[1:], strict=True):
-        detail = {"better": "lower", "repeats": len(m.rounds), "ours_runs": m.rounds, "baseline_runs": s.rounds,
-                  "client_work_s": work, "baseline_client_work_s": stock_work}
-        rows.append({
-            "name": f"{m.label} round time vs stock Flower 1.39, {n} clients", "ours": m.steady, "baseline": s.steady,
-            "unit": "s/round", "ratio": m.steady / s.steady,
-            "detail": {**detail, "note": "median of rounds 2..R; baseline: the same app with Flower's own polling "
-                                         "and no warm worker, on its own processes, in the same invocation"}})
-        over, stock_over = max(m.steady - work, 1e-9), max(s.steady - stock_work, 1e-9)
-        rows.append({
-            "name": f"{m.label} overhead outside training vs stock Flower 1.39, {n} clients", "ours": over,
-            "baseline": stock_over, "unit": "s/round", "ratio": over / stock_over,
-            "detail": {**detail, "note": "round time minus one site's measured train + evaluate work; goal <= 2 s"}})
-    return rows
+    return compare_rows(n, ours, work, stock, stock_work, STOCK_NOTE, "stock Flower 1.39")
 
 
 if __name__ == "__main__":

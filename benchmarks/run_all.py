@@ -76,7 +76,7 @@ BENCHMARKS = (
     Bench("large_models", "Real model sizes: DP-SGD per grad-sample mode, LoRA bytes, SecAgg+ server memory",
           ("--steps", "2", "--batch", "4"), ("--full",)),
     Bench("deploy_overhead", "Real deployment on loopback: fedshield round time vs a stock Flower echo app",
-          None, ("--clients", "3", "10", "--rounds", "3", "--stock", "3"),
+          None, ("--clients", "3", "10", "--rounds", "3", "--stock", "3", "--before", "3"),
           skip_note="not run in quick mode: it starts a real SuperLink and SuperNodes (minutes); `--full` runs it"),
 )
 

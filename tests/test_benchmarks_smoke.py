@@ -219,6 +219,9 @@ def test_deploy_overhead_json_rows() -> None:
     assert by_name["fedshield plain round time vs stock Flower 1.39, 2 clients"]["ratio"] == pytest.approx(2.0 / 28.0)
     overhead = by_name["fedshield SecAgg+ overhead outside training vs stock Flower 1.39, 2 clients"]
     assert (overhead["ours"], overhead["baseline"]) == (pytest.approx(7.0 - 0.5), pytest.approx(29.0 - 1.0))
+    before = deploy.compare_rows(2, results, 0.5, stock, 1.0, deploy.BEFORE_NOTE, "before this change")
+    assert [r["name"] for r in before][:2] == ["fedshield plain round time vs before this change, 2 clients",
+                                               "fedshield plain overhead outside training vs before this change, 2 clients"]
 
 
 def test_stock_app_loads_fedshields_partitions() -> None:

@@ -13,7 +13,7 @@ submitted with ``flwr run``:
    evaluation under two seeds), then an honest round.
 
 Two runs because a run has one bundle: a refused bundle refuses every message of its run. Two sites: one starts
-each ClientApp cold (the default), one forks them from the pre-imported zygote (``FEDSHIELD_CLIENTAPP_ZYGOTE_ON``);
+each ClientApp cold (``FEDSHIELD_CLIENTAPP_ZYGOTE_ON=0``), one forks them from the pre-imported zygote (the default);
 both must refuse the code-carrying bundle, and the attacks on the round settings go to the zygote site (faster).
 """
 

@@ -7,7 +7,14 @@ import sys
 
 import pytest
 
-from fedshield.deploy.supernode_main import DEFAULT_POLL_S, POLL_ENV, CappedSleepClock, poll_seconds
+from fedshield.deploy.supernode_main import (
+    DEFAULT_POLL_S,
+    POLL_ENV,
+    QUICK_ENV,
+    CappedSleepClock,
+    poll_seconds,
+    quick_waits,
+)
 
 
 def test_the_installed_flower_supernode_loop_is_patched_and_sleeps_at_most_the_cap() -> None:
@@ -31,6 +38,36 @@ def test_the_capped_clock_waits_the_shorter_of_the_two() -> None:
     clock.sleep(5)
     clock.sleep(0)
     assert clock.monotonic() - start < 1.0
+
+
+class _Recorder:
+    """A clock that only records what it was asked to sleep (the capped clock's arithmetic, not the wait)."""
+
+    def __init__(self) -> None:
+        self.now, self.slept = 100.0, []  # type: ignore[var-annotated]
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_the_quick_clock_splits_local_waits_from_the_superlink_poll_and_polls_faster_in_a_round() -> None:
+    recorder = _Recorder()
+    clock = CappedSleepClock(0.5, recorder, quick=True)  # type: ignore[arg-type]
+    clock.sleep(3)  # idle: the configured poll
+    clock.sleep(0.5)  # waiting for its ClientApp's reply: a round is going
+    clock.sleep(3)  # the next message of the round comes soon: poll faster
+    recorder.now += CappedSleepClock.BUSY_S
+    clock.sleep(3)  # idle again
+    assert recorder.slept == [0.5, CappedSleepClock.LOCAL_WAIT_S, CappedSleepClock.BUSY_POLL_S, 0.5]
+    slow = _Recorder()
+    before = CappedSleepClock(0.5, slow)  # type: ignore[arg-type]
+    before.sleep(3), before.sleep(0.5), before.sleep(3)
+    assert slow.slept == [0.5, 0.5, 0.5]  # FEDSHIELD_SUPERNODE_QUICK=0: every wait as before
+    assert quick_waits({}) and quick_waits({QUICK_ENV: "1"}) and not quick_waits({QUICK_ENV: "0"})
 
 
 def test_the_poll_interval_comes_from_the_environment_and_is_checked() -> None:

@@ -1,6 +1,7 @@
 """A pre-imported ``flwr-clientapp``: each ClientApp process is forked from a warm parent instead of started cold.
 
-Opt-in (``FEDSHIELD_CLIENTAPP_ZYGOTE_ON=1`` on a site; see :mod:`fedshield.deploy.supernode_main` for why).
+On by default (``FEDSHIELD_CLIENTAPP_ZYGOTE_ON=0`` on a site starts ClientApps cold; see
+:mod:`fedshield.deploy.supernode_main`).
 
 Flower 1.39's SuperExec starts ``flwr-clientapp`` by name for every message a SuperNode receives (SecAgg+: five
 per site and round). A cold start spends ~1 s of CPU importing Flower and the app before it asks for its message,

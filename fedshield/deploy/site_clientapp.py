@@ -135,6 +135,9 @@ def main() -> None:
     runner.get_load_client_app_fn = _loader_factory(verdict)  # type: ignore[attr-defined]
     runner.install_app_dependencies = _no_dependency_install  # type: ignore[attr-defined]
     cli.run_clientapp = functools.partial(_without_dependency_install, runner.run_clientapp)  # type: ignore[attr-defined]
+    from .supernode_main import quicken_clientapp_pulls
+
+    quicken_clientapp_pulls()
     sys.argv[0] = "flwr-clientapp"
     cli.flwr_clientapp()
 

@@ -4,9 +4,11 @@ Flower 1.39's SuperNode loop (``flwr/supernode/start_client_internal.py``) sleep
 message, and polls 0.5 s for a reply to send back; neither is configurable. A message that arrives while the node
 sleeps waits up to 3 s before anything starts, and SecAgg+ sends five messages per node and round one after the
 other, so a round paid ~7-15 s for these sleeps alone. This launcher caps every sleep of that one module (they are
-all poll waits; nothing there sleeps for correctness) at ``FEDSHIELD_SUPERNODE_POLL_S`` seconds (default 0.5),
-then runs Flower's own entry point unchanged. With ``FEDSHIELD_CLIENTAPP_ZYGOTE_ON=1`` it also forks the ClientApp
-zygote (:mod:`fedshield.deploy.clientapp_zygote`), so each per-message ClientApp starts with Flower imported.
+all poll waits; nothing there sleeps for correctness) at ``FEDSHIELD_SUPERNODE_POLL_S`` seconds (default 0.5);
+waits on the node's own state (for its ClientApp's reply) at 0.02 s, and while a round goes (30 s after such a
+wait) the SuperLink poll at 0.2 s (:class:`CappedSleepClock`). Then it runs Flower's own entry point unchanged.
+It also forks the ClientApp zygote (:mod:`fedshield.deploy.clientapp_zygote`), so each per-message ClientApp
+starts with Flower imported (``FEDSHIELD_CLIENTAPP_ZYGOTE_ON=0`` starts them cold, as Flower does).
 
 On a fedshield site (the default; ``--fedshield-any-app`` turns it off for generic Flower apps in our own tests)
 it first puts the site's own ``flwr-clientapp`` (:mod:`fedshield.deploy.site_clientapp`) first on PATH, so the
@@ -14,8 +16,15 @@ SuperExec never runs code from the coordinator's app bundle, and it refuses ``--
 (installing a bundle's dependencies runs the coordinator's build code).
 
 The cost is requests: an idle node asks the SuperLink for work every 0.5 s instead of every 3 s (small gRPC calls;
-100 idle sites are ~200 requests a second). When the module no longer looks as expected (another Flower version),
-nothing is patched and a warning says so: the SuperNode still works, at Flower's pace.
+100 idle sites are ~200 requests a second), a node in a round every 0.2 s. When the module no longer looks as
+expected (another Flower version), nothing is patched and a warning says so: the SuperNode still works, at
+Flower's pace.
+
+It also makes a run stopped while the node is fetching a message an ordinary failure that Flower cleans up
+(:func:`fedshield.flower_internals.supernode.fail_receive_on_stopped_run`: without it the message's ClientApp waited
+up to 2 hours for objects that never came), and lets the node retry an object the SuperLink does not have yet
+after 0.05 s (doubling up to 1 s) instead of Flower's 1 s (doubling up to 10 s). ``FEDSHIELD_SUPERNODE_QUICK=0``
+keeps the waits as they were before (all capped at the poll interval, Flower's backoff), for measurements.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from typing import Any
 __all__ = [
     "DEFAULT_POLL_S",
     "POLL_ENV",
+    "QUICK_ENV",
     "ANY_APP_FLAG",
     "ZYGOTE_SWITCH_ENV",
     "CappedSleepClock",
@@ -38,15 +48,20 @@ __all__ = [
     "guard_runtime_api",
     "main",
     "patch_supernode_polling",
+    "patch_supernode_receiving",
+    "quick_waits",
+    "quicken_clientapp_pulls",
     "start_clientapp_zygote",
 ]
 
 POLL_ENV = "FEDSHIELD_SUPERNODE_POLL_S"
+QUICK_ENV = "FEDSHIELD_SUPERNODE_QUICK"
 DEFAULT_POLL_S = 0.5
-#: ``1`` forks every ClientApp from the pre-imported zygote; anything else (the default) starts them cold, as Flower
-#: does. Opt-in because of one race seen here: a run stopped (``flwr stop``) while a zygote-started ClientApp was
-#: pulling its message left that ClientApp waiting forever in Flower's ``pull_objects`` (a cold ClientApp starts
-#: ~1.5 s later and then finds its token already void). Cold starts never showed it.
+#: ``0`` starts every ClientApp cold, as Flower does; anything else (the default) forks them from the pre-imported
+#: zygote. It was opt-in while a run stopped (``flwr stop``) mid-message left a forked ClientApp waiting in Flower's
+#: ``pull_objects``; the cause was Flower's SuperNode, which left the half-received message and its live task behind
+#: (a cold ClientApp that got there hangs the same way: it was only slower to get there). Fixed for both by
+#: :func:`fedshield.flower_internals.supernode.fail_receive_on_stopped_run`; tests/test_zygote_stop_race.py.
 ZYGOTE_SWITCH_ENV = "FEDSHIELD_CLIENTAPP_ZYGOTE_ON"
 #: Launcher-only flag (removed before Flower parses the arguments): run any app bundle's ClientApp, as stock Flower.
 ANY_APP_FLAG = "--fedshield-any-app"
@@ -54,17 +69,42 @@ _DEPENDENCY_INSTALL_FLAG = "--allow-runtime-dependency-installation"
 
 
 class CappedSleepClock:
-    """The ``time`` module, except that ``sleep`` never waits longer than ``cap`` seconds."""
+    """The ``time`` module, except that ``sleep`` never waits longer than ``cap`` seconds; with ``quick``, shorter.
 
-    def __init__(self, cap: float, clock: ModuleType = time) -> None:
+    Flower 1.39's loop sleeps 3 s when the SuperLink had no message (a network poll) and 0.5 s while it waits for
+    its own ClientApp's reply in its in-memory state (no network). With ``quick`` the local waits last at most
+    ``LOCAL_WAIT_S``, and for ``BUSY_S`` seconds after one (a round is going: its next message comes soon) the
+    network poll waits at most ``BUSY_POLL_S``; an idle node polls every ``cap`` seconds.
+    """
+
+    LOCAL_WAIT_S = 0.02
+    BUSY_POLL_S = 0.2
+    BUSY_S = 30.0
+
+    def __init__(self, cap: float, clock: ModuleType = time, *, quick: bool = False) -> None:
         self.cap = cap
+        self.quick = quick
         self._clock = clock
+        self._busy_until = -math.inf
 
     def sleep(self, seconds: float) -> None:
-        self._clock.sleep(min(seconds, self.cap))
+        if not self.quick:
+            self._clock.sleep(min(seconds, self.cap))
+        elif seconds < 1.0:  # a wait on the node's own state
+            self._busy_until = self._clock.monotonic() + self.BUSY_S
+            self._clock.sleep(min(seconds, self.LOCAL_WAIT_S, self.cap))
+        else:
+            busy = self._clock.monotonic() < self._busy_until
+            self._clock.sleep(min(seconds, self.cap, self.BUSY_POLL_S if busy else math.inf))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._clock, name)
+
+
+def quick_waits(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+    """``FEDSHIELD_SUPERNODE_QUICK=0`` keeps the waits of before (every sleep capped at the poll interval, Flower's
+    1-10 s object-pull backoff): for before/after measurements (benchmarks/deploy_overhead.py --before)."""
+    return environ.get(QUICK_ENV, "1") != "0"
 
 
 def poll_seconds(environ: dict[str, str] | os._Environ[str] = os.environ) -> float:
@@ -84,7 +124,31 @@ def patch_supernode_polling(cap: float) -> bool:
     """Cap the sleeps of Flower's SuperNode loop; False (and a warning) if its module is not as expected."""
     from ..flower_internals.supernode import cap_supernode_sleeps
 
-    return cap_supernode_sleeps(CappedSleepClock(cap))
+    return cap_supernode_sleeps(CappedSleepClock(cap, quick=quick_waits()))
+
+
+def patch_supernode_receiving() -> bool:
+    """A run stopped mid-receive is cleaned up (its ClientApp is refused and ends); object pulls retry sooner."""
+    from ..flower_internals import supernode as internals
+
+    cleaned = internals.fail_receive_on_stopped_run()
+    if not quick_waits():
+        return cleaned
+    quick = internals.quicken_object_pulls(internals.SUPERNODE_LOOP, "pull_objects", initial_backoff=0.05,
+                                           backoff_cap=1.0)
+    return cleaned and quick
+
+
+def quicken_clientapp_pulls() -> bool:
+    """In a ClientApp process: retry a message object the SuperNode does not have yet after 0.02 s (doubling up to
+    0.25 s; it is on this machine) instead of 1-10 s, so a ClientApp that starts before its message is complete, or
+    whose task was revoked, learns it at once."""
+    from ..flower_internals import supernode as internals
+
+    if not quick_waits():
+        return False
+    return internals.quicken_object_pulls(internals.CLIENTAPP_RUNNER, "pull_and_inflate_object_from_tree",
+                                          initial_backoff=0.02, backoff_cap=0.25)
 
 
 def install_site_clientapp() -> Path:
@@ -116,7 +180,7 @@ def _site_entry() -> None:
 def start_clientapp_zygote(*, site_code_only: bool = True) -> bool:
     """Fork the pre-imported ``flwr-clientapp`` parent (:mod:`fedshield.deploy.clientapp_zygote`) and put its shim
     first on PATH for the SuperExec that Flower starts next. Must run before Flower starts any thread."""
-    if os.environ.get(ZYGOTE_SWITCH_ENV, "0") != "1" or not sys.platform.startswith("linux"):
+    if os.environ.get(ZYGOTE_SWITCH_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
     import shutil
 
@@ -128,6 +192,7 @@ def start_clientapp_zygote(*, site_code_only: bool = True) -> bool:
     from ..flower_internals.entry_points import CLIENTAPP_MODULE
 
     importlib.import_module(CLIENTAPP_MODULE)  # what every ClientApp process imports first
+    quicken_clientapp_pulls()  # inherited by every forked ClientApp
 
     import fedshield.client.app  # noqa: F401  (the app those processes load; a thin module)
     import fedshield.deploy.site_clientapp  # noqa: F401  (the site's runner around Flower's)
@@ -169,6 +234,7 @@ def main() -> None:
                              f"{_DEPENDENCY_INSTALL_FLAG}")
         install_site_clientapp()
     patch_supernode_polling(poll_seconds())
+    patch_supernode_receiving()
     start_clientapp_zygote(site_code_only=site_code_only)
     guard_runtime_api()  # after the zygote's fork: it imports FastAPI and NumPy
     from ..flower_internals.entry_points import flower_supernode

@@ -52,6 +52,15 @@ INTERNALS: tuple[Internal, ...] = (
              "strategies._secagg_stages", "canary imports it (.secagg)"),
     Internal("SuperNode loop's time", "flwr.supernode.start_client_internal:time", "fedshield.deploy.supernode_main",
              "capped only when called; if the attribute is not the time module it warns and leaves Flower's pace"),
+    Internal("SuperNode receiving step", "flwr.supernode.start_client_internal:_pull_and_store_message "
+             "(pull_object, confirm_message_received); flwr.supercore.run:RunNotRunningException",
+             "fedshield.deploy.supernode_main (via .supernode.fail_receive_on_stopped_run)",
+             "wrapped only when called; another signature -> warning, Flower's step unchanged; canary checks the "
+             "arguments, the clean-up branch and that the exception still skips it"),
+    Internal("object-pull backoff", "flwr.supernode.start_client_internal:pull_objects, "
+             "flwr.supernode.runtime.run_clientapp:pull_and_inflate_object_from_tree",
+             "fedshield.deploy.supernode_main, .site_clientapp (via .supernode.quicken_object_pulls)",
+             "replaced by a partial only when called; other parameters -> warning, Flower's 1-10 s backoff"),
     Internal("HTTP API create_app", "flwr.superlink.main:create_app, flwr.supernode.main:create_app",
              "fedshield.deploy.same_user", "wrapped when called; missing -> RuntimeError (never an unguarded API)"),
     Internal("strategy state attributes", "flwr.serverapp.strategy FedOpt family / FedAvgM: current_arrays, m_t, "

@@ -1,15 +1,49 @@
-"""The SuperNode loop's ``time`` module, which fedshield swaps to cap its idle sleeps (when called, never on import)."""
+"""The SuperNode loop's internals fedshield adjusts (when called, never on import): its ``time`` module (to cap its
+sleeps), its message-receiving step (so a run stopped mid-receive leaves nothing behind) and the object-pull backoff
+of the SuperNode and of its ClientApp processes.
+
+Why the receiving step: Flower 1.39's ``_pull_and_store_message`` stores a message in the node's state and creates
+its ClientApp task *before* it fetches the message's objects from the SuperLink. When the run stops during that
+fetch, the SuperLink answers 403, Flower raises ``RunNotRunningException`` -- a ``BaseException`` -- which skips the
+``except Exception`` clean-up next to it: the message stays stored with its objects never available, the task stays
+live and its token valid. A ClientApp that already pulled the message (a forked one is there within ~0.3 s; a cold
+one under load too) then polls those objects with Flower's backoff for up to 2 hours, its heartbeat keeping the task
+alive (reproduced: tests/test_zygote_stop_race.py). Turning the stop into an ordinary failure inside that step lets
+Flower's own clean-up run: the message and its objects are deleted and the task is finished, which revokes its
+token, so the ClientApp's next request is refused (401) and Flower's client ends the process.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["SUPERNODE_LOOP", "cap_supernode_sleeps"]
+__all__ = [
+    "CLIENTAPP_RUNNER",
+    "RECEIVE_STEP",
+    "SUPERNODE_LOOP",
+    "RunStoppedWhileReceiving",
+    "cap_supernode_sleeps",
+    "fail_receive_on_stopped_run",
+    "quicken_object_pulls",
+]
 
 #: Flower 1.39's SuperNode loop module; it calls ``time.sleep(3)`` when it pulls and finds no message.
 SUPERNODE_LOOP = "flwr.supernode.start_client_internal"
+#: The step of that loop that receives one message, and the callables it is given that talk to the SuperLink.
+RECEIVE_STEP = "_pull_and_store_message"
+_SUPERLINK_CALLS = ("pull_object", "confirm_message_received")
+#: The module of ``flwr-clientapp`` that pulls the ClientApp's message from the SuperNode.
+CLIENTAPP_RUNNER = "flwr.supernode.runtime.run_clientapp"
+_WRAPPED = "__fedshield_wrapped__"
+
+
+class RunStoppedWhileReceiving(Exception):
+    """The run stopped while the SuperNode was fetching its message: an ordinary failure, cleaned up by Flower."""
 
 
 def cap_supernode_sleeps(clock: Any) -> bool:
@@ -26,4 +60,63 @@ def cap_supernode_sleeps(clock: Any) -> bool:
         )
         return False
     loop.time = clock
+    return True
+
+
+def fail_receive_on_stopped_run() -> bool:
+    """Wrap the loop's receiving step so that a run stopped mid-receive is an ordinary failure (module docstring);
+    False (and a warning) if the step no longer looks as in Flower 1.39."""
+    from flwr.supercore.run import RunNotRunningException
+    from flwr.supernode import start_client_internal as loop
+
+    step = getattr(loop, RECEIVE_STEP, None)
+    if step is not None and getattr(step, _WRAPPED, False):
+        return True
+    if step is None or not set(_SUPERLINK_CALLS) <= set(inspect.signature(step).parameters):
+        warnings.warn(f"fedshield: {SUPERNODE_LOOP}.{RECEIVE_STEP} is not as in Flower 1.39; a run stopped while "
+                      "a message is received can leave its ClientApp waiting", RuntimeWarning, stacklevel=2)
+        return False
+    signature = inspect.signature(step)
+
+    @functools.wraps(step)
+    def receive(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        for name in _SUPERLINK_CALLS:
+            bound.arguments[name] = _stop_as_failure(bound.arguments[name], RunNotRunningException)
+        return step(*bound.args, **bound.kwargs)
+
+    setattr(receive, _WRAPPED, True)
+    setattr(loop, RECEIVE_STEP, receive)
+    return True
+
+
+def _stop_as_failure(call: Callable[..., Any], stopped: type[BaseException]) -> Callable[..., Any]:
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except stopped:
+            raise RunStoppedWhileReceiving("the run stopped while this message was being received") from None
+
+    return guarded
+
+
+def quicken_object_pulls(module_name: str, attribute: str, *, initial_backoff: float, backoff_cap: float) -> bool:
+    """Make ``module_name.attribute`` (``pull_objects`` in the SuperNode loop, ``pull_and_inflate_object_from_tree``
+    in the ClientApp runner) retry an object that is not there yet after ``initial_backoff`` s, doubling up to
+    ``backoff_cap`` s, instead of Flower's 1 s doubling up to 10 s. Bounded by time (Flower's 2 h) instead of by 500
+    tries, so shorter waits never cut the total patience. False (and a warning) if it is not as in Flower 1.39."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    pull = getattr(module, attribute, None)
+    if pull is not None and getattr(pull, _WRAPPED, False):
+        return True
+    wanted = {"initial_backoff", "backoff_cap", "max_tries_per_object", "max_time"}
+    if pull is None or not wanted <= set(inspect.signature(pull).parameters):
+        warnings.warn(f"fedshield: {module_name}.{attribute} is not as in Flower 1.39; its object pulls keep "
+                      "Flower's 1-10 s backoff", RuntimeWarning, stacklevel=2)
+        return False
+    quick = functools.partial(pull, initial_backoff=initial_backoff, backoff_cap=backoff_cap, max_tries_per_object=None)
+    setattr(quick, _WRAPPED, True)
+    setattr(module, attribute, quick)
     return True
