@@ -14,6 +14,10 @@
   them), with ``--no-secagg`` (SecAgg+ only quantises the sum: a real run with it gave 29.8% vs 30.6% without at
   seed 0, same trajectory) and ``fraction_evaluate 0`` (clients' own evaluation does not change the model).
   Accuracy, sigma and epsilon are read from the run's ``metrics.jsonl`` (last round) and ``privacy.json``.
+  (The in-process emulation this replaced gave 54.6% where the real run gives 30.6% at seed 0: it drew each
+  round's sampling and noise from round index r instead of the server round r + 1. With r + 1 it reproduced the
+  real run round by round, 30.6% final; the issue's 76.6% is that run with FedAvg weighted by record counts, as
+  before the public weight of commit 113904f: 76.3%. See the utility section of benchmarks/RESULTS.md.)
 
 Every row carries the mechanism's parameters and ``epsilon_spent`` recomputed from them (central and local with
 ``privacy.accounting.epsilon``, distributed with ``privacy.skellam_accountant.epsilon`` on the round's plan).
