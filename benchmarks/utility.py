@@ -216,6 +216,22 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def detail_table(rows: list[Row]) -> str:
+    """One line per (setting, method, mechanism parameters): sigma, q, steps and the recomputed epsilon beside the
+    mean / median accuracy of the seeds, so every epsilon recomputes from its own line."""
+    head = ("| sites | partition | epsilon | method | q | steps | lr | sigma | epsilon (recomputed, max) | accountant | "
+            "accuracy mean / median | seeds |")
+    lines = [head, "|---" * 12 + "|"]
+    keys = sorted({(r["sites"], r["partition"], r["epsilon"], label(r), r["q"], r["steps"], r["lr"]) for r in rows},
+                  key=lambda k: (k[0], k[1], -k[2], ORDER.index(k[3]) if k[3] in ORDER else 9, k[4], k[5], k[6]))
+    for key in keys:
+        same = [r for r in rows if (r["sites"], r["partition"], r["epsilon"], label(r), r["q"], r["steps"], r["lr"]) == key]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]:g} | {key[3]} | {key[4]:g} | {key[5]} | {key[6]:g} | "
+                     f"{same[0]['sigma']:.3f} | {max(r['epsilon_spent'] for r in same):.3f} | {same[0]['accountant']} | "
+                     f"{_cell([float(r['accuracy']) for r in same])} | {len(same)} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[Row], path: Path) -> None:
     import matplotlib
 
@@ -240,6 +256,12 @@ def plot(rows: list[Row], path: Path) -> None:
     fig.savefig(path)
 
 
+def _read_rows(path: Path) -> list[Row]:
+    """Rows of a ``--json`` file, or of its ``.partial.jsonl`` (one row a line) if the grid was cut short."""
+    text = path.read_text()
+    return json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one seed, epsilon 8, 10 sites, Dirichlet 0.5")
@@ -255,7 +277,14 @@ def main() -> None:
     ap.add_argument("--min-honest", default="1.0,0.5", help="distributed: fractions of sites assumed honest")
     ap.add_argument("--json", type=Path, help="write all rows here at the end (and append each row as it ends)")
     ap.add_argument("--plot", type=Path)
+    ap.add_argument("--from-json", type=Path, nargs="+", help="run nothing: tabulate (and plot) these rows files")
     args = ap.parse_args()
+    if args.from_json:
+        rows = [row for path in args.from_json for row in _read_rows(path)]
+        print(table(rows), detail_table(rows), sep="\n\n")
+        if args.plot:
+            plot(rows, args.plot)
+        return
     CENTRAL.update(epochs=args.epochs, q=args.q, lr=args.lr)
     torch.set_num_threads(1)
     if args.smoke:
@@ -268,7 +297,7 @@ def main() -> None:
             for p in args.partitions.split(",") for seed in args.seeds.split(",") for m in args.methods.split(",")]
     log = args.json.with_suffix(".partial.jsonl") if args.json else None
     rows = run(grid, [float(x) for x in args.min_honest.split(",")], log)
-    print(table(rows))
+    print(table(rows), detail_table(rows), sep="\n\n")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.plot:
