@@ -58,6 +58,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "clip0.5": {"max_grad_norm": 0.5},
     "rounds10": {"num_rounds": 10},
     "rounds40-epochs1": {"num_rounds": 40, "local_epochs": 1},
+    # Second stage, around the first stage's winner (full-batch steps, one local epoch).
+    "epochs1-lr1": {"local_epochs": 1, "lr": 1.0},
+    "q1-epochs1-rounds10": {"sample_rate": 1.0, "local_epochs": 1, "num_rounds": 10},
+    "q1-epochs1-rounds40": {"sample_rate": 1.0, "local_epochs": 1, "num_rounds": 40},
+    "q1-epochs1-lr1": {"sample_rate": 1.0, "local_epochs": 1, "lr": 1.0},
+    "q1-epochs1-fedavgm0.9": {"sample_rate": 1.0, "local_epochs": 1, "strategy": "fedavgm",
+                              "strategy_params": {"server_learning_rate": 0.1, "server_momentum": 0.9}},
     # FedAvgM at an effective server step of 1 (server lr / (1 - momentum)): momentum averages noise over rounds.
     "fedavgm0.9": {"strategy": "fedavgm", "strategy_params": {"server_learning_rate": 0.1, "server_momentum": 0.9}},
     "fedavgm0.5": {"strategy": "fedavgm", "strategy_params": {"server_learning_rate": 0.5, "server_momentum": 0.5}},
