@@ -20,8 +20,14 @@ def test_utility_benchmark_runs_tabulates_and_plots(tmp_path: Path, monkeypatch:
     monkeypatch.setitem(bench.CENTRAL, "epochs", 2 * bench.CENTRAL["q"])  # two rounds
     rows = bench.run([("distributed", 8.0, 3, "iid", 0)])
     assert len(rows) == 1 and 0.0 <= rows[0]["accuracy"] <= 1.0 and math.isfinite(rows[0]["seconds"])
-    rows += [{**rows[0], "method": "central", "accuracy": 0.9}]
+    # The epsilon a row prints recomputes from the mechanism parameters beside it, and lands on the target.
+    row = rows[0]
+    assert row["steps"] == 2 and row["min_honest_sites"] == 2 and 7.9 <= row["epsilon_spent"] <= 8.0
+    assert bench.skellam_accountant.epsilon([row["skellam_entry"]], delta=bench.DELTA) == row["epsilon_spent"]
+    rows += [{**row, "method": "central", "min_honest": None, "accuracy": 0.9},
+             {**row, "method": "central", "min_honest": None, "accuracy": 0.8, "seed": 1}]
     text = bench.table(rows)
-    assert "| 3 | iid | 8 | 90.0% | not run |" in text
+    assert "| sites | partition | epsilon | central | distributed mh 0.5 | seeds |" in text
+    assert "| 3 | iid | 8 | 85.0% / 85.0% |" in text  # mean / median of the two central seeds
     bench.plot(rows, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
