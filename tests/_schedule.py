@@ -77,6 +77,7 @@ EXPECTED_S: dict[str, float] = {
     "tests/test_partial_model.py::test_frozen_user_task": 30.0,
     "tests/test_text_task.py::test_simulated_federation": 25.0,
     "tests/test_text_task.py::test_dp_sgd_on_minilm": 5.0,
+    "tests/test_text_task.py::test_two_real_clients": 90.0,
     "tests/test_flwr_run.py": 45.0,
     "tests/test_utility_bench.py": 30.0,
     "tests/test_benchmarks_smoke.py::test_benchmark_writes_json_rows[large_models]": 25.0,
