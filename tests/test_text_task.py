@@ -100,6 +100,7 @@ def test_simulated_federation_fine_tunes_minilm_lora_with_dp_and_secagg(tmp_path
     assert rows[-1]["accuracy"] > 0.6, rows
 
 
+@pytest.mark.usefixtures("no_leftover_processes")
 @pytest.mark.timeout(900)  # 89 s on a quiet 2-core machine (zygote on), 550 s once at load 30
 def test_two_real_clients_fine_tune_minilm_lora_with_dp_and_secagg(tmp_path: Path) -> None:
     keys = init_keys(tmp_path / "keys", server_hosts=["127.0.0.1"], nodes=2)
