@@ -57,6 +57,30 @@ while True:
 """
 
 # The attacker's own app: were its run accepted, its ServerApp would run as the server's user and write `marker`.
+#: As nobody: connect to the site's ClientApp zygote socket, which forks ClientApps as the site's user.
+ZYGOTE_ATTACK = """
+import socket, sys
+try:
+    socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(sys.argv[1])
+    print("CONNECTED")
+except OSError as exc:
+    print(type(exc).__name__, exc.errno)
+"""
+
+
+def _zygote_socket(pid: int) -> str | None:
+    """The zygote socket path the site's SuperNode hands its ClientApp shims (``FEDSHIELD_CLIENTAPP_ZYGOTE``)."""
+    for p in [pid, *live_descendants(pid)]:
+        try:
+            environ = Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for entry in environ:
+            if entry.startswith(b"FEDSHIELD_CLIENTAPP_ZYGOTE="):
+                return entry.split(b"=", 1)[1].decode()
+    return None
+
+
 EVIL_APP = """
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
@@ -184,6 +208,11 @@ def test_a_local_user_is_refused_by_the_superlink_and_the_supernode_while_a_roun
         started.append(client)
         client.wait_for(r"as node (\d+)", timeout=120)
         assert server.proc.wait(timeout=300) == 0, server.text()
+        # The zygote (on by default) forks ClientApps as the site's user: nobody cannot even reach its socket.
+        zygote = _zygote_socket(client.proc.pid)
+        assert zygote is not None and Path(zygote).is_socket(), "the site runs without its ClientApp zygote"
+        probe = nobody.start_python(ZYGOTE_ATTACK, zygote, log=tmp_path / "zygote-attack.out")
+        probe.wait(timeout=60)
         assert client.interrupt() == 130, client.text()
     finally:
         if site_attack is not None:
@@ -198,6 +227,8 @@ def test_a_local_user_is_refused_by_the_superlink_and_the_supernode_while_a_roun
     attack = (tmp_path / "site-attack.out").read_text()
     tries = attack.splitlines()
     assert "ACQUIRED" not in attack and "ANSWERED-EMPTY" not in attack, attack[-2000:]
+    zygote_attack = (tmp_path / "zygote-attack.out").read_text()
+    assert zygote_attack.strip() == "PermissionError 13", zygote_attack  # EACCES: the 0700 directory stops it
     refused = [line for line in tries if "403" in line or "Forbidden" in line]
     assert len(refused) >= 10, attack[-2000:]  # it kept trying through the round, refused every time
     superlink_log = "".join(p.read_text(errors="replace") for p in out.rglob("superlink.log"))
