@@ -1,5 +1,5 @@
-"""Session hygiene shared by every test: Ray writes under a private temp root that is removed at the end, and no
-test may leave a child process behind; how the tests are spread over pytest-xdist workers (``_schedule``).
+"""Session hygiene shared by every test: every temp file (``TMPDIR``, for the tests and every process they start)
+and Ray's files go under private roots removed at the end, and no test may leave a child process behind; how the tests are spread over pytest-xdist workers (``_schedule``).
 
 Parallel-safe by construction: every check of leftover processes looks only at the descendants of its own worker
 (``_children(os.getpid())``) or of the processes its test started, ports come from the OS (``free_port``), files
@@ -36,13 +36,32 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+#: Set by the first pytest process (the xdist controller) to the session's temp root; workers inherit it.
+SESSION_TMP_ENV = "FEDSHIELD_TEST_TMPROOT"
+
+
+def _session_temp_root(config: pytest.Config) -> None:
+    """Point ``TMPDIR`` (this process, and every process a test starts) at one short private root that is removed
+    when the session ends: what a SIGKILLed SuperNode, zygote or worker could not clean up, pytest's own
+    ``tmp_path`` trees and hypothesis' files all go with it. Mode 0711: the unprivileged local user of the
+    attacker tests may traverse it to its own home (``_nobody.py``), never list it."""
+    if os.environ.get(SESSION_TMP_ENV):  # an xdist worker: the controller owns the root
+        return
+    root = tempfile.mkdtemp(prefix="fst-", dir="/tmp")  # short: AF_UNIX socket paths inside must fit 108 bytes
+    os.chmod(root, 0o711)
+    os.environ[SESSION_TMP_ENV] = os.environ["TMPDIR"] = root
+    tempfile.tempdir = None  # re-read TMPDIR
+    config.add_cleanup(lambda: shutil.rmtree(root, ignore_errors=True))
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """Hypothesis: no example database, its other files in a temp dir removed at the end (no ``.hypothesis/`` left
-    in the checkout), no per-example deadline (a busy shared machine is not a failure); each property test sets its
-    own modest ``max_examples``."""
+    """The session's temp root (above). Hypothesis: no example database, its other files in a temp dir removed at
+    the end (no ``.hypothesis/`` left in the checkout), no per-example deadline (a busy shared machine is not a
+    failure); each property test sets its own modest ``max_examples``."""
     from hypothesis import settings
     from hypothesis.configuration import set_hypothesis_home_dir
 
+    _session_temp_root(config)
     home = tempfile.mkdtemp(prefix="fshyp-")
     config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
     set_hypothesis_home_dir(home)
@@ -94,7 +113,7 @@ def _suffix_group(item: pytest.Item) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def ray_temp_root() -> Iterator[Path]:
     # Ray's socket paths must stay short (AF_UNIX limit), hence a short root rather than pytest's tmp_path.
-    root = Path(tempfile.mkdtemp(prefix="fsray-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="fsray-", dir="/tmp"))  # not under TMPDIR: as short as it gets
     previous = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = str(root)
     yield root

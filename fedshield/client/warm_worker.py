@@ -22,7 +22,6 @@ import os
 import shutil
 import socket
 import struct
-import tempfile
 import threading
 import traceback
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..runtime_dirs import MAX_SOCKET_PATH, private_runtime_dir
 from .node_config import STATE_DIR
 from .round_work import WORKER_ERROR_CODE, Refusal, run_evaluate, run_train
 from .warm_worker_wire import ProtocolViolation, read_frame, write_frame
@@ -39,7 +39,6 @@ __all__ = ["ClientWorker"]
 log = logging.getLogger(__name__)
 
 _ACCEPT_POLL_S = 0.5
-_MAX_SOCKET_PATH = 100  # AF_UNIX allows 108 bytes on Linux, 104 on macOS
 _REQUEST_TIMEOUT_S = 60.0  # a ClientApp sends its request at once; a peer that does not is dropped
 _CLOSE_WAIT_S = 600.0  # how long close() waits for a request in progress
 
@@ -171,12 +170,12 @@ def _socket_directory(node_config: Mapping[str, Any]) -> Path:
     A fresh directory under the system temp dir when there is no state directory, or its path is too long for a
     Unix socket (108 bytes on Linux)."""
     state = str(node_config.get(STATE_DIR, "") or "")
-    if state and len(str(Path(state) / "worker" / "worker.sock")) < _MAX_SOCKET_PATH:
+    if state and len(str(Path(state) / "worker" / "worker.sock")) < MAX_SOCKET_PATH:
         directory = Path(state) / "worker"
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory.chmod(0o700)
         return directory
-    return Path(tempfile.mkdtemp(prefix="fedshield-worker-"))  # mode 0700
+    return private_runtime_dir("fedshield-worker-", socket_name="worker.sock")  # mode 0700
 
 
 def _claim(socket_path: Path) -> None:

@@ -27,10 +27,11 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ..runtime_dirs import private_runtime_dir
 
 __all__ = ["ZYGOTE_ENV", "Zygote", "write_shim"]
 
@@ -84,7 +85,7 @@ class Zygote:
     def __init__(self, entry: Callable[[], object] | None = None) -> None:
         #: What a child runs (default: Flower's ``flwr_clientapp``); tests pass their own.
         self.entry = entry
-        self.directory = Path(tempfile.mkdtemp(prefix="fedshield-zygote-"))  # 0700; short for AF_UNIX
+        self.directory = private_runtime_dir("fedshield-zygote-", socket_name="zygote.sock")  # 0700, the SuperNode's
         self.socket_path = str(self.directory / "zygote.sock")
         self.bin = self.directory / "bin"
         self.bin.mkdir(mode=0o700)

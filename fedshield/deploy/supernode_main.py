@@ -156,9 +156,10 @@ def install_site_clientapp() -> Path:
     directory (removed when this process exits)."""
     import atexit
     import shutil
-    import tempfile
 
-    directory = Path(tempfile.mkdtemp(prefix="fedshield-site-bin-"))  # 0700
+    from ..runtime_dirs import private_runtime_dir
+
+    directory = private_runtime_dir("fedshield-site-bin-")  # 0700; swept by the next start if we are SIGKILLed
     script = directory / "flwr-clientapp"
     script.write_text(
         f"#!{sys.executable}\n# fedshield: the site's own ClientApp runner (fedshield.deploy.site_clientapp).\n"
