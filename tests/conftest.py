@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _cpu_profile import pytest_runtest_protocol  # noqa: F401  (a hook: off unless FEDSHIELD_TEST_CPU_LOG)
 from _schedule import assign_groups, order_by_expected_time
 
 
