@@ -59,6 +59,11 @@ EVAL_ACCURACY: Final = "accuracy"
 DELTA: Final = "delta"
 PARTITION_ID: Final = "partition-id"
 
+# --- liveness (SuperNode -> SuperLink) ---------------------------------------------------------------------------
+#: Seconds between a site's heartbeats, as its SuperNode announces them (Flower's default: 30; its minimum: 10).
+#: The SuperLink counts a node online for 2 intervals after its last one: a crashed site is noticed within 30 s.
+NODE_HEARTBEAT_S: Final = 15.0
+
 # --- reply error codes and reasons (client -> server) -------------------------------------------------------
 #: Error code of a reply the site refused to train for (budget, policy, plain update, SecAgg+ keys).
 REFUSAL_CODE: Final = 4001

@@ -266,7 +266,7 @@ def runs(federation: Federation) -> Runs:
     """1. SecAgg+ with node-1..3 online and at least 2 required; node-3 is SIGKILLed (SuperNode, SuperExec and
     ClientApp: a crashed site) once it starts computing its masked update. SecAgg+ gives every node a share of
     every other node's secrets, threshold round(0.66 x 3) = 2: the server learns from Flower that node-3 is gone
-    (two missed heartbeats, <= 60 s), rebuilds node-3's masks from the others' shares and completes the round
+    (two missed heartbeats of protocol.NODE_HEARTBEAT_S, <= 30 s), rebuilds node-3's masks from the others' shares and completes the round
     with node-1 and node-2.
     2. node-4, a site that requires SecAgg+ (no --allow-plain-updates), joins; a plain round with node-1, node-2
     and node-4: node-4 refuses, so this round too aggregates exactly node-1 and node-2, in clear."""

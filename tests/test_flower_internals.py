@@ -17,7 +17,8 @@ import flwr
 import pytest
 
 from fedshield import flower_internals
-from fedshield.flower_internals import logs, simulation, strategy_state, supernode
+from fedshield.flower_internals import heartbeat, logs, simulation, strategy_state, supernode
+from fedshield.protocol import NODE_HEARTBEAT_S
 
 _PACKAGE = Path(flower_internals.__file__).parent
 _FLOWER = Path(flwr.__file__).parent
@@ -196,3 +197,29 @@ def test_the_link_hooks_restore_flower_after_the_block() -> None:
         assert simulation.run_simulation_module.InMemoryGrid is Grid
     assert (state_cls.store_message_ins, state_cls.store_message_res,
             simulation.run_simulation_module.InMemoryGrid) == before
+
+
+def test_the_heartbeat_interval_is_still_read_from_the_two_copies_we_set() -> None:
+    """The node announces ``connection.HEARTBEAT_DEFAULT_INTERVAL`` and paces itself on ``heartbeat``'s copy; the
+    SuperLink expires it after HEARTBEAT_PATIENCE of them (fedshield.flower_internals.heartbeat)."""
+    from flwr.common import constant
+
+    for module in (heartbeat.NODE_CONNECTION, heartbeat.HEARTBEAT_SENDER):
+        source = inspect.getsource(importlib.import_module(module))
+        assert "HEARTBEAT_DEFAULT_INTERVAL" in source.split("import", 1)[1], (
+            f"Flower internal moved: {module} no longer reads HEARTBEAT_DEFAULT_INTERVAL")
+    assert constant.HEARTBEAT_PATIENCE == 2 and constant.HEARTBEAT_MIN_INTERVAL <= NODE_HEARTBEAT_S, (
+        "Flower's heartbeat rules changed: revisit fedshield.protocol.NODE_HEARTBEAT_S and deploy.site's restart wait")
+
+
+def test_setting_the_heartbeat_sets_both_copies_and_refuses_what_flower_would() -> None:
+    modules = [importlib.import_module(m) for m in (heartbeat.NODE_CONNECTION, heartbeat.HEARTBEAT_SENDER)]
+    before = [m.HEARTBEAT_DEFAULT_INTERVAL for m in modules]
+    try:
+        assert heartbeat.set_node_heartbeat_interval(NODE_HEARTBEAT_S)
+        assert [m.HEARTBEAT_DEFAULT_INTERVAL for m in modules] == [NODE_HEARTBEAT_S] * 2
+    finally:
+        for module, value in zip(modules, before):
+            module.HEARTBEAT_DEFAULT_INTERVAL = value
+    with pytest.raises(ValueError, match=r"heartbeat interval must be in \[10, 1800\]"):
+        heartbeat.set_node_heartbeat_interval(5)

@@ -29,6 +29,7 @@ from ..deploy.supernode import explain_supernode_failure
 from ..errors import ConfigError
 from ..flower_internals.logs import ACTIVATION_REFUSED_SHORT, SUPERNODE_CONNECTED
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
+from ..protocol import NODE_HEARTBEAT_S
 from ..tasks import get_task
 from ..device import resolve_device
 from ..client.node_config import ALLOW_PLAIN_UPDATES, DATA_PATH, DEVICE, LABEL_COLUMN, STATE_DIR, TEXT_COLUMN
@@ -42,10 +43,11 @@ __all__ = ["ClientCheck", "ClientOptions", "FedshieldClient", "check_client", "s
 _SUPERNODE_NAME = "supernode"
 _CONNECTED = SUPERNODE_CONNECTED
 _ACTIVATION_REFUSED = ACTIVATION_REFUSED_SHORT
-# Flower 1.39 counts a node online until 2 missed heartbeats of 30 s (HEARTBEAT_PATIENCE x interval) after the
-# last one, and a node that is still online cannot be activated again (code 2004). The server pulls replies every
-# 3 s; a few seconds more make sure it has failed the old node's open message before the new one activates.
-_STALE_ONLINE_WAIT_S = 66.0
+# Flower 1.39 counts a node online until 2 missed heartbeats (HEARTBEAT_PATIENCE x the interval the node announced,
+# NODE_HEARTBEAT_S) after the last one, and a node that is still online cannot be activated again (code 2004). The
+# server pulls replies every 3 s; a few seconds more make sure it has failed the old node's open message before the
+# new one activates.
+_STALE_ONLINE_WAIT_S = 2 * NODE_HEARTBEAT_S + 6.0
 _RESTART_HINT = (
     "; this state directory's node was connected before, so another SuperNode with this key may still be running "
     "(stop it), or the server was reset and no longer has this key registered"

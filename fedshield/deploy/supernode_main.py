@@ -212,6 +212,16 @@ def start_clientapp_zygote(*, site_code_only: bool = True) -> bool:
     return True
 
 
+def set_heartbeat() -> bool:
+    """Heartbeat every :data:`~fedshield.protocol.NODE_HEARTBEAT_S` instead of Flower's 30 s: the server then
+    notices a crashed site within two intervals (30 s, not 60 s), so a round waits less for it and the site
+    restarts sooner (a node still counted online cannot reconnect)."""
+    from ..flower_internals.heartbeat import set_node_heartbeat_interval
+    from ..protocol import NODE_HEARTBEAT_S
+
+    return set_node_heartbeat_interval(NODE_HEARTBEAT_S)
+
+
 def guard_runtime_api() -> None:
     """Admit only this user's processes to the SuperNode's Runtime API (its ``--host/--port``).
 
@@ -238,6 +248,7 @@ def main() -> None:
     patch_supernode_receiving()
     start_clientapp_zygote(site_code_only=site_code_only)
     guard_runtime_api()  # after the zygote's fork: it imports FastAPI and NumPy
+    set_heartbeat()  # after the fork too: the ClientApps' task heartbeats keep Flower's pace
     from ..flower_internals.entry_points import flower_supernode
 
     sys.argv[0] = "flower-supernode"

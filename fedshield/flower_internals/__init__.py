@@ -61,6 +61,10 @@ INTERNALS: tuple[Internal, ...] = (
              "flwr.supernode.runtime.run_clientapp:pull_and_inflate_object_from_tree",
              "fedshield.deploy.supernode_main, .site_clientapp (via .supernode.quicken_object_pulls)",
              "replaced by a partial only when called; other parameters -> warning, Flower's 1-10 s backoff"),
+    Internal("SuperNode heartbeat interval", "flwr.client.grpc_rere_client.connection:HEARTBEAT_DEFAULT_INTERVAL, "
+             "flwr.supercore.heartbeat:HEARTBEAT_DEFAULT_INTERVAL; flwr.common.constant bounds", "fedshield.deploy.supernode_main (via "
+             ".heartbeat.set_node_heartbeat_interval)", "both set only when called; either missing -> warning, "
+             "Flower's 30 s; canary checks both are numbers"),
     Internal("HTTP API create_app", "flwr.superlink.main:create_app, flwr.supernode.main:create_app",
              "fedshield.deploy.same_user", "wrapped when called; missing -> RuntimeError (never an unguarded API)"),
     Internal("strategy state attributes", "flwr.serverapp.strategy FedOpt family / FedAvgM: current_arrays, m_t, "
