@@ -19,6 +19,7 @@ that leaves one behind.
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ from fedshield.crypto import KeySet, add_node, init_keys
 from fedshield.deploy import DeploymentError, RunResult, free_port
 from fedshield.deploy.process import live_descendants
 from fedshield.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from fedshield.protocol import NODE_HEARTBEAT_S
 from fedshield.deploy.coordinator import FedshieldServer, ServerOptions, start_server
 from fedshield.server.report import recompute_epsilon
 from fedshield.tasks import get_task
@@ -242,6 +244,10 @@ def test_a_wrong_ca_and_an_unregistered_key_are_refused_in_one_line(federation: 
     assert line.startswith(f"error: the server at {federation.fleet} did not accept this client: ") and \
         "code 2004" in line and "fedshield keys add-node" in line, line
     assert all(c.is_running() for c in federation.clients.values()), "refusals must not disturb the others"
+    # Every site announced fedshield's heartbeat, not Flower's 30 s: the SuperLink's own record of its nodes.
+    with sqlite3.connect(federation.root / "superlink" / "superlink-state.db") as db:
+        intervals = {row[0] for row in db.execute("SELECT heartbeat_interval FROM node WHERE status = 'online'")}
+    assert intervals == {NODE_HEARTBEAT_S}, intervals
 
 
 @dataclass(frozen=True)
