@@ -65,6 +65,7 @@ class Batch:
     root: Path = Path()
 
     def config(self, name: str) -> RunConfig:
+        """``name``'s config once its run has finished; raises (from the run's own error) if it failed."""
         if name in self.failures:
             raise RuntimeError(f"simulated run {name!r} of the shared batch failed") from self.failures[name]
         return self.configs[name]
@@ -82,7 +83,8 @@ class _View(Mapping[str, RunConfig]):
         return self._batch.config(self._prefix + key)
 
     def __iter__(self) -> Iterator[str]:
-        return (name[len(self._prefix):] for name in self._batch.configs if name.startswith(self._prefix))
+        names = [*self._batch.configs, *self._batch.failures]
+        return (name[len(self._prefix):] for name in names if name.startswith(self._prefix))
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -124,13 +126,8 @@ def _run(root: Path, clients: int) -> Batch:
     specs = {name: spec for name, spec in _REGISTRY.items() if spec.clients == clients}
     if not specs:
         raise LookupError(f"no simulated run is registered for {clients} clients")
-    for spec in specs.values():
-        if spec.files is not None:
-            spec.files(root)
-    configs = {name: spec.build(root) for name, spec in specs.items()}
-    wrong = {name for name, cfg in configs.items() if cfg.num_clients != clients}
-    if wrong:
-        raise ValueError(f"runs {sorted(wrong)} were registered for {clients} clients but configure another count")
+    configs, broken = _build(root, specs, clients)
+    specs = {name: specs[name] for name in configs}
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))  # user task packages, for the tests that load them after the batch
     failures: dict[int, BaseException] = {}
@@ -138,15 +135,34 @@ def _run(root: Path, clients: int) -> Batch:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.getcwd(), previous) if p)
     try:
         hooks = {configs[name].out.name: spec.client_hook for name, spec in specs.items() if spec.client_hook}
-        run_many(list(configs.values()), wrap_grids=[spec.wrap_grid for spec in specs.values()], failures=failures,
-                 client_app=_hooked_app(hooks) if hooks else None)
+        if configs:  # else every run's set-up failed: nothing to simulate
+            run_many(list(configs.values()), wrap_grids=[spec.wrap_grid for spec in specs.values()],
+                     failures=failures, client_app=_hooked_app(hooks) if hooks else None)
     finally:
         if previous is None:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = previous
     names = list(configs)
-    return Batch(configs, {names[i]: exc for i, exc in failures.items()}, root)
+    return Batch(configs, {**broken, **{names[i]: exc for i, exc in failures.items()}}, root)
+
+
+def _build(root: Path, specs: dict[str, _Spec], clients: int) -> tuple[dict[str, RunConfig], dict[str, BaseException]]:
+    """Each run's files and config; a run whose set-up fails is left out (and its readers fail), not the batch."""
+    configs: dict[str, RunConfig] = {}
+    broken: dict[str, BaseException] = {}
+    for name, spec in specs.items():
+        try:
+            if spec.files is not None:
+                spec.files(root)
+            config = spec.build(root)
+            if config.num_clients != clients:
+                raise ValueError(f"registered for {clients} clients but configures {config.num_clients}")
+        except Exception as exc:
+            broken[name] = exc
+        else:
+            configs[name] = config
+    return configs, broken
 
 
 def task_package(package: str, source: str) -> Callable[[Path], None]:
