@@ -25,11 +25,17 @@ from fedshield.simulation.wake import event_driven_link
 
 def run_many(
     configs: list[RunConfig], *, client_app: ClientApp | None = None, wrap_grid: Any = None,
-    cpus_per_client: float = 1.0,
-) -> list[RunSummary]:
+    cpus_per_client: float = 1.0, wrap_grids: list[Any] | None = None,
+    failures: dict[int, BaseException] | None = None,
+) -> list[RunSummary | None]:
     """``wrap_grid``: optional ``Grid -> Grid`` applied to the server's grid (e.g. to record every reply).
     ``cpus_per_client``: Ray CPUs per simulated client; below 1 runs more Ray actors than cores, for tests in
-    which one client deliberately holds its actor (a client slower than the round timeout)."""
+    which one client deliberately holds its actor (a client slower than the round timeout).
+    ``wrap_grids``: one optional ``Grid -> Grid`` per config (after ``wrap_grid``), for a batch of unrelated runs
+    of which only some record their replies.
+    ``failures``: keep going after a run fails: its exception goes here under its index and its summary is
+    ``None``, so one failing run of a shared batch (``tests/_sim_batch.py``) fails only the tests that read it.
+    Without it the first failure stops the simulation and is raised."""
     from flwr.simulation import run_simulation
 
     from fedshield.client.app import app as fedshield_client_app
@@ -37,16 +43,26 @@ def run_many(
     sizes = {c.num_clients for c in configs}
     if len(sizes) != 1:
         raise ValueError(f"all runs must have the same number of clients, got {sorted(sizes)}")
-    results: list[RunSummary] = []
+    if wrap_grids is not None and len(wrap_grids) != len(configs):
+        raise ValueError(f"wrap_grids needs one entry per config ({len(configs)}), got {len(wrap_grids)}")
+    results: list[RunSummary | None] = []
     errors: list[BaseException] = []
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            for cfg in configs:
-                results.append(run_server(wrap_grid(grid) if wrap_grid else grid, cfg,
-                                          state_root=str((cfg.out / "clients").resolve())))
+            for index, cfg in enumerate(configs):
+                run_grid = wrap_grid(grid) if wrap_grid else grid
+                if wrap_grids is not None and wrap_grids[index] is not None:
+                    run_grid = wrap_grids[index](run_grid)
+                try:
+                    results.append(run_server(run_grid, cfg, state_root=str((cfg.out / "clients").resolve())))
+                except Exception as exc:
+                    if failures is None:
+                        raise
+                    failures[index] = exc
+                    results.append(None)
         except BaseException as exc:  # Flower only logs ServerApp exceptions: hand it back
             errors.append(exc)
             raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from fedshield.privacy.client_level_mechanism import (
 )
 from fedshield.server.report import recompute_client_epsilon
 
+import _sim_batch as sim_batch
 from _client_dp_rounds import DELTA, gaussian_epsilon
 
 
@@ -205,18 +207,27 @@ def test_sampling_rates_and_effective_noise() -> None:
 # --- end to end: both modes, both guarantees in privacy.json --------------------------------------------------
 
 
-@pytest.mark.usefixtures("no_leftover_processes")
-def test_client_level_dp_end_to_end_reports_both_guarantees(tmp_path: Path) -> None:
-    from _multirun import run_many
+E2E_COMMON = dict(task="digits", num_clients=4, num_rounds=2, local_epochs=1, epsilon=8.0, client_clip_norm=1.0)
+E2E_RUNS = {
+    "central": dict(client_dp="central", client_noise_multiplier=0.8, secagg=False),
+    "distributed": dict(client_dp="distributed", client_epsilon=6.0, secagg=True),
+    "poisson": dict(client_dp="central", client_noise_multiplier=0.8, secagg=False, fraction_train=0.5,
+                    client_sampling="poisson"),
+}
+for _name, _changes in E2E_RUNS.items():  # in the shared simulation of the other 4-client tests (one Ray start)
+    sim_batch.register(f"client_dp/{_name}", lambda root, n=_name, c=_changes: RunConfig(
+        **E2E_COMMON, **c, out=root / f"client_dp-{n}"), clients=4)  # type: ignore[arg-type]
 
-    common = dict(task="digits", num_clients=4, num_rounds=2, local_epochs=1, epsilon=8.0, client_clip_norm=1.0)
-    configs = [
-        RunConfig(**common, client_dp="central", client_noise_multiplier=0.8, secagg=False, out=tmp_path / "central"),
-        RunConfig(**common, client_dp="distributed", client_epsilon=6.0, secagg=True, out=tmp_path / "distributed"),
-        RunConfig(**common, client_dp="central", client_noise_multiplier=0.8, secagg=False, fraction_train=0.5,
-                  client_sampling="poisson", out=tmp_path / "poisson"),
-    ]
-    run_many(configs)
+
+@pytest.fixture(scope="module")
+def client_dp_runs(tmp_path_factory: pytest.TempPathFactory) -> Mapping[str, RunConfig]:
+    return sim_batch.results(tmp_path_factory, clients=4).view("client_dp/")
+
+
+@pytest.mark.usefixtures("no_leftover_processes")
+@sim_batch.TIMEOUT
+def test_client_level_dp_end_to_end_reports_both_guarantees(client_dp_runs: Mapping[str, RunConfig]) -> None:
+    configs = [client_dp_runs[name] for name in E2E_RUNS]
     for cfg in configs:
         privacy = json.loads((cfg.out / "privacy.json").read_text())
         rows = [json.loads(line) for line in (cfg.out / "metrics.jsonl").read_text().splitlines()]
@@ -233,6 +244,6 @@ def test_client_level_dp_end_to_end_reports_both_guarantees(tmp_path: Path) -> N
             # Every round is a release, also one whose Poisson draw took nobody (noise alone, 1/16 per round here):
             # skipping it would reveal the empty draw.
             assert section["rounds_released"] == len(rows) == 2, rows
-    distributed = json.loads((tmp_path / "distributed" / "privacy.json").read_text())["client_level"]
+    distributed = json.loads((client_dp_runs["distributed"].out / "privacy.json").read_text())["client_level"]
     assert 5.9 <= distributed["epsilon"] <= 6.0  # calibrated for the 2 planned rounds, all 4 clients replied
     assert distributed["noise_multiplier"] == pytest.approx(distributed["history"][0][0])

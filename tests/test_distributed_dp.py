@@ -4,7 +4,6 @@ the server, and the settings it refuses."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,12 +18,16 @@ from fedshield.errors import ConfigError
 from fedshield.privacy.skellam_ledger import SKELLAM_LEDGER_FILE, load_history
 from fedshield.privacy.skellam_accountant import epsilon as skellam_epsilon
 from fedshield.server.report import recompute_epsilon
-from fedshield.simulation.run import simulate
 from fedshield.strategies._secagg_fold import FieldSum
 from fedshield.strategies.distributed_dp import DistributedSecAggPlus
 from fedshield.tasks import get_task
 
+import _sim_batch as sim_batch
+
 DDP = dict(dp_mode="distributed", local_epochs=1, sample_rate=0.1)
+# Real engine, real SecAgg+: 3 sites, 2 rounds, in the shared simulation of the other 3-client tests.
+sim_batch.register("distributed_dp", lambda root: RunConfig(num_clients=3, num_rounds=2, epsilon=8.0, lr=2.0,
+                                                            out=root / "ddp", **DDP), clients=3)  # fmt: skip
 
 
 def test_distributed_mode_refuses_settings_it_cannot_guarantee() -> None:
@@ -71,12 +74,16 @@ def test_server_releases_nothing_below_min_honest() -> None:
     assert "fewer than min-honest 3" in (strategy._aborted or "")
 
 
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory: pytest.TempPathFactory) -> sim_batch.Batch:
+    return sim_batch.results(tmp_path_factory, clients=3)
+
+
 @pytest.mark.usefixtures("no_leftover_processes")
-def test_distributed_simulation_learns_and_epsilon_recomputes(tmp_path: Path) -> None:
+@sim_batch.TIMEOUT
+def test_distributed_simulation_learns_and_epsilon_recomputes(batch: sim_batch.Batch) -> None:
     """Real engine, real SecAgg+: 3 sites, 2 rounds; privacy.json and the sites' ledgers agree and recompute."""
-    config = RunConfig(num_clients=3, num_rounds=2, epsilon=8.0, lr=2.0, out=tmp_path / "ddp", **DDP)
-    rounds: list = []
-    simulate(config, on_round=rounds.append)
+    config = batch.config("distributed_dp")
     rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
     assert [r["clients_trained"] for r in rows] == [3, 3]
     privacy = json.loads((config.out / "privacy.json").read_text())

@@ -16,9 +16,14 @@ from fedshield.config import RunConfig
 from fedshield.privacy.accounting import epsilon
 from fedshield.server.report import RECORD_ADJACENCY
 
-from _multirun import run_many
+import _sim_batch as sim_batch
 
-pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+pytestmark = [pytest.mark.usefixtures("no_leftover_processes"), sim_batch.TIMEOUT]
+
+CLIENTS = 3
+BASE = dict(num_clients=CLIENTS, num_rounds=2, local_epochs=1, epsilon=8.0, fraction_evaluate=1.0)
+#: What reached the server, per run: ``(message type, metrics)`` of every reply.
+SEEN: dict[str, list[tuple[str, dict[str, Any]]]] = {"plain": [], "secagg": []}
 
 
 class _Recorder:
@@ -44,12 +49,21 @@ class _Recorder:
         return replies
 
 
-def test_dp_replies_carry_no_count_no_loss_and_privacy_json_recomputes(tmp_path: Path) -> None:
-    seen: list[tuple[str, dict[str, Any]]] = []
-    base = dict(num_clients=3, num_rounds=2, local_epochs=1, epsilon=8.0, fraction_evaluate=1.0)
-    configs = [RunConfig(**base, secagg=False, out=tmp_path / "plain"),  # type: ignore[arg-type]
-               RunConfig(**base, secagg=True, out=tmp_path / "secagg")]  # type: ignore[arg-type]
-    summaries = run_many(configs, wrap_grid=lambda grid: _Recorder(grid, seen))
+for _name in SEEN:  # both runs in the shared simulation of the other 3-client tests (one Ray start)
+    sim_batch.register(
+        f"in_clear/{_name}", lambda root, n=_name: RunConfig(**BASE, secagg=n == "secagg", out=root / f"in_clear-{n}"),
+        clients=CLIENTS, wrap_grid=lambda grid, n=_name: _Recorder(grid, SEEN[n]),
+    )
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory: pytest.TempPathFactory) -> sim_batch.Batch:
+    return sim_batch.results(tmp_path_factory, clients=CLIENTS)
+
+
+def test_dp_replies_carry_no_count_no_loss_and_privacy_json_recomputes(batch: sim_batch.Batch) -> None:
+    configs = [batch.config(f"in_clear/{name}") for name in SEEN]
+    seen = [entry for name in SEEN for entry in SEEN[name]]
     train = [m for kind, m in seen if kind == "train"]
     evaluate = [m for kind, m in seen if kind == "evaluate"]
     assert train and evaluate
@@ -60,7 +74,7 @@ def test_dp_replies_carry_no_count_no_loss_and_privacy_json_recomputes(tmp_path:
     assert sum(P.NUM_EXAMPLES in m for m in train) >= 2 * 3 * 2  # both runs' replies (SecAgg+'s masked ones too)
     # Evaluation replies: listed in docs/PRIVACY.md as released in clear outside epsilon.
     assert all(set(m) <= {P.NUM_EXAMPLES, P.EVAL_LOSS, P.EVAL_ACCURACY, P.PARTITION_ID} for m in evaluate)
-    for config, summary in zip(configs, summaries):
+    for config in configs:
         privacy = json.loads((config.out / "privacy.json").read_text())
         assert privacy["guarantee"]["adjacency"] == RECORD_ADJACENCY
         assert "add/remove" in privacy["guarantee"]["statement"]
@@ -73,4 +87,5 @@ def test_dp_replies_carry_no_count_no_loss_and_privacy_json_recomputes(tmp_path:
                 rel=1e-9)
             assert entry["rounds_trained"] == 2 and "nominal" in entry["noise"]
         assert privacy["guarantee"]["epsilon"] == max(e["epsilon"] for e in privacy["clients"].values())
-        assert summary.rounds[-1]["accuracy"] > 0.15, (config.secagg, summary.rounds[-1])  # learns (chance 0.1)
+        rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["accuracy"] > 0.15, (config.secagg, rows[-1])  # learns (chance 0.1)

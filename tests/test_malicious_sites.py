@@ -1,9 +1,10 @@
 """A malicious site costs one site, not the run: crafted clear values in its replies, end to end.
 
-One Flower simulation (one Ray start) runs four short fedshield runs of 5 breast-cancer clients, 2 rounds each. In
-every run client 0 is hostile; the run's directory name says how (see ``ATTACKS``). The crafted ClientApp is the
-test's own: it runs fedshield's real training handler, then rewrites the reply's clear metrics (and, for ``flip``,
-its update) BEFORE Flower's ``secaggplus_mod`` masks it, exactly where a site that controls its own code could.
+Four short fedshield runs of 5 breast-cancer clients, 2 rounds each, in the shared simulation of the 5-client tests
+(``_sim_batch``: one Ray start). In every run client 0 is hostile (see ``ATTACKS``). The crafted reply is the test's
+own (``_attack``, the run's client hook): fedshield's real training handler runs, then the hook rewrites the reply's
+clear metrics (and, for ``flip``, its update) BEFORE Flower's ``secaggplus_mod`` masks it, exactly where a site that
+controls its own code could.
 
 Each scenario must: complete every round; drop the hostile site every round with its reason in ``metrics.jsonl``
 (the model improves from the honest sites); charge every honest site's ledger for exactly the rounds that produced
@@ -12,20 +13,19 @@ a model (no round aborted for everyone while honest sites paid).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _multirun import run_many
+import _sim_batch as sim_batch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from fedshield import protocol as P
-from fedshield.client import app as fedshield_app
-from fedshield.config import RoundSettings, RunConfig
+from fedshield.config import RunConfig
 
-pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+pytestmark = [pytest.mark.usefixtures("no_leftover_processes"), sim_batch.TIMEOUT]
 
 ATTACKER = 0
 ROUNDS = 2
@@ -44,17 +44,12 @@ REASONS = {
     "plain-huge-weight-flip": "exceeds max-update-norm 10",
 }
 
-attack_app = ClientApp()
-
-
-@attack_app.train(mods=[fedshield_app.refuse_plain_updates, fedshield_app.secagg_when_requested])
-def _train(msg: Message, context: Context) -> Message:
-    reply = fedshield_app.train(msg, context)
-    settings = RoundSettings.from_record_dict(dict(msg.content[P.CONFIG]))
-    attack = ATTACKS.get(Path(settings.sim_state_root).parent.name)
-    if attack is None or int(context.node_config["partition-id"]) != ATTACKER or reply.has_error():
+def _attack(name: str, msg: Message, context: Context, reply: Message) -> Message:
+    """Run ``name``'s client hook (``_sim_batch``): fedshield's real training handler has run; the hostile site
+    rewrites its reply's clear metrics (and, for ``flip``, its update) before ``secaggplus_mod`` masks it."""
+    if int(context.node_config["partition-id"]) != ATTACKER or reply.has_error():
         return reply
-    _, overrides, scale = attack
+    _, overrides, scale = ATTACKS[name]
     arrays = reply.content[P.ARRAYS]
     if scale is not None:
         glob = msg.content[P.ARRAYS]
@@ -64,11 +59,6 @@ def _train(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({P.ARRAYS: arrays, P.METRICS: metrics}), reply_to=msg)
 
 
-@attack_app.evaluate()
-def _evaluate(msg: Message, context: Context) -> Message:
-    return fedshield_app.evaluate(msg, context)
-
-
 def _config(out: Path, secagg: bool) -> RunConfig:
     # max_update_norm 10 is `fedshield server`'s default without SecAgg+ (DEFAULT_MAX_UPDATE_NORM).
     return RunConfig(task="breast-cancer", num_clients=5, num_rounds=ROUNDS, local_epochs=1, sample_rate=0.25,
@@ -76,11 +66,15 @@ def _config(out: Path, secagg: bool) -> RunConfig:
                      max_update_norm=None if secagg else 10.0)
 
 
+for _name, (_secagg, _, _) in ATTACKS.items():  # in the shared simulation of the 5-client tests (one Ray start)
+    sim_batch.register(f"malicious/{_name}", lambda root, n=_name, s=_secagg: _config(root / n, s), clients=5,
+                       client_hook=functools.partial(_attack, _name))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[list[dict], dict]]:
-    root = tmp_path_factory.mktemp("malicious")
-    configs = [_config(root / name, secagg) for name, (secagg, _, _) in ATTACKS.items()]
-    run_many(configs, client_app=attack_app)
+    batch = sim_batch.results(tmp_path_factory, clients=5)
+    configs = [batch.config(f"malicious/{name}") for name in ATTACKS]
     return {cfg.out.name: ([json.loads(line) for line in (cfg.out / "metrics.jsonl").read_text().splitlines()],
                            json.loads((cfg.out / "privacy.json").read_text()))
             for cfg in configs}

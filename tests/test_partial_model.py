@@ -4,7 +4,6 @@ checkpointed; the frozen rest is checked by the hash the server sends (a mismatc
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 from pathlib import Path
 
@@ -13,10 +12,10 @@ import torch
 from safetensors.numpy import load_file
 from torch import nn
 
+import _sim_batch as sim_batch
 from fedshield.client.round_work import CONFIG_ERROR_CODE, Refusal, run_train
 from fedshield.config import RoundSettings, RunConfig
 from fedshield.errors import ConfigError
-from fedshield.simulation.run import simulate
 from fedshield.tasks import get_task
 from fedshield.tasks.partial import (
     FrozenWeightsMismatch, check_frozen, frozen_digest, load_travelling, travelling_keys, travelling_state,
@@ -83,24 +82,23 @@ def test_a_full_model_travels_whole_with_no_hash() -> None:
     assert frozen_digest(model) == ""
 
 
-@pytest.fixture
-def frozen_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    pkg = tmp_path / "frozenpkg"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "mytask.py").write_text(USER_MODULE)
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{Path.cwd()}")  # reaches the Ray workers
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield "frozenpkg.mytask:build_task"
-    get_task.cache_clear()
-    for name in [m for m in sys.modules if m.startswith("frozenpkg")]:
-        del sys.modules[name]
+FROZEN_TASK = "fsbatch_frozen.mytask:build_task"
+sim_batch.register(
+    "partial_model", lambda root: RunConfig(task=FROZEN_TASK, num_clients=3, num_rounds=2, local_epochs=1,
+                                            secagg=True, epsilon=8.0, out=root / "partial"),
+    clients=3, files=sim_batch.task_package("fsbatch_frozen", USER_MODULE),
+)  # in the shared simulation of the other 3-client tests (one Ray start)
 
 
-def test_frozen_user_task_trains_with_secagg_and_only_the_head_travels(frozen_task: str, tmp_path: Path) -> None:
-    config = RunConfig(task=frozen_task, num_clients=3, num_rounds=2, local_epochs=1, secagg=True,
-                       epsilon=8.0, out=tmp_path / "run")
-    simulate(config)
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory: pytest.TempPathFactory) -> sim_batch.Batch:
+    return sim_batch.results(tmp_path_factory, clients=3)
+
+
+@sim_batch.TIMEOUT
+def test_frozen_user_task_trains_with_secagg_and_only_the_head_travels(batch: sim_batch.Batch, tmp_path: Path) -> None:
+    frozen_task = FROZEN_TASK
+    config = batch.config("partial_model")
     rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
     assert [r["clients_trained"] for r in rows] == [3, 3], rows
     # Only the head travels: 66 values, masked as 32-bit field elements, plus SecAgg+ framing (kilobytes, far

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import _sim_batch as sim_batch
 from _processes import alive
 from safetensors.numpy import load_file
 
@@ -29,6 +30,13 @@ pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 # so two SecAgg+ runs differ by quantization noise (~4e-6 per value); everything else is seeded.
 SETTINGS = dict(num_clients=3, num_rounds=4, local_epochs=1, secagg=False, seed=3)
 FLAGS = ["--clients", "3", "--rounds", "4", "--local-epochs", "1", "--no-secagg", "--seed", "3"]
+# The uninterrupted reference run: in the shared simulation of the other 3-client tests (one Ray start fewer).
+sim_batch.register("resume/reference", lambda root: RunConfig(**SETTINGS, out=root / "resume-reference"), clients=3)
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory: pytest.TempPathFactory) -> sim_batch.Batch:
+    return sim_batch.results(tmp_path_factory, clients=3)
 
 
 def _rows(run: Path) -> list[dict]:
@@ -50,9 +58,9 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 
-def test_killed_server_resumes_to_the_uninterrupted_model(tmp_path: Path) -> None:
-    reference = RunConfig(**SETTINGS, out=tmp_path / "reference")
-    simulate(reference)
+@sim_batch.TIMEOUT
+def test_killed_server_resumes_to_the_uninterrupted_model(batch: sim_batch.Batch, tmp_path: Path) -> None:
+    reference = batch.config("resume/reference").out
 
     run = tmp_path / "interrupted"
     proc = subprocess.Popen(
@@ -76,7 +84,7 @@ def test_killed_server_resumes_to_the_uninterrupted_model(tmp_path: Path) -> Non
 
     rows = _rows(run)
     assert [r["round"] for r in rows] == [1, 2, 3, 4], "no completed round lost or repeated"
-    ours, theirs = load_file(run / "model.safetensors"), load_file(tmp_path / "reference" / "model.safetensors")
+    ours, theirs = load_file(run / "model.safetensors"), load_file(reference / "model.safetensors")
     assert ours.keys() == theirs.keys()
     for key in ours:
         # Equal up to float summation order in aggregation (replies arrive in any order).
@@ -86,7 +94,7 @@ def test_killed_server_resumes_to_the_uninterrupted_model(tmp_path: Path) -> Non
     # Ledgers never under-count: a round interrupted after a client charged it is charged again on resume.
     for ledger_path in sorted((run / "clients").glob(f"*/{LEDGER_FILE}")):
         resumed = PrivacyLedger.load(ledger_path)
-        reference_ledger = PrivacyLedger.load(tmp_path / "reference" / "clients" / ledger_path.parent.name / LEDGER_FILE)
+        reference_ledger = PrivacyLedger.load(reference / "clients" / ledger_path.parent.name / LEDGER_FILE)
         assert resumed.epsilon >= reference_ledger.epsilon - 1e-9
     privacy = json.loads((run / "privacy.json").read_text())
     assert all(c["rounds_trained"] == 4 for c in privacy["clients"].values())

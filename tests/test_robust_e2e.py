@@ -3,9 +3,9 @@
 runs; FedAvg collapses, unless update validation (``max_update_norm``) rejects the attacker's update first.
 Breast-cancer (5 x ~73 records, plain SGD, 3 rounds) keeps it to one short simulation.
 
-The attacker is a test-only ClientApp that wraps fedshield's own handlers, so no fault injector ships in the
-package. All six runs (clean and attacked, three strategies) share one simulation; a run is attacked when its
-client-state root (written into every round's settings) is named ``attacked-*``.
+The attacker is a test-only client hook (``_sim_batch``) around fedshield's own handlers, so no fault injector ships
+in the package. All seven runs (clean and attacked, three strategies, and FedAvg with update validation) share the
+simulation of the 5-client tests; the ``attacked-*`` runs carry the hook.
 """
 
 from __future__ import annotations
@@ -15,28 +15,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _multirun import run_many
+import _sim_batch as sim_batch
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
 
 from fedshield import protocol as P
-from fedshield.client import app as fedshield_app
-from fedshield.config import RoundSettings, RunConfig
+from fedshield.config import RunConfig
 
-pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+pytestmark = [pytest.mark.usefixtures("no_leftover_processes"), sim_batch.TIMEOUT]
 
 ATTACKER = 0  # partition id of the malicious client (20% of 5)
 FLIP = -10.0
 
-attack_app = ClientApp()
-
-
-@attack_app.train()
-def _train(msg: Message, context: Context) -> Message:
-    reply = fedshield_app.train(msg, context)
-    settings = RoundSettings.from_record_dict(dict(msg.content[P.CONFIG]))
-    attacked = Path(settings.sim_state_root).parent.name.startswith("attacked-")
-    if not attacked or int(context.node_config["partition-id"]) != ATTACKER or reply.has_error():
+def _flip(msg: Message, context: Context, reply: Message) -> Message:
+    """The client hook (``_sim_batch``) of every ``attacked-*`` run: the attacker sign-flips fedshield's real update."""
+    if int(context.node_config["partition-id"]) != ATTACKER or reply.has_error():
         return reply
     glob, honest = msg.content[P.ARRAYS], reply.content[P.ARRAYS]
     flipped = {}
@@ -45,11 +37,6 @@ def _train(msg: Message, context: Context) -> Message:
         flipped[key] = Array(np.asarray(g_np + FLIP * (w_np - g_np), dtype=g_np.dtype))
     content = RecordDict({P.ARRAYS: ArrayRecord(flipped), P.METRICS: reply.content[P.METRICS]})
     return Message(content=content, reply_to=msg)
-
-
-@attack_app.evaluate()
-def _evaluate(msg: Message, context: Context) -> Message:
-    return fedshield_app.evaluate(msg, context)
 
 
 STRATEGIES = {"fedavg": {}, "fedmedian": {}, "krum": {"num_malicious_nodes": 1}}
@@ -62,13 +49,17 @@ def _config(out: Path, name: str, params: dict[str, int], **extra: float) -> Run
                      dp=False, secagg=False, seed=3, strategy=name, strategy_params=params, out=out, **extra)
 
 
+RUNS = {f"{kind}-{name}": (name, params, {}) for kind in ("clean", "attacked") for name, params in STRATEGIES.items()}
+RUNS["attacked-fedavg-validated"] = ("fedavg", {}, {"max_update_norm": MAX_UPDATE_NORM})
+for _run, (_strategy, _params, _extra) in RUNS.items():  # in the shared simulation of the 5-client tests
+    sim_batch.register(f"robust/{_run}", lambda root, r=_run, s=_strategy, p=_params, e=_extra: _config(
+        root / r, s, p, **e), clients=5, client_hook=_flip if _run.startswith("attacked-") else None)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, float]]]:
-    root = tmp_path_factory.mktemp("robust")
-    configs = [_config(root / f"{kind}-{name}", name, params)
-               for kind in ("clean", "attacked") for name, params in STRATEGIES.items()]
-    configs.append(_config(root / "attacked-fedavg-validated", "fedavg", {}, max_update_norm=MAX_UPDATE_NORM))
-    run_many(configs, client_app=attack_app)
+    batch = sim_batch.results(tmp_path_factory, clients=5)
+    configs = [batch.config(f"robust/{name}") for name in RUNS]
     return {cfg.out.name: [json.loads(line) for line in (cfg.out / "metrics.jsonl").read_text().splitlines()]
             for cfg in configs}
 

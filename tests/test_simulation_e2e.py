@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,9 @@ from fedshield.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from fedshield.server.report import recompute_epsilon
 from fedshield.tasks import get_task
 
-from _multirun import run_many
+import _sim_batch as sim_batch
 
-pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+pytestmark = [pytest.mark.usefixtures("no_leftover_processes"), sim_batch.TIMEOUT]
 
 
 #: How far below the little-noise control the epsilon-8 run must stay. Measured 2026-12-03: 75.2% vs 78.8% after 2
@@ -36,11 +37,10 @@ def _budget_sigma() -> float:
                                       steps=probe.steps_per_round)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunConfig]:
-    """Every run of this module in ONE simulation (one Ray start, shared virtual clients, separate run
-    directories, strategies and client ledgers): the runs differ only in their configs."""
-    root = tmp_path_factory.mktemp("sim")
+def _config(root: Path, name: str) -> RunConfig:
+    """The runs of this module differ only in their configs, so they run in the shared simulation of the other
+    3-client tests (``_sim_batch``: one Ray start, shared virtual clients, separate run directories, strategies and
+    client ledgers). Built when the batch starts (the budget run's calibration takes seconds: not at collection)."""
     variants: dict[str, dict] = {
         "dp": dict(epsilon=8.0),
         # The control that bounds the DP run's accuracy from above: the same DP-SGD (Poisson sampling, clipping)
@@ -49,19 +49,28 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunConfig]:
         "little-noise": dict(epsilon=None, noise_multiplier=0.3),
         "noise": dict(epsilon=None, noise_multiplier=1000.0),
         "no-fed-eval": dict(num_rounds=1, local_epochs=1, fraction_evaluate=0.0),
-        "budget": dict(num_rounds=3, epsilon=2.0, noise_multiplier=_budget_sigma()),
+        "budget": dict(num_rounds=3, epsilon=2.0),
         "q8": dict(epsilon=8.0, quantize=8),
     }
-    configs = {name: RunConfig(**{**BASE, **changes, "out": root / name}) for name, changes in variants.items()}
-    run_many(list(configs.values()))
-    return configs
+    if name == "budget":
+        variants[name]["noise_multiplier"] = _budget_sigma()
+    return RunConfig(**{**BASE, **variants[name], "out": root / f"e2e-{name}"})
+
+
+for _name in ("dp", "little-noise", "noise", "no-fed-eval", "budget", "q8"):
+    sim_batch.register(f"e2e/{_name}", lambda root, n=_name: _config(root, n), clients=3)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Mapping[str, RunConfig]:
+    return sim_batch.results(tmp_path_factory, clients=3).view("e2e/")
 
 
 def _rows(config: RunConfig) -> list[dict]:
     return [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_dp_run_learns_writes_run_dir_and_privacy_recomputes(runs: dict[str, RunConfig]) -> None:
+def test_dp_run_learns_writes_run_dir_and_privacy_recomputes(runs: Mapping[str, RunConfig]) -> None:
     config = runs["dp"]
     out = config.out
     rows = _rows(config)
@@ -95,7 +104,7 @@ def test_dp_run_learns_writes_run_dir_and_privacy_recomputes(runs: dict[str, Run
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_absurd_noise_keeps_accuracy_near_chance(runs: dict[str, RunConfig]) -> None:
+def test_absurd_noise_keeps_accuracy_near_chance(runs: Mapping[str, RunConfig]) -> None:
     """If DP were silently off, this run would learn as well as the one above."""
     config = runs["noise"]
     rows = _rows(config)
@@ -104,7 +113,7 @@ def test_absurd_noise_keeps_accuracy_near_chance(runs: dict[str, RunConfig]) -> 
     assert privacy["guarantee"]["epsilon"] < 0.05
 
 
-def test_the_epsilon_8_run_stays_below_the_same_run_with_little_noise(runs: dict[str, RunConfig]) -> None:
+def test_the_epsilon_8_run_stays_below_the_same_run_with_little_noise(runs: Mapping[str, RunConfig]) -> None:
     """An upper bound on the epsilon-8 run's accuracy: the identical run (same seed, data, clients, rounds, clipping)
     with noise multiplier 0.3. If the noise were silently off or smaller than accounted, the two would learn alike."""
     dp, control = _rows(runs["dp"])[-1], _rows(runs["little-noise"])[-1]
@@ -112,14 +121,14 @@ def test_the_epsilon_8_run_stays_below_the_same_run_with_little_noise(runs: dict
     assert dp["accuracy"] < control["accuracy"] - GAP, (dp, control)
 
 
-def test_fraction_evaluate_zero_leaves_evaluation_to_the_server(runs: dict[str, RunConfig]) -> None:
+def test_fraction_evaluate_zero_leaves_evaluation_to_the_server(runs: Mapping[str, RunConfig]) -> None:
     """With --fraction-evaluate 0 no client is asked to evaluate; the server's own test set still scores the model."""
     (row,) = _rows(runs["no-fed-eval"])
     assert row["clients_trained"] == 3 and row["clients_evaluated"] == 0
     assert row["federated_accuracy"] is None and row["accuracy"] is not None
 
 
-def test_budget_exhausted_clients_refuse_and_are_reported(runs: dict[str, RunConfig]) -> None:
+def test_budget_exhausted_clients_refuse_and_are_reported(runs: Mapping[str, RunConfig]) -> None:
     """Noise fixed for 1 round of budget: round 2 would overspend, so every client refuses and says so."""
     config = runs["budget"]
     rows = _rows(config)
@@ -132,7 +141,7 @@ def test_budget_exhausted_clients_refuse_and_are_reported(runs: dict[str, RunCon
     assert math.isclose(rows[1]["accuracy"], rows[0]["accuracy"])  # nobody trained: the model did not move
 
 
-def test_quantized_updates_cut_bytes_and_still_learn(runs: dict[str, RunConfig]) -> None:
+def test_quantized_updates_cut_bytes_and_still_learn(runs: Mapping[str, RunConfig]) -> None:
     rows = _rows(runs["q8"])
     model_bytes = sum(v.numel() * 4 for v in get_task("digits").new_model(0).state_dict().values())
     assert all(r["bytes_up_per_client"] <= 0.3 * model_bytes for r in rows), rows

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from fedshield.strategies.stack import build_strategy
 from fedshield.strategies.streaming import StreamingFedAvg
 from fedshield.tasks import get_task
 
+import _sim_batch as sim_batch
 from _grid import FakeGrid
 from _strategy_rounds import CASES, N, SHAPES, WEIGHTS, as_numpy, client_models, configure, reference, reply, sampling
 
@@ -191,25 +193,23 @@ E2E_PARAMS: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def all_strategy_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunConfig]:
-    """All 11 strategies, 4 clients x 2 rounds each, averaging ones under SecAgg+, robust ones without."""
-    from _multirun import run_many
+for _name in STRATEGIES:  # all 11, 4 clients x 2 rounds each, averaging ones under SecAgg+, robust ones without,
+    # in the shared simulation of the other 4-client tests (one Ray start)
+    sim_batch.register(f"strategies/{_name}", lambda root, name=_name: RunConfig(
+        task="digits", num_clients=4, num_rounds=2, local_epochs=1, dp=False, strategy=name,
+        strategy_params=E2E_PARAMS.get(name, {}), secagg=name not in ROBUST_STRATEGIES, out=root / f"strategy-{name}",
+    ), clients=4)
 
-    root = tmp_path_factory.mktemp("strategies")
-    configs = {
-        name: RunConfig(task="digits", num_clients=4, num_rounds=2, local_epochs=1, dp=False, strategy=name,
-                        strategy_params=E2E_PARAMS.get(name, {}), secagg=name not in ROBUST_STRATEGIES,
-                        out=root / name)
-        for name in STRATEGIES
-    }
-    run_many(list(configs.values()))
-    return configs
+
+@pytest.fixture(scope="module")
+def all_strategy_runs(tmp_path_factory: pytest.TempPathFactory) -> Mapping[str, RunConfig]:
+    return sim_batch.results(tmp_path_factory, clients=4).view("strategies/")
 
 
 @pytest.mark.usefixtures("no_leftover_processes")
 @pytest.mark.parametrize("name", STRATEGIES)
-def test_every_strategy_runs_end_to_end(all_strategy_runs: dict[str, RunConfig], name: str) -> None:
+@sim_batch.TIMEOUT
+def test_every_strategy_runs_end_to_end(all_strategy_runs: Mapping[str, RunConfig], name: str) -> None:
     config = all_strategy_runs[name]
     rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]

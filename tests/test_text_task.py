@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 
 import pytest
+import _sim_batch as sim_batch
 from _processes import Cli
 from safetensors.numpy import load_file
 
@@ -22,7 +23,6 @@ from fedshield.data.task_files import read_task_file
 from fedshield.deploy import free_port
 from fedshield.errors import DataError
 from fedshield.server.report import recompute_epsilon
-from fedshield.simulation.run import simulate
 from fedshield.tasks import get_task
 from fedshield.tasks.partial import frozen_digest, travelling_keys
 
@@ -76,14 +76,26 @@ def test_only_lora_adapters_and_head_are_trainable_and_the_base_is_the_same_ever
     assert frozen_digest(model) == frozen_digest(task.new_model(1))  # the pretrained base does not depend on seeds
 
 
-def test_simulated_federation_fine_tunes_minilm_lora_with_dp_and_secagg(tmp_path: Path) -> None:
-    data = write_reviews(tmp_path / "reviews.csv", 160)
-    config = RunConfig(task=TASK, data=str(data), text_column="review", label_column="sentiment", num_clients=5,
-                       num_rounds=1, local_epochs=1, lr=0.5, sample_rate=0.5, grad_sample_mode="hooks",
-                       secagg=True, epsilon=8.0, out=tmp_path / "run")
-    simulate(config)
+SIM_CLIENTS = 3
+sim_batch.register(
+    "text_task", lambda root: RunConfig(task=TASK, data=str(root / "reviews.csv"), text_column="review",
+                                        label_column="sentiment", num_clients=SIM_CLIENTS, num_rounds=1,
+                                        local_epochs=1, lr=0.5, sample_rate=0.5, grad_sample_mode="hooks",
+                                        secagg=True, epsilon=8.0, out=root / "text"),
+    clients=SIM_CLIENTS, files=lambda root: write_reviews(root / "reviews.csv", 160),
+)  # in the shared simulation of the other 3-client tests (one Ray start)
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory: pytest.TempPathFactory) -> sim_batch.Batch:
+    return sim_batch.results(tmp_path_factory, clients=SIM_CLIENTS)
+
+
+@sim_batch.TIMEOUT
+def test_simulated_federation_fine_tunes_minilm_lora_with_dp_and_secagg(batch: sim_batch.Batch) -> None:
+    config = batch.config("text_task")
     rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["clients_trained"] for r in rows] == [5], rows
+    assert [r["clients_trained"] for r in rows] == [SIM_CLIENTS], rows
     lora_bytes = sum(v.nbytes for v in load_file(str(config.out / "model.safetensors")).values())
     # Masked values travel as uint32, like the float32 weights: the upload is the adapters and head, plus framing.
     assert all(r["bytes_up_per_client"] < 1.2 * lora_bytes for r in rows), (rows, lora_bytes)
@@ -91,7 +103,7 @@ def test_simulated_federation_fine_tunes_minilm_lora_with_dp_and_secagg(tmp_path
     saved = load_file(str(config.out / "model.safetensors"))
     assert all(".lora_" in k or k.startswith("head.") for k in saved)
     privacy = json.loads((config.out / "privacy.json").read_text())
-    assert privacy["dp"] is True and len(privacy["clients"]) == 5
+    assert privacy["dp"] is True and len(privacy["clients"]) == SIM_CLIENTS
     for entry in privacy["clients"].values():
         assert entry["epsilon"] == pytest.approx(recompute_epsilon(entry), rel=1e-9)
         assert 0 < entry["epsilon"] <= 8.0 + 1e-6

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+import _sim_batch as sim_batch
 from fedshield.config import RunConfig
 from fedshield.errors import ConfigError
-from fedshield.simulation.run import simulate
 from fedshield.tasks import get_task
 
 USER_MODULE = textwrap.dedent(
@@ -62,15 +62,28 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         del sys.modules[name]
 
 
-def test_user_task_trains_end_to_end(user_module: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    task = get_task(f"{user_module}:build_task")
+USER_TASK = "fsbatch_user.mytask:build_task"
+sim_batch.register(
+    "user_task", lambda root: RunConfig(task=USER_TASK, num_clients=3, num_rounds=2, local_epochs=3, secagg=False,
+                                        epsilon=8.0, out=root / "user"),
+    clients=3, files=sim_batch.task_package("fsbatch_user", USER_MODULE),
+)  # in the shared simulation of the other 3-client tests (one Ray start)
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory: pytest.TempPathFactory) -> sim_batch.Batch:
+    return sim_batch.results(tmp_path_factory, clients=3)
+
+
+@sim_batch.TIMEOUT
+def test_user_task_trains_end_to_end(batch: sim_batch.Batch, caplog: pytest.LogCaptureFixture) -> None:
+    config = batch.config("user_task")
+    get_task.cache_clear()  # the batch loaded the task already: load it again to see the fix and its warning
+    task = get_task(USER_TASK)
     assert "GroupNorm" in str(task.new_model(0)) and "BatchNorm" not in str(task.new_model(0))
     assert "BatchNorm" in caplog.text
-    config = RunConfig(task=f"{user_module}:build_task", num_clients=2, num_rounds=2, local_epochs=3, secagg=False,
-                       epsilon=8.0, out=tmp_path / "run")
-    simulate(config)
     rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["clients_trained"] for r in rows] == [2, 2]
+    assert [r["clients_trained"] for r in rows] == [3, 3]
     assert rows[-1]["accuracy"] > 0.7, rows  # a linearly separable problem: clearly above chance (0.5)
     privacy = json.loads((config.out / "privacy.json").read_text())
     assert 7.5 < privacy["guarantee"]["epsilon"] <= 8.0
