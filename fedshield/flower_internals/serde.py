@@ -6,12 +6,13 @@ process; Flower's wire format carries exactly what its SuperLink/SuperNode carry
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+from flwr.common import Context as Context
+from flwr.common import Message as Message
 from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=no-name-in-module
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
 
-__all__ = ["encode_message", "decode_message", "encode_context", "decode_context"]
+__all__ = ["Context", "Message", "encode_message", "decode_message", "encode_context", "decode_context"]
 
 
 def encode_message(message: Message) -> bytes:
