@@ -48,9 +48,11 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def limit_threads(threads: int) -> None:
-    """Give torch the thread count Ray gives an actor (one per reserved CPU), so N workers do not oversubscribe."""
+    """Give torch the thread count Ray gives an actor (one per reserved CPU), so N workers do not oversubscribe,
+    and hide the GPUs as Ray does from a client that reserves none (CUDA cannot be used in a forked child)."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if "torch" in sys.modules:
         import torch
 
