@@ -2,9 +2,9 @@
 in-memory grid ``run_simulation`` builds, and the backend the engine runs ClientApps on (``vce_api.run_api``'s
 ``backend_fn``, which always builds ``RayBackend`` in Flower 1.39).
 
-:func:`swap_dispatch_loop`, :func:`swap_link_hooks` and :func:`swap_backend` replace Flower's pieces for the duration of a ``with`` block
-only (never on import), and restore whatever was there before, under a lock, so concurrent simulations in one
-process stay consistent.
+:func:`swap_dispatch_loop`, :func:`swap_link_hooks` and :func:`swap_backend` replace Flower's pieces for the
+duration of a ``with`` block only (never on import), and restore whatever was there before, under a lock, so
+concurrent simulations in one process stay consistent.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ DEFAULT_BACKEND = "local"
 
 
 def choose_backend(backend: str | None, *, ray_address: str | None = None, gpus_per_client: float = 0.0) -> str:
-    """The backend to run: ``backend`` if given (checked), else ``ray`` for a cluster or GPU shares, else the default."""
+    """The backend to run: ``backend`` if given (checked), else ``ray`` for a cluster or GPU shares, else the
+    default."""
     if backend is None:
         return "ray" if ray_address or gpus_per_client > 0 else DEFAULT_BACKEND
     if backend not in BACKENDS:
@@ -61,16 +62,17 @@ def _ray_config(*, cpus: float, gpus: float, ray_address: str | None, ray_temp_d
 def engine_backend(
     backend: str, *, client_app: ClientApp, num_clients: int, cpus_per_client: float = 1.0,
     gpus_per_client: float = 0.0, ray_address: str | None = None, ray_temp_dir: str | None = None,
-    verbose: bool = False,
+    verbose: bool = False, dp_sgd: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Inside, ``run_simulation`` runs on ``backend``; yields the ``backend_config`` to pass it.
 
-    Enter it in the thread that calls ``run_simulation`` (the local backend forks its workers here).
+    Enter it in the thread that calls ``run_simulation`` (the local backend forks its workers here, with Opacus
+    already imported when ``dp_sgd``).
     """
     if backend == "local":
         from .local_backend import local_backend
 
-        with local_backend(client_app, num_clients=num_clients, cpus_per_client=cpus_per_client):
+        with local_backend(client_app, num_clients=num_clients, cpus_per_client=cpus_per_client, dp_sgd=dp_sgd):
             yield {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}}
         return
     from .ray_local import loopback_ray

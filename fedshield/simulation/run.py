@@ -136,7 +136,7 @@ def simulate(
     )
     engine = engine_backend(backend, client_app=client_app, num_clients=config.num_clients,
                             cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client,
-                            ray_address=ray_address, ray_temp_dir=ray_temp_dir, verbose=verbose)
+                            ray_address=ray_address, ray_temp_dir=ray_temp_dir, verbose=verbose, dp_sgd=config.dp)
     # Flower's own dispatch walks every message once per node (O(N x M) a sweep) and polls on fixed ticks;
     # --dispatch flower keeps both (the escape hatch if a Flower upgrade breaks ours).
     ours = config.dispatch == "fedshield"
