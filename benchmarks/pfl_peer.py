@@ -9,8 +9,9 @@ N > 100 it is tiled ceil(N / 100) times (``sim_throughput:digits_xK``, as ``sim_
 client keeps ~11 rows; the server test set then holds copies of training images, on both sides alike.
 
 - fedshield: the product's own path, ``python -m fedshield simulate ... --no-secagg --no-dp [--client-dp central
-  --client-noise-multiplier 0.3 --client-clip-norm 1]`` in a fresh process (the CLI's run directory, report and
-  plots included), read back from its ``metrics.jsonl``.
+  --client-noise-multiplier 0.3 --client-clip-norm 1] --backend local|ray`` in a fresh process (the CLI's run
+  directory, report and plots included), read back from its ``metrics.jsonl``; one side per ``--backends`` entry
+  (default both: forked local workers, and Ray).
 - pfl: ``benchmarks/pfl_peer_side.py`` in the benchmark's own virtualenv (``--setup`` makes it under
   ``benchmarks/.pfl-venv``, git-ignored; pfl is never a fedshield dependency). This process first exports the job
   from fedshield's own code (``bundled_split``, ``Task.new_model(seed)``) into a temporary directory: the initial
@@ -18,7 +19,7 @@ client keeps ~11 rows; the server test set then holds copies of training images,
   its copy of DigitsCNN against. See that script for how pfl is set up.
 
 Reported per side (each run a fresh process; medians over ``--repeats``; the sides alternate who runs first):
-s/round (median of rounds 2..R: round 1 pays for starting Ray on fedshield's side), client-rounds/s (clients trained
+s/round (median of rounds 2..R: round 1 pays for starting the backend on fedshield's side), client-rounds/s (clients trained
 in rounds 2..R over their wall time), whole-process time (start to exit, imports and teardown included), start to
 the end of round 1, and the final server test accuracy. Figures taken on a loaded machine are upper bounds:
 compare the ratios within one run.
@@ -27,7 +28,7 @@ Usage::
 
     python benchmarks/pfl_peer.py --setup                      # once: the pfl virtualenv (torch 2.13.0 CPU + pfl)
     python benchmarks/pfl_peer.py [--clients 100 1000] [--rounds 20] [--settings nodp central] [--repeats 1]
-                                  [--json OUT]
+                                  [--backends local ray] [--json OUT]
     python benchmarks/pfl_peer.py --quick                      # 100 clients, 2 rounds, no DP
     python benchmarks/pfl_peer.py --quick --only fedshield     # fedshield's side alone (no pfl needed)
 """
@@ -121,11 +122,14 @@ def export_job(clients: int, out: Path) -> dict[str, Any]:
 # One run of each side, in a fresh process
 
 
-def fedshield_command(meta: dict[str, Any], setting: str, rounds: int, out: Path) -> list[str]:
+def fedshield_command(meta: dict[str, Any], setting: str, rounds: int, out: Path, backend: str | None = None
+                      ) -> list[str]:
     cmd = [sys.executable, "-m", "fedshield", "simulate", "--clients", str(meta["num_clients"]), "--rounds",
            str(rounds), "--task", meta["task"], "--partition", "iid", "--no-dp", "--no-secagg", "--local-epochs", "1",
            "--fraction-train", str(meta["fraction"]), "--fraction-evaluate", "0", "--lr", str(meta["lr"]),
            "--sample-rate", str(meta["sample_rate"]), "--seed", str(meta["seed"]), "--out", str(out)]
+    if backend:
+        cmd += ["--backend", backend]
     if setting == "central":
         cmd += ["--client-dp", "central", "--client-noise-multiplier", str(meta["z"]),
                 "--client-clip-norm", str(meta["clip"])]
@@ -138,12 +142,13 @@ def _env(tmp: Path) -> dict[str, str]:
             "FLWR_TELEMETRY_ENABLED": "0", "PFL_PYTORCH_DEVICE": "cpu"}
 
 
-def run_fedshield(meta: dict[str, Any], setting: str, rounds: int, timeout: float) -> dict[str, Any]:
+def run_fedshield(meta: dict[str, Any], setting: str, rounds: int, timeout: float, backend: str | None = None
+                  ) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="fspp-"))  # keep TMPDIR short: Ray's socket paths must fit 107 bytes
     metrics = tmp / "run" / "metrics.jsonl"
     try:
         start = time.time()
-        proc = subprocess.Popen(fedshield_command(meta, setting, rounds, tmp / "run"), env=_env(tmp), cwd=ROOT,
+        proc = subprocess.Popen(fedshield_command(meta, setting, rounds, tmp / "run", backend), env=_env(tmp), cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         first_round_end = _watch_first_round(proc, metrics, start + timeout)
         output, _ = proc.communicate(timeout=max(1.0, start + timeout - time.time()))
@@ -214,37 +219,52 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def _ours(results: dict[tuple[int, str, str], list[dict[str, Any]]], clients: int, setting: str) -> list[str]:
+    """fedshield's sides of one (clients, setting): ``fedshield`` or ``fedshield:<backend>`` (one per backend)."""
+    return sorted(side for n, s, side in results if (n, s) == (clients, setting) and side.startswith("fedshield"))
+
+
+def _label(side: str) -> str:
+    backend = side.partition(":")[2]
+    return f"fedshield --backend {backend}" if backend else "fedshield"
+
+
 def table(results: dict[tuple[int, str, str], list[dict[str, Any]]]) -> str:
-    """Markdown: one row per (clients, setting), fedshield and pfl side by side, fedshield / pfl ratios."""
-    lines = ["| clients | setting | s/round fedshield / pfl | client-rounds/s fedshield / pfl (ratio) "
+    """Markdown: one row per (clients, setting, fedshield backend), fedshield and pfl side by side, fedshield / pfl
+    ratios."""
+    lines = ["| clients | setting | side | s/round fedshield / pfl | client-rounds/s fedshield / pfl (ratio) "
              "| whole process fedshield / pfl | start to end of round 1 fedshield / pfl | accuracy fedshield / pfl |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
     for (clients, setting) in sorted({(n, s) for n, s, _ in results}):
-        ours, peer = results.get((clients, setting, "fedshield")), results.get((clients, setting, "pfl"))
-        cells = []
-        for key, _unit, _better, fmt in KEYS:
-            a = fmt.format(_median(ours, key)) if ours else "-"
-            b = fmt.format(_median(peer, key)) if peer else "-"
-            if key == "client_rounds_per_s" and ours and peer:
-                b += f" (**{_median(ours, key) / _median(peer, key):.2f}x**)"
-            cells.append(f"{a} / {b}" + (" s" if key in ("wall_s", "first_round_s") else ""))
-        lines.append(f"| {clients} | {SETTING_NAMES[setting]} | " + " | ".join(cells) + " |")
+        peer = results.get((clients, setting, "pfl"))
+        for side in _ours(results, clients, setting) or ["fedshield"]:
+            ours = results.get((clients, setting, side))
+            cells = []
+            for key, _unit, _better, fmt in KEYS:
+                a = fmt.format(_median(ours, key)) if ours else "-"
+                b = fmt.format(_median(peer, key)) if peer else "-"
+                if key == "client_rounds_per_s" and ours and peer:
+                    b += f" (**{_median(ours, key) / _median(peer, key):.2f}x**)"
+                cells.append(f"{a} / {b}" + (" s" if key in ("wall_s", "first_round_s") else ""))
+            lines.append(f"| {clients} | {SETTING_NAMES[setting]} | {_label(side)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def json_rows(results: dict[tuple[int, str, str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
     rows = []
     for (clients, setting) in sorted({(n, s) for n, s, _ in results}):
-        ours, peer = results.get((clients, setting, "fedshield")), results.get((clients, setting, "pfl"))
-        if not (ours and peer):
-            continue
-        for key, unit, better, _fmt in KEYS:
-            a, b = _median(ours, key), _median(peer, key)
-            rows.append({"name": f"pfl peer {key} ({setting}), {clients} clients, fedshield vs pfl 0.6.0",
-                         "ours": a, "baseline": b, "unit": unit, "ratio": a / b if b else 0.0,
-                         "detail": {"better": better, "repeats": len(ours), "baseline_is": "pfl 0.6.0",
-                                    "rounds": ours[0]["rounds"], "pfl_epsilon": peer[0].get("epsilon"),
-                                    "fedshield_epsilon": ours[0].get("epsilon")}})
+        peer = results.get((clients, setting, "pfl"))
+        for side in _ours(results, clients, setting):
+            ours = results[(clients, setting, side)]
+            if not (ours and peer):
+                continue
+            for key, unit, better, _fmt in KEYS:
+                a, b = _median(ours, key), _median(peer, key)
+                rows.append({"name": f"pfl peer {key} ({setting}), {clients} clients, {_label(side)} vs pfl 0.6.0",
+                             "ours": a, "baseline": b, "unit": unit, "ratio": a / b if b else 0.0,
+                             "detail": {"better": better, "repeats": len(ours), "baseline_is": "pfl 0.6.0",
+                                        "rounds": ours[0]["rounds"], "pfl_epsilon": peer[0].get("epsilon"),
+                                        "fedshield_epsilon": ours[0].get("epsilon")}})
     return rows
 
 
@@ -259,10 +279,13 @@ def measure(args: argparse.Namespace) -> dict[tuple[int, str, str], list[dict[st
             meta = export_job(clients, job_dir)
             for i in range(args.repeats):
                 for setting in args.settings:
-                    for side in (args.only if i % 2 == 0 else args.only[::-1]):
-                        result = (run_fedshield(meta, setting, args.rounds, args.timeout) if side == "fedshield"
+                    sides = [f"fedshield:{b}" if side == "fedshield" else side
+                             for side in args.only for b in (args.backends if side == "fedshield" else [None])]
+                    for side in (sides if i % 2 == 0 else sides[::-1]):
+                        result = (run_fedshield(meta, setting, args.rounds, args.timeout, side.partition(":")[2])
+                                  if side.startswith("fedshield")
                                   else run_pfl(job_dir, setting, args.rounds, args.timeout, Path(args.pfl_python),
-                                          args.pfl_threads))
+                                               args.pfl_threads))
                         print(f"{clients} {setting} {side}: {json.dumps(result)}", flush=True)
                         results.setdefault((clients, setting, side), []).append(result)
         finally:
@@ -277,6 +300,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTING_NAMES), default=["nodp", "central"])
     parser.add_argument("--only", nargs="+", choices=SIDES, default=list(SIDES), help="run only these sides")
+    parser.add_argument("--backends", nargs="+", choices=("local", "ray"), default=None,
+                        help="fedshield's simulation backends, each a side of its own (default: both; --quick: local)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="100 clients, 2 rounds, no DP (a smoke run)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
@@ -291,6 +316,8 @@ def main() -> None:
         return
     if args.quick:
         args.clients, args.rounds, args.settings = [100], 2, ["nodp"]
+    if args.backends is None:
+        args.backends = ["local"] if args.quick else ["local", "ray"]
     if "pfl" in args.only and not Path(args.pfl_python).exists():
         raise SystemExit(f"no pfl virtualenv at {args.pfl_python}: run python benchmarks/pfl_peer.py --setup first "
                          "(or --only fedshield)")

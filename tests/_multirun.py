@@ -6,7 +6,6 @@ client ledgers; they share the simulated SuperNodes, so every config must have t
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import Any
@@ -18,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedshield.config import RunConfig
 from fedshield.server.runner import RunSummary, run_server
 from fedshield.simulation.dispatch import one_pass_dispatch
-from fedshield.simulation.ray_local import loopback_init_args, loopback_ray
+from fedshield.simulation.engine import choose_backend, engine_backend
 from fedshield.simulation.reaper import reap_on_exit
 from fedshield.simulation.wake import event_driven_link
 
@@ -26,16 +25,17 @@ from fedshield.simulation.wake import event_driven_link
 def run_many(
     configs: list[RunConfig], *, client_app: ClientApp | None = None, wrap_grid: Any = None,
     cpus_per_client: float = 1.0, wrap_grids: list[Any] | None = None,
-    failures: dict[int, BaseException] | None = None,
+    failures: dict[int, BaseException] | None = None, backend: str | None = None,
 ) -> list[RunSummary | None]:
     """``wrap_grid``: optional ``Grid -> Grid`` applied to the server's grid (e.g. to record every reply).
-    ``cpus_per_client``: Ray CPUs per simulated client; below 1 runs more Ray actors than cores, for tests in
-    which one client deliberately holds its actor (a client slower than the round timeout).
+    ``cpus_per_client``: CPUs per simulated client; below 1 runs more workers (Ray actors) than cores, for tests in
+    which one client deliberately holds its worker (a client slower than the round timeout).
     ``wrap_grids``: one optional ``Grid -> Grid`` per config (after ``wrap_grid``), for a batch of unrelated runs
     of which only some record their replies.
     ``failures``: keep going after a run fails: its exception goes here under its index and its summary is
     ``None``, so one failing run of a shared batch (``tests/_sim_batch.py``) fails only the tests that read it.
-    Without it the first failure stops the simulation and is raised."""
+    Without it the first failure stops the simulation and is raised.
+    ``backend``: ``local`` | ``ray`` (default: the product's, :data:`fedshield.simulation.engine.DEFAULT_BACKEND`)."""
     from flwr.simulation import run_simulation
 
     from fedshield.client.app import app as fedshield_client_app
@@ -67,19 +67,18 @@ def run_many(
             errors.append(exc)
             raise
 
-    backend: dict[str, Any] = {
-        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"configure_logging": True, "logging_level": logging.WARNING, "log_to_driver": False,
-                      **loopback_init_args()},
-    }
     from conftest import _children
 
     before = _children(os.getpid())
-    # The same engine set-up as fedshield.simulation.run.simulate: a loopback Ray, the one-pass dispatch and the
-    # event-driven link (rounds wait on messages, not on Flower's fixed ticks), the reaper on exit.
-    with reap_on_exit(), loopback_ray(), one_pass_dispatch(), event_driven_link():
-        run_simulation(server_app=server_app, client_app=client_app or fedshield_client_app,
-                       num_supernodes=sizes.pop(), backend_config=backend)
+    app = client_app or fedshield_client_app
+    engine = engine_backend(choose_backend(backend), client_app=app, num_clients=next(iter(sizes)),
+                            cpus_per_client=cpus_per_client)
+    # The same engine set-up as fedshield.simulation.run.simulate: the backend (forked local workers or a
+    # loopback Ray), the one-pass dispatch and the event-driven link (rounds wait on messages, not on Flower's fixed
+    # ticks), the reaper on exit.
+    with reap_on_exit(), engine as backend_config, one_pass_dispatch(), event_driven_link():
+        run_simulation(server_app=server_app, client_app=app, num_supernodes=sizes.pop(),
+                       backend_config=backend_config)
     _assert_no_leftovers(before)
     if errors:
         raise errors[0]

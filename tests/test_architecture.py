@@ -44,8 +44,6 @@ LONG_FUNCTIONS = {
     ("server/report.py", "to_json"),
     # tails a deployed run's files while it runs; poll loop with its stop conditions
     ("deploy/coordinator.py", "follow"),
-    # builds the Ray/Flower simulation call: backend config lines
-    ("simulation/run.py", "simulate"),
 }
 #: Imports that break the layering on purpose.
 ALLOWED_IMPORTS = {

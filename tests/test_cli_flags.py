@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: What each command has of its own (how many clients are made or awaited, Ray resources, keys and addresses).
 OWN = {
-    "simulate": {"clients", "ray_address", "cpus_per_client", "gpus_per_client", "dispatch", "data", "text_column", "label_column"},
+    "simulate": {"clients", "backend", "ray_address", "cpus_per_client", "gpus_per_client", "dispatch", "data", "text_column", "label_column"},
     "server": {"keys", "address", "control_port", "min_clients", "insecure"},
 }
 

@@ -223,3 +223,51 @@ def test_setting_the_heartbeat_sets_both_copies_and_refuses_what_flower_would() 
             module.HEARTBEAT_DEFAULT_INTERVAL = value
     with pytest.raises(ValueError, match=r"heartbeat interval must be in \[10, 1800\]"):
         heartbeat.set_node_heartbeat_interval(5)
+
+
+def test_the_engine_still_builds_its_backend_through_run_api() -> None:
+    """fedshield.simulation.local_backend replaces the Backend that start_vce's backend_fn builds by wrapping
+    vce_api.run_api (swap_backend): run_api must still take the factory second and be called by module lookup."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    params = list(inspect.signature(simulation.flower_run_api).parameters)
+    assert params[:2] == ["app_fn", "backend_fn"], f"Flower internal moved: vce_api.run_api takes {params}"
+    run_api_source = inspect.getsource(simulation.flower_run_api)
+    for needle in ("backend = backend_fn()", "backend.build(app_fn)", "backend.num_workers", "backend.terminate()"):
+        assert needle in run_api_source, f"Flower internal moved: vce_api.run_api no longer does {needle!r}"
+    start_source = inspect.getsource(vce_api.start_vce)
+    assert "run_api(" in start_source and "RayBackend(backend_config)" in start_source, (
+        "Flower internal moved: start_vce no longer builds RayBackend and calls run_api")
+    abstract = set(simulation.Backend.__abstractmethods__)
+    assert abstract == {"build", "is_worker_idle", "terminate", "process_message"}, (
+        f"Flower internal moved: Backend's abstract methods are now {sorted(abstract)}")
+
+
+def test_swap_backend_is_applied_only_inside_the_block() -> None:
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    assert vce_api.run_api is simulation.flower_run_api  # importing fedshield patched nothing
+    with simulation.swap_backend(lambda: None):  # type: ignore[arg-type,return-value]
+        assert vce_api.run_api is not simulation.flower_run_api
+    assert vce_api.run_api is simulation.flower_run_api
+
+
+def test_serde_round_trips_a_message_and_a_context() -> None:
+    """The local simulation backend carries every ClientApp call over this serde (the real runs in
+    tests/test_sim_backend.py exercise it end to end)."""
+    from flwr.app import RecordDict
+    from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
+
+    from fedshield.flower_internals import serde
+
+    proto = ProtoMessage()
+    proto.metadata.run_id, proto.metadata.dst_node_id, proto.metadata.message_type = 3, 7, "train"
+    proto.content.SetInParent()  # an empty RecordDict: a Message needs content or an error
+    msg = serde.decode_message(proto.SerializeToString())
+    back = serde.decode_message(serde.encode_message(msg))
+    assert (back.metadata.run_id, back.metadata.dst_node_id, back.metadata.message_type) == (3, 7, "train")
+    ctx = serde.Context(run_id=3, node_id=7, node_config={"partition-id": 2}, state=RecordDict(),
+                        run_config={"k": "v"})
+    again = serde.decode_context(serde.encode_context(ctx))
+    assert (again.run_id, again.node_id, dict(again.node_config), dict(again.run_config)) == (
+        3, 7, {"partition-id": 2}, {"k": "v"})

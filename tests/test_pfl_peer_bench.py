@@ -99,9 +99,9 @@ def test_table_and_rows_from_canned_measurements() -> None:
     assert speed["ratio"] == pytest.approx(0.25)
     assert by_name["pfl peer accuracy (central), 100 clients, fedshield vs pfl 0.6.0"]["detail"]["pfl_epsilon"] == 9.0
     lines = bench.table(results).splitlines()
-    assert lines[2].startswith("| 100 | central client-level DP (C 1, z 0.3) | 0.400 / 0.100 | 25.0 / 100.0 (**0.25x**)")
-    assert lines[3].startswith("| 100 | no DP | 0.200 / 0.050 | 50.0 / 200.0 (**0.25x**)")
-    assert lines[4].startswith("| 1000 | no DP | 2.000 / - | 5.0 / - |")
+    assert lines[2].startswith("| 100 | central client-level DP (C 1, z 0.3) | fedshield | 0.400 / 0.100 | 25.0 / 100.0 (**0.25x**)")
+    assert lines[3].startswith("| 100 | no DP | fedshield | 0.200 / 0.050 | 50.0 / 200.0 (**0.25x**)")
+    assert lines[4].startswith("| 1000 | no DP | fedshield | 2.000 / - | 5.0 / - |")
 
 
 def test_a_missing_pfl_virtualenv_is_one_clear_line(tmp_path: Path) -> None:
@@ -122,7 +122,7 @@ def test_fedshield_side_live(no_leftover_processes: None) -> None:
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pfl_peer.py"), "--quick", "--only",
                                "fedshield"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        line = next(x for x in proc.stdout.splitlines() if x.startswith("100 nodp fedshield: "))
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("100 nodp fedshield:local: "))
         result = json.loads(line.split(": ", 1)[1])
         assert result["rounds"] == 2 and result["trained"] == 20 and 0 < result["accuracy"] <= 1
         assert "| 100 | no DP | " in proc.stdout

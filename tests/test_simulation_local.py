@@ -23,8 +23,8 @@ pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 
 def test_simulation_ray_listens_on_loopback_only_and_dies_with_the_cli(tmp_path: Path) -> None:
-    sim = Cli.start(["simulate", "--clients", "2", "--rounds", "40", "--no-dp", "--no-secagg", "--seed", "1",
-                     "--out", str(tmp_path / "run")], tmp_path / "simulate.out")  # fmt: skip
+    sim = Cli.start(["simulate", "--backend", "ray", "--clients", "2", "--rounds", "40", "--no-dp", "--no-secagg",
+                     "--seed", "1", "--out", str(tmp_path / "run")], tmp_path / "simulate.out")  # fmt: skip
     tree: list[int] = []
     try:
         sim.wait_for(r"round\s+1/40", timeout=240)

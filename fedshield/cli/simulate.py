@@ -73,6 +73,7 @@ def simulate_command(
     config: o.ConfigFile = None,
     resume: o.Resume = None,
     force: o.Force = False,
+    backend: str | None = typer.Option(None, "--backend", help="Where the clients run: local (forked worker processes, no Ray start; the default) | ray (Ray actors; implied by --ray-address and --gpus-per-client)."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Run on an existing Ray cluster (e.g. auto)."),
     cpus_per_client: float = typer.Option(1.0, "--cpus-per-client", help="Ray CPUs reserved per virtual client."),
     gpus_per_client: float = typer.Option(0.0, "--gpus-per-client", help="GPUs Ray reserves per virtual client: a fraction in [0, 1] (0.25: four clients share a GPU) or a whole number."),
@@ -94,6 +95,9 @@ def simulate_command(
         else:
             cfg = build_config(config, flags)
         _warn_risky(cfg)
+        from ..simulation.engine import choose_backend
+
+        backend = choose_backend(backend, ray_address=ray_address, gpus_per_client=gpus_per_client)
         _check_resources(cfg, cpus=cpus_per_client, gpus=gpus_per_client, ray_address=ray_address)
         if ckpt is None:
             from ..server.run_dir import claim_run_dir
@@ -101,7 +105,7 @@ def simulate_command(
             preflight(cfg)  # bad input fails before --force removes anything
             cfg = cfg.replace(out=claim_run_dir(cfg.out, force=force))
         summary = _run(cfg, ray_address=ray_address, cpus=cpus_per_client, gpus=gpus_per_client, verbose=verbose,
-                       resume=ckpt)
+                       resume=ckpt, backend=backend)
     _print_summary(summary)
 
 
@@ -146,7 +150,8 @@ def _check_resources(cfg: RunConfig, *, cpus: float, gpus: float, ray_address: s
 
 
 def _run(
-    cfg: RunConfig, *, ray_address: str | None, cpus: float, gpus: float, verbose: bool, resume: Any = None
+    cfg: RunConfig, *, ray_address: str | None, cpus: float, gpus: float, verbose: bool, resume: Any = None,
+    backend: str | None = None,
 ) -> RunSummary:
     from ..simulation.run import simulate
 
@@ -168,7 +173,7 @@ def _run(
 
         summary = simulate(
             cfg, on_round=on_round, cpus_per_client=cpus, gpus_per_client=gpus, ray_address=ray_address,
-            verbose=verbose, resume=resume,
+            verbose=verbose, resume=resume, backend=backend,
         )
     console.print(f"finished in {time.monotonic() - start:.1f} s")
     return summary

@@ -41,6 +41,15 @@ INTERNALS: tuple[Internal, ...] = (
              "fedshield.simulation.wake (via .simulation.swap_link_hooks)",
              "wrapped only inside run_simulation, restored after; --dispatch flower keeps Flower's; canary checks "
              "the methods and that run_simulation builds its grid by module lookup"),
+    Internal("simulation backend factory", "flwr.server.superlink.fleet.vce.vce_api:run_api (its backend_fn "
+             "argument; start_vce builds RayBackend there), flwr.server.superlink.fleet.vce.backend.backend:Backend, "
+             "flwr.clientapp.client_app:ClientAppException", "fedshield.simulation.local_backend (via "
+             ".simulation.swap_backend)", "swapped only inside run_simulation with --backend local; --backend ray keeps "
+             "Flower's; canary checks run_api's arguments, its module lookup and Backend's abstract methods"),
+    Internal("message and context serde", "flwr.common.serde:message_to_proto / message_from_proto / "
+             "context_to_proto / context_from_proto, flwr.proto.message_pb2:Message, Context",
+             "fedshield.simulation.local_backend, .local_worker (via .serde)",
+             "canary imports every name and round-trips a Message and a Context"),
     Internal("SecAgg+ client mod pieces", "flwr.client.mod.secure_aggregation.secaggplus_mod:SecAggPlusState, "
              "check_configs, check_stage", "fedshield.client.secaggplus", "canary imports every name (.secagg)"),
     Internal("SecAgg+ maths and keys", "flwr.common.secure_aggregation.* , flwr.supercore.primitives.asymmetric",

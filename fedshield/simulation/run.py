@@ -1,8 +1,9 @@
-"""``fedshield simulate``: the same ServerApp and ClientApp on Flower's simulation engine (Ray).
+"""``fedshield simulate``: the same ServerApp and ClientApp on Flower's simulation engine.
 
 Many virtual clients share this machine; each gets its partition of the bundled data from its ``partition-id``.
-With ``ray_address`` the same run goes to an existing Ray cluster instead of a local one; without it, the
-local Ray listens on 127.0.0.1 only (:mod:`fedshield.simulation.ray_local`).
+The engine runs the ClientApps on forked local workers (``--backend local``,
+:mod:`fedshield.simulation.local_backend`) or on Ray (``--backend ray``): with ``ray_address`` on an existing Ray
+cluster, without it on a local Ray that listens on 127.0.0.1 only (:mod:`fedshield.simulation.ray_local`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import math
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any
 
 
 from ..config import RunConfig
 from ..errors import ConfigError, FedshieldError
 from ..server.checkpoint import Checkpoint, load_resume
 from ..server.runner import RoundRecord, RunSummary
+from .engine import choose_backend
 
 __all__ = ["simulate", "preflight", "check_client_resources", "load_resume"]
 
@@ -109,7 +110,11 @@ def simulate(
     ray_address: str | None = None,
     ray_temp_dir: str | None = None,
     verbose: bool = False,
+    backend: str | None = None,
 ) -> RunSummary:
+    """Run ``config`` on Flower's simulation engine; ``backend`` ``local`` | ``ray`` (see
+    :mod:`fedshield.simulation.engine`; ``None``: ``ray`` with ``ray_address`` or GPU shares, else the default)."""
+    backend = choose_backend(backend, ray_address=ray_address, gpus_per_client=gpus_per_client)
     preflight(config)
     check_client_resources(
         config, cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client, ray_address=ray_address
@@ -119,7 +124,7 @@ def simulate(
     from ..client.app import app as client_app
     from ..server.app import build_server_app
     from .dispatch import one_pass_dispatch
-    from .ray_local import loopback_init_args, loopback_ray
+    from .engine import engine_backend
     from .reaper import reap_on_exit
     from .wake import event_driven_link
 
@@ -129,29 +134,15 @@ def simulate(
     server_app = build_server_app(
         config, on_round=on_round, result=results, errors=errors, state_root=state_root, resume=resume
     )
-    # Client failures come back to the server as error replies (and are reported there), so the actors' own
-    # logs only reach the terminal with --verbose.
-    init_args: dict[str, Any] = {
-        "include_dashboard": False, "configure_logging": True, "logging_level": logging.WARNING,
-        "log_to_driver": verbose,
-    }
-    if ray_address:
-        init_args["address"] = ray_address
-    else:  # a Ray of our own: on 127.0.0.1 only (see ray_local)
-        init_args.update(loopback_init_args())
-    if ray_temp_dir:
-        init_args["_temp_dir"] = ray_temp_dir
-    backend_config: dict[str, Any] = {
-        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
-        "init_args": init_args,
-    }
-    local = nullcontext() if ray_address else loopback_ray()
+    engine = engine_backend(backend, client_app=client_app, num_clients=config.num_clients,
+                            cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client,
+                            ray_address=ray_address, ray_temp_dir=ray_temp_dir, verbose=verbose, dp_sgd=config.dp)
     # Flower's own dispatch walks every message once per node (O(N x M) a sweep) and polls on fixed ticks;
     # --dispatch flower keeps both (the escape hatch if a Flower upgrade breaks ours).
     ours = config.dispatch == "fedshield"
     dispatch = one_pass_dispatch() if ours else nullcontext()
     wake = event_driven_link() if ours else nullcontext()
-    with reap_on_exit(), local, dispatch, wake:
+    with reap_on_exit(), engine as backend_config, dispatch, wake:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_clients,
                        backend_config=backend_config)
     if errors:

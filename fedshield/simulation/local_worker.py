@@ -1,0 +1,109 @@
+"""One worker of the local simulation backend: a forked process that runs the ClientApp for one message at a time.
+
+Why a forked process and not Ray's actor: the worker is a copy of the simulating process made before Flower's
+engine starts, so torch, Opacus and the ClientApp object are already imported and loaded (no interpreter start, no
+re-import, no object store); the work crosses the process boundary as Flower's own protobuf messages
+(``flwr.common.serde``), never pickle.
+
+Wire (over a ``multiprocessing`` pipe, ``send_bytes``/``recv_bytes`` frames only):
+request ``[Message proto, Context proto]``; reply ``[b"ok", Message proto, Context proto]`` or
+``[b"error", reason]`` when the ClientApp raised (the parent turns it into Flower's error reply, as Ray's actor
+does). The worker exits on end-of-file: the parent closed its end, or died.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from flwr.clientapp import ClientApp
+
+from ..flower_internals.serde import decode_context, decode_message, encode_context, encode_message
+
+__all__ = ["OK", "ERROR", "child_main", "serve"]
+
+OK = b"ok"
+ERROR = b"error"
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux), and leave now if it already has.
+
+    Why both: a SIGKILLed parent runs no clean-up, and the pipe's end-of-file only reaches a worker that is waiting
+    for work, not one in the middle of training.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def limit_threads(threads: int) -> None:
+    """Give torch the thread count Ray gives an actor (one per reserved CPU), so N workers do not oversubscribe,
+    and hide the GPUs as Ray does from a client that reserves none (CUDA cannot be used in a forked child)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def run_one(app: ClientApp, message_bytes: bytes, context_bytes: bytes) -> list[bytes]:
+    """The reply frames for one request: the ClientApp's reply and its updated Context, or why it raised."""
+    try:
+        context = decode_context(context_bytes)
+        reply = app(message=decode_message(message_bytes), context=context)
+        return [OK, encode_message(reply), encode_context(context)]
+    except Exception as exc:  # pylint: disable=broad-exception-caught  # reported to the server, as Ray does
+        reason = f"{type(exc).__name__}: {exc}"
+        print(f"fedshield local worker {os.getpid()}: the ClientApp raised\n{traceback.format_exc()}",
+              file=sys.stderr, flush=True)
+        return [ERROR, reason.encode()]
+
+
+def serve(conn: Connection, app: ClientApp, *, threads: int, parent_pid: int) -> None:
+    """Answer requests until the parent closes the pipe (or dies)."""
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends the workers
+    limit_threads(threads)
+    while True:
+        try:
+            message_bytes = conn.recv_bytes()
+            context_bytes = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        frames = run_one(app, message_bytes, context_bytes)
+        try:
+            for frame in frames:
+                conn.send_bytes(frame)
+        except OSError:
+            return
+
+
+def child_main(conn: Connection, app: ClientApp, *, threads: int, parent_pid: int, close: list[Any]) -> None:
+    """Entry point right after ``os.fork()``: never returns (``os._exit``), so no parent clean-up runs twice."""
+    code = 0
+    try:
+        for other in close:  # the parent's ends of the other workers' pipes: their EOF must not wait on us
+            other.close()
+        serve(conn, app, threads=threads, parent_pid=parent_pid)
+    except BaseException:  # pylint: disable=broad-exception-caught
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
