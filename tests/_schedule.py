@@ -34,14 +34,9 @@ RAY_LANES = 1
 #: Node id prefixes of the tests that start Ray (Flower's simulation engine); a new one may say
 #: ``@pytest.mark.ray`` instead of being listed here.
 RAY_TESTS = (
-    "tests/test_simulation_e2e.py", "tests/test_in_clear.py", "tests/test_malicious_sites.py",
-    "tests/test_robust_e2e.py", "tests/test_reliability.py::test_c_", "tests/test_reliability.py::test_e_",
-    "tests/test_resume.py::test_killed", "tests/test_client_dp.py::test_client_level_dp_end_to_end",
-    "tests/test_user_task.py::test_user_task_trains", "tests/test_secagg_simulation.py",
-    "tests/test_strategies.py::test_every_strategy_runs_end_to_end", "tests/test_simulation_local.py",
-    "tests/test_distributed_dp.py::test_distributed_simulation", "tests/test_partial_model.py::test_frozen_user_task",
-    "tests/test_text_task.py::test_simulated_federation", "tests/test_quantize_outcomes.py", "tests/test_flwr_run.py",
-    "tests/test_benchmarks_smoke.py::test_benchmark_writes_json_rows[large_models]",
+    # Everything else simulates on the local backend (fedshield.simulation.local_backend), the product's default:
+    # these three run Ray on purpose (the product's --backend ray, Flower's stock engine, `flwr run`).
+    "tests/test_simulation_local.py", "tests/test_secagg_simulation.py", "tests/test_flwr_run.py",
 )
 
 #: ``node id prefix -> seconds`` (setup + call, serial run); the longest matching prefix wins.
@@ -124,14 +119,26 @@ def group_of(item: pytest.Item) -> str | None:
     return None
 
 
+def batch_group(item: pytest.Item, group: str | None) -> str | None:
+    """A test that reads its module's simulation batch (a module fixture of a module that registered runs) joins
+    the batch's group: every module of one batch on one worker, so the batch runs once."""
+    if group is None:
+        return None
+    from _sim_batch import batch_groups
+
+    return batch_groups().get(item.path.name, group)
+
+
 def uses_ray(item: pytest.Item) -> bool:
     return item.get_closest_marker("ray") is not None or item.nodeid.startswith(RAY_TESTS)
 
 
 def assign_groups(items: list[pytest.Item]) -> list[str | None]:
-    """Each item's ``xdist_group``: its Ray lane, else its module's group (``group_of``), else ``None``."""
-    groups = [group_of(item) for item in items]
-    costs = item_costs(items, groups)
+    """Each item's ``xdist_group``: its Ray lane, else its shared simulation batch's group (``_sim_batch``), else its
+    module's group (``group_of``), else ``None``."""
+    module_groups = [group_of(item) for item in items]
+    groups = [batch_group(item, group) for item, group in zip(items, module_groups, strict=True)]
+    costs = item_costs(items, module_groups)
     ray_units: dict[str, float] = {}
     for item, group, cost in zip(items, groups, costs, strict=True):
         if uses_ray(item):

@@ -1,5 +1,5 @@
-"""Simulated runs of many test modules in ONE Flower simulation per client count (one Ray start, one set of actors
-that import torch once), instead of one simulation per module.
+"""Simulated runs of many test modules in ONE Flower simulation per client count (one engine start, one set of
+workers that import torch once), instead of one simulation per module.
 
 A test module registers its runs when it is imported (collection imports every module before any test runs) and
 reads them through a module-scoped fixture:
@@ -16,8 +16,8 @@ reads them through a module-scoped fixture:
 The first fixture to ask for a client count runs every run registered for that count (``tests/_multirun.py``
 ``run_many``: each run has its own config, run directory, strategy and client ledgers; they share the simulated
 SuperNodes, hence one batch per ``num_clients``). A failing run fails only the tests that read it. Running one test
-file runs only that file's runs. All tests that start Ray share one xdist lane (``_schedule.RAY_LANES``), so the
-batch runs once per session; with more lanes each lane's worker would run it once.
+file runs only that file's runs. The modules of one batch share one xdist group (:func:`batch_groups`), so the
+batch runs once per session, on one worker; different batches may run on different workers.
 
 A run may bring a ``client_hook(msg, context, reply) -> reply`` (a hostile site for tests of what the server does
 with it): then every run of that batch runs on a test ClientApp that calls fedshield's real handlers and applies the
@@ -25,7 +25,7 @@ hook of the run the message belongs to (found by its run directory, which every 
 other runs stay honest.
 
 User task modules (``module:factory`` tasks) are written by ``register(..., files=...)`` into the batch's root, which
-is on ``sys.path`` for the session and on ``PYTHONPATH`` while the simulation starts (it reaches the Ray workers).
+is on ``sys.path`` for the session and on ``PYTHONPATH`` while the simulation starts (it reaches the workers).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import pytest
 
 from fedshield.config import RunConfig
 
-__all__ = ["Batch", "register", "results", "TIMEOUT", "task_package"]
+__all__ = ["Batch", "register", "results", "TIMEOUT", "task_package", "batch_groups"]
 
 #: The first consumer's set-up runs the whole batch (minutes under load): its timeout must cover it.
 TIMEOUT = pytest.mark.timeout(1500)
@@ -92,6 +92,7 @@ class _View(Mapping[str, RunConfig]):
 
 _REGISTRY: dict[str, _Spec] = {}
 _DONE: dict[int, Batch | BaseException] = {}
+_COUNTS_OF_MODULE: dict[str, set[int]] = {}
 
 
 def register(
@@ -104,6 +105,21 @@ def register(
     if name in _REGISTRY:
         raise ValueError(f"simulated run {name!r} is registered twice")
     _REGISTRY[name] = _Spec(build, clients, wrap_grid, files, client_hook)
+    module = Path(sys._getframe(1).f_globals.get("__file__", "?")).name  # the registering test module
+    _COUNTS_OF_MODULE.setdefault(module, set()).add(clients)
+
+
+def batch_groups() -> dict[str, str]:
+    """``test module file name -> xdist group`` for every module that registered runs: modules sharing a batch
+    (a client count), directly or through another module, share one group, so each batch runs once per session on
+    one worker while different batches may run on different workers (``_schedule.assign_groups``)."""
+    component: dict[int, set[int]] = {}
+    for counts in _COUNTS_OF_MODULE.values():  # union of the client counts one module ties together
+        merged = set(counts).union(*(component.get(c, set()) for c in counts))
+        for count in merged:
+            component[count] = merged
+    return {module: "simbatch-" + "-".join(map(str, sorted(component[min(counts)])))
+            for module, counts in _COUNTS_OF_MODULE.items()}
 
 
 def results(tmp_path_factory: pytest.TempPathFactory, *, clients: int) -> Batch:
@@ -180,7 +196,7 @@ def task_package(package: str, source: str) -> Callable[[Path], None]:
 def _hooked_app(hooks: dict[str, Callable[[Any, Any, Any], Any]]) -> Any:
     """fedshield's train and evaluate handlers (with the mods a site runs in simulation); a train reply of a run in
     ``hooks`` (run directory name -> hook) goes through its hook before SecAgg+ masks it, where a site that controls
-    its own code could rewrite it. The hooks travel to the Ray actors with the app."""
+    its own code could rewrite it. The hooks travel to the workers with the app."""
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
 
