@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..privacy.accounting import cancel_prefetch
+from ..privacy.accounting import cancel_prefetch, wait_prefetched
 from ..strategies.outcomes import RoundOutcomes
 from .accounting_ahead import prefetch_next_round
 from .checkpoint import Checkpoint, capture_strategy_state, restore_strategy_state, save_checkpoint
@@ -110,8 +110,10 @@ class RunReporter:
         return RoundRecord(server_round, self.plan.config.num_rounds, row, eps)
 
     def finish(self) -> RunSummary:
-        """Draw the plots; the run's summary."""
+        """Draw the plots; the run's summary. A speculative epsilon still computing (a history no client reached)
+        is let finish first, so the process never exits under a thread that is inside NumPy."""
         cancel_prefetch()
+        wait_prefetched(timeout=60.0)
         self.writer.write_plots()
         return self.summary
 
