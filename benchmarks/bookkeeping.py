@@ -104,8 +104,8 @@ def run(setting: str, rounds: int, clients: int, per_round: int, gap: float) -> 
             reporter.record_round(r, state, {"accuracy": 0.5, "loss": 1.0}, outcomes)
             total, cpu = time.perf_counter() - start, time.thread_time() - cpu
             out.append({"setting": setting, "round": r, "total_s": total, "cpu_s": cpu, **dict(phases)})
-        reporter.finish()
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out[-1].items()}), flush=True)
+        reporter.finish()
     return out
 
 
