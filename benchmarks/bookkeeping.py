@@ -15,8 +15,8 @@ the PRV accountant's included; ``privacy_json`` = building the report dict minus
 a little under ``total`` (the row, bookkeeping in between).
 
 Between two reports the script sleeps ``--round-gap`` seconds: the time a round's clients train while the server
-thread only waits (0.24-0.36 s a round for this job without DP in the pfl_peer benchmark); the accounting of the
-next round may run then (:mod:`fedshield.server.accounting_ahead`). ``total_s`` is the wall time of one
+thread only waits (0.24-0.36 s a round for this job without DP in the pfl_peer benchmark), and ``--first-round``
+seconds before round 1 (the simulation engine's start); the accounting of later rounds may run then (:mod:`fedshield.server.accounting_ahead`). ``total_s`` is the wall time of one
 ``record_round`` (what the round loop waits for), ``cpu_s`` the server thread's own CPU time in it.
 
 Usage: ``python benchmarks/bookkeeping.py [--settings central-client-dp record-dp] [--rounds 20] [--round-gap 0.3]
@@ -81,7 +81,7 @@ def _instrument(reporter: RunReporter, phases: Phases) -> None:
     w.write_privacy = _timed(phases, "privacy_json_write", w.write_privacy)  # type: ignore[method-assign]
 
 
-def run(setting: str, rounds: int, clients: int, per_round: int, gap: float) -> list[dict[str, Any]]:
+def run(setting: str, rounds: int, clients: int, per_round: int, gap: float, first: float) -> list[dict[str, Any]]:
     model = get_task("digits").new_model(0)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     rng = random.Random(0)
@@ -94,7 +94,7 @@ def run(setting: str, rounds: int, clients: int, per_round: int, gap: float) -> 
         out = []
         reporter.start_round()
         for r in range(1, rounds + 1):
-            time.sleep(gap)  # the clients train
+            time.sleep(first if r == 1 else gap)  # the clients train (round 1: and the engine starts)
             picked = sorted(rng.sample(range(clients), per_round))
             outcomes = RoundOutcomes(release=ReleaseEvent(r, 0.3, 1.0, float(per_round), float(per_round))
                                      if config.client_dp != "off" else None)
@@ -130,9 +130,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--per-round", type=int, default=10)
     ap.add_argument("--round-gap", type=float, default=0.3, help="seconds the clients train between two reports")
+    ap.add_argument("--first-round", type=float, default=10.0,
+                    help="seconds of round 1 (Ray's start and imports: ~10-19 s on a quiet 2-core machine)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    rows = [row for s in args.settings for row in run(s, args.rounds, args.clients, args.per_round, args.round_gap)]
+    rows = [row for s in args.settings
+            for row in run(s, args.rounds, args.clients, args.per_round, args.round_gap, args.first_round)]
     print(summary(rows))
     print(f"load average {os.getloadavg()}")
     if args.json:

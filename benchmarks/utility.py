@@ -294,6 +294,7 @@ def plot(rows: list[Row], path: Path) -> None:
                         label=f"{m} ({'/'.join(map(str, seeds))} seeds)")
         ax.set_xscale("log")
         ax.set_xticks([1, 3, 8], ["1", "3", "8"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("record-level epsilon (delta 1e-5)")
         ax.set_ylabel("server test accuracy (%): mean, min-max of seeds")
         ax.set_title(f"digits: {sites} sites, {partition}; best (q, epochs) per point")

@@ -8,6 +8,7 @@ accountants); RDP is offered as a looser, widely known cross-check; GDP is refus
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import warnings
@@ -15,7 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from functools import lru_cache
-from queue import Empty, SimpleQueue
+from queue import Empty, PriorityQueue
 
 from ..config import ACCOUNTANTS
 from ..errors import ConfigError, PrivacyError
@@ -52,8 +53,13 @@ def epsilon(history: Iterable[Sequence[float]], *, delta: float, accountant: str
     return _single_flight(_key(history, delta, accountant))
 
 
-def prefetch_epsilon(histories: Iterable[Iterable[Sequence[float]]], *, delta: float, accountant: str = "prv") -> None:
+def prefetch_epsilon(
+    histories: Iterable[Iterable[Sequence[float]]], *, delta: float, accountant: str = "prv", needed_by: int = 0
+) -> None:
     """Start computing the epsilons of ``histories`` on a background thread; return at once.
+
+    ``needed_by`` orders the work: lower first (a run passes the round whose report needs the history), then in
+    the order handed over.
 
     Why: a run knows after round r which histories round r + 1 can produce (one more identical entry), so their
     epsilons are computed while round r + 1 trains, and :func:`epsilon` then finds them done (or waits for the
@@ -68,8 +74,8 @@ def prefetch_epsilon(histories: Iterable[Iterable[Sequence[float]]], *, delta: f
             _worker.start()
     with _idle:
         _outstanding[0] += len(keys)
-    for key in keys:
-        _queue.put(key)
+        for key in keys:
+            _queue.put((needed_by, next(_order), key))
 
 
 def cancel_prefetch() -> None:
@@ -88,7 +94,8 @@ def wait_prefetched(timeout: float) -> bool:
         return _idle.wait_for(lambda: _outstanding[0] == 0, timeout=timeout)
 
 
-_queue: SimpleQueue[_Key] = SimpleQueue()
+_queue: PriorityQueue[tuple[int, int, _Key]] = PriorityQueue()
+_order = itertools.count()
 _worker: threading.Thread | None = None
 _idle = threading.Condition()
 _outstanding = [0]  # prefetches queued or in progress
@@ -102,7 +109,7 @@ def _done_one() -> None:
 
 def _prefetch_loop() -> None:
     while True:
-        key = _queue.get()
+        _, _, key = _queue.get()
         try:
             _single_flight(key)
         except Exception:  # noqa: BLE001 - raised again, in the caller's thread, by epsilon()

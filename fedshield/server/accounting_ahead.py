@@ -17,7 +17,7 @@ from ..privacy.client_level_mechanism import accounting_sample_rate
 from .plan import RunPlan, round_settings
 from .report import PrivacyReport
 
-__all__ = ["next_round_histories", "prefetch_next_round"]
+__all__ = ["next_round_histories", "prefetch_next_round", "prefetch_planned_horizon"]
 
 History = list[tuple[float, float, int]]
 
@@ -50,6 +50,24 @@ def prefetch_next_round(report: PrivacyReport, plan: RunPlan, next_round: int) -
     client, record = next_round_histories(report, plan, next_round)
     c = plan.config
     if client:
-        prefetch_epsilon([client], delta=c.delta, accountant=c.accountant)
+        prefetch_epsilon([client], delta=c.delta, accountant=c.accountant, needed_by=next_round)
     if record:
-        prefetch_epsilon(record, delta=c.delta, accountant=report.accountant)
+        prefetch_epsilon(record, delta=c.delta, accountant=report.accountant, needed_by=next_round)
+
+
+def prefetch_planned_horizon(report: PrivacyReport, plan: RunPlan, first_round: int) -> None:
+    """Queue the client-level epsilons of every planned round from ``first_round`` on, each behind the rounds before.
+
+    Why all of them: a client-level history is ``[(z, q, releases)]`` whichever rounds released, so each planned
+    count is needed (the old report computed exactly these, one a round), and the first round (the simulation
+    engine's start, imports) gives the thread a head start. Record-level histories depend on who is sampled and
+    are queued one round ahead by :func:`prefetch_next_round` instead.
+    """
+    c = plan.config
+    if c.client_dp == "off" or plan.client_noise_multiplier is None:
+        return
+    q = accounting_sample_rate(sampling=c.client_sampling, fraction=c.fraction_train)
+    history = report.client_level_history()
+    for r in range(first_round, c.num_rounds + 1):
+        history = list(compact_history([*history, (plan.client_noise_multiplier, q, 1)]))
+        prefetch_epsilon([history], delta=c.delta, accountant=c.accountant, needed_by=r)

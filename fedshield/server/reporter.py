@@ -20,7 +20,7 @@ import torch
 from ..config import RunConfig
 from ..privacy.accounting import cancel_prefetch, wait_prefetched
 from ..strategies.outcomes import RoundOutcomes
-from .accounting_ahead import prefetch_next_round
+from .accounting_ahead import prefetch_next_round, prefetch_planned_horizon
 from .checkpoint import Checkpoint, capture_strategy_state, restore_strategy_state, save_checkpoint
 from .plan import RunPlan, round_settings
 from .report import PrivacyReport, RunWriter
@@ -81,6 +81,7 @@ class RunReporter:
         """The next round's time counts from now (called after the initial evaluation); the epsilons its report
         will need start computing in the background (:mod:`.accounting_ahead`)."""
         prefetch_next_round(self.report, self.plan, self.plan.done + 1)
+        prefetch_planned_horizon(self.report, self.plan, self.plan.done + 1)
         self._last = self._clock()
 
     def record_round(
