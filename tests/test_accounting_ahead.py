@@ -75,7 +75,7 @@ def _round(reporter: RunReporter, r: int, partitions: list[int], threads: list[s
 
 def test_the_report_finds_every_epsilon_computed_ahead_and_equal_to_opacus(
         tmp_path: Path, accountant_threads: list[str]) -> None:
-    config = RunConfig(num_clients=3, num_rounds=3, secagg=False, noise_multiplier=SIGMA, sample_rate=0.25,
+    config = RunConfig(num_clients=3, num_rounds=3, secagg=False, noise_multiplier=SIGMA, sample_rate=1.0,
                        local_epochs=1, client_dp="central", client_noise_multiplier=Z, client_clip_norm=1.0,
                        out=tmp_path / "run")
     reporter = RunReporter(plan_run(config), {})
@@ -91,13 +91,13 @@ def test_the_report_finds_every_epsilon_computed_ahead_and_equal_to_opacus(
         for entry in privacy["clients"].values():
             assert entry["epsilon"] == _opacus(entry["history"]) == recompute_epsilon(entry) > 0
         assert row["epsilon_max"] == max(e["epsilon"] for e in privacy["clients"].values())
-    assert privacy["clients"]["client-2"]["history"] == [[SIGMA, 0.25, 8]]  # 2 of the 3 rounds, 4 steps each
+    assert privacy["clients"]["client-2"]["history"] == [[SIGMA, 1.0, 2]]  # 2 of the 3 rounds, 1 full-batch step each
     assert "fedshield-accounting" in accountant_threads
     reporter.finish()
 
 
 def test_next_round_histories_are_one_planned_round_past_each_distinct_history(tmp_path: Path) -> None:
-    config = RunConfig(num_clients=3, num_rounds=5, secagg=False, noise_multiplier=SIGMA, sample_rate=0.25,
+    config = RunConfig(num_clients=3, num_rounds=5, secagg=False, noise_multiplier=SIGMA, sample_rate=1.0,
                        local_epochs=1, client_dp="central", client_noise_multiplier=Z, client_clip_norm=1.0,
                        out=tmp_path / "run")
     plan = plan_run(config)
@@ -105,7 +105,7 @@ def test_next_round_histories_are_one_planned_round_past_each_distinct_history(t
     reporter.report.record_client_level(1, ReleaseEvent(1, Z, 1.0, 3.0, 3.0))
     reporter.report.clients.clear()
     client, record = next_round_histories(reporter.report, plan, 2)
-    assert client == [(Z, 1.0, 2)] and record == [[(SIGMA, 0.25, 4)]]
+    assert client == [(Z, 1.0, 2)] and record == [[(SIGMA, 1.0, 1)]]
     off = RunReporter(plan_run(config.replace(dp=False, client_dp="off", client_noise_multiplier=None, client_clip_norm=None, out=tmp_path / "off")), {})
     assert next_round_histories(off.report, off.plan, 2) == ([], [])
 
