@@ -240,26 +240,65 @@ def detail_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def best(rows: list[Row]) -> dict[tuple[int, str, str, float], list[Row]]:
+    """Per (sites, partition, method, epsilon): the rows of the (q, steps, lr) with the best mean accuracy, among
+    the settings run with the most seeds (a 1-seed screening row never beats a 3-seed one). Diagnostic rows are
+    left out: they are not private at their target epsilon. Tuned on the evaluation seeds, as the grid was."""
+    groups: dict[tuple[int, str, str, float], dict[tuple[float, int, float], list[Row]]] = {}
+    for r in rows:
+        if "diagnostic" in r:
+            continue
+        key = (int(r["sites"]), str(r["partition"]), label(r), float(r["epsilon"]))
+        groups.setdefault(key, {}).setdefault((float(r["q"]), int(r["steps"]), float(r["lr"])), []).append(r)
+    out = {}
+    for key, settings in groups.items():
+        most = max(len({r["seed"] for r in g}) for g in settings.values())
+        full = [g for g in settings.values() if len({r["seed"] for r in g}) == most]
+        out[key] = max(full, key=lambda g: statistics.mean(float(r["accuracy"]) for r in g))
+    return out
+
+
+def best_table(rows: list[Row]) -> str:
+    """Mean / median accuracy of each method's best setting (``best``), with that setting and its seeds."""
+    chosen = best(rows)
+    lines = ["| sites | partition | epsilon | method | q | steps | accuracy mean / median | min-max | seeds |",
+             "|---" * 9 + "|"]
+    for (sites, partition, m, eps), g in sorted(chosen.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][3],
+                                                  ORDER.index(kv[0][2]) if kv[0][2] in ORDER else 9)):
+        accs = [float(r["accuracy"]) for r in g]
+        lines.append(f"| {sites} | {partition} | {eps:g} | {m} | {g[0]['q']:g} | {g[0]['steps']} | {_cell(accs)} | "
+                     f"{100 * min(accs):.1f}-{100 * max(accs):.1f}% | {len(g)} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[Row], path: Path) -> None:
+    """Accuracy vs epsilon, one panel per (sites, partition): each method at its best setting per epsilon
+    (``best``), the mean of the seeds with their min-max as the bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    chosen = best(rows)
+    setups = sorted({(k[0], k[1]) for k in chosen}, key=lambda s: (-s[0], s[1]))
+    fig, axes = plt.subplots(1, len(setups), figsize=(5.5 * len(setups), 4), squeeze=False)
     styles = {"central": "k-o", "distributed mh 1": "b-s", "distributed mh 0.5": "c-s", "local": "r-^"}
-    setups = sorted({(r["sites"], r["partition"]) for r in rows})
-    sites, partition = (10, "dirichlet:0.5") if (10, "dirichlet:0.5") in setups else setups[0]
-    chosen = [r for r in rows if (r["sites"], r["partition"]) == (sites, partition)]
-    for m in sorted({label(r) for r in chosen}):
-        eps = sorted({float(r["epsilon"]) for r in chosen if label(r) == m})
-        acc = [statistics.mean(float(r["accuracy"]) for r in chosen if label(r) == m and r["epsilon"] == e)
-               for e in eps]
-        ax.plot(eps, [100 * a for a in acc], styles.get(m, "g-x"), label=m)
-    ax.set_xlabel("record-level epsilon (delta 1e-5)")
-    ax.set_ylabel("server test accuracy (%), mean of seeds")
-    ax.set_title(f"digits: {sites} sites, {partition}")
-    ax.legend()
+    for ax, (sites, partition) in zip(axes[0], setups):
+        for m in [m for m in ORDER if any(k[:3] == (sites, partition, m) for k in chosen)]:
+            eps = sorted(k[3] for k in chosen if k[:3] == (sites, partition, m))
+            accs = [[100 * float(r["accuracy"]) for r in chosen[(sites, partition, m, e)]] for e in eps]
+            mean = [statistics.mean(a) for a in accs]
+            err = [[mu - min(a) for mu, a in zip(mean, accs)], [max(a) - mu for mu, a in zip(mean, accs)]]
+            seeds = sorted({len(a) for a in accs})
+            ax.errorbar(eps, mean, yerr=err, fmt=styles.get(m, "g-x"), capsize=3,
+                        label=f"{m} ({'/'.join(map(str, seeds))} seeds)")
+        ax.set_xscale("log")
+        ax.set_xticks([1, 3, 8], ["1", "3", "8"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("record-level epsilon (delta 1e-5)")
+        ax.set_ylabel("server test accuracy (%): mean, min-max of seeds")
+        ax.set_title(f"digits: {sites} sites, {partition}; best (q, epochs) per point")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -291,7 +330,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.from_json:
         rows = [row for path in args.from_json for row in _read_rows(path)]
-        print(table(rows), detail_table(rows), sep="\n\n")
+        print(table(rows), detail_table(rows), best_table(rows), sep="\n\n")
         if args.plot:
             plot(rows, args.plot)
         return

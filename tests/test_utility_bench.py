@@ -29,5 +29,7 @@ def test_utility_benchmark_runs_tabulates_and_plots(tmp_path: Path, monkeypatch:
     text = bench.table(rows)
     assert "| sites | partition | epsilon | central | distributed mh 0.5 | seeds |" in text
     assert "| 3 | iid | 8 | 85.0% / 85.0% |" in text  # mean / median of the two central seeds
+    # Each method's best setting: here one (q, steps) each; central's two seeds, with their min-max.
+    assert "| 3 | iid | 8 | central | " in bench.best_table(rows) and "80.0-90.0% | 2 |" in bench.best_table(rows)
     bench.plot(rows, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000

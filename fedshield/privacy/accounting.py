@@ -8,18 +8,31 @@ accountants); RDP is offered as a looser, widely known cross-check; GDP is refus
 
 from __future__ import annotations
 
+import itertools
 import math
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from functools import lru_cache
+from queue import Empty, PriorityQueue
 
 from ..config import ACCOUNTANTS
 from ..errors import ConfigError, PrivacyError
 
-__all__ = ["HistoryEntry", "compact_history", "epsilon", "calibrate_noise_multiplier"]
+__all__ = ["HistoryEntry", "compact_history", "epsilon", "calibrate_noise_multiplier", "prefetch_epsilon",
+           "cancel_prefetch", "wait_prefetched"]
 
 HistoryEntry = tuple[float, float, int]
+_Key = tuple[tuple[HistoryEntry, ...], float, str]
+
+#: Held by whoever runs an accountant: the computation sets process-wide state (the BLAS thread count, warning
+#: filters), which two threads must not enter and leave interleaved.
+_ACCOUNTANT_LOCK = threading.RLock()
+#: Epsilons being computed now, by history: a second caller waits for the first instead of computing it again.
+_flights: dict[_Key, Future[float]] = {}
+_flights_lock = threading.Lock()
 
 
 def compact_history(history: Iterable[Sequence[float]]) -> tuple[HistoryEntry, ...]:
@@ -37,10 +50,100 @@ def compact_history(history: Iterable[Sequence[float]]) -> tuple[HistoryEntry, .
 
 def epsilon(history: Iterable[Sequence[float]], *, delta: float, accountant: str = "prv") -> float:
     """Epsilon spent by ``history`` at ``delta``. Empty history: 0. Any step without noise: infinity."""
+    return _single_flight(_key(history, delta, accountant))
+
+
+def prefetch_epsilon(
+    histories: Iterable[Iterable[Sequence[float]]], *, delta: float, accountant: str = "prv", needed_by: int = 0
+) -> None:
+    """Start computing the epsilons of ``histories`` on a background thread; return at once.
+
+    ``needed_by`` orders the work: lower first (a run passes the round whose report needs the history), then in
+    the order handed over.
+
+    Why: a run knows after round r which histories round r + 1 can produce (one more identical entry), so their
+    epsilons are computed while round r + 1 trains, and :func:`epsilon` then finds them done (or waits for the
+    one in progress instead of computing it twice). Nothing changes in the values: both paths run the same
+    cached function on the same compacted history. A failure here is not reported: :func:`epsilon` raises it.
+    """
+    global _worker
+    keys = [_key(h, delta, accountant) for h in histories]
+    with _flights_lock:
+        if _worker is None or not _worker.is_alive():
+            _worker = threading.Thread(target=_prefetch_loop, name="fedshield-accounting", daemon=True)
+            _worker.start()
+    with _idle:
+        _outstanding[0] += len(keys)
+        for key in keys:
+            _queue.put((needed_by, next(_order), key))
+
+
+def cancel_prefetch() -> None:
+    """Drop prefetches not yet started (the one in progress finishes; its result is cached)."""
+    while True:
+        try:
+            _queue.get_nowait()
+        except Empty:
+            return
+        _done_one()
+
+
+def wait_prefetched(timeout: float) -> bool:
+    """Block until every prefetch handed over so far is computed (True), or ``timeout`` seconds pass (False)."""
+    with _idle:
+        return _idle.wait_for(lambda: _outstanding[0] == 0, timeout=timeout)
+
+
+_queue: PriorityQueue[tuple[int, int, _Key]] = PriorityQueue()
+_order = itertools.count()
+_worker: threading.Thread | None = None
+_idle = threading.Condition()
+_outstanding = [0]  # prefetches queued or in progress
+
+
+def _done_one() -> None:
+    with _idle:
+        _outstanding[0] -= 1
+        _idle.notify_all()
+
+
+def _prefetch_loop() -> None:
+    while True:
+        _, _, key = _queue.get()
+        try:
+            _single_flight(key)
+        except Exception:  # noqa: BLE001 - raised again, in the caller's thread, by epsilon()
+            pass
+        finally:
+            _done_one()
+
+
+def _key(history: Iterable[Sequence[float]], delta: float, accountant: str) -> _Key:
     _check_accountant(accountant)
     if not (0 < delta < 1):
         raise ConfigError(f"delta must be in (0, 1), got {delta}")
-    return _epsilon_cached(compact_history(history), float(delta), accountant)
+    return compact_history(history), float(delta), accountant
+
+
+def _single_flight(key: _Key) -> float:
+    """``_epsilon_cached(*key)``, computed by one thread at a time per key; others wait for its result."""
+    with _flights_lock:
+        flight = _flights.get(key)
+        owner = flight is None
+        if flight is None:
+            flight = _flights[key] = Future()
+    if not owner:
+        return flight.result()
+    try:
+        value = _epsilon_cached(*key)
+    except BaseException as exc:
+        flight.set_exception(exc)
+        raise
+    finally:
+        with _flights_lock:
+            _flights.pop(key, None)
+    flight.set_result(value)
+    return value
 
 
 @lru_cache(maxsize=4096)
@@ -53,7 +156,7 @@ def _epsilon_cached(history: tuple[HistoryEntry, ...], delta: float, accountant:
 
     acc = create_accountant(mechanism=accountant)
     acc.history = [tuple(entry) for entry in history]
-    with _single_threaded_blas(), _quiet_prv_domain(accountant):
+    with _ACCOUNTANT_LOCK, _single_threaded_blas(), _quiet_prv_domain(accountant, _unamplified(history)):
         value = float(acc.get_epsilon(delta=delta))
     if math.isnan(value):
         raise PrivacyError(f"{accountant} accountant returned NaN for history {history}; refusing to report it")
@@ -75,7 +178,7 @@ def calibrate_noise_multiplier(
         raise ConfigError(f"steps must be >= 1, got {steps}")
     from opacus.accountants.utils import get_noise_multiplier
 
-    with _single_threaded_blas(), _quiet_prv_domain(accountant):
+    with _ACCOUNTANT_LOCK, _single_threaded_blas(), _quiet_prv_domain(accountant, sample_rate >= 1):
         sigma = float(
             get_noise_multiplier(
                 target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
@@ -105,17 +208,27 @@ def _single_threaded_blas() -> Iterator[None]:
         yield
 
 
+def _unamplified(history: Sequence[HistoryEntry]) -> bool:
+    return any(q >= 1 for _, q, _ in history)
+
+
 @contextmanager
-def _quiet_prv_domain(accountant: str) -> Iterator[None]:
+def _quiet_prv_domain(accountant: str, unamplified: bool = False) -> Iterator[None]:
     """The PRV accountant sizes its mesh with an RDP bound, and Opacus warns when that bound's best order is the
     last alpha. Under PRV the reported epsilon does not come from that bound, so the warning says nothing about it;
-    under the RDP accountant it does (a tighter bound exists), so it is left to show there."""
-    if accountant != "prv":
-        yield
-        return
+    under the RDP accountant it does (a tighter bound exists), so it is left to show there.
+
+    ``unamplified`` (a sample rate of 1: client-level DP under fixed-size sampling): Opacus takes ``log(1 - q)``,
+    which is -inf at q = 1 and warns although the result is right, and RDP's best order is then the largest alpha
+    by construction; both warnings are silenced. Only ever entered under ``_ACCOUNTANT_LOCK``: warning filters are
+    process-wide, and two threads leaving such blocks out of order would leave the wrong filters behind."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha",
-                                category=UserWarning, module=r"opacus\.accountants\.analysis\.rdp")
+        if accountant == "prv":
+            warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha",
+                                    category=UserWarning, module=r"opacus\.accountants\.analysis\.rdp")
+        if unamplified:
+            warnings.filterwarnings("ignore", message="divide by zero encountered in log", category=RuntimeWarning)
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
         yield
 
 

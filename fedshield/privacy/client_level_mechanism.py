@@ -24,7 +24,6 @@ discrete Gaussian would close them).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -203,9 +202,9 @@ def check_shares_fit(*, clipping_range: float, clip_norm: float, noise_multiplie
 
 
 def client_level_epsilon(history: Iterable[Sequence[float]], *, delta: float, accountant: str = "prv") -> float:
-    """Epsilon of the client-level history ``[(z, q, rounds), ...]``; q = 1 is the unamplified Gaussian."""
-    with _quiet_q1():
-        return epsilon(compact_history(history), delta=delta, accountant=accountant)
+    """Epsilon of the client-level history ``[(z, q, rounds), ...]``; q = 1 is the unamplified Gaussian (the
+    accountant silences Opacus' harmless warnings about q = 1 itself, under its lock)."""
+    return epsilon(compact_history(history), delta=delta, accountant=accountant)
 
 
 def calibrate_client_noise(
@@ -215,22 +214,11 @@ def calibrate_client_noise(
 
     Calibrate once for the planned run: that horizon is what the guarantee is stated for.
     """
-    with _quiet_q1():
-        return calibrate_noise_multiplier(
-            target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=rounds, accountant=accountant
-        )
+    return calibrate_noise_multiplier(
+        target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=rounds, accountant=accountant
+    )
 
 
 def _check_positive(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
         raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-class _quiet_q1(warnings.catch_warnings):
-    """Opacus' PRV code takes ``log(1 - q)``, which is -inf at q = 1 (no subsampling) and warns although the
-    result is right; silence exactly those warnings."""
-
-    def __enter__(self) -> None:  # type: ignore[override]
-        super().__enter__()
-        warnings.filterwarnings("ignore", message="divide by zero encountered in log", category=RuntimeWarning)
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)

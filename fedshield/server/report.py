@@ -357,8 +357,9 @@ class RunWriter:
         text = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in self.rounds)
         atomic_write_text(self.out / "metrics.jsonl", text)
 
-    def write_privacy(self, report: PrivacyReport) -> None:
-        atomic_write_json(self.out / "privacy.json", report.to_json())
+    def write_privacy(self, report: PrivacyReport | dict[str, Any]) -> None:
+        """``report``: the report, or its ``to_json()`` when the caller already built it (built once a round)."""
+        atomic_write_json(self.out / "privacy.json", report if isinstance(report, dict) else report.to_json())
 
     def write_model(self, state_dict: dict[str, Any], metadata: dict[str, str]) -> None:
         from safetensors.torch import save

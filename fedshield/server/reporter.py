@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
+from ..privacy.accounting import cancel_prefetch, wait_prefetched
 from ..strategies.outcomes import RoundOutcomes
+from .accounting_ahead import prefetch_next_round, prefetch_planned_horizon
 from .checkpoint import Checkpoint, capture_strategy_state, restore_strategy_state, save_checkpoint
 from .plan import RunPlan, round_settings
 from .report import PrivacyReport, RunWriter
@@ -76,7 +78,10 @@ class RunReporter:
         self.summary.rounds = list(ckpt.rounds)
 
     def start_round(self) -> None:
-        """The next round's time counts from now (called after the initial evaluation)."""
+        """The next round's time counts from now (called after the initial evaluation); the epsilons its report
+        will need start computing in the background (:mod:`.accounting_ahead`)."""
+        prefetch_next_round(self.report, self.plan, self.plan.done + 1)
+        prefetch_planned_horizon(self.report, self.plan, self.plan.done + 1)
         self._last = self._clock()
 
     def record_round(
@@ -97,7 +102,8 @@ class RunReporter:
         meta = {"round": str(server_round), "task": self.plan.config.task, "run_id": self.plan.run_id}
         self.writer.write_model(state, meta)
         self.summary.privacy = self.report.to_json()
-        self.writer.write_privacy(self.report)
+        self.writer.write_privacy(self.summary.privacy)
+        prefetch_next_round(self.report, self.plan, server_round + 1)
         for r in outcomes.replies:
             if not r.ok:
                 log.warning("round %d: client %s did not contribute: %s", server_round, r.node_id, r.error)
@@ -105,7 +111,10 @@ class RunReporter:
         return RoundRecord(server_round, self.plan.config.num_rounds, row, eps)
 
     def finish(self) -> RunSummary:
-        """Draw the plots; the run's summary."""
+        """Draw the plots; the run's summary. A speculative epsilon still computing (a history no client reached)
+        is let finish first, so the process never exits under a thread that is inside NumPy."""
+        cancel_prefetch()
+        wait_prefetched(timeout=60.0)
         self.writer.write_plots()
         return self.summary
 
