@@ -46,17 +46,19 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _proc_cpu import CpuSampler
 
 from fedshield.deploy.site import ClientOptions, FedshieldClient, start_client
 from fedshield.config import RunConfig
 from fedshield.crypto import init_keys
 from fedshield.deploy import free_port, run_app
 from fedshield.deploy.coordinator import FedshieldServer, ServerOptions, start_server
+from fedshield.privacy.ledger import LEDGER_FILE
 
 ECHO_APP = Path(__file__).resolve().parents[1] / "tests" / "apps" / "echo_app"
 
@@ -67,6 +69,12 @@ class Measured:
     rounds: list[float]
     processes: int
     lifetimes: list[float]
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU-s of the whole run (submit to finish) by process kind
+
+    @property
+    def cpu_per_round(self) -> float:
+        """Every process's CPU for the whole run (start-up and finish included), divided by the rounds."""
+        return sum(self.cpu.values()) / len(self.rounds)
 
     @property
     def steady(self) -> float:
@@ -166,24 +174,37 @@ def client_work(data: Path, config: RunConfig, seconds: list[float]) -> None:
                 seconds.append(time.perf_counter() - start)
 
 
-def run_fedshield(server: FedshieldServer, watcher: ClientAppWatcher, label: str, config: RunConfig) -> Measured:
-    with watcher.watching():
+def fresh_ledgers(states: list[Path]) -> None:
+    """Each run starts on fresh site ledgers, as a new deployment would. A site's ledger spans runs and the
+    server's target epsilon caps it, so on one ledger every run after the first was refused ("budget-exhausted")
+    and trained nothing: the rows of 2026-12-03 10:15 timed SecAgg+ and "no fed. eval" rounds without training."""
+    for state in states:
+        (state / LEDGER_FILE).unlink(missing_ok=True)
+
+
+def run_fedshield(server: FedshieldServer, watcher: ClientAppWatcher, label: str, config: RunConfig,
+                  states: list[Path]) -> Measured:
+    fresh_ledgers(states)
+    with watcher.watching(), CpuSampler().measure() as cpu:
         run_id = server.submit(config)
         result = server.follow(run_id, config, status_every_s=5.0, timeout=1800)
     if not result.completed:
         raise RuntimeError(f"{label}: {result.status} {result.details}\n{result.log[-2000:]}")
     rows = [json.loads(x) for x in (config.out / "metrics.jsonl").read_text().splitlines()]
-    return Measured(label, [r["round_time_s"] for r in rows], watcher.started, watcher.lifetimes())
+    idle = [(r["round"], r["clients_trained"]) for r in rows if r["clients_trained"] != config.num_clients]
+    if idle:  # a round whose sites refused or failed is not the round this benchmark times
+        raise RuntimeError(f"{label}: (round, sites that trained) {idle} of {config.num_clients} sites")
+    return Measured(label, [r["round_time_s"] for r in rows], watcher.started, watcher.lifetimes(), cpu)
 
 
 def run_echo(server: FedshieldServer, watcher: ClientAppWatcher, rounds: int, out: Path) -> Measured:
-    with watcher.watching():
+    with watcher.watching(), CpuSampler().measure() as cpu:
         result = run_app(ECHO_APP, server.superlink.connection, run_config={"num-rounds": rounds,
                                                                             "out-file": str(out)}, timeout=1800)
     if not result.completed:
         raise RuntimeError(f"echo: {result.status} {result.details}")
     seconds = json.loads(out.read_text())["seconds"]
-    return Measured("echo (stock Flower)", [seconds / rounds] * rounds, watcher.started, watcher.lifetimes())
+    return Measured("echo (stock Flower)", [seconds / rounds] * rounds, watcher.started, watcher.lifetimes(), cpu)
 
 
 def bench(n: int, rounds: int, root: Path, *, worker: bool = True) -> tuple[list[Measured], float]:
@@ -199,19 +220,20 @@ def bench(n: int, rounds: int, root: Path, *, worker: bool = True) -> tuple[list
                 server=server.superlink.fleet_address, data=data, state_dir=root / f"state-{i}",
                 ca_cert=keys.ca_cert, node_key=keys.node(f"node-{i}").private_key_path, allow_plain_updates=True,
                 roster=keys.authorized_nodes, warm_worker=worker,
-                # Several eps-8 runs on one ledger, and the stock echo app (its ClientApp ships in its bundle) on
-                # the same SuperNodes: a benchmark's sites, not a deployment's.
+                # The stock echo app (its ClientApp ships in its bundle) on the same SuperNodes, and a fresh ledger
+                # for every run (fresh_ledgers): a benchmark's sites, not a deployment's.
                 max_epsilon=1000.0, site_code_only=False)))
         watcher = ClientAppWatcher(clients)
         base = RunConfig(num_clients=n, num_rounds=rounds, epsilon=8.0)
         work: list[float] = []
         client_work(sites[0], base, work)
+        states = [root / f"state-{i}" for i in range(1, n + 1)]
         results = [
             run_echo(server, watcher, rounds, root / "echo.json"),
-            run_fedshield(server, watcher, "fedshield plain", base.replace(secagg=False, out=root / "plain")),
-            run_fedshield(server, watcher, "fedshield SecAgg+", base.replace(secagg=True, out=root / "secagg")),
+            run_fedshield(server, watcher, "fedshield plain", base.replace(secagg=False, out=root / "plain"), states),
+            run_fedshield(server, watcher, "fedshield SecAgg+", base.replace(secagg=True, out=root / "secagg"), states),
             run_fedshield(server, watcher, "fedshield plain, no fed. eval",
-                          base.replace(secagg=False, fraction_evaluate=0.0, out=root / "plain-no-eval")),
+                          base.replace(secagg=False, fraction_evaluate=0.0, out=root / "plain-no-eval"), states),
         ]
         return results, statistics.median(work)
     finally:
@@ -248,7 +270,10 @@ def print_results(n: int, label: str, results: list[Measured], work: float, roun
         life = statistics.median(m.lifetimes) if m.lifetimes else float("nan")
         own = 0.0 if m.label.startswith("echo") else work
         print(f"{n:>7} {label + m.label:<36} {m.rounds[0]:>9.1f} {m.steady:>8.1f} {m.steady / echo:>7.1f} "
-              f"{m.processes / rounds:>14.1f} {life:>16.1f} {own:>7.2f} {m.steady - own:>10.1f}", flush=True)
+              f"{m.processes / rounds:>14.1f} {life:>16.1f} {own:>7.2f} {m.steady - own:>10.1f} "
+              f"{m.cpu_per_round:>9.1f}", flush=True)
+        top = sorted(m.cpu.items(), key=lambda kv: -kv[1])[:6]
+        print(f"{'':>9}CPU-s per run: " + ", ".join(f"{k} {v:.1f}" for k, v in top), flush=True)
 
 
 def main() -> None:
@@ -276,7 +301,7 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs; digits CNN, DP-SGD eps 8 (q=0.5, 2 local epochs), TLS + node auth, loopback; "
           f"warm worker {'OFF' if args.no_worker else 'on'}; polling {'Flower 1.39' if args.flower_polling else 'fedshield'}")
     header = (f"{'clients':>7} {'run':<36} {'round 1 s':>9} {'later s':>8} {'x echo':>7} {'clientapps/rnd':>14} "
-              f"{'clientapp life s':>16} {'work s':>7} {'overhead s':>10}")
+              f"{'clientapp life s':>16} {'work s':>7} {'overhead s':>10} {'CPU s/rnd':>9}")
     print(header)
     rows: list[dict[str, Any]] = []
     for n in args.clients:

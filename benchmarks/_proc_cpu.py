@@ -1,0 +1,93 @@
+"""CPU seconds used by this process and every process it started, for the deployment benchmarks.
+
+Round times on a shared 2-core machine mostly measure the neighbours; CPU seconds measure what a round costs.
+A sampler thread reads ``/proc`` every ``interval`` s and keeps, per process of this process tree, its own CPU time
+(``utime + stime``) and the CPU time of its children already reaped (``cutime + cstime``): a short-lived process
+(a ``flwr-clientapp``, a ``flwr list``) is counted once its parent reaps it, even if no sample saw it alive.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["CpuSampler"]
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+#: Command-line fragments that name a process's kind, first match wins.
+KINDS = ("superlink_main", "supernode_main", "flower-superexec", "flwr-serverapp", "flwr-clientapp", "bin/flwr ")
+
+
+def _kind(cmdline: str) -> str:
+    return next((k.removeprefix("bin/").strip() for k in KINDS if k in cmdline), "other")
+
+
+class CpuSampler:
+    """``with sampler.measure() as got: ...`` then ``got`` maps process kind -> CPU seconds spent inside."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self._times: dict[int, tuple[float, float]] = {}
+        self._kinds: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def _scan(self) -> None:
+        me, parents, stats = os.getpid(), {}, {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                pid = int(entry.name)
+                parents[pid] = int(fields[1])
+                stats[pid] = ((int(fields[11]) + int(fields[12])) / _TICKS, (int(fields[13]) + int(fields[14])) / _TICKS)
+                if pid not in self._kinds:
+                    cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    self._kinds[pid] = "benchmark process" if pid == me else _kind(cmd)
+            except (OSError, IndexError, ValueError):
+                continue
+        children: dict[int, list[int]] = {}
+        for pid, parent in parents.items():
+            children.setdefault(parent, []).append(pid)
+        todo, tree = [me], set()
+        while todo:
+            pid = todo.pop()
+            tree.add(pid)
+            todo += children.get(pid, [])
+        with self._lock:
+            for pid in tree:
+                if pid in stats:
+                    self._times[pid] = stats[pid]
+
+    def _snapshot(self) -> dict[int, tuple[float, float]]:
+        self._scan()
+        with self._lock:
+            return dict(self._times)
+
+    @contextmanager
+    def measure(self) -> Iterator[dict[str, float]]:
+        got: dict[str, float] = {}
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(self.interval):
+                self._scan()
+
+        before = self._snapshot()
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        try:
+            yield got
+        finally:
+            stop.set()
+            thread.join()
+            for pid, (own, reaped) in self._snapshot().items():
+                own0, reaped0 = before.get(pid, (0.0, 0.0))
+                kind = self._kinds.get(pid, "other")
+                got[kind] = got.get(kind, 0.0) + own - own0
+                if reaped > reaped0:  # exited children: counted under their parent's kind
+                    got[f"reaped by {kind}"] = got.get(f"reaped by {kind}", 0.0) + reaped - reaped0
