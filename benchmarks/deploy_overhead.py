@@ -26,8 +26,13 @@ poll intervals, no warm worker: ``--flower-polling --no-worker``), so fedshield 
 the same invocation.
 
 ``--before`` (for every N, or for those listed) also runs the same four on a second set of processes as fedshield
-ran them before ClientApps were forked from the pre-imported zygote by default (cold ClientApps, every SuperNode
-wait capped at the 0.5 s poll, Flower's 1-10 s object-pull backoff), so before and after come from one invocation.
+ran them before the CPU cuts of 2026-12-03 (commit f22ea59: a ``flwr list`` process per status check, every
+SuperExec polling for tasks every 0.1 s), so before and after come from one invocation.
+
+Every fedshield run starts on fresh site ledgers and must train on every site in every round (else it fails):
+see :func:`fresh_ledgers`. ``CPU s/rnd`` is the CPU time of every process of the deployment (and of this one, where
+the sites' warm workers train) from submit to finish, divided by the rounds: on a shared machine it measures what
+a round costs, where wall time also measures the neighbours.
 
 ``--json OUT`` writes rows ``{name, ours, baseline, unit, ratio, detail}``: each fedshield run's median round time
 (rounds 2..R) against the echo app's, measured on the same processes; with ``--stock``, also each fedshield run's
@@ -42,7 +47,6 @@ import logging
 import os
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _proc_cpu import CpuSampler
+from _deploy_procs import ClientAppWatcher, CpuSampler
 
 from fedshield.deploy.site import ClientOptions, FedshieldClient, start_client
 from fedshield.config import RunConfig
@@ -81,57 +85,6 @@ class Measured:
         """Median round time after the first (which also pays for the ServerApp's first imports)."""
         later = self.rounds[1:] or self.rounds
         return statistics.median(later)
-
-
-class ClientAppWatcher:
-    """Counts the ClientApp processes the SuperNodes start (from their logs) and times them (from /proc)."""
-
-    def __init__(self, clients: list[FedshieldClient]) -> None:
-        self.clients, self.seen, self._stop = clients, {}, threading.Event()
-        self.started = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            now = time.monotonic()
-            for pid in _clientapps():  # one /proc scan per tick, so short-lived processes are not missed
-                first, _ = self.seen.get(pid, (now, now))
-                self.seen[pid] = (first, now)
-            time.sleep(0.05)
-
-    @contextmanager
-    def watching(self) -> Iterator[ClientAppWatcher]:
-        self.seen, self._stop = {}, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        before = _clientapp_starts(self.clients)
-        self._thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            self._thread.join()
-            self.started = _clientapp_starts(self.clients) - before
-
-    def lifetimes(self) -> list[float]:
-        return [last - first for first, last in self.seen.values()]
-
-
-def _clientapps() -> list[int]:
-    """Every live ``flwr-clientapp`` process on this machine (the benchmark runs the only SuperNodes)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if b"flwr-clientapp" in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def _clientapp_starts(clients: list[FedshieldClient]) -> int:
-    """Exact count of ClientApp processes the SuperNodes started so far, from their logs."""
-    return sum(c.supernode.process.log_text().count("Start `flwr-clientapp` process") for c in clients)
 
 
 def write_sites(root: Path, n: int) -> list[Path]:
@@ -245,8 +198,28 @@ def bench(n: int, rounds: int, root: Path, *, worker: bool = True) -> tuple[list
 #: Flower 1.39's own poll intervals (SuperNode idle 3 s, SuperExec 1 s), read by every SuperNode and SuperExec.
 STOCK_ENV = {"FEDSHIELD_SUPERNODE_POLL_S": "3", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0",
              "FEDSHIELD_SUPERNODE_QUICK": "0", "FEDSHIELD_CLIENTAPP_ZYGOTE_ON": "0"}
-#: fedshield's SuperNodes as they ran before the zygote became the default (read by fedshield.deploy.supernode_main).
-BEFORE_ENV = {"FEDSHIELD_SUPERNODE_QUICK": "0", "FEDSHIELD_CLIENTAPP_ZYGOTE_ON": "0"}
+#: fedshield before commit f22ea59's successor: every SuperExec (SuperLink's and SuperNodes') polls every 0.1 s.
+BEFORE_ENV = {"FEDSHIELD_SUPEREXEC_WAKE": "0", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+
+
+@contextmanager
+def status_through_flwr_list() -> Iterator[None]:
+    """The coordinator checks a run's status with a ``flwr list`` process, as before (f22ea59)."""
+    from fedshield.deploy import coordinator
+    from fedshield.deploy.flwr_run import _listed_run
+
+    def cli_status(connection: Any, run_id: int) -> dict[str, Any]:
+        found = _listed_run(connection.run_json(["list", connection.name, "--run-id", str(run_id)]), run_id)
+        if found is None:
+            raise RuntimeError(f"no run {run_id}")
+        return found
+
+    saved = coordinator.run_status
+    coordinator.run_status = cli_status  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        coordinator.run_status = saved
 
 
 @contextmanager
@@ -283,9 +256,9 @@ def main() -> None:
     parser.add_argument("--no-worker", action="store_true",
                         help="train inside each flwr-clientapp process (what the warm worker saves)")
     parser.add_argument("--before", type=int, nargs="*", metavar="N",
-                        help="also run everything as fedshield ran it before the zygote became the default (cold "
-                             "ClientApps, every SuperNode wait capped at the poll interval, Flower's object-pull "
-                             "backoff) and compare: for every --clients value, or only for the N given")
+                        help="also run everything as fedshield ran it before the CPU cuts (a flwr list process per "
+                             "status check, SuperExecs polling every 0.1 s) and compare: for every --clients value, "
+                             "or only for the N given")
     parser.add_argument("--flower-polling", action="store_true",
                         help="Flower 1.39's own poll intervals (SuperNode idle 3 s, SuperExec 1 s): stock Flower")
     parser.add_argument("--stock", type=int, nargs="*", metavar="N",
@@ -311,7 +284,7 @@ def main() -> None:
             print_results(n, "", results, work, args.rounds)
             rows += json_rows(n, results, work, args)
             if args.before is not None and (not args.before or n in args.before):
-                with environment(BEFORE_ENV):
+                with environment(BEFORE_ENV), status_through_flwr_list():
                     before, before_work = bench(n, args.rounds, Path(tmp) / "before", worker=not args.no_worker)
                 print_results(n, "before: ", before, before_work, args.rounds)
                 rows += compare_rows(n, results, work, before, before_work, BEFORE_NOTE, "before this change")
@@ -350,7 +323,7 @@ def json_rows(n: int, results: list[Measured], work: float, args: argparse.Names
 STOCK_NOTE = ("median of rounds 2..R; baseline: the same app with Flower's own polling and no warm worker, on its "
               "own processes, in the same invocation")
 BEFORE_NOTE = ("median of rounds 2..R; baseline: the same app on its own processes in the same invocation, as fedshield "
-               "ran it before (cold ClientApps, SuperNode waits capped at 0.5 s, Flower's 1-10 s object-pull backoff)")
+               "ran it before (f22ea59: a flwr list process per status check, SuperExecs polling every 0.1 s)")
 
 
 def compare_rows(n: int, ours: list[Measured], work: float, base: list[Measured], base_work: float, note: str,
@@ -363,6 +336,11 @@ def compare_rows(n: int, ours: list[Measured], work: float, base: list[Measured]
         rows.append({
             "name": f"{m.label} round time vs {against}, {n} clients", "ours": m.steady, "baseline": s.steady,
             "unit": "s/round", "ratio": m.steady / s.steady, "detail": {**detail, "note": note}})
+        rows.append({
+            "name": f"{m.label} CPU per round vs {against}, {n} clients", "ours": m.cpu_per_round,
+            "baseline": s.cpu_per_round, "unit": "CPU-s/round", "ratio": m.cpu_per_round / s.cpu_per_round,
+            "detail": {**detail, "note": "every process's CPU from submit to finish / rounds", "ours_cpu": m.cpu,
+                       "baseline_cpu": s.cpu}})
         over, base_over = max(m.steady - work, 1e-9), max(s.steady - base_work, 1e-9)
         rows.append({
             "name": f"{m.label} overhead outside training vs {against}, {n} clients", "ours": over,

@@ -42,6 +42,7 @@ __all__ = ["ServerTls", "StoredNode", "SuperLink", "SuperLinkConfig", "start_sup
 Isolation = Literal["subprocess", "process"]
 _ALREADY_REGISTERED = ALREADY_REGISTERED
 _POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+_REGISTER_TIMEOUT_S = 240.0
 #: Seconds between the SuperLink's SuperExec's checks for a ServerApp to start (an operator's own value wins).
 SUPERLINK_SUPEREXEC_POLL_S = "0.5"
 
@@ -166,7 +167,9 @@ class SuperLink:
         """
         key_file = _public_key_file(self.config.run_dir, public_key, name)
         args = ["supernode", "register", str(key_file), self.connection.name, "--name", name]
-        reply, error = self.connection.try_json(args)
+        # A `flwr` process imports Flower's CLI (~1.5 s of CPU); the coordinator runs several at once, and on a
+        # loaded 2-core machine (load 25) 10 sites' registrations outlasted the usual 60 s.
+        reply, error = self.connection.try_json(args, timeout=_REGISTER_TIMEOUT_S)
         if reply is not None:
             return int(reply["node-id"])
         if _ALREADY_REGISTERED in error:
