@@ -92,14 +92,14 @@ class CpuSampler:
             stop.set()
             thread.join()
             after = self._snapshot()
-            # A reaped child's whole CPU lands in its parent's cutime; the part a sample already counted (its last
-            # own + reaped figures, less what it had before the window) must not be counted twice.
+            # A reaped child's whole lifetime CPU lands in its parent's cutime. What a sample saw of it (its last own
+            # + reaped figures: counted in this window, or before the window for a process started earlier, e.g.
+            # the previous run's ServerApp) must not be counted again; only its unsampled last moments are new.
             seen: dict[int, float] = {}
             for pid, (own, reaped) in after.items():
                 if pid not in self._alive and pid in self._parents:
-                    own0, reaped0 = before.get(pid, (0.0, 0.0))
                     parent = self._parents[pid]
-                    seen[parent] = seen.get(parent, 0.0) + (own + reaped) - (own0 + reaped0)
+                    seen[parent] = seen.get(parent, 0.0) + own + reaped
             for pid, (own, reaped) in after.items():
                 own0, reaped0 = before.get(pid, (0.0, 0.0))
                 kind = self._kinds.get(pid, "other")
