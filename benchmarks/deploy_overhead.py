@@ -26,8 +26,13 @@ poll intervals, no warm worker: ``--flower-polling --no-worker``), so fedshield 
 the same invocation.
 
 ``--before`` (for every N, or for those listed) also runs the same four on a second set of processes as fedshield
-ran them before ClientApps were forked from the pre-imported zygote by default (cold ClientApps, every SuperNode
-wait capped at the 0.5 s poll, Flower's 1-10 s object-pull backoff), so before and after come from one invocation.
+ran them before the CPU cuts of 2026-12-03 (commit f22ea59: a ``flwr list`` process per status check, every
+SuperExec polling for tasks every 0.1 s), so before and after come from one invocation.
+
+Every fedshield run starts on fresh site ledgers and must train on every site in every round (else it fails):
+see :func:`fresh_ledgers`. ``CPU s/rnd`` is the CPU time of every process of the deployment (and of this one, where
+the sites' warm workers train) from submit to finish, divided by the rounds: on a shared machine it measures what
+a round costs, where wall time also measures the neighbours.
 
 ``--json OUT`` writes rows ``{name, ours, baseline, unit, ratio, detail}``: each fedshield run's median round time
 (rounds 2..R) against the echo app's, measured on the same processes; with ``--stock``, also each fedshield run's
@@ -42,21 +47,22 @@ import logging
 import os
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _deploy_procs import ClientAppWatcher, CpuSampler
 
 from fedshield.deploy.site import ClientOptions, FedshieldClient, start_client
 from fedshield.config import RunConfig
 from fedshield.crypto import init_keys
 from fedshield.deploy import free_port, run_app
 from fedshield.deploy.coordinator import FedshieldServer, ServerOptions, start_server
+from fedshield.privacy.ledger import LEDGER_FILE
 
 ECHO_APP = Path(__file__).resolve().parents[1] / "tests" / "apps" / "echo_app"
 
@@ -67,63 +73,18 @@ class Measured:
     rounds: list[float]
     processes: int
     lifetimes: list[float]
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU-s of the whole run (submit to finish) by process kind
+
+    @property
+    def cpu_per_round(self) -> float:
+        """Every process's CPU for the whole run (start-up and finish included), divided by the rounds."""
+        return sum(self.cpu.values()) / len(self.rounds)
 
     @property
     def steady(self) -> float:
         """Median round time after the first (which also pays for the ServerApp's first imports)."""
         later = self.rounds[1:] or self.rounds
         return statistics.median(later)
-
-
-class ClientAppWatcher:
-    """Counts the ClientApp processes the SuperNodes start (from their logs) and times them (from /proc)."""
-
-    def __init__(self, clients: list[FedshieldClient]) -> None:
-        self.clients, self.seen, self._stop = clients, {}, threading.Event()
-        self.started = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            now = time.monotonic()
-            for pid in _clientapps():  # one /proc scan per tick, so short-lived processes are not missed
-                first, _ = self.seen.get(pid, (now, now))
-                self.seen[pid] = (first, now)
-            time.sleep(0.05)
-
-    @contextmanager
-    def watching(self) -> Iterator[ClientAppWatcher]:
-        self.seen, self._stop = {}, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        before = _clientapp_starts(self.clients)
-        self._thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            self._thread.join()
-            self.started = _clientapp_starts(self.clients) - before
-
-    def lifetimes(self) -> list[float]:
-        return [last - first for first, last in self.seen.values()]
-
-
-def _clientapps() -> list[int]:
-    """Every live ``flwr-clientapp`` process on this machine (the benchmark runs the only SuperNodes)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if b"flwr-clientapp" in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def _clientapp_starts(clients: list[FedshieldClient]) -> int:
-    """Exact count of ClientApp processes the SuperNodes started so far, from their logs."""
-    return sum(c.supernode.process.log_text().count("Start `flwr-clientapp` process") for c in clients)
 
 
 def write_sites(root: Path, n: int) -> list[Path]:
@@ -166,24 +127,37 @@ def client_work(data: Path, config: RunConfig, seconds: list[float]) -> None:
                 seconds.append(time.perf_counter() - start)
 
 
-def run_fedshield(server: FedshieldServer, watcher: ClientAppWatcher, label: str, config: RunConfig) -> Measured:
-    with watcher.watching():
+def fresh_ledgers(states: list[Path]) -> None:
+    """Each run starts on fresh site ledgers, as a new deployment would. A site's ledger spans runs and the
+    server's target epsilon caps it, so on one ledger every run after the first was refused ("budget-exhausted")
+    and trained nothing: the rows of 2026-12-03 10:15 timed SecAgg+ and "no fed. eval" rounds without training."""
+    for state in states:
+        (state / LEDGER_FILE).unlink(missing_ok=True)
+
+
+def run_fedshield(server: FedshieldServer, watcher: ClientAppWatcher, label: str, config: RunConfig,
+                  states: list[Path]) -> Measured:
+    fresh_ledgers(states)
+    with watcher.watching(), CpuSampler().measure() as cpu:
         run_id = server.submit(config)
         result = server.follow(run_id, config, status_every_s=5.0, timeout=1800)
     if not result.completed:
         raise RuntimeError(f"{label}: {result.status} {result.details}\n{result.log[-2000:]}")
     rows = [json.loads(x) for x in (config.out / "metrics.jsonl").read_text().splitlines()]
-    return Measured(label, [r["round_time_s"] for r in rows], watcher.started, watcher.lifetimes())
+    idle = [(r["round"], r["clients_trained"]) for r in rows if r["clients_trained"] != config.num_clients]
+    if idle:  # a round whose sites refused or failed is not the round this benchmark times
+        raise RuntimeError(f"{label}: (round, sites that trained) {idle} of {config.num_clients} sites")
+    return Measured(label, [r["round_time_s"] for r in rows], watcher.started, watcher.lifetimes(), cpu)
 
 
 def run_echo(server: FedshieldServer, watcher: ClientAppWatcher, rounds: int, out: Path) -> Measured:
-    with watcher.watching():
+    with watcher.watching(), CpuSampler().measure() as cpu:
         result = run_app(ECHO_APP, server.superlink.connection, run_config={"num-rounds": rounds,
                                                                             "out-file": str(out)}, timeout=1800)
     if not result.completed:
         raise RuntimeError(f"echo: {result.status} {result.details}")
     seconds = json.loads(out.read_text())["seconds"]
-    return Measured("echo (stock Flower)", [seconds / rounds] * rounds, watcher.started, watcher.lifetimes())
+    return Measured("echo (stock Flower)", [seconds / rounds] * rounds, watcher.started, watcher.lifetimes(), cpu)
 
 
 def bench(n: int, rounds: int, root: Path, *, worker: bool = True) -> tuple[list[Measured], float]:
@@ -199,19 +173,20 @@ def bench(n: int, rounds: int, root: Path, *, worker: bool = True) -> tuple[list
                 server=server.superlink.fleet_address, data=data, state_dir=root / f"state-{i}",
                 ca_cert=keys.ca_cert, node_key=keys.node(f"node-{i}").private_key_path, allow_plain_updates=True,
                 roster=keys.authorized_nodes, warm_worker=worker,
-                # Several eps-8 runs on one ledger, and the stock echo app (its ClientApp ships in its bundle) on
-                # the same SuperNodes: a benchmark's sites, not a deployment's.
+                # The stock echo app (its ClientApp ships in its bundle) on the same SuperNodes, and a fresh ledger
+                # for every run (fresh_ledgers): a benchmark's sites, not a deployment's.
                 max_epsilon=1000.0, site_code_only=False)))
         watcher = ClientAppWatcher(clients)
         base = RunConfig(num_clients=n, num_rounds=rounds, epsilon=8.0)
         work: list[float] = []
         client_work(sites[0], base, work)
+        states = [root / f"state-{i}" for i in range(1, n + 1)]
         results = [
             run_echo(server, watcher, rounds, root / "echo.json"),
-            run_fedshield(server, watcher, "fedshield plain", base.replace(secagg=False, out=root / "plain")),
-            run_fedshield(server, watcher, "fedshield SecAgg+", base.replace(secagg=True, out=root / "secagg")),
+            run_fedshield(server, watcher, "fedshield plain", base.replace(secagg=False, out=root / "plain"), states),
+            run_fedshield(server, watcher, "fedshield SecAgg+", base.replace(secagg=True, out=root / "secagg"), states),
             run_fedshield(server, watcher, "fedshield plain, no fed. eval",
-                          base.replace(secagg=False, fraction_evaluate=0.0, out=root / "plain-no-eval")),
+                          base.replace(secagg=False, fraction_evaluate=0.0, out=root / "plain-no-eval"), states),
         ]
         return results, statistics.median(work)
     finally:
@@ -223,8 +198,28 @@ def bench(n: int, rounds: int, root: Path, *, worker: bool = True) -> tuple[list
 #: Flower 1.39's own poll intervals (SuperNode idle 3 s, SuperExec 1 s), read by every SuperNode and SuperExec.
 STOCK_ENV = {"FEDSHIELD_SUPERNODE_POLL_S": "3", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0",
              "FEDSHIELD_SUPERNODE_QUICK": "0", "FEDSHIELD_CLIENTAPP_ZYGOTE_ON": "0"}
-#: fedshield's SuperNodes as they ran before the zygote became the default (read by fedshield.deploy.supernode_main).
-BEFORE_ENV = {"FEDSHIELD_SUPERNODE_QUICK": "0", "FEDSHIELD_CLIENTAPP_ZYGOTE_ON": "0"}
+#: fedshield before commit f22ea59's successor: every SuperExec (SuperLink's and SuperNodes') polls every 0.1 s.
+BEFORE_ENV = {"FEDSHIELD_SUPEREXEC_WAKE": "0", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+
+
+@contextmanager
+def status_through_flwr_list() -> Iterator[None]:
+    """The coordinator checks a run's status with a ``flwr list`` process, as before (f22ea59)."""
+    from fedshield.deploy import coordinator
+    from fedshield.deploy.flwr_run import _listed_run
+
+    def cli_status(connection: Any, run_id: int) -> dict[str, Any]:
+        found = _listed_run(connection.run_json(["list", connection.name, "--run-id", str(run_id)]), run_id)
+        if found is None:
+            raise RuntimeError(f"no run {run_id}")
+        return found
+
+    saved = coordinator.run_status
+    coordinator.run_status = cli_status  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        coordinator.run_status = saved
 
 
 @contextmanager
@@ -248,7 +243,10 @@ def print_results(n: int, label: str, results: list[Measured], work: float, roun
         life = statistics.median(m.lifetimes) if m.lifetimes else float("nan")
         own = 0.0 if m.label.startswith("echo") else work
         print(f"{n:>7} {label + m.label:<36} {m.rounds[0]:>9.1f} {m.steady:>8.1f} {m.steady / echo:>7.1f} "
-              f"{m.processes / rounds:>14.1f} {life:>16.1f} {own:>7.2f} {m.steady - own:>10.1f}", flush=True)
+              f"{m.processes / rounds:>14.1f} {life:>16.1f} {own:>7.2f} {m.steady - own:>10.1f} "
+              f"{m.cpu_per_round:>9.1f}", flush=True)
+        top = sorted(m.cpu.items(), key=lambda kv: -kv[1])[:6]
+        print(f"{'':>9}CPU-s per run: " + ", ".join(f"{k} {v:.1f}" for k, v in top), flush=True)
 
 
 def main() -> None:
@@ -258,9 +256,9 @@ def main() -> None:
     parser.add_argument("--no-worker", action="store_true",
                         help="train inside each flwr-clientapp process (what the warm worker saves)")
     parser.add_argument("--before", type=int, nargs="*", metavar="N",
-                        help="also run everything as fedshield ran it before the zygote became the default (cold "
-                             "ClientApps, every SuperNode wait capped at the poll interval, Flower's object-pull "
-                             "backoff) and compare: for every --clients value, or only for the N given")
+                        help="also run everything as fedshield ran it before the CPU cuts (a flwr list process per "
+                             "status check, SuperExecs polling every 0.1 s) and compare: for every --clients value, "
+                             "or only for the N given")
     parser.add_argument("--flower-polling", action="store_true",
                         help="Flower 1.39's own poll intervals (SuperNode idle 3 s, SuperExec 1 s): stock Flower")
     parser.add_argument("--stock", type=int, nargs="*", metavar="N",
@@ -276,7 +274,7 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs; digits CNN, DP-SGD eps 8 (q=0.5, 2 local epochs), TLS + node auth, loopback; "
           f"warm worker {'OFF' if args.no_worker else 'on'}; polling {'Flower 1.39' if args.flower_polling else 'fedshield'}")
     header = (f"{'clients':>7} {'run':<36} {'round 1 s':>9} {'later s':>8} {'x echo':>7} {'clientapps/rnd':>14} "
-              f"{'clientapp life s':>16} {'work s':>7} {'overhead s':>10}")
+              f"{'clientapp life s':>16} {'work s':>7} {'overhead s':>10} {'CPU s/rnd':>9}")
     print(header)
     rows: list[dict[str, Any]] = []
     for n in args.clients:
@@ -286,7 +284,7 @@ def main() -> None:
             print_results(n, "", results, work, args.rounds)
             rows += json_rows(n, results, work, args)
             if args.before is not None and (not args.before or n in args.before):
-                with environment(BEFORE_ENV):
+                with environment(BEFORE_ENV), status_through_flwr_list():
                     before, before_work = bench(n, args.rounds, Path(tmp) / "before", worker=not args.no_worker)
                 print_results(n, "before: ", before, before_work, args.rounds)
                 rows += compare_rows(n, results, work, before, before_work, BEFORE_NOTE, "before this change")
@@ -325,7 +323,7 @@ def json_rows(n: int, results: list[Measured], work: float, args: argparse.Names
 STOCK_NOTE = ("median of rounds 2..R; baseline: the same app with Flower's own polling and no warm worker, on its "
               "own processes, in the same invocation")
 BEFORE_NOTE = ("median of rounds 2..R; baseline: the same app on its own processes in the same invocation, as fedshield "
-               "ran it before (cold ClientApps, SuperNode waits capped at 0.5 s, Flower's 1-10 s object-pull backoff)")
+               "ran it before (f22ea59: a flwr list process per status check, SuperExecs polling every 0.1 s)")
 
 
 def compare_rows(n: int, ours: list[Measured], work: float, base: list[Measured], base_work: float, note: str,
@@ -338,6 +336,11 @@ def compare_rows(n: int, ours: list[Measured], work: float, base: list[Measured]
         rows.append({
             "name": f"{m.label} round time vs {against}, {n} clients", "ours": m.steady, "baseline": s.steady,
             "unit": "s/round", "ratio": m.steady / s.steady, "detail": {**detail, "note": note}})
+        rows.append({
+            "name": f"{m.label} CPU per round vs {against}, {n} clients", "ours": m.cpu_per_round,
+            "baseline": s.cpu_per_round, "unit": "CPU-s/round", "ratio": m.cpu_per_round / s.cpu_per_round,
+            "detail": {**detail, "note": "every process's CPU from submit to finish / rounds", "ours_cpu": m.cpu,
+                       "baseline_cpu": s.cpu}})
         over, base_over = max(m.steady - work, 1e-9), max(s.steady - base_work, 1e-9)
         rows.append({
             "name": f"{m.label} overhead outside training vs {against}, {n} clients", "ours": over,

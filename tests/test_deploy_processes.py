@@ -29,6 +29,7 @@ from fedshield.deploy import (
     SuperNodeConfig,
     free_port,
     run_app,
+    run_status,
     start_superlink,
     start_supernode,
 )
@@ -172,6 +173,22 @@ def test_a_crashing_serverapp_is_a_failed_run_not_a_success(federation: Federati
     assert result.status == "finished:failed" and not result.completed
     assert "asked to fail" in result.details
     assert "RuntimeError: echo app was asked to fail" in result.log
+
+
+def test_run_status_asked_in_process_is_what_flwr_list_prints(federation: Federation) -> None:
+    """run_status is one Control API request from this process, not a `flwr list` process (~1.3 s of CPU per
+    check, taken from the sites): the same record as the command prints, and a one-line error for an unknown run."""
+    conn = federation.superlink.connection
+    listed = conn.run_json(["list", conn.name])["runs"]
+    if not any(str(r["status"]).startswith("finished") for r in listed):  # this test alone: one quick failed run
+        run_app(ECHO_APP, conn, run_config={"fail": True}, timeout=120)
+        listed = conn.run_json(["list", conn.name])["runs"]
+    finished = [r for r in listed if str(r["status"]).startswith("finished")]
+    assert finished
+    for run in finished:
+        assert run_status(conn, int(run["run-id"])) == run
+    with pytest.raises(DeploymentError, match=r"has no run 1\.$"):
+        run_status(conn, 1)
 
 
 def test_an_unknown_run_config_key_is_named(federation: Federation) -> None:

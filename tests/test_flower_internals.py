@@ -114,6 +114,14 @@ def test_supernode_loop_sleeps_only_for_its_idle_poll_and_its_local_waits() -> N
     assert sleeps == ["0.5", "3"], f"Flower internal moved: {supernode.SUPERNODE_LOOP} now sleeps {sleeps}"
 
 
+def test_superexec_loop_still_sleeps_through_the_time_module_between_task_polls() -> None:
+    from flwr.supercore.superexec import run_superexec as loop
+
+    assert loop.time is time, "fedshield.deploy.superexec_wake replaces run_superexec.time: update it"
+    assert "time.sleep(task_poll_interval)" in inspect.getsource(loop.run_superexec)
+    assert "plugin.launch_task" in inspect.getsource(loop.run_superexec)
+
+
 def test_the_receiving_step_still_takes_the_calls_the_stop_fix_wraps() -> None:
     """fail_receive_on_stopped_run wraps these arguments of the step; its clean-up is Flower's own except-branch."""
     loop = importlib.import_module(supernode.SUPERNODE_LOOP)

@@ -222,9 +222,10 @@ class FedshieldServer:
         """Report each finished round from ``<out>/metrics.jsonl`` until the SuperLink says the run finished.
 
         ``on_nodes(online)`` is called whenever the number of online nodes changes, until the first round ends,
-        so a server waiting for its sites says so. Each status or node check starts a ``flwr`` process (~1.3 s of
-        CPU, taken from the clients on a small machine), so the status is checked every ``status_every_s`` for
-        failures, and at once when the last round's row appears. With ``timeout`` the run is stopped and
+        so a server waiting for its sites says so. Each node check starts a ``flwr`` process (~1.3 s of CPU, taken
+        from the clients on a small machine); a status check is one Control API request
+        (:func:`~fedshield.deploy.flwr_run.run_status`), made every ``status_every_s`` for failures, and at once when
+        the last round's row appears. With ``timeout`` the run is stopped and
         :class:`DeploymentError` raised after that long.
         """
         out = Path(config.out).expanduser().resolve()

@@ -8,7 +8,9 @@ all poll waits; nothing there sleeps for correctness) at ``FEDSHIELD_SUPERNODE_P
 waits on the node's own state (for its ClientApp's reply) at 0.02 s, and while a round goes (30 s after such a
 wait) the SuperLink poll at 0.2 s (:class:`CappedSleepClock`). Then it runs Flower's own entry point unchanged.
 It also forks the ClientApp zygote (:mod:`fedshield.deploy.clientapp_zygote`), so each per-message ClientApp
-starts with Flower imported (``FEDSHIELD_CLIENTAPP_ZYGOTE_ON=0`` starts them cold, as Flower does).
+starts with Flower imported (``FEDSHIELD_CLIENTAPP_ZYGOTE_ON=0`` starts them cold, as Flower does), and puts its own
+``flower-superexec`` first on PATH, which the node wakes when a message's task exists instead of letting it poll
+for one every 0.1 s (:mod:`fedshield.deploy.superexec_wake`; ``FEDSHIELD_SUPEREXEC_WAKE=0`` keeps the polling).
 
 On a fedshield site (the default; ``--fedshield-any-app`` turns it off for generic Flower apps in our own tests)
 it first puts the site's own ``flwr-clientapp`` (:mod:`fedshield.deploy.site_clientapp`) first on PATH, so the
@@ -34,6 +36,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -127,11 +130,12 @@ def patch_supernode_polling(cap: float) -> bool:
     return cap_supernode_sleeps(CappedSleepClock(cap, quick=quick_waits()))
 
 
-def patch_supernode_receiving() -> bool:
-    """A run stopped mid-receive is cleaned up (its ClientApp is refused and ends); object pulls retry sooner."""
+def patch_supernode_receiving(on_task: Callable[[], None] | None = None) -> bool:
+    """A run stopped mid-receive is cleaned up (its ClientApp is refused and ends); object pulls retry sooner;
+    ``on_task`` is called when a message's task exists (:mod:`fedshield.deploy.superexec_wake`)."""
     from ..flower_internals import supernode as internals
 
-    cleaned = internals.fail_receive_on_stopped_run()
+    cleaned = internals.fail_receive_on_stopped_run(on_task)
     if not quick_waits():
         return cleaned
     quick = internals.quicken_object_pulls(internals.SUPERNODE_LOOP, "pull_objects", initial_backoff=0.05,
@@ -222,6 +226,17 @@ def set_heartbeat() -> bool:
     return set_node_heartbeat_interval(NODE_HEARTBEAT_S)
 
 
+def _superexec_waker() -> Callable[[], None] | None:
+    """Our ``flower-superexec`` first on PATH, and what wakes it when a message arrives; None when switched off
+    (``FEDSHIELD_SUPEREXEC_WAKE=0``: Flower's polling)."""
+    from .superexec_wake import SuperExecWaker, install_superexec, wake_enabled
+
+    if not wake_enabled():
+        return None
+    install_superexec()
+    return SuperExecWaker().wake
+
+
 def guard_runtime_api() -> None:
     """Admit only this user's processes to the SuperNode's Runtime API (its ``--host/--port``).
 
@@ -245,7 +260,7 @@ def main() -> None:
                              f"{_DEPENDENCY_INSTALL_FLAG}")
         install_site_clientapp()
     patch_supernode_polling(poll_seconds())
-    patch_supernode_receiving()
+    patch_supernode_receiving(_superexec_waker())
     start_clientapp_zygote(site_code_only=site_code_only)
     guard_runtime_api()  # after the zygote's fork: it imports FastAPI and NumPy
     set_heartbeat()  # after the fork too: the ClientApps' task heartbeats keep Flower's pace

@@ -86,4 +86,14 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("entry points and Control API", "flwr.superlink.cli.flower_superlink, flwr.supernode.cli."
              "flower_supernode / flwr_clientapp, flwr.cli.flower_config, flwr.cli.utils, flwr.proto.control_pb2",
              "deploy.superlink_main, supernode_main, clientapp_zygote, _node_keys", "canary imports every name"),
+    Internal("SuperExec loop's time", "flwr.supercore.superexec.run_superexec:time, "
+             "flwr.supercore.cli.flower_superexec:flower_superexec",
+             "fedshield.deploy.superexec_wake (via .superexec.replace_superexec_clock)",
+             "replaced only when called; if it is not the time module, a warning and Flower's polling; canary "
+             "checks the loop still sleeps through it"),
+    Internal("Control API run record", "flwr.cli.ls:_to_json, flwr.cli.run_utils:format_runs, "
+             "flwr.cli.cli_client_interceptor:CliClientHttpInterceptor, flwr.supercore.control:ControlHttpClient, "
+             "flwr.supercore.interceptors:RuntimeVersionHttpInterceptor, flwr.common.serde:run_from_proto",
+             "deploy.flwr_run.run_status (via .control.run_record)",
+             "imported when called; an ImportError falls back to `flwr list`; canary imports every name"),
 )

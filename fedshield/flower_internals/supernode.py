@@ -63,9 +63,12 @@ def cap_supernode_sleeps(clock: Any) -> bool:
     return True
 
 
-def fail_receive_on_stopped_run() -> bool:
+def fail_receive_on_stopped_run(on_task: Callable[[], None] | None = None) -> bool:
     """Wrap the loop's receiving step so that a run stopped mid-receive is an ordinary failure (module docstring);
-    False (and a warning) if the step no longer looks as in Flower 1.39."""
+    False (and a warning) if the step no longer looks as in Flower 1.39.
+
+    ``on_task`` is called when a message's ClientApp task exists: at the step's first object fetch (Flower creates
+    the task just before) and again when it returns a run (a message was received)."""
     from flwr.supercore.run import RunNotRunningException
     from flwr.supernode import start_client_internal as loop
 
@@ -83,11 +86,29 @@ def fail_receive_on_stopped_run() -> bool:
         bound = signature.bind(*args, **kwargs)
         for name in _SUPERLINK_CALLS:
             bound.arguments[name] = _stop_as_failure(bound.arguments[name], RunNotRunningException)
-        return step(*bound.args, **bound.kwargs)
+        if on_task is not None:
+            bound.arguments["pull_object"] = _first_call_calls(on_task, bound.arguments["pull_object"])
+        run_id = step(*bound.args, **bound.kwargs)
+        if run_id is not None and on_task is not None:
+            on_task()
+        return run_id
 
     setattr(receive, _WRAPPED, True)
     setattr(loop, RECEIVE_STEP, receive)
     return True
+
+
+def _first_call_calls(hook: Callable[[], None], call: Callable[..., Any]) -> Callable[..., Any]:
+    called = False
+
+    def first(*args: Any, **kwargs: Any) -> Any:
+        nonlocal called
+        if not called:
+            called = True
+            hook()
+        return call(*args, **kwargs)
+
+    return first
 
 
 def _stop_as_failure(call: Callable[..., Any], stopped: type[BaseException]) -> Callable[..., Any]:
