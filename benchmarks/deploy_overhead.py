@@ -336,11 +336,12 @@ def compare_rows(n: int, ours: list[Measured], work: float, base: list[Measured]
         rows.append({
             "name": f"{m.label} round time vs {against}, {n} clients", "ours": m.steady, "baseline": s.steady,
             "unit": "s/round", "ratio": m.steady / s.steady, "detail": {**detail, "note": note}})
-        rows.append({
-            "name": f"{m.label} CPU per round vs {against}, {n} clients", "ours": m.cpu_per_round,
-            "baseline": s.cpu_per_round, "unit": "CPU-s/round", "ratio": m.cpu_per_round / s.cpu_per_round,
-            "detail": {**detail, "note": "every process's CPU from submit to finish / rounds", "ours_cpu": m.cpu,
-                       "baseline_cpu": s.cpu}})
+        if m.cpu and s.cpu:  # both sides sampled (rows read back from before the sampler have none)
+            rows.append({
+                "name": f"{m.label} CPU per round vs {against}, {n} clients", "ours": m.cpu_per_round,
+                "baseline": s.cpu_per_round, "unit": "CPU-s/round", "ratio": m.cpu_per_round / s.cpu_per_round,
+                "detail": {**detail, "note": "every process's CPU from submit to finish / rounds", "ours_cpu": m.cpu,
+                           "baseline_cpu": s.cpu}})
         over, base_over = max(m.steady - work, 1e-9), max(s.steady - base_work, 1e-9)
         rows.append({
             "name": f"{m.label} overhead outside training vs {against}, {n} clients", "ours": over,

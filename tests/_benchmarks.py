@@ -11,7 +11,10 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """``benchmarks/<name>.py`` as a fresh module (registered in ``sys.modules``: dataclasses look it up there)."""
+    """``benchmarks/<name>.py`` as a fresh module (registered in ``sys.modules``: dataclasses look it up there),
+    with ``benchmarks/`` on ``sys.path`` as when the script runs (it imports its sibling helpers, ``_x.py``)."""
+    if str(BENCH) not in sys.path:
+        sys.path.append(str(BENCH))
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -217,6 +217,12 @@ def test_deploy_overhead_json_rows() -> None:
         "plain round time", "plain overhead outside training", "SecAgg+ round time", "SecAgg+ overhead outside training")])
     by_name = {r["name"]: r for r in rows}
     assert by_name["fedshield plain round time vs stock Flower 1.39, 2 clients"]["ratio"] == pytest.approx(2.0 / 28.0)
+    assert not any("CPU per round" in name for name in by_name), "no CPU row without CPU samples on both sides"
+    cpu_rows = deploy.compare_rows(2, [results[0], deploy.Measured("fedshield plain", [5.0, 3.0], 12, [1.0], {"a": 8.0})],
+                                   0.5, [stock[0], deploy.Measured("fedshield plain", [6.0, 4.0], 12, [1.0], {"a": 2.0, "b": 2.0})],
+                                   1.0, "note", "before")
+    _check_rows(cpu_rows, ["fedshield plain CPU per round vs before, 2 clients"])
+    assert {r["name"]: r["ratio"] for r in cpu_rows}["fedshield plain CPU per round vs before, 2 clients"] == 2.0
     overhead = by_name["fedshield SecAgg+ overhead outside training vs stock Flower 1.39, 2 clients"]
     assert (overhead["ours"], overhead["baseline"]) == (pytest.approx(7.0 - 0.5), pytest.approx(29.0 - 1.0))
     before = deploy.compare_rows(2, results, 0.5, stock, 1.0, deploy.BEFORE_NOTE, "before this change")

@@ -18,6 +18,7 @@ import pytest
 
 from fedshield.cli import cli
 from fedshield.deploy import site as client_deployment
+from fedshield.protocol import NODE_HEARTBEAT_S
 from fedshield.crypto import KeySet, init_keys
 from fedshield.deploy import free_port
 from _deploy_cli_inputs import one_error_line, runner
@@ -230,10 +231,10 @@ def test_a_restarted_site_waits_until_the_server_has_noticed_its_crash(
     (tmp_path / "restarted").mkdir()
     (tmp_path / "restarted" / "supernode.log").write_text("INFO :      SuperNode ID: 1234\n")
     client = client_deployment.start_client(options)
-    assert client.supernode is node and len(attempts) == 2 and sleeps == [66.0]
+    assert client.supernode is node and len(attempts) == 2 and sleeps == [2 * NODE_HEARTBEAT_S + 6]
 
     attempts.clear()
     fresh = dataclasses.replace(options, state_dir=tmp_path / "fresh")
     with pytest.raises(client_deployment.DeploymentError, match=r"did not accept this client: .*code 2004"):
         client_deployment.start_client(fresh)
-    assert len(attempts) == 1 and sleeps == [66.0]
+    assert len(attempts) == 1 and sleeps == [2 * NODE_HEARTBEAT_S + 6]

@@ -8,9 +8,12 @@ process must not import torch, Opacus or the data stack.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,14 @@ def site(tmp_path: Path) -> dict[str, Any]:
     # Plain rounds train deterministically, which the comparisons below need: this site allows rounds without DP.
     return {DATA_PATH: str(path), STATE_DIR: str(tmp_path / "state"), LABEL_COLUMN: "", BUDGET: 0.0,
             TASK: "breast-cancer", ALLOW_NO_DP: True}
+
+
+@pytest.fixture
+def short_state() -> Iterator[Path]:
+    """A state directory short enough to hold the worker's socket (pytest's ``tmp_path`` can pass 108 bytes)."""
+    root = Path(tempfile.mkdtemp(prefix="fsw-"))
+    yield root / "state"
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _config(**changes: Any) -> dict[str, Any]:
@@ -179,11 +190,14 @@ def test_another_users_connection_is_refused(site: dict[str, Any]) -> None:
         assert worker.served == 0
 
 
-def test_the_socket_lives_in_the_state_directory_and_a_stale_one_is_replaced(site: dict[str, Any]) -> None:
+def test_the_socket_lives_in_the_state_directory_and_a_stale_one_is_replaced(
+    site: dict[str, Any], short_state: Path
+) -> None:
     """A client killed hard leaves its socket in its own state directory; the next start takes it over. A second
     live client on the same state directory is refused (it would charge the same ledger)."""
     from fedshield.errors import ConfigError
 
+    site = {**site, STATE_DIR: str(short_state)}
     stale = Path(site[STATE_DIR]) / "worker" / "worker.sock"
     stale.parent.mkdir(parents=True)
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
