@@ -20,6 +20,7 @@ from queue import Empty, PriorityQueue
 
 from ..config import ACCOUNTANTS
 from ..errors import ConfigError, PrivacyError
+from .rdp_memo import memoised_rdp
 
 __all__ = ["HistoryEntry", "compact_history", "epsilon", "calibrate_noise_multiplier", "prefetch_epsilon",
            "cancel_prefetch", "wait_prefetched"]
@@ -156,7 +157,8 @@ def _epsilon_cached(history: tuple[HistoryEntry, ...], delta: float, accountant:
 
     acc = create_accountant(mechanism=accountant)
     acc.history = [tuple(entry) for entry in history]
-    with _ACCOUNTANT_LOCK, _single_threaded_blas(), _quiet_prv_domain(accountant, _unamplified(history)):
+    quiet = _quiet_prv_domain(accountant, _unamplified(history))
+    with _ACCOUNTANT_LOCK, _single_threaded_blas(), memoised_rdp(), quiet:
         value = float(acc.get_epsilon(delta=delta))
     if math.isnan(value):
         raise PrivacyError(f"{accountant} accountant returned NaN for history {history}; refusing to report it")
@@ -178,7 +180,7 @@ def calibrate_noise_multiplier(
         raise ConfigError(f"steps must be >= 1, got {steps}")
     from opacus.accountants.utils import get_noise_multiplier
 
-    with _ACCOUNTANT_LOCK, _single_threaded_blas(), _quiet_prv_domain(accountant, sample_rate >= 1):
+    with _ACCOUNTANT_LOCK, _single_threaded_blas(), memoised_rdp(), _quiet_prv_domain(accountant, sample_rate >= 1):
         sigma = float(
             get_noise_multiplier(
                 target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
