@@ -25,10 +25,13 @@ class Cli:
     log: Path
 
     @classmethod
-    def start(cls, args: list[str], log: Path) -> Cli:
+    def start(cls, args: list[str], log: Path, *, sigint_ignored: bool = False) -> Cli:
+        """``sigint_ignored``: start it as a shell without job control starts a background command (SIGINT
+        ignored, inherited through exec), which Ctrl-C must still stop."""
+        ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
         with log.open("ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "fedshield", *args], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=ignore)
         return cls(proc, log)
 
     def text(self) -> str:

@@ -144,11 +144,12 @@ def test_cli_server_and_three_clients_complete_two_private_secure_rounds(
 
 
 def test_ctrl_c_stops_the_run_and_every_server_process(keys: KeySet, tmp_path: Path) -> None:
-    """A server waiting for its sites is interrupted: the run is stopped with ``flwr stop``, the SuperLink (and its
-    SuperExec and ServerApp) by PID, and the command exits 130."""
+    """A server waiting for its sites is interrupted: the run is stopped (Flower's StopRun), the SuperLink (and its
+    SuperExec and ServerApp) by PID, and the command exits 130. It was started as a shell without job control
+    starts a background command, with SIGINT ignored: Ctrl-C must stop it all the same."""
     server = Cli.start(["server", "--keys", str(keys.directory), "--address", f"127.0.0.1:{free_port()}",
                         "--control-port", str(free_port()), "--rounds", "1", "--min-clients", "2", "--out",
-                        str(tmp_path / "run")], tmp_path / "server.out")
+                        str(tmp_path / "run")], tmp_path / "server.out", sigint_ignored=True)
     try:
         run_id = server.wait_for(r"run (\d+): task=", timeout=120).group(1)
         server.wait_for(r"clients online: waiting for clients", timeout=120)

@@ -59,13 +59,20 @@ def printable(text: str) -> str:
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (systemd, docker stop, kill) takes the same clean path as Ctrl-C: stop the run and our processes."""
+    """SIGTERM (systemd, docker stop, kill) takes the same clean path as Ctrl-C: stop the run and our processes.
+
+    SIGINT is made to raise ``KeyboardInterrupt`` here too, even when this process was started with it ignored: a
+    shell without job control (a script's ``fedshield client ... &``, CI runners, some supervisors) starts
+    background commands with SIGINT ignored, and Python then installs no handler, so Ctrl-C or ``kill -INT``
+    would be silently dropped and the SuperNode left running (seen: the suite started from such a shell)."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, handler)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)

@@ -39,7 +39,7 @@ from ..deploy import (
     submit_run,
 )
 from ..deploy.connection import toml_value
-from ..deploy.flwr_run import run_log
+from ..deploy.flwr_run import run_log, stop_run
 from ..deploy.process import parse_address
 from ..errors import ConfigError
 from ..server.app import RESUME_KEY
@@ -205,7 +205,7 @@ class FedshieldServer:
         return run_id
 
     def online_nodes(self) -> int:
-        """How many registered nodes the SuperLink sees online now (one ``flwr`` call)."""
+        """How many registered nodes the SuperLink sees online now (one Control API request)."""
         return sum(1 for n in self.superlink.list_nodes() if n.get("status") == "online")
 
     def follow(
@@ -222,8 +222,7 @@ class FedshieldServer:
         """Report each finished round from ``<out>/metrics.jsonl`` until the SuperLink says the run finished.
 
         ``on_nodes(online)`` is called whenever the number of online nodes changes, until the first round ends,
-        so a server waiting for its sites says so. Each node check starts a ``flwr`` process (~1.3 s of CPU, taken
-        from the clients on a small machine); a status check is one Control API request
+        so a server waiting for its sites says so. A node check and a status check are one Control API request each
         (:func:`~fedshield.deploy.flwr_run.run_status`), made every ``status_every_s`` for failures, and at once when
         the last round's row appears. With ``timeout`` the run is stopped and
         :class:`DeploymentError` raised after that long.
@@ -274,10 +273,7 @@ class FedshieldServer:
 
     def stop_run(self, run_id: int) -> None:
         """``flwr stop``: the ServerApp ends, the run becomes ``finished:stopped``. Best effort, never raises."""
-        try:
-            self.superlink.connection.run_cli(["stop", str(run_id), self.superlink.connection.name], timeout=30)
-        except DeploymentError:
-            pass
+        stop_run(self.superlink.connection, run_id)
 
     def close(self, *, grace: float = 10.0) -> None:
         """Stop the SuperLink and everything it started (SuperExec, ServerApp) by PID."""

@@ -16,9 +16,7 @@ only with ``--database``.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -164,11 +162,18 @@ class SuperLink:
 
         Registering a key the SuperLink already knows is not an error (``None`` is returned): with ``--database``
         registrations survive restarts, so ``fedshield server`` re-registers the whole list on every start.
+        Asked through the Control API in this process (``flower_internals.control``); through ``flwr supernode
+        register`` (a process importing Flower's CLI, ~1.5 s of CPU) only if Flower's modules moved.
         """
         key_file = _public_key_file(self.config.run_dir, public_key, name)
+        try:
+            from fedshield.flower_internals.control import register_node
+
+            return self._control(f"Registering node {name!r} ({key_file})", register_node,
+                                 public_key_file=key_file, name=name)
+        except ImportError:
+            pass
         args = ["supernode", "register", str(key_file), self.connection.name, "--name", name]
-        # A `flwr` process imports Flower's CLI (~1.5 s of CPU); the coordinator runs several at once, and on a
-        # loaded 2-core machine (load 25) 10 sites' registrations outlasted the usual 60 s.
         reply, error = self.connection.try_json(args, timeout=_REGISTER_TIMEOUT_S)
         if reply is not None:
             return int(reply["node-id"])
@@ -178,29 +183,39 @@ class SuperLink:
 
     def unregister_node(self, node_id: int) -> None:
         """Revoke a stored node: Flower marks it unregistered and refuses its key from then on."""
-        self.connection.run_json(["supernode", "unregister", str(int(node_id)), self.connection.name])
+        try:
+            from fedshield.flower_internals.control import unregister_node
+        except ImportError:
+            self.connection.run_json(["supernode", "unregister", str(int(node_id)), self.connection.name])
+            return
+        self._control(f"Unregistering node {node_id}", unregister_node, node_id=int(node_id))
 
     def stored_nodes(self) -> list[StoredNode]:
         """Every node in the SuperLink's database with its public key (``flwr supernode list`` omits the key)."""
-        command = [sys.executable, "-m", "fedshield.deploy._node_keys", self.connection.name]
-        home = self.connection.flwr_home
-        try:
-            done = subprocess.run(command, cwd=home, env=flower_env(home), capture_output=True, text=True,
-                                  timeout=60, stdin=subprocess.DEVNULL, check=False)
-        except subprocess.TimeoutExpired as err:
-            raise DeploymentError(f"listing the SuperLink's nodes at {self.connection.address} took over 60 s") from err
-        try:
-            nodes = json.loads(done.stdout.strip().splitlines()[-1])["nodes"]
-            return [StoredNode(int(n["node-id"]), str(n["status"]), str(n["public-key"])) for n in nodes]
-        except (IndexError, KeyError, TypeError, ValueError):
-            tail = " ".join((done.stderr or done.stdout).split())[-300:]
-            raise DeploymentError(f"listing the SuperLink's nodes at {self.connection.address} failed "
-                                  f"(exit {done.returncode}): {tail}") from None
+        from fedshield.flower_internals.control import list_nodes
+
+        nodes = self._control("Listing the SuperLink's nodes", list_nodes)
+        return [StoredNode(int(n["node-id"]), str(n["status"]), str(n["public-key"])) for n in nodes]
 
     def list_nodes(self) -> list[dict[str, Any]]:
-        """``flwr supernode list --format json``: node IDs and status (``registered``, ``online``, ``offline``)."""
-        nodes = self.connection.run_json(["supernode", "list", self.connection.name]).get("nodes", [])
-        return [n for n in nodes if isinstance(n, dict)]
+        """What ``flwr supernode list --format json`` lists: node IDs and status (``registered``, ``online``,
+        ``offline``), asked in this process; through the command only if Flower's modules moved."""
+        try:
+            from fedshield.flower_internals.control import list_nodes
+        except ImportError:
+            nodes = self.connection.run_json(["supernode", "list", self.connection.name]).get("nodes", [])
+            return [n for n in nodes if isinstance(n, dict)]
+        return self._control("Listing the SuperLink's nodes", list_nodes)
+
+    def _control(self, what: str, call: Any, **kwargs: Any) -> Any:
+        """``call(address, root_certificates=..., **kwargs)``; an HTTP or key failure becomes one line."""
+        try:
+            return call(self.connection.address, root_certificates=self.connection.root_certificates, **kwargs)
+        except ImportError:
+            raise
+        except Exception as err:  # noqa: BLE001  httpx / protobuf / key errors: one line, as the CLI gave
+            detail = " ".join(str(err).split()[:20]) or type(err).__name__
+            raise DeploymentError(f"{what} on {self.connection.address} failed: {detail}; is the SuperLink up?") from err
 
     def stop(self, *, grace: float = 10.0) -> int | None:
         return self.process.stop(grace=grace)

@@ -83,17 +83,22 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("serverapp helpers", "flwr.serverapp.exception:InconsistentMessageReplies, "
              "flwr.serverapp.strategy.strategy_utils:aggregate_metricrecords, flwr.supercore:log",
              "strategies.streaming, strategies.client_level_dp, deploy.site_clientapp", "canary imports every name"),
-    Internal("entry points and Control API", "flwr.superlink.cli.flower_superlink, flwr.supernode.cli."
-             "flower_supernode / flwr_clientapp, flwr.cli.flower_config, flwr.cli.utils, flwr.proto.control_pb2",
-             "deploy.superlink_main, supernode_main, clientapp_zygote, _node_keys", "canary imports every name"),
+    Internal("entry points", "flwr.superlink.cli.flower_superlink, flwr.supernode.cli.flower_supernode / "
+             "flwr_clientapp", "deploy.superlink_main, supernode_main, clientapp_zygote", "canary imports every name"),
     Internal("SuperExec loop's time", "flwr.supercore.superexec.run_superexec:time, "
              "flwr.supercore.cli.flower_superexec:flower_superexec",
              "fedshield.deploy.superexec_wake (via .superexec.replace_superexec_clock)",
              "replaced only when called; if it is not the time module, a warning and Flower's polling; canary "
              "checks the loop still sleeps through it"),
-    Internal("Control API run record", "flwr.cli.ls:_to_json, flwr.cli.run_utils:format_runs, "
+    Internal("Control API in-process", "flwr.cli.ls:_to_json, flwr.cli.run_utils:format_runs, "
+             "flwr.cli.supernode.ls:_format_nodes/_to_json, flwr.cli.supernode.register:try_load_public_key, "
              "flwr.cli.cli_client_interceptor:CliClientHttpInterceptor, flwr.supercore.control:ControlHttpClient, "
-             "flwr.supercore.interceptors:RuntimeVersionHttpInterceptor, flwr.common.serde:run_from_proto",
-             "deploy.flwr_run.run_status (via .control.run_record)",
-             "imported when called; an ImportError falls back to `flwr list`; canary imports every name"),
+             "flwr.supercore.interceptors:RuntimeVersionHttpInterceptor, flwr.common.serde:run_from_proto, "
+             "flwr.proto.control_pb2, flwr.cli.build:build_fab_from_disk, flwr.cli.config_utils:load_and_validate, "
+             "flwr.common.config:parse_config_args, flwr.common.serde:fab_to_proto/user_config_to_proto, "
+             "flwr.supercore.fab:Fab",
+             "deploy.flwr_run (run status, start and stop a run), deploy.superlink.SuperLink (register, unregister, "
+             "list and stored nodes), via .control",
+             "imported when called; an ImportError falls back to the `flwr` command (stored nodes: fails in one "
+             "line); canary imports every name"),
 )

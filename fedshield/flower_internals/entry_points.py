@@ -1,11 +1,10 @@
-"""Flower's own programs and Control API, started in-process by fedshield's launchers (imported when called)."""
+"""Flower's own programs, started in-process by fedshield's launchers (imported when called)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-__all__ = ["CLIENTAPP_MODULE", "flower_superlink", "flower_supernode", "flwr_clientapp", "list_nodes"]
+__all__ = ["CLIENTAPP_MODULE", "flower_superlink", "flower_supernode", "flwr_clientapp"]
 
 #: What every ``flwr-clientapp`` process imports first (the zygote pre-imports it).
 CLIENTAPP_MODULE = "flwr.supernode.cli.flwr_clientapp"
@@ -28,15 +27,3 @@ def flwr_clientapp() -> Callable[[], None]:
 
     return main
 
-
-def list_nodes(connection_name: str) -> list[Any]:
-    """The SuperLink's stored nodes (``nodes_info``) through the Control API of the named ``flwr`` connection."""
-    from flwr.cli.flower_config import read_superlink_connection
-    from flwr.cli.utils import init_http_client_from_connection
-    from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=E0611
-
-    client = init_http_client_from_connection(read_superlink_connection(connection_name))
-    try:
-        return list(client.ListNodes(ListNodesRequest()).nodes_info)
-    finally:
-        client.close()
