@@ -67,6 +67,8 @@ BENCHMARKS = (
           ("--clients", "10", "100", "--params", "100000", "1000000", "--repeats", "3"), ("--repeats", "3")),
     Bench("secagg_sim", "SecAgg+ vs plain FedAvg round time in simulation",
           ("--clients", "5", "--rounds", "5"), ("--clients", "10", "100", "--rounds", "5", "--repeats", "2", "--app", "protocol", "fedshield")),
+    Bench("accounting_memo", "PRV accounting: Opacus' per-order RDP memoised vs Opacus as shipped (calibration, per-round epsilon)",
+          ("--rounds", "10", "--repeats", "1"), ("--rounds", "20", "--repeats", "3")),
     Bench("shamir", "Shamir secret sharing for SecAgg+: fedshield's vs Flower's (PyCryptodome)",
           ("--neighbours", "10", "100", "--repeats", "3"), ("--neighbours", "10", "100", "500", "--repeats", "3")),
     Bench("mask_prg", "SecAgg+ mask expansion: fedshield's ChaCha20 (and AES-CTR) vs Flower's Mersenne Twister",

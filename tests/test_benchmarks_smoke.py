@@ -31,6 +31,11 @@ BENCH = ROOT / "benchmarks"
 
 #: script -> (tiniest arguments, row names it must write, timeout in seconds)
 CASES = {
+    "accounting_memo": (
+        ["--parts", "epsilon", "--rounds", "2", "--repeats", "1"],
+        ["epsilon per round report, q 0.5, 4 steps/round, 2 rounds"],
+        120,
+    ),
     "aggregation": (
         ["--clients", "3", "--params", "10000"],
         [f"{m} {w}, 3 clients x 10,000 params" for m in ("stack/stream", "fold/stream") for w in ("peak memory", "time")],

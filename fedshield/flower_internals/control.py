@@ -29,6 +29,24 @@ __all__ = ["list_nodes", "register_node", "run_record", "start_run", "stop_run",
 
 
 @contextmanager
+def _pythonpath_on_sys_path() -> Iterator[None]:
+    """``$PYTHONPATH``'s entries on ``sys.path`` for the block, as a fresh ``flwr`` process would have them."""
+    import importlib
+    import os
+    import sys
+
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    sys.path[:0] = extra
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        for entry in extra:
+            if entry in sys.path:
+                sys.path.remove(entry)
+
+
+@contextmanager
 def _client(address: str, root_certificates: Path | None) -> Iterator[Any]:
     from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
     from flwr.supercore.control import ControlHttpClient
@@ -124,7 +142,8 @@ def start_run(address: str, *, root_certificates: Path | None, app_dir: Path, ru
     from flwr.supercore.fab import Fab
 
     app_dir = Path(app_dir).resolve()
-    load_and_validate(app_dir / "pyproject.toml")  # raises on an invalid app, as `flwr run` refuses it
+    with _pythonpath_on_sys_path():  # `flwr run` checks the app's modules import where it runs: PYTHONPATH counts
+        load_and_validate(app_dir / "pyproject.toml")  # raises on an invalid app, as `flwr run` refuses it
     fab_bytes = build_fab_from_disk(app_dir)
     fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
     overrides = parse_config_args([str(run_config_file)] if run_config_file is not None else None)
