@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedshield.deploy.process import live_descendants
 
-__all__ = ["Cli", "alive", "digits_sites", "kill_tree"]
+__all__ = ["Cli", "alive", "digits_sites", "kill_tree", "still_alive_after"]
 
 
 @dataclass
@@ -94,3 +94,11 @@ def digits_sites(root: Path, n: int) -> list[Path]:
         paths.append(root / f"site-{i}.csv")
         np.savetxt(paths[-1], rows, delimiter=",", header=header, comments="", fmt="%d")
     return paths
+
+
+def still_alive_after(pids: list[int], timeout: float, *, poll: float = 0.2) -> list[int]:
+    """Wait up to ``timeout`` seconds for every process in ``pids`` to be gone; the ones still alive then."""
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(poll)
+    return left

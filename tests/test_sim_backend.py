@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from _multirun import run_many
-from _processes import Cli, alive
+from _processes import Cli, alive, still_alive_after
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -129,9 +128,7 @@ def test_sigkilled_simulation_takes_its_workers_with_it(tmp_path: Path) -> None:
         os.kill(reaper[0], signal.SIGKILL)  # no clean-up helper: the workers must follow by themselves
         os.kill(sim.proc.pid, signal.SIGKILL)
         sim.proc.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while (left := [p for p in workers if alive(p)]) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        left = still_alive_after(workers, 30, poll=0.1)
         assert not left, f"local workers outlived the SIGKILLed simulation: {left}"
     finally:
         if sim.proc.poll() is None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 from _listeners import listeners, loopback
-from _processes import Cli, alive
+from _processes import Cli, alive, still_alive_after
 
 from fedshield.deploy.process import live_descendants
 
@@ -35,9 +34,7 @@ def test_simulation_ray_listens_on_loopback_only_and_dies_with_the_cli(tmp_path:
         assert not exposed, f"Ray listens beyond loopback: {exposed}"
         os.kill(sim.proc.pid, signal.SIGKILL)  # only the CLI: Ray must follow by itself
         sim.proc.wait(timeout=30)
-        deadline = time.monotonic() + 60
-        while (left := [p for p in tree if alive(p)]) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        left = still_alive_after(tree, 60)
         assert not left, f"Ray processes outlived the simulation: {left}"
     finally:
         if sim.proc.poll() is None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime_dirs import private_runtime_dir
+from ..forked import exit_forked
 
 __all__ = ["ZYGOTE_ENV", "Zygote", "write_shim"]
 
@@ -219,11 +220,7 @@ def _run_clientapp(
 
         traceback.print_exc()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        exit_forked(code)
 
 
 def _kill(pid: int) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 from flwr.clientapp import ClientApp
 
 from ..flower_internals.serde import decode_context, decode_message, encode_context, encode_message
+from ..forked import exit_forked
 
 __all__ = ["OK", "ERROR", "child_main", "serve"]
 
@@ -102,8 +103,4 @@ def child_main(conn: Connection, app: ClientApp, *, threads: int, parent_pid: in
         traceback.print_exc()
         code = 1
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        exit_forked(code)
