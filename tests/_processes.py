@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedshield.deploy.process import live_descendants
 
-__all__ = ["Cli", "alive", "digits_sites", "kill_tree", "still_alive_after"]
+__all__ = ["Cli", "alive", "digits_sites", "kill_tree", "long_simulation", "still_alive_after"]
 
 
 @dataclass
@@ -102,3 +102,10 @@ def still_alive_after(pids: list[int], timeout: float, *, poll: float = 0.2) -> 
     while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
         time.sleep(poll)
     return left
+
+
+def long_simulation(tmp_path: Path, backend: str) -> Cli:
+    """``fedshield simulate`` of 40 quick rounds (2 clients, no DP, no SecAgg+) on ``backend``: long enough for a
+    test to look at its processes, then kill it."""
+    return Cli.start(["simulate", "--backend", backend, "--clients", "2", "--rounds", "40", "--no-dp", "--no-secagg",
+                      "--seed", "1", "--out", str(tmp_path / "run")], tmp_path / "simulate.out")

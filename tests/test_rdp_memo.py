@@ -65,13 +65,22 @@ def test_the_memo_is_installed_only_inside_the_block_and_nests() -> None:
     assert rdp._compute_rdp is original
 
 
-def test_without_the_opacus_function_accounting_still_runs_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_if_opacus_drops_the_function_the_memo_steps_aside_and_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Opacus without ``_compute_rdp`` (renamed in a release): the block installs nothing, leaves the module as
+    it was, and says once that accounting runs unmemoised."""
+    import warnings
+
     from fedshield.privacy import rdp_memo
 
     monkeypatch.delattr(rdp, "_compute_rdp")
     monkeypatch.setattr(rdp_memo, "_warned", [])
     with pytest.warns(RuntimeWarning, match="unmemoised"), memoised_rdp():
-        pass
+        assert not hasattr(rdp, "_compute_rdp")
+    assert not hasattr(rdp, "_compute_rdp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second entry must not warn again
+        with memoised_rdp():
+            pass
 
 
 def test_canary_opacus_looks_the_function_up_at_call_time() -> None:

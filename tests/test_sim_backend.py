@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from _multirun import run_many
-from _processes import Cli, alive, still_alive_after
+from _processes import alive, long_simulation, still_alive_after
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -118,8 +118,7 @@ def _workers_and_reaper(cli_pid: int) -> tuple[list[int], list[int]]:
 
 
 def test_sigkilled_simulation_takes_its_workers_with_it(tmp_path: Path) -> None:
-    sim = Cli.start(["simulate", "--backend", "local", "--clients", "2", "--rounds", "40", "--no-dp", "--no-secagg",
-                     "--seed", "1", "--out", str(tmp_path / "run")], tmp_path / "simulate.out")  # fmt: skip
+    sim = long_simulation(tmp_path, "local")
     workers: list[int] = []
     try:
         sim.wait_for(r"round\s+1/40", timeout=240)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from _listeners import listeners, loopback
-from _processes import Cli, alive, still_alive_after
+from _processes import alive, long_simulation, still_alive_after
 
 from fedshield.deploy.process import live_descendants
 
@@ -22,8 +22,7 @@ pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 
 def test_simulation_ray_listens_on_loopback_only_and_dies_with_the_cli(tmp_path: Path) -> None:
-    sim = Cli.start(["simulate", "--backend", "ray", "--clients", "2", "--rounds", "40", "--no-dp", "--no-secagg",
-                     "--seed", "1", "--out", str(tmp_path / "run")], tmp_path / "simulate.out")  # fmt: skip
+    sim = long_simulation(tmp_path, "ray")
     tree: list[int] = []
     try:
         sim.wait_for(r"round\s+1/40", timeout=240)
