@@ -28,8 +28,13 @@ pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 # No SecAgg+ here: Flower's client mod quantizes with stochastic rounding from numpy's global, unseeded RNG,
 # so two SecAgg+ runs differ by quantization noise (~4e-6 per value); everything else is seeded.
-SETTINGS = dict(num_clients=3, num_rounds=4, local_epochs=1, secagg=False, seed=3)
-FLAGS = ["--clients", "3", "--rounds", "4", "--local-epochs", "1", "--no-secagg", "--seed", "3"]
+# A fixed noise multiplier under a wide budget: the kill may land after the sites charged the round in progress,
+# which resume charges again (ledgers never under-count). Calibrated to epsilon 8, that double charge made round 4
+# overspend and be refused, so the model could not equal the reference (seen once rounds got fast enough for the
+# kill to land there); with room in the budget every round trains in both runs.
+SETTINGS = dict(num_clients=3, num_rounds=4, local_epochs=1, secagg=False, seed=3, noise_multiplier=1.0, epsilon=50.0)
+FLAGS = ["--clients", "3", "--rounds", "4", "--local-epochs", "1", "--no-secagg", "--seed", "3",
+         "--noise-multiplier", "1.0", "--epsilon", "50"]
 # The uninterrupted reference run: in the shared simulation of the other 3-client tests (one Ray start fewer).
 sim_batch.register("resume/reference", lambda root: RunConfig(**SETTINGS, out=root / "resume-reference"), clients=3)
 
@@ -98,6 +103,7 @@ def test_killed_server_resumes_to_the_uninterrupted_model(batch: sim_batch.Batch
         assert resumed.epsilon >= reference_ledger.epsilon - 1e-9
     privacy = json.loads((run / "privacy.json").read_text())
     assert all(c["rounds_trained"] == 4 for c in privacy["clients"].values())
+    assert all(r["clients_trained"] == 3 for r in rows), rows
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path: Path) -> None:
