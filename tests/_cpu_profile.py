@@ -1,7 +1,7 @@
 """CPU seconds per test (this process plus every child it reaped), for sizing the suite against its 2 cores.
 
 Wall time on a shared machine says little; CPU time hardly depends on load. With ``FEDSHIELD_TEST_CPU_LOG=FILE``
-each test appends ``{"nodeid", "cpu_s", "wall_s"}`` to FILE (one line per test, every xdist worker appending);
+each test appends ``{"nodeid", "cpu_s", "wall_s", "end", "worker"}`` to FILE (one line per test, every xdist worker appending);
 ``python tests/_cpu_profile.py FILE`` prints the totals and the heaviest tests. Off by default.
 """
 
@@ -33,7 +33,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     try:
         return (yield)
     finally:
-        row = {"nodeid": item.nodeid, "cpu_s": round(_cpu() - cpu, 2), "wall_s": round(time.monotonic() - wall, 2)}
+        row = {"nodeid": item.nodeid, "cpu_s": round(_cpu() - cpu, 2), "wall_s": round(time.monotonic() - wall, 2),
+               "end": round(time.time(), 2), "worker": os.environ.get("PYTEST_XDIST_WORKER", "")}
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
 

@@ -1,5 +1,5 @@
-"""Session hygiene shared by every test: every temp file (``TMPDIR``, for the tests and every process they start)
-and Ray's files go under private roots removed at the end, and no test may leave a child process behind; how the tests are spread over pytest-xdist workers (``_schedule``).
+"""Session hygiene shared by every test: every temp file (``TMPDIR``, for the tests and every process they start),
+fedshield's calibration cache and Ray's files go under private roots removed at the end, and no test may leave a child process behind; how the tests are spread over pytest-xdist workers (``_schedule``).
 
 Parallel-safe by construction: every check of leftover processes looks only at the descendants of its own worker
 (``_children(os.getpid())``) or of the processes its test started, ports come from the OS (``free_port``), files
@@ -52,6 +52,9 @@ def _session_temp_root(config: pytest.Config) -> None:
     os.chmod(root, 0o711)
     os.environ[SESSION_TMP_ENV] = os.environ["TMPDIR"] = root
     tempfile.tempdir = None  # re-read TMPDIR
+    # fedshield's calibration cache (fedshield/privacy/calibration_cache.py) for the session's processes: never the
+    # user's own, and shared, so each configuration the suite runs is calibrated once.
+    os.environ["FEDSHIELD_CACHE_DIR"] = os.path.join(root, "cache")
     config.add_cleanup(lambda: shutil.rmtree(root, ignore_errors=True))
 
 

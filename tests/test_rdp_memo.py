@@ -4,6 +4,7 @@ and leaves Opacus as it found it."""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 from opacus.accountants import create_accountant
@@ -11,7 +12,7 @@ from opacus.accountants.analysis import rdp
 from opacus.accountants.utils import get_noise_multiplier
 from threadpoolctl import threadpool_limits
 
-from fedshield.privacy import accounting
+from fedshield.privacy import accounting, calibration_cache
 from fedshield.privacy.rdp_memo import memoised_rdp
 
 HISTORIES = [
@@ -42,7 +43,9 @@ def test_epsilon_is_bit_for_bit_opacus_own(history: list[tuple[float, float, int
     assert accounting.epsilon(history, delta=1e-5, accountant=accountant) == plain
 
 
-def test_calibration_is_opacus_get_noise_multiplier() -> None:
+def test_calibration_is_opacus_get_noise_multiplier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(calibration_cache.CACHE_ENV, str(tmp_path))  # computed here, not remembered
+    accounting.calibrate_noise_multiplier.cache_clear()
     kwargs = dict(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.25, steps=8, accountant="prv",
                   epsilon_tolerance=0.01)
     with threadpool_limits(limits=1, user_api="blas"):

@@ -2,7 +2,10 @@
 
 The split is a pure function of (data, partition spec, number of clients, seed): every Ray worker recomputes the
 same partition independently, so no data ever has to be shipped between processes. The partitioners are
-flwr-datasets' own, run over a local ``datasets.Dataset`` (``FederatedDataset`` would need the Hugging Face hub).
+flwr-datasets' own, run over a local ``datasets.Dataset`` (``FederatedDataset`` would need the Hugging Face hub),
+except IID: flwr-datasets' ``IidPartitioner`` is Hugging Face's contiguous ``shard``, three lines of arithmetic
+computed here (equal to it, ``tests/test_partition.py``) so that the default split does not import ``datasets``
+and ``flwr_datasets`` (~3 CPU-s in every process that splits).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from ..config import PartitionSpec
 from ..errors import ConfigError
 from ..dataspec import Dataset
 
-__all__ = ["FederatedSplit", "split_federated", "MIN_CLIENT_EXAMPLES"]
+__all__ = ["FederatedSplit", "iid_indices", "split_federated", "server_test_split", "MIN_CLIENT_EXAMPLES"]
 
 #: A client needs at least this many examples to have both a train and a test split worth the name.
 MIN_CLIENT_EXAMPLES = 4
@@ -29,6 +32,13 @@ class FederatedSplit:
 
     server_test: Dataset
     clients: tuple[tuple[Dataset, Dataset], ...]
+
+
+def server_test_split(data: Dataset, seed: int) -> Dataset:
+    """The server's held-out test set of :func:`split_federated` (the same rows for any partition and client
+    count), without partitioning the rest."""
+    server_idx, _ = _stratified_split(data.y, SERVER_TEST_FRACTION, np.random.default_rng(seed))
+    return data.subset(server_idx)
 
 
 def split_federated(data: Dataset, spec: PartitionSpec, num_clients: int, seed: int) -> FederatedSplit:
@@ -57,14 +67,22 @@ def split_federated(data: Dataset, spec: PartitionSpec, num_clients: int, seed: 
     return FederatedSplit(data.subset(server_idx), tuple(clients))
 
 
+def iid_indices(size: int, n: int) -> list[np.ndarray]:
+    """flwr-datasets' ``IidPartitioner`` over ``size`` rows: Hugging Face's ``shard(n, i, contiguous=True)``, the
+    first ``size % n`` parts one row longer."""
+    div, mod = divmod(size, n)
+    starts = [div * i + min(i, mod) for i in range(n)]
+    return [np.arange(start, start + div + (1 if i < mod else 0), dtype=np.int64) for i, start in enumerate(starts)]
+
+
 def _partition_indices(pool: Dataset, spec: PartitionSpec, n: int, seed: int) -> list[np.ndarray]:
+    if spec.kind == "iid":
+        return iid_indices(len(pool), n)
     from datasets import Dataset as HFDataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, ShardPartitioner
+    from flwr_datasets.partitioner import DirichletPartitioner, ShardPartitioner
 
     hf = HFDataset.from_dict({"row": np.arange(len(pool)), "label": pool.y})
-    if spec.kind == "iid":
-        partitioner = IidPartitioner(num_partitions=n)
-    elif spec.kind == "dirichlet":
+    if spec.kind == "dirichlet":
         min_size = max(2, min(10, len(pool) // (2 * n)))
         partitioner = DirichletPartitioner(
             num_partitions=n, partition_by="label", alpha=float(spec.param or 0), min_partition_size=min_size,

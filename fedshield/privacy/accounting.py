@@ -20,6 +20,7 @@ from queue import Empty, PriorityQueue
 
 from ..config import ACCOUNTANTS
 from ..errors import ConfigError, PrivacyError
+from . import calibration_cache
 from .rdp_memo import memoised_rdp
 
 __all__ = ["HistoryEntry", "compact_history", "epsilon", "calibrate_noise_multiplier", "prefetch_epsilon",
@@ -165,32 +166,47 @@ def _epsilon_cached(history: tuple[HistoryEntry, ...], delta: float, accountant:
     return value
 
 
+#: Opacus' bisection stops within this much below the target epsilon.
+CALIBRATION_TOLERANCE = 0.01
+
+
 @lru_cache(maxsize=256)
 def calibrate_noise_multiplier(
     *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
 ) -> float:
     """Smallest noise multiplier (to Opacus' search tolerance) whose ``steps`` steps stay within the budget.
 
-    Calibrate ONCE for the whole planned run: calibrating each round for the full target overspends.
+    Opacus' ``get_noise_multiplier``, or the sigma it gave for the same inputs in an earlier process
+    (:mod:`~fedshield.privacy.calibration_cache`), accepted only if its epsilon, computed now, lies in the band
+    Opacus' bisection ends in. Calibrate ONCE for the whole planned run: calibrating each round for the full target
+    overspends.
     """
     _check_accountant(accountant)
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ConfigError(f"target epsilon must be a finite number > 0, got {target_epsilon}")
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
+    key = {"target_epsilon": target_epsilon, "delta": delta, "sample_rate": sample_rate, "steps": steps,
+           "accountant": accountant, "tolerance": CALIBRATION_TOLERANCE}
+    remembered = calibration_cache.recall(**key)
+    if remembered is not None:
+        spent = epsilon([(remembered, sample_rate, steps)], delta=delta, accountant=accountant)
+        if target_epsilon - CALIBRATION_TOLERANCE <= spent <= target_epsilon:
+            return remembered
     from opacus.accountants.utils import get_noise_multiplier
 
     with _ACCOUNTANT_LOCK, _single_threaded_blas(), memoised_rdp(), _quiet_prv_domain(accountant, sample_rate >= 1):
         sigma = float(
             get_noise_multiplier(
                 target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-                accountant=accountant, epsilon_tolerance=0.01,
+                accountant=accountant, epsilon_tolerance=CALIBRATION_TOLERANCE,
             )
         )
     # get_noise_multiplier stops at a sigma whose epsilon is within tolerance *below* the target; check it.
     spent = epsilon([(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
     if spent > target_epsilon * (1 + 1e-9):
         raise PrivacyError(f"calibration overshot: sigma {sigma} gives epsilon {spent} > target {target_epsilon}")
+    calibration_cache.remember(sigma, **key)
     return sigma
 
 

@@ -16,6 +16,7 @@ from ..known_warnings import ignore_known_harmless
 from ..orphan_guard import exit_when_orphaned
 from .checkpoint import Checkpoint, load_checkpoint
 from .nodes import NodeWaitTimeout, wait_for_nodes
+from .plan import calibrate_run
 from .runner import RoundRecord, RunSummary, run_server
 
 __all__ = ["RESUME_KEY", "app", "build_server_app", "read_run_config"]
@@ -41,12 +42,13 @@ def main(grid: Grid, context: Context) -> None:
     ignore_known_harmless()
     config, resume = read_run_config(context.run_config)
     checkpoint = load_checkpoint(config.out) if resume else None
+    noise = calibrate_run(config) if checkpoint is None else None  # while the sites start, not after
     try:
         wait_for_nodes(grid, config.num_clients, timeout=config.node_wait_timeout)
     except NodeWaitTimeout as exc:  # one line the operator can act on, above Flower's traceback
         log(logging.ERROR, "%s", exc)
         raise
-    run_server(grid, config, state_root=str(config.out / "clients"), resume=checkpoint)
+    run_server(grid, config, state_root=str(config.out / "clients"), resume=checkpoint, noise=noise)
 
 
 def build_server_app(

@@ -31,7 +31,7 @@ def wait_for_nodes(
     need: int,
     *,
     timeout: float,
-    poll: float = 1.0,
+    poll: float = 0.25,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:

@@ -14,8 +14,23 @@ from ..privacy.client_level_mechanism import accounting_sample_rate, calibrate_c
 from .checkpoint import Checkpoint
 from .distributed import DistributedTerms, distributed_sigma, distributed_terms
 
-__all__ = ["RunPlan", "plan_run", "round_settings", "noise_multiplier_for", "client_noise_multiplier_for",
-           "check_noise_shares"]
+__all__ = ["RunNoise", "RunPlan", "calibrate_run", "plan_run", "round_settings", "noise_multiplier_for",
+           "client_noise_multiplier_for", "check_noise_shares"]
+
+
+@dataclass(frozen=True)
+class RunNoise:
+    """A new run's mechanism: record-level sigma (0 without DP) and client-level z (None without client-level DP)."""
+
+    sigma: float
+    client_sigma: float | None
+
+
+def calibrate_run(config: RunConfig) -> RunNoise:
+    """Calibrate a new run's noise from its config alone (seconds of accountant work: Opacus' import and a PRV
+    bisection). A deployed ServerApp does this before it waits for the sites, so the work overlaps their start and
+    a config that cannot be calibrated fails before any site is kept waiting."""
+    return RunNoise(noise_multiplier_for(config), client_noise_multiplier_for(config))
 
 
 @dataclass(frozen=True)
@@ -44,14 +59,16 @@ class RunPlan:
 
 
 def plan_run(config: RunConfig, resume: Checkpoint | None = None, *, state_root: str = "",
-             frozen_digest: str = "") -> RunPlan:
-    """The plan of a new run (a fresh run id, sigma calibrated now) or of ``resume``'s continuation.
+             frozen_digest: str = "", noise: RunNoise | None = None) -> RunPlan:
+    """The plan of a new run (a fresh run id; ``noise`` as calibrated by :func:`calibrate_run`, calibrated now if
+    not given) or of ``resume``'s continuation (``noise`` is ignored).
 
     A resumed run keeps its mechanism: recalibrating could change sigma under the clients' ledgers. Raises
     ConfigError if distributed client-level noise shares would not fit SecAgg+'s field.
     """
     if resume is None:
-        sigma, client_sigma = noise_multiplier_for(config), client_noise_multiplier_for(config)
+        noise = noise if noise is not None else calibrate_run(config)
+        sigma, client_sigma = noise.sigma, noise.client_sigma
         run_id, done = uuid.uuid4().hex[:12], 0
     else:
         resumed = resume.extra.get("client_noise_multiplier")

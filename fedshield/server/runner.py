@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from ..config import RunConfig
-from ..data.partition import split_federated
+from ..data.partition import server_test_split
 from ..training import evaluate
 from ..data.task_files import whole_dataset
 from ..tasks.partial import frozen_digest, load_travelling, travelling_state
@@ -28,7 +28,8 @@ from ..strategies.streaming import StreamingGrid
 from ..tasks import get_task
 from .checkpoint import Checkpoint
 from .plan import (
-    RunPlan, check_noise_shares, client_noise_multiplier_for, noise_multiplier_for, plan_run, round_settings,
+    RunNoise, RunPlan, check_noise_shares, client_noise_multiplier_for, noise_multiplier_for, plan_run,
+    round_settings,
 )
 from .reporter import RoundRecord, RunReporter, RunSummary
 
@@ -49,8 +50,10 @@ def run_server(
     on_round: Callable[[RoundRecord], None] | None = None,
     state_root: str = "",
     resume: Checkpoint | None = None,
+    noise: RunNoise | None = None,
 ) -> RunSummary:
     """Run (or, with ``resume``, continue) the rounds of ``config`` on ``grid``; checkpoint after every round.
+    ``noise``: a new run's mechanism if already calibrated (:func:`~fedshield.server.plan.calibrate_run`).
 
     The grid is wrapped in a :class:`~fedshield.strategies.streaming.StreamingGrid`, in simulation and deployment
     alike, so replies reach the aggregation as they arrive.
@@ -58,7 +61,7 @@ def run_server(
     model = _initial_model(config, resume)
     # A partial model (frozen weights, e.g. a LoRA-adapted encoder) sends only its trainable tensors; every site
     # checks its frozen part against this digest.
-    plan = plan_run(config, resume, state_root=state_root, frozen_digest=frozen_digest(model))
+    plan = plan_run(config, resume, state_root=state_root, frozen_digest=frozen_digest(model), noise=noise)
     distributed = _distributed_hooks(plan, model)
     stack = build_strategy(config, client_noise_multiplier=plan.client_noise_multiplier, distributed=distributed)
     reporter = RunReporter(plan, stack.stateful)
@@ -94,7 +97,7 @@ class _AfterRound:
         c = plan.config
         if task.load_bundled is not None or c.data:  # the bundled data, or simulate's --data file
             whole = whole_dataset(task, c.data, text_column=c.text_column, label_column=c.label_column)
-            self.server_test = split_federated(whole, c.partition, 1, c.seed).server_test
+            self.server_test = server_test_split(whole, c.seed)
 
     def __call__(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         state = arrays.to_torch_state_dict()

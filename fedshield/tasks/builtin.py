@@ -9,6 +9,7 @@ from torch import nn
 
 from ..dataspec import DataSpec
 from .base import Dataset, Task
+from .sklearn_files import breast_cancer_arrays, digits_arrays
 
 __all__ = ["digits_task", "breast_cancer_task"]
 
@@ -41,10 +42,8 @@ def _digits_preprocess(x: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def _load_digits() -> Dataset:
-    from sklearn.datasets import load_digits
-
-    raw = load_digits()
-    return Dataset(_digits_preprocess(raw.data), raw.target.astype(np.int64))
+    data, target = digits_arrays()
+    return Dataset(_digits_preprocess(data), target.astype(np.int64))
 
 
 def digits_task() -> Task:
@@ -83,10 +82,8 @@ def _standardise(x: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def _load_breast_cancer() -> Dataset:
-    from sklearn.datasets import load_breast_cancer
-
-    raw = load_breast_cancer()
-    return Dataset(_standardise(raw.data), raw.target.astype(np.int64))
+    data, target = breast_cancer_arrays()
+    return Dataset(_standardise(data), target.astype(np.int64))
 
 
 def _breast_cancer_mlp() -> nn.Module:
