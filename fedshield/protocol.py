@@ -37,6 +37,10 @@ NUM_EXAMPLES: Final = "num-examples"
 #: reply cannot tell apart two data sets that differ by one record (add/remove adjacency).
 PUBLIC_WEIGHT: Final = 1.0
 
+#: Run-config key (not a RunConfig field) with which ``fedshield server --resume`` asks the ServerApp to continue
+#: ``out`` from its last checkpoint instead of starting over.
+RESUME_KEY: Final = "resume"
+
 # --- round config (server -> client) -------------------------------------------------------------------------
 # The keys of content["config"] are RoundSettings' field names with '-' (round_config_key): "server-round",
 # "num-rounds", "noise-multiplier", ... RoundSettings.to_record_dict / from_record_dict are the only code that

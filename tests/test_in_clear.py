@@ -5,7 +5,6 @@ privacy.json states the adjacency, and every epsilon recomputes from privacy.jso
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest

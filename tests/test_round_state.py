@@ -23,10 +23,8 @@ from fedshield.server.checkpoint import Checkpoint, load_checkpoint, restore_str
 from fedshield.server.plan import plan_run, round_settings
 from fedshield.server.reporter import RunReporter
 from fedshield.server.round_row import round_row
-from fedshield.strategies.dequantize import DequantizeUpdates
 from fedshield.strategies.outcomes import ReleaseEvent, RoundOutcomes
 from fedshield.strategies.stack import build_strategy
-from fedshield.strategies.streaming import StreamingFedAvg
 from fedshield.strategies.validation import REJECTED, UpdateValidation
 
 from _grid import FakeGrid

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from fedshield.client.distributed_step import clipped_per_example_gradients, flat_dim, poisson_sample, site_field_vector
+from fedshield.client.distributed_step import flat_dim, poisson_sample, site_field_vector
 from fedshield.privacy.rotation import RandomizedHadamard, round_seed
 from fedshield.errors import PrivacyError
 from fedshield.privacy.skellam import decode_sum, encode_site, plan, secure_rng, skellam_noise

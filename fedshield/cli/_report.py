@@ -7,11 +7,13 @@ writes to ``metrics.jsonl`` and ``privacy.json``.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from ..server.runner import RoundRecord, RunSummary
+if TYPE_CHECKING:
+    from ..server.records import RoundRecord, RunSummary
 
 __all__ = ["print_summary", "round_line"]
 

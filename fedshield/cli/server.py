@@ -17,7 +17,6 @@ from rich.markup import escape
 
 from ..config import RunConfig
 from ..errors import FedshieldError
-from ..server.runner import RoundRecord
 from . import _options as o
 from ._common import configure_logging, errors_to_exit, fail, printable, sigterm_as_interrupt
 from ._report import print_summary, round_line
@@ -25,6 +24,7 @@ from .simulate import build_config
 
 if TYPE_CHECKING:
     from ..deploy.coordinator import FedshieldServer, ServerOptions
+    from ..server.records import RoundRecord
 
 __all__ = ["server_command"]
 

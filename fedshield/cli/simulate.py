@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import RunConfig, load_config_file
-from ..server.runner import RoundRecord, RunSummary
-from ..simulation.run import preflight
 from . import _options as o
 from ._common import configure_logging, errors_to_exit
 from ._report import print_summary, round_line
+
+if TYPE_CHECKING:  # torch, Flower's engine and the rest load when a command runs, not for `fedshield --help`
+    from ..server.records import RoundRecord, RunSummary
 
 __all__ = ["simulate_command", "build_config"]
 
@@ -101,6 +102,8 @@ def simulate_command(
         _check_resources(cfg, cpus=cpus_per_client, gpus=gpus_per_client, ray_address=ray_address)
         if ckpt is None:
             from ..server.run_dir import claim_run_dir
+
+            from ..simulation.run import preflight
 
             preflight(cfg)  # bad input fails before --force removes anything
             cfg = cfg.replace(out=claim_run_dir(cfg.out, force=force))

@@ -23,7 +23,7 @@ Wire: a share-keys entry is ``str(node_id) -> [pk1, pk2]`` (unsigned) or ``[pk1,
 from __future__ import annotations
 
 import os
-from typing import Any, Final, cast
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict

@@ -7,7 +7,6 @@ fail with a bare exit code after connecting.
 from __future__ import annotations
 
 import os
-import re
 import stat
 from pathlib import Path
 

@@ -42,12 +42,12 @@ from ..deploy.connection import toml_value
 from ..deploy.flwr_run import run_log, stop_run
 from ..deploy.process import parse_address
 from ..errors import ConfigError
-from ..server.app import RESUME_KEY
+from ..protocol import RESUME_KEY
 from ..server.checkpoint import load_resume as load_checkpointed_run
 from .revocation import revoke_unlisted
 from ..server.run_dir import claim_run_dir
 from ..server.run_files import MetricsTail, file_identity, read_rows, read_summary
-from ..server.runner import RoundRecord
+from ..server.records import RoundRecord
 
 __all__ = [
     "DEFAULT_CONTROL_PORT",

@@ -12,6 +12,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import RunConfig
+from ..protocol import RESUME_KEY
 from ..known_warnings import ignore_known_harmless
 from ..orphan_guard import exit_when_orphaned
 from .checkpoint import Checkpoint, load_checkpoint
@@ -24,9 +25,6 @@ __all__ = ["RESUME_KEY", "app", "build_server_app", "read_run_config"]
 app = ServerApp()
 
 
-#: Run-config key (not a RunConfig field) with which ``fedshield server --resume`` asks the ServerApp to continue
-#: ``out`` from its last checkpoint instead of starting over.
-RESUME_KEY = "resume"
 
 
 def read_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, bool]:

@@ -19,7 +19,7 @@ from .. import protocol as P
 from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..config import RunConfig
 from ..protocol import RoundSettings
-from ..privacy.accounting import compact_history, epsilon
+from ..privacy.accounting import compact_history
 from ..privacy.mechanisms import SKELLAM_ACCOUNTANT, history_epsilon, history_steps
 from ..privacy.client_level_mechanism import accounting_sample_rate, client_level_epsilon
 from ..strategies.outcomes import ReleaseEvent

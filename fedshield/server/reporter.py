@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,30 +22,13 @@ from ..strategies.outcomes import RoundOutcomes
 from .accounting_ahead import prefetch_next_round, prefetch_planned_horizon
 from .checkpoint import Checkpoint, capture_strategy_state, restore_strategy_state, save_checkpoint
 from .plan import RunPlan, round_settings
+from .records import RoundRecord, RunSummary
 from .report import PrivacyReport, RunWriter
 from .round_row import round_row
 
-__all__ = ["RoundRecord", "RunSummary", "RunReporter"]
+__all__ = ["RunReporter"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    """What the CLI shows after each round."""
-
-    server_round: int
-    num_rounds: int
-    row: dict[str, Any]
-    client_epsilons: dict[str, float | None]
-
-
-@dataclass
-class RunSummary:
-    config: RunConfig
-    noise_multiplier: float
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-    privacy: dict[str, Any] = field(default_factory=dict)
 
 
 class RunReporter:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
-from .runner import RoundRecord, RunSummary
+from .records import RoundRecord, RunSummary
 
 __all__ = ["MetricsTail", "file_identity", "read_json", "read_rows", "read_summary"]
 

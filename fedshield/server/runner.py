@@ -31,7 +31,8 @@ from .plan import (
     RunNoise, RunPlan, check_noise_shares, client_noise_multiplier_for, noise_multiplier_for, plan_run,
     round_settings,
 )
-from .reporter import RoundRecord, RunReporter, RunSummary
+from .records import RoundRecord, RunSummary
+from .reporter import RunReporter
 
 __all__ = ["RoundRecord", "RunSummary", "run_server", "noise_multiplier_for", "client_noise_multiplier_for",
            "build_strategy", "check_noise_shares"]

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 from ..config import RunConfig
 from ..errors import ConfigError, FedshieldError
 from ..server.checkpoint import Checkpoint, load_resume
-from ..server.runner import RoundRecord, RunSummary
+from ..server.records import RoundRecord, RunSummary
 from .engine import choose_backend
 
 __all__ = ["simulate", "preflight", "check_client_resources", "load_resume"]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..dataspec import DataSpec, Dataset
+from ..dataspec import DataSpec
 from ..errors import ConfigError
 from .base import Task
 
