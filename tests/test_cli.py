@@ -124,3 +124,11 @@ def test_sample_rate_is_normalised_to_whole_steps() -> None:
     assert RunConfig(sample_rate=0.333333).steps_per_epoch == 3
     assert RunConfig(sample_rate=0.333333).sample_rate == 1 / 3
 
+
+
+def test_the_built_in_task_names_the_server_skips_checking_are_the_registrys() -> None:
+    """``fedshield server`` checks a task by building it, except a built-in name (known without torch)."""
+    from fedshield.config.names import BUILTIN_TASKS
+    from fedshield.tasks import TASKS
+
+    assert set(BUILTIN_TASKS) == set(TASKS)

@@ -88,7 +88,7 @@ def server_command(
     configure_logging(verbose)
     flags: dict[str, object] = {**o.run_flags(params), "num_clients": min_clients}
     from ..deploy.coordinator import ServerOptions, check_run_dir, start_server
-    from ..tasks import get_task
+    from ..config.names import BUILTIN_TASKS
 
     with errors_to_exit():
         _refuse_simulation_only(partition)
@@ -97,7 +97,10 @@ def server_command(
             cfg, done = _resume_config(resume, config, flags)
         else:
             cfg, done = _with_default_norm(build_config(config, flags)), 0
-            get_task(cfg.task)  # an unknown task fails here, before any process starts
+            if cfg.task not in BUILTIN_TASKS:  # a built-in needs no check (nor torch in this process)
+                from ..tasks import get_task
+
+                get_task(cfg.task)  # an unknown task fails here, before any process starts
             cfg = cfg.replace(out=check_run_dir(cfg.out, force=force))
         options = ServerOptions(keys=keys, fleet_address=address, control_port=control_port, insecure=insecure)
     _warn_server(cfg, insecure)

@@ -6,11 +6,13 @@ Kept apart from :mod:`.run` so light modules (the ClientApp shim, accounting) ca
 from __future__ import annotations
 
 __all__ = [
-    "ACCOUNTANTS", "AMP_GRAD_SAMPLE_MODES", "CLIENT_DP_MODES", "CLIENT_SAMPLING", "DISPATCH_LOOPS", "DP_MODES",
+    "ACCOUNTANTS", "BUILTIN_TASKS", "AMP_GRAD_SAMPLE_MODES", "CLIENT_DP_MODES", "CLIENT_SAMPLING", "DISPATCH_LOOPS", "DP_MODES",
     "GRAD_SAMPLE_MODES",
     "PARTITION_KINDS", "ROBUST_STRATEGIES", "STRATEGIES",
 ]
 
+#: The built-in tasks' names (:data:`fedshield.tasks.TASKS` builds them): known without importing torch.
+BUILTIN_TASKS = ("digits", "breast-cancer")
 #: Accountants we accept. GDP is deliberately absent: it can under-report epsilon by half.
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
