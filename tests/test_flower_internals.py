@@ -279,3 +279,16 @@ def test_serde_round_trips_a_message_and_a_context() -> None:
     again = serde.decode_context(serde.encode_context(ctx))
     assert (again.run_id, again.node_id, dict(again.node_config), dict(again.run_config)) == (
         3, 7, {"partition-id": 2}, {"k": "v"})
+
+
+def test_the_superexec_entry_point_imports_without_the_other_infrastructure_commands() -> None:
+    """``flower_internals.superexec.flower_superexec`` skips ``flwr.supercore.cli``'s ``__init__`` (the agent-app,
+    connector and model commands): Flower's own function comes back, and SQLAlchemy is never imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedshield.flower_internals.superexec import flower_superexec; main = flower_superexec(); "
+            "import flwr.supercore.cli.flower_superexec as m; assert main is m.flower_superexec, main; "
+            "print(sorted(x for x in ('sqlalchemy', 'flwr.supercore.cli.flwr_agentapp') if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
