@@ -14,6 +14,9 @@ it): the ClientApp starts at once instead of after up to 0.1 s, and an idle site
 A lost signal costs at most ``IDLE_S`` of latency, never a message. The signal goes only to a child of this
 process whose command line is ``flower-superexec`` (checked before every send: a recycled PID is never signalled).
 ``FEDSHIELD_SUPEREXEC_WAKE=0`` keeps Flower's polling (for before/after measurements).
+
+The SuperLink's SuperExec (which starts ServerApps) is this one too (:mod:`fedshield.deploy.superlink_main`), with
+nothing to wake it: it polls for a run once a second.
 """
 
 from __future__ import annotations
@@ -105,8 +108,8 @@ def _find_superexec() -> int | None:
 
 
 def install_superexec() -> Path:
-    """Put our ``flower-superexec`` first on PATH for the SuperNode that starts next; returns its directory
-    (removed when this process exits)."""
+    """Put our ``flower-superexec`` first on PATH for the SuperNode (or SuperLink) that starts next; returns its
+    directory (removed when this process exits)."""
     import atexit
     import shutil
 
