@@ -7,14 +7,33 @@ function of that list and delta alone, so privacy.json's figures recompute with 
   of the honest sites' shares) with L1/L2 sensitivities ``l1``/``l2`` is (alpha, eps)-RDP with
   ``eps(alpha) = alpha l2^2 / (4 mu) + min(((2 alpha - 1) l2^2 + 6 l1) / (16 mu^2), 3 l1 / (4 mu))``
   (Agarwal, Kairouz, Liu 2021, Theorem 3.5). Tested against a direct numerical Renyi divergence within 1%.
-* **Poisson sampling of records.** Zhu & Wang (ICML 2019), Theorem 6: the general upper bound for *any* mechanism
-  under Poisson subsampling (add/remove adjacency), integer alpha >= 2. It is valid for every sensitivity
-  vector, not only the 1-D worst case, and its only slack is a factor of 3 on the terms of order >= 3.
+* **Poisson sampling of records** (add/remove adjacency, integer alpha >= 2). Write ``Q`` for the output without
+  the record and ``P`` with it (``Q`` shifted by the record's rounded vector ``v``), so the sampled mechanism
+  outputs ``M = (1 - q) Q + q P`` or ``Q``. Both directions are bounded by the binomial expansion
+  ``E_Q[(1 - q + q L)^alpha] = sum_j C(alpha, j) (1 - q)^(alpha - j) q^j exp((j - 1) D_j(P || Q))`` (``L = P/Q``),
+  with the base RDP above in place of ``D_j``: the form Opacus and Mironov et al. (2019) use for the Gaussian.
+  - *Remove* (``D_alpha(M || Q)``): the expansion is an identity, and every term grows with ``D_j``.
+  - *Add* (``D_alpha(Q || M)``) is never larger. Both divergences are logs of moments of ``Y = M / Q`` under
+    ``Q``: ``E[Y^alpha]`` (remove) and ``E[Y^(1 - alpha)]`` (add). The reflection ``T x = v - x`` maps ``P`` onto
+    ``Q`` (the noise is symmetric), so the pairs ``{x, T x}`` split the lattice into randomized-response pairs,
+    ``(p, 1 - p)`` under ``P`` against ``(1 - p, p)`` under ``Q``, with the same weight under both, plus fixed
+    points where ``Y = 1``; both moments are sums over the pairs. On one pair with ``r = p / (1 - p) >= 1``, ``Y``
+    is ``a = 1 - q + q r`` (prob. ``P_a = 1 / (1 + r)``) or ``b = 1 - q + q / r`` (prob. ``P_b = r / (1 + r)``).
+    With ``t = alpha - 1/2``, ``u = log a``, ``w = -log b``: ``E[Y^alpha] - E[Y^(1 - alpha)] =
+    2 (P_a sqrt(a) sinh(t u) - P_b sqrt(b) sinh(t w))``. ``E[Y] = 1`` says ``P_a sqrt(a) sinh(u / 2) =
+    P_b sqrt(b) sinh(w / 2)``, so the difference is that factor times ``g(u) - g(w)``, ``g(x) = sinh(t x) /
+    sinh(x / 2)``, which grows with ``x`` for ``t >= 1/2`` (``t coth(t x) >= coth(x / 2) / 2``); and ``u >= w``
+    because ``a b = 1 + q (1 - q) (r - 1)^2 / r >= 1``. Mixtures over the random rounding of ``v`` only lower
+    both divergences (joint convexity), so the worst case is a fixed ``v``. Checked numerically on a grid and on
+    the 1-D and 2-D Skellam in ``tests/test_skellam_accountant.py``.
+  Zhu & Wang (ICML 2019) Theorem 6's general bound, used before, carries a factor 3 on every term of order >= 3;
+  for this mechanism it asked 2.3x central DP-SGD's noise at epsilon 3 (q 1/8, 80 steps), this form 1.07x.
 * **Composition** over steps (RDP adds up) and conversion to (eps, delta) with Balle et al. 2020's bound
   (Opacus' and dp-accounting's): ``eps = rdp + log((a-1)/a) - (log delta + log a) / (a-1)``, minimised over alpha.
 
-Why RDP rather than a PLD/PRV: this mechanism's literature and its closed form are RDP; a numerical PLD of the
-subsampled multi-dimensional Skellam would need its worst-case sensitivity vector, which is not known to be 1-D.
+Why RDP rather than a PLD/PRV: this mechanism's closed form is RDP; a numerical PLD of the subsampled
+multi-dimensional Skellam would need its worst-case sensitivity vector, which is not known to be 1-D. What is left
+against central DP-SGD's PRV is the RDP composition and conversion (7-8% more noise at epsilon 1, 3 and 8).
 """
 
 from __future__ import annotations
@@ -42,7 +61,8 @@ def skellam_rdp(alpha: float, *, mu: float, l1: float, l2: float) -> float:
 
 
 def subsampled_rdp(alpha: int, q: float, base: Sequence[float]) -> float:
-    """Zhu & Wang 2019, Theorem 6: RDP of order ``alpha`` of a mechanism run on a Poisson(q) sample.
+    """RDP of order ``alpha`` of a symmetric-noise mechanism run on a Poisson(q) sample (module docstring: both
+    directions of add/remove adjacency).
 
     ``base[l]`` is the mechanism's RDP at order ``l`` for ``l = 0 .. alpha`` (entries 0 and 1 unused).
     """
@@ -51,10 +71,9 @@ def subsampled_rdp(alpha: int, q: float, base: Sequence[float]) -> float:
     if q == 0.0:
         return 0.0
     log_q, log_1q = math.log(q), math.log1p(-q)
-    terms = [(alpha - 1) * log_1q + math.log1p(alpha * q - q)]
-    terms.append(_log_binom(alpha, 2) + 2 * log_q + (alpha - 2) * log_1q + base[2])
-    for l in range(3, alpha + 1):
-        terms.append(math.log(3) + _log_binom(alpha, l) + l * log_q + (alpha - l) * log_1q + (l - 1) * base[l])
+    terms = [alpha * log_1q, math.log(alpha) + log_q + (alpha - 1) * log_1q]
+    for l in range(2, alpha + 1):
+        terms.append(_log_binom(alpha, l) + l * log_q + (alpha - l) * log_1q + (l - 1) * base[l])
     return float(logsumexp(terms)) / (alpha - 1)
 
 
