@@ -65,6 +65,11 @@ CENTRAL: dict[str, float] = {"q": 1 / 16, "epochs": 20, "lr": 2.0, "clip": 1.0}
 LOCAL: dict[str, Any] = {}
 #: ``prv_sigma``: distributed runs with central's sigma (a diagnostic, see :func:`distributed`).
 DIAGNOSTIC: dict[str, bool] = {"prv_sigma": False}
+#: The Skellam accountant's Poisson-sampling step, recorded in every distributed row. Rows from before 2026-12-03
+#: carry ``SUPERSEDED_SAMPLING`` (Zhu & Wang 2019 Thm 6): their sigma is not what the product calibrates now, so
+#: they are kept for the record, shown apart, and never a method's best setting.
+SAMPLING_BOUND = "binomial expansion (remove direction; add is never larger)"
+SUPERSEDED_SAMPLING = "zhu-wang-thm6"
 #: Table and plot column order.
 ORDER = ("central", "distributed mh 1", "distributed mh 0.5", "local")
 Row = dict[str, Any]
@@ -124,7 +129,8 @@ def distributed(sites: int, partition: str, eps: float, seed: int, min_honest: f
         model.load_state_dict({k: torch.from_numpy(v) for k, v in new.items()}, strict=False)
     entry = (p.total_mu, p.l1_bound, p.l2_bound, c["q"], rounds)
     return {"accuracy": _accuracy(model, test), "sigma": sigma, "q": c["q"], "steps": rounds, "lr": c["lr"],
-            "clip": c["clip"], "accountant": "skellam-rdp", "skellam_entry": list(entry), "min_honest_sites":
+            "clip": c["clip"], "accountant": "skellam-rdp", "skellam_sampling": SAMPLING_BOUND,
+            "skellam_entry": list(entry), "min_honest_sites":
             p.min_honest, "epsilon_spent": skellam_accountant.epsilon([entry], delta=DELTA),
             **({"diagnostic": "sigma calibrated by PRV for central, NOT a guarantee at the target epsilon"}
                if DIAGNOSTIC["prv_sigma"] else {})}
@@ -173,7 +179,9 @@ def local(sites: int, partition: str, eps: float, seed: int, settings: dict[str,
 def label(row: Row) -> str:
     """The table column of a row: the method, and distributed's min-honest fraction."""
     if row["method"] == "distributed":
-        return f"distributed mh {float(row['min_honest']):g}" + (" (PRV sigma: diagnostic)" if "diagnostic" in row else "")
+        old = " (Thm 6 accountant, superseded)" if row.get("skellam_sampling") == SUPERSEDED_SAMPLING else ""
+        return f"distributed mh {float(row['min_honest']):g}{old}" + (
+            " (PRV sigma: diagnostic)" if "diagnostic" in row else "")
     return str(row["method"])
 
 
@@ -243,10 +251,10 @@ def detail_table(rows: list[Row]) -> str:
 def best(rows: list[Row]) -> dict[tuple[int, str, str, float], list[Row]]:
     """Per (sites, partition, method, epsilon): the rows of the (q, steps, lr) with the best mean accuracy, among
     the settings run with the most seeds (a 1-seed screening row never beats a 3-seed one). Diagnostic rows are
-    left out: they are not private at their target epsilon. Tuned on the evaluation seeds, as the grid was."""
+    left out (not private at their target epsilon), and so are superseded-accountant rows. Tuned on the evaluation seeds, as the grid was."""
     groups: dict[tuple[int, str, str, float], dict[tuple[float, int, float], list[Row]]] = {}
     for r in rows:
-        if "diagnostic" in r:
+        if "diagnostic" in r or r.get("skellam_sampling") == SUPERSEDED_SAMPLING:
             continue
         key = (int(r["sites"]), str(r["partition"]), label(r), float(r["epsilon"]))
         groups.setdefault(key, {}).setdefault((float(r["q"]), int(r["steps"]), float(r["lr"])), []).append(r)
