@@ -251,7 +251,8 @@ def detail_table(rows: list[Row]) -> str:
 def best(rows: list[Row]) -> dict[tuple[int, str, str, float], list[Row]]:
     """Per (sites, partition, method, epsilon): the rows of the (q, steps, lr) with the best mean accuracy, among
     the settings run with the most seeds (a 1-seed screening row never beats a 3-seed one). Diagnostic rows are
-    left out (not private at their target epsilon), and so are superseded-accountant rows. Tuned on the evaluation seeds, as the grid was."""
+    left out (not private at their target epsilon), and so are superseded-accountant rows. Tuned on the evaluation
+    seeds, as the grid was."""
     groups: dict[tuple[int, str, str, float], dict[tuple[float, int, float], list[Row]]] = {}
     for r in rows:
         if "diagnostic" in r or r.get("skellam_sampling") == SUPERSEDED_SAMPLING:

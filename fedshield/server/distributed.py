@@ -68,9 +68,9 @@ def mechanism_json(settings: RoundSettings, dim: int, terms: DistributedTerms) -
                 "round over the union of the sites' records",
         "accountant": SKELLAM_ACCOUNTANT,
         "accounting": "Skellam RDP (closed form, L1 and L2 sensitivity after rotation and rounding), Poisson "
-                      "subsampling of records by the exact binomial expansion of the sampled mixture (remove direction; the "
-                      "add direction is never larger for symmetric noise: privacy/skellam_accountant.py), RDP "
-                      "composition, Balle et al. 2020 conversion",
+                      "subsampling of records by the exact binomial expansion of the sampled mixture (remove "
+                      "direction; the add direction is never larger for symmetric noise: "
+                      "privacy/skellam_accountant.py), RDP composition, Balle et al. 2020 conversion",
         "history_entry": "[total_mu, l1, l2, sample_rate, steps]",
         "plan": p.to_json(),
         "share_mu": p.share_mu,
