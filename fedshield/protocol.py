@@ -84,6 +84,9 @@ POLICY_REFUSED_CODE: Final = 4005
 SECAGG_REFUSED_CODE: Final = 4006
 #: Error code of a site refusing the run's app bundle (deploy.site_clientapp).
 CODE_REFUSED_CODE: Final = 4006
+#: Error code the server's grid gives a reply it could not read (a malformed packed array: fedshield.wire); the
+#: reason starts with REJECTED.
+MALFORMED_REPLY_CODE: Final = 4007
 #: Reason prefix of a reply the server's update validation rejected (strategies.validation).
 REJECTED: Final = "fedshield:rejected"
 #: Reason prefix of a site refusing to send its update unmasked (no SecAgg+ on a DP round).

@@ -122,7 +122,7 @@ def _malicious_reply(msg: Message, reply: Message, kind: str) -> Message:
 faulty_app = ClientApp()
 
 
-@faulty_app.train(mods=[fedshield_app.secagg_when_requested])
+@faulty_app.train(mods=[fedshield_app.packed_wire, fedshield_app.secagg_when_requested])
 def _train(msg: Message, context: Context) -> Message:
     reply = fedshield_app.train(msg, context)
     settings = RoundSettings.from_record_dict(dict(msg.content[P.CONFIG]))
@@ -135,7 +135,7 @@ def _train(msg: Message, context: Context) -> Message:
     return _malicious_reply(msg, reply, kind)
 
 
-@faulty_app.evaluate()
+@faulty_app.evaluate(mods=[fedshield_app.packed_wire])
 def _evaluate(msg: Message, context: Context) -> Message:
     return fedshield_app.evaluate(msg, context)
 

@@ -19,6 +19,7 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedshield.client.app import packed_wire
 from fedshield.client.secagg_mod import secagg_adapter_mod, secagg_wire_mod
 from fedshield.compression import secagg_field
 from fedshield.protocol import (
@@ -73,11 +74,13 @@ def update(partition: int, server_round: int) -> dict[str, np.ndarray[Any, Any]]
 def make_client_app(refusing_partition: int | None = None, *, narrow: bool = True) -> ClientApp:
     """A ClientApp whose train handler returns global + update(partition, round), or refuses.
 
-    ``narrow``: with fedshield's wire mod around Flower's, as fedshield's ClientApp runs them; without it the
-    client sends Flower's int64 masked vectors (a client of an older fedshield).
+    ``narrow``: with fedshield's wire mods around Flower's (packed arrays, narrowed masked vectors), as fedshield's
+    ClientApp runs them; without them the client sends Flower's int64 masked vectors (a client of an older
+    fedshield, driven by a grid that does not pack).
     """
     app = ClientApp()
-    mods = [secagg_wire_mod, secaggplus_mod, secagg_adapter_mod] if narrow else [secaggplus_mod, secagg_adapter_mod]
+    mods = ([packed_wire, secagg_wire_mod, secaggplus_mod, secagg_adapter_mod] if narrow
+            else [secaggplus_mod, secagg_adapter_mod])
 
     @app.train(mods=mods)
     def train(msg: Message, context: Context) -> Message:

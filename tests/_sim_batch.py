@@ -206,14 +206,15 @@ def _hooked_app(hooks: dict[str, Callable[[Any, Any, Any], Any]]) -> Any:
 
     app = ClientApp()
 
-    @app.train(mods=[fedshield_app.refuse_plain_updates, fedshield_app.secagg_when_requested])
+    @app.train(mods=[fedshield_app.packed_wire, fedshield_app.refuse_plain_updates,
+                     fedshield_app.secagg_when_requested])
     def _train(msg: Message, context: Context) -> Message:
         reply = fedshield_app.train(msg, context)
         settings = RoundSettings.from_record_dict(dict(msg.content[P.CONFIG]))
         hook = hooks.get(Path(settings.sim_state_root).parent.name)
         return reply if hook is None else hook(msg, context, reply)
 
-    @app.evaluate()
+    @app.evaluate(mods=[fedshield_app.packed_wire])
     def _evaluate(msg: Message, context: Context) -> Message:
         return fedshield_app.evaluate(msg, context)
 

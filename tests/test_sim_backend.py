@@ -80,7 +80,7 @@ RAISES, DIES = 1, 2  # partitions: raise in round 1; kill its worker process in 
 crashing_app = ClientApp()
 
 
-@crashing_app.train()
+@crashing_app.train(mods=[fedshield_app.packed_wire])
 def _train(msg: Message, context: Context) -> Message:
     settings = RoundSettings.from_record_dict(dict(msg.content[P.CONFIG]))
     partition = int(context.node_config["partition-id"])
@@ -91,7 +91,7 @@ def _train(msg: Message, context: Context) -> Message:
     return fedshield_app.train(msg, context)
 
 
-@crashing_app.evaluate()
+@crashing_app.evaluate(mods=[fedshield_app.packed_wire])
 def _evaluate(msg: Message, context: Context) -> Message:
     return fedshield_app.evaluate(msg, context)
 

@@ -24,7 +24,9 @@ from flwr.clientapp import ClientApp
 
 from ..flower_internals.secagg_keys import RECORD_KEY_CONFIGS
 from .. import protocol as P
+from ..errors import ProtocolError
 from ..orphan_guard import exit_when_orphaned
+from ..wire import pack_content, unpack_content
 from .node_config import ALLOW_PLAIN_UPDATES, DATA_PATH, WORKER_SOCKET
 from .round_work import CONFIG_ERROR_CODE, REFUSAL_CODE, WORKER_ERROR_CODE, Refusal, TrainResult
 
@@ -36,6 +38,7 @@ __all__ = [
     "REFUSAL_CODE",
     "WORKER_ERROR_CODE",
     "app",
+    "packed_wire",
     "refuse_plain_updates",
     "secagg_when_requested",
 ]
@@ -64,6 +67,23 @@ def exit_with_parent(msg: Message, ctx: Context, call_next):  # type: ignore[no-
     stage the message is in; started here because a ClientApp process exists for its messages."""
     exit_when_orphaned()
     return call_next(msg, ctx)
+
+
+def packed_wire(msg: Message, ctx: Context, call_next):  # type: ignore[no-untyped-def]
+    """The model's arrays arrive packed into one object and the reply leaves packed the same way
+    (:mod:`fedshield.wire`: one request per hop instead of two per tensor); a message that came unpacked gets an
+    unpacked reply. A malformed packed message (version skew, a hostile server) is refused, with the reason."""
+    try:
+        content, packed = unpack_content(msg.content)
+    except ProtocolError as error:
+        return Message(Error(code=CONFIG_ERROR_CODE, reason=f"fedshield:ProtocolError: {error}"), reply_to=msg)
+    if not packed:
+        return call_next(msg, ctx)
+    msg.content = content
+    reply = call_next(msg, ctx)
+    if reply.has_content():
+        reply.content = pack_content(reply.content)
+    return reply
 
 
 def refuse_plain_updates(msg: Message, ctx: Context, call_next):  # type: ignore[no-untyped-def]
@@ -123,7 +143,7 @@ def _evaluate(context: Context, config: dict[str, Any], arrays: dict[str, np.nda
     return run_evaluate(context.node_config, config, arrays)
 
 
-@app.train(mods=[exit_with_parent, refuse_plain_updates, secagg_when_requested])
+@app.train(mods=[exit_with_parent, packed_wire, refuse_plain_updates, secagg_when_requested])
 def train(msg: Message, context: Context) -> Message:
     try:
         result = _train(context, *_request(msg))
@@ -134,7 +154,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate(mods=[exit_with_parent])
+@app.evaluate(mods=[exit_with_parent, packed_wire])
 def evaluate(msg: Message, context: Context) -> Message:
     try:
         metrics = _evaluate(context, *_request(msg))
