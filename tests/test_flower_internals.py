@@ -17,7 +17,7 @@ import flwr
 import pytest
 
 from fedshield import flower_internals
-from fedshield.flower_internals import heartbeat, logs, simulation, strategy_state, supernode
+from fedshield.flower_internals import heartbeat, logs, serverapp, simulation, strategy_state, supernode
 from fedshield.protocol import NODE_HEARTBEAT_S
 
 _PACKAGE = Path(flower_internals.__file__).parent
@@ -139,7 +139,8 @@ def test_the_receiving_step_still_takes_the_calls_the_stop_fix_wraps() -> None:
 
 
 @pytest.mark.parametrize(("module", "attribute"), [(supernode.SUPERNODE_LOOP, "pull_objects"),
-                                                   (supernode.CLIENTAPP_RUNNER, "pull_and_inflate_object_from_tree")])
+                                                   (supernode.CLIENTAPP_RUNNER, "pull_and_inflate_object_from_tree"),
+                                                   (serverapp.HTTP_GRID, "pull_objects")])
 def test_the_object_pulls_we_quicken_still_take_their_backoff(module: str, attribute: str,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     found = importlib.import_module(module)
@@ -292,3 +293,16 @@ def test_the_superexec_entry_point_imports_without_the_other_infrastructure_comm
             "print(sorted(x for x in ('sqlalchemy', 'flwr.supercore.cli.flwr_agentapp') if x in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_serverapp_quickens_only_flowers_deployment_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a deployed ServerApp (Flower's HttpGrid) gets the short backoff; a simulation's grid is left alone."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    found = importlib.import_module(serverapp.HTTP_GRID)
+    monkeypatch.setattr(found, "pull_objects", found.pull_objects)  # restored after the test
+    assert not serverapp.quicken_serverapp_pulls(InMemoryGrid.__new__(InMemoryGrid))
+    assert not hasattr(found.pull_objects, "keywords")
+    assert serverapp.quicken_serverapp_pulls(HttpGrid.__new__(HttpGrid))
+    assert found.pull_objects.keywords["initial_backoff"] == 0.02 and found.pull_objects.keywords["backoff_cap"] == 0.25

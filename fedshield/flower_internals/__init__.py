@@ -67,8 +67,10 @@ INTERNALS: tuple[Internal, ...] = (
              "wrapped only when called; another signature -> warning, Flower's step unchanged; canary checks the "
              "arguments, the clean-up branch and that the exception still skips it"),
     Internal("object-pull backoff", "flwr.supernode.start_client_internal:pull_objects, "
-             "flwr.supernode.runtime.run_clientapp:pull_and_inflate_object_from_tree",
-             "fedshield.deploy.supernode_main, .site_clientapp (via .supernode.quicken_object_pulls)",
+             "flwr.supernode.runtime.run_clientapp:pull_and_inflate_object_from_tree, "
+             "flwr.superlink.grid.http_grid:pull_objects",
+             "fedshield.deploy.supernode_main, .site_clientapp, server.app (via .supernode.quicken_object_pulls, "
+             ".serverapp.quicken_serverapp_pulls)",
              "replaced by a partial only when called; other parameters -> warning, Flower's 1-10 s backoff"),
     Internal("SuperNode heartbeat interval", "flwr.client.grpc_rere_client.connection:HEARTBEAT_DEFAULT_INTERVAL, "
              "flwr.supercore.heartbeat:HEARTBEAT_DEFAULT_INTERVAL; flwr.common.constant bounds", "fedshield.deploy.supernode_main (via "

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..config import RunConfig
 from ..protocol import RESUME_KEY
 from ..known_warnings import ignore_known_harmless
+from ..flower_internals.serverapp import quicken_serverapp_pulls
 from ..orphan_guard import exit_when_orphaned
 from .checkpoint import Checkpoint, load_checkpoint
 from .nodes import NodeWaitTimeout, wait_for_nodes
@@ -38,6 +39,7 @@ def read_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, bool]:
 def main(grid: Grid, context: Context) -> None:
     exit_when_orphaned()  # this process is Flower's flwr-serverapp, a child of the SuperLink
     ignore_known_harmless()
+    quicken_serverapp_pulls(grid)  # deployment: a reply's late object is retried in 0.02 s, not 1 s
     config, resume = read_run_config(context.run_config)
     checkpoint = load_checkpoint(config.out) if resume else None
     noise = calibrate_run(config) if checkpoint is None else None  # while the sites start, not after
