@@ -25,8 +25,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from .errors import ProtocolError
 
-__all__ = ["PACKED_KEY", "PACKED_STYPE", "is_packed", "pack_content", "pack_record", "unpack_content",
-           "unpack_record"]
+__all__ = ["PACKED_KEY", "PACKED_STYPE", "pack_content", "pack_record", "unpack_content", "unpack_record"]
 
 #: The one key of a packed ArrayRecord, and its Array's serialisation type (no numpy parser accepts it).
 PACKED_KEY = "__fedshield_packed__"
@@ -48,10 +47,6 @@ def pack_record(record: ArrayRecord) -> ArrayRecord:
     data = b"".join([_LENGTH.pack(len(head)), head, *blobs])
     packed = Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)
     return ArrayRecord({PACKED_KEY: packed})
-
-
-def is_packed(record: ArrayRecord) -> bool:
-    return PACKED_KEY in record
 
 
 def unpack_record(record: ArrayRecord) -> ArrayRecord:

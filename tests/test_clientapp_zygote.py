@@ -4,6 +4,7 @@ process and exits with its code. Real fork, real Unix socket, real processes."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -124,5 +125,5 @@ def test_a_forked_clientapp_finds_flowers_http_client_already_imported() -> None
     preload now leaves Flower's HTTP client and the FAB's zip nothing to import. Real interpreter, no mocks."""
     out = subprocess.run([sys.executable, "-c", _LEFT_TO_IMPORT], capture_output=True, text=True, timeout=120,
                          check=True)
-    left = eval(out.stdout.strip().splitlines()[-1])  # a printed list of module names
+    left = ast.literal_eval(out.stdout.strip().splitlines()[-1])  # a printed list of module names
     assert not [m for m in left if m.split(".")[0] in ("httpcore", "h11", "httpx", "encodings")], left

@@ -80,9 +80,10 @@ def test_a_hostile_coordinator_gets_every_attack_refused_and_runs_no_code_on_the
         result = run_app(APPS / "code_app", superlink.connection,
                          run_config={"out-file": str(code_out), "marker": str(marker)}, timeout=300)
         assert result.completed, result.log
-        hostile_out = tmp_path / "hostile.json"
+        hostile_out, pickle_marker = tmp_path / "hostile.json", tmp_path / "UNPICKLED"
         result = run_app(APPS / "hostile_app", superlink.connection, timeout=600,
-                         run_config={"out-file": str(hostile_out), "task": "digits", "node-id": str(node_ids["zygote"])})
+                         run_config={"out-file": str(hostile_out), "task": "digits", "node-id": str(node_ids["zygote"]),
+                                     "pickle-marker": str(pickle_marker)})
         assert result.completed, result.log
         assert all(c.proc.poll() is None for c in clients.values()), [c.text() for c in clients.values()]
     finally:
@@ -108,6 +109,12 @@ def test_a_hostile_coordinator_gets_every_attack_refused_and_runs_no_code_on_the
         assert (results[attack]["error"] or "").startswith(f"{POLICY_REFUSAL}: {rule}: "), (attack, results[attack])
         assert f"{POLICY_REFUSAL}: {rule}: " in client.text(), f"the site did not log its refusal of {attack}"
     assert results["over-budget"]["error"].startswith(P.BUDGET_REFUSAL), results["over-budget"]
+    # The wire: a packed array whose table lies is refused by name; a pickle, packed or not, is never unpickled.
+    assert results["packed-table-lies"]["error"].startswith("fedshield:ProtocolError: "), results["packed-table-lies"]
+    assert "claims more bytes" in results["packed-table-lies"]["error"]
+    for attack in ("packed-pickle", "plain-pickle"):
+        assert results[attack]["error"] and results[attack]["metrics"] is None, (attack, results[attack])
+    assert not pickle_marker.exists(), "a site unpickled what the server sent"
     # The server's seed does not choose the held-out records: two seeds, the same evaluation.
     assert results["seed-a"]["error"] is None and results["seed-a"]["metrics"] == results["seed-b"]["metrics"]
     # After all of it (sys:exit included) the site still trains an honest round, at its own delta.

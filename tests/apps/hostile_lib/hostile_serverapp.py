@@ -2,22 +2,28 @@
 
 It speaks fedshield's wire format (round config + global arrays) but chooses the round settings itself, as a
 malicious server would: DP off, almost no noise, a huge delta, an unknown accountant, foreign tasks, a budget-busting
-round, and evaluation under rotating seeds. It then sends an honest round. Every reply (error reason or metrics)
-is written to the run config's ``out-file`` for the test to read.
+round, and evaluation under rotating seeds; and on the wire itself: a packed array whose table lies about its
+size, and a pickle (which would create ``pickle-marker`` if a site ever unpickled it) inside a packed record and in
+a plain one. It then sends an honest round. Every reply (error reason or metrics) is written to the run config's
+``out-file`` for the test to read.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import struct
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedshield.config import RoundSettings
 from fedshield.tasks import get_task
+from fedshield.wire import PACKED_KEY, PACKED_STYPE, pack_record
 
 app = ServerApp()
 
@@ -45,6 +51,34 @@ def honest_config(task: str) -> dict[str, Any]:
     ).to_record_dict()
 
 
+class _Marker:
+    """Unpickling this creates the marker file: the proof a site would have run the server's code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+def _pickled(path: str) -> Array:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([_Marker(path)], dtype=object), allow_pickle=True)
+    return Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=buffer.getvalue())
+
+
+def wire_attacks(arrays: ArrayRecord, marker: str) -> dict[str, ArrayRecord]:
+    """name -> the model record a train message carries instead of the honest one."""
+    table = json.dumps([["w", "float32", [4], "numpy.ndarray", 10**6]]).encode()
+    lying = struct.pack("<Q", len(table)) + table + b"\0" * 16
+    return {
+        "packed-table-lies": ArrayRecord({PACKED_KEY: Array(dtype="uint8", shape=(len(lying),), stype=PACKED_STYPE,
+                                                            data=lying)}),
+        "packed-pickle": pack_record(ArrayRecord({**dict(arrays.items()), "evil": _pickled(marker)})),
+        "plain-pickle": ArrayRecord({**dict(arrays.items()), "evil": _pickled(marker)}),
+    }
+
+
 def _message(node: int, kind: str, config: dict[str, Any], arrays: ArrayRecord) -> Message:
     return Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=node, message_type=kind)
 
@@ -65,6 +99,9 @@ def main(grid: Grid, context: Context) -> None:
     honest = honest_config(task)
     names = list(ATTACKS)
     messages = [_message(node, ATTACKS[n][0], {**honest, **ATTACKS[n][1]}, arrays) for n in names]
+    for name, record in wire_attacks(arrays, str(context.run_config["pickle-marker"])).items():
+        names.append(name)
+        messages.append(_message(node, "train", honest, record))
     results = _exchange(grid, dict(zip(names, messages)))
     # After every attack: the site must still serve an honest round.
     results.update(_exchange(grid, {"honest-after": _message(node, "train", honest, arrays)}))
