@@ -10,9 +10,12 @@ bytes) are concatenated behind a JSON table, and unpacking rebuilds exactly the 
 above this layer can tell (and Flower's own ``Array.numpy`` still parses each array, ``allow_pickle=False``).
 
 Who packs: the server's grid (:class:`~fedshield.strategies.streaming.StreamingGrid`) packs what it sends and
-unpacks what it receives; the ClientApp's outermost mod unpacks a packed message and packs its reply the same way
-(a message that arrived unpacked gets an unpacked reply, so stock Flower servers and clients still work). The
-receiver checks the table strictly before it believes a byte: a hostile peer gets a :class:`ProtocolError`.
+unpacks what it receives; the ClientApp's outermost mod unpacks a packed message and packs its reply the same way.
+A message that arrived unpacked gets an unpacked reply, so a fedshield site still answers any server that does not
+pack; a fedshield server talks to fedshield sites only (its round settings need fedshield's ClientApp anyway), and a
+site of a fedshield older than this module refuses its packed messages with Flower's "Unsupported serialization
+type" error. The receiver checks the table strictly before it believes a byte: a hostile peer gets a
+:class:`ProtocolError`.
 """
 
 from __future__ import annotations
