@@ -44,6 +44,7 @@ from flwr.serverapp.strategy import Strategy
 from numpy.typing import NDArray
 
 from .. import protocol as P
+from ..arrays import record_to_numpy, to_numpy
 from ..errors import ConfigError, ProtocolError
 from ..flower_internals.serverapp import aggregate_metricrecords
 from ..privacy.client_level_mechanism import (
@@ -223,7 +224,7 @@ class _UpdateSum:
     """
 
     def __init__(self, base: ArrayRecord, *, clip_norm: float | None) -> None:
-        self.base = {k: a.numpy() for k, a in base.items()}
+        self.base = record_to_numpy(base)
         self.floating = [k for k, v in self.base.items() if np.issubdtype(v.dtype, np.floating)]
         self.clip_norm = clip_norm
         self.sums: dict[str, NDArray[np.float64]] = {k: np.zeros(self.base[k].shape) for k in self.floating}
@@ -231,7 +232,7 @@ class _UpdateSum:
         self.clipped = 0
 
     def add(self, arrays: ArrayRecord, clients: float) -> None:
-        update = {k: np.subtract(arrays[k].numpy(), self.base[k], dtype=np.float64) for k in self.floating}
+        update = {k: np.subtract(to_numpy(arrays[k]), self.base[k], dtype=np.float64) for k in self.floating}
         if self.clip_norm is not None:
             update, norm = clip_update(update, clip_norm=self.clip_norm)
             self.clipped += int(norm > self.clip_norm)

@@ -11,6 +11,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from .. import protocol as P
+from ..arrays import record_to_numpy
 from ..compression import dequantize_update, is_quantized
 from .wrapper import StrategyWrapper
 
@@ -34,7 +35,7 @@ class DequantizeUpdates(StrategyWrapper):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._global = {k: a.numpy() for k, a in arrays.items()}
+        self._global = record_to_numpy(arrays)
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     @property
@@ -51,7 +52,7 @@ class DequantizeUpdates(StrategyWrapper):
         every verdict and privacy charge is keyed by) is the reply's own. The reply itself is not modified."""
         if msg.has_error() or self._global is None or P.ARRAYS not in msg.content.array_records:
             return msg
-        packed = {k: a.numpy() for k, a in msg.content[P.ARRAYS].items()}
+        packed = record_to_numpy(msg.content[P.ARRAYS])
         if not is_quantized(packed):
             return msg
         update = dequantize_update(packed, self._global)

@@ -34,6 +34,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from ..arrays import to_numpy
 from ..flower_internals.secagg_keys import Stage
 from ..compression import secagg_field
 from ..errors import ConfigError, ProtocolError
@@ -361,7 +362,7 @@ def _common_arrays(contents: dict[int, RecordDict]) -> ArrayRecord:
 
 
 def _numpy_items(record: ArrayRecord) -> list[tuple[str, np.ndarray[Any, Any]]]:
-    return [(k, arr.numpy()) for k, arr in record.items()]
+    return [(k, to_numpy(arr)) for k, arr in record.items()]
 
 
 def _add_update(global_arr: np.ndarray[Any, Any], update: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import FedAvg
 from numpy.typing import NDArray
 
 from ..flower_internals.serverapp import InconsistentMessageReplies, log
+from ..arrays import to_numpy
 from ..errors import ProtocolError
 from ..protocol import MALFORMED_REPLY_CODE, REJECTED
 from ..wire import pack_content, unpack_content
@@ -63,7 +64,7 @@ class WeightedSum:
 
     def add(self, arrays: ArrayRecord, weight: float) -> None:
         for key, array in arrays.items():
-            value = array.numpy()  # decoded from the reply's bytes; dropped after this iteration
+            value = to_numpy(array)  # decoded from the reply's bytes; dropped after this iteration
             if key not in self._sums:
                 self._sums[key] = np.asarray(np.multiply(value, weight, dtype=np.float64))  # 0-d stays an array
                 self._dtypes[key] = np.result_type(value.dtype, 0.5)

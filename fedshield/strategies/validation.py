@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from .. import protocol as P
+from ..arrays import to_numpy
 from ..errors import ConfigError
 from ..protocol import REJECTED
 from .clear_values import DEFAULT_MAX_WEIGHT, check_clear_metrics, usable_metrics
@@ -245,12 +246,12 @@ def _check_arrays(arrays: ArrayRecord, global_arrays: ArrayRecord, max_update_no
                     f"{tuple(ref.shape)} {ref.dtype}")
     squared = 0.0
     for key, ref in global_arrays.items():
-        value = arrays[key].numpy()
+        value = to_numpy(arrays[key])
         bad = int(value.size - np.count_nonzero(np.isfinite(value))) if _is_inexact(value) else 0
         if bad:
             return f"{key!r} holds {bad} non-finite value(s) (NaN or infinity)"
         if max_update_norm is not None:
-            diff = np.subtract(value, ref.numpy(), dtype=np.float64).ravel()
+            diff = np.subtract(value, to_numpy(ref), dtype=np.float64).ravel()
             squared += float(np.dot(diff, diff))
     if max_update_norm is not None and not math.sqrt(squared) <= max_update_norm:
         return f"update norm {math.sqrt(squared):.6g} exceeds max-update-norm {max_update_norm:g}"

@@ -1,0 +1,125 @@
+"""fedshield.arrays.to_numpy: the same array as Flower's ``Array.numpy()``, and the same refusals."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from fedshield.arrays import from_numpy, record_to_numpy, to_numpy
+
+RNG = np.random.default_rng(7)
+CASES = {
+    "float32 conv": RNG.standard_normal((32, 1, 3, 3)).astype(np.float32),
+    "float64 0-d": np.asarray(3.5),
+    "int64 empty": np.arange(0),
+    "empty middle axis": np.zeros((2, 0, 3)),
+    "fortran order": np.asfortranarray(RNG.standard_normal((3, 4))),
+    "big-endian int32": np.array([1, -2, 3], dtype=">i4"),
+    "bool": np.array([True, False, True]),
+    "unicode": np.array(["ab", "c"]),
+    "structured": np.array([(1, 2.0)], dtype=[("a", "<i4"), ("b", "<f8")]),
+    "float16 3-d": RNG.standard_normal((2, 3, 4)).astype(np.float16),
+}
+
+
+def _raw(data: bytes) -> Array:
+    return Array(dtype="float32", shape=(1,), stype="numpy.ndarray", data=data)
+
+
+def _npy(value: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
+    buf = io.BytesIO()
+    if version is None:
+        np.save(buf, value, allow_pickle=False)
+    else:
+        np.lib.format.write_array(buf, value, version=version, allow_pickle=False)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_same_array_as_flower(name: str) -> None:
+    array = Array(CASES[name])
+    ours, flowers = to_numpy(array), array.numpy()
+    assert ours.dtype == flowers.dtype and ours.shape == flowers.shape
+    assert np.array_equal(ours, flowers)
+    assert ours.flags.writeable and ours.flags.f_contiguous == flowers.flags.f_contiguous
+    assert ours.tobytes(order="A") == flowers.tobytes(order="A")
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_every_npy_version(version: tuple[int, int]) -> None:
+    value = RNG.standard_normal((4, 5))
+    assert np.array_equal(to_numpy(_raw(_npy(value, version))), value)
+
+
+def test_a_result_is_its_own_copy() -> None:
+    array = Array(np.arange(6, dtype=np.float64))
+    first = to_numpy(array)
+    first[:] = -1.0
+    assert np.array_equal(to_numpy(array), np.arange(6, dtype=np.float64))
+
+
+def test_same_header_different_data() -> None:
+    """The header cache is keyed by the header's bytes only; the values always come from this array's data."""
+    a, b = RNG.standard_normal(8), RNG.standard_normal(8)
+    assert np.array_equal(to_numpy(Array(a)), a) and np.array_equal(to_numpy(Array(b)), b)
+
+
+def test_object_arrays_are_refused_as_flower_refuses_them() -> None:
+    data = _npy(np.array([1], dtype=np.int64)).replace(b"'<i8'", b"'|O' ")
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        _raw(data).numpy()
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        to_numpy(_raw(data))
+
+
+def test_truncated_data_is_refused() -> None:
+    data = _npy(np.arange(10, dtype=np.float64))[:-8]
+    with pytest.raises(ValueError):
+        _raw(data).numpy()
+    with pytest.raises(ValueError, match="truncated"):
+        to_numpy(_raw(data))
+
+
+@pytest.mark.parametrize("data", [b"", b"not an array at all", b"\x93NUMPY\x01\x00\x50\x00{'descr': nonsense"],
+                         ids=["empty", "no magic", "bad header"])
+def test_malformed_bytes_fail_like_flower(data: bytes) -> None:
+    with pytest.raises((ValueError, EOFError)) as flowers:
+        _raw(data).numpy()
+    with pytest.raises(flowers.type):
+        to_numpy(_raw(data))
+
+
+def test_foreign_serialisation_type_is_flowers_type_error() -> None:
+    array = Array(dtype="uint8", shape=(3,), stype="fedshield.packed.v1", data=b"abc")
+    with pytest.raises(TypeError, match="Unsupported serialization type"):
+        to_numpy(array)
+
+
+def test_record_to_numpy_decodes_every_array() -> None:
+    record = ArrayRecord({"w": Array(CASES["float32 conv"]), "b": Array(CASES["float64 0-d"])})
+    out = record_to_numpy(record)
+    assert list(out) == ["w", "b"]
+    assert np.array_equal(out["w"], CASES["float32 conv"]) and out["b"].shape == ()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_from_numpy_writes_flowers_bytes(name: str) -> None:
+    for _ in range(2):  # the second call reuses the cached header
+        ours, flowers = from_numpy(CASES[name]), Array(CASES[name])
+        assert (ours.dtype, tuple(ours.shape), ours.stype, ours.data) == (
+            flowers.dtype, tuple(flowers.shape), flowers.stype, flowers.data)
+
+
+def test_from_numpy_of_a_non_contiguous_view_and_a_fortran_array() -> None:
+    base = RNG.standard_normal((6, 8))
+    for value in (base[::2, 1::3], np.asfortranarray(base), base.T):
+        assert from_numpy(value).data == Array(value).data
+        assert np.array_equal(to_numpy(from_numpy(value)), value)
+
+
+def test_from_numpy_refuses_object_arrays() -> None:
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        from_numpy(np.array([{"a": 1}], dtype=object))
