@@ -97,3 +97,21 @@ def test_user_task_fixes_and_errors_name_the_problem(user_module: str) -> None:
         get_task(f"{user_module}:nope")
     with pytest.raises(ConfigError, match="cannot import module 'no_such_pkg.x'"):
         get_task("no_such_pkg.x:build")
+
+
+@pytest.mark.parametrize("name", ["digits", "breast-cancer"])
+def test_new_model_is_the_torch_manual_seed_model_and_leaves_the_global_rng_alone(name: str) -> None:
+    """new_model seeds only the CPU generator (the fast path): the weights are exactly those torch.manual_seed gives,
+    and the caller's random state is untouched."""
+    import torch
+
+    task = get_task(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        expected = task.build_model().state_dict()
+    before = torch.random.get_rng_state()
+    got = task.new_model(11).state_dict()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+    assert not all(torch.equal(a, b) for a, b in zip(got.values(), task.new_model(12).state_dict().values()))
