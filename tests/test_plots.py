@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fedshield.config import RunConfig
 from fedshield.server.plots import BUDGET_LABEL, draw_figure
-from fedshield.server.report import RunWriter
+from fedshield.server.run_writer import RunWriter
 
 ROWS = [{"round": r, "accuracy": 0.5 + r / 100, "epsilon_max": 0.7 * r} for r in range(1, 11)]
 

@@ -1,22 +1,17 @@
-"""The run directory: ``metrics.jsonl``, ``privacy.json``, ``model.safetensors``, ``config.json`` and plots.
+"""The run's privacy report (``privacy.json``): each client's record-level spend and the run's client-level one.
 
-Every file is rewritten atomically after each round, so a crash leaves the last completed round's report intact.
-Every epsilon in ``privacy.json`` sits beside the mechanism parameters that produce it; :func:`recompute_epsilon`
+:class:`~fedshield.server.run_writer.RunWriter` writes it after every round. Every epsilon in ``privacy.json`` sits beside the mechanism parameters that produce it; :func:`recompute_epsilon`
 is what a reader would run to check it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .. import protocol as P
-from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..config import RunConfig
 from ..protocol import RoundSettings
 from ..privacy.accounting import compact_history
@@ -24,7 +19,7 @@ from ..privacy.mechanisms import SKELLAM_ACCOUNTANT, history_epsilon, history_st
 from ..privacy.client_level_mechanism import accounting_sample_rate, client_level_epsilon
 from ..strategies.outcomes import ReleaseEvent
 
-__all__ = ["ClientPrivacy", "PrivacyReport", "RunWriter", "recompute_epsilon", "recompute_client_epsilon"]
+__all__ = ["ClientPrivacy", "PrivacyReport", "recompute_epsilon", "recompute_client_epsilon"]
 
 PRIVACY_FORMAT = "fedshield-privacy/1"
 #: A simulated client tags its error replies with its name, so a refusal is attributed to the right client.
@@ -187,7 +182,16 @@ class PrivacyReport:
         return client
 
     def to_state(self) -> list[dict[str, Any]]:
-        return [dataclasses.asdict(c) for c in self.clients.values()]
+        """Every client's fields as plain JSON values (what ``dataclasses.asdict`` gives, without its deep copy of
+        every value: this runs after every round, for every client)."""
+        return [
+            {"name": c.name, "node_id": c.node_id, "partition_id": c.partition_id,
+             "history": [tuple(h) for h in c.history], "rounds_trained": list(c.rounds_trained),
+             "reported_epsilon": c.reported_epsilon, "reported_steps": c.reported_steps,
+             "stopped_on_budget": c.stopped_on_budget, "stopped_round": c.stopped_round,
+             "failures": [dict(f) for f in c.failures], "charged_unconfirmed": list(c.charged_unconfirmed)}
+            for c in self.clients.values()
+        ]
 
     def load_state(self, state: list[dict[str, Any]]) -> None:
         for raw in state:
@@ -337,39 +341,3 @@ def recompute_epsilon(entry: dict[str, Any]) -> float:
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
-
-
-class RunWriter:
-    """Owns the run directory; every write is atomic."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = Path(out)
-        self.rounds: list[dict[str, Any]] = []
-        self.epsilon_budget: float | None = None
-
-    def prepare(self, config: RunConfig) -> None:
-        self.epsilon_budget = config.epsilon if config.dp else None  # drawn on epsilon.png
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.out / "config.json", config.to_flat_dict())
-
-    def add_round(self, row: dict[str, Any]) -> None:
-        self.rounds.append(row)
-        text = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in self.rounds)
-        atomic_write_text(self.out / "metrics.jsonl", text)
-
-    def write_privacy(self, report: PrivacyReport | dict[str, Any]) -> None:
-        """``report``: the report, or its ``to_json()`` when the caller already built it (built once a round)."""
-        atomic_write_json(self.out / "privacy.json", report if isinstance(report, dict) else report.to_json())
-
-    def write_model(self, state_dict: dict[str, Any], metadata: dict[str, str]) -> None:
-        from safetensors.torch import save
-
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-        atomic_write_bytes(self.out / "model.safetensors", save(tensors, metadata=metadata))
-
-    def write_plots(self) -> None:
-        from .plots import FIGURES, draw_figure, render_png
-
-        for name, key, label in FIGURES:
-            budget = self.epsilon_budget if key == "epsilon_max" else None
-            atomic_write_bytes(self.out / name, render_png(draw_figure(self.rounds, key, label, budget=budget)))

@@ -12,18 +12,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 
-from ..config import RunConfig
 from ..privacy.accounting import cancel_prefetch, wait_prefetched
 from ..strategies.outcomes import RoundOutcomes
 from .accounting_ahead import prefetch_next_round, prefetch_planned_horizon
 from .checkpoint import Checkpoint, capture_strategy_state, restore_strategy_state, save_checkpoint
 from .plan import RunPlan, round_settings
 from .records import RoundRecord, RunSummary
-from .report import PrivacyReport, RunWriter
+from .report import PrivacyReport
+from .run_writer import RunWriter
 from .round_row import round_row
 
 __all__ = ["RunReporter"]
