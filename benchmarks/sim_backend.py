@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedshield.flower_internals.serde import decode_message
-from fedshield.simulation.local_backend import PRELOAD, LocalPool
+from fedshield.simulation.local_pool import PRELOAD, LocalPool
 
 echo = ClientApp()
 

@@ -48,7 +48,7 @@ INTERNALS: tuple[Internal, ...] = (
              "Flower's; canary checks run_api's arguments, its module lookup and Backend's abstract methods"),
     Internal("message and context serde", "flwr.common.serde:message_to_proto / message_from_proto / "
              "context_to_proto / context_from_proto, flwr.proto.message_pb2:Message, Context",
-             "fedshield.simulation.local_backend, .local_worker (via .serde)",
+             "fedshield.simulation.local_pool, .local_worker (via .serde)",
              "canary imports every name and round-trips a Message and a Context"),
     Internal("SecAgg+ client mod pieces", "flwr.client.mod.secure_aggregation.secaggplus_mod:SecAggPlusState, "
              "check_configs, check_stage", "fedshield.client.secaggplus", "canary imports every name (.secagg)"),

@@ -1,6 +1,6 @@
 """Flower's own protobuf serialization of a ``Message`` and a ``Context`` (``flwr.common.serde``, ``flwr.proto``).
 
-Why: the local simulation backend (:mod:`fedshield.simulation.local_backend`) hands each ClientApp call to a worker
+Why: the local simulation backend (:mod:`fedshield.simulation.local_pool`) hands each ClientApp call to a worker
 process; Flower's wire format carries exactly what its SuperLink/SuperNode carry, so nothing is pickled.
 """
 

@@ -66,14 +66,18 @@ def engine_backend(
 ) -> Iterator[dict[str, Any]]:
     """Inside, ``run_simulation`` runs on ``backend``; yields the ``backend_config`` to pass it.
 
-    Enter it in the thread that calls ``run_simulation`` (the local backend forks its workers here, with Opacus
-    already imported when ``dp_sgd``).
+    Enter it in the thread that calls ``run_simulation``, as early as possible: the local backend forks its workers
+    here (with Opacus already imported when ``dp_sgd``), and they warm up while the caller imports Flower's engine
+    and builds the ServerApp.
     """
     if backend == "local":
-        from .local_backend import local_backend
+        from .local_pool import forked_pool
 
-        with local_backend(client_app, num_clients=num_clients, cpus_per_client=cpus_per_client, dp_sgd=dp_sgd):
-            yield {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}}
+        with forked_pool(client_app, num_clients=num_clients, cpus_per_client=cpus_per_client, dp_sgd=dp_sgd) as pool:
+            from .local_backend import local_backend  # Flower's engine: imported while the workers warm up
+
+            with local_backend(pool):
+                yield {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}}
         return
     from .ray_local import loopback_ray
 

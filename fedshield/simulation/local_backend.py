@@ -4,171 +4,23 @@ Why: Ray's start (GCS, raylet, workers importing torch) costs 10-30 s on a small
 small simulation. Everything else stays Flower's: its engine registers the nodes, keeps each node's ``Context``
 (``DeprecatedRunInfoStore``), queues the messages and turns a raised ClientApp into its error reply; only the
 ``Backend`` that runs one ``(Message, Context)`` differs (:func:`fedshield.flower_internals.simulation.swap_backend`).
-
-The pool is forked from the calling thread *before* Flower's engine starts its threads (a fork copies only the
-calling thread, so no lock another thread holds can be copied locked), with the modules a ClientApp needs already
-imported. Each worker: one message at a time, torch limited to the CPUs Ray would reserve for it, killed by the
-kernel if the simulating process dies (``PR_SET_PDEATHSIG``), gone when the pipe closes. A ClientApp that raises
-leaves its worker serving; a worker that dies (a crash in native code, the OOM killer) fails the message it held
-with an error reply and is not replaced: the run goes on with the others and fails every later message once none
-is left, each reply naming the cause.
+The workers themselves are :class:`fedshield.simulation.local_pool.LocalPool`'s, forked before this module (and
+Flower's engine with it) is imported.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
-import os
-import queue
-import signal
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from multiprocessing import Pipe
-from multiprocessing.connection import Connection
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from ..errors import FedshieldError
-from ..flower_internals.serde import decode_context, decode_message, encode_context, encode_message
 from ..flower_internals.simulation import Backend, ClientAppException, swap_backend
-from .local_worker import OK, child_main
+from .local_pool import ClientAppRaised, LocalPool
 
-__all__ = ["LocalBackend", "LocalPool", "local_backend", "pool_size"]
-
-log = logging.getLogger(__name__)
-
-#: Imported once in the simulating process before forking, so no worker imports them again.
-PRELOAD = ("torch", "fedshield.training", "fedshield.client.trainer", "fedshield.privacy.dpsgd")
-#: Added when clients run DP-SGD: Opacus takes seconds to import (50 s measured under load 13 on 2 cores), so a run
-#: without record-level DP does not pay for it.
-PRELOAD_DP = ("opacus", "opacus.accountants")
-_STOP_WAIT_S = 10.0
-
-
-def pool_size(num_clients: int, cpus_per_client: float) -> int:
-    """Ray's actor count (CPUs // CPUs per client), but never more workers than clients."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(num_clients, int(cores // cpus_per_client)))
-
-
-@dataclass
-class _Worker:
-    pid: int
-    conn: Connection
-
-    def call(self, message: bytes, context: bytes) -> list[bytes]:
-        self.conn.send_bytes(message)
-        self.conn.send_bytes(context)
-        head = self.conn.recv_bytes()
-        return [head, self.conn.recv_bytes()] + ([self.conn.recv_bytes()] if head == OK else [])
-
-
-class LocalPool:
-    """N forked workers lent out one message at a time; :meth:`close` ends them (idempotent)."""
-
-    def __init__(self, app: ClientApp, *, workers: int, threads: int, preload: tuple[str, ...] = PRELOAD) -> None:
-        self.app = app
-        self._idle: queue.Queue[_Worker] = queue.Queue()
-        self._lock = threading.Lock()
-        self._alive: dict[int, _Worker] = {}
-        self._closed = False
-        for module in preload:
-            importlib.import_module(module)
-        for _ in range(workers):
-            self._fork(threads)
-
-    @property
-    def size(self) -> int:
-        return len(self._alive)
-
-    def pids(self) -> list[int]:
-        return sorted(self._alive)
-
-    def has_idle(self) -> bool:
-        return not self._idle.empty()
-
-    def _fork(self, threads: int) -> None:
-        parent_end, child_end = Pipe(duplex=True)
-        others = [w.conn for w in self._alive.values()] + [parent_end]
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # the child never returns from here
-            child_main(child_end, self.app, threads=threads, parent_pid=parent, close=others)
-        child_end.close()
-        worker = _Worker(pid, parent_end)
-        self._alive[pid] = worker
-        self._idle.put(worker)
-
-    def run(self, message: Message, context: Context) -> tuple[Message, Context]:
-        """Run the ClientApp on one idle worker; raise ``ClientAppException`` if it raised."""
-        request = (encode_message(message), encode_context(context))
-        worker = self._lend()
-        try:
-            frames = worker.call(*request)
-        except (EOFError, OSError) as exc:
-            raise self._bury(worker, exc) from exc
-        self._idle.put(worker)
-        if frames[0] != OK:
-            raise ClientAppException(frames[1].decode(errors="replace"))
-        return decode_message(frames[1]), decode_context(frames[2])
-
-    def _lend(self) -> _Worker:
-        while True:
-            try:
-                return self._idle.get(timeout=1.0)
-            except queue.Empty:
-                if not self._alive or self._closed:
-                    raise FedshieldError(
-                        "every local simulation worker has died (see the log above for each exit status); "
-                        "rerun, or run with --backend ray to isolate clients in Ray actors"
-                    ) from None
-
-    def _bury(self, worker: _Worker, exc: BaseException) -> FedshieldError:
-        with self._lock:
-            self._alive.pop(worker.pid, None)
-        worker.conn.close()
-        status = _reap(worker.pid, wait_s=1.0)
-        log.error("local simulation worker %d died (%s) while running a ClientApp; %d workers remain",
-                  worker.pid, status, len(self._alive))
-        return FedshieldError(f"the local worker {worker.pid} running this ClientApp died ({status}: {exc!r}); "
-                              f"the run goes on with {len(self._alive)} workers")
-
-    def close(self) -> None:
-        """Close every pipe (a waiting worker exits at once), wait a bounded time, then SIGKILL what is left."""
-        with self._lock:
-            self._closed = True
-            workers, self._alive = list(self._alive.values()), {}
-        for worker in workers:
-            worker.conn.close()
-        deadline = time.monotonic() + _STOP_WAIT_S
-        for worker in workers:
-            _reap(worker.pid, wait_s=max(0.0, deadline - time.monotonic()))
-
-
-def _reap(pid: int, *, wait_s: float) -> str:
-    """Wait up to ``wait_s`` for ``pid`` to exit, SIGKILL it after that; its exit status in words."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return "already reaped"
-        if done:
-            return _describe(status)
-        if time.monotonic() >= deadline:
-            os.kill(pid, signal.SIGKILL)
-            return _describe(os.waitpid(pid, 0)[1]) + " after SIGKILL"
-        time.sleep(0.02)
-
-
-def _describe(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit code {os.WEXITSTATUS(status)}"
+__all__ = ["LocalBackend", "local_backend"]
 
 
 class LocalBackend(Backend):
@@ -191,25 +43,20 @@ class LocalBackend(Backend):
         return self._pool.has_idle()
 
     def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
-        return self._pool.run(message, context)
+        try:
+            return self._pool.run(message, context)
+        except ClientAppRaised as exc:  # Flower's engine turns this one into the node's error reply
+            raise ClientAppException(str(exc)) from exc
 
     def terminate(self) -> None:
         self._pool.close()
 
 
 @contextmanager
-def local_backend(
-    app: ClientApp, *, num_clients: int, cpus_per_client: float = 1.0, dp_sgd: bool = True
-) -> Iterator[LocalPool]:
-    """Inside, ``run_simulation`` runs ``app`` on a pool of forked workers; the workers end with the block.
+def local_backend(pool: LocalPool) -> Iterator[LocalPool]:
+    """Inside, ``run_simulation`` runs the ClientApp on ``pool``'s workers (the pool's owner closes it).
 
-    Enter it in the thread that will call ``run_simulation``, before the call (see the module docstring).
-    ``dp_sgd``: the clients run DP-SGD, so Opacus is imported before forking too.
+    Enter it in the thread that will call ``run_simulation``, before the call.
     """
-    pool = LocalPool(app, workers=pool_size(num_clients, cpus_per_client), threads=max(1, int(cpus_per_client)),
-                     preload=PRELOAD + (PRELOAD_DP if dp_sgd else ()))
-    try:
-        with swap_backend(lambda: LocalBackend(pool)):
-            yield pool
-    finally:
-        pool.close()
+    with swap_backend(lambda: LocalBackend(pool)):
+        yield pool

@@ -13,13 +13,17 @@ import math
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
-
+from typing import TYPE_CHECKING, Any
 
 from ..config import RunConfig
 from ..errors import ConfigError, FedshieldError
 from ..server.checkpoint import Checkpoint, load_resume
 from ..server.records import RoundRecord, RunSummary
 from .engine import choose_backend
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
 
 __all__ = ["simulate", "preflight", "check_client_resources", "load_resume"]
 
@@ -119,34 +123,47 @@ def simulate(
     check_client_resources(
         config, cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client, ray_address=ray_address
     )
-    from flwr.simulation import run_simulation
-
     from ..client.app import app as client_app
-    from ..server.app import build_server_app
-    from .dispatch import one_pass_dispatch
     from .engine import engine_backend
     from .reaper import reap_on_exit
-    from .wake import event_driven_link
 
     results: list[RunSummary] = []
     errors: list[BaseException] = []
-    state_root = str((config.out / "clients").resolve())
-    server_app = build_server_app(
-        config, on_round=on_round, result=results, errors=errors, state_root=state_root, resume=resume
-    )
+    # The backend first: the local one forks its workers now, and they warm up while this process imports Flower's
+    # engine and builds the ServerApp (in _run_engine).
     engine = engine_backend(backend, client_app=client_app, num_clients=config.num_clients,
                             cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client,
                             ray_address=ray_address, ray_temp_dir=ray_temp_dir, verbose=verbose, dp_sgd=config.dp)
-    # Flower's own dispatch walks every message once per node (O(N x M) a sweep) and polls on fixed ticks;
-    # --dispatch flower keeps both (the escape hatch if a Flower upgrade breaks ours).
-    ours = config.dispatch == "fedshield"
-    dispatch = one_pass_dispatch() if ours else nullcontext()
-    wake = event_driven_link() if ours else nullcontext()
-    with reap_on_exit(), engine as backend_config, dispatch, wake:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_clients,
-                       backend_config=backend_config)
+    with reap_on_exit(), engine as backend_config:
+        server_app = _server_app(config, on_round=on_round, results=results, errors=errors, resume=resume)
+        _run_engine(config, server_app, client_app, backend_config)
     if errors:
         raise errors[0]
     if not results:
         raise FedshieldError("the simulation ended without a result; run with --verbose to see Flower's log")
     return results[0]
+
+
+def _server_app(config: RunConfig, *, on_round: Callable[[RoundRecord], None] | None, results: list[RunSummary],
+                errors: list[BaseException], resume: Checkpoint | None) -> ServerApp:
+    from ..server.app import build_server_app
+
+    state_root = str((config.out / "clients").resolve())
+    return build_server_app(config, on_round=on_round, result=results, errors=errors, state_root=state_root,
+                            resume=resume)
+
+
+def _run_engine(config: RunConfig, server_app: ServerApp, client_app: ClientApp, backend_config: dict[str, Any]
+                ) -> None:
+    """Flower's ``run_simulation``, with fedshield's event-driven dispatch unless ``--dispatch flower``."""
+    from flwr.simulation import run_simulation
+
+    from .dispatch import one_pass_dispatch
+    from .wake import event_driven_link
+
+    # Flower's own dispatch walks every message once per node (O(N x M) a sweep) and polls on fixed ticks;
+    # --dispatch flower keeps both (the escape hatch if a Flower upgrade breaks ours).
+    ours = config.dispatch == "fedshield"
+    with one_pass_dispatch() if ours else nullcontext(), event_driven_link() if ours else nullcontext():
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_clients,
+                       backend_config=backend_config)
