@@ -23,8 +23,8 @@ from ..errors import ConfigError, PrivacyError
 from . import calibration_cache
 from .rdp_memo import memoised_rdp
 
-__all__ = ["HistoryEntry", "compact_history", "epsilon", "calibrate_noise_multiplier", "prefetch_epsilon",
-           "cancel_prefetch", "wait_prefetched"]
+__all__ = ["HistoryEntry", "compact_history", "epsilon", "known_epsilon", "calibrate_noise_multiplier",
+           "prefetch_epsilon", "cancel_prefetch", "wait_prefetched"]
 
 HistoryEntry = tuple[float, float, int]
 _Key = tuple[tuple[HistoryEntry, ...], float, str]
@@ -35,6 +35,9 @@ _ACCOUNTANT_LOCK = threading.RLock()
 #: Epsilons being computed now, by history: a second caller waits for the first instead of computing it again.
 _flights: dict[_Key, Future[float]] = {}
 _flights_lock = threading.Lock()
+#: Epsilons computed so far, readable without computing (:func:`known_epsilon`); oldest dropped past the bound.
+_known: dict[_Key, float] = {}
+_KNOWN_MAX = 4096
 
 
 def compact_history(history: Iterable[Sequence[float]]) -> tuple[HistoryEntry, ...]:
@@ -53,6 +56,19 @@ def compact_history(history: Iterable[Sequence[float]]) -> tuple[HistoryEntry, .
 def epsilon(history: Iterable[Sequence[float]], *, delta: float, accountant: str = "prv") -> float:
     """Epsilon spent by ``history`` at ``delta``. Empty history: 0. Any step without noise: infinity."""
     return _single_flight(_key(history, delta, accountant))
+
+
+def known_epsilon(history: Iterable[Sequence[float]], *, delta: float, accountant: str = "prv") -> float | None:
+    """The epsilon of ``history`` if it has been computed in this process, else None; never computes.
+
+    Why: a report written while a run goes on can say "pending" instead of making the run wait for an accountant
+    whose cost grows with every round (:meth:`fedshield.server.report.PrivacyReport.client_level_json`).
+    """
+    key = _key(history, delta, accountant)
+    if not key[0]:
+        return 0.0
+    with _flights_lock:
+        return _known.get(key)
 
 
 def prefetch_epsilon(
@@ -144,6 +160,10 @@ def _single_flight(key: _Key) -> float:
     finally:
         with _flights_lock:
             _flights.pop(key, None)
+    with _flights_lock:
+        if len(_known) >= _KNOWN_MAX:
+            del _known[next(iter(_known))]
+        _known[key] = value
     flight.set_result(value)
     return value
 

@@ -59,16 +59,19 @@ def build_server_app(
     errors: list[BaseException] | None = None,
     state_root: str = "",
     resume: Checkpoint | None = None,
+    accounting_ahead: bool = True,
 ) -> ServerApp:
     """A ServerApp bound to ``config``. Flower runs it in a thread and only logs its exceptions, so they are
-    handed back through ``errors`` for the caller to re-raise."""
+    handed back through ``errors`` for the caller to re-raise. ``accounting_ahead``: see
+    :class:`~fedshield.server.reporter.RunReporter`."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
             wait_for_nodes(grid, config.num_clients, timeout=config.node_wait_timeout)
-            summary = run_server(grid, config, on_round=on_round, state_root=state_root, resume=resume)
+            summary = run_server(grid, config, on_round=on_round, state_root=state_root, resume=resume,
+                                 accounting_ahead=accounting_ahead)
         except BaseException as exc:  # handed back to the caller's thread, which re-raises it
             if errors is not None:
                 errors.append(exc)

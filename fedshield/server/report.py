@@ -14,7 +14,7 @@ from typing import Any
 from .. import protocol as P
 from ..config import RunConfig
 from ..protocol import RoundSettings
-from ..privacy.accounting import compact_history
+from ..privacy.accounting import compact_history, known_epsilon
 from ..privacy.mechanisms import SKELLAM_ACCOUNTANT, history_epsilon, history_steps
 from ..privacy.client_level_mechanism import accounting_sample_rate, client_level_epsilon
 from ..strategies.outcomes import ReleaseEvent
@@ -85,14 +85,27 @@ class PrivacyReport:
     def client_level_history(self) -> list[tuple[float, float, int]]:
         return list(compact_history((r["noise_multiplier"], r["sample_rate"], 1) for r in self.client_releases))
 
-    def client_level_json(self) -> dict[str, Any]:
-        """The run's client-level guarantee with every parameter needed to recompute it."""
+    def client_level_json(self, *, wait: bool = True) -> dict[str, Any]:
+        """The run's client-level guarantee with every parameter needed to recompute it.
+
+        ``wait=False`` (a report written while the run goes on): an epsilon not computed yet is written as pending
+        (``epsilon`` null, ``epsilon_pending`` true) beside its history, and the run does not wait for the
+        accountant (its cost grows with the releases: ~1 s at 30 rounds of z 0.3, more than a round of a small
+        model). The report at the end of the run always waits: it has the epsilon.
+        """
         c = self.config
         if c.client_dp == "off":
             return {"enabled": False, "mode": "off", "epsilon": None,
                     "statement": "NO client-level DP: whether a client took part is not protected (--client-dp off)"}
         history = self.client_level_history()
-        eps = client_level_epsilon(history, delta=c.delta, accountant=c.accountant)
+        if wait:
+            eps: float | None = client_level_epsilon(history, delta=c.delta, accountant=c.accountant)
+        else:
+            eps = known_epsilon(history, delta=c.delta, accountant=c.accountant)
+        return self._client_level_section(history, eps)
+
+    def _client_level_section(self, history: list[tuple[float, float, int]], eps: float | None) -> dict[str, Any]:
+        c = self.config
         q = accounting_sample_rate(sampling=c.client_sampling, fraction=c.fraction_train)
         return {
             "enabled": True,
@@ -114,13 +127,13 @@ class PrivacyReport:
             "rounds_released": len(self.client_releases),
             "history": [list(h) for h in history],
             "releases": self._public_releases(),
-            "epsilon": _finite(eps),
+            "epsilon": None if eps is None else _finite(eps),
+            "epsilon_pending": eps is None,
             "dropouts": ("distributed: a round with m of n expected noise shares is accounted at z*sqrt(m/n) "
                          "(conservative, no server top-up)" if c.client_dp == "distributed"
                          else "central: the server adds the full noise every round"),
             "trust": _client_trust(c.client_dp, c.secagg),
-            "statement": (f"the released models are ({eps:.4g}, {c.delta:g})-DP under "
-                          f"{_client_adjacency(c.client_sampling)}" if math.isfinite(eps) else "no finite guarantee"),
+            "statement": _client_statement(eps, c.delta, _client_adjacency(c.client_sampling)),
         }
 
     def use_distributed(self, terms: Any, dim: int) -> None:
@@ -209,7 +222,8 @@ class PrivacyReport:
         values = [self.client_epsilon(c) for c in self.clients.values()]
         return max(values) if values else 0.0
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, *, final: bool = True) -> dict[str, Any]:
+        """The whole report; ``final=False`` while the run goes on (see :meth:`client_level_json`)."""
         c = self.config
         clients = {}
         for client in sorted(self.clients.values(), key=lambda x: (x.partition_id is None, x.partition_id or 0, x.node_id)):
@@ -270,7 +284,7 @@ class PrivacyReport:
             "in_clear": IN_CLEAR if c.dp else "--no-dp: train replies also carry the exact record count and loss",
             "randomness": _randomness(self.clients.values()),
             "clients": clients,
-            "client_level": self.client_level_json(),
+            "client_level": self.client_level_json(wait=final),
             "distributed": None if self.last_settings is None else self._distributed_json(self.last_settings),
         }
 
@@ -311,6 +325,15 @@ def recompute_client_epsilon(section: dict[str, Any]) -> float:
     """Recompute the run's client-level epsilon from the ``client_level`` section of ``privacy.json``."""
     return client_level_epsilon([tuple(h) for h in section["history"]], delta=section["delta"],
                                 accountant=section["accountant"])
+
+
+def _client_statement(eps: float | None, delta: float, adjacency: str) -> str:
+    if eps is None:
+        return ("epsilon pending: computed at the end of the run (or recompute it now from the history above with "
+                "fedshield.server.report.recompute_client_epsilon)")
+    if not math.isfinite(eps):
+        return "no finite guarantee"
+    return f"the released models are ({eps:.4g}, {delta:g})-DP under {adjacency}"
 
 
 def _client_adjacency(sampling: str) -> str:

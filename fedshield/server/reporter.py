@@ -37,10 +37,16 @@ class RunReporter:
         plan: the run.
         stateful: the strategy layers whose state goes into the checkpoint (``StrategyStack.stateful``).
         clock: seconds, for the round and wall times in each row (monotonic).
+        accounting_ahead: compute the planned run's client-level epsilon in the background from the first round
+            (:func:`~fedshield.server.accounting_ahead.prefetch_planned_horizon`), so the final report finds it
+            done. Right when rounds leave the machine idle (a deployment waits on its sites); a simulation on a
+            small machine keeps every core busy, and there the background accountant slowed each round by half
+            (Python's GIL, and the cores), so it computes the epsilon once, at the end.
     """
 
     def __init__(
-        self, plan: RunPlan, stateful: Mapping[str, object], *, clock: Callable[[], float] = time.monotonic
+        self, plan: RunPlan, stateful: Mapping[str, object], *, clock: Callable[[], float] = time.monotonic,
+        accounting_ahead: bool = True,
     ) -> None:
         config = plan.config
         self.plan, self.stateful, self._clock = plan, stateful, clock
@@ -49,6 +55,7 @@ class RunReporter:
         self.report = PrivacyReport(config, plan.noise_multiplier, client_noise_multiplier=plan.client_noise_multiplier)
         self.summary = RunSummary(config, plan.noise_multiplier)
         self._start = self._last = clock()
+        self._accounting_ahead = accounting_ahead
 
     def resume(self, ckpt: Checkpoint) -> None:
         """Continue from ``ckpt``: its strategy state, privacy records and rows."""
@@ -62,7 +69,8 @@ class RunReporter:
         """The next round's time counts from now (called after the initial evaluation); the epsilons its report
         will need start computing in the background (:mod:`.accounting_ahead`)."""
         prefetch_next_round(self.report, self.plan, self.plan.done + 1)
-        prefetch_planned_horizon(self.report, self.plan, self.plan.done + 1)
+        if self._accounting_ahead:
+            prefetch_planned_horizon(self.report, self.plan, self.plan.done + 1)
         self._last = self._clock()
 
     def record_round(
@@ -82,7 +90,9 @@ class RunReporter:
         save_checkpoint(self.plan.config.out, self._checkpoint(server_round, state))
         meta = {"round": str(server_round), "task": self.plan.config.task, "run_id": self.plan.run_id}
         self.writer.write_model(state, meta)
-        self.summary.privacy = self.report.to_json()
+        # Before the last planned round the client-level epsilon may still be computing: written as pending, never
+        # waited for (it is the last round's, or finish()'s, report that has it).
+        self.summary.privacy = self.report.to_json(final=server_round >= self.plan.config.num_rounds)
         self.writer.write_privacy(self.summary.privacy)
         prefetch_next_round(self.report, self.plan, server_round + 1)
         for r in outcomes.replies:
@@ -96,6 +106,9 @@ class RunReporter:
         is let finish first, so the process never exits under a thread that is inside NumPy."""
         cancel_prefetch()
         wait_prefetched(timeout=60.0)
+        if self.summary.privacy.get("client_level", {}).get("epsilon_pending"):  # the run stopped early
+            self.summary.privacy = self.report.to_json()
+            self.writer.write_privacy(self.summary.privacy)
         self.writer.write_plots()
         return self.summary
 

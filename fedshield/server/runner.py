@@ -52,9 +52,11 @@ def run_server(
     state_root: str = "",
     resume: Checkpoint | None = None,
     noise: RunNoise | None = None,
+    accounting_ahead: bool = True,
 ) -> RunSummary:
     """Run (or, with ``resume``, continue) the rounds of ``config`` on ``grid``; checkpoint after every round.
     ``noise``: a new run's mechanism if already calibrated (:func:`~fedshield.server.plan.calibrate_run`).
+    ``accounting_ahead``: see :class:`~fedshield.server.reporter.RunReporter`.
 
     The grid is wrapped in a :class:`~fedshield.strategies.streaming.StreamingGrid`, in simulation and deployment
     alike, so replies reach the aggregation as they arrive.
@@ -65,7 +67,7 @@ def run_server(
     plan = plan_run(config, resume, state_root=state_root, frozen_digest=frozen_digest(model), noise=noise)
     distributed = _distributed_hooks(plan, model)
     stack = build_strategy(config, client_noise_multiplier=plan.client_noise_multiplier, distributed=distributed)
-    reporter = RunReporter(plan, stack.stateful)
+    reporter = RunReporter(plan, stack.stateful, accounting_ahead=accounting_ahead)
     if plan.distributed is not None:
         reporter.report.use_distributed(plan.distributed, _trainable_numel(model))
     if resume is not None:

@@ -149,8 +149,9 @@ def _server_app(config: RunConfig, *, on_round: Callable[[RoundRecord], None] | 
     from ..server.app import build_server_app
 
     state_root = str((config.out / "clients").resolve())
+    # No background client-level accountant: the simulation keeps every core busy (see RunReporter).
     return build_server_app(config, on_round=on_round, result=results, errors=errors, state_root=state_root,
-                            resume=resume)
+                            resume=resume, accounting_ahead=False)
 
 
 def _run_engine(config: RunConfig, server_app: ServerApp, client_app: ClientApp, backend_config: dict[str, Any]
