@@ -39,7 +39,16 @@ def test_waits_for_nodes_that_come_late() -> None:
             grid.ids = FakeGrid(5).ids
 
     assert wait_for_nodes(grid, 5, timeout=10, clock=clock, sleep=sleep) == 5
-    assert clock.now == 3
+    assert 3 <= clock.now < 3.25  # found at the first look after they came
+
+
+def test_the_first_looks_come_quickly_then_back_off_to_the_poll_interval() -> None:
+    """Simulated nodes register within milliseconds: the first looks are 10 ms apart, doubling to ``poll``."""
+    clock = _Clock()
+    with pytest.raises(NodeWaitTimeout):
+        wait_for_nodes(FakeGrid(2), 5, timeout=2, clock=clock, sleep=clock.sleep)
+    assert clock.slept[:6] == [0.01, 0.02, 0.04, 0.08, 0.16, 0.25]
+    assert set(clock.slept[6:-1]) == {0.25} and clock.slept[-1] <= 0.25
 
 
 def test_stops_after_the_timeout_with_one_line_naming_both_fixes() -> None:
