@@ -98,4 +98,6 @@ def _parse_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     shape, fortran_order, dtype = reader(fp)
     if dtype.hasobject:
         raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+    if any(int(n) < 0 for n in shape):  # np.load refuses these too; np.frombuffer(count=-1) would not
+        raise ValueError(f"array header has a negative dimension: shape {tuple(shape)}")
     return tuple(int(n) for n in shape), bool(fortran_order), dtype

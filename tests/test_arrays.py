@@ -75,6 +75,18 @@ def test_object_arrays_are_refused_as_flower_refuses_them() -> None:
         to_numpy(_raw(data))
 
 
+@pytest.mark.parametrize("shape", [(-1,), (2, -3)])
+def test_a_negative_dimension_is_refused_as_flower_refuses_it(shape: tuple[int, ...]) -> None:
+    """A hostile peer's header claiming shape (-1,) must not become "all the bytes there are"."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    data = buf.getvalue() + np.arange(6, dtype=np.float64).tobytes()
+    with pytest.raises(ValueError):
+        _raw(data).numpy()
+    with pytest.raises(ValueError):
+        to_numpy(_raw(data))
+
+
 def test_truncated_data_is_refused() -> None:
     data = _npy(np.arange(10, dtype=np.float64))[:-8]
     with pytest.raises(ValueError):
