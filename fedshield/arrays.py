@@ -6,9 +6,11 @@ a 6-tensor model decoded 120 arrays on the server (screening, then the weighted 
 path, and every header was one of the same six. :func:`to_numpy` parses a header once per distinct header bytes
 (with NumPy's own public ``read_array_header_1_0``/``_2_0``) and then only slices the data.
 
-It accepts exactly what ``Array.numpy()`` accepts and returns an equal, writable array of the same dtype, shape and
-memory order: object dtypes are refused (``allow_pickle=False``), a header NumPy cannot parse or data shorter than
-the header says raise ``ValueError``, a serialisation type other than NumPy's raises ``TypeError``. Header formats
+It returns what ``Array.numpy()`` returns, an equal, writable array of the same dtype, shape and memory order, and
+refuses what it refuses: object dtypes (``allow_pickle=False``), negative dimensions, a header NumPy cannot parse or
+data shorter than the header says (``ValueError``), a serialisation type other than NumPy's (``TypeError``). One
+refusal more: bytes whose header disagrees with the ``Array``'s declared ``dtype`` and ``shape`` (what validation
+compares with the global model) are a ``ValueError``, not a differently shaped array. Header formats
 this fast path does not know (``.npy`` version 3) go to ``Array.numpy()`` itself. :func:`from_numpy` is the other
 direction, byte for byte what ``Array(ndarray)`` writes, with ``np.save``'s header reused per dtype and shape.
 """
@@ -30,8 +32,10 @@ _MAGIC = b"\x93NUMPY"
 _NUMPY_STYPE = "numpy.ndarray"
 #: Version -> how the header's length is stored right after the 8 bytes of magic and version.
 _LENGTH_FIELDS = {1: struct.Struct("<H"), 2: struct.Struct("<I")}
-#: A header is ~128 bytes and a model has a few hundred distinct ones at most; the bound caps a hostile stream.
+#: A header is ~128 bytes and a model has a few hundred distinct ones at most; the bounds cap what a hostile
+#: stream of distinct headers can make the cache hold (longer headers are parsed every time, as np.load does).
 _CACHE_SIZE = 4096
+_MAX_CACHED_HEADER = 1024
 _SAVED_HEADERS: dict[tuple[np.dtype, tuple[int, ...], bool], bytes] = {}
 
 
@@ -43,15 +47,28 @@ def to_numpy(array: Array) -> np.ndarray:
     offset = _data_offset(data)
     if offset is None:
         return array.numpy()
-    shape, fortran_order, dtype = _parse_header(bytes(data[:offset]))
+    head = bytes(data[:offset])
+    shape, fortran_order, dtype = _parse_header(head) if len(head) <= _MAX_CACHED_HEADER else _parse(head)
+    if dtype.itemsize == 0:  # np.frombuffer refuses these; np.load reads them (empty strings, void)
+        return _declared(array, array.numpy())
     count = math.prod(shape)
     if len(data) - offset < count * dtype.itemsize:
         raise ValueError(f"array data holds {len(data) - offset} bytes but its header describes {count} items of "
                          f"{dtype.itemsize} bytes: the array is truncated")
     flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
     if fortran_order:
-        return flat.reshape(shape[::-1]).transpose().copy(order="K")
-    return flat.reshape(shape).copy()
+        return _declared(array, flat.reshape(shape[::-1]).transpose().copy(order="K"))
+    return _declared(array, flat.reshape(shape).copy())
+
+
+def _declared(array: Array, value: np.ndarray) -> np.ndarray:
+    """``value`` if it is what ``array`` declares (Flower's ``dtype`` and ``shape`` fields, which validation
+    checks against the global model), else ``ValueError``: a peer that declares one shape and sends another would
+    otherwise pass the checks and break, or retype, the aggregate."""
+    if str(value.dtype) != array.dtype or tuple(value.shape) != tuple(array.shape):
+        raise ValueError(f"array declares {array.dtype} {tuple(array.shape)} but its bytes hold {value.dtype} "
+                         f"{tuple(value.shape)}")
+    return value
 
 
 def from_numpy(value: np.ndarray) -> Array:
@@ -92,6 +109,10 @@ def _data_offset(data: bytes) -> int | None:
 @lru_cache(maxsize=_CACHE_SIZE)
 def _parse_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     """(shape, Fortran order, dtype) of one exact header; the bytes are the cache key, so a hit is the same parse."""
+    return _parse(head)
+
+
+def _parse(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     fp = io.BytesIO(head)
     major, _minor = np.lib.format.read_magic(fp)
     reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0

@@ -170,3 +170,18 @@ def test_a_report_during_the_run_never_waits_for_the_client_level_epsilon(tmp_pa
     assert section["epsilon_pending"] is False
     assert section["epsilon"] == _opacus(section["history"]) == recompute_client_epsilon(section)
     assert json.loads((config.out / "privacy.json").read_text())["client_level"] == section
+
+
+def test_a_run_resumed_after_its_last_round_still_ends_with_the_final_report(tmp_path: Path) -> None:
+    """Killed after the last round's checkpoint but before its privacy.json: the resumed run has no round left to
+    report, and finish() writes the final report itself (not an empty summary, not round N-1's pending epsilon)."""
+    config = RunConfig(num_clients=2, num_rounds=2, secagg=False, dp=False, client_dp="central",
+                       client_noise_multiplier=Z + 0.02, client_clip_norm=1.0, out=tmp_path / "run")
+    reporter = RunReporter(plan_run(config), {})
+    reporter.report.load_client_level([{"round": r, "noise_multiplier": Z + 0.02, "sample_rate": 1.0,
+                                        "included_clients": 2.0, "expected_clients": 2.0, "clipped_updates": 0.0}
+                                       for r in (1, 2)])  # what the checkpoint restores
+    section = reporter.finish().privacy["client_level"]
+    assert section["epsilon_pending"] is False and section["history"] == [[Z + 0.02, 1.0, 2]]
+    assert section["epsilon"] == recompute_client_epsilon(section) > 0
+    assert json.loads((config.out / "privacy.json").read_text())["client_level"] == section

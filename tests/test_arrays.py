@@ -25,8 +25,8 @@ CASES = {
 }
 
 
-def _raw(data: bytes) -> Array:
-    return Array(dtype="float32", shape=(1,), stype="numpy.ndarray", data=data)
+def _raw(data: bytes, dtype: str = "float32", shape: tuple[int, ...] = (1,)) -> Array:
+    return Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data)
 
 
 def _npy(value: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
@@ -51,7 +51,7 @@ def test_same_array_as_flower(name: str) -> None:
 @pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
 def test_every_npy_version(version: tuple[int, int]) -> None:
     value = RNG.standard_normal((4, 5))
-    assert np.array_equal(to_numpy(_raw(_npy(value, version))), value)
+    assert np.array_equal(to_numpy(_raw(_npy(value, version), "float64", (4, 5))), value)
 
 
 def test_a_result_is_its_own_copy() -> None:
@@ -135,3 +135,20 @@ def test_from_numpy_of_a_non_contiguous_view_and_a_fortran_array() -> None:
 def test_from_numpy_refuses_object_arrays() -> None:
     with pytest.raises(ValueError, match="allow_pickle=False"):
         from_numpy(np.array([{"a": 1}], dtype=object))
+
+
+@pytest.mark.parametrize(("declared_dtype", "declared_shape"), [("float32", (3,)), ("float64", (2,)), ("float64", (3, 1))])
+def test_bytes_that_disagree_with_the_declared_dtype_or_shape_are_refused(
+        declared_dtype: str, declared_shape: tuple[int, ...]) -> None:
+    """Validation compares an Array's declared fields with the global model's; the bytes must be what they say."""
+    lying = Array(dtype=declared_dtype, shape=declared_shape, stype="numpy.ndarray",
+                  data=Array(np.zeros(3, dtype=np.float64)).data)
+    with pytest.raises(ValueError, match="declares"):
+        to_numpy(lying)
+
+
+def test_zero_itemsize_dtypes_read_as_flower_reads_them() -> None:
+    for value in (np.array([b"", b""], dtype="S0"), np.zeros(3, dtype="V0")):
+        array = Array(value)
+        assert to_numpy(array).dtype == array.numpy().dtype and to_numpy(array).shape == array.numpy().shape
+

@@ -186,3 +186,24 @@ def test_checkpoints_of_the_wrapper_chain_era_restore_onto_the_named_strategy() 
     np.testing.assert_array_equal(stack.stateful["strategy"].momentum_vector["w"], 1.0)  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match="resume with the same --strategy"):
         restore_strategy_state(stack.stateful, {"s.inner.secagg.m_t": momentum["w"]})
+
+
+def test_the_privacy_state_is_every_field_of_every_client_as_asdict_gives_it(tmp_path: Path) -> None:
+    """PrivacyReport.to_state is written by hand (asdict deep-copies every value after every round); a field added
+    to ClientPrivacy and forgotten there would silently vanish from checkpoints."""
+    import dataclasses
+
+    from fedshield.server.report import ClientPrivacy, PrivacyReport
+
+    report = PrivacyReport(RunConfig(out=tmp_path / "run"), 1.1)
+    report.clients["client-0"] = ClientPrivacy("client-0", 7, 0, history=[(1.1, 0.5, 4)], rounds_trained=[1, 2],
+                                               reported_epsilon=0.5, reported_steps=8, stopped_on_budget=True,
+                                               stopped_round=2, failures=[{"round": 3, "reason": "x"}],
+                                               charged_unconfirmed=[3])
+    report.clients["node-9"] = ClientPrivacy("node-9", 9)
+    state = report.to_state()
+    assert state == [dataclasses.asdict(c) for c in report.clients.values()]
+    assert json.loads(json.dumps(state)) == json.loads(json.dumps([dataclasses.asdict(c) for c in report.clients.values()]))
+    restored = PrivacyReport(RunConfig(out=tmp_path / "run"), 1.1)
+    restored.load_state(state)
+    assert restored.clients == report.clients

@@ -56,6 +56,9 @@ def _bad(model: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
         ("nan-weight", "'num-examples' must be a finite number >= 0, got nan"),
         ("metric-keys", "metric keys"),
         ("two-arrays", "expected one ArrayRecord and one MetricRecord"),
+        # The Array's fields say what validation compares; its .npy bytes say what would be summed.
+        ("lying-dtype", "'b' is not a readable array: array declares float32 (4,) but its bytes hold float64 (4,)"),
+        ("lying-shape", "'b' is not a readable array: array declares float32 (4,) but its bytes hold float32 (1,)"),
     ],
 )
 def test_bad_update_is_rejected_with_a_reason_and_the_round_goes_on(kind: str, reason: str) -> None:
@@ -74,6 +77,11 @@ def test_bad_update_is_rejected_with_a_reason_and_the_round_goes_on(kind: str, r
     elif kind == "two-arrays":
         bad = reply(bad_msg, models[3], 10.0)
         bad.content["more"] = ArrayRecord({"w": Array(models[3]["w"])})
+    elif kind in ("lying-dtype", "lying-shape"):
+        bad = reply(bad_msg, models[3], 10.0)
+        held = np.zeros(4, dtype=np.float64) if kind == "lying-dtype" else np.zeros(1, dtype=np.float32)
+        record = next(iter(bad.content.array_records.values()))
+        record["b"] = Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=Array(held).data)
     else:
         bad = reply(bad_msg, _bad(models[3], kind), 10.0)
     before = {k: bytes(a.data) for k, a in next(iter(bad.content.array_records.values())).items()}

@@ -155,15 +155,15 @@ def _single_flight(key: _Key) -> float:
     try:
         value = _epsilon_cached(*key)
     except BaseException as exc:
-        flight.set_exception(exc)
-        raise
-    finally:
         with _flights_lock:
             _flights.pop(key, None)
-    with _flights_lock:
+        flight.set_exception(exc)
+        raise
+    with _flights_lock:  # known before the flight ends: known_epsilon never sees a gap
         if len(_known) >= _KNOWN_MAX:
             del _known[next(iter(_known))]
         _known[key] = value
+        _flights.pop(key, None)
     flight.set_result(value)
     return value
 

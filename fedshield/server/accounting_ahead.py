@@ -9,10 +9,10 @@ background thread while the clients train; the report then finds them done. The 
 from the same function on the same histories: a history the plan did not foresee (a distributed round with
 dropouts, a run whose z differs) is simply computed when the report asks, as before.
 
-The client-level epsilon is the one exception to "the report waits": while the run goes on, a report that finds
-it still computing writes it as pending (with the latest one finished), because a round of a small model takes
-less time than the accountant; the planned run's epsilon is computed first (:func:`prefetch_planned_horizon`) so
-the final report has it.
+The client-level epsilon is the one exception to "the report waits": while the run goes on, a report that does
+not find it computed writes it as pending (``null``, beside its history), because a round of a small model takes
+less time than the accountant; the planned run's epsilon is computed in the background from round 1
+(:func:`prefetch_planned_horizon`) so the final report finds it done.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def wait_for_nodes(
     within milliseconds of the ServerApp's start, and a flat 0.25 s cost every simulation a quarter of a second
     before round 1."""
     deadline = clock() + timeout
-    interval = min(first_poll, poll)
+    interval = max(1e-3, min(first_poll, poll))
     while True:
         online = len(list(grid.get_node_ids()))  # type: ignore[call-overload]
         if online >= need:

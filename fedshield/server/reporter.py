@@ -106,7 +106,9 @@ class RunReporter:
         is let finish first, so the process never exits under a thread that is inside NumPy."""
         cancel_prefetch()
         wait_prefetched(timeout=60.0)
-        if self.summary.privacy.get("client_level", {}).get("epsilon_pending"):  # the run stopped early
+        # A run that stopped early, or one resumed after its last round's checkpoint (no round left to report):
+        # the final report, with every epsilon.
+        if not self.summary.privacy or self.summary.privacy.get("client_level", {}).get("epsilon_pending"):
             self.summary.privacy = self.report.to_json()
             self.writer.write_privacy(self.summary.privacy)
         self.writer.write_plots()

@@ -246,7 +246,10 @@ def _check_arrays(arrays: ArrayRecord, global_arrays: ArrayRecord, max_update_no
                     f"{tuple(ref.shape)} {ref.dtype}")
     squared = 0.0
     for key, ref in global_arrays.items():
-        value = to_numpy(arrays[key])
+        try:
+            value = to_numpy(arrays[key])
+        except (ValueError, TypeError, EOFError) as exc:  # a malformed array is this reply's rejection
+            return f"{key!r} is not a readable array: {exc}"
         bad = int(value.size - np.count_nonzero(np.isfinite(value))) if _is_inexact(value) else 0
         if bad:
             return f"{key!r} holds {bad} non-finite value(s) (NaN or infinity)"

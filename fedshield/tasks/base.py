@@ -53,12 +53,14 @@ class Task:
     def new_model(self, seed: int) -> nn.Module:
         """The initial global model: same seed, same weights on every machine.
 
-        The CPU generator is seeded directly (the model is built on the CPU): ``torch.manual_seed`` would also queue
-        a seed for every accelerator backend not yet started, recording a Python stack for each (measured 2-5 ms a
-        call, and a simulated client builds its model every round). A backend already started is seeded as before.
+        The CPU generator is seeded directly: ``torch.manual_seed`` also queues a seed for every accelerator backend
+        torch knows (CUDA, XPU, MTIA, ...), recording a Python stack for each (measured 2-5 ms a call, and a
+        simulated client builds its model every round). CUDA and MPS are still seeded where this machine has them.
         """
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            if torch.cuda.is_initialized():
+            if torch.cuda.is_available():
                 torch.cuda.manual_seed_all(seed)
+            if torch.backends.mps.is_available():
+                torch.mps.manual_seed(seed)
             return self.build_model()
