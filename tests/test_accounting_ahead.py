@@ -185,3 +185,43 @@ def test_a_run_resumed_after_its_last_round_still_ends_with_the_final_report(tmp
     assert section["epsilon_pending"] is False and section["history"] == [[Z + 0.02, 1.0, 2]]
     assert section["epsilon"] == recompute_client_epsilon(section) > 0
     assert json.loads((config.out / "privacy.json").read_text())["client_level"] == section
+
+
+def test_a_child_forked_while_the_accountant_holds_its_lock_can_still_account() -> None:
+    """A real fork while another thread holds the accountant's lock (as the background accountant may when a process
+    forks its next simulation's workers): the child computes its epsilon instead of waiting forever."""
+    import os
+    import signal
+    import time
+
+    import opacus.accountants  # noqa: F401  (imported here, so the child does not spend its time importing)
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with accounting._ACCOUNTANT_LOCK:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 3
+            try:
+                code = 0 if accounting.epsilon([(Z, 1.0, 6)], delta=DELTA) > 0 else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 180
+        while (status := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if status[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung on the accountant's lock copied locked from its parent")
+        assert os.waitstatus_to_exitcode(status[1]) == 0
+    finally:
+        release.set()
+        holder.join(timeout=60)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -117,6 +118,25 @@ _order = itertools.count()
 _worker: threading.Thread | None = None
 _idle = threading.Condition()
 _outstanding = [0]  # prefetches queued or in progress
+
+
+def _fresh_state_in_forked_child() -> None:
+    """A forked child starts with unlocked locks, no flights, no queue and no background thread.
+
+    Why: a fork copies only the forking thread. If the background accountant held ``_ACCOUNTANT_LOCK`` (or another
+    thread a flight) at that moment, the child's copy would stay locked forever, and its first epsilon (a DP-SGD
+    client's ledger in a local simulation worker) would hang. A process that runs several simulations forks each
+    pool while the previous run's background accountant may still be computing. Computed values stay known.
+    """
+    global _ACCOUNTANT_LOCK, _flights_lock, _queue, _worker, _idle
+    _ACCOUNTANT_LOCK, _flights_lock = threading.RLock(), threading.Lock()
+    _flights.clear()
+    _queue, _worker, _idle = PriorityQueue(), None, threading.Condition()
+    _outstanding[0] = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_state_in_forked_child)
 
 
 def _done_one() -> None:
