@@ -59,6 +59,15 @@ ROUNDS_TRAINED: Final = "rounds-trained"
 TRAIN_LOSS: Final = "train-loss"
 EVAL_LOSS: Final = "loss"
 EVAL_ACCURACY: Final = "accuracy"
+#: Train config key (server -> client, bool): before training, evaluate the global model the message carries on the
+#: site's test split and add the figures to the train reply under the RECEIVED_* keys. This is the federated
+#: evaluation of the previous round's model folded into this round's message, so it costs no message of its own.
+EVALUATE_RECEIVED: Final = "evaluate-received"
+#: The evaluate reply's NUM_EXAMPLES, EVAL_LOSS and EVAL_ACCURACY of the received model, in a train reply.
+RECEIVED_EXAMPLES: Final = "received-num-examples"
+RECEIVED_LOSS: Final = "received-loss"
+RECEIVED_ACCURACY: Final = "received-accuracy"
+RECEIVED_KEYS: Final = (RECEIVED_EXAMPLES, RECEIVED_LOSS, RECEIVED_ACCURACY)
 #: The delta the site's own ledger accounts at (its policy may set its own).
 DELTA: Final = "delta"
 PARTITION_ID: Final = "partition-id"

@@ -59,7 +59,9 @@ def test_the_shared_flags_have_the_same_spelling_on_the_command_line() -> None:
 
 def test_every_run_config_setting_has_a_flag_or_is_said_to_have_none() -> None:
     """A RunConfig field with no flag can only be set from a config file: that must be a decision, not drift."""
-    file_only = {"num_clients", "strategy_params", "client_sampling"}  # num_clients: --clients / --min-clients
+    # num_clients: --clients / --min-clients; separate_evaluation: the rare wish for a federated evaluation of every
+    # round's model, at one more message per round.
+    file_only = {"num_clients", "strategy_params", "client_sampling", "separate_evaluation"}
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     flags = set(o.run_flags(defaultdict(lambda: None)))
     assert flags <= fields

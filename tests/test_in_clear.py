@@ -68,9 +68,18 @@ def test_dp_replies_carry_no_count_no_loss_and_privacy_json_recomputes(batch: si
     assert train and evaluate
     for metrics in train:
         assert P.TRAIN_LOSS not in metrics, metrics
-        if P.NUM_EXAMPLES in metrics:
-            assert metrics[P.NUM_EXAMPLES] == P.PUBLIC_WEIGHT, metrics
+        for key in (P.NUM_EXAMPLES, "num_examples"):
+            if key in metrics:
+                assert metrics[key] == P.PUBLIC_WEIGHT, metrics
     assert sum(P.NUM_EXAMPLES in m for m in train) >= 2 * 3 * 2  # both runs' replies (SecAgg+'s masked ones too)
+    # Nothing else travels beside the update: the ledger figures and, in round 1 (federated evaluation folded into
+    # the next round's train message), the evaluation of the model the message carried.
+    received = {P.RECEIVED_EXAMPLES, P.RECEIVED_LOSS, P.RECEIVED_ACCURACY}
+    # ("num_examples": the same public weight, as Flower's legacy layout of a SecAgg+ masked reply spells it.)
+    allowed = {P.NUM_EXAMPLES, "num_examples", P.EPSILON, P.STEPS, P.ROUNDS_TRAINED, P.DELTA, P.PARTITION_ID,
+               *received}
+    assert all(set(m) <= allowed for m in train), [set(m) - allowed for m in train if set(m) - allowed]
+    assert sum(received <= set(m) for m in train) >= 2 * 3  # round 1 of both runs, plain and masked alike
     # Evaluation replies: listed in docs/PRIVACY.md as released in clear outside epsilon.
     assert all(set(m) <= {P.NUM_EXAMPLES, P.EVAL_LOSS, P.EVAL_ACCURACY, P.PARTITION_ID} for m in evaluate)
     for config in configs:
@@ -88,3 +97,5 @@ def test_dp_replies_carry_no_count_no_loss_and_privacy_json_recomputes(batch: si
         assert privacy["guarantee"]["epsilon"] == max(e["epsilon"] for e in privacy["clients"].values())
         rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
         assert rows[-1]["accuracy"] > 0.15, (config.secagg, rows[-1])  # learns (chance 0.1)
+        # Round 1 reports the initial model's federated evaluation (folded), round 2 its own (the last round's).
+        assert [(r["federated_round"], r["clients_evaluated"]) for r in rows] == [(0, 3), (2, 3)], rows

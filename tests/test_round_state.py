@@ -70,7 +70,7 @@ def test_a_resumed_run_keeps_its_id_round_and_mechanism() -> None:
 
 def test_the_row_counts_each_client_once_and_keeps_the_file_strict_json() -> None:
     outcomes = RoundOutcomes(bytes_up=[100, 201], evaluate=MetricRecord({"loss": 0.5, "accuracy": float("nan")}),
-                             evaluated=2)
+                             evaluated=2, evaluated_round=6)
     outcomes.settle([ClientReply(3, error=f"{REJECTED}: update norm 9 exceeds max-update-norm 5"), ClientReply(1),
                      ClientReply(4, error="no reply before the round timed out"),
                      ClientReply(2, error=f"{BUDGET_REFUSAL}: spent")])
@@ -79,7 +79,7 @@ def test_the_row_counts_each_client_once_and_keeps_the_file_strict_json() -> Non
     json.dumps(row, allow_nan=False)
     assert row == {
         "round": 7, "accuracy": 0.9, "loss": 0.3, "federated_accuracy": None, "federated_loss": 0.5,
-        "clients_sampled": 4, "clients_trained": 1, "clients_evaluated": 2, "clients_refused": 1,
+        "federated_round": 6, "clients_sampled": 4, "clients_trained": 1, "clients_evaluated": 2, "clients_refused": 1,
         "clients_rejected": 1, "clients_failed": 1,
         "rejected": [{"node_id": 3, "reason": "update norm 9 exceeds max-update-norm 5"}],
         "failed": [{"node_id": 4, "reason": "no reply before the round timed out"}],

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 #: The keys of a metrics.jsonl row (server/round_row.py: the server writes them, whatever backend ran the clients).
 ROW_KEYS = {"accuracy", "bytes_up_per_client", "clients_evaluated", "clients_failed", "clients_refused",
             "clients_rejected", "clients_sampled", "clients_trained", "epsilon_max", "failed", "federated_accuracy",
-            "federated_loss", "loss", "rejected", "round", "round_time_s", "wall_time_s"}
+            "federated_loss", "federated_round", "loss", "rejected", "round", "round_time_s", "wall_time_s"}
 
 
 def _rows(out: Path) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from safetensors.torch import load_file
 
 import flwr.serverapp.strategy as flwr_strategies
+from fedshield import protocol as P
 from fedshield.config import ROBUST_STRATEGIES, STRATEGIES, RunConfig, load_config_file
 from fedshield.errors import ConfigError
 from fedshield.strategies.registry import build, get_entry, strategy_names, validate_params
@@ -150,10 +151,32 @@ def test_fraction_evaluate_sets_how_many_clients_evaluate(strategy: str, secagg:
     """Through the whole wrapper chain (SecAgg+ included): the rounded share, at least one, none for 0."""
     config = RunConfig(num_clients=10, fraction_evaluate=fraction, strategy=strategy, secagg=secagg)
     assert config.expected_evaluate_clients == asked
+    # The last round: earlier rounds fold their evaluation into the next train message (next test).
     messages = list(build_strategy(config).top.configure_evaluate(
-        1, ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))}), ConfigRecord({}), FakeGrid(10)))  # type: ignore[arg-type]
+        config.num_rounds, ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))}), ConfigRecord({}),
+        FakeGrid(10)))  # type: ignore[arg-type]
     assert len(messages) == asked
     assert len({m.metadata.dst_node_id for m in messages}) == asked
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("separate", [False, True])
+@pytest.mark.parametrize("secagg", [False, True])
+def test_federated_evaluation_rides_in_the_next_train_message_unless_separate(separate: bool, secagg: bool) -> None:
+    """Folded (the default): rounds before the last send no evaluate message and ask each trainer to evaluate the
+    model it receives; the last round asks no such thing and evaluates its own model. Separate: every round sends
+    evaluate messages and no train message asks for an evaluation."""
+    config = RunConfig(num_clients=4, num_rounds=3, secagg=secagg, separate_evaluation=separate)
+    arrays = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    for server_round in (1, 2, 3):
+        top = build_strategy(config).top
+        folded = not separate and server_round < 3
+        evaluate = list(top.configure_evaluate(server_round, arrays, ConfigRecord({}), FakeGrid(4)))  # type: ignore[arg-type]
+        assert len(evaluate) == (0 if folded else 4)
+        if not secagg:  # SecAgg+ runs its key stages on a real grid here (tests/test_in_clear.py covers it)
+            train = list(top.configure_train(server_round, arrays, ConfigRecord({}), FakeGrid(4)))  # type: ignore[arg-type]
+            asks = [m.content["config"].get(P.EVALUATE_RECEIVED, False) for m in train]
+            assert asks == [folded] * 4
 
 
 @pytest.mark.parametrize(("shares", "threshold", "expected"), [

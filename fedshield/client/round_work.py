@@ -55,13 +55,20 @@ def run_train(node_config: Mapping[str, Any], config: Mapping[str, Any], arrays:
     """Train one round on this site's data; raise :class:`Refusal` for a budget refusal or a configuration error."""
     from ..protocol import RoundSettings
     from .site import resolve_site
-    from .trainer import train_round
+    from .trainer import evaluate_round, train_round
 
-    _check_policy(node_config, config, train=True)
+    _check_policy(node_config, config, train=True)  # a train request passing the policy passes its evaluate check
     site = None
+    received: dict[str, float] = {}
     try:
         settings = RoundSettings.from_record_dict(dict(config))
         site = resolve_site(node_config, settings)
+        if config.get(P.EVALUATE_RECEIVED) is True:
+            # The federated evaluation of the model this message carries, before training changes nothing: the
+            # same figures an evaluate reply would send, under their own keys (P.EVALUATE_RECEIVED).
+            figures = evaluate_round(site, settings, _tensors(arrays))
+            received = {P.RECEIVED_EXAMPLES: figures[P.NUM_EXAMPLES], P.RECEIVED_LOSS: figures[P.EVAL_LOSS],
+                        P.RECEIVED_ACCURACY: figures[P.EVAL_ACCURACY]}
         outcome = train_round(site, settings, _tensors(arrays))
     except BudgetExhaustedError as exc:
         # A simulated client names itself (node ids change across resumes); a deployed one stays anonymous.
@@ -75,7 +82,7 @@ def run_train(node_config: Mapping[str, Any], config: Mapping[str, Any], arrays:
         out = {k: np.asarray(v) for k, v in outcome.payload.items()}
     else:
         out = {k: v.detach().cpu().numpy() for k, v in outcome.state_dict.items()}
-    return TrainResult(out, dict(outcome.metrics))
+    return TrainResult(out, {**outcome.metrics, **received})
 
 
 def run_evaluate(

@@ -36,7 +36,10 @@ from numpy.typing import NDArray
 from ..flower_internals.secagg import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage, recorddict_compat as compat
 from ..compression import META, SECAGG_NARROW_KEY, wire_dtype
 from ..errors import FedshieldError, ProtocolError
-from ..protocol import ARRAYS, EPSILON, METRICS, MIN_HONEST, NUM_EXAMPLES, PARTITION_ID, ROUNDS_TRAINED, SKELLAM_FIELD, STEPS
+from ..protocol import (
+    ARRAYS, EPSILON, METRICS, MIN_HONEST, NUM_EXAMPLES, PARTITION_ID, RECEIVED_ACCURACY, RECEIVED_EXAMPLES,
+    RECEIVED_LOSS, ROUNDS_TRAINED, SKELLAM_FIELD, STEPS,
+)
 
 __all__ = ["CLEAR_METRICS", "secagg_adapter_mod", "secagg_wire_mod", "to_fitres_content"]
 
@@ -44,8 +47,11 @@ _log = logging.getLogger(__name__)
 
 
 #: Reply metrics that may travel in clear next to the masked update: functions of public mechanism settings and
-#: of the round count, not of the client's data.
-CLEAR_METRICS: Final = (EPSILON, STEPS, ROUNDS_TRAINED, PARTITION_ID, MIN_HONEST)
+#: of the round count, not of the client's data; and, when the server asked for it (EVALUATE_RECEIVED), the
+#: federated evaluation of the model the message carried: the figures an evaluate reply sends in clear anyway
+#: (outside epsilon, listed in privacy.json's ``in_clear``).
+CLEAR_METRICS: Final = (EPSILON, STEPS, ROUNDS_TRAINED, PARTITION_ID, MIN_HONEST, RECEIVED_EXAMPLES, RECEIVED_LOSS,
+                        RECEIVED_ACCURACY)
 
 
 def secagg_adapter_mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:

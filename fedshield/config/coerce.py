@@ -60,7 +60,7 @@ def coerce(key: str, value: Any) -> Any:
             return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key.replace('_', '-')} must be a whole number, got {value!r}")
-    if key in {"dp", "secagg", "amp"} and not isinstance(value, bool):
+    if key in {"dp", "secagg", "amp", "separate_evaluation"} and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if key in {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "lr", "fraction_train",
                "fraction_evaluate", "round_timeout", "node_wait_timeout", "min_honest", "secagg_shares", "secagg_threshold",

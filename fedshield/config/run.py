@@ -97,6 +97,9 @@ class RunConfig:
     secagg: bool = True
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    # Federated evaluation as its own message every round (the model after each round, one message more per round)
+    # instead of inside the next round's train message (strategies.recording): off by default.
+    separate_evaluation: bool = False
     accountant: str = "prv"
     grad_sample_mode: str = "ghost"
     quantize: int = 0

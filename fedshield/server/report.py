@@ -299,7 +299,10 @@ IN_CLEAR = {
     "train_reply": [f"{P.NUM_EXAMPLES} (the public constant {P.PUBLIC_WEIGHT:g}, not the record count)",
                     f"{P.EPSILON}, {P.STEPS}, {P.ROUNDS_TRAINED} (ledger figures: public parameters and participation)",
                     f"{P.DELTA} (the delta the site's own ledger accounts at: its policy)",
-                    "success, or the reason of a refusal or failure"],
+                    "success, or the reason of a refusal or failure",
+                    f"{P.RECEIVED_EXAMPLES}, {P.RECEIVED_LOSS}, {P.RECEIVED_ACCURACY} (federated evaluation folded "
+                    "into the train message: the evaluate reply's figures of the model the message carried, NOT "
+                    "covered by epsilon)"],
     "evaluate_reply": [f"{P.NUM_EXAMPLES} (the exact size of the site's test split)",
                        f"{P.EVAL_LOSS} and {P.EVAL_ACCURACY} of the global model on it: NOT covered by epsilon"],
 }

@@ -27,6 +27,9 @@ def round_row(
         "loss": metrics.get("loss"),
         "federated_accuracy": None if fed is None else _json_float(float(fed.get(P.EVAL_ACCURACY, float("nan")))),
         "federated_loss": None if fed is None else _json_float(float(fed.get(P.EVAL_LOSS, float("nan")))),
+        # Whose model the federated figures are of: this round's, or (evaluation folded into the train messages,
+        # strategies.recording) the previous round's, measured by this round's clients before they trained.
+        "federated_round": None if fed is None else outcomes.evaluated_round,
         "clients_sampled": len(replies),
         "clients_trained": sum(r.ok for r in replies),
         "clients_evaluated": outcomes.evaluated,

@@ -32,7 +32,7 @@ MAX_COUNT = 2**53
 #: Figures that count things: whole numbers >= 0.
 COUNT_METRICS = (P.STEPS, P.ROUNDS_TRAINED, P.PARTITION_ID)
 #: Figures that must be >= 0 (a negative epsilon would lower a site's reported spend; a weight may be fractional).
-_NON_NEGATIVE = (P.NUM_EXAMPLES, P.EPSILON, P.TRAIN_LOSS, P.EVAL_LOSS)
+_NON_NEGATIVE = (P.NUM_EXAMPLES, P.EPSILON, P.TRAIN_LOSS, P.EVAL_LOSS, P.RECEIVED_EXAMPLES, P.RECEIVED_LOSS)
 
 
 def check_clear_metrics(
@@ -76,6 +76,6 @@ def _check_value(key: str, value: object) -> str | None:
         return f"metric {key!r} must be a whole number in [0, 2**53], got {value!r}"
     if key in _NON_NEGATIVE and value < 0:  # type: ignore[operator]
         return f"metric {key!r} must be >= 0, got {value!r}"
-    if key == P.EVAL_ACCURACY and not 0 <= value <= 1:  # type: ignore[operator]
+    if key in (P.EVAL_ACCURACY, P.RECEIVED_ACCURACY) and not 0 <= value <= 1:  # type: ignore[operator]
         return f"metric {key!r} must be in [0, 1], got {value!r}"
     return None

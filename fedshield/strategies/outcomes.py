@@ -43,7 +43,9 @@ class RoundOutcomes:
       Written by the layer that sees each client's outcome: SecAgg+ under secure aggregation (it alone knows whose
       masked vector made it into the sum), else update validation (its verdict on each clear update). Under SecAgg+
       update validation judges the one aggregate and, if it rejects it, marks every included client rejected.
-    * ``bytes_up``, ``train_metrics``, ``evaluate``, ``evaluated``: the recording layer, from what arrived.
+    * ``bytes_up``, ``train_metrics``, ``evaluate``, ``evaluated``, ``evaluated_round``: the recording layer, from
+      what arrived (``evaluate`` of the previous round's model when the evaluation rode in this round's train
+      messages, see :class:`~fedshield.strategies.recording.RecordingStrategy`).
     * ``release``: client-level DP, the round's release (None: nothing released, no privacy spent).
     """
 
@@ -52,6 +54,7 @@ class RoundOutcomes:
     train_metrics: MetricRecord | None = None
     evaluate: MetricRecord | None = None
     evaluated: int = 0  # evaluate replies without an error
+    evaluated_round: int | None = None  # the round whose global model ``evaluate`` is of (0: the initial model)
     release: ReleaseEvent | None = None
 
     def settle(self, verdicts: Iterable[ClientReply]) -> None:

@@ -3,7 +3,8 @@
 Layers, outermost first (each wraps the next):
 
 1. :class:`~fedshield.strategies.recording.RecordingStrategy`: sees the raw replies as they arrive (their sizes)
-   and the aggregated metrics and evaluation.
+   and the aggregated metrics and evaluation; folds each round's federated evaluation into the next round's train
+   messages unless ``separate_evaluation``.
 2. :class:`~fedshield.strategies.secagg.SecAggPlus` (``--secagg``): runs the SecAgg+ stages and hands the layers
    below ONE reply, the unmasked sum. Outside everything that reads an update, since none can be read before it.
 3. :class:`~fedshield.strategies.dequantize.DequantizeUpdates` (``--quantize`` without SecAgg+; under SecAgg+ the
@@ -90,7 +91,8 @@ def build_strategy(config: RunConfig, *, client_noise_multiplier: float | None =
     if config.client_dp == "distributed" and not config.secagg:
         log.warning("--client-dp distributed without SecAgg+: the server sees each update with only its "
                     "1/sqrt(n) share of the noise; the client-level guarantee holds for the released model only")
-    top = RecordingStrategy(layers[-1], outcomes)
+    top = RecordingStrategy(layers[-1], outcomes, last_round=config.num_rounds,
+                            fold_evaluation=config.fraction_evaluate > 0 and not config.separate_evaluation)
     return StrategyStack(top, outcomes, (top, *reversed(layers)), {"strategy": base})
 
 

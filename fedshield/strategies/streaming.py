@@ -201,7 +201,10 @@ class StreamingGrid(Grid):
         return [_unpacked(m) for m in self._grid.pull_messages(message_ids)]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
-        pending = {mid for mid in self._grid.push_messages(_packed(messages)) if mid}
+        packed = _packed(messages)
+        if not packed:  # a stage with nothing to send (federated evaluation folded into the next train message)
+            return iter(())
+        pending = {mid for mid in self._grid.push_messages(packed) if mid}
         deadline = None if timeout is None else time.monotonic() + timeout
         return self._pull(pending, deadline)
 

@@ -183,6 +183,7 @@ class UpdateValidation(StrategyWrapper):
             if expected is None:
                 expected, source = keys, f"what the round's first accepted reply, from node {node}, carried"
             verdicts[node] = P.ClientReply(node, _numeric_metrics(msg))
+            _drop_received(msg)
             if not self.aggregated_replies:  # SecAgg+ bounded each weight in the sum already
                 self._cap_weight(server_round, node, msg)
             yield msg
@@ -217,7 +218,7 @@ def check_reply(
                 f"and MetricRecords {list(content.metric_records)}")
     metrics = next(iter(content.metric_records.values()))
     reason = _check_weight(metrics, weight_key) or check_clear_metrics(metrics, weight_key=weight_key)
-    if reason is None and metric_keys is not None and frozenset(metrics.keys()) != metric_keys:
+    if reason is None and metric_keys is not None and _training_keys(metrics) != metric_keys:
         reason = (f"its metric keys {sorted(metrics.keys())} differ from the expected {sorted(metric_keys)} "
                   f"({metric_keys_source})")
     if reason is None and global_arrays is not None:
@@ -269,7 +270,22 @@ def _metric_keys(msg: Message) -> frozenset[str] | None:
     """A well-formed reply's metric key set (None for an error reply or one without exactly one MetricRecord)."""
     if msg.has_error() or len(msg.content.metric_records) != 1:
         return None
-    return frozenset(next(iter(msg.content.metric_records.values())).keys())
+    return _training_keys(next(iter(msg.content.metric_records.values())))
+
+
+def _training_keys(metrics: MetricRecord) -> frozenset[str]:
+    """A reply's metric keys less the federated evaluation a round may fold into its train replies (P.RECEIVED_KEYS):
+    those come and go by round, the training figures do not."""
+    return frozenset(metrics.keys()).difference(P.RECEIVED_KEYS)
+
+
+def _drop_received(msg: Message) -> None:
+    """Take the folded evaluation out of an accepted reply: it is in the client's verdict (where the recording layer
+    reads it), and the strategies below aggregate training figures only."""
+    metrics = next(iter(msg.content.metric_records.values()))
+    for key in P.RECEIVED_KEYS:
+        if key in metrics:
+            del metrics[key]
 
 
 def _majority(counts: Counter[frozenset[str]], *, at_least: int = 1) -> frozenset[str] | None:
