@@ -15,6 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from fedshield import protocol as P
 from fedshield.compression import quantize_update
 from fedshield.config import RunConfig
 from fedshield.errors import ConfigError
@@ -105,6 +106,35 @@ def test_dequantized_replies_keep_their_clients_node(bits: int) -> None:
     assert arrays is not None
     np.testing.assert_allclose(arrays["w"].numpy(), GLOBAL["w"] + 0.02, atol=0.01)
     assert [(r.node_id, r.ok) for r in stack.outcomes.replies] == [(n, True) for n in sorted(FakeGrid(3).ids)]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_folded_evaluation_is_the_test_size_weighted_mean_of_the_accepted_replies() -> None:
+    """Round 1 of 3 asks its trainers to evaluate the model they receive; the round's federated evaluation is then
+    theirs (of round 0's model), weighted by test-split size. A rejected reply's figures and a reply without them
+    count for nothing, and the strategy below never sees the evaluation figures."""
+    stack = build_strategy(RunConfig(num_clients=4, num_rounds=3, secagg=False, dp=False, max_update_norm=5.0))
+    messages = list(stack.top.configure_train(1, _arrays(GLOBAL), ConfigRecord({}), FakeGrid(4)))  # type: ignore[arg-type]
+    assert all(m.content["config"][P.EVALUATE_RECEIVED] is True for m in messages)
+    figures = [(10.0, 0.5, 0.9), (30.0, 1.0, 0.5), (50.0, 9.0, 0.0), None]  # the third's update is rejected
+    replies = []
+    for i, (msg, fig) in enumerate(zip(messages, figures, strict=True)):
+        reply = _reply(msg, {k: v + (100.0 if i == 2 else 0.01) for k, v in GLOBAL.items()})
+        if fig is not None:
+            reply.content[METRICS].update(dict(zip(P.RECEIVED_KEYS, fig)))
+        replies.append(reply)
+    seen: list[set[str]] = []
+    inner = stack.layers[-1]
+    original = inner.aggregate_train
+    inner.aggregate_train = lambda r, rs: original(r, [seen.append(set(m.content[METRICS])) or m for m in rs])  # type: ignore[method-assign]
+    stack.top.aggregate_train(1, iter(replies))
+    assert seen and all(keys == {NUM_EXAMPLES} for keys in seen)
+    assert list(stack.top.configure_evaluate(1, _arrays(GLOBAL), ConfigRecord({}), FakeGrid(4))) == []  # type: ignore[arg-type]
+    evaluated = stack.top.aggregate_evaluate(1, [])
+    assert evaluated is not None
+    assert evaluated[P.EVAL_ACCURACY] == pytest.approx((10 * 0.9 + 30 * 0.5) / 40)
+    assert evaluated[P.EVAL_LOSS] == pytest.approx((10 * 0.5 + 30 * 1.0) / 40)
+    assert (stack.outcomes.evaluated, stack.outcomes.evaluated_round) == (2, 0)
 
 
 @pytest.mark.usefixtures("task_identity")
