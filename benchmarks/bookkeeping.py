@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from fedshield import protocol as P  # noqa: E402
 from fedshield.config import RunConfig  # noqa: E402
 from fedshield.protocol import ClientReply  # noqa: E402
-from fedshield.server import report as report_mod, reporter as reporter_mod  # noqa: E402
+from fedshield.server import report as report_mod  # noqa: E402
 from fedshield.server.plan import plan_run  # noqa: E402
 from fedshield.server.reporter import RunReporter  # noqa: E402
 from fedshield.strategies.outcomes import ReleaseEvent, RoundOutcomes  # noqa: E402
@@ -74,8 +74,11 @@ def _instrument(reporter: RunReporter, phases: Phases) -> None:
     for name in ("client_level_epsilon", "history_epsilon"):
         if hasattr(report_mod, name):
             setattr(report_mod, name, _timed(phases, "accounting", getattr(report_mod, name)))
-    reporter_mod.save_checkpoint = _timed(phases, "checkpoint", reporter_mod.save_checkpoint)  # type: ignore[attr-defined]
     w = reporter.writer
+    # Since stop 25 these encode a file and queue it; the background writer writes it while the next round runs,
+    # and "files_wait" is the time a round waited for the previous round's files (RunWriter.round_files).
+    w.write_checkpoint = _timed(phases, "checkpoint", w.write_checkpoint)  # type: ignore[method-assign]
+    w.flush = _timed(phases, "files_wait", w.flush)  # type: ignore[method-assign]
     w.add_round = _timed(phases, "metrics_jsonl", w.add_round)  # type: ignore[method-assign]
     w.write_model = _timed(phases, "model", w.write_model)  # type: ignore[method-assign]
     w.write_privacy = _timed(phases, "privacy_json_write", w.write_privacy)  # type: ignore[method-assign]

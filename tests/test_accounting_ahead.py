@@ -163,6 +163,7 @@ def test_a_report_during_the_run_never_waits_for_the_client_level_epsilon(tmp_pa
             assert section["history"] == [[Z + 0.01, 1.0, r]] and "pending" in section["statement"]
     finally:
         accounting._ACCOUNTANT_LOCK.release()
+    reporter.flush()  # round 2's files are written in the background
     written = json.loads((config.out / "privacy.json").read_text())["client_level"]
     assert written["epsilon"] is None and written["rounds_released"] == 2
     summary = reporter.finish()  # stopped after 2 of 4 rounds: the summary and the file get the exact figure

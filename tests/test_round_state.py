@@ -194,6 +194,7 @@ def test_the_reporter_writes_the_round_and_a_checkpoint_to_resume_from(
     record = reporter.record_round(1, state, {"accuracy": 0.5}, outcomes)  # 104.0
     assert (record.row["round_time_s"], record.row["wall_time_s"], record.row["clients_trained"]) == (2.5, 4.0, 2)
     assert sorted(record.client_epsilons) == ["client-0", "client-1"]
+    reporter.flush()  # the round's files are written in the background
     rows = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
     privacy = json.loads((config.out / "privacy.json").read_text())
     assert rows == [record.row] and privacy["clients"]["client-1"]["trained_in_rounds"] == [1]
@@ -237,3 +238,43 @@ def test_the_privacy_state_is_every_field_of_every_client_as_asdict_gives_it(tmp
     restored = PrivacyReport(RunConfig(out=tmp_path / "run"), 1.1)
     restored.load_state(state)
     assert restored.clients == report.clients
+
+
+def _record(reporter: RunReporter, server_round: int) -> None:
+    outcomes = RoundOutcomes(bytes_up=[64, 64])
+    outcomes.settle([ClientReply(11, {"partition-id": 0}), ClientReply(12, {"partition-id": 1})])
+    reporter.record_round(server_round, {k: torch.from_numpy(v) for k, v in GLOBAL.items()}, {}, outcomes)
+
+
+def test_a_rounds_files_are_written_in_order_behind_the_next_round_and_a_failed_write_is_raised(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The round loop does not wait for its files: record_round returns while they are still being written, in
+    order (metrics, checkpoint, model, privacy), on another thread; the next round waits for them (never more than
+    one round behind), and a write that failed is raised by the next round, not lost."""
+    import threading
+
+    from fedshield.server import run_writer
+
+    config = RunConfig(num_clients=2, num_rounds=3, dp=False, secagg=False, out=tmp_path / "run")
+    reporter = RunReporter(plan_run(config), {})
+    gate, written = threading.Event(), []
+    real = run_writer.atomic_write_bytes
+
+    def gated(path: Path, data: bytes) -> None:
+        assert gate.wait(30) and threading.current_thread() is not threading.main_thread()
+        if path.name == "model.safetensors" and len(written) > 4:
+            raise OSError(28, "No space left on device")
+        written.append(path.name)
+        real(path, data)
+
+    monkeypatch.setattr(run_writer, "atomic_write_bytes", gated)
+    _record(reporter, 1)  # returns with the gate shut: nothing written yet
+    assert written == [] and not (config.out / "metrics.jsonl").exists()
+    gate.set()
+    _record(reporter, 2)  # waited for round 1's files first
+    assert written[:4] == ["metrics.jsonl", "checkpoint.safetensors", "model.safetensors", "privacy.json"]
+    with pytest.raises(OSError, match="No space left"):
+        reporter.flush()  # round 2's model write failed
+    assert written[4:] == ["metrics.jsonl", "checkpoint.safetensors"]  # the checkpoint before the failure
+    assert load_checkpoint(config.out).server_round == 2
+    reporter.writer.close()

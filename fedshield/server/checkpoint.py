@@ -22,8 +22,8 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..flower_internals.strategy_state import STATE_ATTRS  # Flower's attribute names, canary-tested
 
-__all__ = ["Checkpoint", "CHECKPOINT_FILE", "save_checkpoint", "load_checkpoint", "load_resume", "capture_strategy_state",
-           "restore_strategy_state"]
+__all__ = ["Checkpoint", "CHECKPOINT_FILE", "encode_checkpoint", "save_checkpoint", "load_checkpoint", "load_resume",
+           "capture_strategy_state", "restore_strategy_state"]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "fedshield-checkpoint/1"
@@ -46,6 +46,13 @@ class Checkpoint:
 
 
 def save_checkpoint(out_dir: Path, ckpt: Checkpoint) -> Path:
+    path = Path(out_dir) / CHECKPOINT_FILE
+    atomic_write_bytes(path, encode_checkpoint(ckpt))
+    return path
+
+
+def encode_checkpoint(ckpt: Checkpoint) -> bytes:
+    """The checkpoint file's bytes (what :func:`save_checkpoint` writes atomically)."""
     from safetensors.numpy import save
 
     tensors: dict[str, np.ndarray] = {f"model/{k}": np.ascontiguousarray(v) for k, v in ckpt.model.items()}
@@ -59,9 +66,7 @@ def save_checkpoint(out_dir: Path, ckpt: Checkpoint) -> Path:
         "noise_multiplier": ckpt.noise_multiplier, "model_keys": list(ckpt.model), "strategy_kinds": kinds,
         "privacy_clients": ckpt.privacy_clients, "rounds": ckpt.rounds, "config": ckpt.config, "extra": ckpt.extra,
     }
-    path = Path(out_dir) / CHECKPOINT_FILE
-    atomic_write_bytes(path, save(tensors, metadata={"manifest": json.dumps(manifest, allow_nan=False)}))
-    return path
+    return save(tensors, metadata={"manifest": json.dumps(manifest, allow_nan=False)})
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint:

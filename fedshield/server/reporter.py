@@ -4,7 +4,8 @@ After each round :meth:`RunReporter.record_round` charges the round in the priva
 row to ``metrics.jsonl``, writes the checkpoint, then the model and ``privacy.json``. Every file is replaced
 atomically, and the checkpoint (one file: model, strategy state, privacy records, rows) is written before the
 model and privacy report: whatever fails or is killed after it, the completed round can be resumed, and a kill
-before it leaves the previous round's checkpoint to resume from.
+before it leaves the previous round's checkpoint to resume from. The files are written by a background thread
+while the next round runs (:meth:`~fedshield.server.run_writer.RunWriter.round_files`), at most one round behind.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from ..privacy.accounting import cancel_prefetch, wait_prefetched
 from ..strategies.outcomes import RoundOutcomes
 from .accounting_ahead import prefetch_next_round, prefetch_planned_horizon
-from .checkpoint import Checkpoint, capture_strategy_state, restore_strategy_state, save_checkpoint
+from .checkpoint import Checkpoint, capture_strategy_state, restore_strategy_state
 from .plan import RunPlan, round_settings
 from .records import RoundRecord, RunSummary
 from .report import PrivacyReport
@@ -84,16 +85,18 @@ class RunReporter:
         row = round_row(server_round, metrics, outcomes, epsilon_max=epsilon_max, round_time_s=now - self._last,
                         wall_time_s=now - self._start)
         self._last = now
-        self.writer.add_round(row)
         self.summary.rounds.append(row)
-        # The checkpoint first: whatever fails in the reports below, the completed round can be resumed.
-        save_checkpoint(self.plan.config.out, self._checkpoint(server_round, state))
-        meta = {"round": str(server_round), "task": self.plan.config.task, "run_id": self.plan.run_id}
-        self.writer.write_model(state, meta)
-        # Before the last planned round the client-level epsilon may still be computing: written as pending, never
-        # waited for (it is the last round's, or finish()'s, report that has it).
-        self.summary.privacy = self.report.to_json(final=server_round >= self.plan.config.num_rounds)
-        self.writer.write_privacy(self.summary.privacy)
+        # Encoded here, written in this order by the background writer while the next round runs (RunWriter).
+        with self.writer.round_files():
+            self.writer.add_round(row)
+            # The checkpoint first: whatever fails in the reports below, the completed round can be resumed.
+            self.writer.write_checkpoint(self._checkpoint(server_round, state))
+            meta = {"round": str(server_round), "task": self.plan.config.task, "run_id": self.plan.run_id}
+            self.writer.write_model(state, meta)
+            # Before the last planned round the client-level epsilon may still be computing: written as pending,
+            # never waited for (it is the last round's, or finish()'s, report that has it).
+            self.summary.privacy = self.report.to_json(final=server_round >= self.plan.config.num_rounds)
+            self.writer.write_privacy(self.summary.privacy)
         prefetch_next_round(self.report, self.plan, server_round + 1)
         for r in outcomes.replies:
             if not r.ok:
@@ -106,13 +109,19 @@ class RunReporter:
         is let finish first, so the process never exits under a thread that is inside NumPy."""
         cancel_prefetch()
         wait_prefetched(timeout=60.0)
+        self.writer.flush()
         # A run that stopped early, or one resumed after its last round's checkpoint (no round left to report):
         # the final report, with every epsilon.
         if not self.summary.privacy or self.summary.privacy.get("client_level", {}).get("epsilon_pending"):
             self.summary.privacy = self.report.to_json()
             self.writer.write_privacy(self.summary.privacy)
         self.writer.write_plots()
+        self.writer.close()
         return self.summary
+
+    def flush(self) -> None:
+        """Wait until the last recorded round's files are on disk (they are written in the background)."""
+        self.writer.flush()
 
     def _checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> Checkpoint:
         plan = self.plan
