@@ -9,6 +9,7 @@ one, is stated and enforced in :mod:`fedshield.privacy.dpsgd`.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,9 +175,36 @@ def train_plain(
     proximal = ProximalTerm.for_model(model, mu=proximal_mu, lr=lr)
     batch_size = max(1, int(np.ceil(len(data) * sample_rate)))
     loader = torch.utils.data.DataLoader(tensor_dataset(data), batch_size=batch_size, shuffle=True, generator=generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer = PlainSGD(model.parameters(), lr=lr)
     losses = run_epochs(model, optimizer, loss_fn, loader, epochs, proximal, device=device, amp=amp)
     return LocalTrainResult(mean_loss(losses), epochs * steps_per_epoch, ())
+
+
+class PlainSGD:
+    """Plain SGD, ``w <- w - lr * grad``: the update ``torch.optim.SGD(params, lr)`` makes (its single-tensor path,
+    bit for bit; ``tests/test_training.py``), without what comes with it.
+
+    Why not ``torch.optim.SGD``: its ``step`` imports ``torch._dynamo`` on its first call (1.5-2 s of CPU in every
+    process that trains, which on a small machine is most of a simulation's start) and juggles grad mode around
+    each step for ``torch.compile``; non-private training needs neither. DP-SGD keeps Opacus' optimizer.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], *, lr: float) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.lr = lr
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-self.lr)
 
 
 @torch.no_grad()

@@ -207,17 +207,23 @@ def test_deploy_overhead_json_rows() -> None:
     deploy = _load("deploy_overhead")
     results = [deploy.Measured("echo (stock Flower)", [4.0, 2.0, 2.0], 6, [1.0]),
                deploy.Measured("fedshield plain", [5.0, 3.0, 1.0], 12, [1.0]),
-               deploy.Measured("fedshield SecAgg+", [9.0, 8.0, 6.0], 30, [1.0])]
+               deploy.Measured("fedshield SecAgg+", [9.0, 8.0, 6.0], 30, [1.0]),
+               deploy.Measured("fedshield plain, separate eval", [5.0, 4.0, 4.0], 12, [1.0]),
+               deploy.Measured("fedshield SecAgg+, separate eval", [9.0, 14.0, 14.0], 30, [1.0])]
     args = argparse.Namespace(rounds=3, no_worker=False, flower_polling=False)
     rows = deploy.json_rows(2, results, 0.5, args)
     _check_rows(rows, ["fedshield plain vs echo (stock Flower) round time, 2 clients",
                        "fedshield SecAgg+ vs echo (stock Flower) round time, 2 clients",
-                       "fedshield SecAgg+ vs plain round time, 2 clients"])
-    assert [r["ratio"] for r in rows] == [pytest.approx(3.5), pytest.approx(1.0), pytest.approx(3.5)]  # medians, rounds 2..3
+                       "fedshield SecAgg+ vs plain round time, 2 clients",
+                       "fedshield plain vs fedshield plain, separate eval round time, 2 clients",
+                       "fedshield SecAgg+ vs fedshield SecAgg+, separate eval round time, 2 clients"])
+    # Medians of rounds 2..3: SecAgg+/plain, then folded/separate, then each run against the echo app.
+    assert [r["ratio"] for r in rows] == [pytest.approx(x) for x in (3.5, 0.5, 0.5, 1.0, 3.5, 2.0, 7.0)]
+    assert rows[1]["detail"]["ours_mean"] == pytest.approx(2.0) and rows[1]["detail"]["baseline_mean"] == 4.0
     stock = [deploy.Measured("echo (stock Flower)", [8.0, 7.0, 7.0], 6, [2.0]),
              deploy.Measured("fedshield plain", [30.0, 28.0, 28.0], 12, [2.0]),
              deploy.Measured("fedshield SecAgg+", [31.0, 29.0, 29.0], 30, [2.0])]
-    rows = deploy.stock_rows(2, results, 0.5, stock, 1.0)
+    rows = deploy.stock_rows(2, results[:3], 0.5, stock, 1.0)
     _check_rows(rows, [f"fedshield {w} vs stock Flower 1.39, 2 clients" for w in (
         "plain round time", "plain overhead outside training", "SecAgg+ round time", "SecAgg+ overhead outside training")])
     by_name = {r["name"]: r for r in rows}
@@ -230,7 +236,7 @@ def test_deploy_overhead_json_rows() -> None:
     assert {r["name"]: r["ratio"] for r in cpu_rows}["fedshield plain CPU per round vs before, 2 clients"] == 2.0
     overhead = by_name["fedshield SecAgg+ overhead outside training vs stock Flower 1.39, 2 clients"]
     assert (overhead["ours"], overhead["baseline"]) == (pytest.approx(7.0 - 0.5), pytest.approx(29.0 - 1.0))
-    before = deploy.compare_rows(2, results, 0.5, stock, 1.0, deploy.BEFORE_NOTE, "before this change")
+    before = deploy.compare_rows(2, results[:3], 0.5, stock, 1.0, deploy.BEFORE_NOTE, "before this change")
     assert [r["name"] for r in before][:2] == ["fedshield plain round time vs before this change, 2 clients",
                                                "fedshield plain overhead outside training vs before this change, 2 clients"]
 

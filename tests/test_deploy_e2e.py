@@ -342,7 +342,9 @@ def test_secagg_gives_the_plain_model_up_to_quantization(runs: Runs, federation:
     worst = max(float(np.max(np.abs(secure[k] - plain[k]))) for k in secure)
     moved = max(float(np.max(np.abs(plain[k] - initial[k]))) for k in plain)
     assert worst <= tolerance, f"SecAgg+ model differs from the plain one by {worst:.3g} > {tolerance:.3g}"
-    assert moved > 1000 * tolerance, "the round did not train: the comparison would prove nothing"
+    # The round moved the model by orders of magnitude more than the tolerance (~0.04 against ~4e-5 here; the
+    # factor was 1000 until a run measured 930: the order spread is drawn afresh each run).
+    assert moved > 100 * tolerance, "the round did not train: the comparison would prove nothing"
 
 
 def test_a_client_that_requires_secagg_refuses_a_plain_round(runs: Runs) -> None:

@@ -48,6 +48,41 @@ def test_no_noise_and_no_clipping_equals_plain_training(mode: str) -> None:
     assert torch.allclose(_flat(private), _flat(plain), atol=1e-6)
 
 
+@pytest.mark.parametrize("mu", [0.0, 0.3])
+def test_plain_sgd_is_torch_sgd_bit_for_bit_and_imports_no_dynamo(mu: float) -> None:
+    """PlainSGD (train_plain's optimizer) makes exactly torch.optim.SGD's updates, FedProx's term included; and a
+    fresh process trains with it without importing torch._dynamo (1.5-2 s of CPU that torch's SGD.step costs)."""
+    import subprocess
+    import sys
+
+    from fedshield.training import ProximalTerm, run_epochs
+
+    data = _data()
+    ours, theirs = _model(), _model()
+    for model, optimizer_class in ((ours, None), (theirs, torch.optim.SGD)):
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(data.x),
+                                             torch.from_numpy(data.y)), batch_size=16, shuffle=True,
+                                             generator=make_generator(3))
+        proximal = ProximalTerm.for_model(model, mu=mu, lr=0.5)
+        if optimizer_class is None:
+            train_plain(model, data, sample_rate=0.25, epochs=2, lr=0.5, loss_fn=nn.CrossEntropyLoss(),
+                        generator=make_generator(3), proximal_mu=mu)
+        else:
+            run_epochs(model, optimizer_class(model.parameters(), lr=0.5), nn.CrossEntropyLoss(), loader, 2, proximal,
+                       device=torch.device("cpu"))
+    assert torch.equal(_flat(ours), _flat(theirs))
+    code = ("import sys, numpy as np, torch\n"
+            "from torch import nn\n"
+            "from fedshield.dataspec import Dataset\n"
+            "from fedshield.training import make_generator, train_plain\n"
+            "x = np.random.default_rng(0).normal(size=(32, 6)).astype(np.float32)\n"
+            "train_plain(nn.Linear(6, 2), Dataset(x, (x[:, 0] > 0).astype(np.int64)), sample_rate=0.5, epochs=1,"
+            " lr=0.5, loss_fn=nn.CrossEntropyLoss(), generator=make_generator(0))\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          timeout=120).stdout.strip() == "False"
+
+
 def test_clipped_per_sample_update_has_the_bound_as_norm() -> None:
     # One example, q = 1, no noise, lr = 1: the parameter change IS the clipped per-sample gradient (mean over 1).
     data = _data(n=1)

@@ -249,7 +249,7 @@ def _record(reporter: RunReporter, server_round: int) -> None:
 def test_a_rounds_files_are_written_in_order_behind_the_next_round_and_a_failed_write_is_raised(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The round loop does not wait for its files: record_round returns while they are still being written, in
-    order (metrics, checkpoint, model, privacy), on another thread; the next round waits for them (never more than
+    order (checkpoint, metrics, model, privacy), on another thread; the next round waits for them (never more than
     one round behind), and a write that failed is raised by the next round, not lost."""
     import threading
 
@@ -272,9 +272,9 @@ def test_a_rounds_files_are_written_in_order_behind_the_next_round_and_a_failed_
     assert written == [] and not (config.out / "metrics.jsonl").exists()
     gate.set()
     _record(reporter, 2)  # waited for round 1's files first
-    assert written[:4] == ["metrics.jsonl", "checkpoint.safetensors", "model.safetensors", "privacy.json"]
+    assert written[:4] == ["checkpoint.safetensors", "metrics.jsonl", "model.safetensors", "privacy.json"]
     with pytest.raises(OSError, match="No space left"):
         reporter.flush()  # round 2's model write failed
-    assert written[4:] == ["metrics.jsonl", "checkpoint.safetensors"]  # the checkpoint before the failure
+    assert written[4:] == ["checkpoint.safetensors", "metrics.jsonl"]  # the checkpoint before the failure
     assert load_checkpoint(config.out).server_round == 2
     reporter.writer.close()

@@ -213,7 +213,7 @@ def test_server_stack_aggregates_replies_one_at_a_time_and_equals_flower(per_pul
     StreamingGrid, keeps no more replies alive than one pull brought in (the server lets each go before the
     next pull), not N; and gives Flower's FedAvg result. (12 clients: every pull runs a full gc.collect.)"""
     n = 12
-    strategy = build_strategy(RunConfig(num_clients=n, secagg=False, dp=False)).top
+    strategy = build_strategy(RunConfig(num_clients=n, num_rounds=1, secagg=False, dp=False)).top
     inner = ArrivingGrid(n, per_pull=per_pull)
     result = RoundOffset(strategy, 0).start(
         grid=StreamingGrid(inner, pull_interval=0.0),  # type: ignore[arg-type]

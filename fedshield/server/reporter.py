@@ -1,10 +1,10 @@
 """The one object that owns a run's records: the run directory, the privacy report and the checkpoint.
 
-After each round :meth:`RunReporter.record_round` charges the round in the privacy report, appends the round's
-row to ``metrics.jsonl``, writes the checkpoint, then the model and ``privacy.json``. Every file is replaced
+After each round :meth:`RunReporter.record_round` charges the round in the privacy report, writes the checkpoint,
+then appends the round's row to ``metrics.jsonl`` and writes the model and ``privacy.json``. Every file is replaced
 atomically, and the checkpoint (one file: model, strategy state, privacy records, rows) is written before the
-model and privacy report: whatever fails or is killed after it, the completed round can be resumed, and a kill
-before it leaves the previous round's checkpoint to resume from. The files are written by a background thread
+reports: whatever fails or is killed after it, the completed round can be resumed, a kill before it leaves the
+previous round's checkpoint to resume from, and a round in ``metrics.jsonl`` always has its checkpoint. The files are written by a background thread
 while the next round runs (:meth:`~fedshield.server.run_writer.RunWriter.round_files`), at most one round behind.
 """
 
@@ -87,10 +87,12 @@ class RunReporter:
         self._last = now
         self.summary.rounds.append(row)
         # Encoded here, written in this order by the background writer while the next round runs (RunWriter).
+        self.writer.rounds.append(row)
         with self.writer.round_files():
-            self.writer.add_round(row)
-            # The checkpoint first: whatever fails in the reports below, the completed round can be resumed.
+            # The checkpoint first: whatever fails or is killed after it, the completed round can be resumed, and
+            # no report (metrics.jsonl, the model, privacy.json) ever shows a round that has no checkpoint.
             self.writer.write_checkpoint(self._checkpoint(server_round, state))
+            self.writer.write_metrics()
             meta = {"round": str(server_round), "task": self.plan.config.task, "run_id": self.plan.run_id}
             self.writer.write_model(state, meta)
             # Before the last planned round the client-level epsilon may still be computing: written as pending,

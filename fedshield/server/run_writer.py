@@ -101,6 +101,10 @@ class RunWriter:
 
     def add_round(self, row: dict[str, Any]) -> None:
         self.rounds.append(row)
+        self.write_metrics()
+
+    def write_metrics(self) -> None:
+        """``metrics.jsonl``: one line per round in :attr:`rounds`."""
         text = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in self.rounds)
         self._put("metrics.jsonl", text.encode("utf-8"))
 

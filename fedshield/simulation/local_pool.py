@@ -35,7 +35,7 @@ from flwr.clientapp import ClientApp
 
 from ..errors import FedshieldError
 from ..flower_internals.serde import decode_context, decode_message, encode_context, encode_message
-from .local_worker import OK, child_main
+from .local_worker import OK, WARM_IMPORTS, child_main
 
 __all__ = ["ClientAppRaised", "LocalPool", "PRELOAD", "PRELOAD_DP", "forked_pool", "pool_size"]
 
@@ -75,8 +75,9 @@ class _Worker:
 class LocalPool:
     """N forked workers lent out one message at a time; :meth:`close` ends them (idempotent)."""
 
-    def __init__(self, app: ClientApp, *, workers: int, threads: int, preload: tuple[str, ...] = PRELOAD) -> None:
-        self.app = app
+    def __init__(self, app: ClientApp, *, workers: int, threads: int, preload: tuple[str, ...] = PRELOAD,
+                 warm: tuple[str, ...] = WARM_IMPORTS) -> None:
+        self.app, self._warm = app, warm
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._lock = threading.Lock()
         self._alive: dict[int, _Worker] = {}
@@ -102,7 +103,7 @@ class LocalPool:
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child never returns from here
-            child_main(child_end, self.app, threads=threads, parent_pid=parent, close=others)
+            child_main(child_end, self.app, threads=threads, parent_pid=parent, close=others, warm=self._warm)
         child_end.close()
         worker = _Worker(pid, parent_end)
         self._alive[pid] = worker
@@ -185,7 +186,7 @@ def forked_pool(app: ClientApp, *, num_clients: int, cpus_per_client: float = 1.
     docstring). ``dp_sgd``: the clients run DP-SGD, so Opacus is imported before forking too.
     """
     pool = LocalPool(app, workers=pool_size(num_clients, cpus_per_client), threads=max(1, int(cpus_per_client)),
-                     preload=PRELOAD + (PRELOAD_DP if dp_sgd else ()))
+                     preload=PRELOAD + (PRELOAD_DP if dp_sgd else ()), warm=WARM_IMPORTS if dp_sgd else ())
     try:
         yield pool
     finally:

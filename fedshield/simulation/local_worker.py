@@ -31,8 +31,10 @@ __all__ = ["OK", "ERROR", "WARM_IMPORTS", "child_main", "serve"]
 
 OK = b"ok"
 ERROR = b"error"
-#: Imported by each worker as soon as it is forked, while the simulating process is still starting Flower's engine:
-#: torch's ``Optimizer.step`` imports ``torch._dynamo`` on its first call, 1.5-2 s that used to sit in round 1.
+#: Imported by each worker as soon as it is forked when its clients run DP-SGD, while the simulating process is
+#: still starting Flower's engine: torch's ``Optimizer.step`` (Opacus' optimizer wraps one) imports ``torch._dynamo``
+#: on its first call, 1.5-2 s that used to sit in round 1. Plain training steps without it
+#: (:class:`fedshield.training.PlainSGD`), so a run without DP-SGD warms nothing up.
 WARM_IMPORTS = ("torch._dynamo",)
 _PR_SET_PDEATHSIG = 1
 
@@ -87,12 +89,13 @@ def run_one(app: ClientApp, message_bytes: bytes, context_bytes: bytes) -> list[
         return [ERROR, reason.encode()]
 
 
-def serve(conn: Connection, app: ClientApp, *, threads: int, parent_pid: int) -> None:
-    """Answer requests until the parent closes the pipe (or dies)."""
+def serve(conn: Connection, app: ClientApp, *, threads: int, parent_pid: int,
+          warm: tuple[str, ...] = WARM_IMPORTS) -> None:
+    """Answer requests until the parent closes the pipe (or dies); ``warm``: what to import first (:func:`warm_up`)."""
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends the workers
     limit_threads(threads)
-    warm_up()
+    warm_up(warm)
     while True:
         try:
             message_bytes = conn.recv_bytes()
@@ -107,13 +110,14 @@ def serve(conn: Connection, app: ClientApp, *, threads: int, parent_pid: int) ->
             return
 
 
-def child_main(conn: Connection, app: ClientApp, *, threads: int, parent_pid: int, close: list[Any]) -> None:
+def child_main(conn: Connection, app: ClientApp, *, threads: int, parent_pid: int, close: list[Any],
+               warm: tuple[str, ...] = WARM_IMPORTS) -> None:
     """Entry point right after ``os.fork()``: never returns (``os._exit``), so no parent clean-up runs twice."""
     code = 0
     try:
         for other in close:  # the parent's ends of the other workers' pipes: their EOF must not wait on us
             other.close()
-        serve(conn, app, threads=threads, parent_pid=parent_pid)
+        serve(conn, app, threads=threads, parent_pid=parent_pid, warm=warm)
     except BaseException:  # pylint: disable=broad-exception-caught
         traceback.print_exc()
         code = 1
