@@ -230,7 +230,12 @@ def test_client_level_dp_end_to_end_reports_both_guarantees(client_dp_runs: Mapp
     for cfg in configs:
         privacy = json.loads((cfg.out / "privacy.json").read_text())
         rows = [json.loads(line) for line in (cfg.out / "metrics.jsonl").read_text().splitlines()]
-        assert privacy["guarantee"]["level"] == "record" and 0 < privacy["guarantee"]["epsilon"] <= 8.0
+        trained = sum(r["clients_trained"] for r in rows)
+        # Poisson sampling (q 0.5, 4 clients, 2 rounds) samples nobody in either round once in 256 runs: then no
+        # record was used and epsilon is exactly 0; otherwise it must be positive and within the budget.
+        assert privacy["guarantee"]["level"] == "record", privacy["guarantee"]
+        assert (0 < privacy["guarantee"]["epsilon"] <= 8.0) if trained else privacy["guarantee"]["epsilon"] == 0, (
+            cfg.client_sampling, privacy["guarantee"], rows)
         section = privacy["client_level"]
         assert section["enabled"] and section["mode"] == cfg.client_dp and section["clip_norm"] == 1.0
         assert section["epsilon"] == pytest.approx(recompute_client_epsilon(section), rel=1e-9)
