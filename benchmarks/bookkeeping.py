@@ -79,7 +79,7 @@ def _instrument(reporter: RunReporter, phases: Phases) -> None:
     # and "files_wait" is the time a round waited for the previous round's files (RunWriter.round_files).
     w.write_checkpoint = _timed(phases, "checkpoint", w.write_checkpoint)  # type: ignore[method-assign]
     w.flush = _timed(phases, "files_wait", w.flush)  # type: ignore[method-assign]
-    w.add_round = _timed(phases, "metrics_jsonl", w.add_round)  # type: ignore[method-assign]
+    w.write_metrics = _timed(phases, "metrics_jsonl", w.write_metrics)  # type: ignore[method-assign]
     w.write_model = _timed(phases, "model", w.write_model)  # type: ignore[method-assign]
     w.write_privacy = _timed(phases, "privacy_json_write", w.write_privacy)  # type: ignore[method-assign]
 

@@ -182,7 +182,7 @@ def train_plain(
 
 class PlainSGD:
     """Plain SGD, ``w <- w - lr * grad``: the update ``torch.optim.SGD(params, lr)`` makes (its single-tensor path,
-    bit for bit; ``tests/test_training.py``), without what comes with it.
+    bit for bit; ``tests/test_dpsgd.py``), without what comes with it.
 
     Why not ``torch.optim.SGD``: its ``step`` imports ``torch._dynamo`` on its first call (1.5-2 s of CPU in every
     process that trains, which on a small machine is most of a simulation's start) and juggles grad mode around

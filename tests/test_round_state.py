@@ -111,12 +111,13 @@ def test_dequantized_replies_keep_their_clients_node(bits: int) -> None:
 @pytest.mark.usefixtures("task_identity")
 def test_a_folded_evaluation_is_the_test_size_weighted_mean_of_the_accepted_replies() -> None:
     """Round 1 of 3 asks its trainers to evaluate the model they receive; the round's federated evaluation is then
-    theirs (of round 0's model), weighted by test-split size. A rejected reply's figures and a reply without them
-    count for nothing, and the strategy below never sees the evaluation figures."""
+    theirs (of round 0's model), weighted by test-split size. A rejected reply's figures count for nothing, a bad
+    evaluation is left out without costing its update, and the strategy below never sees the evaluation figures."""
     stack = build_strategy(RunConfig(num_clients=4, num_rounds=3, secagg=False, dp=False, max_update_norm=5.0))
     messages = list(stack.top.configure_train(1, _arrays(GLOBAL), ConfigRecord({}), FakeGrid(4)))  # type: ignore[arg-type]
     assert all(m.content["config"][P.EVALUATE_RECEIVED] is True for m in messages)
-    figures = [(10.0, 0.5, 0.9), (30.0, 1.0, 0.5), (50.0, 9.0, 0.0), None]  # the third's update is rejected
+    # The third's update is rejected; the fourth's evaluation is out of range (accuracy 2): its update counts.
+    figures = [(10.0, 0.5, 0.9), (30.0, 1.0, 0.5), (50.0, 9.0, 0.0), (20.0, 0.3, 2.0)]
     replies = []
     for i, (msg, fig) in enumerate(zip(messages, figures, strict=True)):
         reply = _reply(msg, {k: v + (100.0 if i == 2 else 0.01) for k, v in GLOBAL.items()})
@@ -135,6 +136,8 @@ def test_a_folded_evaluation_is_the_test_size_weighted_mean_of_the_accepted_repl
     assert evaluated[P.EVAL_ACCURACY] == pytest.approx((10 * 0.9 + 30 * 0.5) / 40)
     assert evaluated[P.EVAL_LOSS] == pytest.approx((10 * 0.5 + 30 * 1.0) / 40)
     assert (stack.outcomes.evaluated, stack.outcomes.evaluated_round) == (2, 0)
+    by_node = sorted(range(4), key=lambda i: messages[i].metadata.dst_node_id)  # replies are sorted by node id
+    assert [r.ok for r in stack.outcomes.replies] == [i != 2 for i in by_node]
 
 
 @pytest.mark.usefixtures("task_identity")

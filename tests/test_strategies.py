@@ -171,12 +171,28 @@ def test_federated_evaluation_rides_in_the_next_train_message_unless_separate(se
     for server_round in (1, 2, 3):
         top = build_strategy(config).top
         folded = not separate and server_round < 3
+        # The round's train replies brought figures (what aggregate_train records from them):
+        top._received = (None, 4) if folded else None  # type: ignore[attr-defined]
         evaluate = list(top.configure_evaluate(server_round, arrays, ConfigRecord({}), FakeGrid(4)))  # type: ignore[arg-type]
         assert len(evaluate) == (0 if folded else 4)
+        if folded:  # ... and had they brought none, the round evaluates with its own messages after all
+            top._received = (None, 0)  # type: ignore[attr-defined]
+            assert len(list(top.configure_evaluate(server_round, arrays, ConfigRecord({}), FakeGrid(4)))) == 4  # type: ignore[arg-type]
         if not secagg:  # SecAgg+ runs its key stages on a real grid here (tests/test_in_clear.py covers it)
             train = list(top.configure_train(server_round, arrays, ConfigRecord({}), FakeGrid(4)))  # type: ignore[arg-type]
             asks = [m.content["config"].get(P.EVALUATE_RECEIVED, False) for m in train]
             assert asks == [folded] * 4
+
+
+@pytest.mark.parametrize(("changes", "folds"), [
+    ({}, True), ({"fraction_train": 0.5, "fraction_evaluate": 0.5}, True), ({"fraction_train": 0.5}, False),
+    ({"fraction_evaluate": 0.5}, False), ({"fraction_evaluate": 0.0}, False), ({"separate_evaluation": True}, False),
+    ({"client_dp": "central", "client_noise_multiplier": 1.0, "client_clip_norm": 1.0, "secagg": False,
+      "client_sampling": "poisson"}, False)])
+def test_evaluation_folds_only_when_the_trainers_are_the_clients_it_asks(changes: dict[str, Any], folds: bool) -> None:
+    """Folding must neither evaluate on fewer clients than --fraction-evaluate asks nor make more sites disclose
+    their test figures than it chose: it needs a fixed sample of the same share."""
+    assert build_strategy(RunConfig(num_clients=10, **changes)).top.fold_evaluation is folds
 
 
 @pytest.mark.parametrize(("shares", "threshold", "expected"), [

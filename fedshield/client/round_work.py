@@ -55,7 +55,7 @@ def run_train(node_config: Mapping[str, Any], config: Mapping[str, Any], arrays:
     """Train one round on this site's data; raise :class:`Refusal` for a budget refusal or a configuration error."""
     from ..protocol import RoundSettings
     from .site import resolve_site
-    from .trainer import evaluate_round, train_round
+    from .trainer import train_round
 
     _check_policy(node_config, config, train=True)  # a train request passing the policy passes its evaluate check
     site = None
@@ -64,11 +64,7 @@ def run_train(node_config: Mapping[str, Any], config: Mapping[str, Any], arrays:
         settings = RoundSettings.from_record_dict(dict(config))
         site = resolve_site(node_config, settings)
         if config.get(P.EVALUATE_RECEIVED) is True:
-            # The federated evaluation of the model this message carries, before training changes nothing: the
-            # same figures an evaluate reply would send, under their own keys (P.EVALUATE_RECEIVED).
-            figures = evaluate_round(site, settings, _tensors(arrays))
-            received = {P.RECEIVED_EXAMPLES: figures[P.NUM_EXAMPLES], P.RECEIVED_LOSS: figures[P.EVAL_LOSS],
-                        P.RECEIVED_ACCURACY: figures[P.EVAL_ACCURACY]}
+            received = _evaluate_received(site, settings, arrays)
         outcome = train_round(site, settings, _tensors(arrays))
     except BudgetExhaustedError as exc:
         # A simulated client names itself (node ids change across resumes); a deployed one stays anonymous.
@@ -83,6 +79,22 @@ def run_train(node_config: Mapping[str, Any], config: Mapping[str, Any], arrays:
     else:
         out = {k: v.detach().cpu().numpy() for k, v in outcome.state_dict.items()}
     return TrainResult(out, {**outcome.metrics, **received})
+
+
+def _evaluate_received(site: Any, settings: Any, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """The federated evaluation of the model a train message carries, before training changes it: the figures an
+    evaluate reply would send, under their own keys (``P.EVALUATE_RECEIVED``). An evaluation that fails (memory,
+    a broken test split) is logged and left out: it must not cost the round this site's update."""
+    from .trainer import evaluate_round
+
+    try:
+        figures = evaluate_round(site, settings, _tensors(arrays))
+    except Exception as exc:  # pylint: disable=broad-exception-caught  # the update does not depend on it
+        log.warning("the evaluation asked for with this round's model failed, sent without it: %s: %s",
+                    type(exc).__name__, exc)
+        return {}
+    return {P.RECEIVED_EXAMPLES: figures[P.NUM_EXAMPLES], P.RECEIVED_LOSS: figures[P.EVAL_LOSS],
+            P.RECEIVED_ACCURACY: figures[P.EVAL_ACCURACY]}
 
 
 def run_evaluate(

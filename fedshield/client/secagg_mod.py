@@ -11,7 +11,10 @@ and turns fedshield's reply (``content["arrays"]`` new local weights, ``content[
 * it sends the update (local minus the global weights received), not the weights: updates are small, so they
   survive clipping to +-``clipping_range`` and use the quantisation levels well;
 * only the example count and the privacy-ledger figures travel in clear (:data:`CLEAR_METRICS`); a client's
-  training loss or accuracy would leak information about its data, so they are dropped here.
+  training loss or accuracy would leak information about its data, so they are dropped here. The one exception is
+  the federated evaluation of the model the message carried, when the server asked for it (``received-*``): the
+  test-split figures an evaluate reply sends in clear anyway (outside epsilon, listed in privacy.json's
+  ``in_clear``).
 
 A handler that raises, or replies with an error, fails the whole message: the server receives an error reply
 carrying the original reason (for example a ``fedshield:budget-exhausted`` refusal).

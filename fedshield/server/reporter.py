@@ -121,6 +121,14 @@ class RunReporter:
         self.writer.close()
         return self.summary
 
+    def abandon(self) -> None:
+        """The run failed: write what is queued (the last completed round's files) and log a write that failed
+        too, without hiding the run's own error."""
+        try:
+            self.writer.close()
+        except Exception as exc:  # pylint: disable=broad-exception-caught  # the caller re-raises its own
+            log.error("the last round's files could not be written either: %s: %s", type(exc).__name__, exc)
+
     def flush(self) -> None:
         """Wait until the last recorded round's files are on disk (they are written in the background)."""
         self.writer.flush()

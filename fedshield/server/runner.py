@@ -77,12 +77,16 @@ def run_server(
         # Flower's strategies write "server-round" into these records before each round; every other
         # RoundSettings field is constant for the run, so one record serves every round.
         settings = round_settings(plan, 1).to_record_dict()
-        RoundOffset(stack.top, plan.done).start(
-            grid=_streaming(grid), initial_arrays=ArrayRecord(torch_state_dict=travelling_state(model)),
-            num_rounds=remaining, timeout=config.round_timeout, train_config=ConfigRecord(settings),
-            evaluate_config=ConfigRecord(settings),
-            evaluate_fn=_AfterRound(plan, model, reporter, stack.outcomes, on_round),
-        )
+        try:
+            RoundOffset(stack.top, plan.done).start(
+                grid=_streaming(grid), initial_arrays=ArrayRecord(torch_state_dict=travelling_state(model)),
+                num_rounds=remaining, timeout=config.round_timeout, train_config=ConfigRecord(settings),
+                evaluate_config=ConfigRecord(settings),
+                evaluate_fn=_AfterRound(plan, model, reporter, stack.outcomes, on_round),
+            )
+        except BaseException:
+            reporter.abandon()  # the last completed round's files still reach the disk
+            raise
     return reporter.finish()
 
 

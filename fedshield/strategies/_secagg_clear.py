@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from ..protocol import NUM_EXAMPLES, PARTITION_ID, ClientReply
 from ._secagg_stages import MaskedReply, ProtocolParams, RoundState
-from .clear_values import COUNT_METRICS, check_clear_metrics
+from .clear_values import COUNT_METRICS, check_clear_metrics, drop_bad_received
 from .validation import REJECTED
 
 __all__ = ["average_clear_metrics", "check_masked_clear", "reply_outcomes"]
+
+_log = logging.getLogger(__name__)
 
 
 def check_masked_clear(reply: MaskedReply, p: ProtocolParams) -> str | None:
@@ -21,6 +25,9 @@ def check_masked_clear(reply: MaskedReply, p: ProtocolParams) -> str | None:
     """
     if reply.num_examples < 0:
         return f"reported {reply.num_examples} examples; a count must be >= 0"
+    bad = drop_bad_received(reply.metrics)  # a bad evaluation is left out; the masked vector still counts
+    if bad is not None:
+        _log.warning("SecAgg+ round: left a node's folded evaluation out: %s", bad)
     reason = check_clear_metrics(reply.metrics)
     if reason is not None:
         return f"{REJECTED}: {reason}"

@@ -15,11 +15,11 @@ integrity check on the sum, which cannot say which site lied (see :class:`~fedsh
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 from .. import protocol as P
 
-__all__ = ["DEFAULT_MAX_WEIGHT", "MAX_COUNT", "check_clear_metrics", "usable_metrics"]
+__all__ = ["DEFAULT_MAX_WEIGHT", "MAX_COUNT", "check_clear_metrics", "drop_bad_received", "usable_metrics"]
 
 #: The agreed largest example count one reply weighs (SecAgg+'s ``max_weight``): a count above it aggregates at
 #: this weight without SecAgg+; under SecAgg+ a count the field cannot hold is refused (see SecAggPlus).
@@ -52,6 +52,22 @@ def check_clear_metrics(
     if max_weight is not None and isinstance(weight, (int, float)) and weight > max_weight:
         return f"metric {weight_key!r} is {weight:g}, above the largest weight a reply may carry ({max_weight:g})"
     return None
+
+
+def drop_bad_received(metrics: MutableMapping[str, object]) -> str | None:
+    """Take a folded evaluation (``P.RECEIVED_KEYS``) that fails its checks, or is incomplete, out of ``metrics``
+    and say why; None if there was none or it passed. The evaluation and the update are separate figures: a NaN
+    loss on held-out data must not cost the round a site's update (as it did not when evaluation was its own
+    message)."""
+    present = [k for k in P.RECEIVED_KEYS if k in metrics]
+    if not present:
+        return None
+    reason = "an incomplete evaluation" if len(present) != len(P.RECEIVED_KEYS) else check_clear_metrics(
+        {k: metrics[k] for k in present})
+    if reason is not None:
+        for key in present:
+            del metrics[key]
+    return reason
 
 
 def usable_metrics(metrics: Mapping[str, object]) -> dict[str, float]:

@@ -10,7 +10,10 @@ Federated evaluation rides in the next round's train messages unless the run ask
 (``fold_evaluation``): round r's train messages ask each client to evaluate the model they carry (the global model
 after round r - 1) before training (``EVALUATE_RECEIVED``), and the figures come back in the train reply. Round r
 then sends no evaluate message and reports the evaluation of round r - 1's model; the last round, whose model no
-later message carries, sends its own evaluate messages as before. A plain deployed round is then one message per
+later message carries, sends its own evaluate messages as before, and so does a round whose train replies brought
+no evaluation (a SecAgg+ round one site aborted, every trainer refused, clients too old to evaluate). The run
+folds only when its trainers are the clients evaluation asks for (fixed sampling and ``fraction_evaluate`` equal
+to ``fraction_train``, the default 1 and 1: :func:`~fedshield.strategies.stack.build_strategy`). A plain deployed round is then one message per
 site instead of two (each message costs its site a ClientApp process and several round trips through the
 SuperLink); the price is that the model after the next-to-last round is not federated-evaluated.
 
@@ -58,7 +61,14 @@ class RecordingStrategy(StrategyWrapper):
         self._received: tuple[MetricRecord | None, int] | None = None  # this round's folded evaluation, if asked
 
     def _folds(self, server_round: int) -> bool:
+        """This round asks its trainers for the evaluation (before the last round, when folding)."""
         return self.fold_evaluation and server_round < self.last_round
+
+    def _folded(self, server_round: int) -> bool:
+        """This round's train replies brought an evaluation: no evaluate message. A round whose replies brought
+        none (a SecAgg+ round aborted by one site, every trainer refused, clients too old to evaluate) sends its
+        evaluate messages after all, of the model it ends with."""
+        return self._folds(server_round) and self._received is not None and self._received[1] > 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -115,12 +125,12 @@ class RecordingStrategy(StrategyWrapper):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.outcomes.evaluate, self.outcomes.evaluated, self.outcomes.evaluated_round = None, 0, None
-        if self._folds(server_round):
+        if self._folded(server_round):
             return []  # this round's train replies carried the evaluation (of the previous round's model)
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        if self._folds(server_round):
+        if self._folded(server_round):
             for _ in replies:  # none were sent
                 pass
             evaluate, evaluated = self._received if self._received is not None else (None, 0)
@@ -144,7 +154,8 @@ def _received_evaluation(replies: Iterable[P.ClientReply]) -> tuple[MetricRecord
     Only replies the round accepted count: their clear figures have passed the same range checks as an evaluate
     reply's (:mod:`.clear_values`), by update validation or, under SecAgg+, the masked reply's check."""
     keys = P.RECEIVED_KEYS
-    figures = [[float(r.metrics[k]) for k in keys] for r in replies if r.ok and all(k in r.metrics for k in keys)]
+    figures = [[float(r.metrics[k]) for k in keys] for r in replies if r.ok and all(k in r.metrics for k in keys)
+               and check_clear_metrics({k: r.metrics[k] for k in keys}) is None]
     total = sum(n for n, _, _ in figures)
     if not figures or total <= 0:
         return None, 0

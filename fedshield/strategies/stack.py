@@ -91,9 +91,16 @@ def build_strategy(config: RunConfig, *, client_noise_multiplier: float | None =
     if config.client_dp == "distributed" and not config.secagg:
         log.warning("--client-dp distributed without SecAgg+: the server sees each update with only its "
                     "1/sqrt(n) share of the noise; the client-level guarantee holds for the released model only")
-    top = RecordingStrategy(layers[-1], outcomes, last_round=config.num_rounds,
-                            fold_evaluation=config.fraction_evaluate > 0 and not config.separate_evaluation)
+    top = RecordingStrategy(layers[-1], outcomes, last_round=config.num_rounds, fold_evaluation=_folds(config))
     return StrategyStack(top, outcomes, (top, *reversed(layers)), {"strategy": base})
+
+
+def _folds(config: RunConfig) -> bool:
+    """Federated evaluation rides in the train messages only when the trainers are the clients it asks: a fixed
+    sample of the same share. Otherwise folding would evaluate on fewer clients than asked, or make more sites
+    disclose their test figures than the operator chose (``--fraction-evaluate``)."""
+    return (not config.separate_evaluation and config.fraction_evaluate > 0 and config.client_sampling == "fixed"
+            and config.fraction_evaluate == config.fraction_train)
 
 
 def _sampling(config: RunConfig) -> Sampling:

@@ -33,7 +33,7 @@ from .. import protocol as P
 from ..arrays import to_numpy
 from ..errors import ConfigError
 from ..protocol import REJECTED
-from .clear_values import DEFAULT_MAX_WEIGHT, check_clear_metrics, usable_metrics
+from .clear_values import DEFAULT_MAX_WEIGHT, check_clear_metrics, drop_bad_received, usable_metrics
 from .outcomes import RoundOutcomes
 from .wrapper import StrategyWrapper
 
@@ -170,6 +170,10 @@ class UpdateValidation(StrategyWrapper):
             if msg.has_error():
                 verdicts[node] = P.ClientReply(node, error=str(msg.error.reason))
                 continue
+            if len(msg.content.metric_records) == 1:
+                bad = drop_bad_received(next(iter(msg.content.metric_records.values())))
+                if bad is not None:  # the update is judged on its own; only the evaluation is left out
+                    _log.warning("round %d: left node %d's folded evaluation out: %s", server_round, node, bad)
             keys = _metric_keys(msg)
             if keys is not None:
                 seen[keys] += 1
