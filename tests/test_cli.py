@@ -104,6 +104,22 @@ def test_real_process_exit_code_and_single_line(tmp_path: Path) -> None:
     ]
 
 
+def test_a_run_without_verbose_prints_no_flower_log(tmp_path: Path) -> None:
+    """Flower's logger module sets itself to DEBUG when first imported, after the CLI set it to ERROR: a default
+    run printed Flower's whole log (669 lines for the README's job). Real process, real simulation."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedshield", "simulate", "--clients", "3", "--rounds", "1", "--no-dp", "--no-secagg",
+         "--local-epochs", "1", "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    output = proc.stdout + proc.stderr
+    assert "round   1/1" in output
+    flower = [line for line in output.splitlines()
+              if "flwr" in line or line.lstrip("\x1b[0123456789m").startswith(("INFO", "DEBUG"))]
+    assert flower == [], flower[:5]
+
+
 def test_config_file_keys_and_flag_precedence(tmp_path: Path) -> None:
     cfg = tmp_path / "run.toml"
     cfg.write_text('[fedshield]\nclients = 7\nrounds = 3\npartition = "dirichlet:0.5"\nepsilon = 3.0\n')

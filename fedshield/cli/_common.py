@@ -39,6 +39,10 @@ def errors_to_exit() -> Iterator[None]:
 
 
 def configure_logging(verbose: bool) -> None:
+    # Flower's logger module sets the "flwr" logger to DEBUG when it is first imported; every command imports it
+    # later (lazily), which used to undo the level below and print Flower's whole log in the default job.
+    import flwr.supercore.logger  # noqa: F401  # pylint: disable=unused-import
+
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("fedshield").setLevel(level)
