@@ -99,6 +99,23 @@ def test_secagg_drops_a_node_whose_clear_count_the_field_cannot_hold(
     assert got == reason if reason is None else (got is not None and reason in got), got
 
 
+@pytest.mark.parametrize("received", [
+    {P.RECEIVED_EXAMPLES: 40.0, P.RECEIVED_LOSS: math.nan, P.RECEIVED_ACCURACY: 0.5},
+    {P.RECEIVED_EXAMPLES: 40.0, P.RECEIVED_LOSS: 0.3, P.RECEIVED_ACCURACY: 2.0},
+    {P.RECEIVED_EXAMPLES: -1.0, P.RECEIVED_LOSS: 0.3, P.RECEIVED_ACCURACY: 0.5},
+    {P.RECEIVED_ACCURACY: 0.5},  # incomplete
+])
+def test_a_bad_folded_evaluation_is_left_out_and_the_masked_vector_still_counts(received: dict[str, float]) -> None:
+    """Under SecAgg+ the folded evaluation travels in clear beside the masked vector: a site's bad figure drops the
+    figure, never the site's update (which an evaluate reply of its own never could)."""
+    metrics = {P.EPSILON: 2.0, **received}
+    assert check_masked_clear(MaskedReply([], 1, metrics), _state(5).params) is None
+    assert metrics == {P.EPSILON: 2.0}
+    good = {P.EPSILON: 2.0, P.RECEIVED_EXAMPLES: 40.0, P.RECEIVED_LOSS: 0.3, P.RECEIVED_ACCURACY: 0.5}
+    kept = dict(good)
+    assert check_masked_clear(MaskedReply([], 1, kept), _state(5).params) is None and kept == good
+
+
 @pytest.mark.usefixtures("task_identity")
 def test_an_out_of_range_evaluate_reply_is_left_out_of_the_federated_average() -> None:
     messages = configure(FedAvg(min_available_nodes=3, min_train_nodes=3), 3)
