@@ -39,14 +39,12 @@ def errors_to_exit() -> Iterator[None]:
 
 
 def configure_logging(verbose: bool) -> None:
-    # Flower's logger module sets the "flwr" logger to DEBUG when it is first imported; every command imports it
-    # later (lazily), which used to undo the level below and print Flower's whole log in the default job.
-    import flwr.supercore.logger  # noqa: F401  # pylint: disable=unused-import
+    from ..flower_internals.logs import set_flower_log_level
 
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("fedshield").setLevel(level)
-    logging.getLogger("flwr").setLevel(level if verbose else logging.ERROR)
+    set_flower_log_level(level if verbose else logging.ERROR)
     ignore_known_harmless()  # narrow: message + category + module; privacy warnings always show
 
 

@@ -1,9 +1,12 @@
-"""What fedshield looks for in Flower's process logs and error texts (Flower 1.39 spells them so)."""
+"""What fedshield looks for in Flower's process logs and error texts (Flower 1.39 spells them so), and the level of
+Flower's own logger."""
 
 from __future__ import annotations
 
+import logging
+
 __all__ = [
-    "ACTIVATION_FAILED", "ACTIVATION_REFUSED_CODE", "ACTIVATION_REFUSED_SHORT", "ALREADY_REGISTERED", "AUTH_REQUIRED_CODE", "EXIT_CODE",
+    "set_flower_log_level", "ACTIVATION_FAILED", "ACTIVATION_REFUSED_CODE", "ACTIVATION_REFUSED_SHORT", "ALREADY_REGISTERED", "AUTH_REQUIRED_CODE", "EXIT_CODE",
     "SUPERNODE_CONNECTED", "TLS_FAILED", "UNREACHABLE",
 ]
 
@@ -23,3 +26,15 @@ UNREACHABLE = ("Socket closed", "UNAVAILABLE")
 ALREADY_REGISTERED = "Public key already in use"
 #: Flower's CLI reports a failed command's exit code so (regex, group 1: the code).
 EXIT_CODE = r"Exit Code: (\d+)"
+
+
+def set_flower_log_level(level: int) -> None:
+    """Set Flower's ``flwr`` logger to ``level``, for good.
+
+    Why here: Flower's logger module (``flwr.supercore.logger``) sets that logger to DEBUG when it is first imported,
+    and the CLI imports Flower lazily, after choosing the level: the default run printed Flower's whole log. Importing
+    the module first makes the level stick.
+    """
+    import flwr.supercore.logger  # noqa: F401  # pylint: disable=unused-import,import-outside-toplevel
+
+    logging.getLogger("flwr").setLevel(level)
