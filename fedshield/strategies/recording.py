@@ -13,8 +13,8 @@ then sends no evaluate message and reports the evaluation of round r - 1's model
 later message carries, sends its own evaluate messages as before, and so does a round whose train replies brought
 no evaluation (a SecAgg+ round one site aborted, every trainer refused, clients too old to evaluate). The run
 folds only when its trainers are the clients evaluation asks for (fixed sampling and ``fraction_evaluate`` equal
-to ``fraction_train``, the default 1 and 1: :func:`~fedshield.strategies.stack.build_strategy`). A plain deployed round is then one message per
-site instead of two (each message costs its site a ClientApp process and several round trips through the
+to ``fraction_train``, the default 1 and 1: :func:`~fedshield.strategies.stack.build_strategy`). A plain deployed
+round is then one message per site instead of two (each message costs its site a ClientApp process and several round trips through the
 SuperLink); the price is that the model after the next-to-last round is not federated-evaluated.
 
 Train replies pass through lazily, one at a time (:meth:`RecordingStrategy.aggregate_train`), so behind a
