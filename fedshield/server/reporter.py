@@ -4,9 +4,9 @@ After each round :meth:`RunReporter.record_round` charges the round in the priva
 then appends the round's row to ``metrics.jsonl`` and writes the model and ``privacy.json``. Every file is replaced
 atomically, and the checkpoint (one file: model, strategy state, privacy records, rows) is written before the
 reports: whatever fails or is killed after it, the completed round can be resumed, a kill before it leaves the
-previous round's checkpoint to resume from, and a round in ``metrics.jsonl`` always has its checkpoint. The files are written by a background thread
-while the next round runs (:meth:`~fedshield.server.run_writer.RunWriter.round_files`), at most one round behind.
-"""
+previous round's checkpoint to resume from, and a round in ``metrics.jsonl`` always has its checkpoint. The files
+are written by a background thread while the next round runs
+(:meth:`~fedshield.server.run_writer.RunWriter.round_files`), at most one round behind."""
 
 from __future__ import annotations
 

@@ -10,12 +10,12 @@ Federated evaluation rides in the next round's train messages unless the run ask
 (``fold_evaluation``): round r's train messages ask each client to evaluate the model they carry (the global model
 after round r - 1) before training (``EVALUATE_RECEIVED``), and the figures come back in the train reply. Round r
 then sends no evaluate message and reports the evaluation of round r - 1's model; the last round, whose model no
-later message carries, sends its own evaluate messages as before, and so does a round whose train replies brought
-no evaluation (a SecAgg+ round one site aborted, every trainer refused, clients too old to evaluate). The run
-folds only when its trainers are the clients evaluation asks for (fixed sampling and ``fraction_evaluate`` equal
-to ``fraction_train``, the default 1 and 1: :func:`~fedshield.strategies.stack.build_strategy`). A plain deployed
-round is then one message per site instead of two (each message costs its site a ClientApp process and several round trips through the
-SuperLink); the price is that the model after the next-to-last round is not federated-evaluated.
+later message carries, sends its own evaluate messages as before, and so does a round whose train replies brought no
+evaluation (a SecAgg+ round one site aborted, every trainer refused, clients too old to evaluate). The run folds
+only when its trainers are the clients evaluation asks for (fixed sampling and ``fraction_evaluate`` equal to
+``fraction_train``, the default 1 and 1: :func:`~fedshield.strategies.stack.build_strategy`). A plain deployed round
+is then one message per site instead of two (each message costs its site a ClientApp process and several round trips
+through the SuperLink); the price is that the model after the next-to-last round is not federated-evaluated.
 
 Train replies pass through lazily, one at a time (:meth:`RecordingStrategy.aggregate_train`), so behind a
 :class:`~fedshield.strategies.streaming.StreamingGrid` and a streaming inner strategy the server holds only the
