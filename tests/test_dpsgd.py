@@ -172,3 +172,32 @@ def test_physical_batch_cap_splits_passes_not_steps(mode: str, n: int, q: float)
     assert capped.steps == unsplit.steps
     if not math.isnan(unsplit.mean_loss):
         assert capped.mean_loss == pytest.approx(unsplit.mean_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("n,batch,epochs", [(11, 6, 1), (12, 6, 2), (1, 1, 3), (40, 16, 2)])
+def test_shuffled_batches_are_the_data_loaders_batches_and_draws(n: int, batch: int, epochs: int) -> None:
+    """train_plain's ShuffledBatches yields the DataLoader's batches and leaves the generator where it leaves it,
+    so what draws from it next (client-level DP noise, quantization) is unchanged."""
+    from fedshield.training import ShuffledBatches
+
+    rng = np.random.default_rng(n)
+    data = Dataset(rng.normal(size=(n, 3)).astype(np.float32), rng.integers(0, 4, size=n).astype(np.int64))
+    ours, theirs = make_generator(7), make_generator(7)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(data.x),
+                                         torch.from_numpy(data.y)), batch_size=batch, shuffle=True, generator=theirs)
+    batches = ShuffledBatches(data, batch_size=batch, generator=ours)
+    assert len(batches) == len(loader)
+    for _ in range(epochs):
+        got, want = list(batches), list(loader)
+        assert len(got) == len(want)
+        for (x, y), (x2, y2) in zip(got, want):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert torch.equal(torch.randint(0, 2**62, (4,), generator=ours), torch.randint(0, 2**62, (4,), generator=theirs))
+
+
+def test_plain_training_refuses_an_empty_client() -> None:
+    from fedshield.errors import DataError
+
+    with pytest.raises(DataError, match="no training records"):
+        train_plain(_model(), Dataset(np.zeros((0, 6), np.float32), np.zeros((0,), np.int64)), sample_rate=0.5,
+                    epochs=1, lr=0.1, loss_fn=nn.CrossEntropyLoss(), generator=make_generator(0))

@@ -17,7 +17,7 @@ from ..privacy.dpsgd import train_dp_sgd
 from ..training import evaluate, make_generator, train_plain
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger, charge_ledger
 from ..privacy.secure_noise import SecureGaussian
-from ..tasks.partial import check_frozen, load_travelling, travelling_state
+from ..tasks.partial import check_frozen, is_partial, load_travelling, travelling_state
 from .policy import ledger_terms
 from .site import Site
 
@@ -55,11 +55,39 @@ def _secure_noise(site: Site) -> SecureGaussian | None:
     return SecureGaussian() if site.partition_id is None else None
 
 
-def _model(site: Site, settings: RoundSettings, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    model = site.task.new_model(settings.seed)
-    check_frozen(model, settings.frozen_digest, task=site.task.name)  # a partial model's frozen base must match
+#: Models this process keeps between plain rounds and evaluations, by :func:`_model_key` (see :func:`_spare`).
+_SPARE: dict[tuple[str, int, str, str], torch.nn.Module] = {}
+
+
+def _model_key(site: Site, settings: RoundSettings) -> tuple[str, int, str, str]:
+    return site.task.name, settings.seed, settings.frozen_digest, str(site.device)
+
+
+def _model(site: Site, settings: RoundSettings, state: dict[str, torch.Tensor], *, reuse: bool = False
+           ) -> torch.nn.Module:
+    """The task's model holding ``state``; ``reuse``: a model :func:`_spare` kept, if there is one."""
+    model = _SPARE.pop(_model_key(site, settings), None) if reuse else None
+    if model is None:
+        model = site.task.new_model(settings.seed)
+        check_frozen(model, settings.frozen_digest, task=site.task.name)  # a partial model's frozen base must match
+        model = model.to(site.device)
     load_travelling(model, state)
-    return model.to(site.device)
+    return model
+
+
+def _spare(site: Site, settings: RoundSettings, model: torch.nn.Module) -> None:
+    """Keep ``model`` for this process's next plain round or evaluation of the same task.
+
+    Why: building the task's model draws its random initial weights only for :func:`_model` to overwrite them, a
+    millisecond of a simulated client's few (issue 13). Only a model whose whole state travels is kept (loading
+    the next round's weights then leaves nothing of this round behind) and never one DP-SGD trained (Opacus
+    hooks its layers).
+    """
+    if is_partial(model) or any(m._non_persistent_buffers_set for m in model.modules()):
+        return
+    for param in model.parameters():
+        param.grad = None
+    _SPARE[_model_key(site, settings)] = model
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -70,7 +98,7 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def train_round(site: Site, settings: RoundSettings, global_state: dict[str, torch.Tensor]) -> TrainOutcome:
     """Train one round; raises :class:`BudgetExhaustedError` (after recording the refusal) instead of overspending."""
     metrics = reply_metrics(site, settings)
-    model = _model(site, settings, global_state)
+    model = _model(site, settings, global_state, reuse=not settings.dp)
     generator = _generator(site, settings)
     loss_fn = site.task.loss_fn()
     if settings.dp and settings.dp_mode == "distributed":  # the site sends Skellam field integers, never weights
@@ -98,6 +126,8 @@ def train_round(site: Site, settings: RoundSettings, global_state: dict[str, tor
     if not settings.dp:
         metrics[P.TRAIN_LOSS] = result.mean_loss  # no guarantee to keep without DP: the loss helps debugging
     state = _cpu_state(model)
+    if not settings.dp:
+        _spare(site, settings, model)
     if settings.client_dp == "distributed":
         state = _client_level_dp(state, global_state, settings, site, generator)
     payload = _compress(state, global_state, settings, generator) if settings.quantize else None
@@ -168,6 +198,7 @@ def _charge(site: Site, settings: RoundSettings) -> PrivacyLedger:
 
 
 def evaluate_round(site: Site, settings: RoundSettings, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
-    model = _model(site, settings, global_state)
+    model = _model(site, settings, global_state, reuse=True)
     loss, acc = evaluate(model, site.test, site.task.loss_fn(), device=site.device)
+    _spare(site, settings, model)
     return {P.NUM_EXAMPLES: float(len(site.test)), P.EVAL_LOSS: loss, P.EVAL_ACCURACY: acc}
