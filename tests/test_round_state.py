@@ -281,3 +281,38 @@ def test_a_rounds_files_are_written_in_order_behind_the_next_round_and_a_failed_
     assert written[4:] == ["checkpoint.safetensors", "metrics.jsonl"]  # the checkpoint before the failure
     assert load_checkpoint(config.out).server_round == 2
     reporter.writer.close()
+
+
+def test_a_closed_round_is_recorded_as_it_ended_whatever_the_next_round_changes(
+        fedadam_run: tuple[RunConfig, RunReporter]) -> None:
+    """The server records a round on a background thread while the next one runs (runner._AfterRound): what the
+    next round replaces (the strategy's moments, the outcomes' replies and byte counts) is the ended round's."""
+    config, reporter = fedadam_run
+    reporter.start_round()  # 101.5
+    outcomes = RoundOutcomes(bytes_up=[64, 64])
+    outcomes.settle([ClientReply(11, {"partition-id": 0}), ClientReply(12, {"partition-id": 1})])
+    closed = reporter.close_round(1, {k: torch.from_numpy(v) for k, v in GLOBAL.items()}, outcomes)  # 104.0
+    named = reporter.stateful["strategy"]
+    named.m_t = {"w": np.full((3, 4), 9.0, np.float32)}  # type: ignore[attr-defined]  # the next round's
+    outcomes.settle([ClientReply(11, {"partition-id": 0}, error="later round")])
+    outcomes.bytes_up.append(999)
+    record = reporter.record_closed(closed, {"accuracy": 0.5})
+    reporter.flush()
+    assert (record.row["round_time_s"], record.row["clients_trained"], record.row["clients_failed"]) == (2.5, 2, 0)
+    assert record.row["bytes_up_per_client"] == 64
+    np.testing.assert_array_equal(load_checkpoint(config.out).strategy_state["strategy.m_t"][1]["w"], 0.5)
+
+
+def test_metrics_lines_follow_the_rows_when_they_are_replaced(tmp_path: Path) -> None:
+    """metrics.jsonl encodes each row once; rows replaced as a whole (a resume) are encoded again."""
+    from fedshield.server.run_writer import RunWriter
+
+    writer = RunWriter(tmp_path)
+    writer.rounds = [{"round": 1, "accuracy": 0.5}]
+    writer.write_metrics()
+    writer.rounds.append({"round": 2, "accuracy": 0.6})
+    writer.write_metrics()
+    assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    writer.rounds = [{"round": 1, "accuracy": 0.7}]
+    writer.write_metrics()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"accuracy": 0.7, "round": 1}\n'

@@ -135,3 +135,29 @@ def test_sigkilled_simulation_takes_its_workers_with_it(tmp_path: Path) -> None:
         for pid in workers:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_round_is_recorded_behind_the_next_and_its_failure_ends_the_run(tmp_path: Path) -> None:
+    """The server-side test and the report run on one background thread while the next round trains
+    (server/runner.py:_AfterRound): the callback sees every round in order, from that thread; a record that fails
+    (here: the callback) ends the run with its own error, and the rounds recorded before it stay resumable."""
+    import threading
+
+    seen: list[tuple[int, str]] = []
+
+    def on_round(record: Any) -> None:
+        seen.append((record.server_round, threading.current_thread().name))
+        if record.server_round == 2:
+            raise OSError("deliberate: the disk is full")
+
+    config = RunConfig(num_clients=2, num_rounds=4, local_epochs=1, dp=False, secagg=False, seed=3,
+                       out=tmp_path / "run")
+    with pytest.raises(OSError, match="deliberate"):
+        simulate(config, backend="local", on_round=on_round)
+    assert [r for r, _ in seen] == [1, 2], seen
+    assert all(name.startswith("fedshield-after-round") for _, name in seen), seen
+    rows = _rows(config.out)
+    assert [r["round"] for r in rows] == [1, 2]  # round 2's files were written before its callback raised
+    from fedshield.server.checkpoint import load_checkpoint
+
+    assert load_checkpoint(config.out).server_round == 2

@@ -1,6 +1,7 @@
 """The one object that owns a run's records: the run directory, the privacy report and the checkpoint.
 
-After each round :meth:`RunReporter.record_round` charges the round in the privacy report, writes the checkpoint,
+After each round :meth:`RunReporter.close_round` takes what the next round would change and
+:meth:`RunReporter.record_closed` (later, on the runner's background thread) charges the round in the privacy report, writes the checkpoint,
 then appends the round's row to ``metrics.jsonl`` and writes the model and ``privacy.json``. Every file is replaced
 atomically, and the checkpoint (one file: model, strategy state, privacy records, rows) is written before the
 reports: whatever fails or is killed after it, the completed round can be resumed, a kill before it leaves the
@@ -13,7 +14,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from ..privacy.accounting import cancel_prefetch, wait_prefetched
@@ -26,9 +29,23 @@ from .report import PrivacyReport
 from .run_writer import RunWriter
 from .round_row import round_row
 
-__all__ = ["RunReporter"]
+__all__ = ["ClosedRound", "RunReporter"]
 
 log = logging.getLogger(__name__)
+
+StrategyState = dict[str, tuple[str, dict[str, np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class ClosedRound:
+    """A round as it ended (:meth:`RunReporter.close_round`), for a record that may be written later."""
+
+    server_round: int
+    state: dict[str, torch.Tensor]
+    outcomes: RoundOutcomes
+    strategy_state: StrategyState
+    round_time_s: float
+    wall_time_s: float
 
 
 class RunReporter:
@@ -78,20 +95,33 @@ class RunReporter:
         self, server_round: int, state: dict[str, torch.Tensor], metrics: dict[str, float], outcomes: RoundOutcomes
     ) -> RoundRecord:
         """Record a completed round: privacy, row, checkpoint, model, privacy report (in that order)."""
+        return self.record_closed(self.close_round(server_round, state, outcomes), metrics)
+
+    def close_round(self, server_round: int, state: dict[str, torch.Tensor], outcomes: RoundOutcomes) -> ClosedRound:
+        """The round as it ended, to record with :meth:`record_closed`, now or while the next round runs: its times,
+        and a copy of what the next round replaces (the strategy layers' state and outcomes)."""
         now = self._clock()
+        closed = ClosedRound(server_round, state, replace(outcomes, replies=list(outcomes.replies),
+                                                          bytes_up=list(outcomes.bytes_up)),
+                             capture_strategy_state(self.stateful), now - self._last, now - self._start)
+        self._last = now
+        return closed
+
+    def record_closed(self, closed: ClosedRound, metrics: dict[str, float]) -> RoundRecord:
+        """:meth:`record_round` of a round :meth:`close_round` took; rounds are recorded one at a time, in order."""
+        server_round, state, outcomes = closed.server_round, closed.state, closed.outcomes
         self.report.record_round(round_settings(self.plan, server_round), outcomes.replies)
         self.report.record_client_level(server_round, outcomes.release)
         epsilon_max = self.report.max_epsilon() if self.plan.config.dp else None
-        row = round_row(server_round, metrics, outcomes, epsilon_max=epsilon_max, round_time_s=now - self._last,
-                        wall_time_s=now - self._start)
-        self._last = now
+        row = round_row(server_round, metrics, outcomes, epsilon_max=epsilon_max, round_time_s=closed.round_time_s,
+                        wall_time_s=closed.wall_time_s)
         self.summary.rounds.append(row)
         # Encoded here, written in this order by the background writer while the next round runs (RunWriter).
         self.writer.rounds.append(row)
         with self.writer.round_files():
             # The checkpoint first: whatever fails or is killed after it, the completed round can be resumed, and
             # no report (metrics.jsonl, the model, privacy.json) ever shows a round that has no checkpoint.
-            self.writer.write_checkpoint(self._checkpoint(server_round, state))
+            self.writer.write_checkpoint(self._checkpoint(server_round, state, closed.strategy_state))
             self.writer.write_metrics()
             meta = {"round": str(server_round), "task": self.plan.config.task, "run_id": self.plan.run_id}
             self.writer.write_model(state, meta)
@@ -133,12 +163,13 @@ class RunReporter:
         """Wait until the last recorded round's files are on disk (they are written in the background)."""
         self.writer.flush()
 
-    def _checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> Checkpoint:
+    def _checkpoint(self, server_round: int, state: dict[str, torch.Tensor], strategy_state: StrategyState
+                    ) -> Checkpoint:
         plan = self.plan
         return Checkpoint(
             server_round=server_round, run_id=plan.run_id, noise_multiplier=plan.noise_multiplier,
             model={k: v.detach().cpu().numpy() for k, v in state.items()},
-            strategy_state=capture_strategy_state(self.stateful), privacy_clients=self.report.to_state(),
+            strategy_state=strategy_state, privacy_clients=self.report.to_state(),
             rounds=list(self.writer.rounds), config=plan.config.to_flat_dict(),
             extra={"client_level": self.report.client_level_state(),
                    "client_noise_multiplier": plan.client_noise_multiplier},

@@ -53,6 +53,9 @@ class RunWriter:
     def __init__(self, out: Path) -> None:
         self.out = Path(out)
         self.rounds: list[dict[str, Any]] = []
+        # Each row's line of metrics.jsonl, encoded once (rows are never changed once recorded), with the rows
+        # they encode: a long run no longer encodes every past row again every round.
+        self._lines: list[tuple[dict[str, Any], str]] = []
         self.epsilon_budget: float | None = None
         self._batch: list[tuple[Path, bytes]] | None = None
         self._pending: Future[None] | None = None
@@ -105,8 +108,14 @@ class RunWriter:
 
     def write_metrics(self) -> None:
         """``metrics.jsonl``: one line per round in :attr:`rounds`."""
-        text = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in self.rounds)
-        self._put("metrics.jsonl", text.encode("utf-8"))
+        kept = 0
+        for (row, _line), current in zip(self._lines, self.rounds):
+            if row is not current:
+                break
+            kept += 1
+        del self._lines[kept:]
+        self._lines.extend((r, json.dumps(r, sort_keys=True, allow_nan=False) + "\n") for r in self.rounds[kept:])
+        self._put("metrics.jsonl", "".join(line for _row, line in self._lines).encode("utf-8"))
 
     def write_checkpoint(self, ckpt: Checkpoint) -> None:
         self._put(CHECKPOINT_FILE, encode_checkpoint(ckpt))
