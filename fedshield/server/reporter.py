@@ -1,8 +1,9 @@
 """The one object that owns a run's records: the run directory, the privacy report and the checkpoint.
 
 After each round :meth:`RunReporter.close_round` takes what the next round would change and
-:meth:`RunReporter.record_closed` (later, on the runner's background thread) charges the round in the privacy report, writes the checkpoint,
-then appends the round's row to ``metrics.jsonl`` and writes the model and ``privacy.json``. Every file is replaced
+:meth:`RunReporter.record_closed` (later, on the runner's background thread) charges the round in the privacy
+report, writes the checkpoint, then appends the round's row to ``metrics.jsonl`` and writes the model and
+``privacy.json``. Every file is replaced
 atomically, and the checkpoint (one file: model, strategy state, privacy records, rows) is written before the
 reports: whatever fails or is killed after it, the completed round can be resumed, a kill before it leaves the
 previous round's checkpoint to resume from, and a round in ``metrics.jsonl`` always has its checkpoint. The files
