@@ -58,10 +58,17 @@ def place_model(model: nn.Module, device: torch.device | str | None, loss_fn: nn
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
-    model.to(device)
+    # Module.to walks every module even when nothing moves: skipped for a CPU model, a simulated client's case.
+    if not (device.type == "cpu" and all(t.device.type == "cpu" for t in _tensors_of(model))):
+        model.to(device)
     if isinstance(loss_fn, nn.Module):
         loss_fn.to(device)  # e.g. class weights, a buffer of the loss
     return device
+
+
+def _tensors_of(model: nn.Module) -> Iterator[torch.Tensor]:
+    yield from model.parameters()
+    yield from model.buffers()
 
 
 class ProximalTerm:

@@ -52,7 +52,10 @@ def travelling_keys(model: nn.Module) -> list[str]:
 def travelling_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors that travel: the whole state of a full model, the trainable parameters of a partial one."""
     state = model.state_dict()
-    return {k: state[k] for k in travelling_keys(model)}
+    if not is_partial(model):
+        return dict(state)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trainable}
 
 
 def frozen_digest(model: nn.Module) -> str:
