@@ -161,3 +161,64 @@ def test_a_round_is_recorded_behind_the_next_and_its_failure_ends_the_run(tmp_pa
     from fedshield.server.checkpoint import load_checkpoint
 
     assert load_checkpoint(config.out).server_round == 2
+
+
+_dies_app = ClientApp()
+
+
+@_dies_app.train()
+def _die_or_answer(msg: Message, context: Context) -> Message:
+    from flwr.app import ConfigRecord, RecordDict
+
+    if msg.content["c"]["die"]:
+        import time
+
+        time.sleep(0.5)  # long enough for the next request to be queued behind this one
+        os._exit(3)
+    return Message(RecordDict({"c": ConfigRecord({"pid": os.getpid()})}), reply_to=msg)
+
+
+def test_a_request_queued_behind_a_dying_worker_runs_on_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each local worker holds its running request and the next (local_pool.LocalPool); when it dies only the
+    running one fails: the one waiting in its pipe was never read, and another worker runs it."""
+    import threading
+    import time
+
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedshield.simulation.local_pool import LocalPool
+
+    for attr in ("_task_id", "_run_id", "_node_id"):  # a Message needs the identity a ServerApp would set
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+    def message(die: bool) -> Message:
+        msg = Message(RecordDict({"c": ConfigRecord({"die": die})}), dst_node_id=1, message_type="train")
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+        return msg
+
+    pool = LocalPool(_dies_app, workers=2, threads=1, preload=(), warm=())
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    first, second = pool.pids()
+    out: dict[int, Any] = {}
+
+    def run(i: int, die: bool) -> None:
+        try:
+            out[i] = pool.run(message(die), context)[0].content["c"]["pid"]
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            out[i] = exc
+
+    threads = []
+    try:
+        for i, die in enumerate([True, False, False]):  # to the first worker, the second, then behind the first
+            threads.append(threading.Thread(target=run, args=(i, die)))
+            threads[-1].start()
+            time.sleep(0.15)
+        for thread in threads:
+            thread.join(timeout=30)
+        left = pool.pids()
+    finally:
+        pool.close()
+    assert "died (exit code 3" in str(out[0]), out
+    assert out[1] == second and out[2] == second, out  # the queued request ran, on the worker left
+    assert left == [second] and first != second
