@@ -37,7 +37,7 @@ class LocalBackend(Backend):
 
     @property
     def num_workers(self) -> int:
-        return self._pool.slots  # one engine thread per request the workers can hold (LocalPool)
+        return self._pool.size
 
     def is_worker_idle(self) -> bool:
         return self._pool.has_idle()

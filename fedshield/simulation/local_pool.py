@@ -8,12 +8,11 @@ pool into it.
 
 The pool is forked from the calling thread before any other thread of ours starts (a fork copies only the calling
 thread, so no lock another thread holds can be copied locked), with the modules a ClientApp needs already imported.
-Each worker: runs one message at a time with the next one already waiting in its pipe (:class:`LocalPool`), torch
-limited to the CPUs Ray would reserve for it, killed by the kernel if the simulating process dies
-(``PR_SET_PDEATHSIG``), gone when the pipe closes. A ClientApp that raises leaves its worker serving; a worker that
-dies (a crash in native code, the OOM killer) fails the message it was running with an error reply (the one waiting
-behind it goes to another worker) and is not replaced: the run goes on with the others and fails every later
-message once none is left, each reply naming the cause.
+Each worker: one message at a time, torch limited to the CPUs Ray would reserve for it, killed by the kernel if the
+simulating process dies (``PR_SET_PDEATHSIG``), gone when the pipe closes. A ClientApp that raises leaves its worker
+serving; a worker that dies (a crash in native code, the OOM killer) fails the message it held with an error reply
+and is not replaced: the run goes on with the others and fails every later message once none is left, each reply
+naming the cause.
 """
 
 from __future__ import annotations
@@ -21,13 +20,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import queue
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 
@@ -64,31 +63,22 @@ def pool_size(num_clients: int, cpus_per_client: float) -> int:
 class _Worker:
     pid: int
     conn: Connection
-    #: Tickets of the requests sent to it, in order: the first is the one it runs, the others wait in its pipe.
-    queue: deque[object] = field(default_factory=deque)
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
-    dead: bool = False
 
-
-class _NotStarted(Exception):
-    """The worker died before it read this request: another worker can run it."""
+    def call(self, message: bytes, context: bytes) -> list[bytes]:
+        self.conn.send_bytes(message)
+        self.conn.send_bytes(context)
+        head = self.conn.recv_bytes()
+        return [head, self.conn.recv_bytes()] + ([self.conn.recv_bytes()] if head == OK else [])
 
 
 class LocalPool:
-    """N forked workers, each lent ``depth`` requests at a time; :meth:`close` ends them (idempotent).
-
-    Why more than one request per worker: a worker reads its next request the moment it has written a reply, so it
-    never waits for this process (whose threads share one interpreter lock with the ServerApp's aggregation) to
-    hand it work: measured, 157 -> 172 client-rounds/s on issue 13's job (benchmarks/RESULTS.md). Requests to a worker run one at a time, in order, so when one dies only the request
-    it was running fails; the ones queued behind it were never read and go to another worker.
-    """
+    """N forked workers lent out one message at a time; :meth:`close` ends them (idempotent)."""
 
     def __init__(self, app: ClientApp, *, workers: int, threads: int, preload: tuple[str, ...] = PRELOAD,
-                 warm: tuple[str, ...] = WARM_IMPORTS, depth: int = 2) -> None:
-        if depth < 1:
-            raise FedshieldError(f"a local worker takes at least one request at a time, got depth {depth}")
-        self.app, self._warm, self.depth = app, warm, depth
-        self._cond = threading.Condition()
+                 warm: tuple[str, ...] = WARM_IMPORTS) -> None:
+        self.app, self._warm = app, warm
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._lock = threading.Lock()
         self._alive: dict[int, _Worker] = {}
         self._closed = False
         for module in preload:
@@ -100,17 +90,11 @@ class LocalPool:
     def size(self) -> int:
         return len(self._alive)
 
-    @property
-    def slots(self) -> int:
-        """How many requests the pool takes at once (Flower's engine runs one thread per slot)."""
-        return max(1, self.size * self.depth)
-
     def pids(self) -> list[int]:
         return sorted(self._alive)
 
     def has_idle(self) -> bool:
-        with self._cond:
-            return any(len(w.queue) < self.depth for w in self._alive.values())
+        return not self._idle.empty()
 
     def _fork(self, threads: int) -> None:
         parent_end, child_end = Pipe(duplex=True)
@@ -120,91 +104,49 @@ class LocalPool:
         if pid == 0:  # the child never returns from here
             child_main(child_end, self.app, threads=threads, parent_pid=parent, close=others, warm=self._warm)
         child_end.close()
-        self._alive[pid] = _Worker(pid, parent_end)
+        worker = _Worker(pid, parent_end)
+        self._alive[pid] = worker
+        self._idle.put(worker)
 
     def run(self, message: Message, context: Context) -> tuple[Message, Context]:
-        """Run the ClientApp on the least busy worker; raise :class:`ClientAppRaised` if it raised."""
+        """Run the ClientApp on one idle worker; raise :class:`ClientAppRaised` if it raised."""
         request = (encode_message(message), encode_context(context))
-        while True:
-            worker, ticket = self._lend()
-            try:
-                frames = self._call(worker, ticket, request)
-                break
-            except _NotStarted:
-                continue
+        worker = self._lend()
+        try:
+            frames = worker.call(*request)
+        except (EOFError, OSError) as exc:
+            raise self._bury(worker, exc) from exc
+        self._idle.put(worker)
         if frames[0] != OK:
             raise ClientAppRaised(frames[1].decode(errors="replace"))
         return decode_message(frames[1]), decode_context(frames[2])
 
-    def _lend(self) -> tuple[_Worker, object]:
-        ticket = object()
-        with self._cond:
-            while True:
-                if self._closed or not self._alive:
+    def _lend(self) -> _Worker:
+        while True:
+            try:
+                return self._idle.get(timeout=1.0)
+            except queue.Empty:
+                if not self._alive or self._closed:
                     raise FedshieldError(
                         "every local simulation worker has died (see the log above for each exit status); "
                         "rerun, or run with --backend ray to isolate clients in Ray actors"
-                    )
-                worker = min(self._alive.values(), key=lambda w: len(w.queue))
-                if len(worker.queue) < self.depth:
-                    worker.queue.append(ticket)
-                    return worker, ticket
-                self._cond.wait(timeout=1.0)
+                    ) from None
 
-    def _call(self, worker: _Worker, ticket: object, request: tuple[bytes, bytes]) -> list[bytes]:
-        """Send ``request``, wait until it is the worker's oldest, read its reply (see :class:`LocalPool`)."""
-        try:
-            with worker.send_lock:  # the frames of two requests never interleave
-                worker.conn.send_bytes(request[0])
-                worker.conn.send_bytes(request[1])
-            sent: BaseException | None = None
-        except OSError as exc:
-            sent = exc
-        with self._cond:
-            self._cond.wait_for(lambda: worker.dead or worker.queue[0] is ticket)
-            if worker.dead or sent is not None:  # it died before reading this request
-                self._forget(worker, ticket, sent)
-                raise _NotStarted
-        try:
-            head = worker.conn.recv_bytes()
-            frames = [head, worker.conn.recv_bytes()] + ([worker.conn.recv_bytes()] if head == OK else [])
-        except (EOFError, OSError) as exc:
-            with self._cond:
-                raise self._bury(worker, ticket, exc) from exc
-        with self._cond:
-            worker.queue.popleft()
-            self._cond.notify_all()
-        return frames
-
-    def _forget(self, worker: _Worker, ticket: object, exc: BaseException | None) -> None:
-        """(Holding the lock.) Drop ``ticket`` of a worker that died before running it."""
-        worker.queue.remove(ticket)
-        if not worker.dead:  # nobody noticed yet: it died idle
-            self._bury(worker, None, exc or EOFError("the worker's pipe closed"))
-        self._cond.notify_all()
-
-    def _bury(self, worker: _Worker, ticket: object | None, exc: BaseException) -> FedshieldError:
-        """(Holding the lock.) ``worker`` died running ``ticket`` (None: idle); what its request fails with."""
-        worker.dead = True
-        if ticket is not None:
-            worker.queue.remove(ticket)
-        self._alive.pop(worker.pid, None)
+    def _bury(self, worker: _Worker, exc: BaseException) -> FedshieldError:
+        with self._lock:
+            self._alive.pop(worker.pid, None)
         worker.conn.close()
         status = _reap(worker.pid, wait_s=1.0)
-        log.error("local simulation worker %d died (%s)%s; %d workers remain", worker.pid, status,
-                  " while running a ClientApp" if ticket is not None else "", len(self._alive))
-        self._cond.notify_all()
+        log.error("local simulation worker %d died (%s) while running a ClientApp; %d workers remain",
+                  worker.pid, status, len(self._alive))
         return FedshieldError(f"the local worker {worker.pid} running this ClientApp died ({status}: {exc!r}); "
                               f"the run goes on with {len(self._alive)} workers")
 
     def close(self) -> None:
         """Close every pipe (a waiting worker exits at once), wait a bounded time, then SIGKILL what is left."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             workers, self._alive = list(self._alive.values()), {}
-            for worker in workers:
-                worker.dead = True
-            self._cond.notify_all()
         for worker in workers:
             worker.conn.close()
         deadline = time.monotonic() + _STOP_WAIT_S
