@@ -100,7 +100,8 @@ class RunReporter:
 
     def close_round(self, server_round: int, state: dict[str, torch.Tensor], outcomes: RoundOutcomes) -> ClosedRound:
         """The round as it ended, to record with :meth:`record_closed`, now or while the next round runs: its times,
-        and a copy of what the next round replaces (the strategy layers' state and outcomes)."""
+        the outcomes (copied: the layers fill new lists next round) and the strategy layers' state as the checkpoint
+        takes it (Flower's server optimisers replace, never modify, those arrays)."""
         now = self._clock()
         closed = ClosedRound(server_round, state, replace(outcomes, replies=list(outcomes.replies),
                                                           bytes_up=list(outcomes.bytes_up)),

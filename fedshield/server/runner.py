@@ -105,7 +105,8 @@ class _AfterRound:
     critical path, with the clients idle (issue 13). What the next round would change is taken before it starts
     (:meth:`RunReporter.close_round`); a round's record starts after the previous one's files are on disk, so the
     record is at most one round behind, and its error is raised when the next round ends (or by :meth:`close`).
-    The initial model is not tested: Flower only logs that figure, and no report shows it.
+    The initial model is tested before round 1, in this thread: a test that cannot run (a model that does not fit
+    the test data) fails the run before any site trains.
     """
 
     def __init__(
@@ -126,21 +127,24 @@ class _AfterRound:
 
     def __call__(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         self._wait()
-        if local_round == 0:  # before round 1
-            self.reporter.start_round()
-            return None
         state = {k: torch.from_numpy(v) for k, v in record_to_numpy(arrays).items()}
+        if local_round == 0:  # before round 1
+            metrics = self._test(state)
+            self.reporter.start_round()
+            return MetricRecord(metrics) if metrics else None
         closed = self.reporter.close_round(local_round + self.plan.done, state, self.outcomes)
         self._pending = self._thread.submit(self._record, closed)
         return None
 
+    def _test(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        if self.server_test is None:
+            return {}
+        load_travelling(self.model, state)
+        loss, acc = evaluate(self.model, self.server_test, self.loss_fn)
+        return {"loss": loss, "accuracy": acc}
+
     def _record(self, closed: ClosedRound) -> None:
-        metrics: dict[str, float] = {}
-        if self.server_test is not None:
-            load_travelling(self.model, closed.state)
-            loss, acc = evaluate(self.model, self.server_test, self.loss_fn)
-            metrics = {"loss": loss, "accuracy": acc}
-        record = self.reporter.record_closed(closed, metrics)
+        record = self.reporter.record_closed(closed, self._test(closed.state))
         self.reporter.flush()
         if self.on_round is not None:
             self.on_round(record)
