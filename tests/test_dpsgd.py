@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -201,3 +203,46 @@ def test_plain_training_refuses_an_empty_client() -> None:
     with pytest.raises(DataError, match="no training records"):
         train_plain(_model(), Dataset(np.zeros((0, 6), np.float32), np.zeros((0,), np.int64)), sample_rate=0.5,
                     epochs=1, lr=0.1, loss_fn=nn.CrossEntropyLoss(), generator=make_generator(0))
+
+
+def test_a_reused_model_trains_and_evaluates_as_a_fresh_one(tmp_path: Path) -> None:
+    """A plain round or an evaluation reuses the process's model of the task (client/trainer.py:_spare): rounds
+    run in any order on it give bit for bit what each gives on a freshly built model; a DP-SGD round never
+    leaves its model to be reused."""
+    import dataclasses
+
+    from fedshield.client import trainer
+    from fedshield.client.site import Site
+    from fedshield.client.trainer import evaluate_round, train_round
+    from fedshield.config import RoundSettings
+
+    task = get_task("breast-cancer")
+    data = task.load_bundled()
+    subset = Dataset(data.x[:120], data.y[:120])
+    site = Site("client-0", task, subset, subset, tmp_path, None, 0, torch.device("cpu"))
+    glob = {k: v.detach().clone() for k, v in task.new_model(0).state_dict().items()}
+    base = dict(run_id="r", server_round=1, num_rounds=1, task="breast-cancer", partition="iid", seed=0,
+                local_epochs=2, lr=0.5, sample_rate=0.25, dp=True, noise_multiplier=1.0, max_grad_norm=1.0,
+                target_epsilon=0.0, delta=1e-5, accountant="prv", grad_sample_mode="hooks")
+    other = {k: v + 0.01 for k, v in glob.items()}
+    plain, private = RoundSettings(**{**base, "dp": False}), RoundSettings(**base)
+
+    def fresh(settings: Any, state: dict[str, torch.Tensor]) -> Any:
+        trainer._SPARE.clear()  # pylint: disable=protected-access
+        trained = train_round(site, settings, state).state_dict
+        trainer._SPARE.clear()  # pylint: disable=protected-access
+        return trained, evaluate_round(site, settings, state)
+
+    rounds = ((plain, glob), (dataclasses.replace(plain, server_round=2), other))
+    want = [fresh(settings, state) for settings, state in rounds]
+    trainer._SPARE.clear()  # pylint: disable=protected-access
+    got = []
+    for settings, state in rounds:
+        got.append((train_round(site, settings, state).state_dict, evaluate_round(site, settings, state)))
+        assert len(trainer._SPARE) == 1  # pylint: disable=protected-access
+    for (state_a, eval_a), (state_b, eval_b) in zip(got, want):
+        assert eval_a == eval_b
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_b)
+    trainer._SPARE.clear()  # pylint: disable=protected-access
+    train_round(site, private, glob)  # DP-SGD
+    assert not trainer._SPARE  # pylint: disable=protected-access

@@ -79,14 +79,15 @@ def _spare(site: Site, settings: RoundSettings, model: torch.nn.Module) -> None:
     """Keep ``model`` for this process's next plain round or evaluation of the same task.
 
     Why: building the task's model draws its random initial weights only for :func:`_model` to overwrite them, a
-    millisecond of a simulated client's few (issue 13). Only a model whose whole state travels is kept (loading
-    the next round's weights then leaves nothing of this round behind) and never one DP-SGD trained (Opacus
-    hooks its layers).
+    millisecond of a simulated client's few (issue 13). Only a CPU model whose whole state travels is kept
+    (loading the next round's weights then leaves nothing of this round behind; building a model also seeds the
+    CUDA generators, which a GPU round keeps relying on) and never one DP-SGD trained (Opacus hooks its layers).
     """
-    if is_partial(model) or any(m._non_persistent_buffers_set for m in model.modules()):
+    if site.device.type != "cpu" or is_partial(model) or any(m._non_persistent_buffers_set for m in model.modules()):
         return
     for param in model.parameters():
         param.grad = None
+    _SPARE.clear()  # one model at most: a long-lived warm worker serves run after run
     _SPARE[_model_key(site, settings)] = model
 
 
