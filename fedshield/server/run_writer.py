@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 from ..atomic import atomic_write_bytes, atomic_write_json
 from ..config import RunConfig
 from .checkpoint import CHECKPOINT_FILE, Checkpoint, encode_checkpoint
+from .one_behind import OneBehind
 from .report import PrivacyReport
 
 __all__ = ["RunWriter", "render_privacy_json"]
@@ -58,8 +58,7 @@ class RunWriter:
         self._lines: list[tuple[dict[str, Any], str]] = []
         self.epsilon_budget: float | None = None
         self._batch: list[tuple[Path, bytes]] | None = None
-        self._pending: Future[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._writer = OneBehind("fedshield-run-files")
 
     @contextmanager
     def round_files(self) -> Iterator[None]:
@@ -72,24 +71,15 @@ class RunWriter:
             yield
         finally:
             self._batch = None
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedshield-run-files")
-        self._pending = self._executor.submit(_write_all, batch)
+        self._writer.submit(_write_all, batch)
 
     def flush(self) -> None:
         """Wait until every queued file is written; raise the error of a write that failed."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        self._writer.wait()
 
     def close(self) -> None:
         """Flush, then let the background writer's thread go."""
-        try:
-            self.flush()
-        finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+        self._writer.close()
 
     def _put(self, name: str, data: bytes) -> None:
         if self._batch is not None:

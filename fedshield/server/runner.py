@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from .plan import (
     round_settings,
 )
 from .records import RoundRecord, RunSummary
+from .one_behind import OneBehind
 from .reporter import ClosedRound, RunReporter
 
 __all__ = ["RoundRecord", "RunSummary", "run_server", "noise_multiplier_for", "client_noise_multiplier_for",
@@ -121,19 +121,17 @@ class _AfterRound:
         if task.load_bundled is not None or c.data:  # the bundled data, or simulate's --data file
             whole = whole_dataset(task, c.data, text_column=c.text_column, label_column=c.label_column)
             self.server_test = server_test_split(whole, c.seed)
-
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedshield-after-round")
-        self._pending: Future[None] | None = None
+        self._behind = OneBehind("fedshield-after-round")
 
     def __call__(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        self._wait()
+        self._behind.wait()
         state = {k: torch.from_numpy(v) for k, v in record_to_numpy(arrays).items()}
         if local_round == 0:  # before round 1
             metrics = self._test(state)
             self.reporter.start_round()
             return MetricRecord(metrics) if metrics else None
         closed = self.reporter.close_round(local_round + self.plan.done, state, self.outcomes)
-        self._pending = self._thread.submit(self._record, closed)
+        self._behind.submit(self._record, closed)
         return None
 
     def _test(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -149,26 +147,16 @@ class _AfterRound:
         if self.on_round is not None:
             self.on_round(record)
 
-    def _wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
     def close(self) -> None:
         """After the last round: wait for its record; raise what the record raised."""
-        try:
-            self._wait()
-        finally:
-            self._thread.shutdown(wait=True)
+        self._behind.close()
 
     def abandon(self) -> None:
         """The run failed: let the record in progress finish, and log (not raise) what it raised."""
         try:
-            self._wait()
+            self._behind.close()
         except Exception as exc:  # pylint: disable=broad-exception-caught  # the caller re-raises its own
             log.error("the last round's record failed too: %s: %s", type(exc).__name__, exc)
-        finally:
-            self._thread.shutdown(wait=True)
 
 
 def _initial_model(config: RunConfig, resume: Checkpoint | None) -> Any:
