@@ -316,3 +316,35 @@ def test_metrics_lines_follow_the_rows_when_they_are_replaced(tmp_path: Path) ->
     writer.rounds = [{"round": 1, "accuracy": 0.7}]
     writer.write_metrics()
     assert (tmp_path / "metrics.jsonl").read_text() == '{"accuracy": 0.7, "round": 1}\n'
+
+
+def test_one_behind_runs_jobs_in_order_one_at_a_time_and_raises_a_failure_at_the_next_call() -> None:
+    import threading
+
+    from fedshield.server.one_behind import OneBehind
+
+    behind, done, names = OneBehind("test-behind"), [], set()
+    gates = [threading.Event() for _ in range(4)]
+
+    def job(i: int) -> None:
+        assert gates[i].wait(timeout=30)
+        names.add(threading.current_thread().name)
+        done.append(i)
+
+    for i in range(3):
+        behind.submit(job, i)
+        assert done == list(range(i))  # the previous job finished before this one started; this one waits
+        gates[i].set()
+    behind.wait()
+    assert done == [0, 1, 2] and all(n.startswith("test-behind") for n in names)
+
+    def fail() -> None:
+        raise OSError("disk full")
+
+    behind.submit(fail)
+    with pytest.raises(OSError, match="disk full"):
+        behind.submit(job, 3)  # the failure surfaces at the next call, and that job does not start
+    gates[3].set()
+    behind.close()
+    behind.close()
+    assert done == [0, 1, 2]
