@@ -198,8 +198,8 @@ class ShuffledBatches:
 
     def __init__(self, data: Dataset, *, batch_size: int, generator: torch.Generator) -> None:
         if len(data) == 0:  # the DataLoader's sampler refuses an empty data set too
-            raise DataError("this client has no training records: give every client at least one (fewer clients, "
-                            "or another --partition)")
+            raise DataError("this client has no training records: a site needs a data file with records; a "
+                            "simulation needs at least one per client (fewer --clients, or another --partition)")
         self.x, self.y = torch.from_numpy(data.x), torch.from_numpy(data.y)
         self.batch_size, self.generator = batch_size, generator
 
