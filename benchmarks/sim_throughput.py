@@ -94,7 +94,8 @@ def _tiled_digits(copies: int) -> Any:
         return Dataset(np.concatenate([data.x] * copies), np.concatenate([data.y] * copies))
 
     spec = DataSpec(f"digits-x{copies}", digits.spec.input_shape, digits.spec.num_classes)
-    return Task(spec=spec, build_model=digits.build_model, load_bundled=load, preprocess=digits.preprocess)
+    return Task(spec=spec, build_model=digits.build_model, load_bundled=load, preprocess=digits.preprocess,
+                channels_last=digits.channels_last)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import _sim_batch as sim_batch
 from fedshield.config import RunConfig
@@ -115,3 +116,27 @@ def test_new_model_is_the_torch_manual_seed_model_and_leaves_the_global_rng_alon
     assert list(got) == list(expected)
     assert all(torch.equal(got[k], expected[k]) for k in got)
     assert not all(torch.equal(a, b) for a, b in zip(got.values(), task.new_model(12).state_dict().values()))
+
+
+def test_the_server_tests_a_channels_last_task_on_a_copy_and_gets_the_models_own_figures() -> None:
+    """The digits task opts into a channels-last test copy (``Task.channels_last``): over a round's weights it
+    gives the loss and accuracy the model itself gives, and the model whose weights travel keeps its format."""
+    from fedshield.client.site import bundled_split
+    from fedshield.server.runner import _test_copy
+    from fedshield.tasks.partial import load_travelling, travelling_state
+    from fedshield.training import evaluate
+
+    task = get_task("digits")
+    assert task.channels_last and not get_task("breast-cancer").channels_last
+    model = task.new_model(0)
+    copy = _test_copy(model)
+    trained = task.new_model(7)  # another round's weights
+    load_travelling(copy, travelling_state(trained))
+    test = bundled_split("digits", "iid", 10, 0).server_test
+    loss, acc = evaluate(copy, test, task.loss_fn())
+    want_loss, want_acc = evaluate(trained, test, task.loss_fn())
+    assert acc == want_acc and loss == pytest.approx(want_loss, rel=1e-6)
+    assert copy.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(t.is_contiguous() for t in travelling_state(model).values())
+    assert all(torch.equal(a, b) for a, b in zip(travelling_state(model).values(),
+                                                   travelling_state(task.new_model(0)).values()))

@@ -8,6 +8,7 @@ the round to the :class:`~fedshield.server.reporter.RunReporter`.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from collections.abc import Callable
@@ -114,7 +115,8 @@ class _AfterRound:
         on_round: Callable[[RoundRecord], None] | None,
     ) -> None:
         task = get_task(plan.config.task)
-        self.plan, self.model, self.reporter, self.outcomes, self.on_round = plan, model, reporter, outcomes, on_round
+        self.plan, self.reporter, self.outcomes, self.on_round = plan, reporter, outcomes, on_round
+        self.model = _test_copy(model) if task.channels_last else model
         self.loss_fn = task.loss_fn()
         self.server_test = None
         c = plan.config
@@ -157,6 +159,12 @@ class _AfterRound:
             self._behind.close()
         except Exception as exc:  # pylint: disable=broad-exception-caught  # the caller re-raises its own
             log.error("the last round's record failed too: %s: %s", type(exc).__name__, exc)
+
+
+def _test_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` in channels-last memory format, for the server's test only (see ``Task.channels_last``):
+    loading a round's weights into it keeps that format; the model whose weights go on the wire is left as it is."""
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
 def _initial_model(config: RunConfig, resume: Checkpoint | None) -> Any:

@@ -52,6 +52,7 @@ def digits_task() -> Task:
         build_model=DigitsCNN,
         load_bundled=_load_digits,
         preprocess=_digits_preprocess,
+        channels_last=True,  # DigitsCNN flattens its features
     )
 
 
