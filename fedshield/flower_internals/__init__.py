@@ -46,10 +46,13 @@ INTERNALS: tuple[Internal, ...] = (
              "flwr.clientapp.client_app:ClientAppException", "fedshield.simulation.local_backend (via "
              ".simulation.swap_backend)", "swapped only inside run_simulation with --backend local; --backend ray keeps "
              "Flower's; canary checks run_api's arguments, its module lookup and Backend's abstract methods"),
-    Internal("message and context serde", "flwr.common.serde:message_to_proto / message_from_proto / "
-             "context_to_proto / context_from_proto, flwr.proto.message_pb2:Message, Context",
+    Internal("message and context serde", "flwr.common.serde:metadata_/error_/array_record_/config_record_/"
+             "metric_record_ to_proto and from_proto, context_to_proto / context_from_proto, "
+             "flwr.app.message:make_message, flwr.proto.message_pb2:Message, Context, flwr.proto.recorddict_pb2:"
+             "RecordDict; flwr.app:ConfigRecord's TypedDict state (_check_key_fn, _check_value_fn, _data)",
              "fedshield.simulation.local_pool, .local_worker (via .serde)",
-             "canary imports every name and round-trips a Message and a Context"),
+             "canary imports every name and round-trips a Message and a Context; tests/test_serde.py checks the bytes "
+             "against Flower's message_to_proto and a config record copy against ConfigRecord's constructor"),
     Internal("SecAgg+ client mod pieces", "flwr.client.mod.secure_aggregation.secaggplus_mod:SecAggPlusState, "
              "check_configs, check_stage", "fedshield.client.secaggplus", "canary imports every name (.secagg)"),
     Internal("SecAgg+ maths and keys", "flwr.common.secure_aggregation.* , flwr.supercore.primitives.asymmetric",
