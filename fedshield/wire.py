@@ -26,6 +26,7 @@ from collections.abc import Iterable
 
 from flwr.app import Array, ArrayRecord, RecordDict
 
+from .arrays import array_record
 from .errors import ProtocolError
 
 __all__ = ["PACKED_KEY", "PACKED_STYPE", "pack_content", "pack_record", "unpack_content", "unpack_record"]
@@ -49,7 +50,7 @@ def pack_record(record: ArrayRecord) -> ArrayRecord:
     head = json.dumps(table, separators=(",", ":")).encode()
     data = b"".join([_LENGTH.pack(len(head)), head, *blobs])
     packed = Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)
-    return ArrayRecord({PACKED_KEY: packed})
+    return array_record({PACKED_KEY: packed})
 
 
 def unpack_record(record: ArrayRecord) -> ArrayRecord:
@@ -76,7 +77,7 @@ def unpack_record(record: ArrayRecord) -> ArrayRecord:
     if offset != len(data):
         raise ProtocolError(f"packed ArrayRecord has {len(data) - offset} bytes its table does not account for: "
                             "refused (a broken or hostile peer)")
-    return ArrayRecord(arrays)
+    return array_record(arrays)
 
 
 def _read_table(data: bytes) -> tuple[list[tuple[str, str, list[int], str, int]], int, bytes]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from fedshield.arrays import from_numpy, record_to_numpy, to_numpy
+from fedshield.arrays import array_record, from_numpy, record_to_numpy, to_numpy
 
 RNG = np.random.default_rng(7)
 CASES = {
@@ -152,3 +152,12 @@ def test_zero_itemsize_dtypes_read_as_flower_reads_them() -> None:
         array = Array(value)
         assert to_numpy(array).dtype == array.numpy().dtype and to_numpy(array).shape == array.numpy().shape
 
+
+
+def test_array_record_holds_the_very_arrays_and_equals_flowers_record() -> None:
+    arrays = {"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3)), "b": Array(np.zeros(3))}
+    record = array_record(arrays)
+    assert list(record) == ["w", "b"] and all(record[k] is arrays[k] for k in arrays)
+    assert record == ArrayRecord(arrays) and record.object_id == ArrayRecord(arrays).object_id
+    with pytest.raises(TypeError):  # the record's own checks still apply
+        array_record({"x": np.zeros(2)})  # type: ignore[dict-item]

@@ -19,14 +19,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..flower_internals.secagg_keys import RECORD_KEY_CONFIGS
 from .. import protocol as P
 from ..errors import ProtocolError
 from ..orphan_guard import exit_when_orphaned
-from ..arrays import from_numpy, record_to_numpy
+from ..arrays import array_record, from_numpy, record_to_numpy
 from ..wire import pack_content, unpack_content
 from .node_config import ALLOW_PLAIN_UPDATES, DATA_PATH, WORKER_SOCKET
 from .round_work import CONFIG_ERROR_CODE, REFUSAL_CODE, WORKER_ERROR_CODE, Refusal, TrainResult
@@ -150,7 +150,7 @@ def train(msg: Message, context: Context) -> Message:
         result = _train(context, *_request(msg))
     except Refusal as refusal:
         return Message(Error(code=refusal.code, reason=refusal.reason), reply_to=msg)
-    arrays = ArrayRecord({k: from_numpy(np.ascontiguousarray(v)) for k, v in result.arrays.items()})
+    arrays = array_record({k: from_numpy(np.ascontiguousarray(v)) for k, v in result.arrays.items()})
     content = RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(result.metrics)})
     return Message(content=content, reply_to=msg)
 

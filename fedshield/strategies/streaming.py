@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import FedAvg
 from numpy.typing import NDArray
 
 from ..flower_internals.serverapp import InconsistentMessageReplies, log
-from ..arrays import to_numpy
+from ..arrays import array_record, to_numpy
 from ..errors import ProtocolError
 from ..protocol import MALFORMED_REPLY_CODE, REJECTED
 from ..wire import pack_content, unpack_content
@@ -84,7 +84,7 @@ class WeightedSum:
         out = {}
         for key, total in self._sums.items():
             out[key] = Array(np.asarray(np.divide(total, self.total_weight), dtype=self._dtypes[key]))
-        return ArrayRecord(out)
+        return array_record(out)
 
 
 class StreamingFedAvg(FedAvg):
