@@ -26,6 +26,8 @@ from functools import lru_cache
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from .flower_internals.records import array_from_fields
+
 __all__ = ["array_record", "from_numpy", "to_numpy", "record_to_numpy"]
 
 _MAGIC = b"\x93NUMPY"
@@ -87,7 +89,7 @@ def from_numpy(value: np.ndarray) -> Array:
             _SAVED_HEADERS.clear()
         _SAVED_HEADERS[key] = head
     data = head + value.tobytes(order="F" if fortran_order else "C")
-    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype=_NUMPY_STYPE, data=data)
+    return array_from_fields(str(value.dtype), tuple(value.shape), _NUMPY_STYPE, data)
 
 
 def array_record(arrays: Mapping[str, Array]) -> ArrayRecord:

@@ -28,6 +28,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from .arrays import array_record
 from .errors import ProtocolError
+from .flower_internals.records import array_from_fields
 
 __all__ = ["PACKED_KEY", "PACKED_STYPE", "pack_content", "pack_record", "unpack_content", "unpack_record"]
 
@@ -49,7 +50,7 @@ def pack_record(record: ArrayRecord) -> ArrayRecord:
         blobs.append(array.data)
     head = json.dumps(table, separators=(",", ":")).encode()
     data = b"".join([_LENGTH.pack(len(head)), head, *blobs])
-    packed = Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)
+    packed = array_from_fields("uint8", (len(data),), PACKED_STYPE, data)
     return array_record({PACKED_KEY: packed})
 
 
@@ -72,7 +73,8 @@ def unpack_record(record: ArrayRecord) -> ArrayRecord:
     for key, dtype, shape, stype, size in table:
         if key in arrays:
             raise ProtocolError(f"packed ArrayRecord names array {key!r} twice: refused (a broken or hostile peer)")
-        arrays[key] = Array(dtype=dtype, shape=tuple(shape), stype=stype, data=data[offset:offset + size])
+        # the table's fields were checked (_read_table): str, list of ints >= 0, str; a bytes slice
+        arrays[key] = array_from_fields(dtype, tuple(shape), stype, data[offset:offset + size])
         offset += size
     if offset != len(data):
         raise ProtocolError(f"packed ArrayRecord has {len(data) - offset} bytes its table does not account for: "

@@ -11,7 +11,7 @@ from flwr.app.message import make_message
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
 
-from fedshield.flower_internals import serde
+from fedshield.flower_internals import records, serde
 
 CONFIG = {"server-round": 3, "lr": 0.5, "dp": False, "task": "digits", "ids": [1, 2, 3], "blob": b"\x00\x01",
           "names": ["a", "b"], "flags": [True, False], "rates": [0.1, 0.2]}
@@ -90,8 +90,18 @@ def test_a_decoded_config_record_is_independent_of_the_next_decoding() -> None:
 
 def test_a_config_record_copy_has_exactly_the_state_flowers_constructor_gives() -> None:
     record = ConfigRecord(dict(CONFIG))
-    copy = serde.copy_config_record(record)
+    copy = records.copy_config_record(record)
     assert set(copy.__dict__) == set(ConfigRecord(dict(CONFIG)).__dict__)
     assert copy == record and copy.object_id == record.object_id
     copy["names"].append("z")
     assert record["names"] == ["a", "b"]
+
+
+def test_an_array_from_checked_fields_is_the_array_flowers_constructor_makes() -> None:
+    flower = Array(np.arange(6, dtype=np.float32).reshape(2, 3))
+    fast = records.array_from_fields(flower.dtype, tuple(flower.shape), flower.stype, flower.data)
+    made = Array(dtype=flower.dtype, shape=tuple(flower.shape), stype=flower.stype, data=flower.data)
+    assert fast.__dict__ == made.__dict__ and fast == made and fast.object_id == made.object_id
+    assert np.array_equal(fast.numpy(), flower.numpy())
+    fast.data = Array(np.ones(6, dtype=np.float32)).data  # Flower's dirty tracking still applies
+    assert fast.is_dirty and fast.object_id != made.object_id

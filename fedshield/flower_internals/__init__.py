@@ -49,10 +49,12 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("message and context serde", "flwr.common.serde:metadata_/error_/array_record_/config_record_/"
              "metric_record_ to_proto and from_proto, context_to_proto / context_from_proto, "
              "flwr.app.message:make_message, flwr.proto.message_pb2:Message, Context, flwr.proto.recorddict_pb2:"
-             "RecordDict; flwr.app:ConfigRecord's TypedDict state (_check_key_fn, _check_value_fn, _data)",
-             "fedshield.simulation.local_pool, .local_worker (via .serde)",
+             "RecordDict; flwr.app:ConfigRecord's TypedDict state (_check_key_fn, _check_value_fn, _data) and "
+             "Array's (_is_dirty, dtype, shape, stype, data)",
+             "fedshield.simulation.local_pool, .local_worker (via .serde); fedshield.wire, fedshield.arrays (via "
+             ".records)",
              "canary imports every name and round-trips a Message and a Context; tests/test_serde.py checks the bytes "
-             "against Flower's message_to_proto and a config record copy against ConfigRecord's constructor"),
+             "against Flower's message_to_proto, and .records' objects against Flower's constructors"),
     Internal("SecAgg+ client mod pieces", "flwr.client.mod.secure_aggregation.secaggplus_mod:SecAggPlusState, "
              "check_configs, check_stage", "fedshield.client.secaggplus", "canary imports every name (.secagg)"),
     Internal("SecAgg+ maths and keys", "flwr.common.secure_aggregation.* , flwr.supercore.primitives.asymmetric",

@@ -10,7 +10,8 @@ The bytes are Flower's ``message_to_proto(message).SerializeToString()``, and a 
   client) keep the proto made for the first message while they hold what they held then (same keys, same values and
   value types, same ``Array`` objects holding the same bytes); a record changed in place is converted again.
 - decoding: a ``ConfigRecord`` whose proto bytes were decoded before is copied from that decoding, skipping
-  Flower's per-value type checks (3-4 us a value; a round's config holds 33), which its first decoding passed.
+  Flower's per-value type checks (3-4 us a value; a round's config holds 33), which its first decoding passed
+  (:func:`~fedshield.flower_internals.records.copy_config_record`).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=no
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=no-name-in-module
 
-__all__ = ["Context", "Message", "encode_message", "decode_message", "encode_context", "decode_context",
-           "copy_config_record"]
+from .records import copy_config_record
+
+__all__ = ["Context", "Message", "encode_message", "decode_message", "encode_context", "decode_context"]
 
 _KEEP = 4  # records remembered on each side: a round's broadcast has two
 #: A larger model record is not remembered (its proto would double what it holds); its conversion is a copy anyway.
@@ -111,16 +113,6 @@ def _recorddict_to_proto(content: RecordDict) -> ProtoRecordDict:
         else:
             raise ValueError(f"Unsupported record type: {type(record)}")
     return ProtoRecordDict(items=items)
-
-
-def copy_config_record(record: ConfigRecord) -> ConfigRecord:
-    """An independent copy of a checked ``ConfigRecord``, without checking each value again: the attributes
-    ``ConfigRecord.__init__`` sets (Flower 1.39's ``TypedDict``), a new dict, new lists."""
-    copy = ConfigRecord.__new__(ConfigRecord)
-    state = record.__dict__
-    copy.__dict__.update(_check_key_fn=state["_check_key_fn"], _check_value_fn=state["_check_value_fn"],
-                         _data={k: list(v) if isinstance(v, list) else v for k, v in state["_data"].items()})
-    return copy
 
 
 def _config_from_proto(proto: Any) -> ConfigRecord:
