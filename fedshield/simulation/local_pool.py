@@ -35,7 +35,7 @@ from flwr.clientapp import ClientApp
 
 from ..errors import FedshieldError
 from ..flower_internals.serde import decode_context, decode_message, encode_context, encode_message
-from .local_worker import OK, WARM_IMPORTS, child_main
+from .local_worker import ERROR, OK, WARM_IMPORTS, child_main, pair, split_pair
 
 __all__ = ["ClientAppRaised", "LocalPool", "PRELOAD", "PRELOAD_DP", "forked_pool", "pool_size", "server_threads"]
 
@@ -64,11 +64,9 @@ class _Worker:
     pid: int
     conn: Connection
 
-    def call(self, message: bytes, context: bytes) -> list[bytes]:
-        self.conn.send_bytes(message)
-        self.conn.send_bytes(context)
-        head = self.conn.recv_bytes()
-        return [head, self.conn.recv_bytes()] + ([self.conn.recv_bytes()] if head == OK else [])
+    def call(self, request: bytes) -> bytes:
+        self.conn.send_bytes(request)
+        return self.conn.recv_bytes()
 
 
 class LocalPool:
@@ -110,16 +108,17 @@ class LocalPool:
 
     def run(self, message: Message, context: Context) -> tuple[Message, Context]:
         """Run the ClientApp on one idle worker; raise :class:`ClientAppRaised` if it raised."""
-        request = (encode_message(message), encode_context(context))
+        request = pair(encode_message(message), encode_context(context))
         worker = self._lend()
         try:
-            frames = worker.call(*request)
+            reply = worker.call(request)
         except (EOFError, OSError) as exc:
             raise self._bury(worker, exc) from exc
         self._idle.put(worker)
-        if frames[0] != OK:
-            raise ClientAppRaised(frames[1].decode(errors="replace"))
-        return decode_message(frames[1]), decode_context(frames[2])
+        if reply[:len(OK)] != OK:
+            raise ClientAppRaised(reply[len(ERROR):].decode(errors="replace"))
+        message_bytes, context_bytes = split_pair(reply, len(OK))
+        return decode_message(message_bytes), decode_context(context_bytes)
 
     def _lend(self) -> _Worker:
         while True:

@@ -5,10 +5,11 @@ engine starts, so torch, Opacus and the ClientApp object are already imported an
 re-import, no object store); the work crosses the process boundary as Flower's own protobuf messages
 (``flwr.common.serde``), never pickle.
 
-Wire (over a ``multiprocessing`` pipe, ``send_bytes``/``recv_bytes`` frames only):
-request ``[Message proto, Context proto]``; reply ``[b"ok", Message proto, Context proto]`` or
-``[b"error", reason]`` when the ClientApp raised (the parent turns it into Flower's error reply, as Ray's actor
-does). The worker exits on end-of-file: the parent closed its end, or died.
+Wire (over a ``multiprocessing`` pipe, one ``send_bytes``/``recv_bytes`` frame each way, so a call costs the
+parent one write and one read): request :func:`pair` ``(Message proto, Context proto)``; reply ``OK`` followed by
+:func:`pair` ``(Message proto, Context proto)``, or ``ERROR`` followed by the reason when the ClientApp raised
+(the parent turns it into Flower's error reply, as Ray's actor does). The worker exits on end-of-file: the parent
+closed its end, or died.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import ctypes
 import importlib
 import os
 import signal
+import struct
 import sys
 import traceback
 from multiprocessing.connection import Connection
@@ -27,10 +29,11 @@ from flwr.clientapp import ClientApp
 from ..flower_internals.serde import decode_context, decode_message, encode_context, encode_message
 from ..forked import exit_forked
 
-__all__ = ["OK", "ERROR", "WARM_IMPORTS", "child_main", "serve"]
+__all__ = ["OK", "ERROR", "WARM_IMPORTS", "child_main", "pair", "serve", "split_pair"]
 
-OK = b"ok"
-ERROR = b"error"
+OK = b"k"
+ERROR = b"e"
+_LENGTH = struct.Struct("<Q")
 #: Imported by each worker as soon as it is forked when its clients run DP-SGD, while the simulating process is
 #: still starting Flower's engine: torch's ``Optimizer.step`` (Opacus' optimizer wraps one) imports ``torch._dynamo``
 #: on its first call, 1.5-2 s that used to sit in round 1. Plain training steps without it
@@ -76,17 +79,29 @@ def warm_up(modules: tuple[str, ...] = WARM_IMPORTS) -> None:
             pass
 
 
-def run_one(app: ClientApp, message_bytes: bytes, context_bytes: bytes) -> list[bytes]:
-    """The reply frames for one request: the ClientApp's reply and its updated Context, or why it raised."""
+def pair(first: bytes, second: bytes) -> bytes:
+    """``first`` and ``second`` in one buffer (``first``'s length, then both)."""
+    return b"".join((_LENGTH.pack(len(first)), first, second))
+
+
+def split_pair(frame: bytes, start: int = 0) -> tuple[bytes, bytes]:
+    """The two parts :func:`pair` joined, from ``frame[start:]``."""
+    (size,) = _LENGTH.unpack_from(frame, start)
+    middle = start + _LENGTH.size + size
+    return frame[start + _LENGTH.size:middle], frame[middle:]
+
+
+def run_one(app: ClientApp, message_bytes: bytes, context_bytes: bytes) -> bytes:
+    """The reply frame for one request: the ClientApp's reply and its updated Context, or why it raised."""
     try:
         context = decode_context(context_bytes)
         reply = app(message=decode_message(message_bytes), context=context)
-        return [OK, encode_message(reply), encode_context(context)]
+        return OK + pair(encode_message(reply), encode_context(context))
     except Exception as exc:  # pylint: disable=broad-exception-caught  # reported to the server, as Ray does
         reason = f"{type(exc).__name__}: {exc}"
         print(f"fedshield local worker {os.getpid()}: the ClientApp raised\n{traceback.format_exc()}",
               file=sys.stderr, flush=True)
-        return [ERROR, reason.encode()]
+        return ERROR + reason.encode()
 
 
 def serve(conn: Connection, app: ClientApp, *, threads: int, parent_pid: int,
@@ -98,14 +113,12 @@ def serve(conn: Connection, app: ClientApp, *, threads: int, parent_pid: int,
     warm_up(warm)
     while True:
         try:
-            message_bytes = conn.recv_bytes()
-            context_bytes = conn.recv_bytes()
+            request = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        frames = run_one(app, message_bytes, context_bytes)
+        reply = run_one(app, *split_pair(request))
         try:
-            for frame in frames:
-                conn.send_bytes(frame)
+            conn.send_bytes(reply)
         except OSError:
             return
 
