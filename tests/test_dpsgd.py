@@ -246,3 +246,37 @@ def test_a_reused_model_trains_and_evaluates_as_a_fresh_one(tmp_path: Path) -> N
     trainer._SPARE.clear()  # pylint: disable=protected-access
     train_round(site, private, glob)  # DP-SGD
     assert not trainer._SPARE  # pylint: disable=protected-access
+
+
+def test_a_channels_last_task_trains_plain_rounds_in_that_format_and_sends_contiguous_weights(tmp_path: Path) -> None:
+    """Digits opts into channels-last (``Task.channels_last``): a plain round trains the model in that format and
+    gives, up to float rounding, what the default format gives; the weights it sends are contiguous; a DP-SGD
+    round keeps the default format (Opacus)."""
+    from fedshield.client import trainer
+    from fedshield.client.site import Site
+    from fedshield.config import RoundSettings
+    from fedshield.tasks.partial import load_travelling
+
+    task = get_task("digits")
+    data = task.load_bundled()
+    subset = Dataset(data.x[:40], data.y[:40])
+    site = Site("client-0", task, subset, subset, tmp_path, None, 0, torch.device("cpu"))
+    glob = {k: v.detach().clone() for k, v in task.new_model(0).state_dict().items()}
+    settings = RoundSettings(run_id="r", server_round=1, num_rounds=1, task="digits", partition="iid", seed=0,
+                             local_epochs=1, lr=0.5, sample_rate=0.25, dp=False, noise_multiplier=1.0,
+                             max_grad_norm=1.0, target_epsilon=0.0, delta=1e-5, accountant="prv",
+                             grad_sample_mode="hooks")
+    trainer._SPARE.clear()  # pylint: disable=protected-access
+    sent = trainer.train_round(site, settings, glob).state_dict
+    (kept,) = trainer._SPARE.values()  # pylint: disable=protected-access
+    trainer._SPARE.clear()  # pylint: disable=protected-access
+    assert kept.features[3].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(v.is_contiguous() for v in sent.values())
+    default = task.new_model(0)
+    load_travelling(default, glob)
+    train_plain(default, subset, sample_rate=0.25, epochs=1, lr=0.5, loss_fn=task.loss_fn(),
+                generator=trainer._generator(site, settings))  # pylint: disable=protected-access
+    for key, value in default.state_dict().items():
+        assert torch.allclose(sent[key], value, atol=1e-5), key
+    assert not trainer._model(site, settings, glob).features[3].weight.is_contiguous(  # pylint: disable=protected-access
+        memory_format=torch.channels_last)  # what a DP-SGD round builds

@@ -136,7 +136,7 @@ def test_the_server_tests_a_channels_last_task_on_a_copy_and_gets_the_models_own
     loss, acc = evaluate(copy, test, task.loss_fn())
     want_loss, want_acc = evaluate(trained, test, task.loss_fn())
     assert acc == want_acc and loss == pytest.approx(want_loss, rel=1e-6)
-    assert copy.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert copy.features[3].weight.is_contiguous(memory_format=torch.channels_last)  # 16 input channels: unambiguous
     assert all(t.is_contiguous() for t in travelling_state(model).values())
     assert all(torch.equal(a, b) for a, b in zip(travelling_state(model).values(),
                                                    travelling_state(task.new_model(0)).values()))

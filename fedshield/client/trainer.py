@@ -63,14 +63,18 @@ def _model_key(site: Site, settings: RoundSettings) -> tuple[str, int, str, str]
     return site.task.name, settings.seed, settings.frozen_digest, str(site.device)
 
 
-def _model(site: Site, settings: RoundSettings, state: dict[str, torch.Tensor], *, reuse: bool = False
+def _model(site: Site, settings: RoundSettings, state: dict[str, torch.Tensor], *, plain: bool = False
            ) -> torch.nn.Module:
-    """The task's model holding ``state``; ``reuse``: a model :func:`_spare` kept, if there is one."""
-    model = _SPARE.pop(_model_key(site, settings), None) if reuse else None
+    """The task's model holding ``state``. ``plain``: for a round without DP-SGD or an evaluation, so a model
+    :func:`_spare` kept serves if there is one, and a ``channels_last`` task's model is in that memory format
+    (its convolutions and pooling run ~10% faster on a CPU; Opacus' per-sample gradients keep the default)."""
+    model = _SPARE.pop(_model_key(site, settings), None) if plain else None
     if model is None:
         model = site.task.new_model(settings.seed)
         check_frozen(model, settings.frozen_digest, task=site.task.name)  # a partial model's frozen base must match
         model = model.to(site.device)
+        if plain and site.task.channels_last:
+            model = model.to(memory_format=torch.channels_last)
     load_travelling(model, state)
     return model
 
@@ -92,14 +96,16 @@ def _spare(site: Site, settings: RoundSettings, model: torch.nn.Module) -> None:
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trained weights that travel as fresh CPU tensors: what the codec, client-level DP and compression expect."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in travelling_state(model).items()}
+    """The trained weights that travel as fresh, contiguous CPU tensors (whatever the model's memory format): what
+    the codec, client-level DP and compression expect."""
+    return {k: v.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+            for k, v in travelling_state(model).items()}
 
 
 def train_round(site: Site, settings: RoundSettings, global_state: dict[str, torch.Tensor]) -> TrainOutcome:
     """Train one round; raises :class:`BudgetExhaustedError` (after recording the refusal) instead of overspending."""
     metrics = reply_metrics(site, settings)
-    model = _model(site, settings, global_state, reuse=not settings.dp)
+    model = _model(site, settings, global_state, plain=not settings.dp)
     generator = _generator(site, settings)
     loss_fn = site.task.loss_fn()
     if settings.dp and settings.dp_mode == "distributed":  # the site sends Skellam field integers, never weights
@@ -199,7 +205,7 @@ def _charge(site: Site, settings: RoundSettings) -> PrivacyLedger:
 
 
 def evaluate_round(site: Site, settings: RoundSettings, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
-    model = _model(site, settings, global_state, reuse=True)
+    model = _model(site, settings, global_state, plain=True)
     loss, acc = evaluate(model, site.test, site.task.loss_fn(), device=site.device)
     _spare(site, settings, model)
     return {P.NUM_EXAMPLES: float(len(site.test)), P.EVAL_LOSS: loss, P.EVAL_ACCURACY: acc}
