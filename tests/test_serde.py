@@ -47,7 +47,7 @@ def test_every_message_of_a_broadcast_is_flowers_bytes_and_decodes_as_flower_dec
     arrays, config = _arrays(0), ConfigRecord(dict(CONFIG))
     for node in (1, 2, 3):
         msg = _broadcast(arrays, config, node)
-        data = serde.encode_message(msg)
+        data = serde.encode_message(msg, remember=True)
         assert data == _flower_bytes(msg)
         _same(serde.decode_message(data), _flower_decoded(data))
     reply = Message(RecordDict({"arrays": _arrays(1), "metrics": MetricRecord({"num-examples": 11.0})}),
@@ -62,6 +62,8 @@ def test_every_message_of_a_broadcast_is_flowers_bytes_and_decodes_as_flower_dec
     lambda c, a: c.__setitem__("server-round", 4),                 # Flower's strategies write this each round
     lambda c, a: c.__setitem__("server-round", 3.0),                # equal value, another type
     lambda c, a: c.__setitem__("dp", 0),                            # False == 0
+    lambda c, a: c.__setitem__("lr", -0.0),                         # 0.0 == -0.0 (sent as 0.0 first)
+    lambda c, a: c.__setitem__("rates", [0.1, -0.0]),              # ... inside a list too
     lambda c, a: c.__setitem__("flags", [1, 0]),                    # [True, False] == [1, 0]
     lambda c, a: c.__setitem__("ids", [1, 2, 4]),
     lambda c, a: c["names"].append("c"),                            # a list changed in place
@@ -71,10 +73,25 @@ def test_every_message_of_a_broadcast_is_flowers_bytes_and_decodes_as_flower_dec
 ])
 def test_a_record_changed_in_place_after_it_was_sent_is_encoded_anew(change) -> None:  # type: ignore[no-untyped-def]
     arrays, config = _arrays(2), ConfigRecord({**CONFIG, "names": list(CONFIG["names"])})  # type: ignore[dict-item]
-    serde.encode_message(_broadcast(arrays, config, 1))
+    config["lr"], config["rates"] = 0.0, [0.1, 0.0]
+    serde.encode_message(_broadcast(arrays, config, 1), remember=True)
     change(config, arrays)
     msg = _broadcast(arrays, config, 2)
-    assert serde.encode_message(msg) == _flower_bytes(msg)
+    assert serde.encode_message(msg, remember=True) == _flower_bytes(msg)
+
+
+@pytest.mark.parametrize("remember", [True, False])
+def test_a_broadcasts_records_are_converted_once_and_a_replys_never_remembered(
+        monkeypatch: pytest.MonkeyPatch, remember: bool) -> None:
+    calls: list[str] = []
+    for name in ("array_record_to_proto", "config_record_to_proto"):
+        real = getattr(serde, name)
+        monkeypatch.setattr(serde, name, lambda record, _real=real, _name=name: calls.append(_name) or _real(record))
+    arrays, config = _arrays(4), ConfigRecord(dict(CONFIG))
+    for node in (1, 2, 3):
+        msg = _broadcast(arrays, config, node)
+        assert serde.encode_message(msg, remember=remember) == _flower_bytes(msg)
+    assert sorted(calls) == sorted(["array_record_to_proto", "config_record_to_proto"] * (1 if remember else 3))
 
 
 def test_a_decoded_config_record_is_independent_of_the_next_decoding() -> None:

@@ -140,3 +140,18 @@ def test_the_server_tests_a_channels_last_task_on_a_copy_and_gets_the_models_own
     assert all(t.is_contiguous() for t in travelling_state(model).values())
     assert all(torch.equal(a, b) for a, b in zip(travelling_state(model).values(),
                                                    travelling_state(task.new_model(0)).values()))
+
+
+@pytest.mark.parametrize("task", ["digits", "breast-cancer"])
+def test_the_servers_test_uses_the_copy_only_for_a_channels_last_task(task: str) -> None:
+    from fedshield.server.plan import plan_run
+    from fedshield.server.runner import _AfterRound
+
+    config = RunConfig(task=task, num_clients=4, num_rounds=1, dp=False)
+    model = get_task(task).new_model(0)
+    after_round = _AfterRound(plan_run(config), model, None, None, None)  # type: ignore[arg-type]
+    try:
+        assert (after_round.model is model) == (task == "breast-cancer")
+        assert after_round._test({k: v.clone() for k, v in model.state_dict().items()})["accuracy"] >= 0.0
+    finally:
+        after_round.close()

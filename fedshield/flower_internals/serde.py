@@ -6,9 +6,10 @@ process; Flower's wire format carries exactly what its SuperLink/SuperNode carry
 The bytes are Flower's ``message_to_proto(message).SerializeToString()``, and a message decodes to what Flower's
 ``message_from_proto`` gives; two records are converted once instead of once per message (issue 13):
 
-- encoding: the records of a broadcast (the round's model and config, one object each, sent to every sampled
-  client) keep the proto made for the first message while they hold what they held then (same keys, same values and
-  value types, same ``Array`` objects holding the same bytes); a record changed in place is converted again.
+- encoding a request (``remember=True``): the records of a broadcast (the round's model and config, one object
+  each, sent to every sampled client) keep the proto made for the first message while they hold what they held then
+  (same keys, same values and value types, floats bit for bit, same ``Array`` objects holding the same bytes); a
+  record changed in place is converted again. The last 4 are kept, none over 16 MiB.
 - decoding: a ``ConfigRecord`` whose proto bytes were decoded before is copied from that decoding, skipping
   Flower's per-value type checks (3-4 us a value; a round's config holds 33), which its first decoding passed
   (:func:`~fedshield.flower_internals.records.copy_config_record`).
@@ -16,6 +17,7 @@ The bytes are Flower's ``message_to_proto(message).SerializeToString()``, and a 
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -49,15 +51,20 @@ __all__ = ["Context", "Message", "encode_message", "decode_message", "encode_con
 _KEEP = 4  # records remembered on each side: a round's broadcast has two
 #: A larger model record is not remembered (its proto would double what it holds); its conversion is a copy anyway.
 _REMEMBER_BYTES = 16 * 2**20
+_DOUBLE = struct.Struct("<d")
 
 
 def _fingerprint(record: Any) -> tuple[Any, ...]:
-    """What a record holds, compared by value and type (``1 == 1.0 == True`` must not match), holding the
-    ``Array`` objects and their bytes (so a replaced one is never mistaken for the one it replaced)."""
+    """What a record holds, equal only for records that encode to the same bytes: values with their types
+    (``1 == 1.0 == True`` must not match), floats by their bits (``0.0 == -0.0`` must not match; NaNs by payload),
+    and the ``Array`` objects with their bytes, held (so a replaced one is never mistaken for the one it replaced)."""
     if isinstance(record, ArrayRecord):
         return tuple((k, a, a.data, a.dtype, tuple(a.shape), a.stype) for k, a in record.items())
-    return tuple((k, type(v), tuple((type(e), e) for e in v) if isinstance(v, list) else v)
-                 for k, v in record.items())
+    return tuple((k, tuple(_exact(e) for e in v) if isinstance(v, list) else _exact(v)) for k, v in record.items())
+
+
+def _exact(value: Any) -> tuple[type, Any]:
+    return (float, _DOUBLE.pack(value)) if type(value) is float else (type(value), value)
 
 
 class _Remembered:
@@ -87,11 +94,15 @@ _encoded = _Remembered()
 _decoded = _Remembered()
 
 
-def _record_proto(record: Any) -> Any:
+def _record_proto(record: Any, remember: bool) -> Any:
     if isinstance(record, MetricRecord):  # a reply's few metrics: never shared, nothing to gain
         return metric_record_to_proto(record)
-    if isinstance(record, ArrayRecord) and sum(len(a.data) for a in record.values()) > _REMEMBER_BYTES:
-        return array_record_to_proto(record)
+    if not remember or (isinstance(record, ArrayRecord)
+                        and sum(len(a.data) for a in record.values()) > _REMEMBER_BYTES):
+        return array_record_to_proto(record) if isinstance(record, ArrayRecord) else config_record_to_proto(record)
+    # Taken before the conversion: a record another thread changes meanwhile is remembered with what it held
+    # before; it could only be hit again by a record holding that again, and changing a record while it is being
+    # sent is a race in Flower already.
     mark = _fingerprint(record)
     proto = _encoded.get(id(record), record, mark)  # anchored to the record itself: its id is never reused here
     if proto is None:
@@ -100,16 +111,16 @@ def _record_proto(record: Any) -> Any:
     return proto
 
 
-def _recorddict_to_proto(content: RecordDict) -> ProtoRecordDict:
+def _recorddict_to_proto(content: RecordDict, remember: bool) -> ProtoRecordDict:
     """``flwr.common.serde.recorddict_to_proto``, each record through :func:`_record_proto`."""
     items = []
     for key, record in content.items():
         if isinstance(record, ArrayRecord):
-            items.append(ProtoRecordDict.Item(key=key, array_record=_record_proto(record)))
+            items.append(ProtoRecordDict.Item(key=key, array_record=_record_proto(record, remember)))
         elif isinstance(record, MetricRecord):
-            items.append(ProtoRecordDict.Item(key=key, metric_record=_record_proto(record)))
+            items.append(ProtoRecordDict.Item(key=key, metric_record=_record_proto(record, remember)))
         elif isinstance(record, ConfigRecord):
-            items.append(ProtoRecordDict.Item(key=key, config_record=_record_proto(record)))
+            items.append(ProtoRecordDict.Item(key=key, config_record=_record_proto(record, remember)))
         else:
             raise ValueError(f"Unsupported record type: {type(record)}")
     return ProtoRecordDict(items=items)
@@ -140,16 +151,18 @@ def _recorddict_from_proto(proto: ProtoRecordDict) -> RecordDict:
     return content
 
 
-def encode_message(message: Message) -> bytes:
+def encode_message(message: Message, *, remember: bool = False) -> bytes:
+    """Flower's bytes for ``message``. ``remember``: keep the protos of its array and config records for the next
+    message that carries the same ones (a request of a broadcast; never a reply, whose records are its own)."""
     proto = ProtoMessage(
         metadata=metadata_to_proto(message.metadata),
-        content=_recorddict_to_proto(message.content) if message.has_content() else None,
+        content=_recorddict_to_proto(message.content, remember) if message.has_content() else None,
         error=error_to_proto(message.error) if message.has_error() else None,
     )
     return bytes(proto.SerializeToString())
 
 
-def decode_message(data: bytes) -> Message:
+def decode_message(data: bytes | memoryview) -> Message:
     proto = ProtoMessage()
     proto.ParseFromString(data)
     return make_message(
@@ -163,7 +176,7 @@ def encode_context(context: Context) -> bytes:
     return bytes(context_to_proto(context).SerializeToString())
 
 
-def decode_context(data: bytes) -> Context:
+def decode_context(data: bytes | memoryview) -> Context:
     proto = ProtoContext()
     proto.ParseFromString(data)
     return context_from_proto(proto)

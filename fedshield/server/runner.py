@@ -116,13 +116,13 @@ class _AfterRound:
     ) -> None:
         task = get_task(plan.config.task)
         self.plan, self.reporter, self.outcomes, self.on_round = plan, reporter, outcomes, on_round
-        self.model = _test_copy(model) if task.channels_last else model
         self.loss_fn = task.loss_fn()
         self.server_test = None
         c = plan.config
         if task.load_bundled is not None or c.data:  # the bundled data, or simulate's --data file
             whole = whole_dataset(task, c.data, text_column=c.text_column, label_column=c.label_column)
             self.server_test = server_test_split(whole, c.seed)
+        self.model = _test_copy(model) if task.channels_last and self.server_test is not None else model
         self._behind = OneBehind("fedshield-after-round")
 
     def __call__(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:

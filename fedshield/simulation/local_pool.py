@@ -108,7 +108,7 @@ class LocalPool:
 
     def run(self, message: Message, context: Context) -> tuple[Message, Context]:
         """Run the ClientApp on one idle worker; raise :class:`ClientAppRaised` if it raised."""
-        request = pair(encode_message(message), encode_context(context))
+        request = pair(encode_message(message, remember=True), encode_context(context))
         worker = self._lend()
         try:
             reply = worker.call(request)

@@ -79,24 +79,25 @@ def warm_up(modules: tuple[str, ...] = WARM_IMPORTS) -> None:
             pass
 
 
-def pair(first: bytes, second: bytes) -> bytes:
-    """``first`` and ``second`` in one buffer (``first``'s length, then both)."""
-    return b"".join((_LENGTH.pack(len(first)), first, second))
+def pair(first: bytes, second: bytes, *, head: bytes = b"") -> bytes:
+    """``head``, then ``first`` and ``second`` in one buffer (``first``'s length, then both): one copy of each."""
+    return b"".join((head, _LENGTH.pack(len(first)), first, second))
 
 
-def split_pair(frame: bytes, start: int = 0) -> tuple[bytes, bytes]:
-    """The two parts :func:`pair` joined, from ``frame[start:]``."""
+def split_pair(frame: bytes, start: int = 0) -> tuple[memoryview, memoryview]:
+    """The two parts :func:`pair` joined, from ``frame[start:]`` (views of ``frame``, not copies)."""
     (size,) = _LENGTH.unpack_from(frame, start)
     middle = start + _LENGTH.size + size
-    return frame[start + _LENGTH.size:middle], frame[middle:]
+    view = memoryview(frame)
+    return view[start + _LENGTH.size:middle], view[middle:]
 
 
-def run_one(app: ClientApp, message_bytes: bytes, context_bytes: bytes) -> bytes:
+def run_one(app: ClientApp, message_bytes: bytes | memoryview, context_bytes: bytes | memoryview) -> bytes:
     """The reply frame for one request: the ClientApp's reply and its updated Context, or why it raised."""
     try:
         context = decode_context(context_bytes)
         reply = app(message=decode_message(message_bytes), context=context)
-        return OK + pair(encode_message(reply), encode_context(context))
+        return pair(encode_message(reply), encode_context(context), head=OK)
     except Exception as exc:  # pylint: disable=broad-exception-caught  # reported to the server, as Ray does
         reason = f"{type(exc).__name__}: {exc}"
         print(f"fedshield local worker {os.getpid()}: the ClientApp raised\n{traceback.format_exc()}",

@@ -42,8 +42,8 @@ class Task:
             per-sample gradients keep the default format). The weights on the wire are unchanged (contiguous) and
             results differ from the default format only by float rounding. Why: CPU convolutions and pooling run
             faster in it, twice as fast over the server's test set, ~10% for a simulated client's few steps (issue
-            13). Only for a model whose ``forward`` never ``view``s a convolution's output (``flatten`` and
-            ``reshape`` are fine).
+            13). Only for a 2-D convolutional model (4-D weights: a ``Conv3d`` cannot take this format) whose
+            ``forward`` never ``view``s a convolution's output (``flatten`` and ``reshape`` are fine).
     """
 
     spec: DataSpec
