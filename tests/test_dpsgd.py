@@ -212,15 +212,10 @@ def test_a_reused_model_trains_and_evaluates_as_a_fresh_one(tmp_path: Path) -> N
     import dataclasses
 
     from fedshield.client import trainer
-    from fedshield.client.site import Site
     from fedshield.client.trainer import evaluate_round, train_round
     from fedshield.config import RoundSettings
 
-    task = get_task("breast-cancer")
-    data = task.load_bundled()
-    subset = Dataset(data.x[:120], data.y[:120])
-    site = Site("client-0", task, subset, subset, tmp_path, None, 0, torch.device("cpu"))
-    glob = {k: v.detach().clone() for k, v in task.new_model(0).state_dict().items()}
+    site, glob = _one_site("breast-cancer", 120, tmp_path)
     base = dict(run_id="r", server_round=1, num_rounds=1, task="breast-cancer", partition="iid", seed=0,
                 local_epochs=2, lr=0.5, sample_rate=0.25, dp=True, noise_multiplier=1.0, max_grad_norm=1.0,
                 target_epsilon=0.0, delta=1e-5, accountant="prv", grad_sample_mode="hooks")
@@ -253,15 +248,11 @@ def test_a_channels_last_task_trains_plain_rounds_in_that_format_and_sends_conti
     gives, up to float rounding, what the default format gives; the weights it sends are contiguous; a DP-SGD
     round keeps the default format (Opacus)."""
     from fedshield.client import trainer
-    from fedshield.client.site import Site
     from fedshield.config import RoundSettings
     from fedshield.tasks.partial import load_travelling
 
-    task = get_task("digits")
-    data = task.load_bundled()
-    subset = Dataset(data.x[:40], data.y[:40])
-    site = Site("client-0", task, subset, subset, tmp_path, None, 0, torch.device("cpu"))
-    glob = {k: v.detach().clone() for k, v in task.new_model(0).state_dict().items()}
+    site, glob = _one_site("digits", 40, tmp_path)
+    task, subset = site.task, site.train
     settings = RoundSettings(run_id="r", server_round=1, num_rounds=1, task="digits", partition="iid", seed=0,
                              local_epochs=1, lr=0.5, sample_rate=0.25, dp=False, noise_multiplier=1.0,
                              max_grad_norm=1.0, target_epsilon=0.0, delta=1e-5, accountant="prv",
@@ -280,3 +271,15 @@ def test_a_channels_last_task_trains_plain_rounds_in_that_format_and_sends_conti
         assert torch.allclose(sent[key], value, atol=1e-5), key
     assert not trainer._model(site, settings, glob).features[3].weight.is_contiguous(  # pylint: disable=protected-access
         memory_format=torch.channels_last)  # what a DP-SGD round builds
+
+
+def _one_site(task_name: str, rows: int, tmp_path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A CPU site holding the task's first ``rows`` bundled records (to train and test on), and the task's initial
+    weights as a round's global state."""
+    from fedshield.client.site import Site
+
+    task = get_task(task_name)
+    data = task.load_bundled()
+    subset = Dataset(data.x[:rows], data.y[:rows])
+    site = Site("client-0", task, subset, subset, tmp_path, None, 0, torch.device("cpu"))
+    return site, {k: v.detach().clone() for k, v in task.new_model(0).state_dict().items()}
