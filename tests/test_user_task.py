@@ -129,7 +129,7 @@ def test_the_server_tests_a_channels_last_task_on_a_copy_and_gets_the_models_own
     task = get_task("digits")
     assert task.channels_last and not get_task("breast-cancer").channels_last
     model = task.new_model(0)
-    copy = _test_copy(model)
+    copy = _test_copy(task, model)
     trained = task.new_model(7)  # another round's weights
     load_travelling(copy, travelling_state(trained))
     test = bundled_split("digits", "iid", 10, 0).server_test
@@ -155,3 +155,15 @@ def test_the_servers_test_uses_the_copy_only_for_a_channels_last_task(task: str)
         assert after_round._test({k: v.clone() for k, v in model.state_dict().items()})["accuracy"] >= 0.0
     finally:
         after_round.close()
+
+
+def test_a_task_whose_model_cannot_take_channels_last_fails_in_one_line_naming_the_fix() -> None:
+    from torch import nn
+
+    from fedshield.dataspec import DataSpec
+    from fedshield.tasks import Task
+
+    task = Task(spec=DataSpec("volumes", (1, 4, 4, 4), 2), build_model=lambda: nn.Conv3d(1, 2, 3),
+                channels_last=True)
+    with pytest.raises(ConfigError, match="channels_last=True .* build the task with channels_last=False"):
+        task.in_channels_last(task.new_model(0))

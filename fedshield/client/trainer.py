@@ -74,7 +74,7 @@ def _model(site: Site, settings: RoundSettings, state: dict[str, torch.Tensor], 
         check_frozen(model, settings.frozen_digest, task=site.task.name)  # a partial model's frozen base must match
         model = model.to(site.device)
         if plain and site.task.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            model = site.task.in_channels_last(model)
     load_travelling(model, state)
     return model
 

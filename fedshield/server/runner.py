@@ -28,7 +28,7 @@ from ..strategies.offset import RoundOffset
 from ..strategies.outcomes import RoundOutcomes
 from ..strategies.stack import build_strategy
 from ..strategies.streaming import StreamingGrid
-from ..tasks import get_task
+from ..tasks import Task, get_task
 from .checkpoint import Checkpoint
 from .plan import (
     RunNoise, RunPlan, check_noise_shares, client_noise_multiplier_for, noise_multiplier_for, plan_run,
@@ -122,7 +122,7 @@ class _AfterRound:
         if task.load_bundled is not None or c.data:  # the bundled data, or simulate's --data file
             whole = whole_dataset(task, c.data, text_column=c.text_column, label_column=c.label_column)
             self.server_test = server_test_split(whole, c.seed)
-        self.model = _test_copy(model) if task.channels_last and self.server_test is not None else model
+        self.model = _test_copy(task, model) if task.channels_last and self.server_test is not None else model
         self._behind = OneBehind("fedshield-after-round")
 
     def __call__(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -161,10 +161,10 @@ class _AfterRound:
             log.error("the last round's record failed too: %s: %s", type(exc).__name__, exc)
 
 
-def _test_copy(model: torch.nn.Module) -> torch.nn.Module:
+def _test_copy(task: Task, model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` in channels-last memory format, for the server's test only (see ``Task.channels_last``):
     loading a round's weights into it keeps that format; the model whose weights go on the wire is left as it is."""
-    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return task.in_channels_last(copy.deepcopy(model))
 
 
 def _initial_model(config: RunConfig, resume: Checkpoint | None) -> Any:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..dataspec import DataSpec, Dataset
+from ..errors import ConfigError
 
 __all__ = ["Task", "Dataset"]
 
@@ -57,6 +58,15 @@ class Task:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def in_channels_last(self, model: nn.Module) -> nn.Module:
+        """``model`` in channels-last memory format (see ``channels_last``), or a one-line :class:`ConfigError`
+        naming the fix when its weights cannot take that format (a ``Conv3d``'s 5-D weights, say)."""
+        try:
+            return model.to(memory_format=torch.channels_last)
+        except RuntimeError as exc:
+            raise ConfigError(f"task {self.name!r} sets channels_last=True but its model cannot run in channels-last "
+                              f"memory format ({exc}): build the task with channels_last=False") from None
 
     def new_model(self, seed: int) -> nn.Module:
         """The initial global model: same seed, same weights on every machine.
