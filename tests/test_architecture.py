@@ -39,9 +39,6 @@ LONG_FUNCTIONS = {
     ("config/run.py", "__post_init__"),
     # Opacus' make_private, the accountant cross-check and the loop in one privacy contract; split with care
     ("privacy/dpsgd.py", "train_dp_sgd"),
-    # being split into pure pieces + one reporter (issue 15 item 3, the "archstate" branch)
-    # the privacy report's JSON document, one key per line
-    ("server/report.py", "to_json"),
     # tails a deployed run's files while it runs; poll loop with its stop conditions
     ("deploy/coordinator.py", "follow"),
 }

@@ -236,8 +236,7 @@ def test_the_privacy_state_is_every_field_of_every_client_as_asdict_gives_it(tmp
                                                charged_unconfirmed=[3])
     report.clients["node-9"] = ClientPrivacy("node-9", 9)
     state = report.to_state()
-    assert state == [dataclasses.asdict(c) for c in report.clients.values()]
-    assert json.loads(json.dumps(state)) == json.loads(json.dumps([dataclasses.asdict(c) for c in report.clients.values()]))
+    assert state == json.loads(json.dumps([dataclasses.asdict(c) for c in report.clients.values()]))  # as JSON keeps it
     restored = PrivacyReport(RunConfig(out=tmp_path / "run"), 1.1)
     restored.load_state(state)
     assert restored.clients == report.clients
@@ -260,17 +259,18 @@ def test_a_rounds_files_are_written_in_order_behind_the_next_round_and_a_failed_
 
     config = RunConfig(num_clients=2, num_rounds=3, dp=False, secagg=False, out=tmp_path / "run")
     reporter = RunReporter(plan_run(config), {})
-    gate, written = threading.Event(), []
-    real = run_writer.atomic_write_bytes
+    gate, written, appended = threading.Event(), [], []
+    real = run_writer._write
 
-    def gated(path: Path, data: bytes) -> None:
+    def gated(path: Path, data: bytes, append: bool) -> None:
         assert gate.wait(30) and threading.current_thread() is not threading.main_thread()
         if path.name == "model.safetensors" and len(written) > 4:
             raise OSError(28, "No space left on device")
         written.append(path.name)
-        real(path, data)
+        appended.append(append)
+        real(path, data, append)
 
-    monkeypatch.setattr(run_writer, "atomic_write_bytes", gated)
+    monkeypatch.setattr(run_writer, "_write", gated)
     _record(reporter, 1)  # returns with the gate shut: nothing written yet
     assert written == [] and not (config.out / "metrics.jsonl").exists()
     gate.set()
@@ -279,6 +279,7 @@ def test_a_rounds_files_are_written_in_order_behind_the_next_round_and_a_failed_
     with pytest.raises(OSError, match="No space left"):
         reporter.flush()  # round 2's model write failed
     assert written[4:] == ["checkpoint.safetensors", "metrics.jsonl"]  # the checkpoint before the failure
+    assert appended == [False] * 5 + [True]  # round 2's row is appended to round 1's file, every other file replaced
     assert load_checkpoint(config.out).server_round == 2
     reporter.writer.close()
 

@@ -1,9 +1,14 @@
 """Server checkpoints: everything needed to continue a run after the server dies, in ONE file.
 
 The global model, the strategy's own state (server momentum, Adam moments, ...), the per-client privacy records,
-the metrics so far and the round number go into a single safetensors file whose metadata carries a JSON manifest.
+the metrics rows and the round number go into a single safetensors file whose metadata carries a JSON manifest.
 One file means one atomic rename: a kill -9 at any moment leaves the previous complete checkpoint or the new one,
 never a model from round 3 with the accounting from round 2. Tensors only, so loading it cannot execute code.
+
+The rows ``metrics.jsonl`` already holds on disk when the checkpoint is written (every round's but the last, which
+is appended after it: :mod:`fedshield.server.run_writer`) stay there: the manifest says how many
+(``rows_in_metrics``) and carries the rest, and loading reads them back from ``metrics.jsonl``. Why: carrying every
+row made each round's checkpoint grow with the run. Format 1 checkpoints (every row inline) still load.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ __all__ = ["Checkpoint", "CHECKPOINT_FILE", "encode_checkpoint", "save_checkpoin
            "capture_strategy_state", "restore_strategy_state"]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
-FORMAT = "fedshield-checkpoint/1"
+FORMAT = "fedshield-checkpoint/2"
+_FORMATS = ("fedshield-checkpoint/1", FORMAT)  # 1: every row inline
+METRICS_FILE = "metrics.jsonl"
+_PRIVACY_TENSOR = "report/privacy_clients.jsonl"  # format 2: the privacy records, one JSON text per client
 #: Checkpoints written before the stateful layers were named keyed them by their path down the wrapper chain
 #: (``s.inner.inner.m_t``); the only layer with these attributes was the named strategy.
 _LEGACY_PATH = re.compile(r"^s(\.inner)*$")
@@ -43,6 +51,11 @@ class Checkpoint:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Leading rows of :attr:`rounds` that were read from ``metrics.jsonl`` (so are on disk there) when loaded.
+    rows_in_metrics: int = 0
+    #: :attr:`privacy_clients` already encoded, one JSON text per client (``PrivacyReport.state_lines``); written
+    #: instead of encoding ``privacy_clients`` when given.
+    privacy_lines: list[str] | None = None
 
 
 def save_checkpoint(out_dir: Path, ckpt: Checkpoint) -> Path:
@@ -51,8 +64,11 @@ def save_checkpoint(out_dir: Path, ckpt: Checkpoint) -> Path:
     return path
 
 
-def encode_checkpoint(ckpt: Checkpoint) -> bytes:
-    """The checkpoint file's bytes (what :func:`save_checkpoint` writes atomically)."""
+def encode_checkpoint(ckpt: Checkpoint, *, rows_in_file: int = 0) -> bytes:
+    """The checkpoint file's bytes (what :func:`save_checkpoint` writes atomically); ``rows_in_file``: how many
+    leading rows ``metrics.jsonl`` holds on disk (left out here, read back from there)."""
+    if not 0 <= rows_in_file <= len(ckpt.rounds):
+        raise ValueError(f"rows_in_file {rows_in_file} of {len(ckpt.rounds)} rows")
     from safetensors.numpy import save
 
     tensors: dict[str, np.ndarray] = {f"model/{k}": np.ascontiguousarray(v) for k, v in ckpt.model.items()}
@@ -61,10 +77,16 @@ def encode_checkpoint(ckpt: Checkpoint) -> bytes:
         kinds[path] = kind
         for key, value in arrays.items():
             tensors[f"strategy/{path}/{key}"] = np.ascontiguousarray(value)
+    lines = ckpt.privacy_lines
+    if lines is None:
+        lines = [json.dumps(c, sort_keys=True, allow_nan=False) for c in ckpt.privacy_clients]
+    # One client per line, as bytes beside the tensors: the manifest is JSON-encoded every round, these are not.
+    tensors[_PRIVACY_TENSOR] = np.frombuffer("\n".join(lines).encode("utf-8") or b"\n", dtype=np.uint8)
     manifest = {
         "format": FORMAT, "server_round": ckpt.server_round, "run_id": ckpt.run_id,
         "noise_multiplier": ckpt.noise_multiplier, "model_keys": list(ckpt.model), "strategy_kinds": kinds,
-        "privacy_clients": ckpt.privacy_clients, "rounds": ckpt.rounds, "config": ckpt.config, "extra": ckpt.extra,
+        "privacy_clients": _PRIVACY_TENSOR, "rows_in_metrics": rows_in_file, "rounds": ckpt.rounds[rows_in_file:],
+        "config": ckpt.config, "extra": ckpt.extra,
     }
     return save(tensors, metadata={"manifest": json.dumps(manifest, allow_nan=False)})
 
@@ -84,11 +106,18 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         manifest = json.loads(_metadata(raw)["manifest"])
     except (OSError, SafetensorError, KeyError, ValueError) as exc:
         raise ConfigError(f"--resume {run_dir}: {path.name} is unreadable ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in _FORMATS:
         found = manifest.get("format") if isinstance(manifest, dict) else manifest
         raise ConfigError(f"--resume {run_dir}: {path.name} has format {found!r}, expected {FORMAT}")
     try:
-        return _from_manifest(manifest, tensors)
+        earlier = _rows_in_metrics(Path(run_dir), int(manifest.get("rows_in_metrics", 0)))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume {run_dir}: {path.name} leaves its first {manifest.get('rows_in_metrics')} "
+                          f"rows to {METRICS_FILE}, which does not hold them ({exc}); restore the run's own "
+                          f"{METRICS_FILE}, or start a new run with --force") from None
+    try:
+        return _from_manifest({**manifest, "rounds": [*earlier, *manifest["rounds"]],
+                               "rows_in_metrics": len(earlier)}, tensors)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited or truncated manifest
         raise ConfigError(f"--resume {run_dir}: {path.name} has an incomplete manifest ({type(exc).__name__}: "
                           f"{exc}); resume from an untouched checkpoint, or start a new run with --force") from None
@@ -106,14 +135,42 @@ def _from_manifest(manifest: dict[str, Any], tensors: dict[str, np.ndarray]) -> 
     ckpt = Checkpoint(
         server_round=int(manifest["server_round"]), run_id=str(manifest["run_id"]),
         noise_multiplier=float(manifest["noise_multiplier"]), model=model, strategy_state=state,
-        privacy_clients=list(manifest["privacy_clients"]), rounds=list(manifest["rounds"]),
+        privacy_clients=_privacy_clients(manifest["privacy_clients"], tensors), rounds=list(manifest["rounds"]),
         config=dict(manifest["config"]), extra=dict(manifest.get("extra", {})),
+        rows_in_metrics=int(manifest.get("rows_in_metrics", 0)),
     )
     if ckpt.server_round < 0 or len(ckpt.rounds) != ckpt.server_round:
         raise ValueError(f"server_round {ckpt.server_round} with {len(ckpt.rounds)} recorded rounds")
     if not (ckpt.noise_multiplier >= 0 and np.isfinite(ckpt.noise_multiplier)):
         raise ValueError(f"noise_multiplier {ckpt.noise_multiplier}")
     return ckpt
+
+
+def _privacy_clients(stored: Any, tensors: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Format 1 stores the records in the manifest, format 2 names the tensor that holds them."""
+    if isinstance(stored, list):
+        return stored
+    text = tensors[str(stored)].tobytes().decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _rows_in_metrics(run_dir: Path, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` rows of the run's ``metrics.jsonl`` (a torn line after them, from a power cut, is
+    ignored: the checkpoint carries that round's row)."""
+    if count <= 0:
+        return []
+    rows: list[dict[str, Any]] = []
+    with open(run_dir / METRICS_FILE, encoding="utf-8") as lines:
+        for line in lines:
+            if len(rows) == count:
+                break
+            row = json.loads(line)
+            if not isinstance(row, dict) or row.get("round") != len(rows) + 1:
+                raise ValueError(f"line {len(rows) + 1} is not the row of round {len(rows) + 1}")
+            rows.append(row)
+    if len(rows) < count:
+        raise ValueError(f"it holds {len(rows)} rows")
+    return rows
 
 
 def _metadata(raw: bytes) -> dict[str, str]:

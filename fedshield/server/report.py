@@ -6,6 +6,8 @@ is what a reader would run to check it.
 
 from __future__ import annotations
 
+import json
+
 import math
 import re
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from ..privacy.accounting import compact_history, known_epsilon
 from ..privacy.mechanisms import SKELLAM_ACCOUNTANT, history_epsilon, history_steps
 from ..privacy.client_level_mechanism import accounting_sample_rate, client_level_epsilon
 from ..strategies.outcomes import ReleaseEvent
+from .report_text import client_adjacency, client_statement, client_trust, noise_statement, randomness
 
 __all__ = ["ClientPrivacy", "PrivacyReport", "recompute_epsilon", "recompute_client_epsilon"]
 
@@ -59,6 +62,12 @@ class PrivacyReport:
         self.accountant = config.accountant  # the record-level history's accountant (Skellam's in distributed mode)
         self.distributed: tuple[Any, int] | None = None
         self.last_settings: RoundSettings | None = None
+        # A client's entries in privacy.json and in the checkpoint change only when a round touches it (_client):
+        # built again then, reused otherwise, so a round costs O(clients it touched), not O(every client's history).
+        self._revisions: dict[str, int] = {}
+        self._json_cache: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self._state_cache: dict[str, tuple[int, str]] = {}
+        self._shown_releases: list[dict[str, Any]] = []
 
     def record_client_level(self, server_round: int, event: ReleaseEvent | None) -> None:
         """Charge one round's client-level release (``None``: nothing was released this round, nothing spent)."""
@@ -75,12 +84,18 @@ class PrivacyReport:
 
     def load_client_level(self, state: list[dict[str, Any]] | None) -> None:
         self.client_releases = [dict(r) for r in state or []]
+        self._shown_releases.clear()
 
     def _public_releases(self) -> list[dict[str, Any]]:
         """Per-round releases as privacy.json shows them: under Poisson sampling the number of participants is
-        part of what the accounting hides, so it is left out (the checkpoint keeps it)."""
+        part of what the accounting hides, so it is left out (the checkpoint keeps it). Releases are only ever
+        appended: each one's entry is built once and handed over as the same object (render_privacy_json)."""
         hidden = ("included_clients", "clipped_updates") if self.config.client_sampling == "poisson" else ()
-        return [{k: v for k, v in r.items() if k not in hidden} for r in self.client_releases]
+        shown = self._shown_releases
+        if len(shown) > len(self.client_releases):
+            del shown[:]
+        shown.extend({k: v for k, v in r.items() if k not in hidden} for r in self.client_releases[len(shown):])
+        return list(shown)
 
     def client_level_history(self) -> list[tuple[float, float, int]]:
         return list(compact_history((r["noise_multiplier"], r["sample_rate"], 1) for r in self.client_releases))
@@ -123,7 +138,7 @@ class PrivacyReport:
             "delta": c.delta,
             "target_epsilon": c.client_epsilon,
             "planned_rounds": c.num_rounds,
-            "adjacency": _client_adjacency(c.client_sampling),
+            "adjacency": client_adjacency(c.client_sampling),
             "rounds_released": len(self.client_releases),
             "history": [list(h) for h in history],
             "releases": self._public_releases(),
@@ -132,8 +147,8 @@ class PrivacyReport:
             "dropouts": ("distributed: a round with m of n expected noise shares is accounted at z*sqrt(m/n) "
                          "(conservative, no server top-up)" if c.client_dp == "distributed"
                          else "central: the server adds the full noise every round"),
-            "trust": _client_trust(c.client_dp, c.secagg),
-            "statement": _client_statement(eps, c.delta, _client_adjacency(c.client_sampling)),
+            "trust": client_trust(c.client_dp, c.secagg),
+            "statement": client_statement(eps, c.delta, client_adjacency(c.client_sampling)),
         }
 
     def use_distributed(self, terms: Any, dim: int) -> None:
@@ -192,24 +207,36 @@ class PrivacyReport:
             self.clients[name] = ClientPrivacy(name, reply.node_id, None if pid is None else int(pid))
         client = self.clients[name]
         client.node_id = reply.node_id
+        self._revisions[name] = self._revisions.get(name, 0) + 1
         return client
 
     def to_state(self) -> list[dict[str, Any]]:
-        """Every client's fields as plain JSON values (what ``dataclasses.asdict`` gives, without its deep copy of
-        every value: this runs after every round, for every client)."""
-        return [
-            {"name": c.name, "node_id": c.node_id, "partition_id": c.partition_id,
-             "history": [tuple(h) for h in c.history], "rounds_trained": list(c.rounds_trained),
-             "reported_epsilon": c.reported_epsilon, "reported_steps": c.reported_steps,
-             "stopped_on_budget": c.stopped_on_budget, "stopped_round": c.stopped_round,
-             "failures": [dict(f) for f in c.failures], "charged_unconfirmed": list(c.charged_unconfirmed)}
-            for c in self.clients.values()
-        ]
+        """Every client's fields as plain JSON values (what ``dataclasses.asdict`` gives)."""
+        return [json.loads(line) for line in self.state_lines()]
+
+    def state_lines(self) -> list[str]:
+        """:meth:`to_state`, one JSON text per client, encoded again only for the clients a round touched."""
+        lines = []
+        for c in self.clients.values():
+            revision = self._revisions.get(c.name, 0)
+            cached = self._state_cache.get(c.name)
+            if cached is None or cached[0] != revision:
+                cached = (revision, json.dumps(
+                    {"name": c.name, "node_id": c.node_id, "partition_id": c.partition_id,
+                     "history": [list(h) for h in c.history], "rounds_trained": c.rounds_trained,
+                     "reported_epsilon": c.reported_epsilon, "reported_steps": c.reported_steps,
+                     "stopped_on_budget": c.stopped_on_budget, "stopped_round": c.stopped_round,
+                     "failures": c.failures, "charged_unconfirmed": c.charged_unconfirmed},
+                    sort_keys=True, allow_nan=False))
+                self._state_cache[c.name] = cached
+            lines.append(cached[1])
+        return lines
 
     def load_state(self, state: list[dict[str, Any]]) -> None:
         for raw in state:
             client = ClientPrivacy(**{**raw, "history": [tuple(h) for h in raw["history"]]})
             self.clients[client.name] = client
+            self._revisions[client.name] = self._revisions.get(client.name, 0) + 1
 
     def client_epsilon(self, client: ClientPrivacy) -> float:
         if not self.config.dp:
@@ -222,38 +249,50 @@ class PrivacyReport:
         values = [self.client_epsilon(c) for c in self.clients.values()]
         return max(values) if values else 0.0
 
+    def _client_json(self, client: ClientPrivacy) -> dict[str, Any]:
+        """The client's entry of privacy.json: the same object until a round touches the client (callers must not
+        change it; :func:`~fedshield.server.run_writer.render_privacy_json` reuses its text while it is the same)."""
+        c = self.config
+        key = (self._revisions.get(client.name, 0), self.accountant, self.noise_multiplier)
+        cached = self._json_cache.get(client.name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        eps = self.client_epsilon(client)
+        from_ledger = self.config.dp and (client.reported_epsilon or 0.0) > history_epsilon(
+            client.history, delta=self.config.delta, accountant=self.accountant)
+        entry = {
+            "node_id": client.node_id,
+            "partition_id": client.partition_id,
+            "epsilon": _finite(eps),
+            # "history": epsilon is recompute_epsilon(entry), from the history below. "ledger": the client's
+            # own ledger (earlier runs, or a round re-run after a crash) holds more; recompute it from the
+            # site's privacy-ledger.json.
+            "epsilon_source": "ledger" if from_ledger else "history",
+            "delta": c.delta,
+            "accountant": self.accountant,
+            "noise_multiplier": self.noise_multiplier if c.dp else None,
+            "sample_rate": c.sample_rate,
+            "steps": history_steps(client.history),
+            "history": [list(h) for h in client.history],
+            "rounds_trained": len(client.rounds_trained),
+            "trained_in_rounds": list(client.rounds_trained),
+            "ledger_epsilon": client.reported_epsilon,
+            "ledger_steps": client.reported_steps,
+            "stopped_on_budget": client.stopped_on_budget,
+            "stopped_round": client.stopped_round,
+            "failures": [dict(f) for f in client.failures],
+            "charged_unconfirmed": list(client.charged_unconfirmed),
+            "noise": noise_statement(client),
+        }
+        self._json_cache[client.name] = (key, entry)
+        return entry
+
     def to_json(self, *, final: bool = True) -> dict[str, Any]:
         """The whole report; ``final=False`` while the run goes on (see :meth:`client_level_json`)."""
         c = self.config
         clients = {}
         for client in sorted(self.clients.values(), key=lambda x: (x.partition_id is None, x.partition_id or 0, x.node_id)):
-            eps = self.client_epsilon(client)
-            from_ledger = self.config.dp and (client.reported_epsilon or 0.0) > history_epsilon(
-                client.history, delta=self.config.delta, accountant=self.accountant)
-            clients[client.name] = {
-                "node_id": client.node_id,
-                "partition_id": client.partition_id,
-                "epsilon": _finite(eps),
-                # "history": epsilon is recompute_epsilon(entry), from the history below. "ledger": the client's
-                # own ledger (earlier runs, or a round re-run after a crash) holds more; recompute it from the
-                # site's privacy-ledger.json.
-                "epsilon_source": "ledger" if from_ledger else "history",
-                "delta": c.delta,
-                "accountant": self.accountant,
-                "noise_multiplier": self.noise_multiplier if c.dp else None,
-                "sample_rate": c.sample_rate,
-                "steps": history_steps(client.history),
-                "history": [list(h) for h in client.history],
-                "rounds_trained": len(client.rounds_trained),
-                "trained_in_rounds": client.rounds_trained,
-                "ledger_epsilon": client.reported_epsilon,
-                "ledger_steps": client.reported_steps,
-                "stopped_on_budget": client.stopped_on_budget,
-                "stopped_round": client.stopped_round,
-                "failures": client.failures,
-                "charged_unconfirmed": client.charged_unconfirmed,
-                "noise": _noise_statement(client),
-            }
+            clients[client.name] = self._client_json(client)
         overall = self.max_epsilon()
         return {
             "format": PRIVACY_FORMAT,
@@ -282,7 +321,7 @@ class PrivacyReport:
                 ),
             },
             "in_clear": IN_CLEAR if c.dp else "--no-dp: train replies also carry the exact record count and loss",
-            "randomness": _randomness(self.clients.values()),
+            "randomness": randomness(self.clients.values()),
             "clients": clients,
             "client_level": self.client_level_json(wait=final),
             "distributed": None if self.last_settings is None else self._distributed_json(self.last_settings),
@@ -308,51 +347,10 @@ IN_CLEAR = {
 }
 
 
-def _noise_statement(client: ClientPrivacy) -> str:
-    if client.partition_id is not None:
-        return "simulated: torch generator seeded from the run's seed, reproducible, so epsilon is nominal"
-    return "deployed fedshield site: CSPRNG (ChaCha20) Gaussian with Opacus secure_mode's mitigation"
-
-
-def _randomness(clients: Any) -> dict[str, Any]:
-    simulated = any(c.partition_id is not None for c in clients)
-    return {
-        "simulated": simulated,
-        "statement": ("SIMULATION: every client's sampling and noise are reproducible from the run's seed, so "
-                      "anyone who knows the seed can subtract the noise: the epsilon figures are nominal"
-                      if simulated else "each site draws its DP-SGD noise from a CSPRNG it seeds itself"),
-    }
-
-
 def recompute_client_epsilon(section: dict[str, Any]) -> float:
     """Recompute the run's client-level epsilon from the ``client_level`` section of ``privacy.json``."""
     return client_level_epsilon([tuple(h) for h in section["history"]], delta=section["delta"],
                                 accountant=section["accountant"])
-
-
-def _client_statement(eps: float | None, delta: float, adjacency: str) -> str:
-    if eps is None:
-        return ("epsilon pending: computed at the end of the run (or recompute it now from the history above with "
-                "fedshield.server.report.recompute_client_epsilon)")
-    if not math.isfinite(eps):
-        return "no finite guarantee"
-    return f"the released models are ({eps:.4g}, {delta:g})-DP under {adjacency}"
-
-
-def _client_adjacency(sampling: str) -> str:
-    if sampling == "poisson":
-        return "add/remove of one client's entire contribution (Poisson client sampling, amplified)"
-    return ("zero-out of one client: its update replaced by zero, the fixed-size sample and its size unchanged "
-            "(no amplification, q = 1); NOT add/remove, which under fixed-size sampling is a substitution")
-
-
-def _client_trust(mode: str, secagg: bool) -> str:
-    if mode == "central":
-        return "the server sees every individual update and is trusted to clip and add the noise"
-    if secagg:
-        return "clients clip and add noise shares before SecAgg+ masking; the server sees only the noisy sum"
-    return ("clients clip and add noise shares, but without SecAgg+ the server sees each update with only its "
-            "share of the noise: the guarantee holds for the released models, not against the server")
 
 
 def recompute_epsilon(entry: dict[str, Any]) -> float:

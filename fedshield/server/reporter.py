@@ -3,9 +3,9 @@
 After each round :meth:`RunReporter.close_round` takes what the next round would change and
 :meth:`RunReporter.record_closed` (later, on the runner's background thread) charges the round in the privacy
 report, writes the checkpoint, then appends the round's row to ``metrics.jsonl`` and writes the model and
-``privacy.json``. Every file is replaced
-atomically, and the checkpoint (one file: model, strategy state, privacy records, rows) is written before the
-reports: whatever fails or is killed after it, the completed round can be resumed, a kill before it leaves the
+``privacy.json``. Every other file is replaced
+atomically, and the checkpoint (one file: model, strategy state, privacy records, the rows metrics.jsonl does not
+hold yet) is written before the reports: whatever fails or is killed after it, the completed round can be resumed, a kill before it leaves the
 previous round's checkpoint to resume from, and a round in ``metrics.jsonl`` always has its checkpoint. The files
 are written by a background thread while the next round runs
 (:meth:`~fedshield.server.run_writer.RunWriter.round_files`), at most one round behind."""
@@ -82,6 +82,8 @@ class RunReporter:
         self.report.load_state(ckpt.privacy_clients)
         self.report.load_client_level(ckpt.extra.get("client_level"))
         self.writer.rounds = list(ckpt.rounds)
+        self.writer.rows_in_file = ckpt.rows_in_metrics
+        self.writer.write_metrics()  # metrics.jsonl as of the checkpoint: a later row dropped, a torn one repaired
         self.summary.rounds = list(ckpt.rounds)
 
     def start_round(self) -> None:
@@ -171,7 +173,7 @@ class RunReporter:
         return Checkpoint(
             server_round=server_round, run_id=plan.run_id, noise_multiplier=plan.noise_multiplier,
             model={k: v.detach().cpu().numpy() for k, v in state.items()},
-            strategy_state=strategy_state, privacy_clients=self.report.to_state(),
+            strategy_state=strategy_state, privacy_lines=self.report.state_lines(),
             rounds=list(self.writer.rounds), config=plan.config.to_flat_dict(),
             extra={"client_level": self.report.client_level_state(),
                    "client_noise_multiplier": plan.client_noise_multiplier},
