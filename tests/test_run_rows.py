@@ -71,21 +71,27 @@ def test_rows_are_appended_and_the_checkpoint_carries_only_the_last(
 
 
 def test_a_resume_rewrites_the_rows_as_of_the_checkpoint(ten_rounds: tuple[RunConfig, RunReporter]) -> None:
-    """A power cut can tear the line appended after the last checkpoint; a row past it (the run went on and was
-    killed before its next checkpoint) is not the resumed run's: both go, the checkpoint's own row comes back."""
+    """A power cut can tear the line appended after the last checkpoint (with bytes that are not UTF-8); a row
+    past the checkpoint is not the resumed run's: both go, the checkpoint's own row comes back, and a run resumed
+    twice without a round in between reads the same rows."""
     config, reporter = ten_rounds
     reporter.writer.close()
     good = _lines(config.out)
-    (config.out / "metrics.jsonl").write_text("\n".join(good[:9]) + '\n{"accuracy": 0.1, "rou')  # row 10 torn
+    (config.out / "metrics.jsonl").write_bytes(("\n".join(good[:9]) + '\n{"accuracy": 0.1, "rou').encode() + b"\xff")
     ckpt = load_checkpoint(config.out)
     assert [r["round"] for r in ckpt.rounds] == list(range(1, 11))
     resumed = RunReporter(plan_run(config, ckpt), {})
     resumed.resume(ckpt)
     assert _lines(config.out) == good  # repaired at once, before any round runs
-    _record(resumed, 11)
+    resumed.writer.close()
+    (config.out / "metrics.jsonl").write_text("\n".join([*good, good[-1].replace('"round": 10', '"round": 11')]) + "\n")
+    again = RunReporter(plan_run(config, load_checkpoint(config.out)), {})
+    again.resume(load_checkpoint(config.out))
+    assert _lines(config.out) == good  # round 11 was past the checkpoint
+    _record(again, 11)
     assert [json.loads(x)["round"] for x in _lines(config.out)] == list(range(1, 12))
     assert load_checkpoint(config.out).rounds == [json.loads(x) for x in _lines(config.out)]
-    resumed.writer.close()
+    again.writer.close()
 
 
 def test_rows_missing_from_metrics_fail_the_resume_naming_the_fix(ten_rounds: tuple[RunConfig, RunReporter]) -> None:
@@ -109,28 +115,31 @@ def test_a_format_1_checkpoint_with_every_row_inline_still_loads(tmp_path: Path)
     assert (ckpt.server_round, ckpt.rounds, ckpt.rows_in_metrics) == (2, rows, 0)
 
 
-def test_what_a_round_reuses_is_what_encoding_everything_again_gives(
-        ten_rounds: tuple[RunConfig, RunReporter]) -> None:
+def test_what_a_round_reuses_is_what_encoding_everything_again_gives(tmp_path: Path) -> None:
     """privacy.json and the checkpoint's privacy records reuse each untouched client's text: after rounds that
-    touched different clients (and a refusal, a failure), both equal a from-scratch encoding of the report."""
-    config, reporter = ten_rounds
-    outcomes = RoundOutcomes(bytes_up=[64, 64, 64])
-    outcomes.settle([ClientReply(11, {"partition-id": 0}), ClientReply(13, {"partition-id": 5}),
-                     ClientReply(12, error="no reply before the round timed out")])
+    touched different clients (a failure too), both equal what a report rebuilt from scratch writes, DP epsilons
+    included."""
+    from fedshield.server.report import PrivacyReport
+
+    config = RunConfig(num_clients=3, num_rounds=5, dp=True, noise_multiplier=1.1, secagg=False, out=tmp_path / "run")
+    reporter = RunReporter(plan_run(config), {}, accounting_ahead=False)
     state = {k: torch.from_numpy(v) for k, v in MODEL.items()}
-    reporter.record_round(11, state, {"accuracy": 0.2}, outcomes)
+    touched = [[0, 1, 2], [0, 1], [0, 2], [1]]  # client 2 is left alone in the last two rounds but one
+    for server_round, partitions in enumerate(touched, 1):
+        outcomes = RoundOutcomes(bytes_up=[64] * len(partitions))
+        outcomes.settle([ClientReply(10 + p, {"partition-id": p}) if p != 1 or server_round < 4 else
+                         ClientReply(11, error="no reply before the round timed out") for p in partitions])
+        reporter.record_round(server_round, state, {}, outcomes)
     reporter.flush()
     report = reporter.report
-    document = report.to_json()
-    fresh = json.loads(json.dumps(document))
-    assert json.loads((config.out / "privacy.json").read_text())["clients"] == fresh["clients"]
-    assert (config.out / "privacy.json").read_text() == run_writer.render_privacy_json(document, {})  # to the byte
-    assert fresh["clients"]["client-1"]["failures"] == [{"round": 11, "reason": "no reply before the round timed out"}]
-    assert fresh["clients"]["client-5"]["trained_in_rounds"] == [11]
-    records = [json.dumps(c, sort_keys=True) for c in json.loads(json.dumps(
-        [{**vars(c), "history": [list(h) for h in c.history]} for c in report.clients.values()]))]
-    assert report.state_lines() == records
-    assert load_checkpoint(config.out).privacy_clients == [json.loads(r) for r in records]
+    scratch = PrivacyReport(config, 1.1)
+    scratch.load_state(report.to_state())
+    assert (config.out / "privacy.json").read_text() == run_writer.render_privacy_json(scratch.to_json(final=False))
+    clients = json.loads((config.out / "privacy.json").read_text())["clients"]
+    assert [clients[f"client-{p}"]["rounds_trained"] for p in range(3)] == [3, 2, 2]
+    assert clients["client-1"]["failures"][0]["round"] == 4 and clients["client-2"]["epsilon"] > 0
+    assert report.state_lines() == scratch.state_lines()
+    assert load_checkpoint(config.out).privacy_clients == [json.loads(line) for line in scratch.state_lines()]
     reporter.writer.close()
 
 

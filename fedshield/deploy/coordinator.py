@@ -5,7 +5,7 @@ Control API on loopback) and a run submitted with ``flwr run`` of the packaged a
 whose ServerApp (:mod:`fedshield.server.app`) writes the same run directory as ``fedshield simulate``. This module
 starts and stops those processes by PID and follows the run from its files, because that is all Flower 1.39 gives
 us: ``flwr run`` exits 0 even when the ServerApp crashed, so the final status is read from the SuperLink, and the
-ServerApp runs in a process of its own, so progress is read from ``<out>/metrics.jsonl`` as it is rewritten.
+ServerApp runs in a process of its own, so progress is read from ``<out>/metrics.jsonl`` as rows are appended.
 
 The caller (the CLI) prints; everything here raises :mod:`fedshield.errors` (deployment errors from
 :mod:`fedshield.errors`).

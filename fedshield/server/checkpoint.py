@@ -111,7 +111,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         raise ConfigError(f"--resume {run_dir}: {path.name} has format {found!r}, expected {FORMAT}")
     try:
         earlier = _rows_in_metrics(Path(run_dir), int(manifest.get("rows_in_metrics", 0)))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"--resume {run_dir}: {path.name} leaves its first {manifest.get('rows_in_metrics')} "
                           f"rows to {METRICS_FILE}, which does not hold them ({exc}); restore the run's own "
                           f"{METRICS_FILE}, or start a new run with --force") from None
@@ -155,18 +155,21 @@ def _privacy_clients(stored: Any, tensors: dict[str, np.ndarray]) -> list[dict[s
 
 
 def _rows_in_metrics(run_dir: Path, count: int) -> list[dict[str, Any]]:
-    """The first ``count`` rows of the run's ``metrics.jsonl`` (a torn line after them, from a power cut, is
-    ignored: the checkpoint carries that round's row)."""
+    """The first ``count`` rows of the run's ``metrics.jsonl``. Only those lines are decoded: a torn line after
+    them (a power cut during the append the checkpoint carries the row of) is never read."""
     if count <= 0:
         return []
     rows: list[dict[str, Any]] = []
-    with open(run_dir / METRICS_FILE, encoding="utf-8") as lines:
-        for line in lines:
-            if len(rows) == count:
+    with open(run_dir / METRICS_FILE, "rb") as lines:
+        for number, line in enumerate(lines, 1):
+            if number > count:
                 break
-            row = json.loads(line)
-            if not isinstance(row, dict) or row.get("round") != len(rows) + 1:
-                raise ValueError(f"line {len(rows) + 1} is not the row of round {len(rows) + 1}")
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                raise ValueError(f"line {number} is not a JSON row") from None
+            if not isinstance(row, dict) or row.get("round") != number:
+                raise ValueError(f"line {number} is not the row of round {number}")
             rows.append(row)
     if len(rows) < count:
         raise ValueError(f"it holds {len(rows)} rows")

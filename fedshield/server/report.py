@@ -66,7 +66,7 @@ class PrivacyReport:
         # built again then, reused otherwise, so a round costs O(clients it touched), not O(every client's history).
         self._revisions: dict[str, int] = {}
         self._json_cache: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-        self._state_cache: dict[str, tuple[int, str]] = {}
+        self._state_cache: dict[str, tuple[tuple[int, int], str]] = {}
         self._shown_releases: list[dict[str, Any]] = []
 
     def record_client_level(self, server_round: int, event: ReleaseEvent | None) -> None:
@@ -218,7 +218,7 @@ class PrivacyReport:
         """:meth:`to_state`, one JSON text per client, encoded again only for the clients a round touched."""
         lines = []
         for c in self.clients.values():
-            revision = self._revisions.get(c.name, 0)
+            revision = (id(c), self._revisions.get(c.name, 0))
             cached = self._state_cache.get(c.name)
             if cached is None or cached[0] != revision:
                 cached = (revision, json.dumps(
@@ -253,7 +253,7 @@ class PrivacyReport:
         """The client's entry of privacy.json: the same object until a round touches the client (callers must not
         change it; :func:`~fedshield.server.run_writer.render_privacy_json` reuses its text while it is the same)."""
         c = self.config
-        key = (self._revisions.get(client.name, 0), self.accountant, self.noise_multiplier)
+        key = (id(client), self._revisions.get(client.name, 0), self.accountant, self.noise_multiplier)
         cached = self._json_cache.get(client.name)
         if cached is not None and cached[0] == key:
             return cached[1]

@@ -82,7 +82,6 @@ class RunReporter:
         self.report.load_state(ckpt.privacy_clients)
         self.report.load_client_level(ckpt.extra.get("client_level"))
         self.writer.rounds = list(ckpt.rounds)
-        self.writer.rows_in_file = ckpt.rows_in_metrics
         self.writer.write_metrics()  # metrics.jsonl as of the checkpoint: a later row dropped, a torn one repaired
         self.summary.rounds = list(ckpt.rounds)
 

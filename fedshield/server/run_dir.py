@@ -55,7 +55,8 @@ def _progress(out: Path) -> str:
     except (OSError, ValueError, AttributeError):
         rounds = "?"
     try:
-        done = sum(1 for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip())
+        text = (out / "metrics.jsonl").read_text(encoding="utf-8", errors="replace")
+        done = sum(1 for line in text.split("\n")[:-1] if line.strip())  # whole lines: a torn last one is no round
     except OSError:
         done = 0
     return f"{done} of {rounds} rounds done"

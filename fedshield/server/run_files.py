@@ -28,8 +28,9 @@ def read_summary(config: RunConfig) -> RunSummary:
 class MetricsTail:
     """New rows of ``metrics.jsonl``; a file left by an earlier run in the same directory is ignored.
 
-    The ServerApp rewrites the whole file atomically after each round, then ``privacy.json``: a row is reported
-    once ``privacy.json`` is at least as new, so its epsilons belong to the same round.
+    The ServerApp appends each round's row, then replaces ``privacy.json``: a row is reported once
+    ``privacy.json`` is at least as new, so its epsilons belong to the same round; a line still being appended
+    is read on a later call.
     """
 
     def __init__(self, out: Path, num_rounds: int, stale: tuple[int, int] | None, *, done: int = 0) -> None:
@@ -71,7 +72,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line being written; atomic rewrites make this rare
+            continue  # a line being appended: read on a later call
         if isinstance(row, dict):
             rows.append(row)
     return rows

@@ -77,7 +77,7 @@ def _line(cache: dict[str, tuple[Any, str]], key: str, entry: Any, prefix: str) 
 
 
 class RunWriter:
-    """Owns the run directory; every write is atomic."""
+    """Owns the run directory; every write replaces its file atomically, but a round's row is appended."""
 
     def __init__(self, out: Path) -> None:
         self.out = Path(out)
@@ -86,7 +86,7 @@ class RunWriter:
         # they encode: a long run no longer encodes every past row again every round.
         self._lines: list[tuple[dict[str, Any], str]] = []
         #: Leading rows of :attr:`rounds` that metrics.jsonl holds on disk once the queued writes are done (a
-        #: checkpoint leaves them out); set by a resume to the rows its checkpoint read from there.
+        #: checkpoint leaves them out); 0 after a failed write, until a full replace.
         self.rows_in_file = 0
         self._appending = False  # metrics.jsonl was last written by this writer: new rows can be appended
         self.epsilon_budget: float | None = None
@@ -103,13 +103,25 @@ class RunWriter:
         self._batch = batch = []
         try:
             yield
+        except BaseException:
+            self._forget_file()  # the rows queued here are not written: the next write replaces the file
+            raise
         finally:
             self._batch = None
         self._writer.submit(_write_all, batch)
 
     def flush(self) -> None:
         """Wait until every queued file is written; raise the error of a write that failed."""
-        self._writer.wait()
+        try:
+            self._writer.wait()
+        except BaseException:
+            self._forget_file()
+            raise
+
+    def _forget_file(self) -> None:
+        """What metrics.jsonl holds is unknown after a failed write: no append, no row left to it, until a full
+        replace (the next :meth:`write_metrics`) writes every row again."""
+        self._appending, self.rows_in_file = False, 0
 
     def close(self) -> None:
         """Flush, then let the background writer's thread go."""
@@ -142,7 +154,11 @@ class RunWriter:
         del self._lines[kept:]
         self._lines.extend((r, json.dumps(r, sort_keys=True, allow_nan=False) + "\n") for r in self.rounds[kept:])
         lines = self._lines[kept:] if append else self._lines
-        self._put("metrics.jsonl", "".join(line for _row, line in lines).encode("utf-8"), append=append)
+        try:
+            self._put("metrics.jsonl", "".join(line for _row, line in lines).encode("utf-8"), append=append)
+        except BaseException:
+            self._forget_file()
+            raise
         self._appending, self.rows_in_file = True, len(self._lines)
 
     def write_checkpoint(self, ckpt: Checkpoint) -> None:
