@@ -68,6 +68,7 @@ class PrivacyReport:
         self._json_cache: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._state_cache: dict[str, tuple[tuple[int, int], str]] = {}
         self._shown_releases: list[dict[str, Any]] = []
+        self._level_history: tuple[int, tuple[tuple[float, float, int], ...]] = (0, ())
 
     def record_client_level(self, server_round: int, event: ReleaseEvent | None) -> None:
         """Charge one round's client-level release (``None``: nothing was released this round, nothing spent)."""
@@ -85,6 +86,7 @@ class PrivacyReport:
     def load_client_level(self, state: list[dict[str, Any]] | None) -> None:
         self.client_releases = [dict(r) for r in state or []]
         self._shown_releases.clear()
+        self._level_history = (0, ())
 
     def _public_releases(self) -> list[dict[str, Any]]:
         """Per-round releases as privacy.json shows them: under Poisson sampling the number of participants is
@@ -98,7 +100,14 @@ class PrivacyReport:
         return list(shown)
 
     def client_level_history(self) -> list[tuple[float, float, int]]:
-        return list(compact_history((r["noise_multiplier"], r["sample_rate"], 1) for r in self.client_releases))
+        """The releases as ``[(z, q, count)]``; folded in as they come (compacting is associative), not again."""
+        folded, compact = self._level_history
+        if folded > len(self.client_releases):
+            folded, compact = 0, ()
+        compact = compact_history([*compact, *((r["noise_multiplier"], r["sample_rate"], 1)
+                                               for r in self.client_releases[folded:])])
+        self._level_history = (len(self.client_releases), compact)
+        return list(compact)
 
     def client_level_json(self, *, wait: bool = True) -> dict[str, Any]:
         """The run's client-level guarantee with every parameter needed to recompute it.

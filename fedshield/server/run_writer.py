@@ -145,11 +145,15 @@ class RunWriter:
     def write_metrics(self) -> None:
         """``metrics.jsonl``: one line per round in :attr:`rounds`; new rows are appended to what this writer
         wrote, anything else (the first write, rows replaced by a resume) replaces the file."""
-        kept = 0
-        for (row, _line), current in zip(self._lines, self.rounds):
-            if row is not current:
-                break
-            kept += 1
+        n = len(self._lines)
+        if n and n <= len(self.rounds) and self.rounds[n - 1] is self._lines[-1][0]:
+            kept = n  # rows are only ever appended (a resume replaces them all: new objects)
+        else:
+            kept = 0
+            for (row, _line), current in zip(self._lines, self.rounds):
+                if row is not current:
+                    break
+                kept += 1
         append = self._appending and kept == len(self._lines)
         del self._lines[kept:]
         self._lines.extend((r, json.dumps(r, sort_keys=True, allow_nan=False) + "\n") for r in self.rounds[kept:])
