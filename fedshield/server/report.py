@@ -7,7 +7,6 @@ is what a reader would run to check it.
 from __future__ import annotations
 
 import json
-
 import math
 import re
 from dataclasses import dataclass, field

@@ -3,9 +3,9 @@
 After each round :meth:`RunReporter.close_round` takes what the next round would change and
 :meth:`RunReporter.record_closed` (later, on the runner's background thread) charges the round in the privacy
 report, writes the checkpoint, then appends the round's row to ``metrics.jsonl`` and writes the model and
-``privacy.json``. Every other file is replaced
-atomically, and the checkpoint (one file: model, strategy state, privacy records, the rows metrics.jsonl does not
-hold yet) is written before the reports: whatever fails or is killed after it, the completed round can be resumed, a kill before it leaves the
+``privacy.json``. Every other file is replaced atomically, and the checkpoint (one file: model, strategy state,
+privacy records, the rows metrics.jsonl does not hold yet) is written before the reports: whatever fails or is
+killed after it, the completed round can be resumed, a kill before it leaves the
 previous round's checkpoint to resume from, and a round in ``metrics.jsonl`` always has its checkpoint. The files
 are written by a background thread while the next round runs
 (:meth:`~fedshield.server.run_writer.RunWriter.round_files`), at most one round behind."""
