@@ -1,7 +1,8 @@
 """The simulation's hand-offs wake on a stored message, not on a tick: the engine's dispatcher hands out a message
-stored after it went to sleep, and the ServerApp's grid gets a reply stored after it went to sleep, both with the
-fallback interval set to a minute (a tick-driven loop would fail these), on a real ``InMemoryLinkState``; and the
-patches live only inside :func:`event_driven_link`."""
+stored after it went to sleep, the ServerApp's push hands its whole batch to the engine before it returns, and the
+ServerApp's grid gets a reply stored after it went to sleep, all with the fallback interval set to a minute (a
+tick-driven loop would fail these), on a real ``InMemoryLinkState``; and the patches live only inside
+:func:`event_driven_link`."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def _bench() -> ModuleType:
     return load_benchmark("sim_dispatch")
 
 
-def _grid(state: InMemoryLinkState) -> wake.SignalledInMemoryGrid:
-    grid = wake.SignalledInMemoryGrid(state_factory=SimpleNamespace(state=lambda: state), pull_interval=FALLBACK_S)
+def _grid(state: InMemoryLinkState, kind: type[InMemoryGrid] = wake.SignalledInMemoryGrid) -> InMemoryGrid:
+    grid = kind(state_factory=SimpleNamespace(state=lambda: state), pull_interval=FALLBACK_S)
     grid.set_run(state.run_ids[4242].run)
     return grid
 
@@ -49,7 +50,8 @@ def test_dispatcher_wakes_on_a_stored_instruction(monkeypatch: pytest.MonkeyPatc
         sleeper = threading.Thread(target=dispatch._add_messages_to_queue, args=(state, queue, nodes, stop))
         sleeper.start()
         try:
-            pushed = set(_grid(state).push_messages(_messages(nodes)))  # after the dispatcher's first (empty) walk
+            # Flower's own grid stores one by one (no batch): only the dispatcher's wake-up can hand these out.
+            pushed = set(_grid(state, InMemoryGrid).push_messages(_messages(nodes)))
             handed = [queue.get(timeout=FALLBACK_S / 2) for _ in nodes]
         finally:
             stop.set()
@@ -58,6 +60,61 @@ def test_dispatcher_wakes_on_a_stored_instruction(monkeypatch: pytest.MonkeyPatc
     assert {m.metadata.message_id for m in handed} == pushed  # exactly the pushed messages, each once
     assert sorted(m.metadata.dst_node_id for m in handed) == sorted(nodes)
     assert queue.empty() and not sleeper.is_alive()
+
+
+@pytest.mark.parametrize("dispatching", [True, False], ids=["engine-running", "no-engine"])
+def test_a_pushed_batch_is_queued_by_the_pushing_thread(monkeypatch: pytest.MonkeyPatch, dispatching: bool) -> None:
+    monkeypatch.setattr(dispatch, "POLL_S", FALLBACK_S)
+    with wake.event_driven_link():
+        state, nodes = _bench().build_state(5, 0)
+        signal = wake.instructions_signal(state)
+        queue: Queue[Message] = Queue()
+        putters: list[threading.Thread] = []
+        put = queue.put
+
+        def recording_put(msg: Message) -> None:
+            putters.append(threading.current_thread())
+            put(msg)
+
+        queue.put = recording_put  # type: ignore[method-assign]
+        stop, asleep = threading.Event(), threading.Event()
+        wait_past = signal.wait_past
+
+        def noted_wait(generation: int, timeout: float) -> bool:
+            asleep.set()
+            return wait_past(generation, timeout)
+
+        signal.wait_past = noted_wait  # type: ignore[method-assign]
+        sleeper = threading.Thread(target=dispatch._add_messages_to_queue, args=(state, queue, nodes, stop))
+        if dispatching:
+            sleeper.start()
+            assert asleep.wait(FALLBACK_S / 2), "the dispatcher never went to sleep"  # its first sweep is done
+        seen = signal.generation
+        stores: list[int] = []
+        store = InMemoryLinkState.store_message_ins  # the signalling wrapper
+
+        def counting_store(self: InMemoryLinkState, message: Message) -> object:
+            stores.append(signal.generation)  # no wake-up per store: the counter stays put during the batch
+            return store(self, message)
+
+        try:
+            with monkeypatch.context() as patch:
+                patch.setattr(InMemoryLinkState, "store_message_ins", counting_store)
+                pushed = set(_grid(state).push_messages(_messages(nodes)))
+            queued_at_return = list(putters)
+        finally:
+            stop.set()
+            signal.notify()
+            if dispatching:
+                sleeper.join(FALLBACK_S)
+        handed = [queue.get_nowait() for _ in range(queue.qsize())]
+    assert stores == [seen] * len(nodes) and signal.generation > seen  # one signal, after the last store
+    if dispatching:
+        assert queued_at_return == [threading.current_thread()] * len(nodes)  # queued by the push itself
+        assert {m.metadata.message_id for m in handed} == pushed and len(handed) == len(nodes)  # each once
+        assert signal._hand_over is None and not sleeper.is_alive()  # unregistered when the dispatcher ends
+    else:  # no engine running: nothing hands them out; the state keeps them for whoever dispatches later
+        assert handed == [] and len(dispatch.take_undelivered(state, nodes)) == len(nodes)
 
 
 @pytest.mark.parametrize("streaming", [True, False], ids=["fedshield-StreamingGrid", "flower-send_and_receive"])

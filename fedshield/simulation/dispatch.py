@@ -64,18 +64,29 @@ def take_undelivered(state: InMemoryLinkState, nodes: Container[int]) -> list[Me
 
 
 def _add_messages_to_queue(state: Any, queue: Queue[Message], nodes_mapping: Any, f_stop: threading.Event) -> None:
-    """Drop-in for ``vce_api.add_messages_to_queue`` (same arguments, same loop, one walk per sweep)."""
+    """Drop-in for ``vce_api.add_messages_to_queue`` (same arguments, same loop, one walk per sweep).
+
+    While it runs, a thread that ends a batch of stores (the ServerApp's push: :mod:`fedshield.simulation.wake`)
+    queues the batch itself with the same walk; the state's lock keeps any message from being taken twice."""
     if not isinstance(state, InMemoryLinkState):
         flower_dispatch_loop(state, queue, nodes_mapping, f_stop)
         return
     arrived = instructions_signal(state)
-    while not f_stop.is_set():
-        seen = arrived.generation  # read before the walk: a message stored during it ends the wait at once
+
+    def sweep() -> bool:
         taken = take_undelivered(state, nodes_mapping)
         for msg in taken:
             queue.put(msg)
-        if not taken:  # a node's next message (Flower: limit 1 per sweep) goes out in the next sweep, at once
-            arrived.wait_past(seen, POLL_S)  # wakes on a stored instruction; POLL_S still bounds the stop check
+        return bool(taken)
+
+    arrived.hand_over_with(sweep)
+    try:
+        while not f_stop.is_set():
+            seen = arrived.generation  # read before the walk: a message stored during it ends the wait at once
+            if not sweep():  # a node's next message (Flower: limit 1 per sweep) goes out in the next sweep, at once
+                arrived.wait_past(seen, POLL_S)  # wakes on a stored instruction; POLL_S still bounds the stop check
+    finally:
+        arrived.hand_over_with(None)
 
 
 @contextmanager

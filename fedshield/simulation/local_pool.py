@@ -22,20 +22,19 @@ import logging
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing import Pipe
-from multiprocessing.connection import Connection
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from ..errors import FedshieldError
 from ..flower_internals.serde import decode_context, decode_message, encode_context, encode_message
-from .local_worker import ERROR, OK, WARM_IMPORTS, child_main, pair, split_pair
+from .local_worker import ERROR, OK, WARM_IMPORTS, child_main, pair, recv_frame, send_frame, split_pair
 
 __all__ = ["ClientAppRaised", "LocalPool", "PRELOAD", "PRELOAD_DP", "forked_pool", "pool_size", "server_threads"]
 
@@ -62,11 +61,20 @@ def pool_size(num_clients: int, cpus_per_client: float) -> int:
 @dataclass
 class _Worker:
     pid: int
-    conn: Connection
+    conn: socket.socket
 
-    def call(self, request: bytes) -> bytes:
-        self.conn.send_bytes(request)
-        return self.conn.recv_bytes()
+    def call(self, request: bytes) -> memoryview:
+        send_frame(self.conn, (request,))  # a closed socket raises OSError (EBADF), never reaches a reused fd
+        return recv_frame(self.conn)
+
+    def hang_up(self) -> None:
+        """Shut the socket down, then close it: a caller blocked on a reply wakes with end-of-file at once (closing
+        alone leaves it blocked until the worker answers), and the worker sees end-of-file."""
+        try:
+            self.conn.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed, or the worker's end is gone
+            pass
+        self.conn.close()
 
 
 class LocalPool:
@@ -95,7 +103,9 @@ class LocalPool:
         return not self._idle.empty()
 
     def _fork(self, threads: int) -> None:
-        parent_end, child_end = Pipe(duplex=True)
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (parent_end, child_end):  # blocking whatever socket.setdefaulttimeout() an imported module set
+            end.setblocking(True)
         others = [w.conn for w in self._alive.values()] + [parent_end]
         parent = os.getpid()
         pid = os.fork()
@@ -116,7 +126,7 @@ class LocalPool:
             raise self._bury(worker, exc) from exc
         self._idle.put(worker)
         if reply[:len(OK)] != OK:
-            raise ClientAppRaised(reply[len(ERROR):].decode(errors="replace"))
+            raise ClientAppRaised(bytes(reply[len(ERROR):]).decode(errors="replace"))
         message_bytes, context_bytes = split_pair(reply, len(OK))
         return decode_message(message_bytes), decode_context(context_bytes)
 
@@ -134,7 +144,10 @@ class LocalPool:
     def _bury(self, worker: _Worker, exc: BaseException) -> FedshieldError:
         with self._lock:
             self._alive.pop(worker.pid, None)
-        worker.conn.close()
+            closing = self._closed
+        worker.hang_up()
+        if closing:  # close() hung up on a worker in the middle of a message: the run is ending, not the worker
+            return FedshieldError(f"the local worker {worker.pid} was stopped with the run ({exc!r})")
         status = _reap(worker.pid, wait_s=1.0)
         log.error("local simulation worker %d died (%s) while running a ClientApp; %d workers remain",
                   worker.pid, status, len(self._alive))
@@ -142,12 +155,12 @@ class LocalPool:
                               f"the run goes on with {len(self._alive)} workers")
 
     def close(self) -> None:
-        """Close every pipe (a waiting worker exits at once), wait a bounded time, then SIGKILL what is left."""
+        """Hang up on every worker (a waiting one exits at once), wait a bounded time, then SIGKILL what is left."""
         with self._lock:
             self._closed = True
             workers, self._alive = list(self._alive.values()), {}
         for worker in workers:
-            worker.conn.close()
+            worker.hang_up()
         deadline = time.monotonic() + _STOP_WAIT_S
         for worker in workers:
             _reap(worker.pid, wait_s=max(0.0, deadline - time.monotonic()))

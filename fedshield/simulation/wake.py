@@ -12,6 +12,13 @@ instructions, one for replies); the dispatcher (:mod:`fedshield.simulation.dispa
 waits keep their old interval as a fallback timeout, so whatever Flower does without storing a message (a TTL
 expiring, the stop event) is still seen as before. Nothing else changes: the same messages go the same way through
 Flower's state, engine and Ray backend.
+
+A round's instructions are pushed as one batch (:meth:`SignalledInMemoryGrid.push_messages`): the stores signal
+nothing until the last one, and the ServerApp's thread then hands them to the engine itself
+(:meth:`LinkSignal.notify_batch`), instead of waking the dispatcher on the first store to contend for the GIL
+with the rest of the push and then hop to the engine's workers. Measured at 100 clients, 10 a round (issue 13):
+the push took 0.4 ms instead of 0.9-2.1 (median), and the first request reached a worker 0.5 ms after it instead
+of 0.6-0.8 (mean 0.6 instead of 1.2-1.8).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class LinkSignal:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._generation = 0
+        self._hand_over: Callable[[], object] | None = None
 
     @property
     def generation(self) -> int:
@@ -50,6 +58,20 @@ class LinkSignal:
             self._generation += 1
             self._cond.notify_all()
 
+    def hand_over_with(self, work: Callable[[], object] | None) -> None:
+        """What the waiter does with an event (``None``: nothing registered): :meth:`notify_batch` does it in the
+        notifying thread, at once, before it wakes the waiter (which then finds nothing left, or what came later)."""
+        self._hand_over = work
+
+    def notify_batch(self) -> None:
+        """The end of a batch of events: do the waiter's work here if one is registered, then :meth:`notify`."""
+        work = self._hand_over
+        try:
+            if work is not None:
+                work()
+        finally:
+            self.notify()
+
     def wait_past(self, generation: int, timeout: float) -> bool:
         """Block until an event after ``generation`` (True) or ``timeout`` seconds (False)."""
         with self._cond:
@@ -59,6 +81,8 @@ class LinkSignal:
 _instructions: weakref.WeakKeyDictionary[InMemoryLinkState, LinkSignal] = weakref.WeakKeyDictionary()
 _replies: weakref.WeakKeyDictionary[InMemoryLinkState, LinkSignal] = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()
+#: Set in a thread while it pushes a batch: its stores do not signal one by one.
+_batching = threading.local()
 
 
 def _signal(table: weakref.WeakKeyDictionary[InMemoryLinkState, LinkSignal], state: InMemoryLinkState) -> LinkSignal:
@@ -89,6 +113,18 @@ class SignalledInMemoryGrid(InMemoryGrid):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._seen = 0
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Flower's push, signalled once at the end, with the instructions handed to the engine by this thread."""
+        outer = getattr(_batching, "active", False)
+        _batching.active = True
+        try:
+            ids = list(super().push_messages(messages))
+        finally:
+            _batching.active = outer
+        if not outer:
+            instructions_signal(self.state).notify_batch()
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         self._seen = replies_signal(self.state).generation
@@ -121,7 +157,8 @@ def _send_and_receive(grid: SignalledInMemoryGrid, messages: Iterable[Message], 
 def _notifying(store: Callable[..., Any], signal_of: Callable[[InMemoryLinkState], LinkSignal]) -> Callable[..., Any]:
     def wrapper(self: InMemoryLinkState, message: Message) -> Any:
         stored = store(self, message)
-        signal_of(self).notify()
+        if not getattr(_batching, "active", False):
+            signal_of(self).notify()
         return stored
 
     wrapper.__wrapped__ = store  # type: ignore[attr-defined]
