@@ -41,8 +41,12 @@ _MAX_CACHED_HEADER = 1024
 _SAVED_HEADERS: dict[tuple[np.dtype, tuple[int, ...], bool], bytes] = {}
 
 
-def to_numpy(array: Array) -> np.ndarray:
-    """``array.numpy()``, with the header parsed once per distinct header (see the module docstring)."""
+def to_numpy(array: Array, *, copy: bool = True) -> np.ndarray:
+    """``array.numpy()``, with the header parsed once per distinct header (see the module docstring).
+
+    ``copy=False``: a read-only view of the array's own bytes instead of a writable copy, for a caller that only
+    reads it (the server screening and folding a reply: two copies of every array of every reply saved, and on
+    arrays over 500 items each copy was also a GIL release and re-take inside the round, issue 13)."""
     if array.stype != _NUMPY_STYPE:
         return array.numpy()  # raises Flower's TypeError for a foreign serialisation type
     data = array.data
@@ -59,15 +63,30 @@ def to_numpy(array: Array) -> np.ndarray:
                          f"{dtype.itemsize} bytes: the array is truncated")
     flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
     if fortran_order:
-        return _declared(array, flat.reshape(shape[::-1]).transpose().copy(order="K"))
-    return _declared(array, flat.reshape(shape).copy())
+        value = flat.reshape(shape[::-1]).transpose()
+        return _declared(array, value.copy(order="K") if copy else _read_only(value))
+    value = flat.reshape(shape)
+    return _declared(array, value.copy() if copy else _read_only(value))
+
+
+def _read_only(value: np.ndarray) -> np.ndarray:
+    """``value`` (a view of the Array's bytes) marked read-only, whatever buffer the bytes came in."""
+    value.flags.writeable = False
+    return value
+
+
+@lru_cache(maxsize=256)
+def _dtype_name(dtype: np.dtype) -> str:
+    """``str(dtype)`` of a built-in dtype, the name Flower's ``Array.dtype`` holds (NumPy builds it anew each call)."""
+    return str(dtype)
 
 
 def _declared(array: Array, value: np.ndarray) -> np.ndarray:
     """``value`` if it is what ``array`` declares (Flower's ``dtype`` and ``shape`` fields, which validation
     checks against the global model), else ``ValueError``: a peer that declares one shape and sends another would
     otherwise pass the checks and break, or retype, the aggregate."""
-    if str(value.dtype) != array.dtype or tuple(value.shape) != tuple(array.shape):
+    name = _dtype_name(value.dtype) if value.dtype.isbuiltin else str(value.dtype)  # structured: no caching
+    if name != array.dtype or tuple(value.shape) != tuple(array.shape):
         raise ValueError(f"array declares {array.dtype} {tuple(array.shape)} but its bytes hold {value.dtype} "
                          f"{tuple(value.shape)}")
     return value

@@ -245,9 +245,12 @@ class PlainSGD:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: Dataset, loss_fn: nn.Module, *, batch_size: int = 512, device: torch.device | str | None = None,
+    model: nn.Module, data: Dataset, loss_fn: nn.Module, *, batch_size: int = 256, device: torch.device | str | None = None,
 ) -> tuple[float, float]:
-    """``(mean loss, accuracy)`` of ``model`` on ``data``, computed on ``device`` (as in :func:`train_dp_sgd`)."""
+    """``(mean loss, accuracy)`` of ``model`` on ``data``, computed on ``device`` (as in :func:`train_dp_sgd`).
+
+    ``batch_size`` 256, not 512: a batch's activations then stay in a CPU core's cache; the server's test of the
+    digits CNN (359 images, after every round) took 3.3 ms of CPU instead of 4.2 (issue 13)."""
     device = place_model(model, device, loss_fn)
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=device)

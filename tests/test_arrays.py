@@ -54,6 +54,27 @@ def test_every_npy_version(version: tuple[int, int]) -> None:
     assert np.array_equal(to_numpy(_raw(_npy(value, version), "float64", (4, 5))), value)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_view_is_the_same_array_read_only(name: str) -> None:
+    array = Array(CASES[name])
+    view, flowers = to_numpy(array, copy=False), array.numpy()
+    assert view.dtype == flowers.dtype and view.shape == flowers.shape and np.array_equal(view, flowers)
+    assert not view.flags.writeable
+    if view.dtype.itemsize and view.size:  # a view of the Array's own bytes, not a copy
+        assert np.shares_memory(view, np.frombuffer(array.data, dtype=np.uint8))
+    with pytest.raises(ValueError, match="read-only"):
+        view[...] = 0 if view.dtype.kind != "V" else view
+
+
+def test_a_view_refuses_what_a_copy_refuses() -> None:
+    liar = _raw(_npy(np.zeros((2, 3), np.float32)), "float32", (3, 2))  # declares one shape, sends another
+    with pytest.raises(ValueError, match="declares"):
+        to_numpy(liar, copy=False)
+    short = _raw(_npy(np.zeros(8, np.float32))[:-4], "float32", (8,))
+    with pytest.raises(ValueError, match="truncated"):
+        to_numpy(short, copy=False)
+
+
 def test_a_result_is_its_own_copy() -> None:
     array = Array(np.arange(6, dtype=np.float64))
     first = to_numpy(array)

@@ -232,7 +232,8 @@ class _UpdateSum:
         self.clipped = 0
 
     def add(self, arrays: ArrayRecord, clients: float) -> None:
-        update = {k: np.subtract(to_numpy(arrays[k]), self.base[k], dtype=np.float64) for k in self.floating}
+        update = {k: np.subtract(to_numpy(arrays[k], copy=False), self.base[k], dtype=np.float64)
+                  for k in self.floating}
         if self.clip_norm is not None:
             update, norm = clip_update(update, clip_norm=self.clip_norm)
             self.clipped += int(norm > self.clip_norm)

@@ -64,7 +64,7 @@ class WeightedSum:
 
     def add(self, arrays: ArrayRecord, weight: float) -> None:
         for key, array in arrays.items():
-            value = to_numpy(array)  # decoded from the reply's bytes; dropped after this iteration
+            value = to_numpy(array, copy=False)  # a read-only view of the reply's bytes, dropped after this iteration
             if key not in self._sums:
                 self._sums[key] = np.asarray(np.multiply(value, weight, dtype=np.float64))  # 0-d stays an array
                 self._dtypes[key] = np.result_type(value.dtype, 0.5)

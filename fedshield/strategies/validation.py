@@ -252,14 +252,14 @@ def _check_arrays(arrays: ArrayRecord, global_arrays: ArrayRecord, max_update_no
     squared = 0.0
     for key, ref in global_arrays.items():
         try:
-            value = to_numpy(arrays[key])
+            value = to_numpy(arrays[key], copy=False)  # read, never written: a view of the reply's bytes
         except (ValueError, TypeError, EOFError) as exc:  # a malformed array is this reply's rejection
             return f"{key!r} is not a readable array: {exc}"
         bad = int(value.size - np.count_nonzero(np.isfinite(value))) if _is_inexact(value) else 0
         if bad:
             return f"{key!r} holds {bad} non-finite value(s) (NaN or infinity)"
         if max_update_norm is not None:
-            diff = np.subtract(value, to_numpy(ref), dtype=np.float64).ravel()
+            diff = np.subtract(value, to_numpy(ref, copy=False), dtype=np.float64).ravel()
             squared += float(np.dot(diff, diff))
     if max_update_norm is not None and not math.sqrt(squared) <= max_update_norm:
         return f"update norm {math.sqrt(squared):.6g} exceeds max-update-norm {max_update_norm:g}"
