@@ -8,8 +8,10 @@ one, is stated and enforced in :mod:`fedshield.privacy.dpsgd`.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,8 +185,41 @@ def train_plain(
     batch_size = max(1, int(np.ceil(len(data) * sample_rate)))
     loader = ShuffledBatches(data, batch_size=batch_size, generator=generator)
     optimizer = PlainSGD(model.parameters(), lr=lr)
-    losses = run_epochs(model, optimizer, loss_fn, loader, epochs, proximal, device=device, amp=amp)
+    with small_batch_kernels(device, batch_size * _row_elements(data), amp=amp):
+        losses = run_epochs(model, optimizer, loss_fn, loader, epochs, proximal, device=device, amp=amp)
     return LocalTrainResult(mean_loss(losses), epochs * steps_per_epoch, ())
+
+
+#: A batch whose input holds fewer elements than this runs its convolutions on PyTorch's native CPU kernels, not
+#: oneDNN's (``torch.backends.mkldnn``). Measured on 1 thread, one SGD step (forward, backward, step), oneDNN /
+#: native: fedshield's digits CNN (8x8 inputs) 622 / 408 us at 6 rows (384 elements), 730 / 583 at 14 rows, 749 /
+#: 903 at 16 rows (1,024 elements); a 2-conv CNN on 28x28 inputs 1,200 / 1,257 us at 2 rows (1,568), and oneDNN
+#: ahead from there on, as on 3x32x32 inputs. PyTorch already skips oneDNN for a single row; its set-up cost is what
+#: a handful of small rows (a cross-device client's, a simulated client's) cannot amortise.
+SMALL_BATCH_ELEMENTS = 1024
+
+
+def _row_elements(data: Dataset) -> int:
+    return math.prod(data.x.shape[1:]) if data.x.ndim > 1 else 1
+
+
+@contextmanager
+def small_batch_kernels(device: torch.device, elements: int, *, amp: bool = False) -> Iterator[None]:
+    """Inside, convolutions run on PyTorch's native kernels when ``device`` is a CPU and a batch's input holds
+    fewer than :data:`SMALL_BATCH_ELEMENTS` elements (see there); otherwise, and under bf16 autocast (``amp``, whose
+    CPU kernels are oneDNN's), nothing changes. The switch is process-wide while the block runs (PyTorch keeps it
+    so): a simulation's worker and a site's ClientApp run one client at a time; either kernel computes the same
+    convolution, so another thread's is only slower or faster."""
+    if (amp or device.type != "cpu" or elements >= SMALL_BATCH_ELEMENTS
+            or not torch.backends.mkldnn.is_available()):
+        yield
+        return
+    before = torch.backends.mkldnn.enabled  # not mkldnn.flags(): it also sets a TF32 flag, with a warning
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 class ShuffledBatches:
@@ -256,11 +291,17 @@ def evaluate(
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     x_all, y_all = torch.from_numpy(data.x), torch.from_numpy(data.y)
-    for start in range(0, len(data), batch_size):
+    with small_batch_kernels(device, min(batch_size, len(data)) * _row_elements(data)):
+        _test_batches(model, x_all, y_all, loss_fn, batch_size, device, total_loss, correct)
+    n = max(1, len(data))
+    return float(total_loss) / n, int(correct) / n
+
+
+def _test_batches(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, loss_fn: nn.Module, batch_size: int,
+                  device: torch.device, total_loss: torch.Tensor, correct: torch.Tensor) -> None:
+    for start in range(0, len(y_all), batch_size):
         x = x_all[start : start + batch_size].to(device, non_blocking=True)
         y = y_all[start : start + batch_size].to(device, non_blocking=True)
         logits = model(x)
         total_loss += loss_fn(logits, y).double() * len(y)
         correct += (logits.argmax(dim=1) == y).sum()
-    n = max(1, len(data))
-    return float(total_loss) / n, int(correct) / n
