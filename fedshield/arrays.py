@@ -6,7 +6,8 @@ a 6-tensor model decoded 120 arrays on the server (screening, then the weighted 
 path, and every header was one of the same six. :func:`to_numpy` parses a header once per distinct header bytes
 (with NumPy's own public ``read_array_header_1_0``/``_2_0``) and then only slices the data.
 
-It returns what ``Array.numpy()`` returns, an equal, writable array of the same dtype, shape and memory order, and
+It returns what ``Array.numpy()`` returns, an equal, writable array of the same dtype, shape and memory order (with
+``copy=False``, the same values read-only: see :func:`to_numpy`), and
 refuses what it refuses: object dtypes (``allow_pickle=False``), negative dimensions, a header NumPy cannot parse or
 data shorter than the header says (``ValueError``), a serialisation type other than NumPy's (``TypeError``). One
 refusal more: bytes whose header disagrees with the ``Array``'s declared ``dtype`` and ``shape`` (what validation
@@ -44,19 +45,20 @@ _SAVED_HEADERS: dict[tuple[np.dtype, tuple[int, ...], bool], bytes] = {}
 def to_numpy(array: Array, *, copy: bool = True) -> np.ndarray:
     """``array.numpy()``, with the header parsed once per distinct header (see the module docstring).
 
-    ``copy=False``: a read-only view of the array's own bytes instead of a writable copy, for a caller that only
+    ``copy=False``: a read-only view of the array's own bytes (a read-only copy on the fallback paths) instead of a
+    writable copy, for a caller that only
     reads it (the server screening and folding a reply: two copies of every array of every reply saved, and on
     arrays over 500 items each copy was also a GIL release and re-take inside the round, issue 13)."""
     if array.stype != _NUMPY_STYPE:
         return array.numpy()  # raises Flower's TypeError for a foreign serialisation type
     data = array.data
     offset = _data_offset(data)
-    if offset is None:
-        return array.numpy()
+    if offset is None:  # a header this fast path does not know: np.load's own copy, read-only if asked
+        return array.numpy() if copy else _read_only(array.numpy())
     head = bytes(data[:offset])
     shape, fortran_order, dtype = _parse_header(head) if len(head) <= _MAX_CACHED_HEADER else _parse(head)
     if dtype.itemsize == 0:  # np.frombuffer refuses these; np.load reads them (empty strings, void)
-        return _declared(array, array.numpy())
+        return _declared(array, array.numpy() if copy else _read_only(array.numpy()))
     count = math.prod(shape)
     if len(data) - offset < count * dtype.itemsize:
         raise ValueError(f"array data holds {len(data) - offset} bytes but its header describes {count} items of "
@@ -70,7 +72,7 @@ def to_numpy(array: Array, *, copy: bool = True) -> np.ndarray:
 
 
 def _read_only(value: np.ndarray) -> np.ndarray:
-    """``value`` (a view of the Array's bytes) marked read-only, whatever buffer the bytes came in."""
+    """``value`` marked read-only (a view of the Array's bytes: whatever buffer the bytes came in)."""
     value.flags.writeable = False
     return value
 

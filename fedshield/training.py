@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -197,6 +199,8 @@ def train_plain(
 #: ahead from there on, as on 3x32x32 inputs. PyTorch already skips oneDNN for a single row; its set-up cost is what
 #: a handful of small rows (a cross-device client's, a simulated client's) cannot amortise.
 SMALL_BATCH_ELEMENTS = 1024
+_NATIVE_LOCK = threading.Lock()
+_NATIVE_DEPTH: list[Any] = [0, True]  # blocks inside small_batch_kernels; the switch as the first one found it
 
 
 def _row_elements(data: Dataset) -> int:
@@ -207,19 +211,26 @@ def _row_elements(data: Dataset) -> int:
 def small_batch_kernels(device: torch.device, elements: int, *, amp: bool = False) -> Iterator[None]:
     """Inside, convolutions run on PyTorch's native kernels when ``device`` is a CPU and a batch's input holds
     fewer than :data:`SMALL_BATCH_ELEMENTS` elements (see there); otherwise, and under bf16 autocast (``amp``, whose
-    CPU kernels are oneDNN's), nothing changes. The switch is process-wide while the block runs (PyTorch keeps it
-    so): a simulation's worker and a site's ClientApp run one client at a time; either kernel computes the same
-    convolution, so another thread's is only slower or faster."""
+    CPU kernels are oneDNN's), nothing changes. PyTorch keeps the switch process-wide: it is off while any thread is
+    inside such a block and restored when the last one leaves (the callers today run one at a time: a simulation's
+    worker, a site's ClientApp or warm worker, the server's test thread). Both kernels compute the same
+    convolution up to float rounding, so another thread's convolution meanwhile is only slower or faster."""
     if (amp or device.type != "cpu" or elements >= SMALL_BATCH_ELEMENTS
             or not torch.backends.mkldnn.is_available()):
         yield
         return
-    before = torch.backends.mkldnn.enabled  # not mkldnn.flags(): it also sets a TF32 flag, with a warning
-    torch.backends.mkldnn.enabled = False
+    with _NATIVE_LOCK:
+        if _NATIVE_DEPTH[0] == 0:
+            _NATIVE_DEPTH[1] = torch.backends.mkldnn.enabled  # not mkldnn.flags(): it sets TF32 too, with a warning
+            torch.backends.mkldnn.enabled = False
+        _NATIVE_DEPTH[0] += 1
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = before
+        with _NATIVE_LOCK:
+            _NATIVE_DEPTH[0] -= 1
+            if _NATIVE_DEPTH[0] == 0:
+                torch.backends.mkldnn.enabled = _NATIVE_DEPTH[1]
 
 
 class ShuffledBatches:

@@ -66,6 +66,12 @@ def test_a_view_is_the_same_array_read_only(name: str) -> None:
         view[...] = 0 if view.dtype.kind != "V" else view
 
 
+def test_a_view_of_an_unknown_header_is_a_read_only_copy() -> None:
+    value = RNG.standard_normal((4, 5))
+    got = to_numpy(_raw(_npy(value, (3, 0)), "float64", (4, 5)), copy=False)  # .npy 3.0: np.load's path
+    assert np.array_equal(got, value) and not got.flags.writeable
+
+
 def test_a_view_refuses_what_a_copy_refuses() -> None:
     liar = _raw(_npy(np.zeros((2, 3), np.float32)), "float32", (3, 2))  # declares one shape, sends another
     with pytest.raises(ValueError, match="declares"):

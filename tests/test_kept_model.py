@@ -94,3 +94,26 @@ def test_wrong_weights_for_a_kept_model_are_refused_as_before(tmp_path: Path) ->
     wrong = {**state, key: torch.zeros(3)}
     with pytest.raises(RuntimeError, match="size mismatch"):
         trainer.train_round(site, _settings(3), wrong)
+
+
+class _WithExtraState(nn.Linear):
+    def get_extra_state(self) -> Any:
+        return {"step": 1}
+
+    def set_extra_state(self, state: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("kind", ["tied", "extra-state", "load-hook"])
+def test_a_model_whose_state_is_not_plain_parameters_is_kept_without_the_lookup(tmp_path: Path, kind: str) -> None:
+    site = _site(tmp_path)
+    if kind == "tied":
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        model[1].weight = model[0].weight  # one Parameter under two keys
+    elif kind == "extra-state":
+        model = nn.Sequential(_WithExtraState(4, 4))
+    else:
+        model = nn.Sequential(nn.Linear(4, 4))
+        model.register_load_state_dict_post_hook(lambda module, keys: None)
+    trainer._spare(site, _settings(1), model)
+    assert trainer._SPARE and model not in trainer._PARAMS  # load_state_dict would do more than copy

@@ -66,3 +66,13 @@ def test_a_simulated_clients_round_uses_native_kernels_and_trains_the_same(monke
     seen.clear()
     assert evaluate(ours, data, task.loss_fn()) == pytest.approx((loss, acc), rel=1e-5)
     assert seen == [False, False]  # two convolutions of one batch, on native kernels
+
+
+def test_overlapping_blocks_restore_the_switch_when_the_last_one_leaves() -> None:
+    first, second = small_batch_kernels(CPU, 6), small_batch_kernels(CPU, 6)  # e.g. two threads' blocks
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first to enter leaves first: the other is still inside
+    assert not torch.backends.mkldnn.enabled
+    second.__exit__(None, None, None)
+    assert torch.backends.mkldnn.enabled

@@ -106,21 +106,41 @@ def _spare(site: Site, settings: RoundSettings, model: torch.nn.Module) -> None:
     millisecond of a simulated client's few (issue 13). Only a CPU model whose whole state travels is kept
     (loading the next round's weights then leaves nothing of this round behind; building a model also seeds the
     CUDA generators, which a GPU round keeps relying on) and never one DP-SGD trained (Opacus hooks its layers).
-    A kept model without buffers also keeps its parameters by key, so the next load and read of its weights skip
-    ``state_dict``'s walk of the module tree: 0.15 ms of a simulated client's 2.6 (issue 13). A model with buffers
-    is not: a module may replace a buffer object, which a kept reference would miss.
+    A kept model whose state is plain parameters (:func:`_plain_parameters`) also keeps them by key, so the next
+    load and read of its weights skip ``state_dict``'s walk of the module tree: 0.15 ms of a simulated client's 2.6
+    (issue 13).
     """
     params = _PARAMS.get(model)
     if params is None:
         if (site.device.type != "cpu" or is_partial(model)
                 or any(m._non_persistent_buffers_set for m in model.modules())):
             return
-        if next(model.buffers(), None) is None:  # then state_dict(keep_vars=True) is the parameters, in its order
+        if _plain_parameters(model):
             params = _PARAMS[model] = dict(model.state_dict(keep_vars=True))
     for param in (params.values() if params is not None else model.parameters()):
         param.grad = None
     _SPARE.clear()  # one model at most: a long-lived warm worker serves run after run
     _SPARE[_model_key(site, settings)] = model
+
+
+def _plain_parameters(model: torch.nn.Module) -> bool:
+    """True when ``state_dict(keep_vars=True)`` is exactly the model's parameters, each under one key, and
+    ``load_state_dict`` would only copy into them: no buffers (a module may replace a buffer object), no tied
+    parameters (their keys' values would race), and no module with its own state-dict loading, extra state or
+    state-dict hooks (which the direct copy would skip)."""
+    if next(model.buffers(), None) is not None:
+        return False
+    base = torch.nn.Module
+    for module in model.modules():
+        kind = type(module)
+        if (kind._load_from_state_dict is not base._load_from_state_dict
+                or kind.get_extra_state is not base.get_extra_state
+                or module._state_dict_hooks or module._state_dict_pre_hooks or module._load_state_dict_pre_hooks
+                or module._load_state_dict_post_hooks):
+            return False
+    state = model.state_dict(keep_vars=True)
+    distinct = len({id(v) for v in state.values()}) == len(state)
+    return distinct and all(isinstance(v, torch.nn.Parameter) for v in state.values())
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
