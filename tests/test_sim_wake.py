@@ -163,3 +163,24 @@ def test_patched_only_inside_the_block() -> None:
         assert InMemoryLinkState.store_message_ins is not originals[0]
     assert (InMemoryLinkState.store_message_ins, InMemoryLinkState.store_message_res, run_sim.InMemoryGrid) == originals
     assert run_sim.InMemoryGrid is InMemoryGrid
+
+
+def test_a_push_that_fails_part_way_still_hands_out_what_it_stored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "POLL_S", FALLBACK_S)
+    with wake.event_driven_link():
+        state, nodes = _bench().build_state(2, 0)
+        queue: Queue[Message] = Queue()
+        stop = threading.Event()
+        sleeper = threading.Thread(target=dispatch._add_messages_to_queue, args=(state, queue, nodes, stop))
+        sleeper.start()
+        good, bad = _messages(nodes)
+        bad.metadata.__dict__["_ttl"] = 0.0  # Flower's grid refuses it after storing the first one
+        try:
+            with pytest.raises(ValueError, match="Invalid message"):
+                _grid(state).push_messages([good, bad])
+            handed = queue.get(timeout=FALLBACK_S / 2)  # without the fallback tick: at once
+        finally:
+            stop.set()
+            wake.instructions_signal(state).notify()
+            sleeper.join(FALLBACK_S)
+    assert handed.metadata.message_id == good.metadata.message_id and queue.empty()

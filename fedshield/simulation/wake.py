@@ -120,10 +120,10 @@ class SignalledInMemoryGrid(InMemoryGrid):
         _batching.active = True
         try:
             ids = list(super().push_messages(messages))
-        finally:
+        finally:  # also after a push that failed part-way: what it stored goes out
             _batching.active = outer
-        if not outer:
-            instructions_signal(self.state).notify_batch()
+            if not outer:
+                instructions_signal(self.state).notify_batch()
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
