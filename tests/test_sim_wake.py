@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from queue import Queue
 from types import ModuleType, SimpleNamespace
 from uuid import uuid4
@@ -41,25 +43,33 @@ def _messages(nodes: dict[int, int]) -> list[Message]:
     return [Message(RecordDict({"c": ConfigRecord({"i": i})}), nid, "train") for i, nid in enumerate(nodes)]
 
 
+@contextmanager
+def _dispatcher(state: InMemoryLinkState, nodes: dict[int, int]) -> Iterator[Queue[Message]]:
+    """The engine's dispatch loop on its own thread, feeding the yielded queue; stopped (and checked) after."""
+    queue: Queue[Message] = Queue()
+    stop = threading.Event()
+    sleeper = threading.Thread(target=dispatch._add_messages_to_queue, args=(state, queue, nodes, stop))
+    sleeper.start()
+    try:
+        yield queue
+    finally:
+        stop.set()
+        wake.instructions_signal(state).notify()  # the stop check runs on the next wake-up
+        sleeper.join(FALLBACK_S)
+    assert not sleeper.is_alive()
+
+
 def test_dispatcher_wakes_on_a_stored_instruction(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dispatch, "POLL_S", FALLBACK_S)
     with wake.event_driven_link():
         state, nodes = _bench().build_state(4, 0)
-        queue: Queue[Message] = Queue()
-        stop = threading.Event()
-        sleeper = threading.Thread(target=dispatch._add_messages_to_queue, args=(state, queue, nodes, stop))
-        sleeper.start()
-        try:
+        with _dispatcher(state, nodes) as queue:
             # Flower's own grid stores one by one (no batch): only the dispatcher's wake-up can hand these out.
             pushed = set(_grid(state, InMemoryGrid).push_messages(_messages(nodes)))
             handed = [queue.get(timeout=FALLBACK_S / 2) for _ in nodes]
-        finally:
-            stop.set()
-            wake.instructions_signal(state).notify()  # the stop check runs on the next wake-up
-            sleeper.join(FALLBACK_S)
     assert {m.metadata.message_id for m in handed} == pushed  # exactly the pushed messages, each once
     assert sorted(m.metadata.dst_node_id for m in handed) == sorted(nodes)
-    assert queue.empty() and not sleeper.is_alive()
+    assert queue.empty()
 
 
 @pytest.mark.parametrize("dispatching", [True, False], ids=["engine-running", "no-engine"])
@@ -169,18 +179,10 @@ def test_a_push_that_fails_part_way_still_hands_out_what_it_stored(monkeypatch: 
     monkeypatch.setattr(dispatch, "POLL_S", FALLBACK_S)
     with wake.event_driven_link():
         state, nodes = _bench().build_state(2, 0)
-        queue: Queue[Message] = Queue()
-        stop = threading.Event()
-        sleeper = threading.Thread(target=dispatch._add_messages_to_queue, args=(state, queue, nodes, stop))
-        sleeper.start()
         good, bad = _messages(nodes)
         bad.metadata.__dict__["_ttl"] = 0.0  # Flower's grid refuses it after storing the first one
-        try:
+        with _dispatcher(state, nodes) as queue:
             with pytest.raises(ValueError, match="Invalid message"):
                 _grid(state).push_messages([good, bad])
             handed = queue.get(timeout=FALLBACK_S / 2)  # without the fallback tick: at once
-        finally:
-            stop.set()
-            wake.instructions_signal(state).notify()
-            sleeper.join(FALLBACK_S)
     assert handed.metadata.message_id == good.metadata.message_id and queue.empty()
