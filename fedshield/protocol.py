@@ -120,6 +120,15 @@ SECAGG_REFUSAL: Final = "fedshield:secagg-refused"
 SECAGG_MASK_PRG: Final = "fedshield-mask-prg"
 SECAGG_SIGNATURE: Final = "fedshield-signature"
 SECAGG_SIGNER: Final = "fedshield-signer"
+#: SecAgg+ one round ahead (:mod:`fedshield.strategies._secagg_pipeline`): the ConfigRecord a masked-vector request
+#: carries to ask for the next round's signed keys (and its reply carries them back), and an UNMASK request the next
+#: round's settings (its reply: the next round's encrypted key shares, or SECAGG_NEXT_REFUSED and why).
+SECAGG_NEXT: Final = "fedshield-secagg-next"
+#: ConfigRecord of an UNMASK request with the next round's participants' signed keys (SHARE_KEYS' entries).
+SECAGG_NEXT_KEYS: Final = "fedshield-secagg-next-keys"
+#: The round tag (the next round's message group id) the site signs its next keys for.
+SECAGG_ROUND_TAG: Final = "fedshield-round-tag"
+SECAGG_NEXT_REFUSED: Final = "fedshield-next-refused"
 
 
 # --- what the server learns of one client in one round -----------------------------------------------------

@@ -17,6 +17,14 @@ UNMASK also refuses requests no honest server sends: a node listed both alive an
 after it sent its vector, or a node it holds no share of. Only a site's own ``fedshield client`` settings decide
 whether it verifies (:mod:`fedshield.client.secagg_identity`).
 
+One round ahead (:mod:`fedshield.strategies._secagg_pipeline`): a masked-vector request may ask for the next
+round's keys (``SECAGG_NEXT``: the round tag to sign them for) and the UNMASK request that follows it may carry the
+next round's settings and signed keys. The site then does, in those two messages, exactly what SETUP and SHARE_KEYS
+would do, with the same checks: fresh key pairs signed for the named round, every peer's signature checked against
+the roster before a share is made. The next round's secrets are kept apart from this round's and are spent by the
+next message whatever it is, so keys are never used for two rounds, and a refusal of the next round's part still
+sends this round's shares (the server falls back to a full SETUP).
+
 Wire: a share-keys entry is ``str(node_id) -> [pk1, pk2]`` (unsigned) or ``[pk1, pk2, signature, signer]``.
 """
 
@@ -42,7 +50,7 @@ from ..crypto.prg import MASK_PRG, expand_mask
 from ..crypto.secagg_auth import KeyAuthenticationError, SignedKeys, check_participants, sign_round_keys, signed_payload
 from ..crypto.shamir import create_shares
 from ..errors import ConfigError, FedshieldError, KeyMaterialError
-from ..protocol import MIN_HONEST
+from ..protocol import MIN_HONEST, SECAGG_NEXT, SECAGG_NEXT_KEYS, SECAGG_NEXT_REFUSED, SECAGG_ROUND_TAG
 from ..protocol import SECAGG_MASK_PRG as KEY_MASK_PRG
 from ..protocol import SECAGG_REFUSAL, SECAGG_REFUSED_CODE
 from ..protocol import SECAGG_SIGNATURE as KEY_SIGNATURE
@@ -55,6 +63,10 @@ __all__ = ["SECAGG_REFUSAL", "SECAGG_REFUSED_CODE", "secaggplus_mod"]
 
 class _Refused(FedshieldError):
     """The round is refused; the text becomes the error reply's reason after :data:`SECAGG_REFUSAL`."""
+
+
+#: ``context.state`` record with the next round's key pairs between the masked-vector request and the UNMASK.
+RECORD_KEY_NEXT = "fedshield-secagg-next-keys"
 
 
 class _State(SecAggPlusState):  # type: ignore[misc]
@@ -73,7 +85,13 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     check_stage(state.current_stage, configs)
     state.current_stage = cast(str, configs.pop(Key.STAGE))
-    out_content = RecordDict()
+    # The next round's part rides in records of its own that the handler never sees; keys prepared for a next
+    # round are spent by this message, used or not.
+    ahead = {key: _take(msg.content, key) for key in (SECAGG_NEXT, SECAGG_NEXT_KEYS)}
+    prepared = ctxt.state.config_records.get(RECORD_KEY_NEXT)
+    if prepared is not None:
+        del ctxt.state[RECORD_KEY_NEXT]
+    out_content, following = RecordDict(), None
     try:
         if state.current_stage == Stage.SETUP:
             check_configs(Stage.SETUP, configs)
@@ -92,19 +110,31 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
             res = _masked_vector(state, srcs, fitres.num_examples, parameters_to_ndarrays(fitres.parameters))
             for arr_record in out_content.array_records.values():
                 arr_record.clear()
+            if (request := ahead[SECAGG_NEXT]) is not None:
+                nxt, out_content[SECAGG_NEXT] = _next_keys(state, request, _identity(ctxt))
+                ctxt.state.config_records[RECORD_KEY_NEXT] = ConfigRecord(nxt.to_dict())
         elif state.current_stage == Stage.UNMASK:
             _check_round(state, msg)
             check_configs(Stage.UNMASK, configs)
             res = _unmask(state, configs)
+            if ahead[SECAGG_NEXT] is not None:
+                out_content[SECAGG_NEXT], following = _next_share_keys(prepared, ahead, msg, ctxt)
         else:
             raise ValueError(f"Unknown SecAgg/SecAgg+ stage: {state.current_stage}")
     except (_Refused, KeyAuthenticationError) as exc:
         state.current_stage = Stage.UNMASK  # a new SETUP may start afresh
         ctxt.state.config_records[RECORD_KEY_STATE] = ConfigRecord(state.to_dict())
         return Message(Error(code=SECAGG_REFUSED_CODE, reason=f"{SECAGG_REFUSAL}: {exc}"), reply_to=msg)
-    ctxt.state.config_records[RECORD_KEY_STATE] = ConfigRecord(state.to_dict())
+    ctxt.state.config_records[RECORD_KEY_STATE] = ConfigRecord((following or state).to_dict())
     out_content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(res, False)
     return Message(out_content, reply_to=msg)
+
+
+def _take(content: RecordDict, key: str) -> ConfigRecord | None:
+    record = content.config_records.get(key)
+    if record is not None:
+        del content[key]
+    return record
 
 
 def _identity(ctxt: Context) -> SiteIdentity:
@@ -124,6 +154,11 @@ def _check_round(state: _State, msg: Message) -> None:
 
 def _setup(state: _State, configs: ConfigRecord, msg: Message, site: SiteIdentity) -> dict[str, Any]:
     state.nid, state.run_id, state.round_tag = msg.metadata.dst_node_id, msg.metadata.run_id, msg.metadata.group_id
+    _read_params(state, configs)
+    return _new_keys(state, site)
+
+
+def _read_params(state: _State, configs: ConfigRecord) -> None:
     state.sample_num = cast(int, configs[Key.SAMPLE_NUMBER])
     state.share_num = cast(int, configs[Key.SHARE_NUMBER])
     state.threshold = cast(int, configs[Key.THRESHOLD])
@@ -132,6 +167,10 @@ def _setup(state: _State, configs: ConfigRecord, msg: Message, site: SiteIdentit
     state.mod_range = cast(int, configs[Key.MOD_RANGE])
     state.max_weight = cast(float, configs[Key.MAX_WEIGHT])
     state.rd_seed_share_dict, state.sk1_share_dict, state.ss2_dict, state.public_keys_dict = {}, {}, {}, {}
+
+
+def _new_keys(state: _State, site: SiteIdentity) -> dict[str, Any]:
+    """Fresh key pairs for ``state``'s run, round tag and node; the SETUP reply that announces them."""
     # One pair for the pairwise masks, one for encrypting the shares.
     sk1, pk1 = generate_key_pairs()
     sk2, pk2 = generate_key_pairs()
@@ -143,6 +182,38 @@ def _setup(state: _State, configs: ConfigRecord, msg: Message, site: SiteIdentit
                                  stage=Stage.SETUP, pk1=state.pk1, pk2=state.pk2)
         res[KEY_SIGNATURE], res[KEY_SIGNER] = sign_round_keys(site.key, payload)
     return res
+
+
+def _next_keys(state: _State, request: ConfigRecord, site: SiteIdentity) -> tuple[_State, ConfigRecord]:
+    """Keys for the round the server names next, as a SETUP would make them (its reply's fields)."""
+    tag = request.get(SECAGG_ROUND_TAG)
+    if not isinstance(tag, str) or not tag or tag == state.round_tag:
+        raise _Refused(f"asked for keys for round {tag!r} while round {state.round_tag!r} runs: not a next round")
+    nxt = _State()
+    nxt.nid, nxt.run_id, nxt.round_tag = state.nid, state.run_id, tag
+    return nxt, ConfigRecord(_new_keys(nxt, site))
+
+
+def _next_share_keys(prepared: ConfigRecord | None, ahead: dict[str, ConfigRecord | None], msg: Message,
+                     ctxt: Context) -> tuple[ConfigRecord, _State | None]:
+    """The next round's SETUP settings and SHARE_KEYS on the keys this site prepared: its shares (and the state it
+    enters), or why it refuses (this round's shares still go: the server runs a full SETUP next round)."""
+    try:
+        if prepared is None:
+            raise _Refused("the server sent next-round keys but this site prepared none for it")
+        nxt, setup, entries = _State(**prepared), ahead[SECAGG_NEXT], ahead[SECAGG_NEXT_KEYS]
+        if setup is None or entries is None or setup.get(SECAGG_ROUND_TAG) != nxt.round_tag or \
+                (msg.metadata.run_id, msg.metadata.dst_node_id) != (nxt.run_id, nxt.nid):
+            raise _Refused(f"the next round's settings are not for the keys this site made (run {nxt.run_id}, "
+                           f"round {nxt.round_tag!r}, node {nxt.nid})")
+        params = ConfigRecord({k: v for k, v in setup.items() if k != SECAGG_ROUND_TAG})
+        check_configs(Stage.SETUP, params)
+        _read_params(nxt, params)
+        res = _share_keys(nxt, _signed_entries(entries), _identity(ctxt))
+    except (_Refused, KeyAuthenticationError, KeyError, TypeError, ValueError) as exc:
+        return ConfigRecord({SECAGG_NEXT_REFUSED: f"{SECAGG_REFUSAL}: {exc}"}), None
+    nxt.current_stage = Stage.SHARE_KEYS
+    return ConfigRecord(res, False), nxt
 
 
 def _signed_entries(configs: ConfigRecord) -> dict[int, SignedKeys | tuple[bytes, bytes]]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
@@ -42,7 +42,8 @@ from ..flower_internals.secagg import (
 )
 from ..compression import SECAGG_NARROW_KEY
 from ..crypto.prg import MASK_PRG
-from ..protocol import SECAGG_MASK_PRG, SECAGG_SIGNATURE, SECAGG_SIGNER
+from ..errors import ProtocolError
+from ..protocol import ARRAYS, SECAGG_MASK_PRG, SECAGG_SIGNATURE, SECAGG_SIGNER
 from ._secagg_params import ProtocolParams
 
 _log = logging.getLogger(__name__)
@@ -128,14 +129,14 @@ def run_setup(grid: Grid, state: RoundState, timeout: float | None) -> bool:
     """Stage 0: send the settings, collect each node's two public keys."""
     records = {nid: state.params.setup_record() for nid in state.active}
     for nid, rec in _exchange(grid, state, Stage.SETUP, records, timeout).items():
-        if (error := _read_setup(state, nid, rec)) is not None:
+        if (error := read_setup(state, nid, rec)) is not None:
             state.errors[nid] = error
             state.active.discard(nid)
     return state.enough_shares(state.active, state.active)
 
 
-def _read_setup(state: RoundState, nid: int, rec: ConfigRecord) -> str | None:
-    """Keep one node's SETUP reply; the reason it is unusable otherwise."""
+def read_setup(state: RoundState, nid: int, rec: ConfigRecord) -> str | None:
+    """Keep one node's SETUP reply (or its keys for this round, sent one round ahead); why it is unusable if so."""
     pk1, pk2 = rec.get(Key.PUBLIC_KEY_1), rec.get(Key.PUBLIC_KEY_2)
     if not isinstance(pk1, bytes) or not isinstance(pk2, bytes):
         return f"malformed reply in stage {Stage.SETUP}: public keys missing"
@@ -156,13 +157,22 @@ def share_keys_entry(state: RoundState, nid: int) -> list[bytes]:
 
 def run_share_keys(grid: Grid, state: RoundState, timeout: float | None) -> bool:
     """Stage 1: give each node its neighbours' public keys, collect encrypted key shares to forward."""
-    records = {}
-    for nid in state.active:
-        rec = ConfigRecord({str(n): share_keys_entry(state, n) for n in state.neighbours[nid] & state.active})
+    records = share_keys_records(state)
+    for rec in records.values():
         rec[Key.STAGE] = Stage.SHARE_KEYS
-        records[nid] = rec
+    return read_share_keys(state, _exchange(grid, state, Stage.SHARE_KEYS, records, timeout))
+
+
+def share_keys_records(state: RoundState) -> dict[int, ConfigRecord]:
+    """Per active node, its neighbours' public keys (with their signatures): ``str(node id) -> entry``."""
+    return {nid: ConfigRecord({str(n): share_keys_entry(state, n) for n in state.neighbours[nid] & state.active})
+            for nid in state.active}
+
+
+def read_share_keys(state: RoundState, replies: dict[int, ConfigRecord]) -> bool:
+    """Keep the encrypted key shares to forward from each node's SHARE_KEYS reply; True if enough nodes remain."""
     sent = {}
-    for src, rec in _exchange(grid, state, Stage.SHARE_KEYS, records, timeout).items():
+    for src, rec in replies.items():
         dsts, ctxts = rec.get(Key.DESTINATION_LIST), rec.get(Key.CIPHERTEXT_LIST)
         if isinstance(dsts, list) and isinstance(ctxts, list) and len(dsts) == len(ctxts):
             sent[src] = list(zip(cast(list[int], dsts), cast(list[bytes], ctxts), strict=True))
@@ -271,10 +281,15 @@ def needed_owners(state: RoundState, included: set[int]) -> set[int]:
     return included | {nid for nid in dead if (state.neighbours[nid] - {nid}) & included}
 
 
-def run_unmask(grid: Grid, state: RoundState, included: set[int], timeout: float | None) -> dict[int, list[bytes]]:
-    """Stage 3: collect the key shares; return shares by owner. Failures here do not remove any vector."""
-    records = unmask_records(state, included)
-    messages = [state.message(nid, RecordDict({RECORD_KEY_CONFIGS: rec})) for nid, rec in records.items()]
+def run_unmask(
+    grid: Grid, state: RoundState, included: set[int], timeout: float | None,
+    ahead: dict[int, dict[str, ConfigRecord]] | None = None,
+) -> tuple[dict[int, list[bytes]], dict[int, RecordDict]]:
+    """Stage 3: collect the key shares; return shares by owner, and the good replies (for what ``ahead`` asked
+    each node besides: the next round's key exchange). Failures here do not remove any vector."""
+    records, ahead = unmask_records(state, included), ahead or {}
+    messages = [state.message(nid, RecordDict({RECORD_KEY_CONFIGS: rec, **ahead.get(nid, {})}))
+                for nid, rec in records.items()]
     state.active = set(included)
     good, failed = settle(state, Stage.UNMASK, grid.send_and_receive(messages, timeout=timeout))
     for nid, reason in sorted(failed.items()):
@@ -291,7 +306,7 @@ def run_unmask(grid: Grid, state: RoundState, included: set[int], timeout: float
             continue
         for owner, share in pairs:
             shares.setdefault(owner, []).append(share)
-    return shares
+    return shares, good
 
 
 def masked_sum(vectors: Iterable[Vector], modulus_range: int) -> Vector:
@@ -331,3 +346,29 @@ def weighted_average(unmasked: Vector, params: ProtocolParams, num_included: int
             op(x, operand, out=x)
         out.append(x)
     return q_total, out
+
+
+def contents_by_node(messages: Iterable[Message]) -> dict[int, RecordDict]:
+    """The inner strategy's train content by node; ProtocolError unless one message per node carries the model."""
+    contents: dict[int, RecordDict] = {}
+    for msg in messages:
+        nid = msg.metadata.dst_node_id
+        if nid in contents:
+            raise ProtocolError(f"the inner strategy addressed node {nid} twice in one round; SecAgg+ needs one "
+                                "train message per node")
+        if ARRAYS not in msg.content.array_records:
+            raise ProtocolError(f"the inner strategy's train message has no '{ARRAYS}' ArrayRecord (records: "
+                                f"{list(msg.content.keys())}): SecAgg+ needs the global model under '{ARRAYS}'")
+        contents[nid] = msg.content
+    return contents
+
+
+def common_arrays(contents: dict[int, RecordDict]) -> ArrayRecord:
+    """The global arrays every sampled node receives; clients send updates relative to them."""
+    records = [c.array_records[ARRAYS] for c in contents.values()]
+    base = records[0]
+    for rec in records[1:]:
+        if rec is not base and [(k, a.data) for k, a in rec.items()] != [(k, a.data) for k, a in base.items()]:
+            raise ProtocolError("the inner strategy sent different arrays to different nodes; SecAgg+ can only "
+                                "average updates relative to one global model")
+    return base

@@ -38,17 +38,20 @@ from ..arrays import to_numpy
 from ..flower_internals.secagg_keys import Stage
 from ..compression import secagg_field
 from ..errors import ConfigError, ProtocolError
-from ..protocol import ARRAYS, METRICS, NUM_EXAMPLES, ClientReply
-from ._secagg_params import check_bits, check_params, neighbour_graph, protocol_params
+from ..protocol import ARRAYS, METRICS, NUM_EXAMPLES, ClientReply, round_config_key
+from ._secagg_params import ProtocolParams, check_bits, check_params, neighbour_graph, protocol_params
 from ._secagg_clear import average_clear_metrics, check_masked_clear, reply_outcomes
 from ._secagg_fold import FieldSum, fold_masked_replies, remove_masks
 from .clear_values import DEFAULT_MAX_WEIGHT
 from .outcomes import RoundOutcomes
+from ._secagg_pipeline import ask_next_keys, next_round, next_round_records, settle_next_round, tap_next_keys
 from ._secagg_stages import (
     MaskedReply,
     RoundState,
     Vector,
     collect_messages,
+    common_arrays,
+    contents_by_node,
     needed_owners,
     run_setup,
     run_share_keys,
@@ -77,7 +80,10 @@ class SecAggPlus(StrategyWrapper):
     """Secure aggregation (SecAgg+, Bell et al. 2020) around a Message-API strategy.
 
     Each round runs four stages: SETUP and SHARE_KEYS inside :meth:`configure_train`, COLLECT_MASKED_VECTORS as
-    the round's train messages, UNMASK inside :meth:`aggregate_train`. The inner strategy then aggregates a
+    the round's train messages, UNMASK inside :meth:`aggregate_train`. With ``pipeline`` (the default), a round
+    that trains every connected node also runs the next round's SETUP and SHARE_KEYS inside its own last two
+    messages (:mod:`._secagg_pipeline`), so the next round, if it samples the same nodes, sends two messages per
+    node instead of four. The inner strategy then aggregates a
     single synthetic reply holding the new global arrays, so its own server logic (momentum, adaptive
     optimisers) applies on top.
 
@@ -116,6 +122,8 @@ class SecAggPlus(StrategyWrapper):
             uses the ``timeout`` given to :meth:`start`.
         rng: randomness for the neighbour ring; defaults to the operating system's CSPRNG.
         weight_key, outcomes: the metric ``inner`` weights by; the run's round state, which holds ``last_replies``.
+        pipeline: exchange the next round's keys one round ahead when every node trains (False: four messages
+            per node and round, always).
     """
 
     def __init__(
@@ -131,7 +139,7 @@ class SecAggPlus(StrategyWrapper):
         timeout: float | None = 600.0,
         rng: random.Random | None = None,
         quantize: int | None = None,
-        weight_key: str = NUM_EXAMPLES, outcomes: RoundOutcomes | None = None,
+        weight_key: str = NUM_EXAMPLES, outcomes: RoundOutcomes | None = None, pipeline: bool = True,
     ) -> None:
         if not isinstance(inner, Strategy):
             raise ConfigError(f"inner must be a flwr.serverapp.strategy.Strategy, got {type(inner).__name__}")
@@ -155,6 +163,11 @@ class SecAggPlus(StrategyWrapper):
         self._round: RoundState | None = None
         self._global: ArrayRecord | None = None
         self._aborted: str | None = None
+        self.pipeline = bool(pipeline)
+        self._bits = 0
+        #: One round ahead: the next round's keys asked for this round, as they arrive; the round they prepared.
+        self._ahead, self._next_keys = False, dict[int, ConfigRecord]()
+        self._prepared: RoundState | None = None
 
     @property
     def last_replies(self) -> list[ClientReply]:  # one per node sampled in the last aggregated round
@@ -175,17 +188,23 @@ class SecAggPlus(StrategyWrapper):
         the field holds, or fewer than an integer threshold); returns no messages if too many nodes drop.
         """
         self._grid, self._round, self._aborted = grid, None, None
+        prepared, self._prepared, self._ahead, self._next_keys = self._prepared, None, False, {}
         bits = self.quantize if self.quantize is not None else check_bits(config.get(QUANTIZE_KEY, 0), QUANTIZE_KEY)
         if config.get(QUANTIZE_KEY, 0):
             config = ConfigRecord({**config, QUANTIZE_KEY: 0})
-        contents = _contents_by_node(self.inner.configure_train(server_round, arrays, config, grid))
+        contents = contents_by_node(self.inner.configure_train(server_round, arrays, config, grid))
         if not contents:
             return []
-        self._global = _common_arrays(contents)
-        params = protocol_params(
-            len(contents), num_shares=self.num_shares, threshold=self.reconstruction_threshold,
-            max_weight=self.max_weight, **self._field(bits, len(contents)),
-        )
+        self._global, self._bits = common_arrays(contents), bits
+        params = self._params(len(contents))
+        if prepared is not None and (prepared.server_round, set(prepared.sampled), prepared.params) == \
+                (server_round, set(contents), params):
+            prepared.contents, self._round = contents, prepared
+            _log.info("SecAgg+ round %d: %d nodes, keys exchanged one round ahead", server_round, len(contents))
+            return self._masked_vector_requests(prepared, config, grid)
+        if prepared is not None:
+            _log.info("SecAgg+ round %d: the nodes or settings differ from those the keys exchanged one round ahead "
+                      "were made for; full key exchange", server_round)
         state = RoundState(
             server_round, params, sampled=list(contents), contents=contents, active=set(contents),
             neighbours=neighbour_graph(contents, params.num_shares, self._rng),
@@ -199,7 +218,23 @@ class SecAggPlus(StrategyWrapper):
             return self._abort(f"too few nodes left after stage {Stage.SETUP}")
         if not run_share_keys(grid, state, self.timeout):
             return self._abort(f"too few nodes left after stage {Stage.SHARE_KEYS}")
-        return collect_messages(state)
+        return self._masked_vector_requests(state, config, grid)
+
+    def _masked_vector_requests(self, state: RoundState, config: ConfigRecord, grid: Grid) -> list[Message]:
+        """Stage 2's requests; they ask for the next round's keys if it can be prepared (:mod:`._secagg_pipeline`):
+        not the run's last round, and every connected node trains."""
+        messages = collect_messages(state)
+        last = config.get(round_config_key("num_rounds"))
+        if self.pipeline and not (isinstance(last, int) and state.server_round >= last) and \
+                set(state.sampled) == set(grid.get_node_ids()):
+            ask_next_keys(messages, state.server_round + 1)
+            self._ahead = True
+        return messages
+
+    def _params(self, num_nodes: int) -> ProtocolParams:
+        """The protocol settings of a round of ``num_nodes`` in this round's field."""
+        return protocol_params(num_nodes, num_shares=self.num_shares, threshold=self.reconstruction_threshold,
+                               max_weight=self.max_weight, **self._field(self._bits, num_nodes))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -221,6 +256,8 @@ class SecAggPlus(StrategyWrapper):
             self.last_replies = reply_outcomes(state, {}, self._aborted)
             return None, None
         field = FieldSum(state.params.modulus_range)  # the running masked sum: O(model), not O(nodes x model)
+        if self._ahead:
+            replies = tap_next_keys(replies, self._next_keys)
         masked = self._read_replies(state, replies, field)
         average = self._secure_average(state, masked, field)
         if average is None:
@@ -273,7 +310,7 @@ class SecAggPlus(StrategyWrapper):
             self._aborted = (f"summed weight {q_expected} is outside (0, modulus_range {p.modulus_range}): "
                              "check the reported example counts against max_weight")
             return None
-        shares = run_unmask(self._require_grid(), state, included, self.timeout)
+        shares = self._unmask(state, included)
         if not remove_masks(field, shares, state, included):  # in place: the sum is the only copy
             self._aborted = f"too few key shares arrived in stage {Stage.UNMASK}"
             return None
@@ -285,6 +322,19 @@ class SecAggPlus(StrategyWrapper):
             self._aborted = f"integrity check failed: masked weights sum to {q_total}, declared {q_expected}"
             return None
         return average
+
+    def _unmask(self, state: RoundState, included: set[int]) -> dict[int, list[bytes]]:
+        """Stage 3, with the next round's SETUP settings and SHARE_KEYS when its keys were asked for."""
+        upcoming = None
+        if self._ahead:
+            try:
+                upcoming = next_round(state, included, self._next_keys, self._params(len(included)), self._rng)
+            except ConfigError as exc:  # too few nodes for the settings: the next round configures itself
+                _log.info("SecAgg+ round %d: no key exchange one round ahead: %s", state.server_round, exc)
+        ahead = next_round_records(upcoming) if upcoming is not None else None
+        shares, replies = run_unmask(self._require_grid(), state, included, self.timeout, ahead)
+        self._prepared = settle_next_round(upcoming, replies) if upcoming is not None else None
+        return shares
 
     def _vector_shapes(self) -> list[tuple[int, ...]]:
         """Shapes of a masked vector's arrays (after the weight): the global model's. A hook for subclasses."""
@@ -334,31 +384,6 @@ class SecAggPlus(StrategyWrapper):
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
-
-
-def _contents_by_node(messages: Iterable[Message]) -> dict[int, RecordDict]:
-    contents: dict[int, RecordDict] = {}
-    for msg in messages:
-        nid = msg.metadata.dst_node_id
-        if nid in contents:
-            raise ProtocolError(f"the inner strategy addressed node {nid} twice in one round; SecAgg+ needs one "
-                                "train message per node")
-        if ARRAYS not in msg.content.array_records:
-            raise ProtocolError(f"the inner strategy's train message has no '{ARRAYS}' ArrayRecord (records: "
-                                f"{list(msg.content.keys())}): SecAgg+ needs the global model under '{ARRAYS}'")
-        contents[nid] = msg.content
-    return contents
-
-
-def _common_arrays(contents: dict[int, RecordDict]) -> ArrayRecord:
-    """The global arrays every sampled node receives; clients send updates relative to them."""
-    records = [c.array_records[ARRAYS] for c in contents.values()]
-    base = records[0]
-    for rec in records[1:]:
-        if rec is not base and [(k, a.data) for k, a in rec.items()] != [(k, a.data) for k, a in base.items()]:
-            raise ProtocolError("the inner strategy sent different arrays to different nodes; SecAgg+ can only "
-                                "average updates relative to one global model")
-    return base
 
 
 def _numpy_items(record: ArrayRecord) -> list[tuple[str, np.ndarray[Any, Any]]]:
