@@ -3,13 +3,16 @@
 Real processes on 127.0.0.1: a TLS SuperLink with node authentication (``fedshield.deploy.coordinator``), three
 sites started with the ``fedshield client`` CLI (each with ``--roster``, the authorized-nodes.txt), and a run
 submitted with ``flwr run`` whose ServerApp is fedshield's own with SHARE_KEYS tampered
-(``tests/apps/secagg_mitm/secagg_mitm.py``). One run of two rounds holds every check:
+(``tests/apps/secagg_mitm/secagg_mitm.py``). One run of three rounds holds every check:
 
 * round 1: each site gets a different forgery of its peers' keys in SHARE_KEYS: server-made keys with the peers'
   genuine signatures; server-made keys signed by a server key in no roster; the peers' genuine signed keys under
   each other's node ids. Each site refuses with ``fedshield:secagg-refused`` naming what it found, sends no share,
   and trains nothing (its privacy ledger is charged for round 2 only);
-* round 2: honest; it completes with all three sites.
+* round 2: honest, except that the next round's keys, which ride in its UNMASK (SecAgg+ one round ahead), are
+  forged the same three ways. Each site refuses that part with the same reasons and makes no share for round 3,
+  and round 2 still completes with all three sites (their round-2 shares went);
+* round 3: honest; it runs the full key exchange and completes with all three sites.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def test_substituted_secagg_keys_are_refused_and_an_honest_round_completes(
     keys = init_keys(tmp_path / "keys", server_hosts=["127.0.0.1"], nodes=SITES)
     sites = digits_sites(tmp_path, SITES)
     out = tmp_path / "run"
-    config = RunConfig(num_clients=SITES, num_rounds=2, seed=7, local_epochs=1, fraction_evaluate=0.0, out=out)
+    config = RunConfig(num_clients=SITES, num_rounds=3, seed=7, local_epochs=1, fraction_evaluate=0.0, out=out)
     server = start_server(ServerOptions(keys=keys.directory, fleet_address=f"127.0.0.1:{free_port()}",
                                         control_port=free_port()), home=tmp_path / "superlink")
     clients: list[Cli] = []
@@ -86,8 +89,15 @@ def test_substituted_secagg_keys_are_refused_and_an_honest_round_completes(
         reason = seen["errors"][nid]
         assert reason.startswith("fedshield:secagg-refused: node ") and expected[attack] in reason, (attack, reason)
 
+    ahead = json.loads((out / "mitm-ahead.json").read_text())
+    assert sorted(ahead["attacks"].values()) == ["foreign-signer", "relabel", "swap-keys"]
+    assert ahead["sent_shares"] == [], ahead  # no site made a single round-3 share for forged keys
+    for nid, attack in ahead["attacks"].items():
+        reason = ahead["refused"][nid]
+        assert reason.startswith("fedshield:secagg-refused: node ") and expected[attack] in reason, (attack, reason)
+
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["round"], r["clients_trained"]) for r in rows] == [(1, 0), (2, SITES)], rows
-    for i in range(1, SITES + 1):  # the refused round cost no privacy: round 2 alone is charged
+    assert [(r["round"], r["clients_trained"]) for r in rows] == [(1, 0), (2, SITES), (3, SITES)], rows
+    for i in range(1, SITES + 1):  # the refused round cost no privacy: rounds 2 and 3 alone are charged
         ledger = PrivacyLedger.load(tmp_path / f"state-{i}" / LEDGER_FILE)
-        assert [r[1] for r in ledger.rounds] == [2], ledger
+        assert [r[1] for r in ledger.rounds] == [2, 3], ledger

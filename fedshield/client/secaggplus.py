@@ -81,16 +81,14 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
     """Run one SecAgg+ stage for a train message; other messages pass through."""
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
+    # Keys prepared for a next round are spent by this message, used or not; the next round's part rides in
+    # records of its own that the handler never sees.
+    prepared = _take(ctxt.state, RECORD_KEY_NEXT)
+    ahead = {key: _take(msg.content, key) for key in (SECAGG_NEXT, SECAGG_NEXT_KEYS)}
     state = _State(**ctxt.state.config_records.get(RECORD_KEY_STATE, ConfigRecord({})))
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     check_stage(state.current_stage, configs)
     state.current_stage = cast(str, configs.pop(Key.STAGE))
-    # The next round's part rides in records of its own that the handler never sees; keys prepared for a next
-    # round are spent by this message, used or not.
-    ahead = {key: _take(msg.content, key) for key in (SECAGG_NEXT, SECAGG_NEXT_KEYS)}
-    prepared = ctxt.state.config_records.get(RECORD_KEY_NEXT)
-    if prepared is not None:
-        del ctxt.state[RECORD_KEY_NEXT]
     out_content, following = RecordDict(), None
     try:
         if state.current_stage == Stage.SETUP:
@@ -100,19 +98,7 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
             _check_round(state, msg)
             res = _share_keys(state, _signed_entries(configs), _identity(ctxt))
         elif state.current_stage == Stage.COLLECT_MASKED_VECTORS:
-            _check_round(state, msg)
-            check_configs(Stage.COLLECT_MASKED_VECTORS, configs)
-            srcs, ctxts = cast(list[int], configs[Key.SOURCE_LIST]), cast(list[bytes], configs[Key.CIPHERTEXT_LIST])
-            _receive_shares(state, srcs, ctxts)  # before training: nothing is spent on a round that is refused
-            out_content = call_next(msg, ctxt).content
-            fitres = compat.recorddict_to_fitres(out_content, keep_input=True)
-            state.min_honest = int(fitres.metrics.get(MIN_HONEST, 0))
-            res = _masked_vector(state, srcs, fitres.num_examples, parameters_to_ndarrays(fitres.parameters))
-            for arr_record in out_content.array_records.values():
-                arr_record.clear()
-            if (request := ahead[SECAGG_NEXT]) is not None:
-                nxt, out_content[SECAGG_NEXT] = _next_keys(state, request, _identity(ctxt))
-                ctxt.state.config_records[RECORD_KEY_NEXT] = ConfigRecord(nxt.to_dict())
+            res, out_content = _collect(state, configs, msg, ctxt, call_next, ahead[SECAGG_NEXT])
         elif state.current_stage == Stage.UNMASK:
             _check_round(state, msg)
             check_configs(Stage.UNMASK, configs)
@@ -128,6 +114,25 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
     ctxt.state.config_records[RECORD_KEY_STATE] = ConfigRecord((following or state).to_dict())
     out_content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(res, False)
     return Message(out_content, reply_to=msg)
+
+
+def _collect(state: _State, configs: ConfigRecord, msg: Message, ctxt: Context, call_next: ClientAppCallable,
+             next_request: ConfigRecord | None) -> tuple[dict[str, Any], RecordDict]:
+    """Stage 2: take the forwarded shares, train, mask; with ``next_request``, also the next round's keys."""
+    _check_round(state, msg)
+    check_configs(Stage.COLLECT_MASKED_VECTORS, configs)
+    srcs, ctxts = cast(list[int], configs[Key.SOURCE_LIST]), cast(list[bytes], configs[Key.CIPHERTEXT_LIST])
+    _receive_shares(state, srcs, ctxts)  # before training: nothing is spent on a round that is refused
+    out_content = call_next(msg, ctxt).content
+    fitres = compat.recorddict_to_fitres(out_content, keep_input=True)
+    state.min_honest = int(fitres.metrics.get(MIN_HONEST, 0))
+    res = _masked_vector(state, srcs, fitres.num_examples, parameters_to_ndarrays(fitres.parameters))
+    for arr_record in out_content.array_records.values():
+        arr_record.clear()
+    if next_request is not None:
+        nxt, out_content[SECAGG_NEXT] = _next_keys(state, next_request, _identity(ctxt))
+        ctxt.state.config_records[RECORD_KEY_NEXT] = ConfigRecord(nxt.to_dict())
+    return res, out_content
 
 
 def _take(content: RecordDict, key: str) -> ConfigRecord | None:

@@ -9,9 +9,13 @@ with, and encrypt the shares of its secrets to, keys the server holds, and the s
   - ``swap-keys``: server-made keys with the peers' genuine signatures forwarded unchanged;
   - ``foreign-signer``: server-made keys with valid signatures by a server key that is in no site's roster;
   - ``relabel``: the peers' genuine signed keys, each under the other peer's node id;
-* round 2 and later: honest.
+* round 2: honest, except for the next round's key exchange that rides in its UNMASK (SecAgg+ one round ahead,
+  ``fedshield.strategies._secagg_pipeline``): every site is handed the same three forgeries of its peers' round-3
+  keys, in the same node-id order;
+* round 3: honest (it runs the full key exchange, as nothing was prepared for it).
 
-What each site answered in the tampered stage goes to ``<out>/mitm.json``.
+What each site answered in the tampered stages goes to ``<out>/mitm.json`` (round 1) and ``<out>/mitm-ahead.json``
+(round 2's next-round part).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
 
 import fedshield.strategies._secagg_stages as stages
+import fedshield.strategies.secagg as secagg
+from fedshield.protocol import SECAGG_NEXT, SECAGG_NEXT_KEYS, SECAGG_NEXT_REFUSED
 from fedshield.crypto.secagg_auth import sign_round_keys, signed_payload
 from fedshield.server.app import read_run_config
 from fedshield.server.runner import run_server
@@ -71,8 +77,33 @@ def _tampering_exchange(out: Path, run_id: int) -> Any:
     return exchange
 
 
+def _tampering_ahead(out: Path, run_id: int) -> tuple[Any, Any]:
+    honest_records, honest_settle = secagg.next_round_records, secagg.settle_next_round
+    attacks: dict[int, str] = {}
+
+    def records(state: Any) -> Any:
+        out_records = honest_records(state)
+        if state.server_round == 3:
+            attacks.update(zip(sorted(out_records), ATTACKS, strict=False))
+            for dst, attack in attacks.items():
+                _tamper(out_records[dst][SECAGG_NEXT_KEYS], dst, attack, run_id, str(state.server_round))
+        return out_records
+
+    def settle(state: Any, replies: Any) -> Any:
+        if state.server_round == 3:
+            answers = {str(nid): dict(reply.config_records.get(SECAGG_NEXT, {})) for nid, reply in replies.items()}
+            line = {"attacks": {str(k): v for k, v in attacks.items()},
+                    "refused": {nid: a.get(SECAGG_NEXT_REFUSED) for nid, a in answers.items()},
+                    "sent_shares": sorted(nid for nid, a in answers.items() if SECAGG_NEXT_REFUSED not in a)}
+            (out / "mitm-ahead.json").write_text(json.dumps(line))
+        return honest_settle(state, replies)
+
+    return records, settle
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config, _ = read_run_config(context.run_config)
     stages._exchange = _tampering_exchange(Path(config.out), context.run_id)
+    secagg.next_round_records, secagg.settle_next_round = _tampering_ahead(Path(config.out), context.run_id)
     run_server(grid, config, state_root=str(config.out / "clients"))
