@@ -305,6 +305,47 @@ def test_streaming_grid_timeout_runs_from_the_push() -> None:
     assert list(stream) == [] and inner.pulls == 0
     with pytest.raises(ValueError, match="pull_interval"):
         StreamingGrid(inner, pull_interval=-1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="quick_window"):
+        StreamingGrid(inner, quick_window=float("inf"))  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_streaming_grid_pulls_quickly_after_the_push_and_after_each_reply_then_at_its_interval() -> None:
+    """The waits between pulls: ``quick_interval`` for ``quick_window`` after the push, then ``pull_interval``, and
+    quick again after a reply arrives (the next one of a short stage is likely soon)."""
+    quick, slow, window = 0.01, 0.03, 0.12
+    messages = configure(FedAvg(min_available_nodes=2, min_train_nodes=2), 2)
+    model = client_models(1)[0]
+
+    class Late:
+        def __init__(self) -> None:
+            self.waits: list[float] = []
+            self.first_reply_after: int | None = None  # how many waits came before the first reply
+
+        def push_messages(self, msgs: Any) -> list[str]:
+            self.pushed, self.pushed_at = list(msgs), time.monotonic()
+            return [m.metadata.message_id for m in self.pushed]
+
+        def pull_messages(self, ids: Any) -> list[Message]:
+            if self.first_reply_after is None:  # the first node answers once the quick window has passed
+                if time.monotonic() - self.pushed_at <= 2 * window:
+                    return []
+                self.first_reply_after = len(self.waits)
+                return [reply(self.pushed[0], model, 1.0)]
+            if len(self.waits) < self.first_reply_after + 3:
+                return []
+            return [reply(self.pushed[1], model, 1.0)]
+
+        def wait_for_replies(self, seconds: float) -> None:
+            self.waits.append(seconds)
+            time.sleep(seconds)
+
+    inner = Late()
+    grid = StreamingGrid(inner, pull_interval=slow, quick_interval=quick, quick_window=window)  # type: ignore[arg-type]
+    assert len(list(grid.send_and_receive(messages, timeout=30))) == 2
+    waits, n = inner.waits, inner.first_reply_after
+    assert n is not None and waits[0] == quick and waits[n - 1] == slow  # quick after the push, then the interval
+    assert waits[n:] == [quick] * 3  # quick again after the first reply
 
 
 @pytest.mark.usefixtures("task_identity")

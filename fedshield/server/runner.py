@@ -46,6 +46,11 @@ __all__ = ["RoundRecord", "RunSummary", "run_server", "noise_multiplier_for", "c
 #: Flower's deployment grid (HttpGrid) waits up to 3 s. Each pull is one cheap request to the SuperLink (in-process
 #: in simulation), so 5 a second cost nothing measurable while a round lasts.
 PULL_INTERVAL_S = 0.2
+#: For this long after a push and after each reply, pull every QUICK_PULL_S instead: a SecAgg+ UNMASK stage or a
+#: short training stage ends within it (issue 13: a deployed SecAgg+ round waited ~0.1 s per stage on the pull
+#: alone), and it bounds the extra requests to 40 per push or reply, whatever the round's length.
+QUICK_PULL_S = 0.05
+QUICK_WINDOW_S = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -190,4 +195,4 @@ def _trainable_numel(model: torch.nn.Module) -> int:
 
 
 def _streaming(grid: Grid) -> StreamingGrid:
-    return grid if isinstance(grid, StreamingGrid) else StreamingGrid(grid, pull_interval=PULL_INTERVAL_S)
+    return grid if isinstance(grid, StreamingGrid) else StreamingGrid(grid, pull_interval=PULL_INTERVAL_S, quick_interval=QUICK_PULL_S, quick_window=QUICK_WINDOW_S)

@@ -167,16 +167,23 @@ class StreamingGrid(Grid):
 
     Everything else is forwarded to the wrapped grid. The messages are pushed at once (so clients start working
     immediately, and the ``timeout`` runs from then); replies are pulled only while the caller iterates, every
-    ``pull_interval`` seconds, until all have arrived or ``timeout`` passes. A caller that stops iterating early
+    ``pull_interval`` seconds, until all have arrived or ``timeout`` passes; for ``quick_window`` seconds after the
+    push and after each arrival, every ``quick_interval`` seconds instead (the next reply of a short stage, such as
+    SecAgg+'s UNMASK, is likely then; a long training stage soon falls back to ``pull_interval``, so a pull costs at
+    most ``quick_window / quick_interval`` extra requests per push or arrival). A caller that stops iterating early
     leaves the rest unpulled. The returned iterator can be consumed once: a caller that needs the replies twice
     (``len``, a second loop) must make a list of them itself.
     """
 
-    def __init__(self, grid: Grid, *, pull_interval: float = 0.1) -> None:
-        if not (pull_interval >= 0 and pull_interval < float("inf")):
-            raise ValueError(f"pull_interval must be a finite number of seconds >= 0, got {pull_interval!r}")
+    def __init__(self, grid: Grid, *, pull_interval: float = 0.1, quick_interval: float | None = None,
+                 quick_window: float = 0.0) -> None:
+        quick_interval = pull_interval if quick_interval is None else quick_interval
+        for name, value in (("pull_interval", pull_interval), ("quick_interval", quick_interval),
+                            ("quick_window", quick_window)):
+            if not (value >= 0 and value < float("inf")):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
         self._grid = grid
-        self.pull_interval = pull_interval
+        self.pull_interval, self.quick_interval, self.quick_window = pull_interval, quick_interval, quick_window
 
     def set_run(self, run_id: Any) -> None:
         self._grid.set_run(run_id)
@@ -209,14 +216,18 @@ class StreamingGrid(Grid):
         return self._pull(pending, deadline)
 
     def _pull(self, pending: set[str], deadline: float | None) -> Iterator[Message]:
+        quick_until = time.monotonic() + self.quick_window
         while pending and (deadline is None or time.monotonic() < deadline):
             arrived = [_unpacked(m) for m in self._grid.pull_messages(set(pending))]
             pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
+            if arrived:
+                quick_until = time.monotonic() + self.quick_window
             arrived.reverse()  # pop() from the end hands them out in arrival order, in O(1) each
             while arrived:
                 yield arrived.pop()  # the caller's fold is now the only holder of this reply
             if pending:  # a grid that can wait for the next reply (simulation's) wakes at once; others sleep
-                getattr(self._grid, "wait_for_replies", time.sleep)(self.pull_interval)
+                wait = self.quick_interval if time.monotonic() < quick_until else self.pull_interval
+                getattr(self._grid, "wait_for_replies", time.sleep)(wait)
 
 
 def _packed(messages: Iterable[Message]) -> list[Message]:
