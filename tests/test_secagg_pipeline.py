@@ -70,6 +70,8 @@ def _run(grid: _LocalGrid, num_rounds: int, *, config: ConfigRecord | None = Non
         if rnd:
             replies.append(list(strategy.last_replies))
 
+    # The round config names the run's length, as fedshield's server's does: without it nothing is prepared.
+    config = ConfigRecord({"num-rounds": num_rounds}) if config is None else config
     strategy.start(grid=grid, initial_arrays=initial_arrays(), num_rounds=num_rounds, evaluate_fn=record,
                    train_config=config)
     return models, replies
@@ -120,12 +122,16 @@ def test_the_next_keys_are_fresh_and_signed_for_the_next_round_only(tmp_path: Pa
         check_participants(roster, signed, own_node_id=me, run_id=1, round_tag="1", stage=Stage.SETUP, min_peers=2)
 
 
-def test_the_last_round_asks_for_no_next_keys(tmp_path: Path) -> None:
+def test_the_last_round_asks_for_no_next_keys_nor_a_run_of_unknown_length(tmp_path: Path) -> None:
     grid = _WatchedGrid(3)
-    _run(grid, 2, config=ConfigRecord({"num-rounds": 2}))
+    _run(grid, 2)
     asked = {int(m.metadata.group_id) for m in grid.replies if SECAGG_NEXT in m.content.config_records}
     assert asked == {1}
     assert grid.stages(2) == {Stage.COLLECT_MASKED_VECTORS: 3, Stage.UNMASK: 3}
+    unknown = _WatchedGrid(3)
+    _run(unknown, 2, config=ConfigRecord({}))
+    assert not any(SECAGG_NEXT in m.content.config_records for m in unknown.replies)
+    assert unknown.stages(2) == {stage: 3 for stage in FULL}
 
 
 def test_a_dropout_falls_back_to_the_full_key_exchange_and_stays_exact() -> None:
@@ -188,6 +194,9 @@ def test_substituted_next_round_keys_are_refused_and_the_round_still_unmasks(tmp
         (Stage.UNMASK, lambda m: m.content.config_records[SECAGG_NEXT].__setitem__(SECAGG_ROUND_TAG, "7"),
          "not for the keys this site made"),
         (Stage.UNMASK, lambda m: m.content.__delitem__(SECAGG_NEXT_KEYS), "not for the keys this site made"),
+        # More participants than shares: Shamir would index past its shares (an IndexError once crashed the reply).
+        (Stage.UNMASK, lambda m: m.content.config_records[SECAGG_NEXT].__setitem__(Key.SHARE_NUMBER, 2),
+         "4 participants and threshold"),
     ],
 )
 def test_next_round_settings_that_do_not_match_the_prepared_keys_are_refused(
@@ -205,17 +214,18 @@ def test_next_round_settings_that_do_not_match_the_prepared_keys_are_refused(
     _assert_exact(models, replies, (1, 2))
 
 
-def test_keys_asked_for_the_running_round_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tag", ["1", "3", "02", ""])
+def test_keys_asked_for_any_round_but_the_next_are_refused(tmp_path: Path, tag: str) -> None:
     victim: list[int] = []
     grid = _WatchedGrid(4)
     victim.append(grid.node_ids[0])
     grid._tamper = _victim_tamper(
-        victim, lambda m: m.content.config_records[SECAGG_NEXT].__setitem__(SECAGG_ROUND_TAG, "1"),
+        victim, lambda m: m.content.config_records[SECAGG_NEXT].__setitem__(SECAGG_ROUND_TAG, tag),
         Stage.COLLECT_MASKED_VECTORS)
     _sign_in(grid, tmp_path)
-    _, replies = _run(grid, 1)
+    _, replies = _run(grid, 2)
     errors = {r.node_id: r.error for r in replies[0] if not r.ok}
-    assert list(errors) == victim and "not a next round" in str(errors[victim[0]]), errors
+    assert list(errors) == victim and "not the next round" in str(errors[victim[0]]), errors
 
 
 def test_a_replayed_unmask_is_refused_and_the_prepared_round_still_runs(tmp_path: Path) -> None:

@@ -66,7 +66,7 @@ class _Refused(FedshieldError):
 
 
 #: ``context.state`` record with the next round's key pairs between the masked-vector request and the UNMASK.
-RECORD_KEY_NEXT = "fedshield-secagg-next-keys"
+RECORD_KEY_NEXT = "fedshield-secagg-prepared"
 
 
 class _State(SecAggPlusState):  # type: ignore[misc]
@@ -123,6 +123,8 @@ def _collect(state: _State, configs: ConfigRecord, msg: Message, ctxt: Context, 
     check_configs(Stage.COLLECT_MASKED_VECTORS, configs)
     srcs, ctxts = cast(list[int], configs[Key.SOURCE_LIST]), cast(list[bytes], configs[Key.CIPHERTEXT_LIST])
     _receive_shares(state, srcs, ctxts)  # before training: nothing is spent on a round that is refused
+    if next_request is not None:
+        _check_next_tag(state, next_request.get(SECAGG_ROUND_TAG))  # a lying request refuses before training
     out_content = call_next(msg, ctxt).content
     fitres = compat.recorddict_to_fitres(out_content, keep_input=True)
     state.min_honest = int(fitres.metrics.get(MIN_HONEST, 0))
@@ -130,8 +132,11 @@ def _collect(state: _State, configs: ConfigRecord, msg: Message, ctxt: Context, 
     for arr_record in out_content.array_records.values():
         arr_record.clear()
     if next_request is not None:
-        nxt, out_content[SECAGG_NEXT] = _next_keys(state, next_request, _identity(ctxt))
-        ctxt.state.config_records[RECORD_KEY_NEXT] = ConfigRecord(nxt.to_dict())
+        try:
+            nxt, out_content[SECAGG_NEXT] = _next_keys(state, next_request, _identity(ctxt))
+            ctxt.state.config_records[RECORD_KEY_NEXT] = ConfigRecord(nxt.to_dict())
+        except Exception as exc:  # noqa: BLE001  the trained vector still goes; the next round sets up in full
+            out_content[SECAGG_NEXT] = ConfigRecord({SECAGG_NEXT_REFUSED: f"{SECAGG_REFUSAL}: {exc}"})
     return res, out_content
 
 
@@ -189,13 +194,18 @@ def _new_keys(state: _State, site: SiteIdentity) -> dict[str, Any]:
     return res
 
 
+def _check_next_tag(state: _State, tag: object) -> str:
+    """The next round's tag: this round's plus one, the only round a site signs keys for ahead of time."""
+    expected = str(int(state.round_tag) + 1) if state.round_tag.isdigit() else None
+    if expected is None or tag != expected:
+        raise _Refused(f"asked for keys for round {tag!r} while round {state.round_tag!r} runs: not the next round")
+    return expected
+
+
 def _next_keys(state: _State, request: ConfigRecord, site: SiteIdentity) -> tuple[_State, ConfigRecord]:
-    """Keys for the round the server names next, as a SETUP would make them (its reply's fields)."""
-    tag = request.get(SECAGG_ROUND_TAG)
-    if not isinstance(tag, str) or not tag or tag == state.round_tag:
-        raise _Refused(f"asked for keys for round {tag!r} while round {state.round_tag!r} runs: not a next round")
+    """Keys for the next round, as a SETUP would make them (its reply's fields)."""
     nxt = _State()
-    nxt.nid, nxt.run_id, nxt.round_tag = state.nid, state.run_id, tag
+    nxt.nid, nxt.run_id, nxt.round_tag = state.nid, state.run_id, _check_next_tag(state, request.get(SECAGG_ROUND_TAG))
     return nxt, ConfigRecord(_new_keys(nxt, site))
 
 
@@ -215,7 +225,7 @@ def _next_share_keys(prepared: ConfigRecord | None, ahead: dict[str, ConfigRecor
         check_configs(Stage.SETUP, params)
         _read_params(nxt, params)
         res = _share_keys(nxt, _signed_entries(entries), _identity(ctxt))
-    except (_Refused, KeyAuthenticationError, KeyError, TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001  whatever fails here, this round's shares still go
         return ConfigRecord({SECAGG_NEXT_REFUSED: f"{SECAGG_REFUSAL}: {exc}"}), None
     nxt.current_stage = Stage.SHARE_KEYS
     return ConfigRecord(res, False), nxt
@@ -246,6 +256,8 @@ def _share_keys(state: _State, entries: dict[int, SignedKeys | tuple[bytes, byte
     keys = {nid: (e.pk1, e.pk2) if isinstance(e, SignedKeys) else e for nid, e in entries.items()}
     if keys.get(state.nid) != (state.pk1, state.pk2):
         raise _Refused("the server relayed keys for this node that are not the ones it sent at setup")
+    if len(keys) > state.share_num or state.threshold > state.share_num:
+        raise _Refused(f"{len(keys)} participants and threshold {state.threshold} for {state.share_num} shares")
     if len(keys) < state.threshold:
         raise _Refused(f"{len(keys)} participants, fewer than the threshold {state.threshold}")
     flat = [pk for pair in keys.values() for pk in pair]

@@ -16,8 +16,8 @@ encrypted shares one round earlier, which it would learn anyway.
 The prepared round is used only if round r + 1 samples exactly the nodes that prepared it with the same protocol
 settings; otherwise (a node dropped or joined, the field changed, a node refused its next-round part, the server
 restarted) round r + 1 runs the full key exchange, as every round did before. It is asked for only when a round
-trains every connected node and is not the run's last, so a run that samples a fraction of its nodes never
-spends a next-round key exchange it cannot use.
+trains every connected node and the round config names the run's length (fedshield's does) and this is not its
+last round, so a run that samples a fraction of its nodes never spends a next-round key exchange it cannot use.
 """
 
 from __future__ import annotations
@@ -85,7 +85,9 @@ def next_round_records(state: RoundState) -> dict[int, dict[str, ConfigRecord]]:
 
 
 def settle_next_round(state: RoundState, replies: dict[int, RecordDict]) -> RoundState | None:
-    """``state`` ready for its masked-vector requests if every node made its key shares; None otherwise."""
+    """``state`` ready for its masked-vector requests if every node made a key share for each of its neighbours;
+    None otherwise (a share missing here would make its recipient short of the threshold, or mask with fewer
+    peers than planned)."""
     shares: dict[int, ConfigRecord] = {}
     for nid in sorted(state.active):
         rec = replies[nid].config_records.get(SECAGG_NEXT) if nid in replies else None
@@ -96,7 +98,8 @@ def settle_next_round(state: RoundState, replies: dict[int, RecordDict]) -> Roun
             return None
         shares[nid] = rec
     sampled = set(state.sampled)
-    if not read_share_keys(state, shares) or state.active != sampled:
+    if not read_share_keys(state, shares) or state.active != sampled or any(
+            set(state.forwards[nid][0]) != state.neighbours[nid] - {nid} for nid in sampled):
         _log.warning("SecAgg+ round %d: the key shares made one round ahead are incomplete; the round will run the "
                      "full key exchange", state.server_round)
         return None

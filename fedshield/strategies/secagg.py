@@ -222,10 +222,10 @@ class SecAggPlus(StrategyWrapper):
 
     def _masked_vector_requests(self, state: RoundState, config: ConfigRecord, grid: Grid) -> list[Message]:
         """Stage 2's requests; they ask for the next round's keys if it can be prepared (:mod:`._secagg_pipeline`):
-        not the run's last round, and every connected node trains."""
+        the config names the run's length and this is not its last round, and every connected node trains."""
         messages = collect_messages(state)
         last = config.get(round_config_key("num_rounds"))
-        if self.pipeline and not (isinstance(last, int) and state.server_round >= last) and \
+        if self.pipeline and isinstance(last, int) and state.server_round < last and \
                 set(state.sampled) == set(grid.get_node_ids()):
             ask_next_keys(messages, state.server_round + 1)
             self._ahead = True
