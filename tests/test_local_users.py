@@ -34,7 +34,7 @@ from fedshield.crypto import KeySet, init_keys
 from fedshield.deploy import free_port
 from fedshield.deploy.connection import FlwrConnection
 from fedshield.deploy.process import live_descendants
-from fedshield.deploy.same_user import socket_owner
+from fedshield.deploy.same_user import _netlink_owner, _proc_owner, socket_owner
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -127,6 +127,25 @@ def test_socket_owner_is_the_uid_that_created_the_client_socket(nobody: Nobody) 
                 intruder.kill()
                 intruder.wait(timeout=30)
     assert socket_owner(("127.0.0.1", 1), ("127.0.0.1", 2)) is None  # no such connection: refused, not guessed
+
+
+def test_the_kernel_lookup_agrees_with_the_proc_tables_and_ignores_time_wait() -> None:
+    """socket_owner asks netlink sock_diag for the one socket (a hash lookup); /proc/net/tcp* is the fallback. Both
+    must name the same owner, and neither may take a TIME_WAIT entry (its uid reads 0, root's) for a live caller."""
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family) as server:
+            server.bind((host, 0))
+            server.listen()
+            client = socket.create_connection((host, server.getsockname()[1]))
+            conn, peer = server.accept()
+            ends = (peer[:2], conn.getsockname()[:2])
+            assert _netlink_owner(*ends) == _proc_owner(*ends) == os.geteuid()
+            client.close()  # the client closes first: its end goes to TIME_WAIT once the server closes too
+            conn.close()
+            deadline = time.monotonic() + 10
+            while _proc_owner(*ends) is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _netlink_owner(*ends) is None and _proc_owner(*ends) is None
 
 
 def _attacker_key(nobody: Nobody) -> Path:
