@@ -59,13 +59,10 @@ def test_the_quick_clock_splits_local_waits_from_the_superlink_poll_and_polls_fa
     clock = CappedSleepClock(0.5, recorder, quick=True)  # type: ignore[arg-type]
     clock.sleep(3)  # idle: the configured poll
     clock.sleep(0.5)  # waiting for its ClientApp's reply: a round is going
-    clock.sleep(3)  # the next message of the round comes soon: poll fastest at first
-    recorder.now += CappedSleepClock.QUICK_S
-    clock.sleep(3)  # still in the round: poll faster than idle
+    clock.sleep(3)  # the next message of the round comes soon: poll faster
     recorder.now += CappedSleepClock.BUSY_S
     clock.sleep(3)  # idle again
-    assert recorder.slept == [0.5, CappedSleepClock.LOCAL_WAIT_S, CappedSleepClock.QUICK_POLL_S,
-                              CappedSleepClock.BUSY_POLL_S, 0.5]
+    assert recorder.slept == [0.5, CappedSleepClock.LOCAL_WAIT_S, CappedSleepClock.BUSY_POLL_S, 0.5]
     slow = _Recorder()
     before = CappedSleepClock(0.5, slow)  # type: ignore[arg-type]
     before.sleep(3), before.sleep(0.5), before.sleep(3)

@@ -6,7 +6,7 @@ sleeps waits up to 3 s before anything starts, and SecAgg+ sends five messages p
 other, so a round paid ~7-15 s for these sleeps alone. This launcher caps every sleep of that one module (they are
 all poll waits; nothing there sleeps for correctness) at ``FEDSHIELD_SUPERNODE_POLL_S`` seconds (default 0.5);
 waits on the node's own state (for its ClientApp's reply) at 0.02 s, and while a round goes (30 s after such a
-wait) the SuperLink poll at 0.2 s, at 0.05 s in the first 2 s (:class:`CappedSleepClock`). Then it runs Flower's own entry point unchanged.
+wait) the SuperLink poll at 0.2 s (:class:`CappedSleepClock`). Then it runs Flower's own entry point unchanged.
 It also forks the ClientApp zygote (:mod:`fedshield.deploy.clientapp_zygote`), so each per-message ClientApp
 starts with Flower imported (``FEDSHIELD_CLIENTAPP_ZYGOTE_ON=0`` starts them cold, as Flower does), and puts its own
 ``flower-superexec`` first on PATH, which the node wakes when a message's task exists instead of letting it poll
@@ -78,14 +78,10 @@ class CappedSleepClock:
     Flower 1.39's loop sleeps 3 s when the SuperLink had no message (a network poll) and 0.5 s while it waits for
     its own ClientApp's reply in its in-memory state (no network). With ``quick`` the local waits last at most
     ``LOCAL_WAIT_S``, and for ``BUSY_S`` seconds after one (a round is going: its next message comes soon) the
-    network poll waits at most ``BUSY_POLL_S``, in the first ``QUICK_S`` of them at most ``QUICK_POLL_S`` (a
-    SecAgg+ UNMASK or a short round's next message comes within it: issue 13); an idle node polls every ``cap``
-    seconds. The quick window costs at most ``QUICK_S / QUICK_POLL_S`` extra polls per message the node answers.
+    network poll waits at most ``BUSY_POLL_S``; an idle node polls every ``cap`` seconds.
     """
 
     LOCAL_WAIT_S = 0.02
-    QUICK_POLL_S = 0.05
-    QUICK_S = 2.0
     BUSY_POLL_S = 0.2
     BUSY_S = 30.0
 
@@ -93,20 +89,17 @@ class CappedSleepClock:
         self.cap = cap
         self.quick = quick
         self._clock = clock
-        self._busy_until = self._quick_until = -math.inf
+        self._busy_until = -math.inf
 
     def sleep(self, seconds: float) -> None:
         if not self.quick:
             self._clock.sleep(min(seconds, self.cap))
         elif seconds < 1.0:  # a wait on the node's own state
-            now = self._clock.monotonic()
-            self._busy_until, self._quick_until = now + self.BUSY_S, now + self.QUICK_S
+            self._busy_until = self._clock.monotonic() + self.BUSY_S
             self._clock.sleep(min(seconds, self.LOCAL_WAIT_S, self.cap))
         else:
-            now = self._clock.monotonic()
-            busy = self.QUICK_POLL_S if now < self._quick_until else self.BUSY_POLL_S if now < self._busy_until \
-                else math.inf
-            self._clock.sleep(min(seconds, self.cap, busy))
+            busy = self._clock.monotonic() < self._busy_until
+            self._clock.sleep(min(seconds, self.cap, self.BUSY_POLL_S if busy else math.inf))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._clock, name)
