@@ -120,15 +120,28 @@ SECAGG_REFUSAL: Final = "fedshield:secagg-refused"
 SECAGG_MASK_PRG: Final = "fedshield-mask-prg"
 SECAGG_SIGNATURE: Final = "fedshield-signature"
 SECAGG_SIGNER: Final = "fedshield-signer"
-#: SecAgg+ one round ahead (:mod:`fedshield.strategies._secagg_pipeline`): the ConfigRecord a masked-vector request
-#: carries to ask for the next round's signed keys (and its reply carries them back), and an UNMASK request the next
-#: round's settings (its reply: the next round's encrypted key shares, or SECAGG_NEXT_REFUSED and why).
-SECAGG_NEXT: Final = "fedshield-secagg-next"
-#: ConfigRecord of an UNMASK request with the next round's participants' signed keys (SHARE_KEYS' entries).
-SECAGG_NEXT_KEYS: Final = "fedshield-secagg-next-keys"
+#: SecAgg+ one round ahead (:mod:`fedshield.strategies._secagg_pipeline`): the next round's part rides in the SecAgg+
+#: record itself (one Flower object per message: each object costs a request on every hop), its fields named with
+#: this prefix: a masked-vector request's round tag, its reply's keys for that round; an UNMASK request's settings
+#: for the next round, its reply's encrypted key shares (or SECAGG_NEXT_REFUSED and why).
+SECAGG_NEXT: Final = "fedshield-next:"
+#: Prefix of an UNMASK request's entries for the next round's participants: ``prefix + str(node id) -> signed keys``.
+SECAGG_NEXT_KEY: Final = "fedshield-next-key:"
 #: The round tag (the next round's message group id) the site signs its next keys for.
 SECAGG_ROUND_TAG: Final = "fedshield-round-tag"
 SECAGG_NEXT_REFUSED: Final = "fedshield-next-refused"
+
+
+def take_prefixed(record: Any, prefix: str) -> dict[str, Any] | None:
+    """Remove the fields named ``prefix + name`` from ``record`` (a mutable mapping); ``{name: value}``, or None if
+    it had none."""
+    names = [key for key in record if key.startswith(prefix)]
+    return {key[len(prefix):]: record.pop(key) for key in names} if names else None
+
+
+def prefixed(prefix: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` with every name prefixed, to ride in another record."""
+    return {prefix + name: value for name, value in fields.items()}
 
 
 # --- what the server learns of one client in one round -----------------------------------------------------

@@ -25,7 +25,7 @@ from test_secagg_auth import _sign_in
 
 from fedshield.crypto.secagg_auth import SignedKeys, check_participants, load_roster
 from fedshield.protocol import (
-    PARTITION_ID, SECAGG_NEXT, SECAGG_NEXT_KEYS, SECAGG_NEXT_REFUSED, SECAGG_REFUSAL, SECAGG_ROUND_TAG,
+    PARTITION_ID, SECAGG_NEXT, SECAGG_NEXT_KEY, SECAGG_NEXT_REFUSED, SECAGG_REFUSAL, SECAGG_ROUND_TAG,
     SECAGG_SIGNATURE, SECAGG_SIGNER, ClientReply,
 )
 from fedshield.strategies.secagg import SecAggPlus
@@ -56,6 +56,24 @@ class _WatchedGrid(_LocalGrid):
 
     def stages(self, rnd: int) -> dict[str, int]:
         return {stage: n for (r, stage), n in self.sent.items() if r == rnd}
+
+
+def _next(msg: Message) -> dict[str, Any]:
+    """The next round's fields of a message's SecAgg+ record, unprefixed."""
+    rec = msg.content.config_records[RECORD_KEY_CONFIGS]
+    return {k[len(SECAGG_NEXT):]: v for k, v in rec.items() if k.startswith(SECAGG_NEXT)}
+
+
+def _set(field: str, value: Any) -> Tamper:
+    def edit(msg: Message) -> None:
+        msg.content.config_records[RECORD_KEY_CONFIGS][SECAGG_NEXT + field] = value
+    return edit
+
+
+def _drop_next_keys(msg: Message) -> None:
+    rec = msg.content.config_records[RECORD_KEY_CONFIGS]
+    for key in [k for k in rec if k.startswith(SECAGG_NEXT_KEY)]:
+        del rec[key]
 
 
 def _run(grid: _LocalGrid, num_rounds: int, *, config: ConfigRecord | None = None, **kw: Any
@@ -108,9 +126,8 @@ def test_the_next_keys_are_fresh_and_signed_for_the_next_round_only(tmp_path: Pa
     _run(grid, 2)
     setup = {r.metadata.src_node_id: r.content.config_records[RECORD_KEY_CONFIGS] for r in grid.replies
              if Key.PUBLIC_KEY_1 in r.content.config_records[RECORD_KEY_CONFIGS]}
-    ahead = {r.metadata.src_node_id: r.content.config_records[SECAGG_NEXT] for r in grid.replies
-             if r.metadata.group_id == "1" and SECAGG_NEXT in r.content.config_records
-             and Key.PUBLIC_KEY_1 in r.content.config_records[SECAGG_NEXT]}
+    ahead = {r.metadata.src_node_id: _next(r) for r in grid.replies
+             if r.metadata.group_id == "1" and Key.PUBLIC_KEY_1 in _next(r)}
     assert set(setup) == set(ahead) == set(grid.node_ids)
     keys = [rec[k] for rec in (*setup.values(), *ahead.values()) for k in (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2)]
     assert len(set(keys)) == 16  # a fresh pair of pairs per node and round
@@ -125,12 +142,12 @@ def test_the_next_keys_are_fresh_and_signed_for_the_next_round_only(tmp_path: Pa
 def test_the_last_round_asks_for_no_next_keys_nor_a_run_of_unknown_length(tmp_path: Path) -> None:
     grid = _WatchedGrid(3)
     _run(grid, 2)
-    asked = {int(m.metadata.group_id) for m in grid.replies if SECAGG_NEXT in m.content.config_records}
+    asked = {int(m.metadata.group_id) for m in grid.replies if _next(m)}
     assert asked == {1}
     assert grid.stages(2) == {Stage.COLLECT_MASKED_VECTORS: 3, Stage.UNMASK: 3}
     unknown = _WatchedGrid(3)
     _run(unknown, 2, config=ConfigRecord({}))
-    assert not any(SECAGG_NEXT in m.content.config_records for m in unknown.replies)
+    assert not any(_next(m) for m in unknown.replies)
     assert unknown.stages(2) == {stage: 3 for stage in FULL}
 
 
@@ -161,17 +178,17 @@ def _victim_tamper(victim: list[int], edit: Callable[[Message], None], stage: st
 
 
 def _next_refusals(grid: _WatchedGrid) -> dict[int, str]:
-    return {r.metadata.src_node_id: str(r.content.config_records[SECAGG_NEXT][SECAGG_NEXT_REFUSED])
-            for r in grid.replies if not r.has_error() and SECAGG_NEXT in r.content.config_records
-            and SECAGG_NEXT_REFUSED in r.content.config_records[SECAGG_NEXT]}
+    return {r.metadata.src_node_id: str(_next(r)[SECAGG_NEXT_REFUSED])
+            for r in grid.replies if not r.has_error() and SECAGG_NEXT_REFUSED in _next(r)}
 
 
 def test_substituted_next_round_keys_are_refused_and_the_round_still_unmasks(tmp_path: Path) -> None:
     victim: list[int] = []
 
     def swap_peer_keys(msg: Message) -> None:
-        rec = msg.content.config_records[SECAGG_NEXT_KEYS]
-        for key in [k for k in rec if int(k) != msg.metadata.dst_node_id]:
+        rec = msg.content.config_records[RECORD_KEY_CONFIGS]
+        for key in [k for k in rec if k.startswith(SECAGG_NEXT_KEY)
+                    and int(k[len(SECAGG_NEXT_KEY):]) != msg.metadata.dst_node_id]:
             fake = [public_key_to_bytes(generate_key_pairs()[1]) for _ in range(2)]
             rec[key] = [*fake, *list(rec[key])[2:]]  # genuine signatures, server keys  # type: ignore[arg-type]
 
@@ -191,12 +208,10 @@ def test_substituted_next_round_keys_are_refused_and_the_round_still_unmasks(tmp
 @pytest.mark.parametrize(
     ("stage", "edit", "match"),
     [
-        (Stage.UNMASK, lambda m: m.content.config_records[SECAGG_NEXT].__setitem__(SECAGG_ROUND_TAG, "7"),
-         "not for the keys this site made"),
-        (Stage.UNMASK, lambda m: m.content.__delitem__(SECAGG_NEXT_KEYS), "not for the keys this site made"),
+        (Stage.UNMASK, _set(SECAGG_ROUND_TAG, "7"), "not for the keys this site made"),
+        (Stage.UNMASK, _drop_next_keys, "not for the keys this site made"),
         # More participants than shares: Shamir would index past its shares (an IndexError once crashed the reply).
-        (Stage.UNMASK, lambda m: m.content.config_records[SECAGG_NEXT].__setitem__(Key.SHARE_NUMBER, 2),
-         "4 participants and threshold"),
+        (Stage.UNMASK, _set(Key.SHARE_NUMBER, 2), "4 participants and threshold"),
     ],
 )
 def test_next_round_settings_that_do_not_match_the_prepared_keys_are_refused(
@@ -220,8 +235,7 @@ def test_keys_asked_for_any_round_but_the_next_are_refused(tmp_path: Path, tag: 
     grid = _WatchedGrid(4)
     victim.append(grid.node_ids[0])
     grid._tamper = _victim_tamper(
-        victim, lambda m: m.content.config_records[SECAGG_NEXT].__setitem__(SECAGG_ROUND_TAG, tag),
-        Stage.COLLECT_MASKED_VECTORS)
+        victim, _set(SECAGG_ROUND_TAG, tag), Stage.COLLECT_MASKED_VECTORS)
     _sign_in(grid, tmp_path)
     _, replies = _run(grid, 2)
     errors = {r.node_id: r.error for r in replies[0] if not r.ok}

@@ -18,8 +18,8 @@ after it sent its vector, or a node it holds no share of. Only a site's own ``fe
 whether it verifies (:mod:`fedshield.client.secagg_identity`).
 
 One round ahead (:mod:`fedshield.strategies._secagg_pipeline`): a masked-vector request may ask for the next
-round's keys (``SECAGG_NEXT``: the round tag to sign them for) and the UNMASK request that follows it may carry the
-next round's settings and signed keys. The site then does, in those two messages, exactly what SETUP and SHARE_KEYS
+round's keys (the round tag to sign them for) and the UNMASK request that follows it may carry the next round's
+settings and signed keys, in fields of the SecAgg+ record named with ``SECAGG_NEXT`` / ``SECAGG_NEXT_KEY``. The site then does, in those two messages, exactly what SETUP and SHARE_KEYS
 would do, with the same checks: fresh key pairs signed for the named round, every peer's signature checked against
 the roster before a share is made. The next round's secrets are kept apart from this round's and are spent by the
 next message whatever it is, so keys are never used for two rounds, and a refusal of the next round's part still
@@ -50,7 +50,9 @@ from ..crypto.prg import MASK_PRG, expand_mask
 from ..crypto.secagg_auth import KeyAuthenticationError, SignedKeys, check_participants, sign_round_keys, signed_payload
 from ..crypto.shamir import create_shares
 from ..errors import ConfigError, FedshieldError, KeyMaterialError
-from ..protocol import MIN_HONEST, SECAGG_NEXT, SECAGG_NEXT_KEYS, SECAGG_NEXT_REFUSED, SECAGG_ROUND_TAG
+from ..protocol import (
+    MIN_HONEST, SECAGG_NEXT, SECAGG_NEXT_KEY, SECAGG_NEXT_REFUSED, SECAGG_ROUND_TAG, prefixed, take_prefixed,
+)
 from ..protocol import SECAGG_MASK_PRG as KEY_MASK_PRG
 from ..protocol import SECAGG_REFUSAL, SECAGG_REFUSED_CODE
 from ..protocol import SECAGG_SIGNATURE as KEY_SIGNATURE
@@ -81,12 +83,12 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
     """Run one SecAgg+ stage for a train message; other messages pass through."""
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
-    # Keys prepared for a next round are spent by this message, used or not; the next round's part rides in
-    # records of its own that the handler never sees.
+    # Keys prepared for a next round are spent by this message, used or not; the next round's part is taken out
+    # of the SecAgg+ record before anything reads it.
     prepared = _take(ctxt.state, RECORD_KEY_NEXT)
-    ahead = {key: _take(msg.content, key) for key in (SECAGG_NEXT, SECAGG_NEXT_KEYS)}
     state = _State(**ctxt.state.config_records.get(RECORD_KEY_STATE, ConfigRecord({})))
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    ahead = {prefix: take_prefixed(configs, prefix) for prefix in (SECAGG_NEXT, SECAGG_NEXT_KEY)}
     check_stage(state.current_stage, configs)
     state.current_stage = cast(str, configs.pop(Key.STAGE))
     out_content, following = RecordDict(), None
@@ -104,7 +106,8 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
             check_configs(Stage.UNMASK, configs)
             res = _unmask(state, configs)
             if ahead[SECAGG_NEXT] is not None:
-                out_content[SECAGG_NEXT], following = _next_share_keys(prepared, ahead, msg, ctxt)
+                next_res, following = _next_share_keys(prepared, ahead, msg, ctxt)
+                res.update(prefixed(SECAGG_NEXT, next_res))
         else:
             raise ValueError(f"Unknown SecAgg/SecAgg+ stage: {state.current_stage}")
     except (_Refused, KeyAuthenticationError) as exc:
@@ -117,7 +120,7 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
 
 
 def _collect(state: _State, configs: ConfigRecord, msg: Message, ctxt: Context, call_next: ClientAppCallable,
-             next_request: ConfigRecord | None) -> tuple[dict[str, Any], RecordDict]:
+             next_request: dict[str, Any] | None) -> tuple[dict[str, Any], RecordDict]:
     """Stage 2: take the forwarded shares, train, mask; with ``next_request``, also the next round's keys."""
     _check_round(state, msg)
     check_configs(Stage.COLLECT_MASKED_VECTORS, configs)
@@ -133,10 +136,11 @@ def _collect(state: _State, configs: ConfigRecord, msg: Message, ctxt: Context, 
         arr_record.clear()
     if next_request is not None:
         try:
-            nxt, out_content[SECAGG_NEXT] = _next_keys(state, next_request, _identity(ctxt))
+            nxt, next_res = _next_keys(state, next_request, _identity(ctxt))
             ctxt.state.config_records[RECORD_KEY_NEXT] = ConfigRecord(nxt.to_dict())
         except Exception as exc:  # noqa: BLE001  the trained vector still goes; the next round sets up in full
-            out_content[SECAGG_NEXT] = ConfigRecord({SECAGG_NEXT_REFUSED: f"{SECAGG_REFUSAL}: {exc}"})
+            next_res = {SECAGG_NEXT_REFUSED: f"{SECAGG_REFUSAL}: {exc}"}
+        res.update(prefixed(SECAGG_NEXT, next_res))
     return res, out_content
 
 
@@ -202,21 +206,21 @@ def _check_next_tag(state: _State, tag: object) -> str:
     return expected
 
 
-def _next_keys(state: _State, request: ConfigRecord, site: SiteIdentity) -> tuple[_State, ConfigRecord]:
+def _next_keys(state: _State, request: dict[str, Any], site: SiteIdentity) -> tuple[_State, dict[str, Any]]:
     """Keys for the next round, as a SETUP would make them (its reply's fields)."""
     nxt = _State()
     nxt.nid, nxt.run_id, nxt.round_tag = state.nid, state.run_id, _check_next_tag(state, request.get(SECAGG_ROUND_TAG))
-    return nxt, ConfigRecord(_new_keys(nxt, site))
+    return nxt, _new_keys(nxt, site)
 
 
-def _next_share_keys(prepared: ConfigRecord | None, ahead: dict[str, ConfigRecord | None], msg: Message,
-                     ctxt: Context) -> tuple[ConfigRecord, _State | None]:
+def _next_share_keys(prepared: ConfigRecord | None, ahead: dict[str, dict[str, Any] | None], msg: Message,
+                     ctxt: Context) -> tuple[dict[str, Any], _State | None]:
     """The next round's SETUP settings and SHARE_KEYS on the keys this site prepared: its shares (and the state it
     enters), or why it refuses (this round's shares still go: the server runs a full SETUP next round)."""
     try:
         if prepared is None:
             raise _Refused("the server sent next-round keys but this site prepared none for it")
-        nxt, setup, entries = _State(**prepared), ahead[SECAGG_NEXT], ahead[SECAGG_NEXT_KEYS]
+        nxt, setup, entries = _State(**prepared), ahead[SECAGG_NEXT], ahead[SECAGG_NEXT_KEY]
         if setup is None or entries is None or setup.get(SECAGG_ROUND_TAG) != nxt.round_tag or \
                 (msg.metadata.run_id, msg.metadata.dst_node_id) != (nxt.run_id, nxt.nid):
             raise _Refused(f"the next round's settings are not for the keys this site made (run {nxt.run_id}, "
@@ -224,11 +228,11 @@ def _next_share_keys(prepared: ConfigRecord | None, ahead: dict[str, ConfigRecor
         params = ConfigRecord({k: v for k, v in setup.items() if k != SECAGG_ROUND_TAG})
         check_configs(Stage.SETUP, params)
         _read_params(nxt, params)
-        res = _share_keys(nxt, _signed_entries(entries), _identity(ctxt))
+        res = _share_keys(nxt, _signed_entries(ConfigRecord(entries)), _identity(ctxt))
     except Exception as exc:  # noqa: BLE001  whatever fails here, this round's shares still go
-        return ConfigRecord({SECAGG_NEXT_REFUSED: f"{SECAGG_REFUSAL}: {exc}"}), None
+        return {SECAGG_NEXT_REFUSED: f"{SECAGG_REFUSAL}: {exc}"}, None
     nxt.current_stage = Stage.SHARE_KEYS
-    return ConfigRecord(res, False), nxt
+    return res, nxt
 
 
 def _signed_entries(configs: ConfigRecord) -> dict[int, SignedKeys | tuple[bytes, bytes]]:

@@ -6,7 +6,9 @@ plain round's one (issue 13). Neither key stage needs anything of the round's mo
 again, round r's masked-vector request also asks each node for round r + 1's two public keys (signed for round
 r + 1), and round r's UNMASK request also carries round r + 1's settings and every participant's signed keys, so
 each node makes and encrypts its round-(r + 1) key shares while it reveals its round-r shares. Round r + 1 then
-starts with its masked-vector request: two messages per site and round instead of four.
+starts with its masked-vector request: two messages per site and round instead of four. The next round's part
+rides as prefixed fields of the SecAgg+ record (``SECAGG_NEXT``, ``SECAGG_NEXT_KEY``), not in records of its own:
+Flower moves every record of a message as an object with its own request on every hop.
 
 Nothing a site checks or reveals changes (:mod:`fedshield.client.secaggplus`): the keys are fresh per round and
 signed for that round, every peer's signature is checked against the site's roster before it makes a share, and
@@ -26,10 +28,12 @@ import logging
 import random
 from collections.abc import Iterable, Iterator
 
+from typing import Any
+
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from ..flower_internals.secagg_keys import Key
-from ..protocol import SECAGG_NEXT, SECAGG_NEXT_KEYS, SECAGG_NEXT_REFUSED, SECAGG_ROUND_TAG
+from ..flower_internals.secagg_keys import RECORD_KEY_CONFIGS, Key
+from ..protocol import SECAGG_NEXT, SECAGG_NEXT_KEY, SECAGG_NEXT_REFUSED, SECAGG_ROUND_TAG, prefixed
 from ._secagg_params import ProtocolParams, neighbour_graph
 from ._secagg_stages import RoundState, read_setup, read_share_keys, share_keys_records
 
@@ -41,15 +45,22 @@ _log = logging.getLogger(__name__)
 def ask_next_keys(messages: Iterable[Message], next_round: int) -> None:
     """Ask every masked-vector request's node for its keys of ``next_round``."""
     for msg in messages:
-        msg.content[SECAGG_NEXT] = ConfigRecord({SECAGG_ROUND_TAG: str(next_round)})
+        msg.content.config_records[RECORD_KEY_CONFIGS][SECAGG_NEXT + SECAGG_ROUND_TAG] = str(next_round)
 
 
 def tap_next_keys(replies: Iterable[Message], sink: dict[int, ConfigRecord]) -> Iterator[Message]:
     """Pass ``replies`` on unchanged, keeping each good one's next-round keys in ``sink`` by node."""
     for reply in replies:
-        if not reply.has_error() and (rec := reply.content.config_records.get(SECAGG_NEXT)) is not None:
-            sink[reply.metadata.src_node_id] = rec
+        if not reply.has_error() and (fields := _next_fields(reply.content)):
+            sink[reply.metadata.src_node_id] = ConfigRecord(fields)
         yield reply
+
+
+def _next_fields(content: RecordDict) -> dict[str, Any]:
+    """The next round's fields of a reply's SecAgg+ record, unprefixed (left in place: the record is read on)."""
+    rec = content.config_records.get(RECORD_KEY_CONFIGS)
+    n = len(SECAGG_NEXT)
+    return {key[n:]: value for key, value in rec.items() if key.startswith(SECAGG_NEXT)} if rec is not None else {}
 
 
 def next_round(
@@ -74,13 +85,12 @@ def next_round(
     return state
 
 
-def next_round_records(state: RoundState) -> dict[int, dict[str, ConfigRecord]]:
-    """Per node, what its UNMASK request carries of ``state``'s round: the settings SETUP would send, with the
+def next_round_records(state: RoundState) -> dict[int, dict[str, Any]]:
+    """Per node, the fields its UNMASK record gains for ``state``'s round: the settings SETUP would send, with the
     round tag its keys were signed for, and its neighbours' signed keys as SHARE_KEYS would send them."""
-    setup = state.params.setup_record()
-    del setup[Key.STAGE]
+    setup = {k: v for k, v in state.params.setup_record().items() if k != Key.STAGE}
     setup[SECAGG_ROUND_TAG] = str(state.server_round)
-    return {nid: {SECAGG_NEXT: ConfigRecord(dict(setup)), SECAGG_NEXT_KEYS: rec}
+    return {nid: {**prefixed(SECAGG_NEXT, setup), **prefixed(SECAGG_NEXT_KEY, rec)}
             for nid, rec in share_keys_records(state).items()}
 
 
@@ -90,13 +100,13 @@ def settle_next_round(state: RoundState, replies: dict[int, RecordDict]) -> Roun
     peers than planned)."""
     shares: dict[int, ConfigRecord] = {}
     for nid in sorted(state.active):
-        rec = replies[nid].config_records.get(SECAGG_NEXT) if nid in replies else None
-        if rec is None or SECAGG_NEXT_REFUSED in rec:
-            why = "no reply" if rec is None else rec[SECAGG_NEXT_REFUSED]
+        fields = _next_fields(replies[nid]) if nid in replies else {}
+        if not fields or SECAGG_NEXT_REFUSED in fields:
+            why = fields.get(SECAGG_NEXT_REFUSED, "no reply")
             _log.warning("SecAgg+ round %d: node %d did not make its key shares one round ahead (%s); the round "
                          "will run the full key exchange", state.server_round, nid, why)
             return None
-        shares[nid] = rec
+        shares[nid] = ConfigRecord(fields)
     sampled = set(state.sampled)
     if not read_share_keys(state, shares) or state.active != sampled or any(
             set(state.forwards[nid][0]) != state.neighbours[nid] - {nid} for nid in sampled):

@@ -283,13 +283,14 @@ def needed_owners(state: RoundState, included: set[int]) -> set[int]:
 
 def run_unmask(
     grid: Grid, state: RoundState, included: set[int], timeout: float | None,
-    ahead: dict[int, dict[str, ConfigRecord]] | None = None,
+    ahead: dict[int, dict[str, Any]] | None = None,
 ) -> tuple[dict[int, list[bytes]], dict[int, RecordDict]]:
-    """Stage 3: collect the key shares; return shares by owner, and the good replies (for what ``ahead`` asked
-    each node besides: the next round's key exchange). Failures here do not remove any vector."""
+    """Stage 3: collect the key shares; return shares by owner, and the good replies (for the fields ``ahead``
+    adds to each node's record besides: the next round's key exchange). Failures here do not remove any vector."""
     records, ahead = unmask_records(state, included), ahead or {}
-    messages = [state.message(nid, RecordDict({RECORD_KEY_CONFIGS: rec, **ahead.get(nid, {})}))
-                for nid, rec in records.items()]
+    for nid, rec in records.items():
+        rec.update(ahead.get(nid, {}))
+    messages = [state.message(nid, RecordDict({RECORD_KEY_CONFIGS: rec})) for nid, rec in records.items()]
     state.active = set(included)
     good, failed = settle(state, Stage.UNMASK, grid.send_and_receive(messages, timeout=timeout))
     for nid, reason in sorted(failed.items()):

@@ -26,13 +26,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, Context
-from flwr.common.secure_aggregation.secaggplus_constants import Stage
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
 
 import fedshield.strategies._secagg_stages as stages
 import fedshield.strategies.secagg as secagg
-from fedshield.protocol import SECAGG_NEXT, SECAGG_NEXT_KEYS, SECAGG_NEXT_REFUSED
+from fedshield.protocol import SECAGG_NEXT, SECAGG_NEXT_KEY, SECAGG_NEXT_REFUSED, prefixed, take_prefixed
 from fedshield.crypto.secagg_auth import sign_round_keys, signed_payload
 from fedshield.server.app import read_run_config
 from fedshield.server.runner import run_server
@@ -86,12 +86,15 @@ def _tampering_ahead(out: Path, run_id: int) -> tuple[Any, Any]:
         if state.server_round == 3:
             attacks.update(zip(sorted(out_records), ATTACKS, strict=False))
             for dst, attack in attacks.items():
-                _tamper(out_records[dst][SECAGG_NEXT_KEYS], dst, attack, run_id, str(state.server_round))
+                entries = ConfigRecord(take_prefixed(out_records[dst], SECAGG_NEXT_KEY))
+                _tamper(entries, dst, attack, run_id, str(state.server_round))
+                out_records[dst].update(prefixed(SECAGG_NEXT_KEY, entries))
         return out_records
 
     def settle(state: Any, replies: Any) -> Any:
         if state.server_round == 3:
-            answers = {str(nid): dict(reply.config_records.get(SECAGG_NEXT, {})) for nid, reply in replies.items()}
+            answers = {str(nid): {k[len(SECAGG_NEXT):]: v for k, v in reply.config_records[RECORD_KEY_CONFIGS].items()
+                                  if k.startswith(SECAGG_NEXT)} for nid, reply in replies.items()}
             line = {"attacks": {str(k): v for k, v in attacks.items()},
                     "refused": {nid: a.get(SECAGG_NEXT_REFUSED) for nid, a in answers.items()},
                     "sent_shares": sorted(nid for nid, a in answers.items() if SECAGG_NEXT_REFUSED not in a)}
