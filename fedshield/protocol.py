@@ -132,6 +132,14 @@ SECAGG_ROUND_TAG: Final = "fedshield-round-tag"
 SECAGG_NEXT_REFUSED: Final = "fedshield-next-refused"
 
 
+#: A masked-vector request's flag asking for the compact reply: the example count (SECAGG_COUNT) and the clear
+#: metrics (prefix SECAGG_METRIC) in the SecAgg+ record beside the masked vector, instead of Flower's legacy FitRes
+#: layout (four more records, each a Flower object and a request per hop: issue 13).
+SECAGG_COMPACT: Final = "fedshield-compact-reply"
+SECAGG_COUNT: Final = "fedshield-count"
+SECAGG_METRIC: Final = "fedshield-metric:"
+
+
 def take_prefixed(record: Any, prefix: str) -> dict[str, Any] | None:
     """Remove the fields named ``prefix + name`` from ``record`` (a mutable mapping); ``{name: value}``, or None if
     it had none."""

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import pytest
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
 from fedshield import protocol as P
@@ -23,6 +24,7 @@ CLIENTS = 3
 BASE = dict(num_clients=CLIENTS, num_rounds=2, local_epochs=1, epsilon=8.0, fraction_evaluate=1.0)
 #: What reached the server, per run: ``(message type, metrics)`` of every reply.
 SEEN: dict[str, list[tuple[str, dict[str, Any]]]] = {"plain": [], "secagg": []}
+UNLISTED: list[set[str]] = []  # fields of a compact masked-vector reply that are neither the vector nor listed
 
 
 class _Recorder:
@@ -42,9 +44,15 @@ class _Recorder:
             kind = msg.metadata.message_type
             for record in msg.content.metric_records.values():
                 self._seen.append((kind, dict(record)))
-            if any(key.startswith("fitres.") for key in msg.content):  # a SecAgg+ masked-vector reply
+            if any(key.startswith("fitres.") for key in msg.content):  # a SecAgg+ masked-vector reply, legacy layout
                 fitres = compat.recorddict_to_fitres(msg.content, keep_input=True)
                 self._seen.append((kind, {P.NUM_EXAMPLES: fitres.num_examples, **fitres.metrics}))
+            secagg = msg.content.config_records.get(RECORD_KEY_CONFIGS, {})
+            if P.SECAGG_COUNT in secagg:  # a masked-vector reply, compact: everything in clear beside the vector
+                clear = {k[len(P.SECAGG_METRIC):]: v for k, v in secagg.items() if k.startswith(P.SECAGG_METRIC)}
+                self._seen.append((kind, {P.NUM_EXAMPLES: secagg[P.SECAGG_COUNT], **clear}))
+                UNLISTED.append(set(secagg) - {Key.MASKED_PARAMETERS, P.SECAGG_COUNT}
+                                - {k for k in secagg if k.startswith((P.SECAGG_METRIC, P.SECAGG_NEXT))})
         return replies
 
 
@@ -72,6 +80,9 @@ def test_dp_replies_carry_no_count_no_loss_and_privacy_json_recomputes(batch: si
             if key in metrics:
                 assert metrics[key] == P.PUBLIC_WEIGHT, metrics
     assert sum(P.NUM_EXAMPLES in m for m in train) >= 2 * 3 * 2  # both runs' replies (SecAgg+'s masked ones too)
+    # The masked replies came compact (count and metrics in the SecAgg+ record), with no other field beside them:
+    # the next round's public keys and signatures (SecAgg+ one round ahead) are what SETUP replies always carried.
+    assert len(UNLISTED) >= 3 and not any(UNLISTED), UNLISTED
     # Nothing else travels beside the update: the ledger figures and, in round 1 (federated evaluation folded into
     # the next round's train message), the evaluation of the model the message carried.
     received = {P.RECEIVED_EXAMPLES, P.RECEIVED_LOSS, P.RECEIVED_ACCURACY}

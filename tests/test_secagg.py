@@ -33,6 +33,7 @@ from fedshield.protocol import (
     METRICS,
     NUM_EXAMPLES,
     PARTITION_ID,
+    SECAGG_COUNT,
     TRAIN_LOSS,
     ClientReply,
 )
@@ -148,8 +149,8 @@ def test_a_site_that_declares_one_count_and_masks_another_fails_the_integrity_ch
         liar = int(ctx.node_config["partition-id"]) == 0 and config.get("server-round") == 1
         reply = honest(msg, ctx)
         if liar and stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error():
-            declared = reply.content.metric_records["fitres.num_examples"]
-            declared["num_examples"] = int(declared["num_examples"]) + 300  # masked as n, declared as n + 300
+            declared = reply.content.config_records[RECORD_KEY_CONFIGS]  # the compact reply: the count beside the vector
+            declared[SECAGG_COUNT] = int(declared[SECAGG_COUNT]) + 300  # masked as n, declared as n + 300
         return reply
 
     grid = _LocalGrid(honest, 4)

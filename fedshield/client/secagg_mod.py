@@ -41,7 +41,7 @@ from ..compression import META, SECAGG_NARROW_KEY, wire_dtype
 from ..errors import FedshieldError, ProtocolError
 from ..protocol import (
     ARRAYS, EPSILON, METRICS, MIN_HONEST, NUM_EXAMPLES, PARTITION_ID, RECEIVED_ACCURACY, RECEIVED_EXAMPLES,
-    RECEIVED_LOSS, ROUNDS_TRAINED, SKELLAM_FIELD, STEPS,
+    RECEIVED_LOSS, ROUNDS_TRAINED, SECAGG_COMPACT, SECAGG_COUNT, SECAGG_METRIC, SKELLAM_FIELD, STEPS,
 )
 
 __all__ = ["CLEAR_METRICS", "secagg_adapter_mod", "secagg_wire_mod", "to_fitres_content"]
@@ -78,18 +78,27 @@ def secagg_adapter_mod(msg: Message, ctx: Context, call_next: ClientAppCallable)
 
 
 def secagg_wire_mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
-    """Send the masked vector in :func:`~fedshield.compression.wire_dtype` of the modulus when the server asks."""
+    """Send the masked vector in :func:`~fedshield.compression.wire_dtype` of the modulus, and the reply in one
+    record (:data:`~fedshield.protocol.SECAGG_COMPACT`), when the server asks."""
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
     if msg.metadata.message_type != MessageType.TRAIN or configs is None \
-            or configs.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS or not configs.pop(SECAGG_NARROW_KEY, False):
+            or configs.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS:
         return call_next(msg, ctx)
+    narrow, compact = configs.pop(SECAGG_NARROW_KEY, False), configs.pop(SECAGG_COMPACT, False)
     reply = call_next(msg, ctx)
-    if reply.has_error():
+    if reply.has_error() or not (narrow or compact):
         return reply
-    state = ctx.state.config_records[RECORD_KEY_STATE]
     rec = reply.content.config_records[RECORD_KEY_CONFIGS]
-    masked = cast(list[bytes], rec[Key.MASKED_PARAMETERS])
-    rec[Key.MASKED_PARAMETERS] = _narrow(masked, int(cast(int, state["mod_range"])))
+    if narrow:
+        state = ctx.state.config_records[RECORD_KEY_STATE]
+        masked = cast(list[bytes], rec[Key.MASKED_PARAMETERS])
+        rec[Key.MASKED_PARAMETERS] = _narrow(masked, int(cast(int, state["mod_range"])))
+    if compact:
+        fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+        rec[SECAGG_COUNT] = int(fitres.num_examples)
+        rec.update({SECAGG_METRIC + k: v for k, v in fitres.metrics.items()})
+        for name in [name for name in reply.content if name.startswith("fitres.")]:
+            del reply.content[name]
     return reply
 
 

@@ -43,7 +43,9 @@ from ..flower_internals.secagg import (
 from ..compression import SECAGG_NARROW_KEY
 from ..crypto.prg import MASK_PRG
 from ..errors import ProtocolError
-from ..protocol import ARRAYS, SECAGG_MASK_PRG, SECAGG_SIGNATURE, SECAGG_SIGNER
+from ..protocol import (
+    ARRAYS, SECAGG_COMPACT, SECAGG_COUNT, SECAGG_MASK_PRG, SECAGG_METRIC, SECAGG_SIGNATURE, SECAGG_SIGNER,
+)
 from ._secagg_params import ProtocolParams
 
 _log = logging.getLogger(__name__)
@@ -196,7 +198,8 @@ def collect_messages(state: RoundState) -> list[Message]:
     messages = []
     for nid in sorted(state.active):
         srcs, ctxts = state.forwards[nid]
-        rec = ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.CIPHERTEXT_LIST: ctxts, Key.SOURCE_LIST: srcs})
+        rec = ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.CIPHERTEXT_LIST: ctxts, Key.SOURCE_LIST: srcs,
+                            SECAGG_COMPACT: True})
         if state.params.narrow_wire:
             rec[SECAGG_NARROW_KEY] = True
         messages.append(state.message(nid, RecordDict({**state.contents[nid], RECORD_KEY_CONFIGS: rec})))
@@ -221,9 +224,16 @@ def read_masked_reply(content: RecordDict, shapes: list[Shape], *, widen: bool =
     expected = [(1,), *shapes]
     if [v.shape for v in vector] != expected:
         raise ValueError(f"masked vector shapes {[v.shape for v in vector]} differ from the model's {expected}")
-    fitres = compat.recorddict_to_fitres(content, keep_input=True)
-    metrics = {k: float(v) for k, v in fitres.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    return MaskedReply(vector, int(fitres.num_examples), metrics)
+    if SECAGG_COUNT in rec:  # the compact reply: count and clear metrics in the SecAgg+ record
+        count, n = rec[SECAGG_COUNT], len(SECAGG_METRIC)
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise TypeError(f"the example count must be an int, got {type(count).__name__}")
+        raw = {k[n:]: v for k, v in rec.items() if k.startswith(SECAGG_METRIC)}
+    else:  # Flower's legacy FitRes layout (a client that was not asked for the compact reply)
+        fitres = compat.recorddict_to_fitres(content, keep_input=True)
+        count, raw = int(fitres.num_examples), fitres.metrics
+    metrics = {k: float(v) for k, v in raw.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return MaskedReply(vector, count, metrics)
 
 
 def npy_view(data: bytes) -> NDArray[Any]:
