@@ -54,9 +54,12 @@ def _sign_in(grid: _LocalGrid, root: Path, *, signed: Iterable[int] | None = Non
                                                    SECAGG_MIN_PEERS: min_peers})
 
 
-def _run(grid: _LocalGrid, num_rounds: int = 1) -> tuple[list[dict[str, Any]], list[list[ClientReply]]]:
+def _run(grid: _LocalGrid, num_rounds: int = 1, *, config: ConfigRecord | None = None, **kw: Any
+         ) -> tuple[list[dict[str, Any]], list[list[ClientReply]]]:
+    """Run ``num_rounds`` with Strategy.start (``config``: the train config); the models after each round and the
+    replies. Without ``num-rounds`` in the config SecAgg+ prepares no round ahead (tests/test_secagg_pipeline.py)."""
     n = len(grid.node_ids)
-    strategy = SecAggPlus(FedAvg(fraction_evaluate=0.0, min_available_nodes=n), max_weight=MAX_WEIGHT)
+    strategy = SecAggPlus(FedAvg(fraction_evaluate=0.0, min_available_nodes=n), max_weight=MAX_WEIGHT, **kw)
     models: list[dict[str, Any]] = []
     replies: list[list[ClientReply]] = []
 
@@ -65,7 +68,8 @@ def _run(grid: _LocalGrid, num_rounds: int = 1) -> tuple[list[dict[str, Any]], l
         if rnd:
             replies.append(list(strategy.last_replies))
 
-    strategy.start(grid=grid, initial_arrays=initial_arrays(), num_rounds=num_rounds, evaluate_fn=record)
+    strategy.start(grid=grid, initial_arrays=initial_arrays(), num_rounds=num_rounds, evaluate_fn=record,
+                   train_config=config)
     return models, replies
 
 

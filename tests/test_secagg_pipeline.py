@@ -14,21 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ConfigRecord, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
-from _secagg_harness import (
-    MAX_WEIGHT, Fault, _LocalGrid, as_numpy, assert_weighted_average, initial_arrays, make_client_app,
-)
-from test_secagg_auth import _sign_in
+from _secagg_harness import Fault, _LocalGrid, assert_weighted_average, make_client_app
+from test_secagg_auth import _run as _run_rounds, _sign_in
 
 from fedshield.crypto.secagg_auth import SignedKeys, check_participants, load_roster
 from fedshield.protocol import (
     PARTITION_ID, SECAGG_NEXT, SECAGG_NEXT_KEY, SECAGG_NEXT_REFUSED, SECAGG_REFUSAL, SECAGG_ROUND_TAG,
     SECAGG_SIGNATURE, SECAGG_SIGNER, ClientReply,
 )
-from fedshield.strategies.secagg import SecAggPlus
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -78,21 +74,9 @@ def _drop_next_keys(msg: Message) -> None:
 
 def _run(grid: _LocalGrid, num_rounds: int, *, config: ConfigRecord | None = None, **kw: Any
          ) -> tuple[list[dict[str, Any]], list[list[ClientReply]]]:
-    strategy = SecAggPlus(FedAvg(fraction_evaluate=0.0, min_available_nodes=len(grid.node_ids)),
-                          max_weight=MAX_WEIGHT, **kw)
-    models: list[dict[str, Any]] = []
-    replies: list[list[ClientReply]] = []
-
-    def record(rnd: int, arrays: ArrayRecord) -> None:
-        models.append(as_numpy(arrays))
-        if rnd:
-            replies.append(list(strategy.last_replies))
-
     # The round config names the run's length, as fedshield's server's does: without it nothing is prepared.
-    config = ConfigRecord({"num-rounds": num_rounds}) if config is None else config
-    strategy.start(grid=grid, initial_arrays=initial_arrays(), num_rounds=num_rounds, evaluate_fn=record,
-                   train_config=config)
-    return models, replies
+    return _run_rounds(grid, num_rounds, config=ConfigRecord({"num-rounds": num_rounds}) if config is None else config,
+                       **kw)
 
 
 def _assert_exact(models: list[dict[str, Any]], replies: list[list[ClientReply]], rounds: Iterable[int]) -> None:
