@@ -51,8 +51,10 @@ class _Recorder:
             if P.SECAGG_COUNT in secagg:  # a masked-vector reply, compact: everything in clear beside the vector
                 clear = {k[len(P.SECAGG_METRIC):]: v for k, v in secagg.items() if k.startswith(P.SECAGG_METRIC)}
                 self._seen.append((kind, {P.NUM_EXAMPLES: secagg[P.SECAGG_COUNT], **clear}))
-                UNLISTED.append(set(secagg) - {Key.MASKED_PARAMETERS, P.SECAGG_COUNT}
-                                - {k for k in secagg if k.startswith((P.SECAGG_METRIC, P.SECAGG_NEXT))})
+                next_keys = {P.SECAGG_NEXT + k for k in (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, P.SECAGG_MASK_PRG,
+                                                         P.SECAGG_SIGNATURE, P.SECAGG_SIGNER, P.SECAGG_NEXT_REFUSED)}
+                UNLISTED.append(set(secagg) - {Key.MASKED_PARAMETERS, P.SECAGG_COUNT} - next_keys
+                                - {k for k in secagg if k.startswith(P.SECAGG_METRIC)})
         return replies
 
 

@@ -16,9 +16,11 @@ cleanup can run) take every Flower process they started with them, and the ports
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +35,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedshield.crypto import KeySet, init_keys
 from fedshield.deploy import free_port
 from fedshield.deploy.connection import FlwrConnection
+from fedshield.deploy.coordinator import ServerOptions, start_server
 from fedshield.deploy.process import live_descendants
-from fedshield.deploy.same_user import _netlink_owner, _proc_owner, socket_owner
+from fedshield.deploy.same_user import _hex_address, _netlink_owner, _proc_owner, socket_owner
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -80,6 +83,18 @@ def _zygote_socket(pid: int) -> str | None:
                 return entry.split(b"=", 1)[1].decode()
     return None
 
+
+#: As nobody: GET the SuperLink's Control API (TLS, CA in argv[2]) with each X-Forwarded-For value in argv[3:] ("-":
+#: no header); prints one status per request (403 is the guard's refusal; anything else reached Flower).
+FORWARDED_ATTACK = """
+import http.client, ssl, sys
+tls = ssl.create_default_context(cafile=sys.argv[2])
+for value in sys.argv[3:]:
+    conn = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[1]), timeout=20, context=tls)
+    conn.request("GET", "/fedshield-probe", headers={} if value == "-" else {"X-Forwarded-For": value})
+    print(conn.getresponse().status, flush=True)
+    conn.close()
+"""
 
 EVIL_APP = """
 from flwr.clientapp import ClientApp
@@ -143,9 +158,50 @@ def test_the_kernel_lookup_agrees_with_the_proc_tables_and_ignores_time_wait() -
             client.close()  # the client closes first: its end goes to TIME_WAIT once the server closes too
             conn.close()
             deadline = time.monotonic() + 10
-            while _proc_owner(*ends) is not None and time.monotonic() < deadline:
+            while not _in_time_wait(*ends) and time.monotonic() < deadline:
                 time.sleep(0.05)
+            assert _in_time_wait(*ends)  # the entry is there (uid 0), and neither lookup takes it
             assert _netlink_owner(*ends) is None and _proc_owner(*ends) is None
+
+
+def _in_time_wait(client: tuple[str, int], server: tuple[str, int]) -> bool:
+    local4, local6 = _hex_address(*client)
+    remote4, remote6 = _hex_address(*server)
+    rows = [line.split() for table in ("/proc/net/tcp", "/proc/net/tcp6") for line in Path(table).read_text().splitlines()[1:]]
+    return any(r[1] in (local4, local6) and r[2] in (remote4, remote6) and r[3] == "06" for r in rows)
+
+
+def test_a_forwarded_for_header_naming_the_operators_own_connection_is_refused(
+    keys: KeySet, nobody: Nobody, tmp_path: Path
+) -> None:
+    """Flower's uvicorn trusts X-Forwarded-For from 127.0.0.1 and takes a port from it, so a local user who reads
+    the port of the operator's open connection in /proc/net/tcp could pass as that connection. The real SuperLink
+    (launched as fedshield launches it) must refuse such a request, and the operator's own still goes through."""
+    control = free_port()
+    server = start_server(ServerOptions(keys=keys.directory, fleet_address=f"127.0.0.1:{free_port()}",
+                                        control_port=control), home=tmp_path / "superlink")
+    try:
+        tls = ssl.create_default_context(cafile=str(keys.ca_cert))
+        operator = http.client.HTTPSConnection("127.0.0.1", control, timeout=20, context=tls)  # kept open: the bait
+
+        def probe() -> int:
+            operator.request("GET", "/fedshield-probe")
+            response = operator.getresponse()
+            response.read()
+            return response.status
+
+        assert probe() != 403  # the operator's own request reaches Flower (404: no such path)
+        bait = f"127.0.0.1:{operator.sock.getsockname()[1]}"
+        log = tmp_path / "forwarded.out"
+        probe()  # fresh, so the connection outlives uvicorn's keep-alive wait while the attacker starts
+        ca = nobody.give(keys.ca_cert, "ca.pem")
+        attack = nobody.start_python(FORWARDED_ATTACK, str(control), str(ca), "-", bait, "127.0.0.1", log=log)
+        assert attack.wait(timeout=60) == 0, log.read_text()
+        assert probe() != 403  # the bait was still open and still the operator's
+        assert log.read_text().split() == ["403", "403", "403"], log.read_text()
+        operator.close()
+    finally:
+        server.close()
 
 
 def _attacker_key(nobody: Nobody) -> Path:

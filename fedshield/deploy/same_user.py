@@ -42,6 +42,7 @@ _TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
 #: TCP states that cannot be a live client socket: LISTEN (0A) and TIME_WAIT (06, whose uid reads as 0).
 _NOT_A_CLIENT = {"0A", "06"}
 _REFUSAL = b"fedshield: this API admits only processes of the user that runs it\n"
+_PROXY_HEADERS = {b"x-forwarded-for", b"forwarded", b"x-real-ip"}
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,33 @@ def _hex_address(host: str, port: int) -> tuple[str, str]:
 
 def socket_owner(client: tuple[str, int], server: tuple[str, int]) -> int | None:
     """UID that owns the socket at ``client`` connected to ``server`` on this host, or ``None`` if not found."""
-    try:
-        return _netlink_owner(client, server)
-    except (OSError, ValueError):  # no netlink here (a restricted sandbox): the /proc tables answer the same
-        return _proc_owner(client, server)
+    if _netlink_works():
+        try:
+            return _netlink_owner(client, server)
+        except (OSError, ValueError, struct.error):
+            pass
+    return _proc_owner(client, server)  # no netlink here (a restricted sandbox): the /proc tables answer the same
+
+
+_NETLINK_OK: list[bool] = []
+
+
+def _netlink_works() -> bool:
+    """Whether netlink finds a loopback connection of our own (once per process). A kernel without TCP sock_diag
+    answers every lookup "no such socket", which would refuse every caller instead of falling back to /proc."""
+    if not _NETLINK_OK:
+        try:
+            with socket.socket() as server:
+                server.bind(("127.0.0.1", 0))
+                server.listen()
+                with socket.create_connection(server.getsockname()) as client:
+                    conn, _ = server.accept()
+                    with conn:
+                        ok = _netlink_owner(client.getsockname()[:2], server.getsockname()[:2]) == os.geteuid()
+        except (OSError, ValueError, struct.error):
+            ok = False
+        _NETLINK_OK.append(ok)
+    return _NETLINK_OK[0]
 
 
 _NETLINK_SOCK_DIAG, _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, _NLMSG_ERROR = 4, 20, 1, 2
@@ -94,6 +118,8 @@ def _diag_uid(nl: socket.socket, family: int, src: bytes, sport: int, dst: bytes
     body = struct.pack("=BBBxI", family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF) + sockid  # inet_diag_req_v2
     nl.send(struct.pack("=IHHII", 16 + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + body)
     reply = nl.recv(65536)
+    if len(reply) < 20 or struct.unpack_from("=I", reply)[0] > len(reply):
+        raise OSError("short sock_diag reply")
     length, kind = struct.unpack_from("=IH", reply)
     if kind == _NLMSG_ERROR:
         (errno,) = struct.unpack_from("=i", reply, 16)
@@ -142,7 +168,12 @@ class SameUserOnly:
             await self.app(scope, receive, send)  # lifespan: Flower starts its gRPC servers and SuperExec here
             return
         client, server = scope.get("client"), scope.get("server")
-        owner = socket_owner(tuple(client), tuple(server)) if client and server else None
+        # uvicorn's proxy-header support (on in Flower's servers, trusting 127.0.0.1) rewrites the client address
+        # from X-Forwarded-For, so a local user could name the port of the operator's own connection in it. No
+        # Flower caller sends these headers: a request carrying one is refused (the launchers also turn that
+        # support off: FORWARDED_ALLOW_IPS).
+        forwarded = any(name.lower() in _PROXY_HEADERS for name, _ in scope.get("headers", ()))
+        owner = socket_owner(tuple(client), tuple(server)) if client and server and not forwarded else None
         if owner == self.uid:
             await self.app(scope, receive, send)
             return
@@ -170,6 +201,7 @@ def guard_create_app(module_name: str) -> None:
     module attribute before that call guards the one server it builds. Raises ``RuntimeError`` if the module has
     no ``create_app``: starting an unguarded API would be worse than not starting.
     """
+    os.environ["FORWARDED_ALLOW_IPS"] = ""  # uvicorn trusts no proxy: the client address is the socket's
     module = importlib.import_module(module_name)
     create = getattr(module, "create_app", None)
     if not callable(create):
