@@ -63,9 +63,9 @@ def socket_owner(client: tuple[str, int], server: tuple[str, int]) -> int | None
     if _netlink_works():
         try:
             return _netlink_owner(client, server)
-        except (OSError, ValueError, struct.error):
-            pass
-    return _proc_owner(client, server)  # no netlink here (a restricted sandbox): the /proc tables answer the same
+        except (OSError, ValueError, struct.error):  # one failed lookup: the /proc tables answer the same question
+            return _proc_owner(client, server)
+    return _proc_owner(client, server)  # no netlink here (a restricted sandbox)
 
 
 _NETLINK_OK: list[bool] = []
