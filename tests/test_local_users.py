@@ -21,6 +21,8 @@ import os
 import signal
 import socket
 import ssl
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +39,9 @@ from fedshield.deploy import free_port
 from fedshield.deploy.connection import FlwrConnection
 from fedshield.deploy.coordinator import ServerOptions, start_server
 from fedshield.deploy.process import live_descendants
-from fedshield.deploy.same_user import _hex_address, _netlink_owner, _proc_owner, socket_owner
+from fedshield.deploy.same_user import (
+    SameUserOnly, _hex_address, _netlink_owner, _proc_owner, guard_create_app, socket_owner,
+)
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -193,15 +197,66 @@ def test_a_forwarded_for_header_naming_the_operators_own_connection_is_refused(
         assert probe() != 403  # the operator's own request reaches Flower (404: no such path)
         bait = f"127.0.0.1:{operator.sock.getsockname()[1]}"
         log = tmp_path / "forwarded.out"
-        probe()  # fresh, so the connection outlives uvicorn's keep-alive wait while the attacker starts
         ca = nobody.give(keys.ca_cert, "ca.pem")
-        attack = nobody.start_python(FORWARDED_ATTACK, str(control), str(ca), "-", bait, "127.0.0.1", log=log)
-        assert attack.wait(timeout=60) == 0, log.read_text()
-        assert probe() != 403  # the bait was still open and still the operator's
+        done, kept = threading.Event(), []
+
+        def keep_bait_open() -> None:  # within uvicorn's 5 s keep-alive, however slowly the attacker starts
+            while not done.wait(1.0):
+                kept.append(probe())
+
+        keeper = threading.Thread(target=keep_bait_open)
+        keeper.start()
+        try:
+            attack = nobody.start_python(FORWARDED_ATTACK, str(control), str(ca), bait, "-", "127.0.0.1", log=log)
+            assert attack.wait(timeout=60) == 0, log.read_text()
+        finally:
+            done.set()
+            keeper.join(timeout=30)
+        assert probe() != 403 and 403 not in kept  # the bait stayed open and the operator's all along
         assert log.read_text().split() == ["403", "403", "403"], log.read_text()
         operator.close()
     finally:
         server.close()
+
+
+def test_each_defence_against_proxy_headers_holds_on_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real-process test above passes with either defence alone; this one fails if either goes. The middleware
+    refuses a proxy header even from a socket that is ours, and the launchers' guard makes uvicorn trust no proxy."""
+    import asyncio
+    import types
+
+    import uvicorn
+
+    reached: list[dict] = []
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        reached.append(scope)
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()) as client:
+            conn, _ = server.accept()
+            with conn:
+                ends = {"client": client.getsockname()[:2], "server": server.getsockname()[:2]}
+                guard = SameUserOnly(app)
+                for headers in ([], [(b"x-forwarded-for", b"127.0.0.1:1")], [(b"X-Real-IP", b"127.0.0.1")]):
+                    asyncio.run(guard({"type": "http", "path": "/", "headers": headers, **ends}, None, send))
+    assert len(reached) == 1 and not reached[0]["headers"]  # our own socket, no proxy header: admitted
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [403, 403]
+
+    module = types.ModuleType("fedshield_fake_api")
+    module.create_app = lambda: app  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "127.0.0.1")  # what uvicorn trusts by default
+    guard_create_app(module.__name__)
+    assert isinstance(module.create_app(), SameUserOnly)
+    assert uvicorn.Config(module.create_app()).forwarded_allow_ips == ""
 
 
 def _attacker_key(nobody: Nobody) -> Path:

@@ -21,6 +21,7 @@ refused: the check fails closed.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import ipaddress
 import logging
@@ -72,8 +73,10 @@ _NETLINK_OK: list[bool] = []
 
 
 def _netlink_works() -> bool:
-    """Whether netlink finds a loopback connection of our own (once per process). A kernel without TCP sock_diag
-    answers every lookup "no such socket", which would refuse every caller instead of falling back to /proc."""
+    """Whether netlink finds a loopback connection of our own (decided once per process, before serving: see
+    :func:`guard_create_app`). A kernel without TCP sock_diag answers every lookup "no such socket", which would
+    refuse every caller instead of falling back to /proc. A passing shortage (no file descriptor left) is not
+    remembered: the next call tries again."""
     if not _NETLINK_OK:
         try:
             with socket.socket() as server:
@@ -83,7 +86,11 @@ def _netlink_works() -> bool:
                     conn, _ = server.accept()
                     with conn:
                         ok = _netlink_owner(client.getsockname()[:2], server.getsockname()[:2]) == os.geteuid()
-        except (OSError, ValueError, struct.error):
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                return False
+            ok = False
+        except (ValueError, struct.error):
             ok = False
         _NETLINK_OK.append(ok)
     return _NETLINK_OK[0]
@@ -161,7 +168,7 @@ class SameUserOnly:
     def __init__(self, app: AsgiApp, *, uid: int | None = None) -> None:
         self.app = app
         self.uid = os.geteuid() if uid is None else uid
-        self._logged: set[int | None] = set()
+        self._logged: set[int | str | None] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -172,8 +179,14 @@ class SameUserOnly:
         # from X-Forwarded-For, so a local user could name the port of the operator's own connection in it. No
         # Flower caller sends these headers: a request carrying one is refused (the launchers also turn that
         # support off: FORWARDED_ALLOW_IPS).
-        forwarded = any(name.lower() in _PROXY_HEADERS for name, _ in scope.get("headers", ()))
-        owner = socket_owner(tuple(client), tuple(server)) if client and server and not forwarded else None
+        if any(name.lower() in _PROXY_HEADERS for name, _ in scope.get("headers", ())):
+            if "proxy" not in self._logged:
+                self._logged.add("proxy")
+                log.warning("fedshield: refused %s from %s: it carries a proxy header (X-Forwarded-For, Forwarded "
+                            "or X-Real-IP), which no Flower caller sends", scope.get("path"), client)
+            await _refuse(scope, send)
+            return
+        owner = socket_owner(tuple(client), tuple(server)) if client and server else None
         if owner == self.uid:
             await self.app(scope, receive, send)
             return
@@ -202,6 +215,7 @@ def guard_create_app(module_name: str) -> None:
     no ``create_app``: starting an unguarded API would be worse than not starting.
     """
     os.environ["FORWARDED_ALLOW_IPS"] = ""  # uvicorn trusts no proxy: the client address is the socket's
+    _netlink_works()  # decided before the first request, not inside the event loop on it
     module = importlib.import_module(module_name)
     create = getattr(module, "create_app", None)
     if not callable(create):
