@@ -153,6 +153,27 @@ def test_a_dropout_falls_back_to_the_full_key_exchange_and_stays_exact() -> None
     _assert_exact(models, replies, (1, 2, 3))
 
 
+def test_a_site_sending_unusable_next_keys_makes_the_next_round_set_up_in_full() -> None:
+    """A hostile (or broken) site answers the next-keys request with garbage: the server does not prepare the next
+    round on it (nobody makes shares for a key it cannot read); the next round runs SETUP and SHARE_KEYS."""
+    grid = _WatchedGrid(3)
+    original = grid.send_and_receive
+
+    def corrupt_one(messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = list(original(messages, timeout=timeout))
+        for reply in replies[:1]:
+            rec = reply.content.config_records.get(RECORD_KEY_CONFIGS) if not reply.has_error() else None
+            if rec is not None and SECAGG_NEXT + Key.PUBLIC_KEY_1 in rec:
+                rec[SECAGG_NEXT + Key.PUBLIC_KEY_1] = "not a key"  # type: ignore[assignment]
+        return replies
+
+    grid.send_and_receive = corrupt_one  # type: ignore[method-assign]
+    models, replies = _run(grid, 3)
+    assert grid.stages(2) == {stage: 3 for stage in FULL} and grid.stages(3) == {stage: 3 for stage in FULL}
+    assert all(r.ok for rnd in replies for r in rnd), replies
+    _assert_exact(models, replies, (1, 2, 3))
+
+
 def _victim_tamper(victim: list[int], edit: Callable[[Message], None], stage: str, rnd: str = "1") -> Tamper:
     def tamper(msg: Message) -> None:
         rec = msg.content.config_records[RECORD_KEY_CONFIGS]
