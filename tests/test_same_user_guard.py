@@ -19,19 +19,19 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import uvicorn
 from _nobody import Nobody
 
-from fedshield.crypto import KeySet, init_keys
+from fedshield.crypto import KeySet
 from fedshield.deploy import free_port
 from fedshield.deploy.coordinator import ServerOptions, start_server
 from fedshield.deploy.same_user import (
-    SameUserOnly, _hex_address, _netlink_owner, _proc_owner, guard_create_app, socket_owner,
+    SameUserOnly, _hex_address, _netlink_owner, _proc_owner, guard_create_app, loopback_connection, socket_owner,
 )
+from test_local_users import keys, nobody  # noqa: F401  (fixtures: the one-node key set, the local user)
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -45,17 +45,6 @@ for value in sys.argv[3:]:
     conn.close()
 """
 
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> KeySet:
-    return init_keys(tmp_path_factory.mktemp("keys") / "keys", server_hosts=["127.0.0.1"], nodes=1)
-
-
-@pytest.fixture
-def nobody() -> Iterator[Nobody]:
-    user = Nobody.create()
-    yield user
-    user.remove()
 
 
 def test_socket_owner_is_the_uid_that_created_the_client_socket(nobody: Nobody) -> None:
@@ -166,16 +155,11 @@ def test_each_defence_against_proxy_headers_holds_on_its_own(monkeypatch: pytest
     async def send(message: dict) -> None:
         sent.append(message)
 
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        with socket.create_connection(server.getsockname()) as client:
-            conn, _ = server.accept()
-            with conn:
-                ends = {"client": client.getsockname()[:2], "server": server.getsockname()[:2]}
-                guard = SameUserOnly(app)
-                for headers in ([], [(b"x-forwarded-for", b"127.0.0.1:1")], [(b"X-Real-IP", b"127.0.0.1")]):
-                    asyncio.run(guard({"type": "http", "path": "/", "headers": headers, **ends}, None, send))
+    with loopback_connection() as (client, server):
+        guard = SameUserOnly(app)
+        for headers in ([], [(b"x-forwarded-for", b"127.0.0.1:1")], [(b"X-Real-IP", b"127.0.0.1")]):
+            asyncio.run(guard({"type": "http", "path": "/", "headers": headers, "client": client, "server": server},
+                              None, send))
     assert len(reached) == 1 and not reached[0]["headers"]  # our own socket, no proxy header: admitted
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [403, 403]
 

@@ -21,6 +21,7 @@ refused: the check fails closed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import ipaddress
@@ -28,7 +29,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
 __all__ = ["SameUserOnly", "guard_create_app", "socket_owner"]
@@ -72,6 +73,18 @@ def socket_owner(client: tuple[str, int], server: tuple[str, int]) -> int | None
 _NETLINK_OK: list[bool] = []
 
 
+@contextlib.contextmanager
+def loopback_connection() -> Iterator[tuple[tuple[str, int], tuple[str, int]]]:
+    """A live TCP connection of our own on 127.0.0.1: ``(client end, server end)`` addresses while it lasts."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()) as client:
+            conn, _ = server.accept()
+            with conn:
+                yield client.getsockname()[:2], server.getsockname()[:2]
+
+
 def _netlink_works() -> bool:
     """Whether netlink finds a loopback connection of our own (decided once per process, before serving: see
     :func:`guard_create_app`). A kernel without TCP sock_diag answers every lookup "no such socket", which would
@@ -79,13 +92,8 @@ def _netlink_works() -> bool:
     remembered: the next call tries again."""
     if not _NETLINK_OK:
         try:
-            with socket.socket() as server:
-                server.bind(("127.0.0.1", 0))
-                server.listen()
-                with socket.create_connection(server.getsockname()) as client:
-                    conn, _ = server.accept()
-                    with conn:
-                        ok = _netlink_owner(client.getsockname()[:2], server.getsockname()[:2]) == os.geteuid()
+            with loopback_connection() as (client, server):
+                ok = _netlink_owner(client, server) == os.geteuid()
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 return False
