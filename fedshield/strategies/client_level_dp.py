@@ -57,6 +57,7 @@ from ..privacy.client_level_mechanism import (
 )
 from .outcomes import ReleaseEvent, RoundOutcomes
 from .wrapper import StrategyWrapper
+from ..records_view import array_records, metric_records
 
 __all__ = ["ClientLevelDP", "ReleaseEvent"]
 
@@ -244,10 +245,10 @@ class _UpdateSum:
 
 
 def _records(msg: Message) -> tuple[ArrayRecord, MetricRecord]:
-    if len(msg.content.array_records) != 1 or len(msg.content.metric_records) != 1:
+    if len(array_records(msg.content)) != 1 or len(metric_records(msg.content)) != 1:
         raise ProtocolError("a train reply must carry one ArrayRecord and one MetricRecord: wrap this strategy in "
                             "UpdateValidation so malformed replies are rejected before they get here")
-    return next(iter(msg.content.array_records.values())), next(iter(msg.content.metric_records.values()))
+    return next(iter(array_records(msg.content).values())), next(iter(metric_records(msg.content).values()))
 
 
 def _add_update(global_value: NDArray[Any], update_sum: NDArray[Any] | None, denominator: float) -> Array:

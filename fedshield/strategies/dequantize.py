@@ -14,6 +14,7 @@ from .. import protocol as P
 from ..arrays import record_to_numpy
 from ..compression import dequantize_update, is_quantized
 from .wrapper import StrategyWrapper
+from ..records_view import array_records, metric_records
 
 __all__ = ["DequantizeUpdates"]
 
@@ -50,7 +51,7 @@ class DequantizeUpdates(StrategyWrapper):
     def _restore(self, msg: Message) -> Message:
         """The reply with its quantized update replaced by full weights; its metadata (the client's node id, which
         every verdict and privacy charge is keyed by) is the reply's own. The reply itself is not modified."""
-        if msg.has_error() or self._global is None or P.ARRAYS not in msg.content.array_records:
+        if msg.has_error() or self._global is None or P.ARRAYS not in array_records(msg.content):
             return msg
         packed = record_to_numpy(msg.content[P.ARRAYS])
         if not is_quantized(packed):
@@ -61,7 +62,7 @@ class DequantizeUpdates(StrategyWrapper):
             for k, ref in self._global.items()
         }
         content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in weights.items()})})
-        for name, record in msg.content.metric_records.items():
+        for name, record in metric_records(msg.content).items():
             content[name] = record
         restored = copy.copy(msg)  # shares the metadata: same source node, same reply-to id
         restored.content = content

@@ -36,6 +36,7 @@ from .. import protocol as P
 from .clear_values import check_clear_metrics
 from .outcomes import RoundOutcomes
 from .wrapper import StrategyWrapper
+from ..records_view import array_records, config_records, metric_records
 
 __all__ = ["RecordingStrategy"]
 
@@ -165,9 +166,9 @@ def _received_evaluation(replies: Iterable[P.ClientReply]) -> tuple[MetricRecord
 
 
 def _clear_evaluate_ok(server_round: int, msg: Message) -> bool:
-    if len(msg.content.metric_records) != 1:
+    if len(metric_records(msg.content)) != 1:
         return True  # the inner strategy's own checks apply
-    reason = check_clear_metrics(next(iter(msg.content.metric_records.values())))
+    reason = check_clear_metrics(next(iter(metric_records(msg.content).values())))
     if reason is not None:
         _log.warning("round %d: left the evaluate reply of node %d out: %s", server_round,
                      msg.metadata.src_node_id, reason)
@@ -176,8 +177,8 @@ def _clear_evaluate_ok(server_round: int, msg: Message) -> bool:
 
 def _payload_bytes(msg: Message) -> int:
     """Bytes of model data in a reply: its arrays, plus byte strings in config records (SecAgg+ masked vectors)."""
-    total = sum(record.count_bytes() for record in msg.content.array_records.values())
-    for record in msg.content.config_records.values():
+    total = sum(record.count_bytes() for record in array_records(msg.content).values())
+    for record in config_records(msg.content).values():
         for value in record.values():
             if isinstance(value, bytes):
                 total += len(value)

@@ -36,6 +36,7 @@ from ..protocol import REJECTED
 from .clear_values import DEFAULT_MAX_WEIGHT, check_clear_metrics, drop_bad_received, usable_metrics
 from .outcomes import RoundOutcomes
 from .wrapper import StrategyWrapper
+from ..records_view import array_records, metric_records
 
 __all__ = ["REJECTED", "UpdateValidation", "check_reply"]
 
@@ -170,8 +171,8 @@ class UpdateValidation(StrategyWrapper):
             if msg.has_error():
                 verdicts[node] = P.ClientReply(node, error=str(msg.error.reason))
                 continue
-            if len(msg.content.metric_records) == 1:
-                bad = drop_bad_received(next(iter(msg.content.metric_records.values())))
+            if len(metric_records(msg.content)) == 1:
+                bad = drop_bad_received(next(iter(metric_records(msg.content).values())))
                 if bad is not None:  # the update is judged on its own; only the evaluation is left out
                     _log.warning("round %d: left node %d's folded evaluation out: %s", server_round, node, bad)
             keys = _metric_keys(msg)
@@ -195,7 +196,7 @@ class UpdateValidation(StrategyWrapper):
 
     def _cap_weight(self, server_round: int, node: int, msg: Message) -> None:
         """Lower a weight above ``max_weight`` to it, so one site's claimed count cannot outweigh the others."""
-        metrics = next(iter(msg.content.metric_records.values()))
+        metrics = next(iter(metric_records(msg.content).values()))
         weight = float(metrics[self.weight_key])  # type: ignore[arg-type]  # check_reply made it a number
         if self.max_weight is not None and weight > self.max_weight:
             _log.warning("round %d: node %d claims weight %g; it aggregates at max-weight %g",
@@ -217,16 +218,16 @@ def check_reply(
     ``metric_keys``: the exact metric key set the reply must carry (None: any); ``metric_keys_source`` says where
     that set came from, for the reason."""
     content = msg.content
-    if len(content.array_records) != 1 or len(content.metric_records) != 1:
-        return (f"expected one ArrayRecord and one MetricRecord, got ArrayRecords {list(content.array_records)} "
-                f"and MetricRecords {list(content.metric_records)}")
-    metrics = next(iter(content.metric_records.values()))
+    if len(array_records(content)) != 1 or len(metric_records(content)) != 1:
+        return (f"expected one ArrayRecord and one MetricRecord, got ArrayRecords {list(array_records(content))} "
+                f"and MetricRecords {list(metric_records(content))}")
+    metrics = next(iter(metric_records(content).values()))
     reason = _check_weight(metrics, weight_key) or check_clear_metrics(metrics, weight_key=weight_key)
     if reason is None and metric_keys is not None and _training_keys(metrics) != metric_keys:
         reason = (f"its metric keys {sorted(metrics.keys())} differ from the expected {sorted(metric_keys)} "
                   f"({metric_keys_source})")
     if reason is None and global_arrays is not None:
-        reason = _check_arrays(next(iter(content.array_records.values())), global_arrays, max_update_norm)
+        reason = _check_arrays(next(iter(array_records(content).values())), global_arrays, max_update_norm)
     return reason
 
 
@@ -272,9 +273,9 @@ def _is_inexact(value: np.ndarray[Any, Any]) -> bool:
 
 def _metric_keys(msg: Message) -> frozenset[str] | None:
     """A well-formed reply's metric key set (None for an error reply or one without exactly one MetricRecord)."""
-    if msg.has_error() or len(msg.content.metric_records) != 1:
+    if msg.has_error() or len(metric_records(msg.content)) != 1:
         return None
-    return _training_keys(next(iter(msg.content.metric_records.values())))
+    return _training_keys(next(iter(metric_records(msg.content).values())))
 
 
 def _training_keys(metrics: MetricRecord) -> frozenset[str]:
@@ -286,7 +287,7 @@ def _training_keys(metrics: MetricRecord) -> frozenset[str]:
 def _drop_received(msg: Message) -> None:
     """Take the folded evaluation out of an accepted reply: it is in the client's verdict (where the recording layer
     reads it), and the strategies below aggregate training figures only."""
-    metrics = next(iter(msg.content.metric_records.values()))
+    metrics = next(iter(metric_records(msg.content).values()))
     for key in P.RECEIVED_KEYS:
         if key in metrics:
             del metrics[key]
@@ -301,9 +302,9 @@ def _majority(counts: Counter[frozenset[str]], *, at_least: int = 1) -> frozense
 
 
 def _numeric_metrics(msg: Message) -> dict[str, float]:
-    record = msg.content.metric_records.get(P.METRICS)
-    if record is None and len(msg.content.metric_records) == 1:
-        record = next(iter(msg.content.metric_records.values()))
+    record = metric_records(msg.content).get(P.METRICS)
+    if record is None and len(metric_records(msg.content)) == 1:
+        record = next(iter(metric_records(msg.content).values()))
     if record is None:
         return {}
     return usable_metrics(record)
