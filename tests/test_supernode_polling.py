@@ -60,9 +60,12 @@ def test_the_quick_clock_splits_local_waits_from_the_superlink_poll_and_polls_fa
     clock.sleep(3)  # idle: the configured poll
     clock.sleep(0.5)  # waiting for its ClientApp's reply: a round is going
     clock.sleep(3)  # the next message of the round comes soon: poll faster
-    recorder.now += CappedSleepClock.BUSY_S
+    for _ in range(int(CappedSleepClock.BUSY_S / CappedSleepClock.BUSY_POLL_S)):
+        clock.sleep(3)  # the round ended: polls answered at once, while BUSY_S passes
     clock.sleep(3)  # idle again
-    assert recorder.slept == [0.5, CappedSleepClock.LOCAL_WAIT_S, CappedSleepClock.BUSY_POLL_S, 0.5]
+    assert recorder.slept[:3] == [0.5, CappedSleepClock.LOCAL_WAIT_S, CappedSleepClock.BUSY_POLL_S]
+    tail = recorder.slept[3:]  # the round's quick polls, then the idle ones
+    assert tail == sorted(tail) and set(tail) == {CappedSleepClock.BUSY_POLL_S, 0.5}
     slow = _Recorder()
     before = CappedSleepClock(0.5, slow)  # type: ignore[arg-type]
     before.sleep(3), before.sleep(0.5), before.sleep(3)
@@ -76,3 +79,20 @@ def test_the_poll_interval_comes_from_the_environment_and_is_checked() -> None:
     for bad in ("fast", "0", "10", "nan"):
         with pytest.raises(SystemExit, match=POLL_ENV):
             poll_seconds({POLL_ENV: bad})
+
+
+def test_after_a_pull_the_superlink_held_the_node_pulls_again_without_sleeping() -> None:
+    """fedshield's SuperLink holds an empty pull until a message comes (flower_internals.held_pulls): the node must
+    not then sleep its poll interval on top, or a message stored just after the hold ended waits for it. A pull
+    answered at once (Flower's SuperLink) is followed by the usual sleep."""
+    recorder = _Recorder()
+    clock = CappedSleepClock(0.5, recorder, quick=True)  # type: ignore[arg-type]
+    clock.sleep(3)  # answered at once: the idle poll
+    recorder.now += CappedSleepClock.HELD_PULL_S  # the next pull was held this long
+    clock.sleep(3)  # no sleep: pull again at once
+    clock.sleep(3)  # answered at once again: the idle poll
+    assert recorder.slept == [0.5, 0.5]
+    off = CappedSleepClock(0.5, _Recorder(), quick=False)  # type: ignore[arg-type]
+    off._clock.now += 10  # type: ignore[attr-defined]
+    off.sleep(3)
+    assert off._clock.slept == [0.5]  # type: ignore[attr-defined]  # FEDSHIELD_SUPERNODE_QUICK=0: as before

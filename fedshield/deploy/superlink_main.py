@@ -25,6 +25,8 @@ def main() -> None:
     os.environ.pop(_GRPC_CONTROL_ENV, None)
     guard_create_app("flwr.superlink.main")
     _quiet_superexec()
+    _hold_empty_pulls()
+    _sweep_less_often()
     from fedshield.flower_internals.entry_points import flower_superlink
 
     sys.argv[0] = "flower-superlink"
@@ -41,6 +43,46 @@ def _quiet_superexec() -> None:
 
     if wake_enabled():
         install_superexec()
+
+
+#: ``0`` answers every pull at once, as Flower does (for before/after measurements).
+HELD_PULLS_ENV = "FEDSHIELD_HELD_PULLS"
+#: Longest a pull is held; a held pull that times out answers empty and the client pulls again at once.
+HOLD_S = 1.0
+
+
+def _hold_empty_pulls() -> None:
+    """Pulls that find nothing wait up to :data:`HOLD_S` for a message instead of being polled again
+    (:mod:`fedshield.flower_internals.held_pulls`); if Flower's modules moved, a warning and Flower's answers."""
+    if os.environ.get(HELD_PULLS_ENV, "1") == "0":
+        return
+    from fedshield.flower_internals.held_pulls import hold_empty_pulls
+
+    try:
+        hold_empty_pulls(HOLD_S)
+    except (ImportError, AttributeError) as err:
+        import warnings
+
+        warnings.warn(f"fedshield: the SuperLink answers every pull at once, as Flower does ({err})", RuntimeWarning,
+                      stacklevel=2)
+
+
+#: ``0`` sweeps expired task tokens on every status read, as Flower does (for before/after measurements).
+SWEEP_ENV = "FEDSHIELD_SWEEP_LESS_OFTEN"
+
+
+def _sweep_less_often() -> None:
+    """Flower's expired-token sweep (two SQL writes) on a run-status read at most every 0.5 s instead of on every
+    Fleet request (:mod:`fedshield.flower_internals.link_state`)."""
+    if os.environ.get(SWEEP_ENV, "1") == "0":
+        return
+    from fedshield.flower_internals.link_state import sweep_expired_tokens_less_often
+
+    if not sweep_expired_tokens_less_often():
+        import warnings
+
+        warnings.warn("fedshield: Flower's SQL link state moved; the SuperLink sweeps expired tokens on every "
+                      "request, as Flower does", RuntimeWarning, stacklevel=2)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ sleeps waits up to 3 s before anything starts, and SecAgg+ sends five messages p
 other, so a round paid ~7-15 s for these sleeps alone. This launcher caps every sleep of that one module (they are
 all poll waits; nothing there sleeps for correctness) at ``FEDSHIELD_SUPERNODE_POLL_S`` seconds (default 0.5);
 waits on the node's own state (for its ClientApp's reply) at 0.02 s, and while a round goes (30 s after such a
-wait) the SuperLink poll at 0.2 s (:class:`CappedSleepClock`). Then it runs Flower's own entry point unchanged.
+wait) the SuperLink poll at 0.2 s (:class:`CappedSleepClock`); after a pull that fedshield's SuperLink held until
+a message came or its hold ended (:mod:`fedshield.flower_internals.held_pulls`), it pulls again without sleeping.
+Then it runs Flower's own entry point unchanged.
 It also forks the ClientApp zygote (:mod:`fedshield.deploy.clientapp_zygote`), so each per-message ClientApp
 starts with Flower imported (``FEDSHIELD_CLIENTAPP_ZYGOTE_ON=0`` starts them cold, as Flower does), and puts its own
 ``flower-superexec`` first on PATH, which the node wakes when a message's task exists instead of letting it poll
@@ -84,12 +86,17 @@ class CappedSleepClock:
     LOCAL_WAIT_S = 0.02
     BUSY_POLL_S = 0.2
     BUSY_S = 30.0
+    #: An empty pull that took this long was held by the SuperLink (:mod:`fedshield.flower_internals.held_pulls`):
+    #: it already waited for a message, so the node pulls again at once. A SuperLink that answers at once (Flower's)
+    #: takes milliseconds, and the node sleeps as above.
+    HELD_PULL_S = 0.5
 
     def __init__(self, cap: float, clock: ModuleType = time, *, quick: bool = False) -> None:
         self.cap = cap
         self.quick = quick
         self._clock = clock
         self._busy_until = -math.inf
+        self._awake_since = clock.monotonic()
 
     def sleep(self, seconds: float) -> None:
         if not self.quick:
@@ -97,9 +104,10 @@ class CappedSleepClock:
         elif seconds < 1.0:  # a wait on the node's own state
             self._busy_until = self._clock.monotonic() + self.BUSY_S
             self._clock.sleep(min(seconds, self.LOCAL_WAIT_S, self.cap))
-        else:
+        elif self._clock.monotonic() - self._awake_since < self.HELD_PULL_S:  # a pull answered at once
             busy = self._clock.monotonic() < self._busy_until
             self._clock.sleep(min(seconds, self.cap, self.BUSY_POLL_S if busy else math.inf))
+        self._awake_since = self._clock.monotonic()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._clock, name)

@@ -81,6 +81,16 @@ INTERNALS: tuple[Internal, ...] = (
              "flwr.supercore.heartbeat:HEARTBEAT_DEFAULT_INTERVAL; flwr.common.constant bounds", "fedshield.deploy.supernode_main (via "
              ".heartbeat.set_node_heartbeat_interval)", "both set only when called; either missing -> warning, "
              "Flower's 30 s; canary checks both are numbers"),
+    Internal("SuperLink pull and push handlers", "flwr.server.superlink.fleet.grpc_rere.fleet_servicer:FleetServicer."
+             "PullMessages; flwr.server.superlink.fleet.message_handler.message_handler:pull_object, push_messages, "
+             "push_object; flwr.superlink.servicer.runtime.runtime_handlers:pull_messages, pull_object, "
+             "push_messages, push_object", "fedshield.deploy.superlink_main (via .held_pulls.hold_empty_pulls)",
+             "wrapped only when called, before the servers are built; a missing handler or argument -> warning, "
+             "Flower's immediate answers; tests/test_held_pulls.py installs them in a fresh process"),
+    Internal("SQL link state's token sweep", "flwr.server.superlink.linkstate.sql_linkstate:SqlLinkState."
+             "get_run_status, _cleanup_expired_task_tokens", "fedshield.deploy.superlink_main (via "
+             ".link_state.sweep_expired_tokens_less_often)", "wrapped only when called; either missing -> warning, "
+             "Flower's sweep on every read; tests/test_link_state_sweep.py runs it on Flower's real state"),
     Internal("HTTP API create_app", "flwr.superlink.main:create_app, flwr.supernode.main:create_app",
              "fedshield.deploy.same_user", "wrapped when called; missing -> RuntimeError (never an unguarded API)"),
     Internal("strategy state attributes", "flwr.serverapp.strategy FedOpt family / FedAvgM: current_arrays, m_t, "

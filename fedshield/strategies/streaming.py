@@ -41,6 +41,11 @@ from ..arrays import array_record, to_numpy
 from ..errors import ProtocolError
 from ..protocol import MALFORMED_REPLY_CODE, REJECTED
 from ..wire import pack_content, unpack_content
+from ..records_view import array_records, metric_records
+
+#: A pull that took this long was held by the SuperLink (:mod:`fedshield.flower_internals.held_pulls`) until a reply
+#: came or its hold ended: pull again at once. Flower's own SuperLink answers in milliseconds.
+HELD_PULL_S = 0.5
 
 __all__ = ["WeightedSum", "StreamingFedAvg", "StreamingGrid"]
 
@@ -115,7 +120,7 @@ class StreamingFedAvg(FedAvg):
             reference = reference or keys
             _check_same_keys(reference, keys)
             fold.add(arrays, float(cast(float, metrics[self.weighted_by_key])))
-            metric_contents.append(RecordDict({k: v for k, v in msg.content.metric_records.items()}))
+            metric_contents.append(RecordDict({k: v for k, v in metric_records(msg.content).items()}))
             del msg, arrays  # let go of this reply before the next one is pulled: between two, the fold holds none
         log(INFO, "aggregate_train: Received %s results and %s failures", fold.count, failures)
         if fold.count == 0:
@@ -129,13 +134,13 @@ class StreamingFedAvg(FedAvg):
 def _checked_records(content: RecordDict, weight_key: str) -> tuple[ArrayRecord, MetricRecord]:
     """The reply's only ArrayRecord and MetricRecord, with the checks of Flower's
     ``validate_message_reply_consistency``, applied to one reply."""
-    if len(content.array_records) != 1:
+    if len(array_records(content)) != 1:
         raise InconsistentMessageReplies(reason="Expected exactly one ArrayRecord in replies. Skipping aggregation.")
-    if len(content.metric_records) != 1:
+    if len(metric_records(content)) != 1:
         raise InconsistentMessageReplies(
             reason="Expected exactly one MetricRecord in replies, but found more. Skipping aggregation."
         )
-    metrics = next(iter(content.metric_records.values()))
+    metrics = next(iter(metric_records(content).values()))
     if weight_key not in metrics:
         raise InconsistentMessageReplies(
             reason=f"Missing required key `{weight_key}` in the MetricRecord of reply messages. Cannot average "
@@ -146,7 +151,7 @@ def _checked_records(content: RecordDict, weight_key: str) -> tuple[ArrayRecord,
             reason=f"Key `{weight_key}` in the MetricRecord of reply messages must be a single value (int or "
             "float), but a list was found. Skipping aggregation."
         )
-    return next(iter(content.array_records.values())), metrics
+    return next(iter(array_records(content).values())), metrics
 
 
 def _check_same_keys(reference: tuple[set[str], set[str]], keys: tuple[set[str], set[str]]) -> None:
@@ -170,7 +175,10 @@ class StreamingGrid(Grid):
     ``pull_interval`` seconds, until all have arrived or ``timeout`` passes; for ``quick_window`` seconds after the
     push and after each arrival, every ``quick_interval`` seconds instead (the next reply of a short stage, such as
     SecAgg+'s UNMASK, is likely then; a long training stage soon falls back to ``pull_interval``, so a pull costs at
-    most ``quick_window / quick_interval`` extra requests per push or arrival). A caller that stops iterating early
+    most ``quick_window / quick_interval`` extra requests per push or arrival). Against fedshield's SuperLink, which
+    holds a pull that finds no reply until one is stored (:mod:`fedshield.flower_internals.held_pulls`), it pulls
+    again at once after a held pull or an arrival, and these intervals apply only to pulls answered at once (Flower's
+    own SuperLink). A caller that stops iterating early
     leaves the rest unpulled. The returned iterator can be consumed once: a caller that needs the replies twice
     (``len``, a second loop) must make a list of them itself.
     """
@@ -218,16 +226,23 @@ class StreamingGrid(Grid):
     def _pull(self, pending: set[str], deadline: float | None) -> Iterator[Message]:
         quick_until = time.monotonic() + self.quick_window
         while pending and (deadline is None or time.monotonic() < deadline):
+            asked = time.monotonic()
             arrived = [_unpacked(m) for m in self._grid.pull_messages(set(pending))]
+            held = time.monotonic() - asked >= HELD_PULL_S  # the SuperLink held it: it waited for a reply already
             pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
             if arrived:
                 quick_until = time.monotonic() + self.quick_window
+            arrived_any = bool(arrived)
             arrived.reverse()  # pop() from the end hands them out in arrival order, in O(1) each
             while arrived:
                 yield arrived.pop()  # the caller's fold is now the only holder of this reply
-            if pending:  # a grid that can wait for the next reply (simulation's) wakes at once; others sleep
-                wait = self.quick_interval if time.monotonic() < quick_until else self.pull_interval
-                getattr(self._grid, "wait_for_replies", time.sleep)(wait)
+            if not pending:
+                break
+            wait = self.quick_interval if time.monotonic() < quick_until else self.pull_interval
+            if hasattr(self._grid, "wait_for_replies"):  # simulation's grid wakes when a reply arrives
+                self._grid.wait_for_replies(wait)
+            elif not (held or arrived_any):  # a SuperLink that holds empty pulls already waited for the next reply
+                time.sleep(wait)
 
 
 def _packed(messages: Iterable[Message]) -> list[Message]:
