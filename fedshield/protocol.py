@@ -76,6 +76,11 @@ PARTITION_ID: Final = "partition-id"
 #: Seconds between a site's heartbeats, as its SuperNode announces them (Flower's default: 30; its minimum: 10).
 #: The SuperLink counts a node online for 2 intervals after its last one: a crashed site is noticed within 30 s.
 NODE_HEARTBEAT_S: Final = 15.0
+#: Longest fedshield's SuperLink holds a pull that finds nothing (:mod:`fedshield.flower_internals.held_pulls`).
+PULL_HOLD_S: Final = 1.0
+#: An empty pull that took this long was held: its client pulls again at once instead of sleeping a poll interval.
+#: Close to the hold, so that a SuperLink that answers at once but slowly (Flower's, loaded) is still slept on.
+HELD_PULL_S: Final = 0.8 * PULL_HOLD_S
 
 # --- reply error codes and reasons (client -> server) -------------------------------------------------------
 #: Error code of a reply the site refused to train for (budget, policy, plain update, SecAgg+ keys).

@@ -18,6 +18,7 @@ import pytest
 
 from fedshield.flower_internals import held_pulls
 from fedshield.flower_internals.held_pulls import Arrivals
+from fedshield.protocol import HELD_PULL_S, PULL_HOLD_S
 from fedshield.strategies import streaming
 from fedshield.strategies.streaming import StreamingGrid
 
@@ -25,27 +26,33 @@ from _strategy_rounds import client_models, configure, reply
 from flwr.serverapp.strategy import FedAvg
 
 
-def test_a_caller_holds_one_pull_per_topic_and_the_total_is_capped() -> None:
-    arrivals = Arrivals(max_held=2)
+def test_a_caller_holds_one_pull_per_topic_a_few_in_all_and_the_total_is_capped() -> None:
+    arrivals = Arrivals(max_held=3, per_caller=2)
     with arrivals.watch("t", "node-1") as first, arrivals.watch("t", "node-1") as again:
         assert first is not None and again is None  # the same caller's second pull on a topic is answered at once
-        with arrivals.watch("t", "node-2") as other, arrivals.watch("u", "node-3") as over:
-            assert other is not None and over is None and arrivals.held == 2  # the cap
+        with arrivals.watch("u", "node-1") as second, arrivals.watch("v", "node-1") as third:
+            assert second is not None and third is None  # per caller, across topics (one object id each)
+        with arrivals.watch("t", "node-2") as other, arrivals.watch("u", "node-3") as fourth:
+            with arrivals.watch("w", "node-4") as over:
+                assert other is not None and fourth is not None and over is None and arrivals.held == 3  # the cap
             arrivals.notify(["u", "v"])
-            assert not first.is_set() and not other.is_set()  # only the named topic wakes
+            assert fourth.is_set() and not first.is_set() and not other.is_set()  # only the named topics wake
             arrivals.notify(["t"])
             assert first.is_set() and other.is_set()
     assert arrivals.held == 0
-    with arrivals.watch("t", "node-1") as later:
-        assert later is not None and not later.is_set()  # a new pull waits afresh
+    with arrivals.watch("t", "node-1") as later, arrivals.watch("u", "node-1") as more:
+        assert later is not None and more is not None and not later.is_set()  # released: new pulls wait afresh
 
 
-def _scripted(answers: list[Any]) -> tuple[list[float], Any]:
-    """A pull answering ``answers`` in turn (each call's time recorded)."""
+def _scripted(answers: list[Any], during_first: Any = None) -> tuple[list[float], Any]:
+    """A pull answering ``answers`` in turn (each call's time recorded); ``during_first()`` runs inside the first
+    call, after the wrapper registered its watch and before the pull answers (a push landing mid-pull)."""
     calls: list[float] = []
 
     def pull(request: Any, context: Any) -> Any:
         calls.append(time.monotonic())
+        if len(calls) == 1 and during_first is not None:
+            during_first()
         return answers[len(calls) - 1]
 
     return calls, pull
@@ -67,16 +74,25 @@ def test_an_empty_pull_is_answered_again_when_its_topic_is_notified() -> None:
     waiter.join()
 
 
+def test_a_push_stored_while_the_pull_runs_is_not_missed() -> None:
+    """The watch is registered before the pull: a notify during the (empty) pull wakes the wait at once."""
+    arrivals = Arrivals(8)
+    calls, pull = _scripted([[], ["message"]], during_first=lambda: arrivals.notify([("ins", 5)]))
+    start = time.monotonic()
+    assert _held(pull, arrivals, hold_s=30.0)(5, None) == ["message"]
+    assert len(calls) == 2 and time.monotonic() - start < 25
+
+
 def test_a_pull_with_an_answer_a_timed_out_hold_and_a_gone_caller_are_each_pulled_once() -> None:
     arrivals = Arrivals(8)
     calls, pull = _scripted([["now"]])
     assert _held(pull, arrivals, hold_s=30.0)(1, None) == ["now"] and len(calls) == 1  # never held
     calls, pull = _scripted([[]])
     assert _held(pull, arrivals, hold_s=0.05)(1, None) == [] and len(calls) == 1  # the empty answer it had
-    calls, pull = _scripted([[]])
-    threading.Timer(0.05, arrivals.notify, [[("ins", 1)]]).start()
+    calls, pull = _scripted([[], ["claimed for nobody"]], during_first=lambda: arrivals.notify([("ins", 1)]))
+    start = time.monotonic()
     assert _held(pull, arrivals, hold_s=30.0, wanted=False)(1, None) == [] and len(calls) == 1  # caller went away
-    assert arrivals.held == 0
+    assert time.monotonic() - start < 25 and arrivals.held == 0
 
 
 def test_a_pull_over_the_cap_is_answered_at_once() -> None:
@@ -92,13 +108,21 @@ def test_a_pull_over_the_cap_is_answered_at_once() -> None:
 def test_the_streaming_grid_pulls_again_at_once_after_a_held_pull_or_an_arrival(monkeypatch: pytest.MonkeyPatch
                                                                                 ) -> None:
     """No sleep after a pull the SuperLink held (it already waited) nor after a reply (the next pull is held until
-    the next reply); the usual wait after an empty pull answered at once (Flower's own SuperLink)."""
-    monkeypatch.setattr(streaming, "HELD_PULL_S", 0.05)
+    the next reply); the usual wait after an empty pull answered at once (Flower's own SuperLink). On a clock only
+    the scripted pulls advance."""
     slept: list[float] = []
 
-    class Clock:  # the grid's clock, whose sleeps are only recorded
-        monotonic = staticmethod(time.monotonic)
-        sleep = staticmethod(slept.append)
+    class Clock:  # the grid's clock: a held pull takes HOLD_S, everything else no time
+        now = 0.0
+
+        @staticmethod
+        def monotonic() -> float:
+            return Clock.now
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            slept.append(seconds)
+            Clock.now += seconds
 
     monkeypatch.setattr(streaming, "time", Clock)
     messages = configure(FedAvg(min_available_nodes=2, min_train_nodes=2), 2)
@@ -116,7 +140,7 @@ def test_the_streaming_grid_pulls_again_at_once_after_a_held_pull_or_an_arrival(
             if self.pulls == 1:
                 return []  # answered at once: the grid sleeps
             if self.pulls == 2:
-                time.sleep(0.08)  # held by the SuperLink
+                Clock.now += PULL_HOLD_S  # held by the SuperLink for its whole hold
                 return []
             return [reply(self.pushed[self.pulls - 3], model, 1.0)]
 
@@ -125,7 +149,71 @@ def test_the_streaming_grid_pulls_again_at_once_after_a_held_pull_or_an_arrival(
     assert slept == [0.05]  # only after the pull answered at once
 
 
-def test_the_installed_superlink_handlers_are_held_and_notify(tmp_path: Any) -> None:
+WAKE_CODE = """
+import threading, time
+from types import SimpleNamespace
+from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse, PushMessagesRequest
+from flwr.proto.message_pb2 import Message, PullObjectRequest, PullObjectResponse, PushObjectRequest
+from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullAppMessagesResponse, PushAppMessagesRequest
+from flwr.server.superlink.fleet.grpc_rere.fleet_servicer import FleetServicer as F
+from flwr.server.superlink.fleet.message_handler import message_handler as m
+from flwr.superlink.servicer.runtime import runtime_handlers as r
+from fedshield.flower_internals import held_pulls
+
+ID = 2**64 - 5  # uint64 ids above 2**63 (Flower stores them as sint64)
+calls = {}
+def scripted(name, empty, full):
+    def pull(*args):  # each pull: empty the first time, then the message or object
+        calls[name] = calls.get(name, 0) + 1
+        return empty if calls[name] == 1 else full
+    return pull
+msg = Message(); msg.metadata.dst_node_id = ID; msg.metadata.run_id = ID
+flower = dict(  # Flower's handlers, scripted, with their own parameter names
+    fleet_pull=lambda self, request, context: scripted("fleet_pull", PullMessagesResponse(),
+                                                       PullMessagesResponse(messages_list=[msg]))(),
+    fleet_obj=lambda request, state: scripted("fleet_obj", PullObjectResponse(object_found=True),
+                                              PullObjectResponse(object_found=True, object_available=True))(),
+    rt_pull=lambda request, state, task: scripted("rt_pull", PullAppMessagesResponse(),
+                                                  PullAppMessagesResponse(messages_list=[msg]))(),
+    rt_obj=lambda request, state, task: scripted("rt_obj", PullObjectResponse(object_found=True),
+                                                 PullObjectResponse(object_found=True, object_available=True))())
+F.PullMessages, m.pull_object = flower["fleet_pull"], flower["fleet_obj"]
+r.pull_messages, r.pull_object = flower["rt_pull"], flower["rt_obj"]
+m.push_messages = m.push_object = lambda request, state: None
+r.push_messages = r.push_object = lambda request, state, task: None
+held_pulls.hold_empty_pulls(hold_s=30.0)
+
+active = SimpleNamespace(is_active=lambda: True)
+task = SimpleNamespace(run_id=ID)
+node = PullMessagesRequest(); node.node.node_id = ID
+obj = PullObjectRequest(object_id="ab" * 32); obj.node.node_id = ID
+cases = [  # (held pull, the push that must wake it)
+    (lambda: F.PullMessages(None, node, active), lambda: r.push_messages(PushAppMessagesRequest(messages_list=[msg]), None, task)),
+    (lambda: m.pull_object(obj, None), lambda: r.push_object(PushObjectRequest(object_id="ab" * 32), None, task)),
+    (lambda: r.pull_messages(PullAppMessagesRequest(), None, task), lambda: m.push_messages(PushMessagesRequest(messages_list=[msg]), None)),
+    (lambda: r.pull_object(obj, None, task), lambda: m.push_object(PushObjectRequest(object_id="ab" * 32), None)),
+]
+for pull, push in cases:
+    out = {}
+    t = threading.Thread(target=lambda: out.update(answer=pull(), took=time.monotonic() - start))
+    start = time.monotonic(); t.start(); time.sleep(0.3); push(); t.join(60)
+    answer = out["answer"]
+    assert getattr(answer, "messages_list", None) or getattr(answer, "object_available", False), answer
+    assert out["took"] < 20, out  # woken by the push, not by the 30 s hold
+print("ok", sorted(calls.items()))
+"""
+
+
+def test_each_push_wakes_the_pull_held_for_it(tmp_path: Path) -> None:
+    """In a fresh process, Flower's handlers scripted (empty, then the message or object): each of the four held
+    pulls, with node and run ids above 2**63, is answered when the matching push runs, not when its 30 s hold ends.
+    Fails if a wake key does not match its wait key (a node id taken from the wrong field, another run id)."""
+    out = subprocess.run([sys.executable, "-c", WAKE_CODE], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert out.stdout.startswith("ok"), out.stdout + out.stderr
+    assert "('fleet_obj', 2), ('fleet_pull', 2), ('rt_obj', 2), ('rt_pull', 2)" in out.stdout  # each pulled again once
+
+
+def test_the_installed_superlink_handlers_are_held_and_notify(tmp_path: Path) -> None:
     """In a fresh process (the test process keeps Flower's own handlers): every handler the SuperLink launcher wraps
     is wrapped, idempotently, and still has the arguments the wrappers read. Fails when Flower moves one."""
     code = (
@@ -145,15 +233,14 @@ def test_the_installed_superlink_handlers_are_held_and_notify(tmp_path: Any) -> 
 
 def test_a_real_superlink_holds_a_nodes_empty_pull(tmp_path: Path) -> None:
     """A registered node (Flower's own authenticated Fleet client, in this process) pulls from a real fedshield
-    SuperLink with nothing queued: the pull is held about HOLD_S, not answered at once, and answers empty."""
+    SuperLink with nothing queued: the pull is held about PULL_HOLD_S, not answered at once, and answers empty."""
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
     from flwr.client.grpc_rere_client.connection import grpc_request_response
     from flwr.supercore.retry.grpc_retry import make_simple_grpc_retry_invoker
 
     from fedshield.crypto import init_keys
     from fedshield.deploy import ServerTls, SuperLinkConfig, free_port, start_superlink
-    from fedshield.deploy.superlink_main import HOLD_S
-
+    
     keys = init_keys(tmp_path / "keys", server_hosts=["127.0.0.1"], nodes=1)
     superlink = start_superlink(SuperLinkConfig(
         run_dir=tmp_path / "superlink", fleet_address=f"127.0.0.1:{free_port()}", control_port=free_port(),
@@ -172,7 +259,7 @@ def test_a_real_superlink_holds_a_nodes_empty_pull(tmp_path: Path) -> None:
                 start = time.monotonic()
                 assert receive() is None
                 took.append(time.monotonic() - start)
-        assert min(took) >= 0.8 * HOLD_S, took  # held, where Flower's own SuperLink answers in milliseconds
+        assert min(took) >= HELD_PULL_S, took  # held, where Flower's own SuperLink answers in milliseconds
     finally:
         superlink.stop()
     assert superlink.process.remaining_pids() == []

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from fedshield.protocol import PULL_HOLD_S
 from fedshield.deploy.supernode_main import (
     DEFAULT_POLL_S,
     POLL_ENV,
@@ -88,7 +89,7 @@ def test_after_a_pull_the_superlink_held_the_node_pulls_again_without_sleeping()
     recorder = _Recorder()
     clock = CappedSleepClock(0.5, recorder, quick=True)  # type: ignore[arg-type]
     clock.sleep(3)  # answered at once: the idle poll
-    recorder.now += CappedSleepClock.HELD_PULL_S  # the next pull was held this long
+    recorder.now += PULL_HOLD_S  # the next pull was held for the whole hold
     clock.sleep(3)  # no sleep: pull again at once
     clock.sleep(3)  # answered at once again: the idle poll
     assert recorder.slept == [0.5, 0.5]

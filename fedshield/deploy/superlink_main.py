@@ -47,19 +47,18 @@ def _quiet_superexec() -> None:
 
 #: ``0`` answers every pull at once, as Flower does (for before/after measurements).
 HELD_PULLS_ENV = "FEDSHIELD_HELD_PULLS"
-#: Longest a pull is held; a held pull that times out answers empty and the client pulls again at once.
-HOLD_S = 1.0
 
 
 def _hold_empty_pulls() -> None:
-    """Pulls that find nothing wait up to :data:`HOLD_S` for a message instead of being polled again
+    """Pulls that find nothing wait up to ``PULL_HOLD_S`` (1 s) for a message instead of being polled again
     (:mod:`fedshield.flower_internals.held_pulls`); if Flower's modules moved, a warning and Flower's answers."""
     if os.environ.get(HELD_PULLS_ENV, "1") == "0":
         return
     from fedshield.flower_internals.held_pulls import hold_empty_pulls
+    from fedshield.protocol import PULL_HOLD_S
 
     try:
-        hold_empty_pulls(HOLD_S)
+        hold_empty_pulls(PULL_HOLD_S)
     except (ImportError, AttributeError) as err:
         import warnings
 

@@ -42,6 +42,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from ..protocol import HELD_PULL_S as _HELD_PULL_S
+
 __all__ = [
     "DEFAULT_POLL_S",
     "POLL_ENV",
@@ -86,10 +88,10 @@ class CappedSleepClock:
     LOCAL_WAIT_S = 0.02
     BUSY_POLL_S = 0.2
     BUSY_S = 30.0
-    #: An empty pull that took this long was held by the SuperLink (:mod:`fedshield.flower_internals.held_pulls`):
+    #: An empty pull that took about the SuperLink's hold was held (:mod:`fedshield.flower_internals.held_pulls`):
     #: it already waited for a message, so the node pulls again at once. A SuperLink that answers at once (Flower's)
     #: takes milliseconds, and the node sleeps as above.
-    HELD_PULL_S = 0.5
+    HELD_PULL_S = _HELD_PULL_S
 
     def __init__(self, cap: float, clock: ModuleType = time, *, quick: bool = False) -> None:
         self.cap = cap

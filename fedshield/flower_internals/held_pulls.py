@@ -7,20 +7,29 @@ asks for replies every 0.05-0.2 s (:class:`fedshield.strategies.streaming.Stream
 two of the three sites picking the message up 0.2 s after it was stored. And every poll is an authenticated request
 with a handful of SQL queries in the SuperLink.
 
-:func:`hold_empty_pulls` makes two pulls wait, in the SuperLink process, for up to ``hold_s`` seconds:
+:func:`hold_empty_pulls` makes pulls that find nothing wait, in the SuperLink process, for up to ``hold_s`` seconds:
 
-* a SuperNode's Fleet ``PullMessages`` that finds no instruction waits until the Runtime API stores one for that node
-  (the ServerApp's ``push-messages``), then pulls again;
-* the ServerApp's Runtime ``pull-messages`` that finds no reply waits until the Fleet API stores a reply for that run
-  (a SuperNode's ``PushMessages``), then pulls again.
+* a SuperNode's Fleet ``PullMessages`` waits until the Runtime API stores an instruction for that node (the
+  ServerApp's ``push-messages``), and a node's ``PullObject`` for an object of it the ServerApp has not pushed yet
+  waits until it is pushed;
+* the ServerApp's Runtime ``pull-messages`` waits until the Fleet API stores a reply for that run (a SuperNode's
+  ``PushMessages``), and its ``pull-object`` for an object of a reply until the node has pushed it.
 
 Either way the answer is Flower's own handler's: the wait only decides when it is asked. A held pull that times out
-answers the empty result it already has. At most one pull per node (per run for the Runtime API) is held, and at most
-``max_held`` in all, so a node that opens many pulls, or a crowd of idle nodes, gets Flower's immediate answers and
-cannot take the server's worker threads (the Fleet server has 1000, uvicorn's thread pool 40). A Fleet pull whose
-client went away while held is not pulled again, so no instruction is claimed for a caller that cannot take it.
-Clients need nothing: a held pull looks like a slow one. fedshield's SuperNode and ServerApp pull again at once after
-a pull that took this long, instead of sleeping first.
+answers the empty result it already has. A caller (a node; a run's ServerApp) holds at most one pull per topic and
+:data:`PER_CALLER` in all, and at most ``max_held`` are held, so a node that opens many pulls, or a crowd of idle
+nodes, gets Flower's immediate answers for the rest and cannot take the server's worker threads (the Fleet server
+has 1000, uvicorn's thread pool 40): the worst case is the polling of before. A Fleet pull whose client went away
+(cancelled, reset, past its deadline) while held is not pulled again, so no instruction is claimed for it; a
+connection that died silently still looks alive to gRPC, and an instruction stored during the last second of its
+hold is then claimed for nobody, as one pulled just before a silent death always was (Flower has no delivery
+acknowledgement for that pull); the round then waits for that node as for any node that went away.
+
+Some pulls are ended by no push and wait their whole hold: a reply the SuperLink itself makes up when it is read (a
+message's TTL passed, its node went offline), an object whose push session expired, an instruction for the
+SuperLink's own node. They are answered after ``hold_s``, as before; a ServerApp's round timeout may so be overrun by
+up to ``hold_s``. Clients need nothing: a held pull looks like a slow one. fedshield's SuperNode and ServerApp pull
+again at once after an empty pull that took about ``hold_s``, instead of sleeping first.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["FLEET_SERVICER", "MESSAGE_HANDLER", "RUNTIME_HANDLERS", "Arrivals", "hold_empty_pulls"]
+__all__ = ["FLEET_SERVICER", "MESSAGE_HANDLER", "PER_CALLER", "RUNTIME_HANDLERS", "Arrivals", "hold_empty_pulls"]
 
 #: Flower 1.39's Fleet gRPC servicer; grpc binds its methods when the server is built, so patch before that.
 FLEET_SERVICER = "flwr.server.superlink.fleet.grpc_rere.fleet_servicer:FleetServicer"
@@ -41,44 +50,54 @@ MESSAGE_HANDLER = "flwr.server.superlink.fleet.message_handler.message_handler"
 #: The Runtime API handlers module (``app.state.runtime_handlers``; the router looks up each handler per request).
 RUNTIME_HANDLERS = "flwr.superlink.servicer.runtime.runtime_handlers"
 _WRAPPED = "__fedshield_held__"
+#: Pulls one caller may have held at once: its next message, and two of that message's objects.
+PER_CALLER = 3
 
 
 class Arrivals:
     """Who waits for what: one event per held pull, under the topic it waits for (``("ins", node_id)``: a node's next
     instruction; ``("res", run_id)``: a run's next reply; ``("obj", object_id)``: an object still being pushed) and
-    its caller (the node, or the run's ServerApp). A caller holds one pull per topic at a time."""
+    its caller (the node, or the run's ServerApp). A caller holds at most one pull per topic and ``per_caller`` in
+    all (Flower's clients pull a message, then its objects two at a time), and ``max_held`` are held at most."""
 
-    def __init__(self, max_held: int) -> None:
-        self.max_held = max_held
+    def __init__(self, max_held: int, per_caller: int = PER_CALLER) -> None:
+        self.max_held, self.per_caller = max_held, per_caller
         self._lock = threading.Lock()
         self._waiting: dict[Hashable, dict[Hashable, threading.Event]] = {}
+        self._by_caller: dict[Hashable, int] = {}
         self._held = 0
 
     @contextmanager
     def watch(self, topic: Hashable, caller: Hashable) -> Iterator[threading.Event | None]:
         """An event set when :meth:`notify` names ``topic``; None when this pull may not be held (the caller already
-        holds one on this topic, or ``max_held`` are held). Watch *before* pulling, so nothing stored during the pull
-        is missed."""
+        holds one on this topic or ``per_caller`` in all, or ``max_held`` are held). Watch *before* pulling, so
+        nothing stored during the pull is missed."""
         event: threading.Event | None = threading.Event()
         with self._lock:
-            callers = self._waiting.setdefault(topic, {})
-            if caller in callers or self._held >= self.max_held:
+            callers = self._waiting.get(topic, {})
+            mine = self._by_caller.get(caller, 0)
+            if caller in callers or mine >= self.per_caller or self._held >= self.max_held:
                 event = None
             else:
-                callers[caller] = event  # type: ignore[assignment]
+                self._waiting.setdefault(topic, {})[caller] = event  # type: ignore[assignment]
+                self._by_caller[caller] = mine + 1
                 self._held += 1
-            if not callers:
-                del self._waiting[topic]
         try:
             yield event
         finally:
             if event is not None:
-                with self._lock:
-                    callers = self._waiting[topic]
-                    del callers[caller]
-                    if not callers:
-                        del self._waiting[topic]
-                    self._held -= 1
+                self._forget(topic, caller)
+
+    def _forget(self, topic: Hashable, caller: Hashable) -> None:
+        with self._lock:
+            callers = self._waiting[topic]
+            del callers[caller]
+            if not callers:
+                del self._waiting[topic]
+            self._by_caller[caller] -= 1
+            if not self._by_caller[caller]:
+                del self._by_caller[caller]
+            self._held -= 1
 
     def notify(self, topics: Iterable[Hashable]) -> None:
         with self._lock:

@@ -42,28 +42,26 @@ def sweep_expired_tokens_less_often(every_s: float = CLEANUP_EVERY_S) -> bool:
         return True
     in_status_read = threading.local()
     lock = threading.Lock()
-    last_sweep = [-float("inf")]
+    last_sweep: dict[int, float] = {}  # per state object: two databases in one process do not throttle each other
 
     @functools.wraps(sweep)
     def sweep_unless_recent(self: Any) -> None:
         if getattr(in_status_read, "active", False):
             with lock:
-                now = time.monotonic()
-                if now - last_sweep[0] < every_s:
+                if time.monotonic() - last_sweep.get(id(self), -float("inf")) < every_s:
                     return
-                last_sweep[0] = now
-        else:
-            with lock:
-                last_sweep[0] = time.monotonic()
         sweep(self)
+        with lock:  # only a sweep that ran counts (one that raised is tried again on the next read)
+            last_sweep[id(self)] = time.monotonic()
 
     @functools.wraps(read)
     def get_run_status(self: Any, *args: Any, **kwargs: Any) -> Any:
+        outer = getattr(in_status_read, "active", False)
         in_status_read.active = True
         try:
             return read(self, *args, **kwargs)
         finally:
-            in_status_read.active = False
+            in_status_read.active = outer
 
     setattr(get_run_status, _WRAPPED, True)
     setattr(SqlLinkState, _SWEEP, sweep_unless_recent)

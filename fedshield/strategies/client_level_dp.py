@@ -55,9 +55,9 @@ from ..privacy.client_level_mechanism import (
     clip_update,
     effective_noise_multiplier,
 )
+from ..records_view import array_records, metric_records
 from .outcomes import ReleaseEvent, RoundOutcomes
 from .wrapper import StrategyWrapper
-from ..records_view import array_records, metric_records
 
 __all__ = ["ClientLevelDP", "ReleaseEvent"]
 

@@ -13,8 +13,8 @@ from flwr.serverapp.strategy import Strategy
 from .. import protocol as P
 from ..arrays import record_to_numpy
 from ..compression import dequantize_update, is_quantized
-from .wrapper import StrategyWrapper
 from ..records_view import array_records, metric_records
+from .wrapper import StrategyWrapper
 
 __all__ = ["DequantizeUpdates"]
 

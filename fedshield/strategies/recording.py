@@ -33,10 +33,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from .. import protocol as P
+from ..records_view import array_records, config_records, metric_records
 from .clear_values import check_clear_metrics
 from .outcomes import RoundOutcomes
 from .wrapper import StrategyWrapper
-from ..records_view import array_records, config_records, metric_records
 
 __all__ = ["RecordingStrategy"]
 

@@ -39,13 +39,9 @@ from numpy.typing import NDArray
 from ..flower_internals.serverapp import InconsistentMessageReplies, log
 from ..arrays import array_record, to_numpy
 from ..errors import ProtocolError
-from ..protocol import MALFORMED_REPLY_CODE, REJECTED
-from ..wire import pack_content, unpack_content
+from ..protocol import HELD_PULL_S, MALFORMED_REPLY_CODE, REJECTED
 from ..records_view import array_records, metric_records
-
-#: A pull that took this long was held by the SuperLink (:mod:`fedshield.flower_internals.held_pulls`) until a reply
-#: came or its hold ended: pull again at once. Flower's own SuperLink answers in milliseconds.
-HELD_PULL_S = 0.5
+from ..wire import pack_content, unpack_content
 
 __all__ = ["WeightedSum", "StreamingFedAvg", "StreamingGrid"]
 
@@ -228,7 +224,7 @@ class StreamingGrid(Grid):
         while pending and (deadline is None or time.monotonic() < deadline):
             asked = time.monotonic()
             arrived = [_unpacked(m) for m in self._grid.pull_messages(set(pending))]
-            held = time.monotonic() - asked >= HELD_PULL_S  # the SuperLink held it: it waited for a reply already
+            held = time.monotonic() - asked >= HELD_PULL_S  # about the SuperLink's hold: it waited for a reply
             pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
             if arrived:
                 quick_until = time.monotonic() + self.quick_window

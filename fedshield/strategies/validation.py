@@ -33,10 +33,10 @@ from .. import protocol as P
 from ..arrays import to_numpy
 from ..errors import ConfigError
 from ..protocol import REJECTED
+from ..records_view import array_records, metric_records
 from .clear_values import DEFAULT_MAX_WEIGHT, check_clear_metrics, drop_bad_received, usable_metrics
 from .outcomes import RoundOutcomes
 from .wrapper import StrategyWrapper
-from ..records_view import array_records, metric_records
 
 __all__ = ["REJECTED", "UpdateValidation", "check_reply"]
 
