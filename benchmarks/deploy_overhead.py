@@ -31,8 +31,10 @@ poll intervals, no warm worker: ``--flower-polling --no-worker``), so fedshield 
 the same invocation.
 
 ``--before`` (for every N, or for those listed) also runs the same four on a second set of processes as fedshield
-ran them before the CPU cuts of 2026-12-03 (commit f22ea59: a ``flwr list`` process per status check, every
-SuperExec polling for tasks every 0.1 s), so before and after come from one invocation.
+ran them before the held pulls of 2026-12-05 (``FEDSHIELD_HELD_PULLS=0``: the SuperLink answers every pull at once
+and the SuperNodes and the ServerApp poll; ``FEDSHIELD_SWEEP_LESS_OFTEN=0``: Flower's expired-token sweep on every
+Fleet request), so before and after come from one invocation. (Until then it compared with f22ea59's CPU cuts; those
+rows stay in RESULTS.md.)
 
 Every fedshield run starts on fresh site ledgers and must train on every site in every round (else it fails):
 see :func:`fresh_ledgers`. ``CPU s/rnd`` is the CPU time of every process of the deployment (and of this one, where
@@ -214,28 +216,8 @@ def bench(n: int, rounds: int, root: Path, *, worker: bool = True) -> tuple[list
 #: Flower 1.39's own poll intervals (SuperNode idle 3 s, SuperExec 1 s), read by every SuperNode and SuperExec.
 STOCK_ENV = {"FEDSHIELD_SUPERNODE_POLL_S": "3", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0",
              "FEDSHIELD_SUPERNODE_QUICK": "0", "FEDSHIELD_CLIENTAPP_ZYGOTE_ON": "0"}
-#: fedshield before commit f22ea59's successor: every SuperExec (SuperLink's and SuperNodes') polls every 0.1 s.
-BEFORE_ENV = {"FEDSHIELD_SUPEREXEC_WAKE": "0", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
-
-
-@contextmanager
-def status_through_flwr_list() -> Iterator[None]:
-    """The coordinator checks a run's status with a ``flwr list`` process, as before (f22ea59)."""
-    from fedshield.deploy import coordinator
-    from fedshield.deploy.flwr_run import _listed_run
-
-    def cli_status(connection: Any, run_id: int) -> dict[str, Any]:
-        found = _listed_run(connection.run_json(["list", connection.name, "--run-id", str(run_id)]), run_id)
-        if found is None:
-            raise RuntimeError(f"no run {run_id}")
-        return found
-
-    saved = coordinator.run_status
-    coordinator.run_status = cli_status  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        coordinator.run_status = saved
+#: fedshield before the held pulls (read by the SuperLink launcher, fedshield.deploy.superlink_main, at its start).
+BEFORE_ENV = {"FEDSHIELD_HELD_PULLS": "0", "FEDSHIELD_SWEEP_LESS_OFTEN": "0"}
 
 
 @contextmanager
@@ -272,9 +254,8 @@ def main() -> None:
     parser.add_argument("--no-worker", action="store_true",
                         help="train inside each flwr-clientapp process (what the warm worker saves)")
     parser.add_argument("--before", type=int, nargs="*", metavar="N",
-                        help="also run everything as fedshield ran it before the CPU cuts (a flwr list process per "
-                             "status check, SuperExecs polling every 0.1 s) and compare: for every --clients value, "
-                             "or only for the N given")
+                        help="also run everything as fedshield ran it before the held pulls (every pull answered "
+                             "at once, polled) and compare: for every --clients value, or only for the N given")
     parser.add_argument("--flower-polling", action="store_true",
                         help="Flower 1.39's own poll intervals (SuperNode idle 3 s, SuperExec 1 s): stock Flower")
     parser.add_argument("--stock", type=int, nargs="*", metavar="N",
@@ -300,7 +281,7 @@ def main() -> None:
             print_results(n, "", results, work, args.rounds)
             rows += json_rows(n, results, work, args)
             if args.before is not None and (not args.before or n in args.before):
-                with environment(BEFORE_ENV), status_through_flwr_list():
+                with environment(BEFORE_ENV):
                     before, before_work = bench(n, args.rounds, Path(tmp) / "before", worker=not args.no_worker)
                 print_results(n, "before: ", before, before_work, args.rounds)
                 rows += compare_rows(n, results, work, before, before_work, BEFORE_NOTE, "before this change")
@@ -348,7 +329,7 @@ def json_rows(n: int, results: list[Measured], work: float, args: argparse.Names
 STOCK_NOTE = ("median of rounds 2..R; baseline: the same app with Flower's own polling and no warm worker, on its "
               "own processes, in the same invocation")
 BEFORE_NOTE = ("median of rounds 2..R; baseline: the same app on its own processes in the same invocation, as fedshield "
-               "ran it before (f22ea59: a flwr list process per status check, SuperExecs polling every 0.1 s)")
+               "ran it before the held pulls (FEDSHIELD_HELD_PULLS=0, FEDSHIELD_SWEEP_LESS_OFTEN=0)")
 
 
 def compare_rows(n: int, ours: list[Measured], work: float, base: list[Measured], base_work: float, note: str,
