@@ -185,12 +185,13 @@ held_pulls.hold_empty_pulls(hold_s=30.0)
 
 active = SimpleNamespace(is_active=lambda: True)
 task = SimpleNamespace(run_id=ID)
+ours = SimpleNamespace(get_run_info=lambda run_ids: [SimpleNamespace(fab_id="fedshield/fedshield-app")])
 node = PullMessagesRequest(); node.node.node_id = ID
 obj = PullObjectRequest(object_id="ab" * 32); obj.node.node_id = ID
 cases = [  # (held pull, the push that must wake it)
     (lambda: F.PullMessages(None, node, active), lambda: r.push_messages(PushAppMessagesRequest(messages_list=[msg]), None, task)),
     (lambda: m.pull_object(obj, None), lambda: r.push_object(PushObjectRequest(object_id="ab" * 32), None, task)),
-    (lambda: r.pull_messages(PullAppMessagesRequest(), None, task), lambda: m.push_messages(PushMessagesRequest(messages_list=[msg]), None)),
+    (lambda: r.pull_messages(PullAppMessagesRequest(), ours, task), lambda: m.push_messages(PushMessagesRequest(messages_list=[msg]), None)),
     (lambda: r.pull_object(obj, None, task), lambda: m.push_object(PushObjectRequest(object_id="ab" * 32), None)),
 ]
 for pull, push in cases:
@@ -200,6 +201,12 @@ for pull, push in cases:
     answer = out["answer"]
     assert getattr(answer, "messages_list", None) or getattr(answer, "object_available", False), answer
     assert out["took"] < 20, out  # woken by the push, not by the 30 s hold
+calls.pop("rt_pull")  # a stock Flower ServerApp's reply pull (another app id) is answered at once: it sleeps 3 s after
+stock = SimpleNamespace(get_run_info=lambda run_ids: [SimpleNamespace(fab_id="flwrlabs/echo")])
+start = time.monotonic()
+assert not r.pull_messages(PullAppMessagesRequest(), stock, SimpleNamespace(run_id=7)).messages_list
+assert time.monotonic() - start < 20 and calls["rt_pull"] == 1
+calls["rt_pull"] = 2
 print("ok", sorted(calls.items()))
 """
 
@@ -207,7 +214,8 @@ print("ok", sorted(calls.items()))
 def test_each_push_wakes_the_pull_held_for_it(tmp_path: Path) -> None:
     """In a fresh process, Flower's handlers scripted (empty, then the message or object): each of the four held
     pulls, with node and run ids above 2**63, is answered when the matching push runs, not when its 30 s hold ends.
-    Fails if a wake key does not match its wait key (a node id taken from the wrong field, another run id)."""
+    Fails if a wake key does not match its wait key (a node id taken from the wrong field, another run id). A reply
+    pull of a run whose app is not fedshield's is not held."""
     out = subprocess.run([sys.executable, "-c", WAKE_CODE], capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert out.stdout.startswith("ok"), out.stdout + out.stderr
     assert "('fleet_obj', 2), ('fleet_pull', 2), ('rt_obj', 2), ('rt_pull', 2)" in out.stdout  # each pulled again once
