@@ -83,6 +83,21 @@ def test_a_push_stored_while_the_pull_runs_is_not_missed() -> None:
     assert len(calls) == 2 and time.monotonic() - start < 25
 
 
+def test_a_wake_that_finds_nothing_waits_on_to_the_end_of_the_hold() -> None:
+    """A push that stored nothing (a bogus or late reply from a registered site) wakes the pull; it pulls, finds
+    nothing, and waits again for a real arrival or the end of its hold, instead of answering empty at once."""
+    arrivals = Arrivals(8)
+    calls, pull = _scripted([[], [], ["message"]], during_first=lambda: arrivals.notify([("ins", 4)]))
+    real = threading.Timer(0.3, arrivals.notify, [[("ins", 4)]])
+    real.start()
+    assert _held(pull, arrivals, hold_s=30.0)(4, None) == ["message"] and len(calls) == 3
+    real.join()
+    calls, pull = _scripted([[], []], during_first=lambda: arrivals.notify([("ins", 4)]))
+    start = time.monotonic()
+    assert _held(pull, arrivals, hold_s=0.3)(4, None) == [] and len(calls) == 2
+    assert time.monotonic() - start >= 0.3  # the spurious wake did not end the hold
+
+
 def test_a_pull_with_an_answer_a_timed_out_hold_and_a_gone_caller_are_each_pulled_once() -> None:
     arrivals = Arrivals(8)
     calls, pull = _scripted([["now"]])
@@ -160,14 +175,15 @@ from flwr.server.superlink.fleet.message_handler import message_handler as m
 from flwr.superlink.servicer.runtime import runtime_handlers as r
 from fedshield.flower_internals import held_pulls
 
-ID = 2**64 - 5  # uint64 ids above 2**63 (Flower stores them as sint64)
-calls = {}
+NODE, RUN = 2**64 - 5, 2**64 - 11  # uint64 ids above 2**63 (Flower stores them as sint64), told apart
+calls, asked = {}, threading.Event()
 def scripted(name, empty, full):
     def pull(*args):  # each pull: empty the first time, then the message or object
         calls[name] = calls.get(name, 0) + 1
+        asked.set()  # the wrapper has registered its watch before this first pull
         return empty if calls[name] == 1 else full
     return pull
-msg = Message(); msg.metadata.dst_node_id = ID; msg.metadata.run_id = ID
+msg = Message(); msg.metadata.dst_node_id = NODE; msg.metadata.src_node_id = RUN; msg.metadata.run_id = RUN
 flower = dict(  # Flower's handlers, scripted, with their own parameter names
     fleet_pull=lambda self, request, context: scripted("fleet_pull", PullMessagesResponse(),
                                                        PullMessagesResponse(messages_list=[msg]))(),
@@ -184,10 +200,10 @@ r.push_messages = r.push_object = lambda request, state, task: None
 held_pulls.hold_empty_pulls(hold_s=30.0)
 
 active = SimpleNamespace(is_active=lambda: True)
-task = SimpleNamespace(run_id=ID)
+task = SimpleNamespace(run_id=RUN)
 ours = SimpleNamespace(get_run_info=lambda run_ids: [SimpleNamespace(fab_id="fedshield/fedshield-app")])
-node = PullMessagesRequest(); node.node.node_id = ID
-obj = PullObjectRequest(object_id="ab" * 32); obj.node.node_id = ID
+node = PullMessagesRequest(); node.node.node_id = NODE
+obj = PullObjectRequest(object_id="ab" * 32); obj.node.node_id = NODE
 cases = [  # (held pull, the push that must wake it)
     (lambda: F.PullMessages(None, node, active), lambda: r.push_messages(PushAppMessagesRequest(messages_list=[msg]), None, task)),
     (lambda: m.pull_object(obj, None), lambda: r.push_object(PushObjectRequest(object_id="ab" * 32), None, task)),
@@ -197,12 +213,12 @@ cases = [  # (held pull, the push that must wake it)
 for pull, push in cases:
     out = {}
     t = threading.Thread(target=lambda: out.update(answer=pull(), took=time.monotonic() - start))
-    start = time.monotonic(); t.start(); time.sleep(0.3); push(); t.join(60)
+    asked.clear(); start = time.monotonic(); t.start(); assert asked.wait(60); push(); t.join(60)
     answer = out["answer"]
     assert getattr(answer, "messages_list", None) or getattr(answer, "object_available", False), answer
     assert out["took"] < 20, out  # woken by the push, not by the 30 s hold
 calls.pop("rt_pull")  # a stock Flower ServerApp's reply pull (another app id) is answered at once: it sleeps 3 s after
-stock = SimpleNamespace(get_run_info=lambda run_ids: [SimpleNamespace(fab_id="flwrlabs/echo")])
+stock = SimpleNamespace(get_run_info=lambda run_ids: [SimpleNamespace(fab_id="fedshield/echo-app")])  # our echo test app
 start = time.monotonic()
 assert not r.pull_messages(PullAppMessagesRequest(), stock, SimpleNamespace(run_id=7)).messages_list
 assert time.monotonic() - start < 20 and calls["rt_pull"] == 1
@@ -214,8 +230,9 @@ print("ok", sorted(calls.items()))
 def test_each_push_wakes_the_pull_held_for_it(tmp_path: Path) -> None:
     """In a fresh process, Flower's handlers scripted (empty, then the message or object): each of the four held
     pulls, with node and run ids above 2**63, is answered when the matching push runs, not when its 30 s hold ends.
-    Fails if a wake key does not match its wait key (a node id taken from the wrong field, another run id). A reply
-    pull of a run whose app is not fedshield's is not held."""
+    Fails if a wake key does not match its wait key (a node id taken from the wrong field, the run id for a node id):
+    the node id, the run id and the reply's source node id all differ. A reply pull of a run whose app is not
+    fedshield's is not held."""
     out = subprocess.run([sys.executable, "-c", WAKE_CODE], capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert out.stdout.startswith("ok"), out.stdout + out.stderr
     assert "('fleet_obj', 2), ('fleet_pull', 2), ('rt_obj', 2), ('rt_pull', 2)" in out.stdout  # each pulled again once

@@ -90,7 +90,8 @@ class CappedSleepClock:
     BUSY_S = 30.0
     #: An empty pull that took about the SuperLink's hold was held (:mod:`fedshield.flower_internals.held_pulls`):
     #: it already waited for a message, so the node pulls again at once. A SuperLink that answers at once (Flower's)
-    #: takes milliseconds, and the node sleeps as above.
+    #: takes milliseconds, and the node sleeps as above. The clock sees only sleeps, so what it times is everything
+    #: since the last one: the pull, and a reply pushed just before it (then, on Flower's SuperLink, one extra pull).
     HELD_PULL_S = _HELD_PULL_S
 
     def __init__(self, cap: float, clock: ModuleType = time, *, quick: bool = False) -> None:

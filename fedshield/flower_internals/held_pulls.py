@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -126,9 +127,12 @@ def _held(pull: Callable[..., Any], arrivals: Arrivals, key: Callable[[Any], tup
             return pull(*args, **kwargs)
         with arrivals.watch(*key(named)) as arrived:
             response = pull(*args, **kwargs)
-            if arrived is None or not empty(response):
+            if arrived is None:
                 return response
-            if arrived.wait(hold_s) and still_wanted(named):
+            deadline = time.monotonic() + hold_s
+            # A wake that finds nothing (a push that stored nothing: a bogus or late reply) waits on to the deadline.
+            while empty(response) and arrived.wait(max(0.0, deadline - time.monotonic())) and still_wanted(named):
+                arrived.clear()  # before the pull: a push during it sets the event again
                 response = pull(*args, **kwargs)
             return response
 
@@ -209,12 +213,15 @@ def _pulls_again(named: Any) -> bool:
     run_id = named["task"].run_id
     if run_id not in _FEDSHIELD_RUN:
         runs = named["state"].get_run_info(run_ids=[run_id])
-        _FEDSHIELD_RUN[run_id] = bool(runs) and str(runs[0].fab_id).startswith(FEDSHIELD_PUBLISHER)
+        if not runs:
+            return False  # not cached: a run not stored yet is asked again next time
+        _FEDSHIELD_RUN[run_id] = str(runs[0].fab_id) in FEDSHIELD_APPS
     return _FEDSHIELD_RUN[run_id]
 
 
-#: fedshield's apps' id prefix (``[tool.flwr.app] publisher``: ``fedshield/fedshield-app``, ``fedshield/fedshield``).
-FEDSHIELD_PUBLISHER = "fedshield/"
+#: fedshield's app ids (``publisher/name``): the bundle ``fedshield server`` submits (``fedshield/flower_app``) and
+#: the repository's own ``pyproject.toml`` (``flwr run .``). Our test apps share the publisher, not the name.
+FEDSHIELD_APPS = frozenset({"fedshield/fedshield-app", "fedshield/fedshield"})
 _FEDSHIELD_RUN: dict[int, bool] = {}
 #: What the wrappers read from each handler's arguments.
 _FLEET_PULL_ARGS = ("request", "context")

@@ -1,8 +1,8 @@
 """The SuperLink's SQL state: the housekeeping Flower 1.39 runs on every Fleet request, run at most every
 :data:`CLEANUP_EVERY_S` seconds there instead.
 
-Every Fleet request (each pull or push of a message or object) starts with ``check_abort``, which reads the run's
-status through ``SqlLinkState.get_run_status``, and that first runs ``_cleanup_expired_task_tokens``: two SQL
+Each Fleet push of a reply, push or pull of an object, and receipt confirmation starts with ``check_abort``, which
+reads the run's status through ``SqlLinkState.get_run_status``, and that first runs ``_cleanup_expired_task_tokens``: two SQL
 ``UPDATE`` statements, each a write transaction on the SQLite file, looking for tasks whose heartbeat expired.
 Profiled on 3 sites (2026-12-05, py-spy, 200 Hz over 15 s of SecAgg+ rounds), ``check_abort`` was 21% of the
 SuperLink's busy time and 68% of a node's object pull, for a sweep whose answer changes only when a ServerApp or
@@ -28,6 +28,7 @@ SQL_LINK_STATE = "flwr.server.superlink.linkstate.sql_linkstate:SqlLinkState"
 CLEANUP_EVERY_S = 0.5
 _SWEEP = "_cleanup_expired_task_tokens"
 _WRAPPED = "__fedshield_sweep_throttled__"
+_LAST_SWEEP = "_fedshield_last_token_sweep"
 
 
 def sweep_expired_tokens_less_often(every_s: float = CLEANUP_EVERY_S) -> bool:
@@ -42,17 +43,16 @@ def sweep_expired_tokens_less_often(every_s: float = CLEANUP_EVERY_S) -> bool:
         return True
     in_status_read = threading.local()
     lock = threading.Lock()
-    last_sweep: dict[int, float] = {}  # per state object: two databases in one process do not throttle each other
 
     @functools.wraps(sweep)
     def sweep_unless_recent(self: Any) -> None:
         if getattr(in_status_read, "active", False):
-            with lock:
-                if time.monotonic() - last_sweep.get(id(self), -float("inf")) < every_s:
+            with lock:  # per state object: two databases in one process do not throttle each other
+                if time.monotonic() - getattr(self, _LAST_SWEEP, -float("inf")) < every_s:
                     return
         sweep(self)
         with lock:  # only a sweep that ran counts (one that raised is tried again on the next read)
-            last_sweep[id(self)] = time.monotonic()
+            setattr(self, _LAST_SWEEP, time.monotonic())
 
     @functools.wraps(read)
     def get_run_status(self: Any, *args: Any, **kwargs: Any) -> Any:
