@@ -98,6 +98,23 @@ def test_a_wake_that_finds_nothing_waits_on_to_the_end_of_the_hold() -> None:
     assert time.monotonic() - start >= 0.3  # the spurious wake did not end the hold
 
 
+def test_pushes_that_store_nothing_cannot_keep_a_pull_past_its_hold() -> None:
+    """A site pushing bogus replies under a run's id as fast as the pull repeats (a notify inside every pull): the
+    pull still answers by the end of its hold, not when the pushes stop."""
+    arrivals = Arrivals(8)
+    start = time.monotonic()
+    calls: list[float] = []
+
+    def pull(request: Any, context: Any) -> list[str]:
+        calls.append(time.monotonic())
+        if time.monotonic() - start < 20:  # the pushes go on for 20 s
+            arrivals.notify([("ins", 6)])
+        return []
+
+    assert _held(pull, arrivals, hold_s=0.3)(6, None) == []
+    assert time.monotonic() - start < 10 and len(calls) > 1
+
+
 def test_a_pull_with_an_answer_a_timed_out_hold_and_a_gone_caller_are_each_pulled_once() -> None:
     arrivals = Arrivals(8)
     calls, pull = _scripted([["now"]])

@@ -130,8 +130,12 @@ def _held(pull: Callable[..., Any], arrivals: Arrivals, key: Callable[[Any], tup
             if arrived is None:
                 return response
             deadline = time.monotonic() + hold_s
-            # A wake that finds nothing (a push that stored nothing: a bogus or late reply) waits on to the deadline.
-            while empty(response) and arrived.wait(max(0.0, deadline - time.monotonic())) and still_wanted(named):
+            # A wake that finds nothing (a push that stored nothing: a bogus or late reply) waits on, but never past
+            # the deadline, however many such pushes come.
+            while empty(response):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not arrived.wait(remaining) or not still_wanted(named):
+                    break
                 arrived.clear()  # before the pull: a push during it sets the event again
                 response = pull(*args, **kwargs)
             return response
