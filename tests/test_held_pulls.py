@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -63,15 +64,26 @@ def _held(pull: Any, arrivals: Arrivals, hold_s: float, wanted: bool = True) -> 
                            lambda a: wanted, hold_s)
 
 
+def _notify_after_first_pull(arrivals: Arrivals, topic: Any, calls: list[float]) -> threading.Thread:
+    """A push 0.2 s after the pull has begun (so after its watch is registered), from another thread."""
+    def push() -> None:
+        while not calls:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        arrivals.notify([topic])
+
+    thread = threading.Thread(target=push)
+    thread.start()
+    return thread
+
+
 def test_an_empty_pull_is_answered_again_when_its_topic_is_notified() -> None:
     arrivals = Arrivals(8)
     calls, pull = _scripted([[], ["message"]])
-    waiter = threading.Timer(0.2, arrivals.notify, [[("ins", 7)]])
-    waiter.start()
-    start = time.monotonic()
+    pusher = _notify_after_first_pull(arrivals, ("ins", 7), calls)
     assert _held(pull, arrivals, hold_s=30.0)(7, None) == ["message"]
-    assert len(calls) == 2 and 0.15 < calls[1] - start < 25  # woken by the notify, not by the 30 s hold
-    waiter.join()
+    assert len(calls) == 2 and 0.15 < calls[1] - calls[0] < 25  # woken by the notify, not by the 30 s hold
+    pusher.join()
 
 
 def test_a_push_stored_while_the_pull_runs_is_not_missed() -> None:
@@ -87,11 +99,19 @@ def test_a_wake_that_finds_nothing_waits_on_to_the_end_of_the_hold() -> None:
     """A push that stored nothing (a bogus or late reply from a registered site) wakes the pull; it pulls, finds
     nothing, and waits again for a real arrival or the end of its hold, instead of answering empty at once."""
     arrivals = Arrivals(8)
-    calls, pull = _scripted([[], [], ["message"]], during_first=lambda: arrivals.notify([("ins", 4)]))
-    real = threading.Timer(0.3, arrivals.notify, [[("ins", 4)]])
-    real.start()
+    answers = [[], [], ["message"]]
+    calls: list[float] = []
+
+    def pull(request: Any, context: Any) -> list[str]:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            arrivals.notify([("ins", 4)])  # the spurious push, while the first pull runs
+        if len(calls) == 2:  # the re-pull found nothing; the real push comes 0.2 s later, while it waits on
+            threading.Timer(0.2, arrivals.notify, [[("ins", 4)]]).start()
+        return answers[len(calls) - 1]
+
     assert _held(pull, arrivals, hold_s=30.0)(4, None) == ["message"] and len(calls) == 3
-    real.join()
+    assert calls[2] - calls[1] < 25  # woken by the real push, not by the hold
     calls, pull = _scripted([[], []], during_first=lambda: arrivals.notify([("ins", 4)]))
     start = time.monotonic()
     assert _held(pull, arrivals, hold_s=0.3)(4, None) == [] and len(calls) == 2
@@ -125,6 +145,24 @@ def test_a_pull_with_an_answer_a_timed_out_hold_and_a_gone_caller_are_each_pulle
     start = time.monotonic()
     assert _held(pull, arrivals, hold_s=30.0, wanted=False)(1, None) == [] and len(calls) == 1  # caller went away
     assert time.monotonic() - start < 25 and arrivals.held == 0
+
+
+def test_a_push_that_stored_nothing_wakes_nobody_and_one_that_raised_after_storing_does() -> None:
+    arrivals = Arrivals(8)
+    refused = held_pulls._notifying(lambda request: SimpleNamespace(stored=False), arrivals,
+                                    lambda r: [("obj", r)], stored=lambda response: bool(response.stored))
+    with arrivals.watch(("obj", "x"), 1) as woken:
+        refused("x")
+        assert woken is not None and not woken.is_set()
+
+    def partly(request: Any) -> None:
+        raise RuntimeError("the second message of the batch was malformed")
+
+    batch = held_pulls._notifying(partly, arrivals, lambda r: [("ins", r)])
+    with arrivals.watch(("ins", 9), 9) as woken:
+        with pytest.raises(RuntimeError):
+            batch(9)
+        assert woken is not None and woken.is_set()
 
 
 def test_a_pull_over_the_cap_is_answered_at_once() -> None:
@@ -192,7 +230,7 @@ from flwr.server.superlink.fleet.message_handler import message_handler as m
 from flwr.superlink.servicer.runtime import runtime_handlers as r
 from fedshield.flower_internals import held_pulls
 
-NODE, RUN = 2**64 - 5, 2**64 - 11  # uint64 ids above 2**63 (Flower stores them as sint64), told apart
+NODE, RUN, SOURCE = 2**64 - 5, 2**64 - 11, 2**64 - 17  # uint64 ids above 2**63 (Flower stores sint64), told apart
 calls, asked = {}, threading.Event()
 def scripted(name, empty, full):
     def pull(*args):  # each pull: empty the first time, then the message or object
@@ -200,7 +238,7 @@ def scripted(name, empty, full):
         asked.set()  # the wrapper has registered its watch before this first pull
         return empty if calls[name] == 1 else full
     return pull
-msg = Message(); msg.metadata.dst_node_id = NODE; msg.metadata.src_node_id = RUN; msg.metadata.run_id = RUN
+msg = Message(); msg.metadata.dst_node_id = NODE; msg.metadata.src_node_id = SOURCE; msg.metadata.run_id = RUN
 flower = dict(  # Flower's handlers, scripted, with their own parameter names
     fleet_pull=lambda self, request, context: scripted("fleet_pull", PullMessagesResponse(),
                                                        PullMessagesResponse(messages_list=[msg]))(),
@@ -264,6 +302,7 @@ def test_the_installed_superlink_handlers_are_held_and_notify(tmp_path: Path) ->
         "from flwr.server.superlink.fleet.message_handler import message_handler as m\n"
         "from flwr.superlink.servicer.runtime import runtime_handlers as r\n"
         "a = hold_empty_pulls(); assert hold_empty_pulls() == a\n"
+        "assert (a[0].max_held, a[1].max_held, a[0].per_caller) == (256, 8, 3), a  # the caps THREAT-MODEL cites\n"
         "for f in (F.PullMessages, m.pull_object, m.push_messages, m.push_object, r.pull_messages, r.pull_object,\n"
         "          r.push_messages, r.push_object):\n"
         "    assert getattr(f, _WRAPPED, False), f\n"

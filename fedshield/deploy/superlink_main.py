@@ -59,7 +59,7 @@ def _hold_empty_pulls() -> None:
 
     try:
         hold_empty_pulls(PULL_HOLD_S)
-    except (ImportError, AttributeError) as err:
+    except (ImportError, AttributeError, TypeError) as err:
         import warnings
 
         warnings.warn(f"fedshield: the SuperLink answers every pull at once, as Flower does ({err})", RuntimeWarning,

@@ -23,7 +23,8 @@ has 1000, uvicorn's thread pool 40): the worst case is the polling of before. A 
 (cancelled, reset, past its deadline) while held is not pulled again, so no instruction is claimed for it; a
 connection that died silently still looks alive to gRPC, and an instruction stored during the last second of its
 hold is then claimed for nobody, as one pulled just before a silent death always was (Flower has no delivery
-acknowledgement for that pull); the round then waits for that node as for any node that went away.
+acknowledgement for that pull); the round then waits for that node as for any node that went away. A held Runtime
+reply pull whose ServerApp went away is pulled again, and Flower deletes what it answers: that run has stopped.
 
 Some pulls are ended by no push and wait their whole hold: a reply the SuperLink itself makes up when it is read (a
 message's TTL passed, its node went offline), an object whose push session expired, an instruction for the
@@ -144,16 +145,21 @@ def _held(pull: Callable[..., Any], arrivals: Arrivals, key: Callable[[Any], tup
     return held_pull
 
 
-def _notifying(push: Callable[..., Any], arrivals: Arrivals, keys: Callable[[Any], Iterable[Hashable]]
-               ) -> Callable[..., Any]:
-    """``push`` that, once it has stored its messages, wakes the pulls waiting for them."""
+def _notifying(push: Callable[..., Any], arrivals: Arrivals, keys: Callable[[Any], Iterable[Hashable]],
+               stored: Callable[[Any], bool] = lambda response: True) -> Callable[..., Any]:
+    """``push`` that, once it has stored its messages, wakes the pulls waiting for them: also when it raised after
+    storing some of them (a batch), never when its answer says nothing was ``stored``."""
     signature = inspect.signature(push)
 
     @functools.wraps(push)
     def push_and_notify(*args: Any, **kwargs: Any) -> Any:
-        response = push(*args, **kwargs)
-        arrivals.notify(keys(signature.bind(*args, **kwargs).arguments["request"]))
-        return response
+        response = None
+        try:
+            response = push(*args, **kwargs)
+            return response
+        finally:
+            if response is None or stored(response):
+                arrivals.notify(keys(signature.bind(*args, **kwargs).arguments["request"]))
 
     setattr(push_and_notify, _WRAPPED, True)
     return push_and_notify
@@ -198,10 +204,13 @@ def hold_empty_pulls(hold_s: float = 1.0, max_held: int = 256) -> tuple[Arrivals
         # What wakes them: the ServerApp storing instructions and their objects, a node storing replies and theirs.
         (runtime_api, "push_messages"): _notifying(runtime_api.push_messages, fleet, lambda r: [
             ("ins", m.metadata.dst_node_id) for m in r.messages_list]),
-        (runtime_api, "push_object"): _notifying(runtime_api.push_object, fleet, lambda r: [("obj", r.object_id)]),
+        (runtime_api, "push_object"): _notifying(runtime_api.push_object, fleet, lambda r: [("obj", r.object_id)],
+                                                 stored=lambda response: bool(response.stored)),
+        # Flower's Fleet handler stores a node's first message only: only its run is woken.
         (fleet_api, "push_messages"): _notifying(fleet_api.push_messages, runtime, lambda r: [
-            ("res", m.metadata.run_id) for m in r.messages_list]),
-        (fleet_api, "push_object"): _notifying(fleet_api.push_object, runtime, lambda r: [("obj", r.object_id)]),
+            ("res", m.metadata.run_id) for m in r.messages_list[:1]]),
+        (fleet_api, "push_object"): _notifying(fleet_api.push_object, runtime, lambda r: [("obj", r.object_id)],
+                                               stored=lambda response: bool(response.stored)),
     }
     for (owner, name), wrapper in replaced.items():
         setattr(owner, name, wrapper)
@@ -216,7 +225,10 @@ def _pulls_again(named: Any) -> bool:
     changes (cached per run)."""
     run_id = named["task"].run_id
     if run_id not in _FEDSHIELD_RUN:
-        runs = named["state"].get_run_info(run_ids=[run_id])
+        try:
+            runs = named["state"].get_run_info(run_ids=[run_id])
+        except Exception:  # noqa: BLE001  Flower's state moved: answer at once, as Flower does (never fail the pull)
+            return False
         if not runs:
             return False  # not cached: a run not stored yet is asked again next time
         _FEDSHIELD_RUN[run_id] = str(runs[0].fab_id) in FEDSHIELD_APPS

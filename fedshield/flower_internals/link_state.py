@@ -1,9 +1,10 @@
 """The SuperLink's SQL state: the housekeeping Flower 1.39 runs on every Fleet request, run at most every
 :data:`CLEANUP_EVERY_S` seconds there instead.
 
-Each Fleet push of a reply, push or pull of an object, and receipt confirmation starts with ``check_abort``, which
+Each Fleet push of a reply, push or pull of an object, receipt confirmation, ``GetRun`` and ``GetFab`` starts with
+``check_abort``, which
 reads the run's status through ``SqlLinkState.get_run_status``, and that first runs ``_cleanup_expired_task_tokens``: two SQL
-``UPDATE`` statements, each a write transaction on the SQLite file, looking for tasks whose heartbeat expired.
+``UPDATE`` statements in one write transaction on the SQLite file, looking for tasks whose heartbeat expired.
 Profiled on 3 sites (2026-12-05, py-spy, 200 Hz over 15 s of SecAgg+ rounds), ``check_abort`` was 21% of the
 SuperLink's busy time and 68% of a node's object pull, for a sweep whose answer changes only when a ServerApp or
 ClientApp stops heartbeating (Flower's task heartbeats are tens of seconds apart).
