@@ -180,9 +180,7 @@ def hold_empty_pulls(hold_s: float = 1.0, max_held: int = 256) -> tuple[Arrivals
               (runtime_api, "push_messages"): ("request",), (runtime_api, "push_object"): ("request",)}
     if all(getattr(getattr(owner, name), _WRAPPED, False) for owner, name in pieces):
         return _INSTALLED[0], _INSTALLED[1]
-    for (owner, name), args in pieces.items():
-        if not set(args) <= set(inspect.signature(getattr(owner, name)).parameters):
-            raise TypeError(f"{owner.__name__}.{name} no longer takes {', '.join(args)}")
+    _check_arguments(pieces)
     fleet, runtime = Arrivals(max_held), Arrivals(min(max_held, RUNTIME_MAX_HELD))
     no_messages, unavailable = (lambda r: not r.messages_list), (lambda r: r.object_found and not r.object_available)
     node_still_there, anyway = (lambda a: a["context"].is_active()), (lambda a: True)
@@ -216,6 +214,13 @@ def hold_empty_pulls(hold_s: float = 1.0, max_held: int = 256) -> tuple[Arrivals
         setattr(owner, name, wrapper)
     _INSTALLED[:] = [fleet, runtime]
     return fleet, runtime
+
+
+def _check_arguments(pieces: dict[tuple[Any, str], tuple[str, ...]]) -> None:
+    """``TypeError`` naming the first handler that no longer takes the arguments the wrappers read."""
+    for (owner, name), args in pieces.items():
+        if not set(args) <= set(inspect.signature(getattr(owner, name)).parameters):
+            raise TypeError(f"{owner.__name__}.{name} no longer takes {', '.join(args)}")
 
 
 def _pulls_again(named: Any) -> bool:
