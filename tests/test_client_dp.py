@@ -22,6 +22,7 @@ from fedshield.privacy.client_level_mechanism import (
     add_gaussian_noise,
     calibrate_client_noise,
     clip_update,
+    clip_vector,
     client_level_epsilon,
     effective_noise_multiplier,
     noise_std_share,
@@ -97,6 +98,36 @@ def test_clip_rejects_what_it_cannot_clip() -> None:
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ConfigError, match="clip norm must be a finite number > 0"):
             clip_update({"a": np.ones(2)}, clip_norm=bad)
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 6090, 100_003])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3, 1e150])
+def test_the_flat_clip_keeps_the_bound_and_agrees_with_the_per_tensor_one(size: int, scale: float) -> None:
+    """The server clips each reply as one flat vector (``clip_vector``): the bound holds exactly, the direction is
+    kept, and it is the per-tensor clip of the same update up to float rounding."""
+    clip = 0.5
+    vector = scale * np.random.default_rng(size).normal(size=size)
+    original = vector.copy()
+    clipped, norm = clip_vector(vector, clip_norm=clip)
+    np.testing.assert_array_equal(vector, original)  # input untouched
+    assert clipped.dtype == np.float64 and clipped.shape == (size,)
+    assert math.sqrt(float(np.dot(clipped, clipped))) <= clip
+    per_tensor, per_norm = clip_update({"a": vector[: size // 3], "b": vector[size // 3:]}, clip_norm=clip)
+    assert norm == pytest.approx(per_norm, rel=1e-12)
+    np.testing.assert_allclose(clipped, np.concatenate([per_tensor["a"], per_tensor["b"]]), rtol=1e-6, atol=0)
+    if norm <= clip:
+        assert clipped is vector  # nothing to scale: no copy
+
+
+def test_the_flat_clip_rejects_what_it_cannot_clip() -> None:
+    with pytest.raises(PrivacyError, match="NaN or infinity"):
+        clip_vector(np.array([1.0, np.inf]), clip_norm=1.0)
+    with pytest.raises(PrivacyError, match="flat float64"):
+        clip_vector(np.ones(3, dtype=np.float32), clip_norm=1.0)
+    with pytest.raises(PrivacyError, match="flat float64"):
+        clip_vector(np.ones((2, 2)), clip_norm=1.0)
+    with pytest.raises(ConfigError, match="clip norm must be a finite number > 0"):
+        clip_vector(np.ones(2), clip_norm=0.0)
 
 
 # --- noise ---------------------------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ from fedshield.dataspec import Dataset
 from fedshield.privacy.client_level_mechanism import clip_update
 from fedshield.training import make_generator, train_plain
 from fedshield.server.report import PrivacyReport, recompute_client_epsilon
-from fedshield.strategies.client_level_dp import ClientLevelDP, ReleaseEvent
+from fedshield.errors import ProtocolError
+from fedshield.flower_internals.serverapp import aggregate_metricrecords
+from fedshield.strategies.client_level_dp import ClientLevelDP, ReleaseEvent, _average_metrics
 from fedshield.tasks import get_task
 
 from _grid import FakeGrid
@@ -52,6 +54,33 @@ def test_central_mode_releases_the_mean_of_clipped_updates_ignoring_weights() ->
     assert metrics["train-loss"] == pytest.approx(0.5)
     assert dp.last_event == ReleaseEvent(1, 1.0, 1.0, 5.0, 5.0, clipped=5)
     assert [{k: bytes(a.data) for k, a in r.content[P.ARRAYS].items()} for r in replies] == before
+
+
+def test_the_released_metrics_are_flowers_weighted_average() -> None:
+    """The wrapper averages the replies' metrics itself (Flower's function is slow on the release's critical path):
+    the same numbers as Flower's ``aggregate_metricrecords``, lists included; nothing when a weight is not > 0."""
+    rng = random.Random(0)
+    for _ in range(200):
+        records = [MetricRecord({P.NUM_EXAMPLES: rng.choice([1.0, 3, 7.5]), "loss": rng.random(),
+                                 "steps": rng.randint(0, 10), "per-class": [rng.random() for _ in range(3)]})
+                   for _ in range(rng.randint(1, 6))]
+        want = aggregate_metricrecords([RecordDict({"m": r}) for r in records], P.NUM_EXAMPLES)
+        assert dict(_average_metrics(records, P.NUM_EXAMPLES)) == dict(want)
+    assert dict(_average_metrics([MetricRecord({P.NUM_EXAMPLES: 0.0, "loss": 1.0})], P.NUM_EXAMPLES)) == {}
+    mismatched = [MetricRecord({P.NUM_EXAMPLES: 1.0, "h": [1.0, 2.0]}), MetricRecord({P.NUM_EXAMPLES: 1.0, "h": [1.0]})]
+    assert dict(_average_metrics(mismatched, P.NUM_EXAMPLES)) == {}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_reply_shaped_unlike_the_global_model_is_refused_not_reshaped() -> None:
+    """The fold flattens every reply: a tensor with the global model's size but another shape must not slip in."""
+    dp = ClientLevelDP(FedAvg(min_available_nodes=2, min_train_nodes=2), mode="central", noise_multiplier=1.0,
+                       clip_norm=1.0, num_clients=2, expected_clients=2, noise_source=ZeroNoise())
+    msgs = configure_round(dp, 2)
+    bad = reply_with(msgs[0], {})
+    bad.content[P.ARRAYS]["w"] = Array(GLOBAL["w"].reshape(4, 3))
+    with pytest.raises(ProtocolError, match="has shape"):
+        dp.aggregate_train(1, [reply_with(msgs[1], {}), bad])
 
 
 @pytest.mark.usefixtures("task_identity")

@@ -31,13 +31,13 @@ from logging import INFO, WARNING
 from typing import Any, ClassVar, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from numpy.typing import NDArray
 
 from ..flower_internals.serverapp import InconsistentMessageReplies, log
-from ..arrays import array_record, to_numpy
+from ..arrays import array_record, from_numpy, to_numpy
 from ..errors import ProtocolError
 from ..protocol import HELD_PULL_S, MALFORMED_REPLY_CODE, REJECTED
 from ..records_view import array_records, metric_records
@@ -84,7 +84,7 @@ class WeightedSum:
             raise ZeroDivisionError("total weight is 0: every reply had weight 0")
         out = {}
         for key, total in self._sums.items():
-            out[key] = Array(np.asarray(np.divide(total, self.total_weight), dtype=self._dtypes[key]))
+            out[key] = from_numpy(np.asarray(np.divide(total, self.total_weight), dtype=self._dtypes[key]))
         return array_record(out)
 
 
