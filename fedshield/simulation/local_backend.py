@@ -37,7 +37,8 @@ class LocalBackend(Backend):
 
     @property
     def num_workers(self) -> int:
-        return self._pool.size
+        """Flower's engine runs this many callers: one per slot, so each worker has its next request queued."""
+        return self._pool.slots
 
     def is_worker_idle(self) -> bool:
         return self._pool.has_idle()
