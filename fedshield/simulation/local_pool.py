@@ -1,4 +1,4 @@
-"""The local simulation backend's pool of forked workers, each running the ClientApp for one message at a time.
+"""The local simulation backend's forked workers, each running the ClientApp one message at a time, the next queued.
 
 Why its own module: the pool is forked as early as the simulating process can (right after the ClientApp is
 imported, before Flower's simulation engine and the ServerApp are imported and built), so the workers warm up (the
