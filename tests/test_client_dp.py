@@ -20,6 +20,7 @@ from fedshield.privacy.client_level_mechanism import (
     SecureNormal,
     accounting_sample_rate,
     add_gaussian_noise,
+    add_gaussian_noise_to,
     calibrate_client_noise,
     clip_update,
     clip_vector,
@@ -131,6 +132,20 @@ def test_the_flat_clip_rejects_what_it_cannot_clip() -> None:
 
 
 # --- noise ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 6, 7, 20])
+def test_noise_added_in_place_is_every_draw_in_order_across_chunks(size: int) -> None:
+    """The server noises its sum in place, a chunk of draws at a time: every entry gets exactly one draw, in order,
+    as one draw of the whole vector would give (same seeded source), whatever the chunk boundaries."""
+    vector = np.arange(size, dtype=np.float64)
+    add_gaussian_noise_to(vector, std=2.0, source=np.random.default_rng(5), chunk=3)
+    want = np.arange(size, dtype=np.float64) + 2.0 * np.random.default_rng(5).standard_normal(size)
+    np.testing.assert_array_equal(vector, want)
+    with pytest.raises(PrivacyError, match="flat float64"):
+        add_gaussian_noise_to(np.zeros(3, dtype=np.float32), std=1.0, source=np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="noise std"):
+        add_gaussian_noise_to(np.zeros(3), std=-1.0, source=np.random.default_rng(0))
 
 
 def test_secure_normal_shapes_and_source(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -99,7 +99,7 @@ INTERNALS: tuple[Internal, ...] = (
              "fedshield.deploy.supernode, .site, .superlink, .process", "canary finds each string in Flower's source"),
     Internal("serverapp helpers", "flwr.serverapp.exception:InconsistentMessageReplies, "
              "flwr.serverapp.strategy.strategy_utils:aggregate_metricrecords, flwr.supercore:log",
-             "strategies.streaming, strategies.client_level_dp, deploy.site_clientapp", "canary imports every name"),
+             "strategies.streaming, deploy.site_clientapp", "canary imports every name"),
     Internal("entry points", "flwr.superlink.cli.flower_superlink, flwr.supernode.cli.flower_supernode / "
              "flwr_clientapp", "deploy.superlink_main, supernode_main, clientapp_zygote", "canary imports every name"),
     Internal("SuperExec loop's time", "flwr.supercore.superexec.run_superexec:time, "

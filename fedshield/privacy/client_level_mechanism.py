@@ -7,9 +7,10 @@ the clipped updates, once per round. Accounting is the sampled Gaussian mechanis
 run is ``epsilon([(z, q, rounds)], delta)`` with the same accountants as record-level DP-SGD
 (:mod:`fedshield.privacy.accounting`).
 
-Nothing here mutates its inputs: every function returns new arrays. In-place NumPy on a 0-d array rebinds a name
-instead of writing into the array (Flower 1.39's ``compute_clip_model_update`` leaves 0-d entries unclipped this
-way), so every operation below is out-of-place and checked on 0-d shapes by the tests.
+Nothing here mutates its inputs but :func:`add_gaussian_noise_to`, which adds noise in place to a flat vector its
+caller owns (the server's running sum). In-place NumPy on a 0-d array rebinds a name instead of writing into the
+array (Flower 1.39's ``compute_clip_model_update`` leaves 0-d entries unclipped this way), so every operation on a
+model's arrays below is out-of-place and checked on 0-d shapes by the tests.
 
 Randomness. Noise that protects people must not be predictable. :class:`SecureNormal` (an alias of
 :class:`~fedshield.privacy.secure_noise.SecureGaussian`) draws from a ChaCha20 keystream keyed from ``os.urandom``
@@ -41,6 +42,7 @@ __all__ = [
     "clip_update",
     "clip_vector",
     "add_gaussian_noise",
+    "add_gaussian_noise_to",
     "noise_std_share",
     "effective_noise_multiplier",
     "accounting_sample_rate",
@@ -155,6 +157,28 @@ def add_gaussian_noise(arrays: Arrays, *, std: float, source: NormalSource) -> d
         noise = np.asarray(source.standard_normal(src.shape), dtype=np.float64)
         out[key] = np.asarray(src.astype(np.float64) + std * noise, dtype=src.dtype)
     return out
+
+
+def add_gaussian_noise_to(vector: NDArray[np.float64], *, std: float, source: NormalSource,
+                          chunk: int = 1 << 20) -> None:
+    """Add independent N(0, std^2) noise from ``source`` to every entry of the flat float64 ``vector``, in place,
+    ``chunk`` draws at a time.
+
+    Why in place: the server's noisy sum of a large model (100M parameters) would otherwise hold the noise, a copy of
+    the sum and the result at once, 2.4 GB of float64 where one chunk's draws suffice.
+
+    Raises:
+        ConfigError: ``std`` is negative or not finite.
+        PrivacyError: ``vector`` is not a flat float64 vector.
+    """
+    if not (isinstance(std, (int, float)) and std >= 0 and math.isfinite(std)):
+        raise ConfigError(f"noise std must be a finite number >= 0, got {std!r}")
+    if vector.dtype != np.float64 or vector.ndim != 1:
+        raise PrivacyError(f"add_gaussian_noise_to takes a flat float64 vector, got {vector.dtype} of shape "
+                           f"{vector.shape}")
+    for start in range(0, vector.size, chunk):
+        part = vector[start : start + chunk]
+        part += std * np.asarray(source.standard_normal(part.shape), dtype=np.float64)
 
 
 def noise_std_share(*, noise_multiplier: float, clip_norm: float, expected_clients: float) -> float:

@@ -136,7 +136,7 @@ class _Worker:
 
 
 class LocalPool:
-    """N forked workers lent out one message at a time; :meth:`close` ends them (idempotent)."""
+    """N forked workers, each lent up to :data:`DEPTH` messages at once; :meth:`close` ends them (idempotent)."""
 
     def __init__(self, app: ClientApp, *, workers: int, threads: int, preload: tuple[str, ...] = PRELOAD,
                  warm: tuple[str, ...] = WARM_IMPORTS) -> None:
@@ -179,7 +179,7 @@ class LocalPool:
         self._alive[pid] = _Worker(pid, parent_end)
 
     def run(self, message: Message, context: Context) -> tuple[Message, Context]:
-        """Run the ClientApp on one idle worker; raise :class:`ClientAppRaised` if it raised."""
+        """Run the ClientApp on a worker (an idle one if there is one); raise :class:`ClientAppRaised` if it raised."""
         request = pair(encode_message(message, remember=True), encode_context(context))
         while True:
             worker = self._lend()
@@ -190,6 +190,9 @@ class LocalPool:
                 self._bury(worker, exc)
             except (EOFError, OSError) as exc:
                 raise self._bury(worker, exc) from exc
+            except BaseException as exc:  # a reply that could not be read (no memory for it): the socket's state
+                self._bury(worker, exc)   # is unknown, so nothing more is sent to this worker
+                raise
             finally:
                 self._give_back(worker)
         if reply[:len(OK)] != OK:
@@ -225,10 +228,10 @@ class LocalPool:
             closing = self._closed
             self._free.notify_all()  # a caller waiting for a slot re-checks what is left
         worker.hang_up()
-        if buried:
-            return FedshieldError(f"the local worker {worker.pid} running this ClientApp died ({exc!r})")
         if closing:  # close() hung up on a worker in the middle of a message: the run is ending, not the worker
             return FedshieldError(f"the local worker {worker.pid} was stopped with the run ({exc!r})")
+        if buried:
+            return FedshieldError(f"the local worker {worker.pid} running this ClientApp died ({exc!r})")
         status = _reap(worker.pid, wait_s=1.0)
         log.error("local simulation worker %d died (%s) while running a ClientApp; %d workers remain",
                   worker.pid, status, len(self._alive))

@@ -50,7 +50,7 @@ from ..privacy.client_level_mechanism import (
     NormalSource,
     SecureNormal,
     accounting_sample_rate,
-    add_gaussian_noise,
+    add_gaussian_noise_to,
     clip_vector,
     effective_noise_multiplier,
 )
@@ -199,7 +199,8 @@ class ClientLevelDP(StrategyWrapper):
     def _release(self, server_round: int, fold: _UpdateSum) -> tuple[ReleaseEvent, NDArray[np.float64]]:
         if self.mode == "central":
             z = self.noise_multiplier
-            noisy = add_gaussian_noise({"sum": fold.total}, std=z * self.clip_norm, source=self.noise_source)["sum"]
+            noisy = fold.total  # the fold is done: its sum becomes the release, noised in place
+            add_gaussian_noise_to(noisy, std=z * self.clip_norm, source=self.noise_source)
         else:
             z = effective_noise_multiplier(noise_multiplier=self.noise_multiplier,
                                            expected_clients=self.expected_clients, included_clients=fold.clients)
