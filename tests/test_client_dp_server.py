@@ -16,6 +16,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords  # the reference our average must equal
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedshield import protocol as P
@@ -27,7 +28,6 @@ from fedshield.privacy.client_level_mechanism import clip_update
 from fedshield.training import make_generator, train_plain
 from fedshield.server.report import PrivacyReport, recompute_client_epsilon
 from fedshield.errors import ProtocolError
-from fedshield.flower_internals.serverapp import aggregate_metricrecords
 from fedshield.strategies.client_level_dp import ClientLevelDP, ReleaseEvent, _average_metrics
 from fedshield.tasks import get_task
 

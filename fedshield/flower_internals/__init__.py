@@ -97,8 +97,7 @@ INTERNALS: tuple[Internal, ...] = (
              "v_t, momentum_vector", "fedshield.server.checkpoint", "canary finds each name in Flower's source"),
     Internal("log lines", "SuperNode 'SuperNode ID: N', '[code: 2004]', 'Public key already in use', 'Exit Code: N'",
              "fedshield.deploy.supernode, .site, .superlink, .process", "canary finds each string in Flower's source"),
-    Internal("serverapp helpers", "flwr.serverapp.exception:InconsistentMessageReplies, "
-             "flwr.serverapp.strategy.strategy_utils:aggregate_metricrecords, flwr.supercore:log",
+    Internal("serverapp helpers", "flwr.serverapp.exception:InconsistentMessageReplies, flwr.supercore:log",
              "strategies.streaming, deploy.site_clientapp", "canary imports every name"),
     Internal("entry points", "flwr.superlink.cli.flower_superlink, flwr.supernode.cli.flower_supernode / "
              "flwr_clientapp", "deploy.superlink_main, supernode_main, clientapp_zygote", "canary imports every name"),

@@ -6,10 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from flwr.serverapp.exception import InconsistentMessageReplies as InconsistentMessageReplies
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords as aggregate_metricrecords
 from flwr.supercore import log as log
 
-__all__ = ["HTTP_GRID", "InconsistentMessageReplies", "aggregate_metricrecords", "log", "quicken_serverapp_pulls"]
+__all__ = ["HTTP_GRID", "InconsistentMessageReplies", "log", "quicken_serverapp_pulls"]
 
 #: The module of Flower 1.39's deployment grid; it pulls each reply's objects with ``pull_objects``.
 HTTP_GRID = "flwr.superlink.grid.http_grid"

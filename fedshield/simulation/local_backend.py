@@ -37,10 +37,7 @@ class LocalBackend(Backend):
 
     @property
     def num_workers(self) -> int:
-        """The callers Flower's engine starts: one per slot, so each worker has its next request queued. (Flower
-        runs them on a default ``ThreadPoolExecutor``, at most ``min(32, cores + 4)`` at once: past 4 workers some
-        workers then get no queued request, and run one message at a time as before.)"""
-        return self._pool.slots
+        return self._pool.size
 
     def is_worker_idle(self) -> bool:
         return self._pool.has_idle()

@@ -1,4 +1,4 @@
-"""The local simulation backend's forked workers, each running the ClientApp one message at a time, the next queued.
+"""The local simulation backend's pool of forked workers, each running the ClientApp for one message at a time.
 
 Why its own module: the pool is forked as early as the simulating process can (right after the ClientApp is
 imported, before Flower's simulation engine and the ServerApp are imported and built), so the workers warm up (the
@@ -8,12 +8,11 @@ pool into it.
 
 The pool is forked from the calling thread before any other thread of ours starts (a fork copies only the calling
 thread, so no lock another thread holds can be copied locked), with the modules a ClientApp needs already imported.
-Each worker: one message at a time with the next already queued in its socket (:data:`DEPTH`), torch limited to the
-CPUs Ray would reserve for it, killed by the kernel if the simulating process dies (``PR_SET_PDEATHSIG``), gone
-when the pipe closes. A ClientApp that raises leaves its worker serving; a worker that dies (a crash in native code,
-the OOM killer) fails the message it was running with an error reply and is not replaced (the message queued
-behind it never started, and runs on another worker): the run goes on with the others and fails every later
-message once none is left, each reply naming the cause.
+Each worker: one message at a time, torch limited to the CPUs Ray would reserve for it, killed by the kernel if the
+simulating process dies (``PR_SET_PDEATHSIG``), gone when the pipe closes. A ClientApp that raises leaves its worker
+serving; a worker that dies (a crash in native code, the OOM killer) fails the message it held with an error reply
+and is not replaced: the run goes on with the others and fails every later message once none is left, each reply
+naming the cause.
 """
 
 from __future__ import annotations
@@ -21,20 +20,21 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from ..errors import FedshieldError
 from ..flower_internals.serde import decode_context, decode_message, encode_context, encode_message
-from .local_worker import ERROR, OK, WARM_IMPORTS, FrameReader, child_main, pair, send_frame, split_pair
+from .local_worker import ERROR, OK, WARM_IMPORTS, child_main, pair, recv_frame, send_frame, split_pair
 
 __all__ = ["ClientAppRaised", "LocalPool", "PRELOAD", "PRELOAD_DP", "forked_pool", "pool_size", "server_threads"]
 
@@ -43,10 +43,6 @@ log = logging.getLogger(__name__)
 
 class ClientAppRaised(Exception):
     """The ClientApp raised in a worker; the message is its ``"Type: text"`` (the backend hands it to Flower)."""
-
-
-class _NeverRan(EOFError):
-    """The worker died before it reached this request (an earlier one's reply never came): safe to run elsewhere."""
 
 
 #: Imported once in the simulating process before forking, so no worker imports them again.
@@ -62,68 +58,14 @@ def pool_size(num_clients: int, cpus_per_client: float) -> int:
     return max(1, min(num_clients, int(_cores() // cpus_per_client)))
 
 
-#: Requests a worker holds at once: the one it runs and the next, already in its socket. Why: between two messages
-#: a worker used to wait for this process to read its reply and send the next request, and this process is busy with
-#: the ServerApp and the round's record, whose threads share one GIL: on 2 cores the workers sat idle for 40% of a
-#: simulated round (issue 13). With the next request queued, the worker reads it as soon as its reply is sent.
-DEPTH = 2
-
-
 @dataclass
 class _Worker:
-    """One forked worker's end of the socket: requests go out in order, replies are read back in the same order."""
-
     pid: int
     conn: socket.socket
-    #: Requests lent to this worker whose replies have not been read (the pool's lock guards it).
-    lent: int = 0
-    _sent: int = 0
-    _read: int = 0
-    _failed_at: int | None = None  # the first ticket whose reply could not be read
-    _send_lock: threading.Lock = field(default_factory=threading.Lock)
-    _turn: threading.Condition = field(default_factory=threading.Condition)
-    _replies: FrameReader = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._replies = FrameReader(self.conn)
-
-    def send(self, request: bytes) -> int:
-        """Send one request; its ticket (the order its reply comes back in)."""
-        with self._send_lock:  # one frame at a time on the socket, tickets in the order the frames went out
-            send_frame(self.conn, (request,))  # a closed socket raises OSError (EBADF), never reaches a reused fd
-            self._sent += 1
-            return self._sent - 1
-
-    def receive(self, ticket: int) -> memoryview:
-        """The reply to the request ``ticket``: wait for the earlier replies to be read, then read it.
-
-        Raises :class:`_NeverRan` if an earlier reply could not be read: the worker runs its requests one after the
-        other, so it ended before starting this one."""
-        with self._turn:
-            while self._read != ticket:
-                self._turn.wait()
-            if self._failed_at is not None:
-                self._read += 1
-                self._turn.notify_all()
-                raise _NeverRan(f"worker {self.pid} ended before this request (request {self._failed_at} failed)")
-        try:
-            return self._replies.read()
-        except BaseException:
-            with self._turn:
-                self._failed_at = ticket
-            raise
-        finally:  # the next caller's turn, whatever happened: it reads its reply, or learns it never ran
-            with self._turn:
-                self._read += 1
-                self._turn.notify_all()
 
     def call(self, request: bytes) -> memoryview:
-        """Send ``request``, then read its reply; :class:`_NeverRan` if the worker never got to it."""
-        try:
-            ticket = self.send(request)
-        except OSError as exc:  # the worker is gone (or hung up on): it cannot have run this request
-            raise _NeverRan(f"worker {self.pid} could not take the request: {exc!r}") from exc
-        return self.receive(ticket)
+        send_frame(self.conn, (request,))  # a closed socket raises OSError (EBADF), never reaches a reused fd
+        return recv_frame(self.conn)
 
     def hang_up(self) -> None:
         """Shut the socket down, then close it: a caller blocked on a reply wakes with end-of-file at once (closing
@@ -136,13 +78,13 @@ class _Worker:
 
 
 class LocalPool:
-    """N forked workers, each lent up to :data:`DEPTH` messages at once; :meth:`close` ends them (idempotent)."""
+    """N forked workers lent out one message at a time; :meth:`close` ends them (idempotent)."""
 
     def __init__(self, app: ClientApp, *, workers: int, threads: int, preload: tuple[str, ...] = PRELOAD,
                  warm: tuple[str, ...] = WARM_IMPORTS) -> None:
         self.app, self._warm = app, warm
+        self._idle: queue.Queue[_Worker] = queue.Queue()
         self._lock = threading.Lock()
-        self._free = threading.Condition(self._lock)  # notified when a worker can take one more request
         self._alive: dict[int, _Worker] = {}
         self._closed = False
         for module in preload:
@@ -157,14 +99,8 @@ class LocalPool:
     def pids(self) -> list[int]:
         return sorted(self._alive)
 
-    @property
-    def slots(self) -> int:
-        """Requests the pool takes at once (:data:`DEPTH` per worker): how many callers Flower's engine runs."""
-        return self.size * DEPTH
-
     def has_idle(self) -> bool:
-        with self._lock:
-            return any(w.lent < DEPTH for w in self._alive.values())
+        return not self._idle.empty()
 
     def _fork(self, threads: int) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -176,62 +112,42 @@ class LocalPool:
         if pid == 0:  # the child never returns from here
             child_main(child_end, self.app, threads=threads, parent_pid=parent, close=others, warm=self._warm)
         child_end.close()
-        self._alive[pid] = _Worker(pid, parent_end)
+        worker = _Worker(pid, parent_end)
+        self._alive[pid] = worker
+        self._idle.put(worker)
 
     def run(self, message: Message, context: Context) -> tuple[Message, Context]:
-        """Run the ClientApp on a worker (an idle one if there is one); raise :class:`ClientAppRaised` if it raised."""
+        """Run the ClientApp on one idle worker; raise :class:`ClientAppRaised` if it raised."""
         request = pair(encode_message(message, remember=True), encode_context(context))
-        while True:
-            worker = self._lend()
-            try:
-                reply = worker.call(request)
-                break
-            except _NeverRan as exc:  # queued behind a message that killed its worker: another worker runs it
-                self._bury(worker, exc)
-            except (EOFError, OSError) as exc:
-                raise self._bury(worker, exc) from exc
-            except BaseException as exc:  # a reply that could not be read (no memory for it): the socket's state
-                self._bury(worker, exc)   # is unknown, so nothing more is sent to this worker
-                raise
-            finally:
-                self._give_back(worker)
+        worker = self._lend()
+        try:
+            reply = worker.call(request)
+        except (EOFError, OSError) as exc:
+            raise self._bury(worker, exc) from exc
+        self._idle.put(worker)
         if reply[:len(OK)] != OK:
             raise ClientAppRaised(bytes(reply[len(ERROR):]).decode(errors="replace"))
         message_bytes, context_bytes = split_pair(reply, len(OK))
         return decode_message(message_bytes), decode_context(context_bytes)
 
     def _lend(self) -> _Worker:
-        """An idle worker if there is one, else the least loaded one with a free slot (waits for one)."""
-        with self._free:
-            while True:
-                if self._closed:
-                    raise FedshieldError("the local simulation workers were stopped with the run")
-                if not self._alive:
+        while True:
+            try:
+                return self._idle.get(timeout=1.0)
+            except queue.Empty:
+                if not self._alive or self._closed:
                     raise FedshieldError(
                         "every local simulation worker has died (see the log above for each exit status); "
                         "rerun, or run with --backend ray to isolate clients in Ray actors"
-                    )
-                worker = min(self._alive.values(), key=lambda w: w.lent)
-                if worker.lent < DEPTH:
-                    worker.lent += 1
-                    return worker
-                self._free.wait(timeout=1.0)
-
-    def _give_back(self, worker: _Worker) -> None:
-        with self._free:
-            worker.lent -= 1
-            self._free.notify()
+                    ) from None
 
     def _bury(self, worker: _Worker, exc: BaseException) -> FedshieldError:
         with self._lock:
-            buried = self._alive.pop(worker.pid, None) is None  # its other caller got there first
+            self._alive.pop(worker.pid, None)
             closing = self._closed
-            self._free.notify_all()  # a caller waiting for a slot re-checks what is left
         worker.hang_up()
         if closing:  # close() hung up on a worker in the middle of a message: the run is ending, not the worker
             return FedshieldError(f"the local worker {worker.pid} was stopped with the run ({exc!r})")
-        if buried:
-            return FedshieldError(f"the local worker {worker.pid} running this ClientApp died ({exc!r})")
         status = _reap(worker.pid, wait_s=1.0)
         log.error("local simulation worker %d died (%s) while running a ClientApp; %d workers remain",
                   worker.pid, status, len(self._alive))
@@ -243,7 +159,6 @@ class LocalPool:
         with self._lock:
             self._closed = True
             workers, self._alive = list(self._alive.values()), {}
-            self._free.notify_all()
         for worker in workers:
             worker.hang_up()
         deadline = time.monotonic() + _STOP_WAIT_S

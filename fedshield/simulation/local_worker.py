@@ -5,11 +5,10 @@ engine starts, so torch, Opacus and the ClientApp object are already imported an
 re-import, no object store); the work crosses the process boundary as Flower's own protobuf messages
 (``flwr.common.serde``), never pickle.
 
-Wire (over a Unix socket pair, frames: :func:`send_frame`, :class:`FrameReader`): request :func:`pair`
+Wire (over a Unix socket pair, one frame each way: :func:`send_frame`, :func:`recv_frame`): request :func:`pair`
 ``(Message proto, Context proto)``; reply ``OK`` followed by :func:`pair` ``(Message proto, Context proto)``, or
 ``ERROR`` followed by the reason when the ClientApp raised (the parent turns it into Flower's error reply, as Ray's
-actor does). One reply per request, in the order of the requests; the parent may queue the next request before the
-current reply is read. The worker exits on end-of-file: the parent closed its end, or died.
+actor does). The worker exits on end-of-file: the parent closed its end, or died.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from flwr.clientapp import ClientApp
 from ..flower_internals.serde import decode_context, decode_message, encode_context, encode_message
 from ..forked import exit_forked
 
-__all__ = ["OK", "ERROR", "WARM_IMPORTS", "child_main", "pair", "FrameReader", "send_frame", "serve", "split_pair"]
+__all__ = ["OK", "ERROR", "WARM_IMPORTS", "child_main", "pair", "recv_frame", "send_frame", "serve", "split_pair"]
 
 OK = b"k"
 ERROR = b"e"
@@ -115,46 +114,38 @@ def send_frame(sock: socket.socket, parts: Iterable[bytes | memoryview]) -> None
             views[0] = views[0][sent:]
 
 
-class FrameReader:
-    """Receives :func:`send_frame` frames from one socket, in order.
+def recv_frame(sock: socket.socket) -> memoryview:
+    """Receive one :func:`send_frame` frame: its payload. A message that fits :data:`_FIRST_READ` and was sent in
+    one call comes in one ``recv``; a larger one is received into one buffer of its size. ``EOFError`` when the peer
+    closed before a whole frame; ``OSError`` for bytes read past the frame (one call is in flight at a time)."""
+    first = sock.recv(_FIRST_READ)
+    if not first:
+        raise EOFError("the peer closed the socket")
+    while len(first) < _LENGTH.size:
+        first += _recv_more(sock)
+    (size,) = _LENGTH.unpack_from(first)
+    end = _LENGTH.size + size
+    if len(first) > end:
+        raise OSError(f"{len(first) - end} bytes arrived past the end of a frame: the peer broke the "
+                      "one-call-at-a-time wire")
+    if len(first) == end:
+        return memoryview(first)[_LENGTH.size:]
+    payload = memoryview(bytearray(size))
+    have = len(first) - _LENGTH.size
+    payload[:have] = memoryview(first)[_LENGTH.size:]
+    while have < size:
+        got = sock.recv_into(payload[have:], min(size - have, _MAX_READ))
+        if not got:
+            raise EOFError("the peer closed the socket in the middle of a frame")
+        have += got
+    return payload
 
-    A frame that fits :data:`_FIRST_READ` and was sent in one call comes in one ``recv``; a larger one is received
-    into one buffer of its size. Bytes that arrive past a frame are the start of the next one (a peer may send its
-    next frame before this one is read: :data:`fedshield.simulation.local_pool.DEPTH`) and are kept for
-    :meth:`read`'s next call. ``EOFError`` when the peer closed before a whole frame. One reader per socket, one
-    :meth:`read` at a time.
-    """
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._rest = b""
-
-    def read(self) -> memoryview:
-        """The next frame's payload."""
-        head, self._rest = self._rest, b""
-        while len(head) < _LENGTH.size:
-            head += self._recv(in_frame=bool(head))
-        (size,) = _LENGTH.unpack_from(head)
-        end = _LENGTH.size + size
-        if len(head) >= end:
-            self._rest = head[end:]
-            return memoryview(head)[_LENGTH.size:end]
-        payload = memoryview(bytearray(size))
-        have = len(head) - _LENGTH.size
-        payload[:have] = memoryview(head)[_LENGTH.size:]
-        while have < size:  # never past this frame: what follows it stays in the socket
-            got = self.sock.recv_into(payload[have:], min(size - have, _MAX_READ))
-            if not got:
-                raise EOFError("the peer closed the socket in the middle of a frame")
-            have += got
-        return payload
-
-    def _recv(self, *, in_frame: bool) -> bytes:
-        chunk = self.sock.recv(_FIRST_READ)
-        if not chunk:
-            raise EOFError("the peer closed the socket in the middle of a frame" if in_frame
-                           else "the peer closed the socket")
-        return chunk
+def _recv_more(sock: socket.socket) -> bytes:
+    chunk = sock.recv(_FIRST_READ)
+    if not chunk:
+        raise EOFError("the peer closed the socket in the middle of a frame")
+    return chunk
 
 
 def run_one(app: ClientApp, message_bytes: bytes | memoryview, context_bytes: bytes | memoryview) -> bytes:
@@ -178,10 +169,9 @@ def serve(conn: socket.socket, app: ClientApp, *, threads: int, parent_pid: int,
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends the workers
     limit_threads(threads)
     warm_up(warm)
-    requests = FrameReader(conn)
     while True:
         try:
-            request = requests.read()
+            request = recv_frame(conn)
         except (EOFError, OSError):
             return
         reply = run_one(app, *split_pair(request))

@@ -222,7 +222,7 @@ class _UpdateSum:
 
     The floating-point arrays travel as ONE flat float64 vector (in the global record's key order): a reply is
     flattened once, and its update, norm, clip and sum are a handful of vector operations instead of several per
-    tensor (issue 13: per-tensor calls cost more than the arithmetic on a small model). :meth:`arrays` splits a
+    tensor (issue 13: per-tensor calls cost more than the arithmetic on a small model). :meth:`new_model` splits a
     vector back into the global model's tensors. Integer arrays (counters such as BatchNorm's
     ``num_batches_tracked``) carry no noise, so they are left out of the update and keep the global value.
     """
