@@ -31,10 +31,10 @@ poll intervals, no warm worker: ``--flower-polling --no-worker``), so fedshield 
 the same invocation.
 
 ``--before`` (for every N, or for those listed) also runs the same four on a second set of processes as fedshield
-ran them before the held pulls of 2026-12-05 (``FEDSHIELD_HELD_PULLS=0``: the SuperLink answers every pull at once
-and the SuperNodes and the ServerApp poll; ``FEDSHIELD_SWEEP_LESS_OFTEN=0``: Flower's expired-token sweep on every
-Fleet request), so before and after come from one invocation. (Until then it compared with f22ea59's CPU cuts; those
-rows stay in RESULTS.md.)
+ran them before its SuperNodes answered SecAgg+'s key and unmask stages themselves (``FEDSHIELD_NODE_STAGES=0``:
+every message gets a ``flwr-clientapp`` process; ``fedshield.deploy.node_stages``), so before and after come from one
+invocation. (Until stop 32 it compared with the pulls answered at once, ``FEDSHIELD_HELD_PULLS=0``; before stop 31
+with f22ea59's CPU cuts; those rows stay in RESULTS.md.)
 
 Every fedshield run starts on fresh site ledgers and must train on every site in every round (else it fails):
 see :func:`fresh_ledgers`. ``CPU s/rnd`` is the CPU time of every process of the deployment (and of this one, where
@@ -216,8 +216,9 @@ def bench(n: int, rounds: int, root: Path, *, worker: bool = True) -> tuple[list
 #: Flower 1.39's own poll intervals (SuperNode idle 3 s, SuperExec 1 s), read by every SuperNode and SuperExec.
 STOCK_ENV = {"FEDSHIELD_SUPERNODE_POLL_S": "3", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0",
              "FEDSHIELD_SUPERNODE_QUICK": "0", "FEDSHIELD_CLIENTAPP_ZYGOTE_ON": "0"}
-#: fedshield before the held pulls (read by the SuperLink launcher, fedshield.deploy.superlink_main, at its start).
-BEFORE_ENV = {"FEDSHIELD_HELD_PULLS": "0", "FEDSHIELD_SWEEP_LESS_OFTEN": "0"}
+#: fedshield before its SuperNodes answered SecAgg+'s key and unmask stages (read by every SuperNode launcher,
+#: fedshield.deploy.supernode_main, at its start).
+BEFORE_ENV = {"FEDSHIELD_NODE_STAGES": "0"}
 
 
 @contextmanager
@@ -254,8 +255,9 @@ def main() -> None:
     parser.add_argument("--no-worker", action="store_true",
                         help="train inside each flwr-clientapp process (what the warm worker saves)")
     parser.add_argument("--before", type=int, nargs="*", metavar="N",
-                        help="also run everything as fedshield ran it before the held pulls (every pull answered "
-                             "at once, polled) and compare: for every --clients value, or only for the N given")
+                        help="also run everything as fedshield ran it before its SuperNodes answered SecAgg+'s key "
+                             "and unmask stages (a ClientApp for every message) and compare: for every --clients "
+                             "value, or only for the N given")
     parser.add_argument("--flower-polling", action="store_true",
                         help="Flower 1.39's own poll intervals (SuperNode idle 3 s, SuperExec 1 s): stock Flower")
     parser.add_argument("--stock", type=int, nargs="*", metavar="N",
@@ -329,7 +331,7 @@ def json_rows(n: int, results: list[Measured], work: float, args: argparse.Names
 STOCK_NOTE = ("median of rounds 2..R; baseline: the same app with Flower's own polling and no warm worker, on its "
               "own processes, in the same invocation")
 BEFORE_NOTE = ("median of rounds 2..R; baseline: the same app on its own processes in the same invocation, as fedshield "
-               "ran it before the held pulls (FEDSHIELD_HELD_PULLS=0, FEDSHIELD_SWEEP_LESS_OFTEN=0)")
+               "ran it before its SuperNodes answered SecAgg+'s key and unmask stages (FEDSHIELD_NODE_STAGES=0)")
 
 
 def compare_rows(n: int, ours: list[Measured], work: float, base: list[Measured], base_work: float, note: str,

@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..flower_internals.secagg_keys import RECORD_KEY_CONFIGS
+from ..flower_internals.secagg_keys import RECORD_KEY_CONFIGS, Key, Stage
 from .. import protocol as P
 from ..errors import ProtocolError
 from ..orphan_guard import exit_when_orphaned
@@ -38,7 +38,10 @@ __all__ = [
     "PLAIN_REFUSED_CODE",
     "REFUSAL_CODE",
     "WORKER_ERROR_CODE",
+    "NODE_STAGES",
+    "answer_node_stage",
     "app",
+    "is_node_stage",
     "packed_wire",
     "refuse_plain_updates",
     "secagg_when_requested",
@@ -144,7 +147,35 @@ def _evaluate(context: Context, config: dict[str, Any], arrays: dict[str, np.nda
     return run_evaluate(context.node_config, config, arrays)
 
 
-@app.train(mods=[exit_with_parent, packed_wire, refuse_plain_updates, secagg_when_requested])
+#: The mods of a train message after ``exit_with_parent``, outermost first.
+_TRAIN_MODS = (packed_wire, refuse_plain_updates, secagg_when_requested)
+#: SecAgg+ stages that ``secaggplus_mod`` answers by itself: they never reach training, so a SuperNode can answer
+#: them without a ClientApp process (:mod:`fedshield.deploy.node_stages`).
+NODE_STAGES = frozenset({Stage.SETUP, Stage.SHARE_KEYS, Stage.UNMASK})
+
+
+def is_node_stage(msg: Message) -> bool:
+    """A train message carrying one of :data:`NODE_STAGES` and no arrays (read, not consumed)."""
+    if msg.metadata.message_type != "train" or msg.has_error() or msg.content.array_records:
+        return False
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    return configs is not None and configs.get(Key.STAGE) in NODE_STAGES
+
+
+def answer_node_stage(msg: Message, context: Context) -> Message:
+    """Answer a :func:`is_node_stage` message with the very mods ``train`` runs (less ``exit_with_parent``, which
+    only a ClientApp process needs); training is never reached for these stages, and reaching it is an error."""
+
+    def no_training(m: Message, c: Context) -> Message:
+        raise ProtocolError("a SecAgg+ key or unmask stage reached training; answer it in a ClientApp")
+
+    call = no_training
+    for mod in reversed(_TRAIN_MODS):
+        call = (lambda mod, inner: lambda m, c: mod(m, c, inner))(mod, call)
+    return call(msg, context)
+
+
+@app.train(mods=[exit_with_parent, *_TRAIN_MODS])
 def train(msg: Message, context: Context) -> Message:
     try:
         result = _train(context, *_request(msg))

@@ -142,12 +142,14 @@ def patch_supernode_polling(cap: float) -> bool:
     return cap_supernode_sleeps(CappedSleepClock(cap, quick=quick_waits()))
 
 
-def patch_supernode_receiving(on_task: Callable[[], None] | None = None) -> bool:
+def patch_supernode_receiving(on_task: Callable[[], None] | None = None,
+                              answer: Callable[[Any, Any, int, str], bool] | None = None) -> bool:
     """A run stopped mid-receive is cleaned up (its ClientApp is refused and ends); object pulls retry sooner;
-    ``on_task`` is called when a message's task exists (:mod:`fedshield.deploy.superexec_wake`)."""
+    ``on_task`` is called when a message's task exists (:mod:`fedshield.deploy.superexec_wake`); ``answer`` may
+    answer a message in this process (:mod:`fedshield.deploy.node_stages`)."""
     from ..flower_internals import supernode as internals
 
-    cleaned = internals.fail_receive_on_stopped_run(on_task)
+    cleaned = internals.fail_receive_on_stopped_run(on_task, answer)
     if not quick_waits():
         return cleaned
     quick = internals.quicken_object_pulls(internals.SUPERNODE_LOOP, "pull_objects", initial_backoff=0.05,
@@ -259,6 +261,14 @@ def _superexec_waker() -> Callable[[], None] | None:
     return SuperExecWaker().wake
 
 
+def _node_stage_answerer() -> Callable[[Any, Any, int, str], bool] | None:
+    """What answers SecAgg+'s key and unmask stages in this process; None when switched off
+    (``FEDSHIELD_NODE_STAGES=0``: a ClientApp answers every message)."""
+    from .node_stages import NodeStageAnswerer, node_stages_enabled
+
+    return NodeStageAnswerer() if node_stages_enabled() else None
+
+
 def guard_runtime_api() -> None:
     """Admit only this user's processes to the SuperNode's Runtime API (its ``--host/--port``).
 
@@ -282,7 +292,7 @@ def main() -> None:
                              f"{_DEPENDENCY_INSTALL_FLAG}")
         install_site_clientapp()
     patch_supernode_polling(poll_seconds())
-    patch_supernode_receiving(_superexec_waker())
+    patch_supernode_receiving(_superexec_waker(), _node_stage_answerer())
     start_clientapp_zygote(site_code_only=site_code_only)
     guard_runtime_api()  # after the zygote's fork: it imports FastAPI and NumPy
     set_heartbeat()  # after the fork too: the ClientApps' task heartbeats keep Flower's pace

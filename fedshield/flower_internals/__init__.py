@@ -71,6 +71,14 @@ INTERNALS: tuple[Internal, ...] = (
              "fedshield.deploy.supernode_main (via .supernode.fail_receive_on_stopped_run)",
              "wrapped only when called; another signature -> warning, Flower's step unchanged; canary checks the "
              "arguments, the clean-up branch and that the exception still skips it"),
+    Internal("SuperNode node state", "flwr.supernode.start_client_internal:_insert_message; NodeState."
+             "get_tasks / claim_task / activate_task / finish_task / get_messages / record_message_processing_start "
+             "/ _end / get_run_series_context / set_run_series_context; ObjectStore.get / get_object_tree / delete; "
+             "flwr.supercore.inflatable.inflatable_object:iterate_object_tree, flwr.supercore.inflatable."
+             "inflatable_utils:inflate_object_from_contents; flwr.common.constant:ErrorCode, Status, SubStatus",
+             "fedshield.deploy.node_stages (via .node_state)",
+             "used only when a SuperNode answers a SecAgg+ key or unmask stage; any error there -> warning and the "
+             "message's ClientApp answers it; tests/test_node_stages.py runs it on Flower's real node state"),
     Internal("object-pull backoff", "flwr.supernode.start_client_internal:pull_objects, "
              "flwr.supernode.runtime.run_clientapp:pull_and_inflate_object_from_tree, "
              "flwr.superlink.grid.http_grid:pull_objects",

@@ -63,12 +63,17 @@ def cap_supernode_sleeps(clock: Any) -> bool:
     return True
 
 
-def fail_receive_on_stopped_run(on_task: Callable[[], None] | None = None) -> bool:
+def fail_receive_on_stopped_run(on_task: Callable[[], None] | None = None,
+                                answer: Callable[[Any, Any, int, str], bool] | None = None) -> bool:
     """Wrap the loop's receiving step so that a run stopped mid-receive is an ordinary failure (module docstring);
     False (and a warning) if the step no longer looks as in Flower 1.39.
 
     ``on_task`` is called when a message's ClientApp task exists: at the step's first object fetch (Flower creates
-    the task just before) and again when it returns a run (a message was received)."""
+    the task just before) and again when it returns a run (a message was received).
+
+    ``answer(state, object_store, run_id, message_id)`` may answer a message without arrays in the SuperNode itself
+    (:mod:`fedshield.deploy.node_stages`), once all its objects are stored; for such a message ``on_task`` waits
+    until ``answer`` declined (returned False), so the SuperExec does not race it for the task."""
     from flwr.supercore.run import RunNotRunningException
     from flwr.supernode import start_client_internal as loop
 
@@ -86,9 +91,15 @@ def fail_receive_on_stopped_run(on_task: Callable[[], None] | None = None) -> bo
         bound = signature.bind(*args, **kwargs)
         for name in _SUPERLINK_CALLS:
             bound.arguments[name] = _stop_as_failure(bound.arguments[name], RunNotRunningException)
+        shallow: list[str] = []  # the received message's ID, when it has no arrays
+        if answer is not None:
+            bound.arguments["receive"] = _noting_shallow(bound.arguments["receive"], shallow)
         if on_task is not None:
-            bound.arguments["pull_object"] = _first_call_calls(on_task, bound.arguments["pull_object"])
+            bound.arguments["pull_object"] = _first_call_calls(
+                lambda: None if shallow else on_task(), bound.arguments["pull_object"])
         run_id = step(*bound.args, **bound.kwargs)
+        if run_id is not None and shallow and _answered(answer, bound.arguments, run_id, shallow[0]):
+            return run_id
         if run_id is not None and on_task is not None:
             on_task()
         return run_id
@@ -96,6 +107,37 @@ def fail_receive_on_stopped_run(on_task: Callable[[], None] | None = None) -> bo
     setattr(receive, _WRAPPED, True)
     setattr(loop, RECEIVE_STEP, receive)
     return True
+
+
+def _noting_shallow(receive: Callable[[], Any], shallow: list[str]) -> Callable[[], Any]:
+    """``receive`` that puts in ``shallow`` the ID of a message it returns that has no arrays: its object tree is
+    the message, its record dict and leaf records (an array record has arrays below it, each with its chunks)."""
+
+    def noting() -> Any:
+        got = receive()
+        shallow.clear()
+        if got is not None and all(not record.children for record in _children(_children(got[1]))):
+            shallow.append(got[1].object_id)
+        return got
+
+    return noting
+
+
+def _children(trees: Any) -> list[Any]:
+    items = trees if isinstance(trees, list) else [trees]
+    return [child for tree in items for child in tree.children]
+
+
+def _answered(answer: Callable[[Any, Any, int, str], bool] | None, arguments: dict[str, Any], run_id: int,
+              message_id: str) -> bool:
+    if answer is None:
+        return False
+    try:
+        return answer(arguments["state"], arguments["object_store"], run_id, message_id)
+    except Exception as err:  # never the loop's end: the message's ClientApp answers it instead
+        warnings.warn(f"fedshield: the SuperNode could not answer a message itself ({type(err).__name__}: {err}); "
+                      "a ClientApp answers it", RuntimeWarning, stacklevel=2)
+        return False
 
 
 def _first_call_calls(hook: Callable[[], None], call: Callable[..., Any]) -> Callable[..., Any]:
