@@ -8,7 +8,8 @@ submitted with ``flwr run`` whose ServerApp is fedshield's own with SHARE_KEYS t
 * round 1: each site gets a different forgery of its peers' keys in SHARE_KEYS: server-made keys with the peers'
   genuine signatures; server-made keys signed by a server key in no roster; the peers' genuine signed keys under
   each other's node ids. Each site refuses with ``fedshield:secagg-refused`` naming what it found, sends no share,
-  and trains nothing (its privacy ledger is charged for round 2 only);
+  and trains nothing (its privacy ledger is charged for round 2 only); the refusals come from the sites' SuperNodes,
+  which answer SecAgg+'s key and unmask stages themselves (a ClientApp starts only for a masked vector);
 * round 2: honest, except that the next round's keys, which ride in its UNMASK (SecAgg+ one round ahead), are
   forged the same three ways. Each site refuses that part with the same reasons and makes no share for round 3,
   and round 2 still completes with all three sites (their round-2 shares went);
@@ -101,3 +102,7 @@ def test_substituted_secagg_keys_are_refused_and_an_honest_round_completes(
     for i in range(1, SITES + 1):  # the refused round cost no privacy: rounds 2 and 3 alone are charged
         ledger = PrivacyLedger.load(tmp_path / f"state-{i}" / LEDGER_FILE)
         assert [r[1] for r in ledger.rounds] == [2, 3], ledger
+        # Every refusal above came from the site's SuperNode itself (fedshield.deploy.node_stages): a ClientApp
+        # started only for the two masked vectors the site trained.
+        log = (tmp_path / f"state-{i}" / "supernode.log").read_text()
+        assert log.count("Start `flwr-clientapp` process") == 2 and log.count("Receiving: ") == 10, log[-3000:]

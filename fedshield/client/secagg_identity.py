@@ -49,14 +49,32 @@ def site_identity(node_config: Mapping[str, object]) -> SiteIdentity:
     return SiteIdentity(_roster(roster_path), _key(key_path), min_peers)
 
 
-# One ClientApp process serves one message; the cache only spares re-reading within it (and in simulation).
-@lru_cache(maxsize=8)
+# Read again whenever the file changed: a SuperNode answers SecAgg+ stages for as long as it runs
+# (fedshield.deploy.node_stages), and an operator who edits the roster (a compromised peer removed, a site added)
+# must not wait for a restart. The cache spares re-reading an unchanged file.
 def _roster(path: str) -> Roster:
+    return _roster_at(path, _version(path))
+
+
+def _key(path: str) -> ec.EllipticCurvePrivateKey:
+    return _key_at(path, _version(path))
+
+
+def _version(path: str) -> tuple[int, int, int]:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return (-1, -1, -1)  # the loader reports the missing file
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=8)
+def _roster_at(path: str, version: tuple[int, int, int]) -> Roster:
     return load_roster(Path(path))
 
 
 @lru_cache(maxsize=8)
-def _key(path: str) -> ec.EllipticCurvePrivateKey:
+def _key_at(path: str, version: tuple[int, int, int]) -> ec.EllipticCurvePrivateKey:
     return load_node_key(Path(path))
 
 

@@ -269,8 +269,10 @@ def _share_keys(state: _State, entries: dict[int, SignedKeys | tuple[bytes, byte
         raise _Refused("two participants share a public key")
     state.public_keys_dict = keys
     state.rd_seed = os.urandom(32)
-    b_shares = create_shares(state.rd_seed, state.threshold, state.share_num)
-    sk1_shares = create_shares(state.sk1, state.threshold, state.share_num)
+    # As many shares as participants (indices 1..n, the first n of the share_num Flower makes): share_num comes
+    # from the server, and a huge one would only cost this site time and memory.
+    b_shares = create_shares(state.rd_seed, state.threshold, len(keys))
+    sk1_shares = create_shares(state.sk1, state.threshold, len(keys))
     dsts, ciphertexts = [], []
     for idx, (nid, (_, pk2)) in enumerate(keys.items()):
         if nid == state.nid:

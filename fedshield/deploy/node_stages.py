@@ -26,12 +26,17 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 __all__ = ["NODE_STAGES_ENV", "NodeStageAnswerer", "node_stages_enabled"]
 
 NODE_STAGES_ENV = "FEDSHIELD_NODE_STAGES"
+#: How long a stage waits for the previous message's ClientApp to save the context it changed (its task output
+#: comes after its reply went out); past it, a ClientApp answers the stage instead, as before.
+PREVIOUS_TASK_WAIT_S = 2.0
+_BUNDLES_KEPT = 64
 _log = logging.getLogger(__name__)
 
 
@@ -40,8 +45,9 @@ def node_stages_enabled(environ: Any = os.environ) -> bool:
 
 
 class NodeStageAnswerer:
-    """``answer(state, store, run_id, message_id)``: True when the message just received (all its objects stored)
-    was answered here; False leaves it to a ClientApp."""
+    """``answer(state, store, run_id, message_id, task_id)``, called with the message stored whole and its task
+    claimed: True when it was answered here (a reply is stored, whatever happened once the message was taken);
+    False, having taken nothing, leaves it to a ClientApp."""
 
     def __init__(self, verify: Callable[[bytes], None] | None = None) -> None:
         from .site_clientapp import verify_fab
@@ -49,19 +55,23 @@ class NodeStageAnswerer:
         self._verify = verify or verify_fab
         self._bundles: dict[str, bool] = {}  # FAB hash -> whether it names the site's own, code-free ClientApp
 
-    def __call__(self, state: Any, store: Any, run_id: int, message_id: str) -> bool:
+    def __call__(self, state: Any, store: Any, run_id: int, message_id: str, task_id: int) -> bool:
         from ..client.app import is_node_stage
         from ..flower_internals.node_state import NodeTask, stored_message
 
         run = state.get_run(run_id)
         if run is None or not self._own_bundle(state, run.fab_hash):
             return False
-        task = NodeTask(state, store, run_id)
         message = stored_message(store, message_id)
-        if task.task_id is None or message is None or not is_node_stage(message) or not task.claim():
-            return False  # not ours to answer, or the SuperExec took the task first: a ClientApp answers
-        unexpected = None if task.take(message_id) else "the node's state no longer holds it as the next message"
-        self._answer(task, message, run.series_id, unexpected)
+        if message is None or not is_node_stage(message):
+            return False
+        task = NodeTask(state, store, run_id, task_id)
+        deadline = time.monotonic() + PREVIOUS_TASK_WAIT_S
+        while task.others_running():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        self._answer(task, message, run.series_id)
         return True
 
     def _own_bundle(self, state: Any, fab_hash: str) -> bool:
@@ -71,21 +81,29 @@ class NodeStageAnswerer:
                 ok = fab is not None and self._verify(fab.content) is None
             except Exception:  # FabRefused or an unreadable bundle: a ClientApp answers with the refusal
                 ok = False
+            if len(self._bundles) >= _BUNDLES_KEPT:
+                self._bundles.clear()
             self._bundles[fab_hash] = ok
         return self._bundles[fab_hash]
 
     @staticmethod
-    def _answer(task: Any, message: Any, series_id: int, unexpected: str | None) -> None:
+    def _answer(task: Any, message: Any, series_id: int) -> None:
+        """From here on a reply is always stored: an exception anywhere becomes the error reply a ClientApp sends
+        when its app raises (a message taken and then dropped would stall the SuperNode's push)."""
         from ..client.app import answer_node_stage
         from ..flower_internals.node_state import raised_reply
 
-        context = task.context(series_id)
-        failure = None
+        context, failure = None, None
         try:
-            if unexpected is not None:
-                raise RuntimeError(f"fedshield: the SuperNode could not take its message ({unexpected})")
+            if not task.take(message.metadata.message_id):
+                raise RuntimeError("fedshield: the SuperNode could not take its message (its state changed)")
+            context = task.context(series_id)
             reply = answer_node_stage(message, context)
-        except Exception as ex:  # as flwr-clientapp turns a raising app into an error reply
-            _log.error("fedshield: the SuperNode's answer to a SecAgg+ stage raised", exc_info=ex)
+        except Exception as ex:
+            _log.error("fedshield: the SuperNode's answer to a SecAgg+ stage failed", exc_info=ex)
             reply, failure = raised_reply(message, ex)
+        except BaseException as ex:  # interrupted (Ctrl-C, exit): still leave a reply behind, then go on stopping
+            reply, failure = raised_reply(message, RuntimeError(f"interrupted: {ex!r}"))
+            task.finish(message, reply, context, series_id, failure)
+            raise
         task.finish(message, reply, context, series_id, failure)

@@ -143,7 +143,7 @@ def patch_supernode_polling(cap: float) -> bool:
 
 
 def patch_supernode_receiving(on_task: Callable[[], None] | None = None,
-                              answer: Callable[[Any, Any, int, str], bool] | None = None) -> bool:
+                              answer: Callable[[Any, Any, int, str, int], bool] | None = None) -> bool:
     """A run stopped mid-receive is cleaned up (its ClientApp is refused and ends); object pulls retry sooner;
     ``on_task`` is called when a message's task exists (:mod:`fedshield.deploy.superexec_wake`); ``answer`` may
     answer a message in this process (:mod:`fedshield.deploy.node_stages`)."""
@@ -261,12 +261,14 @@ def _superexec_waker() -> Callable[[], None] | None:
     return SuperExecWaker().wake
 
 
-def _node_stage_answerer() -> Callable[[Any, Any, int, str], bool] | None:
+def _node_stage_answerer(dependency_install: bool) -> Callable[[Any, Any, int, str, int], bool] | None:
     """What answers SecAgg+'s key and unmask stages in this process; None when switched off
-    (``FEDSHIELD_NODE_STAGES=0``: a ClientApp answers every message)."""
+    (``FEDSHIELD_NODE_STAGES=0``: a ClientApp answers every message), or when ClientApps may install an app
+    bundle's dependencies (any-app mode): a ClientApp could then run another fedshield than this process, on the
+    same SecAgg+ state."""
     from .node_stages import NodeStageAnswerer, node_stages_enabled
 
-    return NodeStageAnswerer() if node_stages_enabled() else None
+    return NodeStageAnswerer() if node_stages_enabled() and not dependency_install else None
 
 
 def guard_runtime_api() -> None:
@@ -292,7 +294,7 @@ def main() -> None:
                              f"{_DEPENDENCY_INSTALL_FLAG}")
         install_site_clientapp()
     patch_supernode_polling(poll_seconds())
-    patch_supernode_receiving(_superexec_waker(), _node_stage_answerer())
+    patch_supernode_receiving(_superexec_waker(), _node_stage_answerer(_DEPENDENCY_INSTALL_FLAG in sys.argv))
     start_clientapp_zygote(site_code_only=site_code_only)
     guard_runtime_api()  # after the zygote's fork: it imports FastAPI and NumPy
     set_heartbeat()  # after the fork too: the ClientApps' task heartbeats keep Flower's pace

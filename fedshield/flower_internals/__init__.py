@@ -67,15 +67,18 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("SuperNode loop's time", "flwr.supernode.start_client_internal:time", "fedshield.deploy.supernode_main",
              "capped only when called; if the attribute is not the time module it warns and leaves Flower's pace"),
     Internal("SuperNode receiving step", "flwr.supernode.start_client_internal:_pull_and_store_message "
-             "(pull_object, confirm_message_received); flwr.supercore.run:RunNotRunningException",
+             "(pull_object, confirm_message_received; receive, state, object_store for the node-answer hook); "
+             "flwr.supercore.run:RunNotRunningException",
              "fedshield.deploy.supernode_main (via .supernode.fail_receive_on_stopped_run)",
              "wrapped only when called; another signature -> warning, Flower's step unchanged; canary checks the "
              "arguments, the clean-up branch and that the exception still skips it"),
     Internal("SuperNode node state", "flwr.supernode.start_client_internal:_insert_message; NodeState."
-             "get_tasks / claim_task / activate_task / finish_task / get_messages / record_message_processing_start "
+             "create_task / get_tasks / claim_task / activate_task / finish_task / get_messages / "
+             "record_message_processing_start "
              "/ _end / get_run_series_context / set_run_series_context; ObjectStore.get / get_object_tree / delete; "
              "flwr.supercore.inflatable.inflatable_object:iterate_object_tree, flwr.supercore.inflatable."
-             "inflatable_utils:inflate_object_from_contents; flwr.common.constant:ErrorCode, Status, SubStatus",
+             "inflatable_utils:inflate_object_from_contents; flwr.common.constant:ErrorCode, Status, SubStatus; "
+             "flwr.supercore.constant:TaskType",
              "fedshield.deploy.node_stages (via .node_state)",
              "used only when a SuperNode answers a SecAgg+ key or unmask stage; any error there -> warning and the "
              "message's ClientApp answers it; tests/test_node_stages.py runs it on Flower's real node state"),

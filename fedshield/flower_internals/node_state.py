@@ -13,11 +13,12 @@ from typing import Any
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode, Status, SubStatus
 from flwr.common.serde import context_from_proto, context_to_proto
+from flwr.supercore.constant import TaskType
 from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supernode.start_client_internal import _insert_message
 
-__all__ = ["NodeTask", "raised_reply", "stored_message"]
+__all__ = ["ClaimingState", "NodeTask", "raised_reply", "stored_message"]
 
 
 def stored_message(store: Any, message_id: str) -> Message | None:
@@ -41,37 +42,86 @@ def raised_reply(message: Message, ex: Exception) -> tuple[Message, str]:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message), reason
 
 
+class ClaimingState:
+    """The node state as Flower's receiving step sees it: once ``shallow`` names the message being received (one
+    without arrays), the ClientApp task the step creates for it is claimed at once, so the SuperExec's idle poll
+    cannot take it while the message's objects arrive; :meth:`hand_over` gives it back to a ClientApp. Every other
+    attribute is the state's own."""
+
+    def __init__(self, state: Any, shallow: list[str]) -> None:
+        self.state, self._shallow = state, shallow
+        self.claimed: int | None = None
+        self._created: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
+
+    def create_task(self, *args: Any, **kwargs: Any) -> int | None:
+        task_id = self.state.create_task(*args, **kwargs)
+        task_type = kwargs.get("task_type", args[0] if args else None)
+        if task_id is not None and self._shallow and task_type == TaskType.CLIENT_APP:
+            if self.state.claim_task(task_id) is not None:
+                self.claimed, self._created = task_id, (args, kwargs)
+        return task_id
+
+    def hand_over(self) -> None:
+        """The claimed task's message goes to a ClientApp after all: the claim ends (failed, with the reason) and a
+        fresh pending task takes its place, as if the step had created that one."""
+        if self.claimed is None:
+            return
+        self.state.finish_task(self.claimed, sub_status=SubStatus.FAILED, details="fedshield: left to a ClientApp")
+        args, kwargs = self._created
+        self.claimed = None
+        self.state.create_task(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.state, name)
+
+
 class NodeTask:
-    """The one pending ClientApp task of ``run_id`` on a node, taken as a ClientApp process takes it."""
+    """A ClientApp task of ``run_id`` that this process claimed, run the way a ClientApp process runs one."""
 
-    def __init__(self, state: Any, store: Any, run_id: int) -> None:
-        self.state, self.store, self.run_id = state, store, run_id
-        pending = state.get_tasks(run_ids=[run_id], statuses=[Status.PENDING])
-        self.task_id: int | None = pending[0].task_id if len(pending) == 1 else None
+    def __init__(self, state: Any, store: Any, run_id: int, task_id: int) -> None:
+        self.state, self.store, self.run_id, self.task_id = state, store, run_id, task_id
+        self._started: str | None = None
 
-    def claim(self) -> bool:
-        """Claim the task (False if there is none, or the SuperExec claimed it first)."""
-        return self.task_id is not None and self.state.claim_task(self.task_id) is not None
+    def others_running(self) -> bool:
+        """Whether another task of the run is still starting or running: the ClientApp of the previous message
+        saves the context it changed only when it finishes (its task output), after its reply went out."""
+        busy = self.state.get_tasks(run_ids=[self.run_id], statuses=[Status.STARTING, Status.RUNNING])
+        return any(t.task_id != self.task_id for t in busy)
 
     def take(self, message_id: str) -> bool:
-        """Start the claimed task and take its message with Flower's read (which marks it taken); False if the
-        state no longer holds ``message_id`` as the run's next message."""
+        """Start the task and take its message with Flower's read, which marks it taken (PullTaskInput, then
+        PullMessages); False if the state no longer holds ``message_id`` as the run's next message."""
+        if not self.state.activate_task(self.task_id):
+            return False
         taken = self.state.get_messages(run_ids=[self.run_id], is_reply=False, limit=1)
-        ok = [m.metadata.message_id for m in taken] == [message_id] and self.state.activate_task(self.task_id)
-        if ok:
-            self.state.record_message_processing_start(message_id=message_id)
-        return ok
+        if [m.metadata.message_id for m in taken] != [message_id]:
+            return False
+        self.state.record_message_processing_start(message_id=message_id)
+        self._started = message_id
+        return True
 
     def context(self, series_id: int) -> Context:
         """A copy of the run series' context, as a ClientApp process receives one."""
-        return context_from_proto(context_to_proto(self.state.get_run_series_context(series_id)))
+        stored = self.state.get_run_series_context(series_id)
+        if stored is None:
+            raise LookupError(f"the node holds no context for run series {series_id}")
+        return context_from_proto(context_to_proto(stored))
 
-    def finish(self, message: Message, reply: Message, context: Context, series_id: int, failure: str | None) -> None:
-        """Store ``reply`` for the SuperNode to push, drop the received message's objects (as a ClientApp's
-        confirmation does), finish the task and save ``context`` (as its task output does)."""
-        self.state.record_message_processing_end(message_id=message.metadata.message_id)
+    def finish(self, message: Message, reply: Message, context: Context | None, series_id: int,
+               failure: str | None) -> bool:
+        """Finish the task, save ``context`` (as a ClientApp's task output does) and store ``reply`` for the
+        SuperNode to push; the received message's objects go, as a ClientApp's confirmation deletes them.
+
+        If the task was already over (its token expired: Flower then stored an error reply to the message it saw
+        taken), neither the context nor a second reply is stored. A message never taken gets ``reply`` whatever
+        happened, so the SuperNode's push never waits for a reply nobody makes. Returns whether it finished."""
+        if self._started is not None:
+            self.state.record_message_processing_end(message_id=self._started)
         self.store.delete(message.metadata.message_id)
-        _insert_message(reply, self.state, self.store)
         status = SubStatus.COMPLETED if failure is None else SubStatus.FAILED
-        if self.state.finish_task(self.task_id, sub_status=status, details=failure or ""):
+        finished = self.state.finish_task(self.task_id, sub_status=status, details=failure or "")
+        if finished and context is not None:
             self.state.set_run_series_context(series_id, context)
+        if finished or self._started is None:
+            _insert_message(reply, self.state, self.store)
+        return finished

@@ -19,6 +19,7 @@ import functools
 import inspect
 import time
 import warnings
+from logging import WARNING
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,8 @@ SUPERNODE_LOOP = "flwr.supernode.start_client_internal"
 #: The step of that loop that receives one message, and the callables it is given that talk to the SuperLink.
 RECEIVE_STEP = "_pull_and_store_message"
 _SUPERLINK_CALLS = ("pull_object", "confirm_message_received")
+#: The step's other arguments the node-answer hook uses (the received message, the node's state and store).
+_NODE_ARGUMENTS = ("receive", "state", "object_store")
 #: The module of ``flwr-clientapp`` that pulls the ClientApp's message from the SuperNode.
 CLIENTAPP_RUNNER = "flwr.supernode.runtime.run_clientapp"
 _WRAPPED = "__fedshield_wrapped__"
@@ -64,23 +67,25 @@ def cap_supernode_sleeps(clock: Any) -> bool:
 
 
 def fail_receive_on_stopped_run(on_task: Callable[[], None] | None = None,
-                                answer: Callable[[Any, Any, int, str], bool] | None = None) -> bool:
+                                answer: Callable[[Any, Any, int, str, int], bool] | None = None) -> bool:
     """Wrap the loop's receiving step so that a run stopped mid-receive is an ordinary failure (module docstring);
     False (and a warning) if the step no longer looks as in Flower 1.39.
 
     ``on_task`` is called when a message's ClientApp task exists: at the step's first object fetch (Flower creates
     the task just before) and again when it returns a run (a message was received).
 
-    ``answer(state, object_store, run_id, message_id)`` may answer a message without arrays in the SuperNode itself
-    (:mod:`fedshield.deploy.node_stages`), once all its objects are stored; for such a message ``on_task`` waits
-    until ``answer`` declined (returned False), so the SuperExec does not race it for the task."""
+    ``answer(state, object_store, run_id, message_id, task_id)`` may answer a message without arrays in the
+    SuperNode itself (:mod:`fedshield.deploy.node_stages`), once all its objects are stored. The task Flower creates
+    for such a message is claimed at once (:class:`~.node_state.ClaimingState`: the SuperExec's idle poll cannot
+    take it meanwhile), and ``on_task`` is called only if ``answer`` declined, for the fresh pending task that then
+    replaces the claimed one."""
     from flwr.supercore.run import RunNotRunningException
     from flwr.supernode import start_client_internal as loop
 
     step = getattr(loop, RECEIVE_STEP, None)
     if step is not None and getattr(step, _WRAPPED, False):
         return True
-    if step is None or not set(_SUPERLINK_CALLS) <= set(inspect.signature(step).parameters):
+    if step is None or not {*_SUPERLINK_CALLS, *_NODE_ARGUMENTS} <= set(inspect.signature(step).parameters):
         warnings.warn(f"fedshield: {SUPERNODE_LOOP}.{RECEIVE_STEP} is not as in Flower 1.39; a run stopped while "
                       "a message is received can leave its ClientApp waiting", RuntimeWarning, stacklevel=2)
         return False
@@ -92,16 +97,19 @@ def fail_receive_on_stopped_run(on_task: Callable[[], None] | None = None,
         for name in _SUPERLINK_CALLS:
             bound.arguments[name] = _stop_as_failure(bound.arguments[name], RunNotRunningException)
         shallow: list[str] = []  # the received message's ID, when it has no arrays
+        claiming = None
         if answer is not None:
+            from .node_state import ClaimingState
+
             bound.arguments["receive"] = _noting_shallow(bound.arguments["receive"], shallow)
+            claiming = bound.arguments["state"] = ClaimingState(bound.arguments["state"], shallow)
         if on_task is not None:
             bound.arguments["pull_object"] = _first_call_calls(
                 lambda: None if shallow else on_task(), bound.arguments["pull_object"])
         run_id = step(*bound.args, **bound.kwargs)
-        if run_id is not None and shallow and _answered(answer, bound.arguments, run_id, shallow[0]):
-            return run_id
-        if run_id is not None and on_task is not None:
-            on_task()
+        if run_id is not None and not _answered(answer, claiming, bound.arguments["object_store"], run_id, shallow):
+            if on_task is not None:
+                on_task()
         return run_id
 
     setattr(receive, _WRAPPED, True)
@@ -128,16 +136,22 @@ def _children(trees: Any) -> list[Any]:
     return [child for tree in items for child in tree.children]
 
 
-def _answered(answer: Callable[[Any, Any, int, str], bool] | None, arguments: dict[str, Any], run_id: int,
-              message_id: str) -> bool:
-    if answer is None:
+def _answered(answer: Callable[[Any, Any, int, str, int], bool] | None, claiming: Any, store: Any, run_id: int,
+              shallow: list[str]) -> bool:
+    """Whether ``answer`` answered the message whose task ``claiming`` claimed; if it declined, the task is handed
+    to a ClientApp. An exception is a decline (the answerer takes nothing before it cannot fail), logged."""
+    if answer is None or claiming is None or claiming.claimed is None:
         return False
     try:
-        return answer(arguments["state"], arguments["object_store"], run_id, message_id)
+        if answer(claiming.state, store, run_id, shallow[0], claiming.claimed):
+            return True
     except Exception as err:  # never the loop's end: the message's ClientApp answers it instead
-        warnings.warn(f"fedshield: the SuperNode could not answer a message itself ({type(err).__name__}: {err}); "
-                      "a ClientApp answers it", RuntimeWarning, stacklevel=2)
-        return False
+        from flwr.supercore import log
+
+        log(WARNING, "fedshield: the SuperNode could not answer a message itself (%s: %s); a ClientApp answers it",
+            type(err).__name__, err)
+    claiming.hand_over()
+    return False
 
 
 def _first_call_calls(hook: Callable[[], None], call: Callable[..., Any]) -> Callable[..., Any]:
