@@ -268,7 +268,9 @@ def test_the_superexec_cannot_take_a_node_stage_while_its_objects_arrive(monkeyp
         get_run=None, get_fab=None, pull_object=pull_object, confirm_message_received=lambda *_: None,
         trusted_entities=None)
     assert not grabbed, "the task was pending while the message's objects arrived"
-    (reply,) = state.get_messages(is_reply=True)  # SETUP without a node key: refused, by the node
+    (reply,) = state.get_messages(is_reply=True)  # a SETUP without its parameters: the mods' error, by the node
+    error = stored_message(store, reply.metadata.message_id)
+    assert error is not None and error.has_error() and error.error.code == 2
     assert step.wakes == 0
 
 
@@ -318,3 +320,43 @@ def test_a_long_lived_node_reads_its_roster_again_when_the_file_changes(tmp_path
     roster.write_text(own.read_text())  # the peer is struck off
     assert len(site_identity(config).roster) == 1
     assert site_identity(config).roster is site_identity(config).roster, "an unchanged file is not read again"
+
+
+def test_a_claim_that_lapsed_while_the_objects_came_is_left_to_whoever_holds_the_task(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Objects slower than Flower's heartbeat interval (a stalled ServerApp, a network outage): the node's claim
+    lapses and the SuperExec takes the task. The node must then neither answer nor hand the task over; the
+    SuperExec's ClientApp answers it."""
+    import datetime
+
+    from flwr.supercore.corestate import in_memory_corestate as core
+
+    step = _Step(monkeypatch)
+    state, store = _node(_bundle(app_dir()), _context())
+    msg = _stored_stage(Stage.SETUP)
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
+    superexec: list[str] = []
+    real_now = core.now
+
+    def slow_pull(_run: int, oid: str) -> bytes:
+        if not superexec:
+            monkeypatch.setattr(core, "now", lambda: real_now() + datetime.timedelta(seconds=120))
+            state.get_task_by_token("")  # Flower sweeps lapsed claims on its next token lookup
+            (task,) = state.get_tasks(statuses=[Status.PENDING])  # the claim lapsed
+            superexec.append(state.claim_task(task.task_id))  # AcquireTask
+        return contents[oid]
+
+    pending = [(remove_content_from_message(msg), get_object_tree(msg))]
+    loop = importlib.import_module(supernode.SUPERNODE_LOOP)
+    getattr(loop, supernode.RECEIVE_STEP)(
+        state=state, object_store=store, node_config={}, receive=lambda: pending.pop() if pending else None,
+        get_run=None, get_fab=None, pull_object=slow_pull, confirm_message_received=lambda *_: None,
+        trusted_entities=None)
+    assert superexec and superexec[0], "the SuperExec took the lapsed task"
+    assert step.wakes == 1, "woken once the step is done, to start its ClientApp"
+    (task,) = state.get_tasks()
+    assert task.status.status == Status.STARTING and state.get_task_by_token(superexec[0]).task_id == task.task_id
+    assert not state.get_messages(is_reply=True), "the node answered nothing"
+    (left,) = state.get_messages(run_ids=[RUN_ID], is_reply=False, limit=1)  # there for the SuperExec's ClientApp
+    assert left.metadata.message_id == msg.metadata.message_id

@@ -60,21 +60,21 @@ def _key(path: str) -> ec.EllipticCurvePrivateKey:
     return _key_at(path, _version(path))
 
 
-def _version(path: str) -> tuple[int, int, int]:
+def _version(path: str) -> tuple[int, int, int, int]:
     try:
         st = Path(path).stat()
     except OSError:
-        return (-1, -1, -1)  # the loader reports the missing file
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
+        return (-1, -1, -1, -1)  # the loader reports the missing file
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
 @lru_cache(maxsize=8)
-def _roster_at(path: str, version: tuple[int, int, int]) -> Roster:
+def _roster_at(path: str, version: tuple[int, int, int, int]) -> Roster:
     return load_roster(Path(path))
 
 
 @lru_cache(maxsize=8)
-def _key_at(path: str, version: tuple[int, int, int]) -> ec.EllipticCurvePrivateKey:
+def _key_at(path: str, version: tuple[int, int, int, int]) -> ec.EllipticCurvePrivateKey:
     return load_node_key(Path(path))
 
 

@@ -61,15 +61,15 @@ class NodeStageAnswerer:
 
         run = state.get_run(run_id)
         if run is None or not self._own_bundle(state, run.fab_hash):
-            return False
+            return _declined("the run's app bundle is not the site's own code-free one")
         message = stored_message(store, message_id)
         if message is None or not is_node_stage(message):
-            return False
+            return _declined("not a SecAgg+ key or unmask stage")
         task = NodeTask(state, store, run_id, task_id)
         deadline = time.monotonic() + PREVIOUS_TASK_WAIT_S
         while task.others_running():
             if time.monotonic() > deadline:
-                return False
+                return _declined(f"the previous message's ClientApp still runs after {PREVIOUS_TASK_WAIT_S:g} s")
             time.sleep(0.005)
         self._answer(task, message, run.series_id)
         return True
@@ -77,8 +77,11 @@ class NodeStageAnswerer:
     def _own_bundle(self, state: Any, fab_hash: str) -> bool:
         if fab_hash not in self._bundles:
             fab = state.get_fab(fab_hash)
+            if fab is None:
+                return False  # not cached: the bundle may be stored later
             try:
-                ok = fab is not None and self._verify(fab.content) is None
+                self._verify(fab.content)
+                ok = True
             except Exception:  # FabRefused or an unreadable bundle: a ClientApp answers with the refusal
                 ok = False
             if len(self._bundles) >= _BUNDLES_KEPT:
@@ -88,8 +91,8 @@ class NodeStageAnswerer:
 
     @staticmethod
     def _answer(task: Any, message: Any, series_id: int) -> None:
-        """From here on a reply is always stored: an exception anywhere becomes the error reply a ClientApp sends
-        when its app raises (a message taken and then dropped would stall the SuperNode's push)."""
+        """Once called, a reply is always stored: an exception anywhere becomes the error reply a ClientApp sends
+        when its app raises (a message taken and then left without a reply would stall the SuperNode's push)."""
         from ..client.app import answer_node_stage
         from ..flower_internals.node_state import raised_reply
 
@@ -102,8 +105,15 @@ class NodeStageAnswerer:
         except Exception as ex:
             _log.error("fedshield: the SuperNode's answer to a SecAgg+ stage failed", exc_info=ex)
             reply, failure = raised_reply(message, ex)
-        except BaseException as ex:  # interrupted (Ctrl-C, exit): still leave a reply behind, then go on stopping
-            reply, failure = raised_reply(message, RuntimeError(f"interrupted: {ex!r}"))
+        try:
             task.finish(message, reply, context, series_id, failure)
-            raise
-        task.finish(message, reply, context, series_id, failure)
+        except Exception as ex:
+            _log.error("fedshield: the SuperNode could not store its answer to a SecAgg+ stage", exc_info=ex)
+            task.last_resort(message, ex)
+
+
+def _declined(reason: str) -> bool:
+    from ..flower_internals.serverapp import log
+
+    log(logging.INFO, "fedshield: a ClientApp answers this message (%s)", reason)
+    return False

@@ -8,6 +8,7 @@ saved back as the Runtime API's task input and output copy and save it.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from flwr.app import Context, Error, Message
@@ -45,31 +46,51 @@ def raised_reply(message: Message, ex: Exception) -> tuple[Message, str]:
 class ClaimingState:
     """The node state as Flower's receiving step sees it: once ``shallow`` names the message being received (one
     without arrays), the ClientApp task the step creates for it is claimed at once, so the SuperExec's idle poll
-    cannot take it while the message's objects arrive; :meth:`hand_over` gives it back to a ClientApp. Every other
-    attribute is the state's own."""
+    cannot take it while the message's objects arrive (:meth:`renew` keeps the claim alive meanwhile);
+    :meth:`hand_over` gives it back to a ClientApp. Every other attribute is the state's own."""
 
     def __init__(self, state: Any, shallow: list[str]) -> None:
         self.state, self._shallow = state, shallow
         self.claimed: int | None = None
+        self._token: str | None = None
         self._created: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
 
     def create_task(self, *args: Any, **kwargs: Any) -> int | None:
         task_id = self.state.create_task(*args, **kwargs)
         task_type = kwargs.get("task_type", args[0] if args else None)
         if task_id is not None and self._shallow and task_type == TaskType.CLIENT_APP:
-            if self.state.claim_task(task_id) is not None:
-                self.claimed, self._created = task_id, (args, kwargs)
+            token = self.state.claim_task(task_id)
+            if token is not None:
+                self.claimed, self._token, self._created = task_id, token, (args, kwargs)
         return task_id
 
-    def hand_over(self) -> None:
+    def renew(self) -> None:
+        """Keep the claim alive (a claim lapses after Flower's heartbeat interval, 30 s, like a ClientApp's)."""
+        if self.claimed is not None:
+            self.state.acknowledge_task_heartbeat(self.claimed)
+
+    def still_ours(self) -> bool:
+        """Whether the claim still holds: if it lapsed (objects slower than the heartbeat interval), whoever holds
+        the task now answers it, and this process must neither answer nor hand it over."""
+        if self.claimed is None or self._token is None:
+            return False
+        task = self.state.get_task_by_token(self._token)
+        return task is not None and task.task_id == self.claimed and task.status.status == Status.STARTING
+
+    def hand_over(self, store: Any, message_id: str) -> None:
         """The claimed task's message goes to a ClientApp after all: the claim ends (failed, with the reason) and a
-        fresh pending task takes its place, as if the step had created that one."""
-        if self.claimed is None:
+        fresh pending task takes its place, as if the step had created that one. If no task can be made (Flower's
+        own failure: a task ID collision), the message gets an error reply, so the SuperNode's push never waits for
+        one that nobody makes."""
+        if not self.still_ours():
+            self.claimed = None
             return
         self.state.finish_task(self.claimed, sub_status=SubStatus.FAILED, details="fedshield: left to a ClientApp")
         args, kwargs = self._created
         self.claimed = None
-        self.state.create_task(*args, **kwargs)
+        if self.state.create_task(*args, **kwargs) is None and (message := stored_message(store, message_id)):
+            reply, _ = raised_reply(message, RuntimeError("the SuperNode could not create a task for this message"))
+            _insert_message(reply, self.state, store)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.state, name)
@@ -82,11 +103,21 @@ class NodeTask:
         self.state, self.store, self.run_id, self.task_id = state, store, run_id, task_id
         self._started: str | None = None
 
-    def others_running(self) -> bool:
-        """Whether another task of the run is still starting or running: the ClientApp of the previous message
-        saves the context it changed only when it finishes (its task output), after its reply went out."""
-        busy = self.state.get_tasks(run_ids=[self.run_id], statuses=[Status.STARTING, Status.RUNNING])
-        return any(t.task_id != self.task_id for t in busy)
+    def others_running(self, margin_s: float = 0.05) -> bool:
+        """Whether another task of the run is starting or running, or finished less than ``margin_s`` ago: the
+        ClientApp of the previous message saves the context it changed only when it finishes (its task output,
+        after its reply went out), and Flower's handler stores that context just after it marks the task finished.
+        Also keeps this task's claim alive while it waits."""
+        self.state.acknowledge_task_heartbeat(self.task_id)
+        recent = datetime.now(timezone.utc) - timedelta(seconds=margin_s)
+        for task in self.state.get_tasks(run_ids=[self.run_id]):
+            if task.task_id == self.task_id:
+                continue
+            if task.status.status in (Status.STARTING, Status.RUNNING):
+                return True
+            if task.status.status == Status.FINISHED and task.finished_at and _when(task.finished_at) > recent:
+                return True
+        return False
 
     def take(self, message_id: str) -> bool:
         """Start the task and take its message with Flower's read, which marks it taken (PullTaskInput, then
@@ -107,6 +138,14 @@ class NodeTask:
             raise LookupError(f"the node holds no context for run series {series_id}")
         return context_from_proto(context_to_proto(stored))
 
+    def last_resort(self, message: Message, ex: Exception) -> None:
+        """After :meth:`finish` itself failed: an error reply at least, so the SuperNode's push does not wait."""
+        try:
+            reply, _ = raised_reply(message, ex)
+            _insert_message(reply, self.state, self.store)
+        except Exception:  # noqa: BLE001 -- nothing more this process can do; Flower's token expiry replies
+            pass
+
     def finish(self, message: Message, reply: Message, context: Context | None, series_id: int,
                failure: str | None) -> bool:
         """Finish the task, save ``context`` (as a ClientApp's task output does) and store ``reply`` for the
@@ -125,3 +164,8 @@ class NodeTask:
         if finished or self._started is None:
             _insert_message(reply, self.state, self.store)
         return finished
+
+
+def _when(iso: str) -> datetime:
+    when = datetime.fromisoformat(iso)
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)

@@ -103,9 +103,7 @@ def fail_receive_on_stopped_run(on_task: Callable[[], None] | None = None,
 
             bound.arguments["receive"] = _noting_shallow(bound.arguments["receive"], shallow)
             claiming = bound.arguments["state"] = ClaimingState(bound.arguments["state"], shallow)
-        if on_task is not None:
-            bound.arguments["pull_object"] = _first_call_calls(
-                lambda: None if shallow else on_task(), bound.arguments["pull_object"])
+        bound.arguments["pull_object"] = _hooked_pull(bound.arguments["pull_object"], claiming, on_task, shallow)
         run_id = step(*bound.args, **bound.kwargs)
         if run_id is not None and not _answered(answer, claiming, bound.arguments["object_store"], run_id, shallow):
             if on_task is not None:
@@ -142,6 +140,8 @@ def _answered(answer: Callable[[Any, Any, int, str, int], bool] | None, claiming
     to a ClientApp. An exception is a decline (the answerer takes nothing before it cannot fail), logged."""
     if answer is None or claiming is None or claiming.claimed is None:
         return False
+    if not claiming.still_ours():  # the claim lapsed: whoever holds the task now answers it
+        return False
     try:
         if answer(claiming.state, store, run_id, shallow[0], claiming.claimed):
             return True
@@ -150,8 +150,25 @@ def _answered(answer: Callable[[Any, Any, int, str, int], bool] | None, claiming
 
         log(WARNING, "fedshield: the SuperNode could not answer a message itself (%s: %s); a ClientApp answers it",
             type(err).__name__, err)
-    claiming.hand_over()
+    claiming.hand_over(store, shallow[0])
     return False
+
+
+def _hooked_pull(pull: Callable[..., Any], claiming: Any, on_task: Callable[[], None] | None,
+                 shallow: list[str]) -> Callable[..., Any]:
+    """``pull_object`` that keeps the step's claim alive at each object it fetches, and wakes the SuperExec at the
+    first one unless the message has no arrays (its task is claimed; it is woken after the step if need be)."""
+    if claiming is not None:
+        inner = pull
+
+        def renewing(*args: Any, **kwargs: Any) -> Any:
+            claiming.renew()
+            return inner(*args, **kwargs)
+
+        pull = renewing
+    if on_task is not None:
+        pull = _first_call_calls(lambda: None if shallow else on_task(), pull)
+    return pull
 
 
 def _first_call_calls(hook: Callable[[], None], call: Callable[..., Any]) -> Callable[..., Any]:
