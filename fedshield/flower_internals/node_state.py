@@ -1,5 +1,6 @@
-"""A SuperNode's node state and object store, used the way Flower 1.39's own code uses them, so that
-:mod:`fedshield.deploy.node_stages` can answer a message in the SuperNode exactly as a ClientApp process would have:
+"""A SuperNode's node state and object store, used as Flower 1.39's own code uses them, to answer in the SuperNode.
+
+:mod:`fedshield.deploy.node_stages` answers a message in the SuperNode exactly as a ClientApp process would have:
 its task claimed, started and finished through the state's own transitions (``claim_task`` is atomic: the SuperExec
 and this code never both get a task), the message read with Flower's read that marks it taken, the reply stored
 with the helper Flower's loop uses for the replies it makes itself (``_insert_message``), and the context copied and
