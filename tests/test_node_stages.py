@@ -69,16 +69,23 @@ class _Step:
     def _wake(self) -> None:
         self.wakes += 1
 
-    def deliver(self, state: Any, store: Any, msg: Message) -> bool:
-        """Receive ``msg`` on the node as the Fleet API would hand it over; True if the node answered it itself."""
+    def deliver(self, state: Any, store: Any, msg: Message, on_pull: Any = None) -> bool:
+        """Receive ``msg`` on the node as the Fleet API would hand it over (``on_pull()`` runs before each object
+        is fetched); True if the node answered it itself."""
         msg.metadata.__dict__["_message_id"] = msg.object_id
         contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
         pending = [(remove_content_from_message(msg), get_object_tree(msg))]
+
+        def pull_object(_run: int, oid: str) -> bytes:
+            if on_pull is not None:
+                on_pull()
+            return contents[oid]
+
         wakes = self.wakes
         run_id = self._step(state=state, object_store=store, node_config={},
-                            receive=lambda: pending.pop() if pending else None,
-                            get_run=None, get_fab=None, pull_object=lambda _run, oid: contents[oid],
-                            confirm_message_received=lambda _run, _mid: None, trusted_entities=None)
+                            receive=lambda: pending.pop() if pending else None, get_run=None, get_fab=None,
+                            pull_object=pull_object, confirm_message_received=lambda _run, _mid: None,
+                            trusted_entities=None)
         assert run_id == RUN_ID
         return self.wakes == wakes
 
@@ -252,21 +259,9 @@ def test_the_superexec_cannot_take_a_node_stage_while_its_objects_arrive(monkeyp
     """Its idle poll asks for a pending task whenever it likes: here, at every object the node fetches."""
     step = _Step(monkeypatch)
     state, store = _node(_bundle(app_dir()), _context())
-    msg = _stored_stage(Stage.SETUP)
-    msg.metadata.__dict__["_message_id"] = msg.object_id
-    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
     grabbed: list[Any] = []
-
-    def pull_object(_run: int, oid: str) -> bytes:
-        grabbed.extend(state.get_tasks(statuses=[Status.PENDING]))  # what AcquireTask would claim
-        return contents[oid]
-
-    pending = [(remove_content_from_message(msg), get_object_tree(msg))]
-    loop = importlib.import_module(supernode.SUPERNODE_LOOP)
-    getattr(loop, supernode.RECEIVE_STEP)(
-        state=state, object_store=store, node_config={}, receive=lambda: pending.pop() if pending else None,
-        get_run=None, get_fab=None, pull_object=pull_object, confirm_message_received=lambda *_: None,
-        trusted_entities=None)
+    assert step.deliver(state, store, _stored_stage(Stage.SETUP),  # what AcquireTask would claim, at each object:
+                        on_pull=lambda: grabbed.extend(state.get_tasks(statuses=[Status.PENDING])))
     assert not grabbed, "the task was pending while the message's objects arrived"
     (reply,) = state.get_messages(is_reply=True)  # a SETUP without its parameters: the mods' error, by the node
     error = stored_message(store, reply.metadata.message_id)
@@ -334,25 +329,17 @@ def test_a_claim_that_lapsed_while_the_objects_came_is_left_to_whoever_holds_the
     step = _Step(monkeypatch)
     state, store = _node(_bundle(app_dir()), _context())
     msg = _stored_stage(Stage.SETUP)
-    msg.metadata.__dict__["_message_id"] = msg.object_id
-    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
     superexec: list[str] = []
     real_now = core.now
 
-    def slow_pull(_run: int, oid: str) -> bytes:
+    def objects_slower_than_the_claim() -> None:
         if not superexec:
             monkeypatch.setattr(core, "now", lambda: real_now() + datetime.timedelta(seconds=120))
             state.get_task_by_token("")  # Flower sweeps lapsed claims on its next token lookup
             (task,) = state.get_tasks(statuses=[Status.PENDING])  # the claim lapsed
             superexec.append(state.claim_task(task.task_id))  # AcquireTask
-        return contents[oid]
 
-    pending = [(remove_content_from_message(msg), get_object_tree(msg))]
-    loop = importlib.import_module(supernode.SUPERNODE_LOOP)
-    getattr(loop, supernode.RECEIVE_STEP)(
-        state=state, object_store=store, node_config={}, receive=lambda: pending.pop() if pending else None,
-        get_run=None, get_fab=None, pull_object=slow_pull, confirm_message_received=lambda *_: None,
-        trusted_entities=None)
+    assert not step.deliver(state, store, msg, on_pull=objects_slower_than_the_claim)
     assert superexec and superexec[0], "the SuperExec took the lapsed task"
     assert step.wakes == 1, "woken once the step is done, to start its ClientApp"
     (task,) = state.get_tasks()
