@@ -78,10 +78,12 @@ def test_impossible_splits_are_refused(threshold: int, num: int) -> None:
 
 
 def test_fedshields_client_secagg_uses_ours() -> None:
-    """fedshield's port of Flower's client mod splits both secrets with this module (two calls per round)."""
+    """fedshield's port of Flower's client mod splits both secrets with this module (two calls per round), one
+    share per participant: the server's share count never sets how many a site makes."""
     from fedshield.client import secaggplus
 
     assert secaggplus.create_shares is shamir.create_shares
     source = inspect.getsource(secaggplus._share_keys)
-    assert "create_shares(state.rd_seed, state.threshold, state.share_num)" in source
-    assert "create_shares(state.sk1, state.threshold, state.share_num)" in source
+    assert "create_shares(state.rd_seed, state.threshold, len(keys))" in source
+    assert "create_shares(state.sk1, state.threshold, len(keys))" in source
+    assert "state.share_num)" not in source.split("create_shares", 1)[1]
