@@ -10,6 +10,7 @@ saved back as the Runtime API's task input and output copy and save it.
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from logging import ERROR
 from typing import Any
 
 from flwr.app import Context, Error, Message
@@ -144,8 +145,11 @@ class NodeTask:
         try:
             reply, _ = raised_reply(message, ex)
             _insert_message(reply, self.state, self.store)
-        except Exception:  # noqa: BLE001 -- nothing more this process can do; Flower's token expiry replies
-            pass
+        except Exception as err:  # nothing more this process can do
+            from flwr.supercore import log
+
+            log(ERROR, "fedshield: no reply could be stored for message %s (%s: %s); if it was taken, Flower's task "
+                "expiry answers it", message.metadata.message_id, type(err).__name__, err)
 
     def finish(self, message: Message, reply: Message, context: Context | None, series_id: int,
                failure: str | None) -> bool:
