@@ -347,3 +347,45 @@ def test_a_claim_that_lapsed_while_the_objects_came_is_left_to_whoever_holds_the
     assert not state.get_messages(is_reply=True), "the node answered nothing"
     (left,) = state.get_messages(run_ids=[RUN_ID], is_reply=False, limit=1)  # there for the SuperExec's ClientApp
     assert left.metadata.message_id == msg.metadata.message_id
+
+
+def test_a_previous_task_counts_as_running_until_just_after_it_finished() -> None:
+    """Flower's task output marks the task finished, then stores its context: a stage read in between would take
+    the context from before the previous message."""
+    import time
+
+    from fedshield.flower_internals.node_state import NodeTask
+
+    state, store = _node(_bundle(app_dir()), _context())
+    previous = state.create_task(task_type=TaskType.CLIENT_APP, run_id=RUN_ID, fab_hash=state.get_run(RUN_ID).fab_hash)
+    ours = state.create_task(task_type=TaskType.CLIENT_APP, run_id=RUN_ID, fab_hash=state.get_run(RUN_ID).fab_hash)
+    assert state.claim_task(previous) and state.activate_task(previous) and state.claim_task(ours)
+    task = NodeTask(state, store, RUN_ID, ours)
+    assert task.others_running(), "a running ClientApp"
+    assert state.finish_task(previous, sub_status=SubStatus.COMPLETED, details="")
+    assert task.others_running(margin_s=60.0), "just finished: its context may not be stored yet"
+    time.sleep(0.01)
+    assert not task.others_running(margin_s=0.005), "finished a while ago"
+
+
+def test_a_reply_that_cannot_be_stored_at_first_is_stored_as_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``finish`` itself failing (storing the answer raised): the SuperNode's push still finds a reply."""
+    from fedshield.flower_internals import node_state
+
+    step = _Step(monkeypatch)
+    state, store = _node(_bundle(app_dir()), _context())
+    real, calls = node_state._insert_message, []
+
+    def flaky_insert(reply: Message, *args: Any) -> None:
+        calls.append(reply.has_error())
+        if len(calls) == 1:
+            raise OSError("store full")
+        real(reply, *args)
+
+    monkeypatch.setattr(node_state, "_insert_message", flaky_insert)
+    msg = _stored_stage()
+    assert step.deliver(state, store, msg)
+    assert len(calls) == 2 and calls[1], "the second try stores an error reply"
+    (reply,) = state.get_messages(is_reply=True)
+    error = stored_message(store, reply.metadata.message_id)
+    assert error is not None and error.has_error() and "store full" in error.error.reason
